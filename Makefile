@@ -1,0 +1,33 @@
+# The two front-door commands: `make demo` (the main job) and `make test` (the suite).
+# Each creates the virtual environment and fetches the data set when they are missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test lint setup data clean
+
+demo: setup
+	$(BIN)/deepshrink reference lenet-300-100
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+setup: $(INSTALLED) data
+
+# Pinned versions (requirements/ci.txt) so every fresh machine gets what CI tested.
+$(INSTALLED): requirements/ci.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements/ci.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+data:
+	@bash scripts/ensure-data.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

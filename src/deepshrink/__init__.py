@@ -1,0 +1,43 @@
+"""deepshrink: Deep Compression (Han, Mao & Dally, ICLR 2016) for PyTorch."""
+
+from deepshrink.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from deepshrink.data import DataSplits, load_data, make_loader, read_idx
+from deepshrink.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DeepshrinkError,
+    FormatError,
+    ModelError,
+    UnsupportedLayerError,
+)
+from deepshrink.models import build_model, list_models, register_model
+from deepshrink.references import reference_model
+from deepshrink.train import TrainConfig, evaluate, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DataSplits",
+    "DeepshrinkError",
+    "FormatError",
+    "ModelError",
+    "TrainConfig",
+    "UnsupportedLayerError",
+    "__version__",
+    "build_model",
+    "evaluate",
+    "fit",
+    "list_models",
+    "load_checkpoint",
+    "load_data",
+    "make_loader",
+    "read_idx",
+    "reference_model",
+    "register_model",
+    "save_checkpoint",
+]

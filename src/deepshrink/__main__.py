@@ -1,0 +1,5 @@
+import sys
+
+from deepshrink.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""Checkpoints as safetensors files, with the model's name and config in the metadata.
+
+Nothing is ever unpickled. A PyTorch .pt/.pth state_dict is accepted on input through
+torch.load(weights_only=True), which refuses arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deepshrink.errors import CheckpointError
+from deepshrink.files import atomic_output
+
+CHECKPOINT_KIND = "deepshrink-checkpoint-1"
+METADATA_KEY = "deepshrink"
+
+
+@dataclass
+class Checkpoint:
+    state_dict: dict[str, torch.Tensor]
+    model_name: str | None = None
+    model_config: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    model_name: str,
+    model_config: dict | None = None,
+    metadata: dict | None = None,
+    protect: tuple[str | os.PathLike, ...] = (),
+) -> Path:
+    """Write `model`'s state_dict atomically. `metadata` values must be JSON-serialisable."""
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    # One metadata key only: safetensors keeps metadata in a hash map whose order varies from
+    # run to run, and the same model must always give the same bytes.
+    header = json.dumps(
+        {"kind": CHECKPOINT_KIND, "model": model_name, "model_config": model_config or {}, "metadata": metadata or {}},
+        sort_keys=True,
+    )
+    with atomic_output(path, protect=protect) as temporary:
+        save_file(tensors, str(temporary), metadata={METADATA_KEY: header})
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a safetensors checkpoint (ours or anyone's) or a .pt/.pth state_dict, safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path")
+    if path.suffix in (".pt", ".pth", ".bin"):
+        return _load_torch_state_dict(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        state_dict = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({error}); deepshrink reads .safetensors, "
+            "or a .pt/.pth state_dict of plain tensors"
+        ) from error
+    if METADATA_KEY not in header:
+        return Checkpoint(state_dict)  # someone else's safetensors file: tensors only
+    try:
+        fields = json.loads(header[METADATA_KEY])
+        model_name, model_config, metadata = fields["model"], fields["model_config"], fields["metadata"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: checkpoint metadata is malformed ({error}); re-save the checkpoint") from error
+    if not isinstance(model_config, dict) or not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata is malformed: config and metadata must be objects")
+    if model_name is not None and not isinstance(model_name, str):
+        raise CheckpointError(f"{path}: checkpoint metadata is malformed: model name {model_name!r} is not a string")
+    return Checkpoint(state_dict, model_name, model_config, metadata)
+
+
+def _load_torch_state_dict(path: Path) -> Checkpoint:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types here: UnpicklingError, RuntimeError, ...
+        raise CheckpointError(
+            f"{path}: cannot load as a plain state_dict with weights_only=True ({type(error).__name__}); "
+            "deepshrink never unpickles arbitrary objects: save model.state_dict() instead"
+        ) from error
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict); save model.state_dict()")
+    return Checkpoint(dict(loaded))
+
+
+def load_state_into(model: nn.Module, checkpoint: Checkpoint, source: str | os.PathLike) -> nn.Module:
+    """Load the checkpoint's tensors into `model`, strictly, with a readable error on mismatch."""
+    try:
+        result = model.load_state_dict(checkpoint.state_dict, strict=False)
+    except RuntimeError as error:  # shape mismatches raise even with strict=False
+        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        raise CheckpointError(
+            f"{source}: checkpoint does not fit model {type(model).__name__}: {'; '.join(mismatches[:3]) or error}; "
+            "pass the model the checkpoint was trained with (--model)"
+        ) from error
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {sorted(result.missing_keys)[:5]}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {sorted(result.unexpected_keys)[:5]}")
+    if problems:
+        raise CheckpointError(
+            f"{source}: checkpoint does not fit model {type(model).__name__}: {'; '.join(problems)}; "
+            "pass the model the checkpoint was trained with (--model)"
+        )
+    return model

@@ -1,0 +1,52 @@
+"""Shared fixtures. The real data set is required: `make test` installs it when missing."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepshrink.data import DataSplits, load_data
+
+
+@pytest.fixture(scope="session")
+def data() -> DataSplits:
+    """The default data set (Fashion-MNIST) with the standard 55k/5k/10k split."""
+    return load_data()
+
+
+@pytest.fixture(scope="session")
+def small_data() -> DataSplits:
+    """The same data set with only 5,000 training examples, for quick training tests."""
+    return load_data(train_subset=5000)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
+    """Write `array` (uint8) as an IDX file, the format our reader must accept."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if compress:
+        payload = gzip.compress(payload, mtime=0)
+    path.write_bytes(payload)
+    return path
+
+
+def write_dataset(directory: Path, prefix: str = "", train: int = 120, test: int = 40, seed: int = 0) -> Path:
+    """A tiny MNIST-format data set, named as MNIST (or EMNIST, with a prefix) names its files."""
+    generator = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("t10k", test)):
+        write_idx(
+            directory / f"{prefix}{split}-images-idx3-ubyte.gz",
+            generator.integers(0, 256, (count, 28, 28), dtype=np.uint8),
+            compress=True,
+        )
+        write_idx(
+            directory / f"{prefix}{split}-labels-idx1-ubyte.gz",
+            generator.integers(0, 10, count, dtype=np.uint8),
+            compress=True,
+        )
+    return directory

@@ -1,0 +1,58 @@
+"""Reference networks and the model registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepshrink.errors import ModelError
+from deepshrink.models import build_model, get_model_spec, list_models
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def test_lenet_300_100_has_266610_parameters():
+    assert count_parameters(build_model("lenet-300-100")) == 266_610
+
+
+def test_lenet_5_has_431080_parameters():
+    """The paper's Caffe LeNet-5: 1,724,320 fp32 bytes."""
+    model = build_model("lenet-5")
+    assert count_parameters(model) == 431_080
+    assert [name for name, _ in model.named_children()] == ["conv1", "conv2", "fc1", "fc2"]
+
+
+@pytest.mark.parametrize("name", ["lenet-300-100", "lenet-5"])
+def test_models_map_a_batch_of_images_to_ten_logits(name):
+    assert build_model(name)(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_registry_lists_the_references():
+    assert {"lenet-300-100", "lenet-5"} <= {spec.name for spec in list_models()}
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ModelError, match="unknown model 'lenet-7'.*lenet-300-100"):
+        get_model_spec("lenet-7")
+
+
+def test_user_factory_by_path():
+    model = build_model("torch.nn:Linear", in_features=4, out_features=2)
+    assert isinstance(model, torch.nn.Linear)
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("no_such_module_xyz:factory", "cannot import"),
+        ("torch.nn:NoSuchThing", "no attribute"),
+        ("torch:__version__", "not callable"),
+        ("torch.nn:", "should look like"),
+        ("torch:zeros", "not a torch.nn.Module"),
+    ],
+)
+def test_bad_factory_paths_are_model_errors(path, message):
+    with pytest.raises(ModelError, match=message):
+        build_model(path, **({"size": (1,)} if path == "torch:zeros" else {}))

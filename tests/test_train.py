@@ -1,0 +1,107 @@
+"""The training loop: it learns, it is deterministic, and it validates its config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepshrink.data import make_loader
+from deepshrink.errors import ConfigError
+from deepshrink.references import train_model
+from deepshrink.train import TrainConfig, evaluate, fit, resolve_device
+
+QUICK = TrainConfig(epochs=2, learning_rate=0.05, batch_size=64)
+
+
+def test_short_training_on_5k_examples_beats_chance_clearly(small_data):
+    """Two epochs on 5,000 examples take LeNet-300-100 from ~10% to well above 70%."""
+    model, _ = train_model("lenet-300-100", small_data, QUICK, device="cpu", progress=False)
+    accuracy = evaluate(model, make_loader(small_data.validation, 1000, shuffle=False)).accuracy
+    assert accuracy > 0.75
+
+
+def test_same_seed_gives_the_same_weights(small_data):
+    config = TrainConfig(epochs=1, batch_size=64, seed=7)
+    first, _ = train_model("lenet-5", small_data, config, device="cpu", progress=False)
+    second, _ = train_model("lenet-5", small_data, config, device="cpu", progress=False)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    third, _ = train_model("lenet-5", small_data, TrainConfig(epochs=1, batch_size=64, seed=8), progress=False)
+    assert not torch.equal(first.conv1.weight, third.conv1.weight)
+
+
+def test_training_leaves_the_global_random_state_alone(small_data):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_model("lenet-300-100", small_data, TrainConfig(epochs=0), progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_history_records_every_epoch_and_the_schedule_decays(small_data):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    history = fit(
+        model,
+        make_loader(small_data.train, 500, shuffle=True),
+        TrainConfig(epochs=3, schedule="step"),
+        validation_loader=make_loader(small_data.validation, 1000, shuffle=False),
+        progress=False,
+    )
+    assert [record.epoch for record in history.epochs] == [1, 2, 3]
+    assert history.epochs[0].learning_rate > history.epochs[-1].learning_rate
+    assert all(record.validation_accuracy is not None for record in history.epochs)
+
+
+def test_after_step_hook_runs_once_per_step(small_data):
+    steps = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    loader = make_loader(small_data.train, 1000, shuffle=True)
+    fit(model, loader, TrainConfig(epochs=1), after_step=lambda _model, step: steps.append(step), progress=False)
+    assert steps == list(range(1, len(loader) + 1))
+
+
+def test_divergence_is_reported_not_silently_trained_through(small_data):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with pytest.raises(ConfigError, match="diverged"):
+        fit(
+            model,
+            make_loader(small_data.train, 100, shuffle=True),
+            TrainConfig(epochs=1, learning_rate=1e9),
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"epochs": -1}, "epochs=-1"),
+        ({"learning_rate": 0.0}, "learning_rate=0.0"),
+        ({"momentum": 1.5}, "momentum=1.5"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"schedule": "linear"}, "schedule='linear'"),
+        ({"weight_decay": -1.0}, "weight_decay=-1.0"),
+    ],
+)
+def test_bad_config_values_are_named(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**values)
+
+
+def test_unknown_config_keys_are_named():
+    with pytest.raises(ConfigError, match="learning_rat"):
+        TrainConfig.from_dict({"learning_rat": 0.1})
+
+
+def test_config_round_trips_through_a_dict():
+    config = TrainConfig(epochs=3, learning_rate=0.01, schedule="step")
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="device='tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
