@@ -26,7 +26,9 @@ def test_same_seed_gives_the_same_weights(small_data):
     second, _ = train_model("lenet-5", small_data, config, device="cpu", progress=False)
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    third, _ = train_model("lenet-5", small_data, TrainConfig(epochs=1, batch_size=64, seed=8), progress=False)
+    third, _ = train_model(
+        "lenet-5", small_data, TrainConfig(epochs=1, batch_size=64, seed=8), device="cpu", progress=False
+    )
     assert not torch.equal(first.conv1.weight, third.conv1.weight)
 
 
