@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+LINT_PATHS := $(wildcard src tests benchmarks)
 
 .PHONY: demo test lint setup data clean
 
@@ -11,11 +12,11 @@ demo: setup
 	$(BIN)/deepshrink reference lenet-300-100
 
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
 
 setup: $(INSTALLED) data
 

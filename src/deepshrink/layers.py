@@ -1,0 +1,58 @@
+"""Choosing the layers a stage works on: by name pattern, among the supported layer types."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+from torch import nn
+
+from deepshrink.errors import ConfigError, UnsupportedLayerError
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear, Conv1d, Conv2d and Embedding layer of `model`, by qualified name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, SUPPORTED_LAYERS)}
+
+
+def select_layers(model: nn.Module, patterns: Iterable[str] | None = None) -> dict[str, nn.Module]:
+    """The supported layers whose names match any of the glob `patterns` (all when None).
+
+    A pattern that matches no supported layer is an error naming it and the layers there are,
+    since a typo would otherwise silently leave a layer uncompressed.
+    """
+    layers = compressible_layers(model)
+    if patterns is None:
+        return layers
+    patterns = list(patterns)
+    all_modules = dict(model.named_modules())
+    selected: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        matches = [name for name in layers if fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            unsupported = [name for name in all_modules if name and fnmatch.fnmatchcase(name, pattern)]
+            if unsupported:
+                kinds = ", ".join(f"{name} ({type(all_modules[name]).__name__})" for name in unsupported[:5])
+                raise UnsupportedLayerError(
+                    f"layer pattern {pattern!r} matches only unsupported layers: {kinds}; "
+                    "supported types are Linear, Conv1d, Conv2d and Embedding"
+                )
+            raise ConfigError(f"layer pattern {pattern!r} matches no layer; the layers are {', '.join(layers)}")
+        for name in matches:
+            selected[name] = layers[name]
+    return {name: selected[name] for name in layers if name in selected}
+
+
+def match_per_layer(layers: Iterable[str], values: dict[str, float], what: str) -> dict[str, float]:
+    """Resolve {glob pattern: value} into {layer name: value}; a later pattern wins over an earlier one."""
+    layers = list(layers)
+    resolved: dict[str, float] = {}
+    for pattern, value in values.items():
+        matches = [name for name in layers if fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            raise ConfigError(f"{what} pattern {pattern!r} matches no layer; the layers are {', '.join(layers)}")
+        for name in matches:
+            resolved[name] = value
+    return resolved

@@ -1,0 +1,94 @@
+"""Pure mask functions: a weight tensor (or scores) in, a boolean keep-mask out.
+
+True means the weight is kept. Every function accepts the layer's current mask so that
+iterative pruning only ever removes more weights: a pruned weight is never revived here
+(Dynamic Network Surgery, which can splice weights back, lives in surgery.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from deepshrink.errors import ConfigError
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not (isinstance(sparsity, int | float) and 0 <= sparsity < 1 and math.isfinite(sparsity)):
+        raise ConfigError(f"sparsity={sparsity!r} should be a fraction in [0, 1), e.g. 0.9 to prune 90%")
+
+
+def _check_mask(scores: torch.Tensor, current_mask: torch.Tensor | None) -> torch.Tensor:
+    if current_mask is None:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if current_mask.shape != scores.shape or current_mask.dtype != torch.bool:
+        raise ConfigError(
+            f"current_mask must be a bool tensor of shape {tuple(scores.shape)}, "
+            f"got {current_mask.dtype} {tuple(current_mask.shape)}"
+        )
+    return current_mask
+
+
+def std_threshold_mask(weight: torch.Tensor, quality: float, current_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Han's rule from the original Caffe code: keep |w| > quality x std(w).
+
+    The standard deviation is taken over the weights still kept (all of them on a first pass),
+    so that each round of iterative pruning scales with what remains.
+    """
+    if not (isinstance(quality, int | float) and quality >= 0 and math.isfinite(quality)):
+        raise ConfigError(f"quality={quality!r} should be a non-negative number, e.g. 1.0 (threshold = quality x std)")
+    kept = _check_mask(weight, current_mask)
+    remaining = weight.detach()[kept]
+    if remaining.numel() < 2:
+        return kept.clone()
+    threshold = quality * remaining.float().std().item()
+    return kept & (weight.detach().abs() > threshold)
+
+
+def mask_from_scores(scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune exactly round(sparsity x n) entries: those with the smallest scores.
+
+    Entries already pruned by `current_mask` count first. Ties are broken by position
+    (a stable sort), so the result is deterministic and the count is exact.
+    """
+    _check_sparsity(sparsity)
+    kept = _check_mask(scores, current_mask)
+    total = scores.numel()
+    prune_count = round(sparsity * total)
+    ranked = scores.detach().flatten().double().clone()
+    ranked[~kept.flatten()] = -math.inf
+    order = torch.argsort(ranked, stable=True)
+    mask = torch.ones(total, dtype=torch.bool, device=scores.device)
+    mask[order[:prune_count]] = False
+    return (mask & kept.flatten()).view_as(scores)
+
+
+def sparsity_mask(weight: torch.Tensor, sparsity: float, current_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Magnitude pruning to a target sparsity: prune the round(sparsity x n) smallest |w|."""
+    return mask_from_scores(weight.detach().abs(), sparsity, current_mask)
+
+
+def global_sparsity_masks(
+    weights: Mapping[str, torch.Tensor],
+    sparsity: float,
+    current_masks: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """One magnitude threshold across several layers, pruning round(sparsity x total) weights."""
+    _check_sparsity(sparsity)
+    if not weights:
+        raise ConfigError("global pruning needs at least one layer; the layer patterns matched none")
+    current_masks = current_masks or {}
+    names = list(weights)
+    flat_scores = torch.cat([weights[name].detach().abs().flatten().cpu() for name in names])
+    flat_masks = torch.cat(
+        [_check_mask(weights[name], current_masks.get(name)).flatten().cpu() for name in names]
+    )
+    flat = mask_from_scores(flat_scores, sparsity, flat_masks)
+    masks, offset = {}, 0
+    for name in names:
+        size = weights[name].numel()
+        masks[name] = flat[offset : offset + size].view_as(weights[name]).to(weights[name].device)
+        offset += size
+    return masks
