@@ -19,7 +19,7 @@ def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["reference"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["reference"], ["info"], ["prune"], ["sensitivity"]])
 def test_help_explains_every_command(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0
@@ -72,3 +72,87 @@ def test_user_factory_checkpoint_needs_explicit_model(tmp_path):
     assert refused.returncode == 7 and "--model deepshrink.models:LeNet300100" in refused.stderr
     accepted = run_cli("evaluate", str(out), "--model", "deepshrink.models:LeNet300100")
     assert accepted.returncode == 0, accepted.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    trained = run_cli("train", "--epochs", "1", "--train-subset", "3000", "--out", str(out))
+    assert trained.returncode == 0, trained.stderr
+    return out
+
+
+def test_prune_writes_a_pruned_checkpoint_that_evaluates_as_printed(tiny_checkpoint, tmp_path):
+    out = tmp_path / "pruned.safetensors"
+    pruned = run_cli(
+        "prune",
+        str(tiny_checkpoint),
+        "--sparsity",
+        "fc1=0.9",
+        "--sparsity",
+        "fc[23]=0.5",
+        "--rounds",
+        "1",
+        "--retrain-epochs",
+        "0",
+        "--out",
+        str(out),
+        "--report-dir",
+        str(tmp_path),
+    )
+    assert pruned.returncode == 0, pruned.stderr
+    assert re.search(r"fc1\s+235,200\s+10\.00%", pruned.stdout)
+    printed = float(re.search(r"before, ([0-9.]+) after", pruned.stdout).group(1))
+    evaluated = run_cli("evaluate", str(out))
+    assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
+    assert (tmp_path / "pruning.md").is_file() and (tmp_path / "pruning.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--sparsity", "fc1:0.9"], "should look like LAYER_PATTERN=NUMBER"),
+        (["--sparsity", "fc9=0.9"], "matches no layer"),
+        (["--sparsity", "fc1=1.5"], "sparsity=1.5"),
+        (["--sparsity", "fc1=0.5", "--global-sparsity", "0.5"], "exactly one of"),
+    ],
+)
+def test_bad_prune_options_are_clean_errors(tiny_checkpoint, tmp_path, arguments, message):
+    result = run_cli(
+        "prune",
+        str(tiny_checkpoint),
+        *arguments,
+        "--rounds",
+        "1",
+        "--retrain-epochs",
+        "0",
+        "--out",
+        str(tmp_path / "x.safetensors"),
+    )
+    assert result.returncode == 3, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prune_never_overwrites_its_input(tiny_checkpoint):
+    before = tiny_checkpoint.read_bytes()
+    result = run_cli(
+        "prune",
+        str(tiny_checkpoint),
+        "--sparsity",
+        "fc1=0.5",
+        "--rounds",
+        "1",
+        "--retrain-epochs",
+        "0",
+        "--out",
+        str(tiny_checkpoint),
+    )
+    assert result.returncode == 3 and "also an input" in result.stderr
+    assert tiny_checkpoint.read_bytes() == before
+
+
+def test_sensitivity_prints_a_table_a_suggestion_and_draws_a_plot(tiny_checkpoint, tmp_path):
+    result = run_cli("sensitivity", str(tiny_checkpoint), "--layers", "fc3", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "--sparsity fc3=" in result.stdout
+    assert (tmp_path / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"

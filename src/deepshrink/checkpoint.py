@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepshrink.errors import CheckpointError
+from deepshrink.errors import CheckpointError, ModelError
 from deepshrink.files import atomic_output
 
 CHECKPOINT_KIND = "deepshrink-checkpoint-1"
@@ -100,8 +100,37 @@ def _load_torch_state_dict(path: Path) -> Checkpoint:
     return Checkpoint(dict(loaded))
 
 
+def load_model(path: str | os.PathLike, model_name: str | None = None) -> tuple[nn.Module, Checkpoint]:
+    """Build the model a checkpoint was saved from and load it, pruning masks included.
+
+    `model_name` overrides the name stored in the file. A stored user factory
+    (package.module:factory) is never imported on the file's word alone: importing runs code,
+    so the caller must pass it as `model_name`.
+    """
+    from deepshrink.models import build_model, is_factory_path
+
+    checkpoint = load_checkpoint(path)
+    name = model_name or checkpoint.model_name
+    if name is None:
+        raise ModelError(f"{path}: checkpoint does not name its model; pass --model NAME or package.module:factory")
+    if model_name is None and is_factory_path(name):
+        raise ModelError(
+            f"{path}: checkpoint was made by the user factory {name!r}; "
+            f"pass --model {name} to confirm that this code may be imported"
+        )
+    model = build_model(name, **checkpoint.model_config)
+    return load_state_into(model, checkpoint, path), checkpoint
+
+
 def load_state_into(model: nn.Module, checkpoint: Checkpoint, source: str | os.PathLike) -> nn.Module:
-    """Load the checkpoint's tensors into `model`, strictly, with a readable error on mismatch."""
+    """Load the checkpoint's tensors into `model`, strictly, with a readable error on mismatch.
+
+    Pruning masks in the state_dict are registered first, so a pruned checkpoint loads as a
+    pruned model whose masks keep holding during further training.
+    """
+    from deepshrink.prune.module import restore_pruning
+
+    restore_pruning(model, checkpoint.state_dict)
     try:
         result = model.load_state_dict(checkpoint.state_dict, strict=False)
     except RuntimeError as error:  # shape mismatches raise even with strict=False

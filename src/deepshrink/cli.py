@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 from deepshrink import __version__
-from deepshrink.errors import DeepshrinkError, ModelError
+from deepshrink.errors import ConfigError, DeepshrinkError
 
 EPILOG = (
     "Exit codes: 0 ok, 2 usage, 3 bad option or config, 4 data not found or unreadable, "
-    "5 malformed file, 6 checkpoint problem, 7 model problem, 130 interrupted."
+    "5 malformed file, 6 checkpoint problem, 7 model problem, 8 unsupported layer, 130 interrupted."
 )
 
 
@@ -86,30 +86,180 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
-    from deepshrink.checkpoint import load_checkpoint, load_state_into
+    from deepshrink.checkpoint import load_model
     from deepshrink.data import load_data, make_loader
-    from deepshrink.models import build_model, is_factory_path
     from deepshrink.train import evaluate
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    model_name = args.model or checkpoint.model_name
-    if model_name is None:
-        raise ModelError(
-            f"{args.checkpoint}: checkpoint does not name its model; pass --model NAME or package.module:factory"
-        )
-    if args.model is None and is_factory_path(model_name):
-        # Importing a module named inside a file would let the file run code: the user must name it.
-        raise ModelError(
-            f"{args.checkpoint}: checkpoint was made by the user factory {model_name!r}; "
-            f"pass --model {model_name} to confirm that this code may be imported"
-        )
-    model = load_state_into(build_model(model_name, **checkpoint.model_config), checkpoint, args.checkpoint)
+    model, checkpoint = load_model(args.checkpoint, args.model)
     data = load_data(args.data_dir)
     split = {"test": data.test, "validation": data.validation}[args.split]
     result = evaluate(model, make_loader(split, 1000, shuffle=False), args.device)
-    print(f"model: {model_name}  split: {args.split} ({result.count} examples)")
+    print(f"model: {args.model or checkpoint.model_name}  split: {args.split} ({result.count} examples)")
     print(f"{args.split} accuracy: {result.accuracy:.4f}")
     print(f"{args.split} loss: {result.loss:.4f}")
+    return 0
+
+
+def _parse_assignments(values: list[str] | None, option: str) -> dict[str, float]:
+    """Turn ["fc1=0.9", "conv*=0.5"] into {"fc1": 0.9, "conv*": 0.5}."""
+    parsed = {}
+    for value in values or []:
+        pattern, separator, number = value.partition("=")
+        try:
+            parsed[pattern] = float(number)
+        except ValueError:
+            separator = ""
+        if not separator or not pattern:
+            raise ConfigError(f"{option} {value!r} should look like LAYER_PATTERN=NUMBER, e.g. {option} 'fc*=0.9'")
+    return parsed
+
+
+def command_prune(args: argparse.Namespace) -> int:
+    import json
+
+    from deepshrink.checkpoint import load_model, save_checkpoint
+    from deepshrink.data import load_data, make_loader
+    from deepshrink.files import atomic_output
+    from deepshrink.prune.schedule import (
+        global_sparsity_rule,
+        iterative_pruning,
+        per_layer_sparsity_rule,
+        std_quality_rule,
+    )
+    from deepshrink.prune.statistics import as_dicts, format_table, layer_statistics, totals
+    from deepshrink.prune.surgery import dynamic_network_surgery
+    from deepshrink.train import TrainConfig, evaluate
+
+    sparsities = _parse_assignments(args.sparsity, "--sparsity")
+    qualities = _parse_assignments(args.quality, "--quality")
+    chosen = [bool(sparsities), bool(qualities), args.global_sparsity is not None]
+    if sum(chosen) != 1:
+        raise ConfigError("give exactly one of --sparsity LAYER=S (repeatable), --quality LAYER=Q, --global-sparsity S")
+    if args.method == "dns" and not (sparsities or qualities):
+        raise ConfigError("--method dns needs per-layer --sparsity LAYER=S (threshold quantile) or --quality LAYER=C")
+    model, checkpoint = load_model(args.checkpoint, args.model)
+    data = load_data(args.data_dir)
+    train_loader = make_loader(data.train, args.batch_size, shuffle=True, seed=args.seed)
+    validation_loader = make_loader(data.validation, 1000, shuffle=False)
+    test_loader = make_loader(data.test, 1000, shuffle=False)
+    reference_test = evaluate(model, test_loader, args.device).accuracy
+    retrain = TrainConfig(
+        epochs=args.retrain_epochs,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    log: dict = {"method": args.method}
+    if args.method == "dns":
+        result = dynamic_network_surgery(
+            model,
+            train_loader,
+            retrain,
+            crates=qualities or None,
+            sparsities=sparsities or None,
+            validation_loader=validation_loader,
+            device=args.device,
+            progress=not args.quiet,
+        )
+        log["spliced"] = result.spliced
+        log["thresholds"] = result.thresholds
+    else:
+        if sparsities:
+            rule = per_layer_sparsity_rule(sparsities)
+        elif qualities:
+            rule = std_quality_rule(qualities)
+        else:
+            rule = global_sparsity_rule(args.global_sparsity, args.layers)
+        history = iterative_pruning(
+            model,
+            train_loader,
+            validation_loader,
+            rule,
+            rounds=args.rounds,
+            retrain=retrain,
+            device=args.device,
+            progress=not args.quiet,
+        )
+        log["rounds"] = [vars(record) for record in history.rounds]
+    pruned_test = evaluate(model, test_loader, args.device).accuracy
+    rows = layer_statistics(model.cpu(), data.test.tensors[0][:2])
+    summary = totals(rows)
+    out = Path(args.out)
+    save_checkpoint(
+        out,
+        model,
+        model_name=args.model or checkpoint.model_name,
+        metadata={
+            **checkpoint.metadata,
+            "stage": "pruned",
+            "pruning": log,
+            "reference_test_accuracy": reference_test,
+            "test_accuracy": pruned_test,
+            "kept_fraction": summary["kept_fraction"],
+        },
+        protect=(args.checkpoint,),
+    )
+    print(format_table(rows))
+    print(f"compression by pruning: {summary['compression']:.1f}x ({100 * summary['kept_fraction']:.2f}% kept)")
+    print(
+        f"test accuracy: {reference_test:.4f} before, {pruned_test:.4f} after "
+        f"({100 * (pruned_test - reference_test):+.2f} points)"
+    )
+    print(f"checkpoint: {out}")
+    if args.report_dir:
+        report_dir = Path(args.report_dir)
+        with atomic_output(report_dir / "pruning.md", protect=(args.checkpoint,)) as temporary:
+            temporary.write_text(format_table(rows, markdown=True) + "\n")
+        with atomic_output(report_dir / "pruning.json", protect=(args.checkpoint,)) as temporary:
+            temporary.write_text(
+                json.dumps(
+                    {
+                        "layers": as_dicts(rows),
+                        "totals": summary,
+                        "log": log,
+                        "reference_test_accuracy": reference_test,
+                        "test_accuracy": pruned_test,
+                    },
+                    indent=2,
+                    default=float,
+                )
+            )
+        print(f"report: {report_dir}/pruning.md, pruning.json")
+    return 0
+
+
+def command_sensitivity(args: argparse.Namespace) -> int:
+    from deepshrink.checkpoint import load_model
+    from deepshrink.data import load_data, make_loader
+    from deepshrink.prune.sensitivity import (
+        format_sensitivity,
+        plot_sensitivity,
+        sensitivity_analysis,
+        write_sensitivity_json,
+    )
+
+    model, checkpoint = load_model(args.checkpoint, args.model)
+    data = load_data(args.data_dir)
+    result = sensitivity_analysis(
+        model,
+        make_loader(data.validation, 1000, shuffle=False),
+        args.layers,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(format_sensitivity(result))
+    suggestion = result.suggest(args.max_drop)
+    print(f"largest sparsity per layer within a {100 * args.max_drop:.2f}-point drop (each layer alone):")
+    print("  " + " ".join(f"--sparsity {name}={value}" for name, value in suggestion.items()))
+    out_dir = Path(args.out_dir)
+    plot = plot_sensitivity(
+        result,
+        out_dir / "sensitivity.png",
+        title=f"{args.model or checkpoint.model_name}: accuracy against sparsity per layer",
+    )
+    write_sensitivity_json(result, out_dir / "sensitivity.json")
+    print(f"plot: {plot}")
     return 0
 
 
@@ -178,6 +328,66 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("test", "validation"), default="test", help="which split (default: test)")
     _add_data_options(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
+
+    prune = commands.add_parser(
+        "prune", help="prune a checkpoint by magnitude (iteratively, with retraining) or by DNS", epilog=EPILOG
+    )
+    prune.add_argument("checkpoint", help="the trained model's checkpoint")
+    prune.add_argument("--model", help="model name or package.module:factory (default: the one the checkpoint names)")
+    prune.add_argument("--out", required=True, help="pruned checkpoint to write (never the input)")
+    target = prune.add_argument_group("what to prune (exactly one kind)")
+    target.add_argument(
+        "--sparsity",
+        action="append",
+        metavar="LAYER=S",
+        help="final fraction of LAYER's weights to prune; LAYER is a glob; repeatable",
+    )
+    target.add_argument(
+        "--quality",
+        action="append",
+        metavar="LAYER=Q",
+        help="Han's rule: prune |w| < Q x std(w) each round (with --method dns: the crate c "
+        "of Guo et al., threshold mean+c*std of |w|); repeatable",
+    )
+    target.add_argument(
+        "--global-sparsity",
+        type=float,
+        metavar="S",
+        help="one magnitude threshold across --layers, pruning fraction S in total",
+    )
+    target.add_argument("--layers", nargs="+", metavar="PATTERN", help="layers for --global-sparsity (default: all)")
+    prune.add_argument(
+        "--method",
+        choices=("magnitude", "dns"),
+        default="magnitude",
+        help="magnitude: prune then retrain with masks held, --rounds times; "
+        "dns: Dynamic Network Surgery for --retrain-epochs epochs",
+    )
+    prune.add_argument("--rounds", type=int, default=6, help="prune-retrain rounds (default 6)")
+    prune.add_argument("--retrain-epochs", type=int, default=8, help="retraining epochs per round (default 8)")
+    prune.add_argument("--lr", type=float, default=0.02, help="retraining learning rate (default 0.02)")
+    prune.add_argument("--weight-decay", type=float, default=5e-4, help="retraining weight decay (default 5e-4)")
+    prune.add_argument("--batch-size", type=int, default=128, help="retraining batch size (default 128)")
+    prune.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
+    prune.add_argument("--report-dir", help="also write pruning.md and pruning.json here")
+    _add_data_options(prune)
+    prune.set_defaults(handler=command_prune)
+
+    sensitivity = commands.add_parser(
+        "sensitivity", help="validation accuracy against sparsity for each layer alone (table and plot)", epilog=EPILOG
+    )
+    sensitivity.add_argument("checkpoint", help="the trained model's checkpoint")
+    sensitivity.add_argument("--model", help="model name or package.module:factory")
+    sensitivity.add_argument("--layers", nargs="+", metavar="PATTERN", help="layers to analyse (default: all)")
+    sensitivity.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.005,
+        help="accuracy drop allowed per layer for the suggestion (default 0.005 = 0.5 points)",
+    )
+    sensitivity.add_argument("--out-dir", default="runs/sensitivity", help="where the PNG and JSON go")
+    _add_data_options(sensitivity)
+    sensitivity.set_defaults(handler=command_sensitivity)
 
     reference = commands.add_parser(
         "reference", help="the cached reference model for a registered network (trained on first use)", epilog=EPILOG

@@ -82,9 +82,7 @@ def global_sparsity_masks(
     current_masks = current_masks or {}
     names = list(weights)
     flat_scores = torch.cat([weights[name].detach().abs().flatten().cpu() for name in names])
-    flat_masks = torch.cat(
-        [_check_mask(weights[name], current_masks.get(name)).flatten().cpu() for name in names]
-    )
+    flat_masks = torch.cat([_check_mask(weights[name], current_masks.get(name)).flatten().cpu() for name in names])
     flat = mask_from_scores(flat_scores, sparsity, flat_masks)
     masks, offset = {}, 0
     for name in names:

@@ -51,7 +51,8 @@ def prune_layer(layer: nn.Module, mask: torch.Tensor) -> nn.Module:
     weight = original_weight(layer)
     if mask.shape != weight.shape:
         raise ConfigError(
-            f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)} of {type(layer).__name__}"
+            f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)} "
+            f"of {type(layer).__name__}"
         )
     mask = mask.to(device=weight.device, dtype=torch.bool)
     with torch.no_grad():

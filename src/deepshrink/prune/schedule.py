@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from deepshrink.errors import ConfigError
-from deepshrink.layers import select_layers
-from deepshrink.prune.masks import sparsity_mask, std_threshold_mask
+from deepshrink.layers import match_per_layer, select_layers
+from deepshrink.prune.masks import global_sparsity_masks, sparsity_mask, std_threshold_mask
 from deepshrink.prune.module import apply_masks, current_masks
 from deepshrink.train import TrainConfig, evaluate, fit
 
@@ -48,20 +48,49 @@ def round_sparsities(final: Mapping[str, float], rounds: int) -> list[dict[str, 
     ]
 
 
-def magnitude_masks(
-    model: nn.Module, sparsities: Mapping[str, float] | None = None, qualities: Mapping[str, float] | None = None
-) -> dict[str, torch.Tensor]:
-    """Masks for the named layers by target sparsity or by Han's std rule, tightening current masks."""
-    layers = select_layers(model, list((sparsities or {}) | (qualities or {})))
-    existing = current_masks(model)
-    masks = {}
-    for name, layer in layers.items():
-        weight = layer.weight.detach()
-        if sparsities and name in sparsities:
-            masks[name] = sparsity_mask(weight, sparsities[name], existing.get(name))
-        else:
-            masks[name] = std_threshold_mask(weight, qualities[name], existing.get(name))
-    return masks
+MaskRule = Callable[[nn.Module, int, int], dict[str, torch.Tensor]]
+"""A mask rule gives the masks for round r of R (1-based) from the model's current weights."""
+
+
+def per_layer_sparsity_rule(final: Mapping[str, float]) -> MaskRule:
+    """Magnitude pruning per layer, the sparsity of each round from round_sparsities."""
+
+    def rule(model: nn.Module, round_index: int, rounds: int) -> dict[str, torch.Tensor]:
+        layers = select_layers(model, list(final))
+        targets = round_sparsities(match_per_layer(layers, final, "sparsity"), rounds)[round_index - 1]
+        existing = current_masks(model)
+        return {name: sparsity_mask(layer.weight, targets[name], existing.get(name)) for name, layer in layers.items()}
+
+    return rule
+
+
+def std_quality_rule(qualities: Mapping[str, float]) -> MaskRule:
+    """Han's rule each round: keep |w| > quality x std of the weights that remain.
+
+    The rule is applied afresh each round to what is left, so more rounds prune more.
+    """
+
+    def rule(model: nn.Module, round_index: int, rounds: int) -> dict[str, torch.Tensor]:
+        layers = select_layers(model, list(qualities))
+        values = match_per_layer(layers, qualities, "quality")
+        existing = current_masks(model)
+        return {
+            name: std_threshold_mask(layer.weight, values[name], existing.get(name)) for name, layer in layers.items()
+        }
+
+    return rule
+
+
+def global_sparsity_rule(sparsity: float, layer_patterns: list[str] | None = None) -> MaskRule:
+    """One magnitude threshold across the chosen layers, sparsity rising geometrically per round."""
+
+    def rule(model: nn.Module, round_index: int, rounds: int) -> dict[str, torch.Tensor]:
+        layers = select_layers(model, layer_patterns)
+        target = round_sparsities({"all": sparsity}, rounds)[round_index - 1]["all"]
+        weights = {name: layer.weight for name, layer in layers.items()}
+        return global_sparsity_masks(weights, target, current_masks(model))
+
+    return rule
 
 
 def kept_fraction(model: nn.Module, names) -> float:
@@ -74,7 +103,7 @@ def iterative_pruning(
     model: nn.Module,
     train_loader: DataLoader,
     validation_loader: DataLoader,
-    final_sparsities: Mapping[str, float],
+    rule: MaskRule,
     *,
     rounds: int,
     retrain: TrainConfig,
@@ -82,24 +111,39 @@ def iterative_pruning(
     criterion: Callable | None = None,
     progress: bool = True,
 ) -> PruningHistory:
-    """Prune `model` in place to `final_sparsities` ({layer: sparsity}) over `rounds` rounds.
+    """Prune `model` in place over `rounds` rounds, each pruning by `rule` then retraining.
 
-    Each round prunes by magnitude to that round's target, then retrains with the masks held
-    for `retrain.epochs` epochs. Validation accuracy is logged after pruning and after
-    retraining, round by round.
+    Retraining holds the masks for `retrain.epochs` epochs. Validation accuracy is logged after
+    pruning and after retraining, round by round, with the kept fraction of the pruned layers.
     """
+    if rounds < 1:
+        raise ConfigError(f"rounds={rounds} should be at least 1")
     history = PruningHistory(reference_accuracy=evaluate(model, validation_loader, device).accuracy)
-    names = list(final_sparsities)
-    for index, targets in enumerate(round_sparsities(final_sparsities, rounds), start=1):
+    for index in range(1, rounds + 1):
         started = time.perf_counter()
-        apply_masks(model, magnitude_masks(model, sparsities=targets))
+        masks = rule(model, index, rounds)
+        apply_masks(model, masks)
         after_pruning = evaluate(model, validation_loader, device).accuracy
         if retrain.epochs:
-            fit(model, train_loader, retrain, device=device, criterion=criterion, progress=progress,
-                description=f"prune round {index}/{rounds}")
+            fit(
+                model,
+                train_loader,
+                retrain,
+                device=device,
+                criterion=criterion,
+                progress=progress,
+                description=f"prune round {index}/{rounds}",
+            )
         after_retraining = evaluate(model, validation_loader, device).accuracy
-        record = RoundRecord(index, targets, kept_fraction(model, names), after_pruning, after_retraining,
-                             time.perf_counter() - started)
+        targets = {name: 1.0 - mask.float().mean().item() for name, mask in masks.items()}
+        record = RoundRecord(
+            index,
+            targets,
+            kept_fraction(model, list(masks)),
+            after_pruning,
+            after_retraining,
+            time.perf_counter() - started,
+        )
         history.rounds.append(record)
         if progress:
             tqdm.write(

@@ -97,22 +97,33 @@ def format_table(rows: list[LayerStatistics], markdown: bool = False) -> str:
     summary = totals(rows)
     header = ["layer", "weights", "weights% kept", "FLOPs% kept"]
     body = [
-        [row.name, f"{row.weights:,}", f"{100 * row.kept_fraction:.2f}%",
-         f"{100 * row.kept_fraction:.2f}%" if row.multiply_accumulates else "-"]
+        [
+            row.name,
+            f"{row.weights:,}",
+            f"{100 * row.kept_fraction:.2f}%",
+            f"{100 * row.kept_fraction:.2f}%" if row.multiply_accumulates else "-",
+        ]
         for row in rows
     ]
     body.append(
-        ["total", f"{summary['weights']:,}", f"{100 * summary['kept_fraction']:.2f}%",
-         f"{100 * summary['kept_multiply_accumulates_fraction']:.2f}%"]
+        [
+            "total",
+            f"{summary['weights']:,}",
+            f"{100 * summary['kept_fraction']:.2f}%",
+            f"{100 * summary['kept_multiply_accumulates_fraction']:.2f}%",
+        ]
     )
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "| --- | ---: | ---: | ---: |"]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         return "\n".join(lines)
     widths = [max(len(cells[column]) for cells in [header, *body]) for column in range(len(header))]
+
     def render(cells):
-        return "  ".join(cell.ljust(widths[0]) if index == 0 else cell.rjust(widths[index])
-                         for index, cell in enumerate(cells))
+        return "  ".join(
+            cell.ljust(widths[0]) if index == 0 else cell.rjust(widths[index]) for index, cell in enumerate(cells)
+        )
+
     return "\n".join([render(header), *(render(cells) for cells in body)])
 
 

@@ -1,0 +1,132 @@
+"""Sensitivity analysis: validation accuracy against sparsity for each layer alone, no retraining.
+
+Han et al. (2015, Figure 5) chose each layer's pruning threshold from such curves by hand. Here
+the curves also answer the question directly: for an allowed accuracy drop, the largest
+sparsity of each layer that stays within it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from deepshrink.errors import ConfigError
+from deepshrink.files import atomic_output
+from deepshrink.layers import select_layers
+from deepshrink.prune.masks import sparsity_mask
+from deepshrink.prune.module import original_weight, pruning_mask_of
+from deepshrink.train import evaluate
+
+DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+
+
+@dataclass
+class SensitivityResult:
+    baseline_accuracy: float
+    sparsities: list[float]
+    accuracy: dict[str, list[float]] = field(default_factory=dict)  # layer -> accuracy per sparsity
+
+    def suggest(self, max_drop: float) -> dict[str, float]:
+        """Per layer, the largest measured sparsity whose accuracy drop is at most `max_drop`.
+
+        The drops of layers pruned together roughly add up, so a total budget is best split
+        among the layers (pass max_drop = budget / number of layers) and then retrained.
+        """
+        if not 0 <= max_drop < 1:
+            raise ConfigError(f"max_drop={max_drop!r} should be a fraction of accuracy in [0, 1), e.g. 0.005")
+        suggestion = {}
+        for name, accuracies in self.accuracy.items():
+            allowed = [
+                s for s, a in zip(self.sparsities, accuracies, strict=True) if self.baseline_accuracy - a <= max_drop
+            ]
+            suggestion[name] = max(allowed, default=0.0)
+        return suggestion
+
+    def to_dict(self) -> dict:
+        return {"baseline_accuracy": self.baseline_accuracy, "sparsities": self.sparsities, "accuracy": self.accuracy}
+
+
+def sensitivity_analysis(
+    model: nn.Module,
+    loader: DataLoader,
+    layer_names: list[str] | None = None,
+    sparsities: tuple[float, ...] = DEFAULT_SPARSITIES,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> SensitivityResult:
+    """Prune each layer alone by magnitude at each sparsity and measure accuracy on `loader`.
+
+    The model is restored after each measurement; a layer that is already pruned keeps its
+    mask and is pruned further from there.
+    """
+    layers = select_layers(model, layer_names)
+    result = SensitivityResult(evaluate(model, loader, device).accuracy, list(sparsities))
+    total = len(layers) * len(sparsities)
+    bar = tqdm(total=total, desc="sensitivity", leave=False, disable=not progress)
+    for name, layer in layers.items():
+        weight = original_weight(layer)
+        existing = pruning_mask_of(layer)
+        current = existing.mask if existing is not None else None
+        saved = weight.detach().clone()
+        accuracies = []
+        for sparsity in sparsities:
+            with torch.no_grad():
+                weight.mul_(sparsity_mask(saved, sparsity, current))
+            accuracies.append(evaluate(model, loader, device).accuracy)
+            with torch.no_grad():
+                weight.copy_(saved)
+            bar.update(1)
+        result.accuracy[name] = accuracies
+    bar.close()
+    return result
+
+
+def format_sensitivity(result: SensitivityResult, markdown: bool = False) -> str:
+    header = ["sparsity", *result.accuracy]
+    rows = [
+        [f"{100 * s:.0f}%", *(f"{100 * result.accuracy[n][i]:.2f}" for n in result.accuracy)]
+        for i, s in enumerate(result.sparsities)
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    width = max(8, *(len(name) for name in header))
+    return "\n".join(" ".join(cell.rjust(width) for cell in row) for row in [header, *rows])
+
+
+def plot_sensitivity(result: SensitivityResult, path: str | Path, title: str = "") -> Path:
+    """Accuracy against sparsity, one curve per layer (Han et al. 2015, Figure 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name, accuracies in result.accuracy.items():
+        axes.plot(
+            [100 * s for s in result.sparsities], [100 * a for a in accuracies], marker="o", markersize=3, label=name
+        )
+    axes.axhline(100 * result.baseline_accuracy, color="grey", linestyle="--", linewidth=0.8, label="unpruned")
+    axes.set_xlabel("parameters pruned away (%)")
+    axes.set_ylabel("validation accuracy (%)")
+    axes.set_title(title or "Sensitivity of each layer to pruning (no retraining)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, format="png")
+    plt.close(figure)
+    return Path(path)
+
+
+def write_sensitivity_json(result: SensitivityResult, path: str | Path) -> Path:
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(result.to_dict(), indent=2))
+    return Path(path)

@@ -1,0 +1,174 @@
+"""Dynamic Network Surgery (Guo, Yao & Chen, NIPS 2016).
+
+The mask T is updated during training by h_k(w) = 0 if |w| < a_k, 1 if |w| > b_k, and left as it
+is in between, so a pruned weight whose magnitude grows back past b_k is spliced back in. The
+forward pass uses W * T; the backward pass sends dL/d(W*T) to every entry of W, pruned or not
+(eq. 2 of the paper), so the full-precision copy keeps learning. Masks are updated after an
+optimizer step with probability (1 + gamma * step) ** -power, which lets the structure settle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader
+
+from deepshrink.errors import ConfigError
+from deepshrink.layers import select_layers
+from deepshrink.prune.module import prune_layer
+from deepshrink.train import History, TrainConfig, fit
+
+# Guo et al.'s released code sets a_k and b_k 10% either side of one threshold per layer.
+THRESHOLD_MARGIN = 0.1
+
+
+class _StraightThroughMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor):
+        return gradient, None
+
+
+class SurgeryMask(nn.Module):
+    """Parametrization holding the DNS mask and the layer's two thresholds a_k < b_k."""
+
+    def __init__(self, mask: torch.Tensor, low: float, high: float) -> None:
+        super().__init__()
+        if not 0 <= low <= high:
+            raise ConfigError(f"thresholds low={low} and high={high} should satisfy 0 <= low <= high")
+        self.register_buffer("mask", mask.to(torch.bool).clone())
+        self.low = low
+        self.high = high
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _StraightThroughMask.apply(weight, self.mask.to(weight.dtype))
+
+    @torch.no_grad()
+    def update(self, weight: torch.Tensor) -> int:
+        """Apply h_k to the full-precision weights; returns how many entries changed."""
+        magnitude = weight.abs()
+        new_mask = torch.where(magnitude < self.low, False, torch.where(magnitude > self.high, True, self.mask))
+        changed = int((new_mask != self.mask).sum())
+        self.mask.copy_(new_mask)
+        return changed
+
+
+def layer_threshold(weight: torch.Tensor, crate: float | None = None, sparsity: float | None = None) -> float:
+    """One threshold per layer from its weight statistics.
+
+    With `crate` (Guo et al.): mean(|w|) + crate * std(|w|). With `sparsity`: the magnitude
+    below which that fraction of the weights lies, which is easier to aim at a target.
+    """
+    magnitude = weight.detach().abs().flatten().double()
+    if (crate is None) == (sparsity is None):
+        raise ConfigError("give exactly one of crate (threshold = mean + crate * std) or sparsity")
+    if crate is not None:
+        if not math.isfinite(crate):
+            raise ConfigError(f"crate={crate!r} should be a finite number, e.g. 1.0")
+        return max(0.0, (magnitude.mean() + crate * magnitude.std()).item())
+    if not 0 <= sparsity < 1:
+        raise ConfigError(f"sparsity={sparsity!r} should be a fraction in [0, 1)")
+    return (
+        torch.quantile(magnitude, sparsity).item()
+        if magnitude.numel() <= 16_000_000
+        else (magnitude.kthvalue(max(1, round(sparsity * magnitude.numel()))).values.item())
+    )
+
+
+def start_surgery(layer: nn.Module, threshold: float) -> SurgeryMask:
+    """Register a SurgeryMask on `layer.weight` with a_k, b_k around `threshold`."""
+    low, high = (1 - THRESHOLD_MARGIN) * threshold, (1 + THRESHOLD_MARGIN) * threshold
+    surgery = SurgeryMask(layer.weight.detach().abs() > threshold, low, high)
+    parametrize.register_parametrization(layer, "weight", surgery)
+    return surgery
+
+
+def surgery_of(layer: nn.Module) -> SurgeryMask | None:
+    if not parametrize.is_parametrized(layer, "weight"):
+        return None
+    return next((item for item in layer.parametrizations.weight if isinstance(item, SurgeryMask)), None)
+
+
+def finish_surgery(layer: nn.Module) -> torch.Tensor:
+    """Replace the DNS parametrization by a fixed pruning mask; returns that mask."""
+    surgery = surgery_of(layer)
+    if surgery is None:
+        raise ConfigError(f"{type(layer).__name__} has no surgery in progress")
+    mask = surgery.mask.clone()
+    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+    prune_layer(layer, mask)
+    return mask
+
+
+@dataclass
+class SurgeryResult:
+    history: History
+    masks: dict[str, torch.Tensor]
+    spliced: int  # pruned entries that came back over the whole run
+    thresholds: dict[str, float]
+
+
+def dynamic_network_surgery(
+    model: nn.Module,
+    train_loader: DataLoader,
+    config: TrainConfig,
+    *,
+    crates: Mapping[str, float] | None = None,
+    sparsities: Mapping[str, float] | None = None,
+    gamma: float = 1e-4,
+    power: float = 1.0,
+    validation_loader: DataLoader | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> SurgeryResult:
+    """Train `model` with DNS on the layers named in `crates` or `sparsities`, then fix the masks.
+
+    The result leaves ordinary PruningMask parametrizations, so the usual retraining, the
+    quantization stage and the encoder all take it from there.
+    """
+    chosen = dict(crates or {}) if crates else dict(sparsities or {})
+    if not chosen or (crates and sparsities):
+        raise ConfigError("give per-layer thresholds as either crates or sparsities (one of them, not both)")
+    layers = select_layers(model, list(chosen))
+    from deepshrink.layers import match_per_layer
+
+    values = match_per_layer(layers, chosen, "surgery")
+    thresholds, surgeries = {}, {}
+    for name, layer in layers.items():
+        if crates:
+            thresholds[name] = layer_threshold(layer.weight, crate=values[name])
+        else:
+            thresholds[name] = layer_threshold(layer.weight, sparsity=values[name])
+        surgeries[name] = start_surgery(layer, thresholds[name])
+    generator = torch.Generator().manual_seed(config.seed)
+    spliced = 0
+
+    def update_masks(trained: nn.Module, step: int) -> None:
+        nonlocal spliced
+        if torch.rand((), generator=generator).item() >= (1 + gamma * step) ** -power:
+            return
+        for name, layer in layers.items():
+            before = surgeries[name].mask.clone()
+            surgeries[name].update(layer.parametrizations.weight.original)
+            spliced += int((~before & surgeries[name].mask).sum())
+
+    history = fit(
+        model,
+        train_loader,
+        config,
+        validation_loader=validation_loader,
+        device=device,
+        after_step=update_masks,
+        progress=progress,
+        description="surgery",
+    )
+    masks = {name: finish_surgery(layer) for name, layer in layers.items()}
+    return SurgeryResult(history, masks, spliced, thresholds)
