@@ -125,12 +125,14 @@ def load_model(path: str | os.PathLike, model_name: str | None = None) -> tuple[
 def load_state_into(model: nn.Module, checkpoint: Checkpoint, source: str | os.PathLike) -> nn.Module:
     """Load the checkpoint's tensors into `model`, strictly, with a readable error on mismatch.
 
-    Pruning masks in the state_dict are registered first, so a pruned checkpoint loads as a
-    pruned model whose masks keep holding during further training.
+    Pruning masks and shared-weight codebooks in the state_dict are registered first, so a
+    pruned or weight-shared checkpoint loads as such, and keeps its constraints in training.
     """
     from deepshrink.prune.module import restore_pruning
+    from deepshrink.quantize.shared import restore_sharing
 
     restore_pruning(model, checkpoint.state_dict)
+    restore_sharing(model, checkpoint.state_dict)
     try:
         result = model.load_state_dict(checkpoint.state_dict, strict=False)
     except RuntimeError as error:  # shape mismatches raise even with strict=False

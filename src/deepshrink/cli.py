@@ -164,6 +164,25 @@ def command_prune(args: argparse.Namespace) -> int:
         )
         log["spliced"] = result.spliced
         log["thresholds"] = result.thresholds
+        if args.finetune_epochs:
+            from deepshrink.train import fit
+
+            finetune = TrainConfig(
+                epochs=args.finetune_epochs,
+                learning_rate=args.lr / 2,
+                weight_decay=args.weight_decay,
+                batch_size=args.batch_size,
+                seed=args.seed,
+            )
+            fit(
+                model,
+                train_loader,
+                finetune,
+                device=args.device,
+                progress=not args.quiet,
+                description="fine-tune (masks fixed)",
+            )
+            log["finetune_epochs"] = args.finetune_epochs
     else:
         if sparsities:
             rule = per_layer_sparsity_rule(sparsities)
@@ -365,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--rounds", type=int, default=6, help="prune-retrain rounds (default 6)")
     prune.add_argument("--retrain-epochs", type=int, default=8, help="retraining epochs per round (default 8)")
+    prune.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=0,
+        help="with --method dns: then retrain this many epochs with the masks fixed, at lr/2",
+    )
     prune.add_argument("--lr", type=float, default=0.02, help="retraining learning rate (default 0.02)")
     prune.add_argument("--weight-decay", type=float, default=5e-4, help="retraining weight decay (default 5e-4)")
     prune.add_argument("--batch-size", type=int, default=128, help="retraining batch size (default 128)")

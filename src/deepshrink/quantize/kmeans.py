@@ -1,0 +1,216 @@
+"""1-D k-means for weight sharing, exact Lloyd iterations on sorted data.
+
+In one dimension every k-means cluster is a contiguous run of the sorted values, bounded by the
+midpoints between neighbouring centroids. So we sort once and keep prefix sums of the values
+and of their squares; a Lloyd step then costs k binary searches for the boundaries and k
+subtractions for each cluster's sum, count and inertia: O(k log n) instead of O(n k). We iterate
+until the boundaries stop moving, which is exact convergence (a fixed point of Lloyd's
+algorithm), not a tolerance. The cost is dominated by the one sort and the final labelling.
+
+Empty clusters are relocated as scikit-learn does: onto the value farthest from its centroid
+(in 1-D, an end point of some cluster), so centroids are not stranded in the tails.
+
+Initialisations (Han et al. 2016, section 3.1 and Figure 4):
+- linear: k values evenly spaced between the minimum and the maximum weight;
+- density: the weights' empirical CDF is cut at k evenly spaced heights (i + 0.5) / k and the
+  centroids are the weights at those quantiles, so they crowd where the weights do;
+- forgy: k distinct weights drawn at random (seeded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from deepshrink.errors import ConfigError
+
+INITIALIZATIONS = ("linear", "density", "forgy")
+MAX_CLUSTERS = 1 << 16
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    centroids: np.ndarray  # float64, ascending, length k (fewer only if there are fewer distinct values)
+    labels: np.ndarray  # cluster index of each input value, uint8 or uint16, in the input's order
+    inertia: float  # sum of squared distances to the assigned centroid
+    iterations: int
+
+
+def initial_centroids(sorted_values: np.ndarray, clusters: int, method: str, seed: int = 0) -> np.ndarray:
+    """The starting centroids for `method`, ascending, from already sorted values."""
+    if method not in INITIALIZATIONS:
+        raise ConfigError(f"init={method!r} should be one of {', '.join(INITIALIZATIONS)}")
+    if method == "linear":
+        return np.linspace(float(sorted_values[0]), float(sorted_values[-1]), clusters)
+    if method == "density":
+        heights = (np.arange(clusters) + 0.5) / clusters
+        positions = np.minimum((heights * len(sorted_values)).astype(np.int64), len(sorted_values) - 1)
+        return sorted_values[positions].astype(np.float64)
+    distinct = np.unique(sorted_values)
+    chosen = np.random.default_rng(seed).choice(len(distinct), size=min(clusters, len(distinct)), replace=False)
+    return np.sort(distinct[chosen].astype(np.float64))
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_at_least(sorted_values, threshold):
+    """Index of the first sorted value >= threshold (compared in float64, no array copies)."""
+    low, high = 0, len(sorted_values)
+    while low < high:
+        middle = (low + high) // 2
+        if sorted_values[middle] < threshold:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+@numba.njit(cache=True, nogil=True)
+def _boundaries(sorted_values, centroids, bounds):
+    count = len(centroids)
+    bounds[0] = 0
+    bounds[count] = len(sorted_values)
+    for index in range(count - 1):
+        bounds[index + 1] = _first_at_least(sorted_values, (centroids[index] + centroids[index + 1]) / 2)
+
+
+@numba.njit(cache=True, nogil=True)
+def _lloyd(sorted_values, sums, centroids, max_iterations):
+    """Lloyd steps on sorted data until the cluster boundaries stop moving."""
+    count = len(centroids)
+    bounds = np.empty(count + 1, dtype=np.int64)
+    new_bounds = np.empty(count + 1, dtype=np.int64)
+    _boundaries(sorted_values, centroids, bounds)
+    iterations = 0
+    while iterations < max_iterations:
+        iterations += 1
+        previous = centroids.copy()
+        empty = 0
+        for index in range(count):
+            size = bounds[index + 1] - bounds[index]
+            if size > 0:
+                centroids[index] = (sums[bounds[index + 1]] - sums[bounds[index]]) / size
+            else:
+                empty += 1
+        if empty:
+            _relocate_empty(sorted_values, sums, previous, centroids, bounds)
+        centroids.sort()
+        _boundaries(sorted_values, centroids, new_bounds)
+        changed = False
+        for index in range(count + 1):
+            if new_bounds[index] != bounds[index]:
+                changed = True
+            bounds[index] = new_bounds[index]
+        if not changed:
+            break
+    return iterations
+
+
+@numba.njit(cache=True, nogil=True)
+def _relocate_empty(sorted_values, sums, previous, centroids, bounds):
+    """Move the empty clusters' centroids onto the values farthest from their own centroids.
+
+    As scikit-learn does: the empty clusters take the n_empty farthest points overall, and each
+    donor cluster's centroid becomes the mean of the points it keeps. In 1-D a cluster's
+    farthest points lie at its ends, so each cluster has a pointer at either end that walks
+    inward as points are taken.
+    """
+    count = len(centroids)
+    left = bounds[:-1].copy()
+    right = bounds[1:] - 1
+    original = previous  # distances are to the centroids the points were assigned by
+    for empty in range(count):
+        if bounds[empty + 1] > bounds[empty]:
+            continue
+        best_distance, best_cluster, best_side = -1.0, -1, 0
+        for cluster in range(count):
+            if left[cluster] > right[cluster]:
+                continue
+            low_distance = original[cluster] - sorted_values[left[cluster]]
+            high_distance = sorted_values[right[cluster]] - original[cluster]
+            if low_distance > best_distance:
+                best_distance, best_cluster, best_side = low_distance, cluster, 0
+            if high_distance > best_distance:
+                best_distance, best_cluster, best_side = high_distance, cluster, 1
+        if best_cluster < 0:
+            return
+        if best_side == 0:
+            centroids[empty] = sorted_values[left[best_cluster]]
+            left[best_cluster] += 1
+        else:
+            centroids[empty] = sorted_values[right[best_cluster]]
+            right[best_cluster] -= 1
+    for cluster in range(count):
+        if left[cluster] <= right[cluster] and (
+            left[cluster] != bounds[cluster] or right[cluster] != bounds[cluster + 1] - 1
+        ):
+            kept = right[cluster] - left[cluster] + 1
+            centroids[cluster] = (sums[right[cluster] + 1] - sums[left[cluster]]) / kept
+
+
+@numba.njit(cache=True, parallel=True)
+def _assign(values, centroids, labels):
+    """Label each value with its nearest centroid; returns the total squared error."""
+    count = len(centroids)
+    midpoints = (centroids[:-1] + centroids[1:]) / 2
+    error = 0.0
+    for position in numba.prange(len(values)):
+        value = float(values[position])
+        low, high = 0, count - 1
+        while low < high:  # number of midpoints <= value
+            middle = (low + high) // 2
+            if midpoints[middle] <= value:
+                low = middle + 1
+            else:
+                high = middle
+        labels[position] = low
+        difference = value - centroids[low]
+        error += difference * difference
+    return error
+
+
+def kmeans_1d(
+    values: np.ndarray,
+    clusters: int,
+    init: str | np.ndarray = "linear",
+    *,
+    seed: int = 0,
+    max_iterations: int = 1_000_000,
+) -> KMeansResult:
+    """Cluster 1-D `values` into `clusters` groups by Lloyd's algorithm, run to convergence.
+
+    `init` is a method name or an explicit array of starting centroids.
+    """
+    values = np.asarray(values)
+    if values.ndim != 1:
+        values = values.reshape(-1)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float32)
+    if not isinstance(clusters, int | np.integer) or not 1 <= clusters <= MAX_CLUSTERS:
+        raise ConfigError(f"clusters={clusters!r} should be an integer from 1 to {MAX_CLUSTERS}")
+    if values.size == 0:
+        raise ConfigError("k-means needs at least one value; the layer has no weights to share")
+    if not np.all(np.isfinite(values)):
+        raise ConfigError("k-means input holds NaN or infinite weights; the model is broken, retrain or reload it")
+    sorted_values = np.sort(values)
+    distinct = np.unique(sorted_values) if values.size <= 4 * clusters else None
+    if distinct is not None and len(distinct) <= clusters:
+        # Every distinct value can be its own centroid: the exact optimum, with zero error.
+        labels = np.searchsorted(distinct, values).astype(np.uint8 if clusters <= 256 else np.uint16)
+        return KMeansResult(distinct.astype(np.float64), labels, 0.0, 0)
+    if isinstance(init, str):
+        centroids = initial_centroids(sorted_values, clusters, init, seed)
+    else:
+        centroids = np.sort(np.asarray(init, dtype=np.float64).reshape(-1))
+        if len(centroids) != clusters:
+            raise ConfigError(f"init has {len(centroids)} centroids but clusters={clusters}")
+    centroids = np.ascontiguousarray(centroids, dtype=np.float64)
+    sums = np.empty(len(sorted_values) + 1, dtype=np.float64)
+    sums[0] = 0.0
+    np.cumsum(sorted_values, dtype=np.float64, out=sums[1:])
+    iterations = _lloyd(sorted_values, sums, centroids, max_iterations)
+    del sorted_values, sums
+    labels = np.empty(values.shape, dtype=np.uint8 if len(centroids) <= 256 else np.uint16)
+    inertia = _assign(values, centroids, labels)
+    return KMeansResult(centroids, labels, float(inertia), int(iterations))

@@ -1,0 +1,184 @@
+"""Weight sharing as a torch parametrization: weight = codebook[indices].
+
+The codebook is the trainable Parameter; the indices are a buffer, fixed while fine-tuning as in
+Han et al. (2016). Autograd's backward of the gather sums the weight gradients per code, which
+is exactly the paper's centroid gradient dL/dC_k = sum_ij dL/dW_ij * 1(I_ij = k).
+
+Pruned layers reserve code 0 for exact zero: it is not a Parameter, so it never moves, and the
+pruned positions stay exactly 0.0 through fine-tuning. A b-bit layer then has at most 2^b - 1
+non-zero centroids plus the zero, so never more than 2^b distinct values. The encoder relies on
+that code 0 for its filler zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from deepshrink.errors import ConfigError
+from deepshrink.layers import compressible_layers, match_per_layer, select_layers
+from deepshrink.prune.module import pruning_mask_of
+from deepshrink.quantize.kmeans import kmeans_1d
+
+MAX_BITS = 16
+DEFAULT_CONV_BITS = 8
+DEFAULT_FC_BITS = 5
+
+
+class SharedWeights(nn.Module):
+    """The parametrization. Ignores the original weight; builds it from codebook and indices."""
+
+    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, zero_code: bool) -> None:
+        super().__init__()
+        self.codebook = nn.Parameter(codebook.detach().clone().float())
+        self.register_buffer("indices", indices.clone())
+        self.register_buffer("zero_code", torch.tensor(bool(zero_code)))
+
+    def full_codebook(self) -> torch.Tensor:
+        """Every code's value: with a zero code, entry 0 is a constant 0.0 ahead of the Parameter."""
+        if bool(self.zero_code):
+            return torch.cat([self.codebook.new_zeros(1), self.codebook])
+        return self.codebook
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.full_codebook()[self.indices.long()].to(weight.dtype)
+
+
+def index_dtype(bits: int) -> torch.dtype:
+    return torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ConfigError(f"bits={bits!r} should be an integer from 1 to {MAX_BITS} (the paper uses 5 to 8)")
+
+
+@dataclass(frozen=True)
+class SharingRecord:
+    """What sharing did to one layer: its codebook before fine-tuning, for plots and reports."""
+
+    bits: int
+    zero_code: bool
+    initial_centroids: np.ndarray  # the k-means starting points
+    centroids: np.ndarray  # the converged k-means codebook (non-zero codes)
+    inertia: float
+
+
+def share_layer_weights(
+    layer: nn.Module, bits: int, init: str = "linear", *, seed: int = 0, zero_code: bool | None = None
+) -> SharingRecord:
+    """Replace `layer.weight` by a codebook of at most 2^bits values plus indices.
+
+    `zero_code` reserves code 0 for exact zero; the default reserves it when the layer has
+    any zero weights (a pruned layer). A pruning parametrization on the layer is folded in:
+    its zeros become code 0.
+    """
+    _check_bits(bits)
+    if parametrize.is_parametrized(layer, "weight"):
+        if pruning_mask_of(layer) is None:
+            raise ConfigError(f"{type(layer).__name__}.weight is already parametrized by something other than pruning")
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    weight = layer.weight.detach()
+    values = weight.flatten().cpu().numpy()
+    nonzero = values != 0
+    if zero_code is None:
+        zero_code = not bool(nonzero.all())
+    indices = np.zeros(values.shape, dtype=np.int64)
+    clusters = 2**bits - 1 if zero_code else 2**bits
+    shared = values[nonzero] if zero_code else values
+    if clusters == 0 or shared.size == 0:
+        centroids = np.zeros(0 if zero_code else 1)
+        initial = centroids
+        inertia = 0.0
+    else:
+        from deepshrink.quantize.kmeans import initial_centroids
+
+        result = kmeans_1d(shared, clusters, init, seed=seed)
+        sorted_shared = np.sort(shared)
+        initial = (
+            initial_centroids(sorted_shared, min(clusters, len(np.unique(sorted_shared))), init, seed)
+            if isinstance(init, str)
+            else np.asarray(init)
+        )
+        centroids = result.centroids
+        inertia = result.inertia
+        if zero_code:
+            indices[nonzero] = result.labels.astype(np.int64) + 1
+        else:
+            indices = result.labels.astype(np.int64)
+    codebook = torch.from_numpy(centroids.astype(np.float32))
+    codes = torch.from_numpy(indices).view(weight.shape).to(index_dtype(bits))
+    sharing = SharedWeights(codebook.to(weight.device), codes.to(weight.device), zero_code)
+    parametrize.register_parametrization(layer, "weight", sharing, unsafe=True)
+    return SharingRecord(bits, bool(zero_code), np.asarray(initial, dtype=np.float64), centroids, inertia)
+
+
+def default_bits(layers: Mapping[str, nn.Module]) -> dict[str, int]:
+    """The paper's defaults: 8 bits for convolutions, 5 for fully connected layers."""
+    return {
+        name: DEFAULT_CONV_BITS if isinstance(layer, nn.Conv1d | nn.Conv2d) else DEFAULT_FC_BITS
+        for name, layer in layers.items()
+    }
+
+
+def share_weights(
+    model: nn.Module,
+    bits: Mapping[str, int] | None = None,
+    init: str = "linear",
+    *,
+    seed: int = 0,
+) -> dict[str, SharingRecord]:
+    """Share the weights of the layers matched by `bits` ({glob: bits}); all layers at the paper's
+    defaults when `bits` is None. Returns what was done to each layer."""
+    if bits is None:
+        layers = compressible_layers(model)
+        resolved = default_bits(layers)
+    else:
+        layers = select_layers(model, list(bits))
+        resolved = match_per_layer(layers, dict(bits), "bits")
+    return {name: share_layer_weights(layer, int(resolved[name]), init, seed=seed) for name, layer in layers.items()}
+
+
+def sharing_of(layer: nn.Module) -> SharedWeights | None:
+    if not parametrize.is_parametrized(layer, "weight"):
+        return None
+    return next((item for item in layer.parametrizations.weight if isinstance(item, SharedWeights)), None)
+
+
+def remove_sharing(model: nn.Module) -> nn.Module:
+    """Make sharing permanent: plain weights holding the codebook values."""
+    for layer in compressible_layers(model).values():
+        if sharing_of(layer) is not None:
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    return model
+
+
+CODEBOOK_SUFFIX = ".parametrizations.weight.0.codebook"
+
+
+def restore_sharing(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Register the sharing that a weight-shared model's state_dict holds, so loading then fits."""
+    layers = compressible_layers(model)
+    for key, codebook in state_dict.items():
+        if not key.endswith(CODEBOOK_SUFFIX):
+            continue
+        name = key[: -len(CODEBOOK_SUFFIX)]
+        if name not in layers:
+            raise ConfigError(f"the state_dict shares weights of a layer {name!r} that the model does not have")
+        prefix = key[: -len("codebook")]
+        indices, zero_code = state_dict.get(prefix + "indices"), state_dict.get(prefix + "zero_code")
+        if indices is None or zero_code is None:
+            raise ConfigError(f"the state_dict has a codebook for {name!r} but no indices or zero_code")
+        if sharing_of(layers[name]) is None:
+            sharing = SharedWeights(codebook, indices, bool(zero_code))
+            parametrize.register_parametrization(layers[name], "weight", sharing, unsafe=True)
+    return model
+
+
+def distinct_values(layer: nn.Module) -> int:
+    return int(torch.unique(layer.weight.detach()).numel())

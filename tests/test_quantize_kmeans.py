@@ -1,0 +1,86 @@
+"""1-D k-means against trusted references: scikit-learn's Lloyd and the exact optimum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+
+from deepshrink.errors import ConfigError
+from deepshrink.quantize.kmeans import initial_centroids, kmeans_1d
+
+
+def laplace(size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).laplace(scale=0.05, size=size).astype(np.float32)
+
+
+@pytest.mark.parametrize("init", ["linear", "density", "forgy"])
+@pytest.mark.parametrize("clusters", [4, 31, 32])
+def test_at_least_as_good_as_sklearn_from_the_same_initialisation(init, clusters):
+    values = laplace(5000, seed=clusters)
+    ours = kmeans_1d(values, clusters, init)
+    start = initial_centroids(np.sort(values), clusters, init)
+    reference = KMeans(clusters, init=start.reshape(-1, 1), n_init=1, algorithm="lloyd", tol=0, max_iter=100_000)
+    reference.fit(values.reshape(-1, 1).astype(np.float64))
+    assert ours.inertia <= reference.inertia_ * (1 + 1e-9)
+
+
+def test_inertia_and_labels_are_consistent():
+    values = laplace(3000)
+    result = kmeans_1d(values, 16, "density")
+    assert result.labels.dtype == np.uint8
+    recomputed = float(np.sum((values.astype(np.float64) - result.centroids[result.labels]) ** 2))
+    assert result.inertia == pytest.approx(recomputed, rel=1e-9)
+    # Lloyd's fixed point: every value is labelled with its nearest centroid, every centroid is its cluster's mean.
+    nearest = np.argmin(np.abs(values[:, None] - result.centroids[None, :]), axis=1)
+    assert np.array_equal(nearest, result.labels)
+    for cluster in range(16):
+        members = values[result.labels == cluster]
+        if members.size:
+            assert result.centroids[cluster] == pytest.approx(members.astype(np.float64).mean(), rel=1e-9)
+
+
+def test_linear_initialisation_is_evenly_spaced_between_min_and_max():
+    values = np.sort(laplace(1000))
+    start = initial_centroids(values, 5, "linear")
+    assert start[0] == values[0] and start[-1] == values[-1]
+    assert np.allclose(np.diff(start), (values[-1] - values[0]) / 4)
+
+
+def test_density_initialisation_sits_at_evenly_spaced_quantiles():
+    values = np.arange(1000, dtype=np.float32)
+    assert initial_centroids(values, 4, "density").tolist() == [125.0, 375.0, 625.0, 875.0]
+
+
+def test_forgy_initialisation_samples_distinct_weights_reproducibly():
+    values = np.sort(laplace(1000))
+    first = initial_centroids(values, 8, "forgy", seed=3)
+    assert len(set(first.tolist())) == 8 and set(first.tolist()) <= set(values.astype(np.float64).tolist())
+    assert np.array_equal(first, initial_centroids(values, 8, "forgy", seed=3))
+
+
+def test_empty_clusters_are_relocated_not_stranded():
+    """Linear init on heavy tails leaves clusters empty; relocation puts every centroid to use."""
+    values = laplace(2000)
+    result = kmeans_1d(values, 64, "linear")
+    assert len(np.unique(result.labels)) == 64
+
+
+def test_fewer_distinct_values_than_clusters_is_exact():
+    values = np.array([0.5, -0.5, 0.5, 2.0], dtype=np.float32)
+    result = kmeans_1d(values, 8, "linear")
+    assert result.inertia == 0.0 and np.array_equal(result.centroids[result.labels], values)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ((np.ones(3), 0), "clusters=0"),
+        ((np.array([]), 4), "at least one"),
+        ((np.array([1.0, np.nan]), 2), "NaN"),
+        ((np.ones(5), 2, "kmeans++"), "init='kmeans\\+\\+'"),
+    ],
+)
+def test_bad_arguments_are_named(arguments, message):
+    with pytest.raises(ConfigError, match=message):
+        kmeans_1d(np.asarray(arguments[0], dtype=np.float32) + np.arange(len(arguments[0])), *arguments[1:])

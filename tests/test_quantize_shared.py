@@ -1,0 +1,116 @@
+"""Weight sharing on real layers: distinct values, pruned zeros, the centroid gradient, round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpoint
+from deepshrink.models import build_model
+from deepshrink.prune.masks import sparsity_mask
+from deepshrink.prune.module import apply_masks
+from deepshrink.quantize.shared import (
+    distinct_values,
+    remove_sharing,
+    share_layer_weights,
+    share_weights,
+    sharing_of,
+)
+
+
+def pruned_lenet(sparsity=0.9):
+    torch.manual_seed(0)
+    model = build_model("lenet-5")
+    apply_masks(
+        model, {name: sparsity_mask(getattr(model, name).weight, sparsity) for name in ("conv1", "conv2", "fc1", "fc2")}
+    )
+    return model
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8])
+def test_each_layer_has_at_most_2_to_the_bits_values_zero_included(bits):
+    model = pruned_lenet()
+    zeros = {name: getattr(model, name).weight == 0 for name in ("conv1", "conv2", "fc1", "fc2")}
+    share_weights(model, {"*": bits})
+    for name, was_zero in zeros.items():
+        layer = getattr(model, name)
+        assert distinct_values(layer) <= 2**bits, name
+        assert torch.equal(layer.weight == 0, was_zero), name  # pruned zeros are exactly the zero code
+
+
+def test_default_bits_are_8_for_conv_and_5_for_fc():
+    model = pruned_lenet()
+    records = share_weights(model)
+    assert {name: record.bits for name, record in records.items()} == {"conv1": 8, "conv2": 8, "fc1": 5, "fc2": 5}
+
+
+def test_unpruned_layer_uses_all_2_to_the_bits_centroids():
+    layer = nn.Linear(100, 50)
+    record = share_layer_weights(layer, 4)
+    assert not record.zero_code and distinct_values(layer) == 16
+
+
+def test_pruned_zeros_stay_exactly_zero_through_fine_tuning():
+    model = pruned_lenet()
+    zeros = {name: getattr(model, name).weight == 0 for name in ("conv1", "fc1")}
+    share_weights(model, {"conv1": 8, "fc1": 5})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    inputs, targets = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for _ in range(20):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    for name, was_zero in zeros.items():
+        assert torch.all(getattr(model, name).weight[was_zero] == 0.0), name
+    assert distinct_values(model.fc1) <= 32
+
+
+def test_centroid_gradient_is_the_sum_of_weight_gradients_per_code():
+    """dL/dC_k = sum over ij of dL/dW_ij * 1(I_ij = k), computed by hand against autograd."""
+    torch.manual_seed(1)
+    layer = nn.Linear(30, 20)
+    with torch.no_grad():
+        layer.weight[layer.weight.abs() < 0.05] = 0.0
+    share_layer_weights(layer, 3)
+    sharing = sharing_of(layer)
+    inputs = torch.randn(7, 30)
+    weight = layer.weight.detach().requires_grad_(True)
+    loss = (nn.functional.linear(inputs, weight, layer.bias) ** 2).sum()
+    (weight_gradient,) = torch.autograd.grad(loss, weight)
+    (layer(inputs) ** 2).sum().backward()
+    codes = sharing.indices.long()
+    for code in range(1, 8):
+        expected = weight_gradient[codes == code].sum()
+        assert torch.allclose(sharing.codebook.grad[code - 1], expected, atol=1e-5), code
+
+
+def test_remove_makes_it_permanent_with_the_same_output():
+    model = pruned_lenet()
+    share_weights(model)
+    inputs = torch.randn(3, 1, 28, 28)
+    expected = model(inputs)
+    remove_sharing(model)
+    assert sharing_of(model.fc1) is None and isinstance(model.fc1.weight, nn.Parameter)
+    assert torch.equal(model(inputs), expected)
+    assert distinct_values(model.fc1) <= 32
+
+
+def test_state_dict_round_trips_through_a_checkpoint(tmp_path):
+    model = pruned_lenet()
+    share_weights(model)
+    path = save_checkpoint(tmp_path / "shared.safetensors", model, model_name="lenet-5")
+    restored = load_state_into(build_model("lenet-5"), load_checkpoint(path), path)
+    inputs = torch.randn(2, 1, 28, 28)
+    assert torch.equal(restored(inputs), model(inputs))
+    assert sharing_of(restored.conv2) is not None
+    assert torch.equal(sharing_of(restored.conv2).indices, sharing_of(model.conv2).indices)
+
+
+def test_bits_out_of_range_are_named():
+    from deepshrink.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bits=17"):
+        share_layer_weights(nn.Linear(3, 3), 17)
+    with pytest.raises(ConfigError, match="bits=0"):
+        share_layer_weights(nn.Linear(3, 3), 0)
