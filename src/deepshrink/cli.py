@@ -248,6 +248,85 @@ def command_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_quantize(args: argparse.Namespace) -> int:
+    import json
+
+    from deepshrink.checkpoint import load_model, save_checkpoint
+    from deepshrink.data import load_data, make_loader
+    from deepshrink.files import atomic_output
+    from deepshrink.quantize.report import format_sharing_table, sharing_rows
+    from deepshrink.quantize.shared import share_weights
+    from deepshrink.train import TrainConfig, evaluate, fit
+
+    bits = {pattern: int(value) for pattern, value in _parse_assignments(args.bits, "--bits").items()}
+    if any(float(value) != int(value) for value in _parse_assignments(args.bits, "--bits").values()):
+        raise ConfigError(f"--bits takes whole numbers of bits, got {args.bits}")
+    model, checkpoint = load_model(args.checkpoint, args.model)
+    data = load_data(args.data_dir)
+    test_loader = make_loader(data.test, 1000, shuffle=False)
+    validation_loader = make_loader(data.validation, 1000, shuffle=False)
+    before = evaluate(model, test_loader, args.device).accuracy
+    records = share_weights(model, bits or None, args.init, seed=args.seed)
+    shared = evaluate(model, test_loader, args.device).accuracy
+    history = None
+    if args.finetune_epochs:
+        config = TrainConfig(
+            epochs=args.finetune_epochs,
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            optimizer=args.optimizer,
+        )
+        history = fit(
+            model,
+            make_loader(data.train, args.batch_size, shuffle=True, seed=args.seed),
+            config,
+            validation_loader=validation_loader,
+            device=args.device,
+            progress=not args.quiet,
+            description="fine-tune centroids",
+        )
+    tuned = evaluate(model, test_loader, args.device).accuracy
+    rows = sharing_rows(model.cpu(), records)
+    out = Path(args.out)
+    log = {
+        "init": args.init,
+        "bits": {name: record.bits for name, record in records.items()},
+        "finetune_epochs": args.finetune_epochs,
+        "optimizer": args.optimizer,
+        "learning_rate": args.lr,
+        "test_accuracy_before": before,
+        "test_accuracy_after_sharing": shared,
+        "test_accuracy": tuned,
+    }
+    save_checkpoint(
+        out,
+        model,
+        model_name=args.model or checkpoint.model_name,
+        metadata={**checkpoint.metadata, "stage": "quantized", "quantization": log, "test_accuracy": tuned},
+        protect=(args.checkpoint,),
+    )
+    print(format_sharing_table(rows))
+    print(
+        f"test accuracy: {before:.4f} before, {shared:.4f} after sharing, {tuned:.4f} after fine-tuning "
+        f"({100 * (tuned - before):+.2f} points)"
+    )
+    print(f"checkpoint: {out}")
+    if args.report_dir:
+        from deepshrink.quantize.report import plot_codebooks
+
+        report_dir = Path(args.report_dir)
+        with atomic_output(report_dir / "quantization.md", protect=(args.checkpoint,)) as temporary:
+            temporary.write_text(format_sharing_table(rows, markdown=True) + "\n")
+        with atomic_output(report_dir / "quantization.json", protect=(args.checkpoint,)) as temporary:
+            epochs = [vars(record) for record in history.epochs] if history else []
+            temporary.write_text(json.dumps({"layers": rows, **log, "epochs": epochs}, indent=2, default=float))
+        plot_codebooks(model, records, report_dir / "codebooks.png")
+        print(f"report: {report_dir}/quantization.md, quantization.json, codebooks.png")
+    return 0
+
+
 def command_sensitivity(args: argparse.Namespace) -> int:
     from deepshrink.checkpoint import load_model
     from deepshrink.data import load_data, make_loader
@@ -397,6 +476,46 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--report-dir", help="also write pruning.md and pruning.json here")
     _add_data_options(prune)
     prune.set_defaults(handler=command_prune)
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="share weights through per-layer k-means codebooks, then fine-tune the centroids",
+        epilog=EPILOG,
+    )
+    quantize.add_argument("checkpoint", help="a trained or pruned checkpoint")
+    quantize.add_argument(
+        "--model", help="model name or package.module:factory (default: the one the checkpoint names)"
+    )
+    quantize.add_argument("--out", required=True, help="weight-shared checkpoint to write (never the input)")
+    quantize.add_argument(
+        "--bits",
+        action="append",
+        metavar="LAYER=B",
+        help="bits per weight for layers matching the glob LAYER, 1 to 16; repeatable "
+        "(default: 8 for conv, 5 for fc, as in the paper)",
+    )
+    quantize.add_argument(
+        "--init",
+        choices=("linear", "density", "forgy"),
+        default="linear",
+        help="centroid initialisation (default linear, best in the paper)",
+    )
+    quantize.add_argument("--finetune-epochs", type=int, default=3, help="centroid fine-tuning epochs (default 3)")
+    quantize.add_argument(
+        "--optimizer", choices=("adam", "sgd"), default="adam", help="fine-tuning optimizer (default adam)"
+    )
+    quantize.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    quantize.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="fine-tuning weight decay (default 0: decay would pull centroids to zero)",
+    )
+    quantize.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default 128)")
+    quantize.add_argument("--seed", type=int, default=0, help="seed of forgy sampling and shuffling")
+    quantize.add_argument("--report-dir", help="also write quantization.md, quantization.json and codebooks.png")
+    _add_data_options(quantize)
+    quantize.set_defaults(handler=command_quantize)
 
     sensitivity = commands.add_parser(
         "sensitivity", help="validation accuracy against sparsity for each layer alone (table and plot)", epilog=EPILOG

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from deepshrink.errors import ConfigError
 
 SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of SGD with momentum, weight decay and a learning-rate schedule.
+    """Hyperparameters of SGD with momentum (or Adam), weight decay and a learning-rate schedule.
 
     `schedule` is one of: "cosine" (annealed to zero over all steps), "step" (x0.1 at 50% and
     75% of the epochs), "constant".
@@ -39,6 +40,7 @@ class TrainConfig:
     batch_size: int = 128
     schedule: str = "cosine"
     seed: int = 0
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 0:
@@ -53,6 +55,8 @@ class TrainConfig:
             raise ConfigError(f"batch_size={self.batch_size!r} should be a positive integer, e.g. 128")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} should be one of {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r} should be one of {', '.join(OPTIMIZERS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +136,11 @@ def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if config.optimizer == "adam":
+        # Adam scales each parameter's step by its own gradient history, which suits codebooks:
+        # a centroid's gradient sums those of all its weights, so its size varies by orders of
+        # magnitude from layer to layer.
+        return torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     return torch.optim.SGD(
         trainable, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
     )

@@ -28,6 +28,7 @@ from deepshrink.quantize.kmeans import kmeans_1d
 MAX_BITS = 16
 DEFAULT_CONV_BITS = 8
 DEFAULT_FC_BITS = 5
+SAMPLE_SIZE = 200_000
 
 
 class SharedWeights(nn.Module):
@@ -67,6 +68,7 @@ class SharingRecord:
     initial_centroids: np.ndarray  # the k-means starting points
     centroids: np.ndarray  # the converged k-means codebook (non-zero codes)
     inertia: float
+    sample: np.ndarray  # up to SAMPLE_SIZE of the shared weights before sharing, for plots
 
 
 def share_layer_weights(
@@ -115,7 +117,11 @@ def share_layer_weights(
     codes = torch.from_numpy(indices).view(weight.shape).to(index_dtype(bits))
     sharing = SharedWeights(codebook.to(weight.device), codes.to(weight.device), zero_code)
     parametrize.register_parametrization(layer, "weight", sharing, unsafe=True)
-    return SharingRecord(bits, bool(zero_code), np.asarray(initial, dtype=np.float64), centroids, inertia)
+    if shared.size > SAMPLE_SIZE:
+        shared = np.random.default_rng(seed).choice(shared, SAMPLE_SIZE, replace=False)
+    return SharingRecord(
+        bits, bool(zero_code), np.asarray(initial, dtype=np.float64), centroids, inertia, np.sort(shared)
+    )
 
 
 def default_bits(layers: Mapping[str, nn.Module]) -> dict[str, int]:
