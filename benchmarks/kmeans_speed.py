@@ -1,0 +1,102 @@
+"""k-means at VGG-16 scale: 100M weights into 32 and 256 clusters, to convergence.
+
+Times our sorted-Lloyd k-means (linear initialisation) on 100M Laplace-distributed float32
+weights, one run per cluster count after a warm-up that compiles the kernels. Inertia is
+compared with scikit-learn's KMeans from the same initialisation on subsamples of 1M (k=32)
+and 200k (k=256) weights (sklearn at full size takes minutes to hours), and with the exact 1-D optimum (kmeans1d) on
+a 100k subsample.
+
+    .venv/bin/python benchmarks/kmeans_speed.py [--size 100000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from deepshrink.quantize.kmeans import initial_centroids, kmeans_1d
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=100_000_000)
+    args = parser.parse_args()
+    generator = np.random.default_rng(0)
+    values = generator.laplace(scale=0.01, size=args.size).astype(np.float32)
+    kmeans_1d(values[:10_000], 32)  # compile
+    results = []
+    for clusters in (32, 256):
+        started = time.perf_counter()
+        result = kmeans_1d(values, clusters, "linear")
+        seconds = time.perf_counter() - started
+        results.append(
+            {
+                "size": args.size,
+                "clusters": clusters,
+                "seconds": seconds,
+                "iterations": result.iterations,
+                "inertia": result.inertia,
+            }
+        )
+        print(f"{args.size:,} weights, k={clusters}: {seconds:.2f} s, {result.iterations} Lloyd iterations", flush=True)
+
+    from sklearn.cluster import KMeans
+
+    # sklearn needs minutes at k=256 on a million points, so that comparison uses 200k.
+    for clusters, count in ((32, 1_000_000), (256, 200_000)):
+        subsample = values[:count]
+        ours = kmeans_1d(subsample, clusters, "linear")
+        start = initial_centroids(np.sort(subsample), clusters, "linear")
+        started = time.perf_counter()
+        reference = KMeans(clusters, init=start.reshape(-1, 1), n_init=1, algorithm="lloyd", tol=0, max_iter=100_000)
+        reference.fit(subsample.reshape(-1, 1).astype(np.float64))
+        sklearn_seconds = time.perf_counter() - started
+        results.append(
+            {
+                "size": len(subsample),
+                "clusters": clusters,
+                "ours_inertia": ours.inertia,
+                "sklearn_inertia": float(reference.inertia_),
+                "sklearn_seconds": sklearn_seconds,
+                "sklearn_iterations": int(reference.n_iter_),
+            }
+        )
+        print(
+            f"{count:,} subsample, k={clusters}: inertia ours {ours.inertia:.6g}, sklearn {reference.inertia_:.6g} "
+            f"(ratio {ours.inertia / reference.inertia_:.9f}); sklearn took {sklearn_seconds:.1f} s",
+            flush=True,
+        )
+
+    import kmeans1d
+
+    small = values[:100_000].astype(np.float64)
+    for clusters in (32,):
+        labels, centroids = kmeans1d.cluster(small, clusters)
+        optimum = float(np.sum((small - np.asarray(centroids)[labels]) ** 2))
+        for init in ("linear", "density", "forgy"):
+            ours = kmeans_1d(small, clusters, init)
+            results.append(
+                {
+                    "size": len(small),
+                    "clusters": clusters,
+                    "init": init,
+                    "ours_inertia": ours.inertia,
+                    "exact_optimum": optimum,
+                }
+            )
+            print(
+                f"100k subsample, k={clusters}, {init}: inertia {ours.inertia:.6g} vs exact optimum {optimum:.6g} "
+                f"(+{100 * (ours.inertia / optimum - 1):.2f}%)",
+                flush=True,
+            )
+    out = Path("benchmarks/results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kmeans_speed.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
