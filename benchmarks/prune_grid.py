@@ -22,47 +22,73 @@ import torch
 
 from deepshrink.checkpoint import save_checkpoint
 from deepshrink.data import load_data, make_loader
-from deepshrink.prune.schedule import iterative_pruning, per_layer_sparsity_rule
+from deepshrink.distill import DistillationLoss
+from deepshrink.prune.schedule import global_sparsity_rule, iterative_pruning, per_layer_sparsity_rule
 from deepshrink.prune.statistics import format_table, layer_statistics, totals
 from deepshrink.references import reference_model
 from deepshrink.train import TrainConfig, evaluate
 
-# (name, per-layer final sparsities, rounds, epochs per round, learning rate)
+# label -> (rule, sparsity: per-layer dict or one global fraction, rounds, epochs per round, learning rate,
+#           distill from the reference)
 GRIDS = {
-    "lenet-300-100": [
-        ("paper-split lr0.02", {"fc1": 0.925, "fc2": 0.91, "fc3": 0.75}, 6, 8, 0.02),
-        ("fc1-heavy lr0.02", {"fc1": 0.93, "fc2": 0.88, "fc3": 0.6}, 6, 8, 0.02),
-        ("fc1-heavy lr0.05", {"fc1": 0.93, "fc2": 0.88, "fc3": 0.6}, 6, 10, 0.05),
-        ("fc1-heavy lr0.01 8 rounds", {"fc1": 0.93, "fc2": 0.88, "fc3": 0.6}, 8, 8, 0.01),
-    ],
-    "lenet-5": [
-        ("paper-split lr0.02", {"conv1": 0.34, "conv2": 0.88, "fc1": 0.93, "fc2": 0.81}, 6, 8, 0.02),
-        ("conv-light lr0.02", {"conv1": 0.2, "conv2": 0.8, "fc1": 0.935, "fc2": 0.7}, 6, 8, 0.02),
-    ],
+    "lenet-300-100": {
+        "paper-split lr0.02": ("per-layer", {"fc1": 0.925, "fc2": 0.91, "fc3": 0.75}, 6, 8, 0.02, False),
+        "fc1-heavy lr0.02": ("per-layer", {"fc1": 0.93, "fc2": 0.88, "fc3": 0.6}, 6, 8, 0.02, False),
+        "fc1-heavy lr0.05": ("per-layer", {"fc1": 0.93, "fc2": 0.88, "fc3": 0.6}, 6, 10, 0.05, False),
+        "fc1-heavy lr0.01 8 rounds": ("per-layer", {"fc1": 0.93, "fc2": 0.88, "fc3": 0.6}, 8, 8, 0.01, False),
+    },
+    "lenet-5": {
+        "paper-split lr0.02": (
+            "per-layer",
+            {"conv1": 0.34, "conv2": 0.88, "fc1": 0.93, "fc2": 0.81},
+            6,
+            8,
+            0.02,
+            False,
+        ),
+        "conv-light lr0.02": ("per-layer", {"conv1": 0.2, "conv2": 0.8, "fc1": 0.935, "fc2": 0.7}, 6, 8, 0.02, False),
+        "conv-light lr0.02 distilled": (
+            "per-layer",
+            {"conv1": 0.2, "conv2": 0.8, "fc1": 0.935, "fc2": 0.7},
+            6,
+            8,
+            0.02,
+            True,
+        ),
+        "global 92.5% lr0.02": ("global", 0.925, 6, 8, 0.02, False),
+    },
 }
 BUDGET = 0.08  # at most 8% of the weights kept
 
 
-def run_one(model_name: str, config: tuple, seed: int) -> dict:
+def run_one(model_name: str, label: str, seed: int) -> dict:
     torch.set_num_threads(1)
-    label, sparsities, rounds, epochs, learning_rate = config
+    rule_name, sparsity, rounds, epochs, learning_rate, distill = GRIDS[model_name][label]
     data = load_data()
     reference = reference_model(model_name, data, progress=False)
     model = reference.model
+    criterion = None
+    if distill:
+        teacher = reference_model(model_name, data, progress=False).model
+        criterion = DistillationLoss(teacher, temperature=4.0, alpha=0.5)
+    rule = per_layer_sparsity_rule(sparsity) if rule_name == "per-layer" else global_sparsity_rule(sparsity)
     started = time.perf_counter()
     history = iterative_pruning(
         model,
         make_loader(data.train, 128, shuffle=True, seed=seed),
         make_loader(data.validation, 1000, shuffle=False),
-        per_layer_sparsity_rule(sparsities),
+        rule,
         rounds=rounds,
         retrain=TrainConfig(epochs=epochs, learning_rate=learning_rate, weight_decay=5e-4, seed=seed),
+        criterion=criterion,
         progress=False,
     )
     rows = layer_statistics(model, data.test.tensors[0][:2])
     return {
         "label": label,
-        "sparsities": sparsities,
+        "rule": rule_name,
+        "sparsities": sparsity,
+        "distilled": distill,
         "rounds": rounds,
         "epochs_per_round": epochs,
         "learning_rate": learning_rate,
@@ -84,14 +110,31 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="configurations run in parallel, one thread each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result and checkpoint")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="LABEL",
+        help="run these configurations only, and merge "
+        "them into the results already in --out (selection is over all of them)",
+    )
     args = parser.parse_args()
+    labels = args.only or list(GRIDS[args.model])
+    unknown = set(labels) - set(GRIDS[args.model])
+    if unknown:
+        parser.error(f"unknown configurations {sorted(unknown)}; choose from {list(GRIDS[args.model])}")
     reference_model(args.model, load_data())  # train the reference once, before the workers need it
     with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(
-            pool.map(
-                run_one, [args.model] * len(GRIDS[args.model]), GRIDS[args.model], [args.seed] * len(GRIDS[args.model])
-            )
-        )
+        results = list(pool.map(run_one, [args.model] * len(labels), labels, [args.seed] * len(labels)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result_path = out / f"prune_{args.model}.json"
+    checkpoints = Path("runs") / "prune_grid"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    for result in results:
+        torch.save(result.pop("state_dict"), checkpoints / f"{args.model}-{result['label'].replace(' ', '_')}.pt")
+    if args.only and result_path.exists():
+        earlier = [row for row in json.loads(result_path.read_text())["results"] if row["label"] not in labels]
+        results = earlier + results
     eligible = [result for result in results if result["kept_fraction"] <= BUDGET]
     chosen = max(eligible, key=lambda result: result["validation"])
     print("| configuration | kept | validation | test | test drop | time |")
@@ -108,15 +151,13 @@ def main() -> None:
         f"test {100 * chosen['reference_test']:.2f}%"
     )
     print(chosen["table"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = [{key: value for key, value in result.items() if key != "state_dict"} for result in results]
-    (out / f"prune_{args.model}.json").write_text(json.dumps({"chosen": chosen["label"], "results": summary}, indent=2))
+    result_path.write_text(json.dumps({"chosen": chosen["label"], "results": results}, indent=2))
     from deepshrink.models import build_model
     from deepshrink.prune.module import restore_pruning
 
-    model = restore_pruning(build_model(args.model), chosen["state_dict"])
-    model.load_state_dict(chosen["state_dict"])
+    state = torch.load(checkpoints / f"{args.model}-{chosen['label'].replace(' ', '_')}.pt", weights_only=True)
+    model = restore_pruning(build_model(args.model), state)
+    model.load_state_dict(state)
     save_checkpoint(
         Path("runs") / f"{args.model}-pruned.safetensors",
         model,

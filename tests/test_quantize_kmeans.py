@@ -84,3 +84,22 @@ def test_fewer_distinct_values_than_clusters_is_exact():
 def test_bad_arguments_are_named(arguments, message):
     with pytest.raises(ConfigError, match=message):
         kmeans_1d(np.asarray(arguments[0], dtype=np.float32) + np.arange(len(arguments[0])), *arguments[1:])
+
+
+@pytest.mark.parametrize("clusters", [2, 32, 255])
+def test_optimal_initialisation_reaches_the_exact_optimum(clusters):
+    """Checked against kmeans1d, an exact O(kn) 1-D k-means solver."""
+    import kmeans1d
+
+    values = laplace(20_000, seed=clusters)
+    labels, centroids = kmeans1d.cluster(values.astype(np.float64), clusters)
+    optimum = float(np.sum((values.astype(np.float64) - np.asarray(centroids)[labels]) ** 2))
+    assert kmeans_1d(values, clusters, "optimal").inertia == pytest.approx(optimum, rel=1e-9)
+
+
+def test_lloyd_from_the_optimum_stays_there_and_beats_the_paper_initialisations():
+    values = laplace(20_000, seed=5)
+    optimal = kmeans_1d(values, 32, "optimal")
+    assert optimal.iterations == 1
+    for init in ("linear", "density", "forgy"):
+        assert optimal.inertia <= kmeans_1d(values, 32, init).inertia * (1 + 1e-12)

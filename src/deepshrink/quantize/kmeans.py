@@ -14,7 +14,13 @@ Initialisations (Han et al. 2016, section 3.1 and Figure 4):
 - linear: k values evenly spaced between the minimum and the maximum weight;
 - density: the weights' empirical CDF is cut at k evenly spaced heights (i + 0.5) / k and the
   centroids are the weights at those quantiles, so they crowd where the weights do;
-- forgy: k distinct weights drawn at random (seeded).
+- forgy: k distinct weights drawn at random (seeded);
+- optimal (ours): the globally optimal clustering by dynamic programming (Wang & Song 2011,
+  with the divide-and-conquer speed-up that the monotone split points allow), exact for up to
+  65,536 values. Larger inputs are cut into 65,536 runs of consecutive sorted values, the
+  optimum over whole runs is found, and Lloyd's iterations on the full data finish the job.
+  Lloyd's algorithm alone stops at a local optimum; from linear initialisation on
+  heavy-tailed weights that can be 15% worse than the optimum.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import numpy as np
 
 from deepshrink.errors import ConfigError
 
-INITIALIZATIONS = ("linear", "density", "forgy")
+INITIALIZATIONS = ("linear", "density", "forgy", "optimal")
+OPTIMAL_GROUPS = 1 << 16  # above this many values, the exact search runs on groups of sorted values
 MAX_CLUSTERS = 1 << 16
 
 
@@ -42,6 +49,8 @@ def initial_centroids(sorted_values: np.ndarray, clusters: int, method: str, see
     """The starting centroids for `method`, ascending, from already sorted values."""
     if method not in INITIALIZATIONS:
         raise ConfigError(f"init={method!r} should be one of {', '.join(INITIALIZATIONS)}")
+    if method == "optimal":
+        return _optimal_centroids(sorted_values, clusters)
     if method == "linear":
         return np.linspace(float(sorted_values[0]), float(sorted_values[-1]), clusters)
     if method == "density":
@@ -64,6 +73,97 @@ def _first_at_least(sorted_values, threshold):
         else:
             high = middle
     return low
+
+
+def _optimal_centroids(sorted_values: np.ndarray, clusters: int) -> np.ndarray:
+    groups = min(len(sorted_values), OPTIMAL_GROUPS)
+    edges = (np.arange(groups + 1, dtype=np.int64) * len(sorted_values)) // groups
+    counts = np.diff(edges).astype(np.float64)
+    sums, squares = _group_statistics(sorted_values, edges)
+    clusters = min(clusters, groups)
+    splits = _optimal_splits(
+        np.concatenate(([0.0], np.cumsum(counts))),
+        np.concatenate(([0.0], np.cumsum(sums))),
+        np.concatenate(([0.0], np.cumsum(squares))),
+        clusters,
+    )
+    return np.array([(np.sum(sums[a:b]) / np.sum(counts[a:b])) for a, b in zip(splits[:-1], splits[1:], strict=True)])
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_statistics(sorted_values, edges):
+    """Per group of consecutive values: the sum and the sum of squares, in float64."""
+    groups = len(edges) - 1
+    sums = np.zeros(groups)
+    squares = np.zeros(groups)
+    for group in range(groups):
+        for index in range(edges[group], edges[group + 1]):
+            value = float(sorted_values[index])
+            sums[group] += value
+            squares[group] += value * value
+    return sums, squares
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _segment_cost(weights, sums, squares, start, end):
+    """Sum of squared deviations from the mean of groups start..end-1."""
+    weight = weights[end] - weights[start]
+    total = sums[end] - sums[start]
+    return (squares[end] - squares[start]) - total * total / weight
+
+
+@numba.njit(cache=True, nogil=True)
+def _optimal_splits(weights, sums, squares, clusters):
+    """Group indices where each of the `clusters` optimal segments starts (plus the end).
+
+    cost[c][j] = min over i of cost[c-1][i] + segment(i, j); the best i never decreases as j
+    grows, so each layer is solved by divide and conquer in O(m log m).
+    """
+    groups = len(weights) - 1
+    previous = np.empty(groups + 1)
+    current = np.empty(groups + 1)
+    choice = np.zeros((clusters, groups + 1), dtype=np.int32)
+    for end in range(1, groups + 1):
+        previous[end] = _segment_cost(weights, sums, squares, 0, end)
+    stack = np.empty((4 * (groups + 2), 4), dtype=np.int64)
+    for layer in range(1, clusters):
+        for end in range(groups + 1):
+            current[end] = np.inf
+        depth = 0
+        stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = layer + 1, groups, layer, groups - 1
+        depth = 1
+        while depth > 0:
+            depth -= 1
+            low, high, option_low, option_high = stack[depth, 0], stack[depth, 1], stack[depth, 2], stack[depth, 3]
+            if low > high:
+                continue
+            middle = (low + high) // 2
+            best, best_start = np.inf, option_low
+            for start in range(option_low, min(middle - 1, option_high) + 1):
+                value = previous[start] + _segment_cost(weights, sums, squares, start, middle)
+                if value < best:
+                    best, best_start = value, start
+            current[middle] = best
+            choice[layer, middle] = best_start
+            stack[depth, 0], stack[depth, 1], stack[depth, 2], stack[depth, 3] = low, middle - 1, option_low, best_start
+            depth += 1
+            stack[depth, 0], stack[depth, 1], stack[depth, 2], stack[depth, 3] = (
+                middle + 1,
+                high,
+                best_start,
+                option_high,
+            )
+            depth += 1
+        for end in range(groups + 1):
+            previous[end] = current[end]
+    splits = np.empty(clusters + 1, dtype=np.int64)
+    splits[clusters] = groups
+    end = groups
+    for layer in range(clusters - 1, 0, -1):
+        end = choice[layer, end]
+        splits[layer] = end
+    splits[0] = 0
+    return splits
 
 
 @numba.njit(cache=True, nogil=True)
