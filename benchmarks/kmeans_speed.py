@@ -1,11 +1,10 @@
 """k-means at VGG-16 scale: 100M weights into 32 and 256 clusters, to convergence.
 
-Times our sorted-Lloyd k-means (the paper's linear initialisation, and our exact
-one) on 100M Laplace-distributed float32
-weights, one run per cluster count after a warm-up that compiles the kernels. Inertia is
-compared with scikit-learn's KMeans from the same initialisation on subsamples of 1M (k=32)
-and 200k (k=256) weights (sklearn at full size takes minutes to hours), and with the exact 1-D optimum (kmeans1d) on
-a 100k subsample.
+Times our sorted-Lloyd k-means on 100M Laplace-distributed float32 weights, from the paper's
+linear initialisation and from our exact one, after a warm-up that compiles the kernels.
+Inertia is compared with scikit-learn's KMeans from the same initialisation on subsamples of
+1M (k=32) and 200k (k=256) weights (sklearn at full size takes minutes to hours), and with the
+exact 1-D optimum (kmeans1d) on a 100k subsample.
 
     .venv/bin/python benchmarks/kmeans_speed.py [--size 100000000]
 """
