@@ -13,6 +13,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check --quiet $(LINT_PATHS)
 	$(BIN)/python -m pytest
 
 lint: setup
