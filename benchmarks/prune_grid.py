@@ -36,6 +36,8 @@ GRIDS = {
         "fc1-heavy lr0.02": ("per-layer", {"fc1": 0.93, "fc2": 0.88, "fc3": 0.6}, 6, 8, 0.02, False),
         "fc1-heavy lr0.05": ("per-layer", {"fc1": 0.93, "fc2": 0.88, "fc3": 0.6}, 6, 10, 0.05, False),
         "fc1-heavy lr0.01 8 rounds": ("per-layer", {"fc1": 0.93, "fc2": 0.88, "fc3": 0.6}, 8, 8, 0.01, False),
+        "fc1-heavy lr0.05 distilled": ("per-layer", {"fc1": 0.93, "fc2": 0.88, "fc3": 0.6}, 6, 10, 0.05, True),
+        "fc1-heavy lr0.02 distilled": ("per-layer", {"fc1": 0.93, "fc2": 0.88, "fc3": 0.6}, 6, 8, 0.02, True),
     },
     "lenet-5": {
         "paper-split lr0.02": (
