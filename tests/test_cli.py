@@ -19,7 +19,9 @@ def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["reference"], ["info"], ["prune"], ["sensitivity"]])
+@pytest.mark.parametrize(
+    "command", [[], ["train"], ["evaluate"], ["reference"], ["info"], ["prune"], ["sensitivity"], ["quantize"]]
+)
 def test_help_explains_every_command(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0
@@ -156,3 +158,57 @@ def test_sensitivity_prints_a_table_a_suggestion_and_draws_a_plot(tiny_checkpoin
     assert result.returncode == 0, result.stderr
     assert "--sparsity fc3=" in result.stdout
     assert (tmp_path / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quantize_shares_weights_and_evaluates_as_printed(tiny_checkpoint, tmp_path):
+    pruned = tmp_path / "pruned.safetensors"
+    result = run_cli(
+        "prune",
+        str(tiny_checkpoint),
+        "--sparsity",
+        "fc*=0.8",
+        "--rounds",
+        "1",
+        "--retrain-epochs",
+        "0",
+        "--out",
+        str(pruned),
+    )
+    assert result.returncode == 0, result.stderr
+    shared = tmp_path / "shared.safetensors"
+    result = run_cli(
+        "quantize",
+        str(pruned),
+        "--bits",
+        "fc*=4",
+        "--finetune-epochs",
+        "1",
+        "--out",
+        str(shared),
+        "--report-dir",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    for layer in ("fc1", "fc2", "fc3"):
+        distinct = int(re.search(rf"^{layer}\s+[\d,]+\s+[\d.]+%\s+4\s+(\d+)\s+16$", result.stdout, re.M).group(1))
+        assert distinct <= 16
+    printed = float(re.search(r"([0-9.]+) after fine-tuning", result.stdout).group(1))
+    evaluated = run_cli("evaluate", str(shared))
+    assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
+    assert (tmp_path / "codebooks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(("bits", "message"), [("fc1=17", "bits=17"), ("fc1=4.5", "whole numbers"), ("fc9=4", "fc9")])
+def test_bad_quantize_bits_are_clean_errors(tiny_checkpoint, tmp_path, bits, message):
+    result = run_cli(
+        "quantize",
+        str(tiny_checkpoint),
+        "--bits",
+        bits,
+        "--finetune-epochs",
+        "0",
+        "--out",
+        str(tmp_path / "x.safetensors"),
+    )
+    assert result.returncode == 3, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
