@@ -52,6 +52,17 @@ def _training_config(args: argparse.Namespace):
     return TrainConfig.from_dict({**base.to_dict(), **overrides})
 
 
+def _write_report(directory: str, stem: str, markdown: str, data: dict, protect: tuple) -> None:
+    """STEM.md and STEM.json in `directory`, each written atomically."""
+    import json
+
+    from deepshrink.files import atomic_output
+
+    for suffix, text in ((".md", markdown + "\n"), (".json", json.dumps(data, indent=2, default=float))):
+        with atomic_output(Path(directory) / f"{stem}{suffix}", protect=protect) as temporary:
+            temporary.write_text(text)
+
+
 def command_train(args: argparse.Namespace) -> int:
     from deepshrink.checkpoint import save_checkpoint
     from deepshrink.data import load_data, make_loader
@@ -115,11 +126,9 @@ def _parse_assignments(values: list[str] | None, option: str) -> dict[str, float
 
 
 def command_prune(args: argparse.Namespace) -> int:
-    import json
 
     from deepshrink.checkpoint import load_model, save_checkpoint
     from deepshrink.data import load_data, make_loader
-    from deepshrink.files import atomic_output
     from deepshrink.prune.schedule import (
         global_sparsity_rule,
         iterative_pruning,
@@ -228,32 +237,22 @@ def command_prune(args: argparse.Namespace) -> int:
     print(f"checkpoint: {out}")
     if args.report_dir:
         report_dir = Path(args.report_dir)
-        with atomic_output(report_dir / "pruning.md", protect=(args.checkpoint,)) as temporary:
-            temporary.write_text(format_table(rows, markdown=True) + "\n")
-        with atomic_output(report_dir / "pruning.json", protect=(args.checkpoint,)) as temporary:
-            temporary.write_text(
-                json.dumps(
-                    {
-                        "layers": as_dicts(rows),
-                        "totals": summary,
-                        "log": log,
-                        "reference_test_accuracy": reference_test,
-                        "test_accuracy": pruned_test,
-                    },
-                    indent=2,
-                    default=float,
-                )
-            )
+        data = {
+            "layers": as_dicts(rows),
+            "totals": summary,
+            "log": log,
+            "reference_test_accuracy": reference_test,
+            "test_accuracy": pruned_test,
+        }
+        _write_report(args.report_dir, "pruning", format_table(rows, markdown=True), data, (args.checkpoint,))
         print(f"report: {report_dir}/pruning.md, pruning.json")
     return 0
 
 
 def command_quantize(args: argparse.Namespace) -> int:
-    import json
 
     from deepshrink.checkpoint import load_model, save_checkpoint
     from deepshrink.data import load_data, make_loader
-    from deepshrink.files import atomic_output
     from deepshrink.quantize.report import format_sharing_table, sharing_rows
     from deepshrink.quantize.shared import share_weights
     from deepshrink.train import TrainConfig, evaluate, fit
@@ -317,11 +316,11 @@ def command_quantize(args: argparse.Namespace) -> int:
         from deepshrink.quantize.report import plot_codebooks
 
         report_dir = Path(args.report_dir)
-        with atomic_output(report_dir / "quantization.md", protect=(args.checkpoint,)) as temporary:
-            temporary.write_text(format_sharing_table(rows, markdown=True) + "\n")
-        with atomic_output(report_dir / "quantization.json", protect=(args.checkpoint,)) as temporary:
-            epochs = [vars(record) for record in history.epochs] if history else []
-            temporary.write_text(json.dumps({"layers": rows, **log, "epochs": epochs}, indent=2, default=float))
+        epochs = [vars(record) for record in history.epochs] if history else []
+        data = {"layers": rows, **log, "epochs": epochs}
+        _write_report(
+            args.report_dir, "quantization", format_sharing_table(rows, markdown=True), data, (args.checkpoint,)
+        )
         plot_codebooks(model, records, report_dir / "codebooks.png")
         print(f"report: {report_dir}/quantization.md, quantization.json, codebooks.png")
     return 0

@@ -21,6 +21,7 @@ from deepshrink.files import atomic_output
 from deepshrink.layers import select_layers
 from deepshrink.prune.masks import sparsity_mask
 from deepshrink.prune.module import original_weight, pruning_mask_of
+from deepshrink.tables import render_table, save_figure
 from deepshrink.train import evaluate
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
@@ -94,11 +95,7 @@ def format_sensitivity(result: SensitivityResult, markdown: bool = False) -> str
         [f"{100 * s:.0f}%", *(f"{100 * result.accuracy[n][i]:.2f}" for n in result.accuracy)]
         for i, s in enumerate(result.sparsities)
     ]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    width = max(8, *(len(name) for name in header))
-    return "\n".join(" ".join(cell.rjust(width) for cell in row) for row in [header, *rows])
+    return render_table(header, rows, markdown)
 
 
 def plot_sensitivity(result: SensitivityResult, path: str | Path, title: str = "") -> Path:
@@ -119,11 +116,7 @@ def plot_sensitivity(result: SensitivityResult, path: str | Path, title: str = "
     axes.set_title(title or "Sensitivity of each layer to pruning (no retraining)")
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    with atomic_output(path) as temporary:
-        figure.savefig(temporary, format="png")
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def write_sensitivity_json(result: SensitivityResult, path: str | Path) -> Path:

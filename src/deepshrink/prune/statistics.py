@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from deepshrink.layers import compressible_layers
+from deepshrink.tables import render_table
 
 
 @dataclass(frozen=True)
@@ -113,18 +114,7 @@ def format_table(rows: list[LayerStatistics], markdown: bool = False) -> str:
             f"{100 * summary['kept_multiply_accumulates_fraction']:.2f}%",
         ]
     )
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "| --- | ---: | ---: | ---: |"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines)
-    widths = [max(len(cells[column]) for cells in [header, *body]) for column in range(len(header))]
-
-    def render(cells):
-        return "  ".join(
-            cell.ljust(widths[0]) if index == 0 else cell.rjust(widths[index]) for index, cell in enumerate(cells)
-        )
-
-    return "\n".join([render(header), *(render(cells) for cells in body)])
+    return render_table(header, body, markdown)
 
 
 def as_dicts(rows: list[LayerStatistics]) -> list[dict]:

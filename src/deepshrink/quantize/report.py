@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from deepshrink.files import atomic_output
 from deepshrink.layers import compressible_layers
 from deepshrink.quantize.shared import SharingRecord, distinct_values, sharing_of
+from deepshrink.tables import render_table, save_figure
 
 
 def sharing_rows(model: nn.Module, records: dict[str, SharingRecord]) -> list[dict]:
@@ -45,16 +45,7 @@ def format_sharing_table(rows: list[dict], markdown: bool = False) -> str:
         ]
         for row in rows
     ]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
-        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
-    widths = [max(len(cells[column]) for cells in [header, *body]) for column in range(len(header))]
-    return "\n".join(
-        "  ".join(
-            cell.ljust(widths[0]) if column == 0 else cell.rjust(widths[column]) for column, cell in enumerate(cells)
-        )
-        for cells in [header, *body]
-    )
+    return render_table(header, body, markdown)
 
 
 def plot_codebooks(
@@ -98,8 +89,4 @@ def plot_codebooks(
     right.set_ylabel("count")
     right.set_title(f"{name}: {record.bits}-bit codebook")
     right.legend()
-    figure.tight_layout()
-    with atomic_output(path) as temporary:
-        figure.savefig(temporary, format="png")
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
