@@ -1,0 +1,238 @@
+"""Canonical, length-limited Huffman coding of small integer alphabets (weight codes, index gaps).
+
+The model (code lengths from symbol counts) is kept apart from the coder (bits in, bits out), so
+another entropy coder can replace it behind the same arrays. Only the code lengths are stored:
+canonical codes follow from them, so a file carries one small array per stream.
+
+- Lengths: Huffman's algorithm on the counts, then, if the longest code exceeds `max_length`,
+  the JPEG (ITU T.81, Annex K.3) rebalancing, which moves leaves up while keeping the Kraft sum
+  at 1. With max_length >= log2(alphabet) this always succeeds. The result costs at most one
+  bit per symbol over the entropy (the Huffman bound), and usually far less.
+- Codes are canonical: sorted by (length, symbol), consecutive integers, MSB first.
+- Encoding and decoding are numba loops over a 64-bit bit buffer. Decoding reads `max_length`
+  bits at a time through a table of 2^max_length (symbol, length) entries.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numba
+import numpy as np
+
+from deepshrink.errors import ConfigError, FormatError
+
+DEFAULT_MAX_LENGTH = 16
+MAX_MAX_LENGTH = 24  # decode tables of 2^24 entries are the most we ever build
+
+
+def huffman_lengths(counts: np.ndarray) -> np.ndarray:
+    """Optimal (unlimited) code lengths for `counts`; unused symbols get length 0.
+
+    A single used symbol gets length 1, so that every symbol costs at least one bit and the
+    decoder always advances.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    lengths = np.zeros(len(counts), dtype=np.int64)
+    used = np.flatnonzero(counts > 0)
+    if len(used) == 0:
+        return lengths
+    if len(used) == 1:
+        lengths[used[0]] = 1
+        return lengths
+    # Heap items: (count, tie-breaker, symbols in this subtree). Merging deepens every leaf below.
+    heap = [(int(counts[symbol]), int(symbol), [int(symbol)]) for symbol in used]
+    heapq.heapify(heap)
+    while len(heap) > 1:
+        count_a, order_a, symbols_a = heapq.heappop(heap)
+        count_b, order_b, symbols_b = heapq.heappop(heap)
+        for symbol in symbols_a:
+            lengths[symbol] += 1
+        for symbol in symbols_b:
+            lengths[symbol] += 1
+        merged = symbols_a + symbols_b if len(symbols_a) >= len(symbols_b) else symbols_b + symbols_a
+        heapq.heappush(heap, (count_a + count_b, min(order_a, order_b), merged))
+    return lengths
+
+
+def limit_lengths(lengths: np.ndarray, max_length: int) -> np.ndarray:
+    """Rebalance a complete prefix code so that no code is longer than `max_length` (Annex K.3)."""
+    lengths = np.asarray(lengths, dtype=np.int64).copy()
+    used = int((lengths > 0).sum())
+    if used and (1 << max_length) < used:
+        raise ConfigError(f"max_length={max_length} is too short for {used} symbols (needs >= {used.bit_length()})")
+    longest = int(lengths.max(initial=0))
+    if longest <= max_length:
+        return lengths
+    per_length = np.bincount(lengths[lengths > 0], minlength=longest + 1)
+    for length in range(longest, max_length, -1):
+        while per_length[length] > 0:
+            shorter = length - 2
+            while per_length[shorter] == 0:
+                shorter -= 1
+            per_length[length] -= 2  # two leaves at this depth ...
+            per_length[length - 1] += 1  # ... one moves up to replace their parent,
+            per_length[shorter + 1] += 2  # and a shorter leaf becomes a parent of two.
+            per_length[shorter] -= 1
+    # Give the shortest lengths to the most frequent symbols: the symbols keep their rank order.
+    order = np.lexsort((np.arange(len(lengths)), lengths))
+    order = order[lengths[order] > 0]
+    new_lengths = np.zeros_like(lengths)
+    position = 0
+    for length in range(1, max_length + 1):
+        for _ in range(per_length[length]):
+            new_lengths[order[position]] = length
+            position += 1
+    return new_lengths
+
+
+def code_lengths(counts: np.ndarray, max_length: int = DEFAULT_MAX_LENGTH) -> np.ndarray:
+    """Length-limited Huffman code lengths for `counts` (uint8 array, 0 for unused symbols)."""
+    if not 1 <= max_length <= MAX_MAX_LENGTH:
+        raise ConfigError(f"max_length={max_length} should be between 1 and {MAX_MAX_LENGTH}")
+    return limit_lengths(huffman_lengths(counts), max_length).astype(np.uint8)
+
+
+def check_lengths(lengths: np.ndarray, max_length: int = MAX_MAX_LENGTH) -> None:
+    """Raise FormatError unless `lengths` describe a usable prefix code (Kraft sum <= 1)."""
+    lengths = np.asarray(lengths)
+    if lengths.size and (lengths.min() < 0 or lengths.max() > max_length):
+        raise FormatError(f"Huffman code lengths must be between 0 and {max_length}, got up to {int(lengths.max())}")
+    used = lengths[lengths > 0].astype(np.int64)
+    if used.size == 0:
+        return
+    kraft = int(np.sum(np.left_shift(np.int64(1), max_length - used)))
+    if kraft > (1 << max_length):
+        raise FormatError("Huffman code lengths violate the Kraft inequality: they describe no prefix code")
+
+
+def canonical_codes(lengths: np.ndarray) -> np.ndarray:
+    """The canonical code word of each symbol (int64, read MSB first over its length)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    codes = np.zeros(len(lengths), dtype=np.int64)
+    order = np.lexsort((np.arange(len(lengths)), lengths))
+    code = 0
+    previous = 0
+    for symbol in order:
+        length = lengths[symbol]
+        if length == 0:
+            continue
+        code <<= length - previous
+        codes[symbol] = code
+        code += 1
+        previous = length
+    return codes
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode(symbols, codes, lengths, out):
+    buffer = np.uint64(0)
+    filled = 0  # bits waiting in `buffer`, at its low end
+    position = 0
+    for index in range(len(symbols)):
+        symbol = symbols[index]
+        length = lengths[symbol]
+        buffer = (buffer << np.uint64(length)) | np.uint64(codes[symbol])
+        filled += length
+        while filled >= 8:
+            filled -= 8
+            out[position] = np.uint8((buffer >> np.uint64(filled)) & np.uint64(0xFF))
+            position += 1
+    if filled > 0:
+        out[position] = np.uint8((buffer << np.uint64(8 - filled)) & np.uint64(0xFF))
+        position += 1
+    return position
+
+
+@numba.njit(cache=True, nogil=True)
+def _bit_count(symbols, lengths):
+    """Total bits, or -1 if a symbol lies outside the alphabet or has no code."""
+    total = 0
+    for index in range(len(symbols)):
+        symbol = symbols[index]
+        if symbol < 0 or symbol >= len(lengths) or lengths[symbol] == 0:
+            return -1
+        total += lengths[symbol]
+    return total
+
+
+def encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
+    """Huffman-code `symbols` with the canonical code of `lengths`; returns (bytes, bit count)."""
+    symbols = np.ascontiguousarray(symbols)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size and lengths.max() > 56:
+        raise ConfigError("code lengths above 56 bits do not fit the 64-bit bit buffer")
+    bit_count = int(_bit_count(symbols, lengths))
+    if bit_count < 0:
+        raise ConfigError(f"a symbol to encode lies outside [0, {len(lengths)}) or has no code (its count was zero)")
+    out = np.zeros((bit_count + 7) // 8, dtype=np.uint8)
+    _encode(symbols, canonical_codes(lengths), lengths, out)
+    return out.tobytes(), bit_count
+
+
+def decode_table(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tables of 2^max_length entries: the symbol and code length for every max_length-bit prefix.
+
+    Prefixes that start no code word (an incomplete code) have length 0: reading one is a
+    corrupt stream.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    check_lengths(lengths, max_length)
+    codes = canonical_codes(lengths)
+    table_symbols = np.zeros(1 << max_length, dtype=np.int32)
+    table_lengths = np.zeros(1 << max_length, dtype=np.uint8)
+    for symbol in np.flatnonzero(lengths):
+        shift = max_length - lengths[symbol]
+        start = codes[symbol] << shift
+        table_symbols[start : start + (1 << shift)] = symbol
+        table_lengths[start : start + (1 << shift)] = lengths[symbol]
+    return table_symbols, table_lengths
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode(data, bit_count, count, table_symbols, table_lengths, max_length, out):
+    """Decode `count` symbols; returns bits consumed, or -1 on an invalid or overrunning code."""
+    mask = (1 << max_length) - 1
+    buffer = 0
+    filled = 0
+    position = 0
+    consumed = 0
+    for index in range(count):
+        while filled < max_length:
+            byte = data[position] if position < len(data) else 0
+            buffer = ((buffer << 8) | byte) & 0xFFFFFFFFFFFF
+            position += 1
+            filled += 8
+        prefix = (buffer >> (filled - max_length)) & mask
+        length = table_lengths[prefix]
+        if length == 0:
+            return -1
+        consumed += length
+        if consumed > bit_count:
+            return -1
+        out[index] = table_symbols[prefix]
+        filled -= length
+    return consumed
+
+
+def decode(data: bytes, bit_count: int, count: int, lengths: np.ndarray, max_length: int | None = None) -> np.ndarray:
+    """Decode exactly `count` symbols from `data`. Corrupt input raises FormatError, never loops or overreads."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if max_length is None:
+        max_length = max(int(lengths.max(initial=0)), 1)
+    if not 0 <= bit_count <= 8 * len(data):
+        raise FormatError(f"the stream declares {bit_count} bits but holds {8 * len(data)}")
+    if count < 0 or (count > 0 and not np.any(lengths)):
+        raise FormatError(f"cannot decode {count} symbols with an empty code")
+    if count > bit_count:  # every code word is at least one bit long
+        raise FormatError(f"{count} symbols cannot fit in {bit_count} bits")
+    table_symbols, table_lengths = decode_table(lengths, max_length)
+    out = np.empty(count, dtype=np.int32)
+    consumed = _decode(
+        np.frombuffer(data, dtype=np.uint8), bit_count, count, table_symbols, table_lengths, max_length, out
+    )
+    if consumed < 0:
+        raise FormatError("the Huffman stream is corrupt: an invalid code word or more bits than declared")
+    if consumed != bit_count:
+        raise FormatError(f"the Huffman stream has {bit_count - consumed} bits left over after {count} symbols")
+    return out

@@ -1,0 +1,140 @@
+"""The relative-index sparse layout of Han et al. (2016), Figure 2.
+
+A weight tensor's codes (0 = exact zero) are viewed as a 2-D matrix (conv: out x in*kh*kw) and
+stored row by row (CSR) or column by column (CSC) as entries (gap, code): `gap` zeros are
+skipped, then `code` is placed. Gaps are stored in `index_bits` bits, so when more than
+2^index_bits - 1 zeros lie between two non-zeros a filler entry (2^index_bits - 1, code 0) is
+inserted: it skips that many zeros and places one more zero, which costs nothing because code 0
+is the exact zero reserved by the quantization stage.
+
+Each row's (or column's) number of entries is kept in `counts`, the compact form of the row
+pointers; the encoder stores them with the same entropy coder as everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from deepshrink.errors import ConfigError, FormatError
+
+LAYOUTS = ("csr", "csc")
+
+
+@dataclass(frozen=True)
+class SparseLayout:
+    gaps: np.ndarray  # uint8/uint16, one per entry
+    codes: np.ndarray  # same dtype as the input codes, one per entry (0 for fillers)
+    counts: np.ndarray  # int64, entries per row (CSR) or column (CSC)
+    shape: tuple[int, int]
+    layout: str
+    index_bits: int
+
+    @property
+    def fillers(self) -> int:
+        return int(np.count_nonzero(self.codes == 0))
+
+
+def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view of a weight tensor: (first dimension, product of the rest)."""
+    if len(shape) == 0:
+        return (1, 1)
+    if len(shape) == 1:
+        return (1, int(shape[0]))
+    return (int(shape[0]), int(np.prod(shape[1:], dtype=np.int64)))
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_entries(matrix, max_gap):
+    rows, columns = matrix.shape
+    counts = np.zeros(rows, dtype=np.int64)
+    for row in range(rows):
+        previous = -1
+        for column in range(columns):
+            if matrix[row, column] != 0:
+                gap = column - previous - 1
+                counts[row] += gap // (max_gap + 1) + 1
+                previous = column
+    return counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_entries(matrix, max_gap, gaps, codes):
+    rows, columns = matrix.shape
+    position = 0
+    for row in range(rows):
+        previous = -1
+        for column in range(columns):
+            value = matrix[row, column]
+            if value != 0:
+                gap = column - previous - 1
+                while gap > max_gap:
+                    gaps[position] = max_gap
+                    codes[position] = 0
+                    position += 1
+                    gap -= max_gap + 1
+                gaps[position] = gap
+                codes[position] = value
+                position += 1
+                previous = column
+
+
+def to_sparse(codes: np.ndarray, index_bits: int, layout: str = "csr") -> SparseLayout:
+    """Encode a tensor of codes (0 = zero) into (gap, code) entries with filler zeros."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout={layout!r} should be one of {', '.join(LAYOUTS)}")
+    if not isinstance(index_bits, int) or not 1 <= index_bits <= 16:
+        raise ConfigError(f"index_bits={index_bits!r} should be an integer from 1 to 16 (paper: 8 conv, 5 fc)")
+    shape = as_matrix(codes.shape)
+    matrix = np.ascontiguousarray(codes.reshape(shape))
+    if layout == "csc":
+        matrix = np.ascontiguousarray(matrix.T)
+    max_gap = (1 << index_bits) - 1
+    counts = _count_entries(matrix, max_gap)
+    total = int(counts.sum())
+    gaps = np.empty(total, dtype=np.uint8 if index_bits <= 8 else np.uint16)
+    entry_codes = np.empty(total, dtype=matrix.dtype)
+    _fill_entries(matrix, max_gap, gaps, entry_codes)
+    return SparseLayout(gaps, entry_codes, counts, shape, layout, index_bits)
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter(gaps, codes, counts, matrix):
+    """Place the entries; returns -1 if a row's entries run past its end."""
+    rows, columns = matrix.shape
+    position = 0
+    for row in range(rows):
+        column = -1
+        for _ in range(counts[row]):
+            column += gaps[position] + 1
+            if column >= columns:
+                return -1
+            matrix[row, column] = codes[position]
+            position += 1
+    return 0
+
+
+def from_sparse(sparse: SparseLayout, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The dense code tensor back from its entries; inconsistent entries raise FormatError."""
+    rows, columns = sparse.shape
+    stored_rows, stored_columns = (columns, rows) if sparse.layout == "csc" else (rows, columns)
+    if len(sparse.counts) != stored_rows:
+        raise FormatError(
+            f"{len(sparse.counts)} entry counts for {stored_rows} {'columns' if sparse.layout == 'csc' else 'rows'}"
+        )
+    if (
+        np.any(sparse.counts < 0)
+        or int(sparse.counts.sum()) != len(sparse.gaps)
+        or len(sparse.gaps) != len(sparse.codes)
+    ):
+        raise FormatError("entry counts do not add up to the number of stored entries")
+    if len(sparse.gaps) and int(sparse.gaps.max()) > (1 << sparse.index_bits) - 1:
+        raise FormatError(f"a gap exceeds the {sparse.index_bits}-bit index range")
+    matrix = np.zeros((stored_rows, stored_columns), dtype=sparse.codes.dtype)
+    if _scatter(sparse.gaps, sparse.codes, sparse.counts, matrix) < 0:
+        raise FormatError("the gaps of a row run past its end: the sparse layout is corrupt")
+    if sparse.layout == "csc":
+        matrix = np.ascontiguousarray(matrix.T)
+    return matrix.reshape(shape) if shape is not None else matrix

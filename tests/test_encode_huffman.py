@@ -1,0 +1,102 @@
+"""Canonical length-limited Huffman against a naive reference, and on hostile input."""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepshrink.encode.huffman import (
+    canonical_codes,
+    check_lengths,
+    code_lengths,
+    decode,
+    encode,
+    huffman_lengths,
+)
+from deepshrink.errors import FormatError
+
+
+def naive_huffman_cost(counts) -> int:
+    """Total coded bits of an optimal prefix code: the sum of all merged weights (textbook)."""
+    heap = [int(count) for count in counts if count > 0]
+    if len(heap) == 1:
+        return heap[0]
+    heapq.heapify(heap)
+    total = 0
+    while len(heap) > 1:
+        merged = heapq.heappop(heap) + heapq.heappop(heap)
+        total += merged
+        heapq.heappush(heap, merged)
+    return total
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 10_000), min_size=1, max_size=300).filter(lambda counts: any(counts)))
+def test_lengths_are_optimal_like_the_naive_build(counts):
+    counts = np.array(counts)
+    lengths = huffman_lengths(counts)
+    assert int(np.sum(lengths * counts)) == naive_huffman_cost(counts)
+
+
+def test_length_limit_keeps_a_complete_code_near_optimal():
+    counts = np.array([2**i for i in range(30)])  # Fibonacci-like skew: unlimited depth would be 29
+    limited = code_lengths(counts, max_length=12)
+    assert limited.max() == 12
+    kraft = sum(2.0 ** -int(length) for length in limited if length)
+    assert kraft == pytest.approx(1.0)
+    assert int(np.sum(limited * counts)) <= 1.01 * naive_huffman_cost(counts)
+
+
+def test_codes_are_canonical_and_prefix_free():
+    lengths = np.array([3, 2, 0, 3, 2, 2])
+    codes = canonical_codes(lengths)
+    words = {format(int(codes[s]), f"0{lengths[s]}b") for s in range(6) if lengths[s]}
+    assert words == {"00", "01", "10", "110", "111"}
+    for a in words:
+        assert not any(b != a and b.startswith(a) for b in words)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 2_000), st.integers(0, 2**32 - 1))
+def test_round_trip_is_exact(alphabet, size, seed):
+    generator = np.random.default_rng(seed)
+    symbols = np.minimum(np.abs(generator.laplace(scale=alphabet / 6, size=size)).astype(np.int64), alphabet - 1)
+    lengths = code_lengths(np.bincount(symbols, minlength=alphabet))
+    data, bits = encode(symbols, lengths)
+    assert np.array_equal(decode(data, bits, size, lengths), symbols)
+
+
+def test_bits_per_symbol_are_within_one_percent_of_the_entropy_on_weight_codes():
+    generator = np.random.default_rng(0)
+    symbols = np.minimum(np.abs(generator.laplace(scale=4, size=200_000)).astype(np.int64), 31)
+    counts = np.bincount(symbols, minlength=32)
+    _, bits = encode(symbols, code_lengths(counts))
+    probabilities = counts[counts > 0] / counts.sum()
+    entropy = -np.sum(probabilities * np.log2(probabilities))
+    assert bits / len(symbols) <= 1.01 * entropy
+
+
+def test_corrupt_streams_are_format_errors():
+    symbols = np.arange(50) % 7
+    lengths = code_lengths(np.bincount(symbols))
+    data, bits = encode(symbols, lengths)
+    with pytest.raises(FormatError):
+        decode(data, bits + 100, 50, lengths)  # more bits declared than stored
+    with pytest.raises(FormatError):
+        decode(data, bits - 1, 50, lengths)  # the last code runs past the declared end
+    with pytest.raises(FormatError):
+        decode(data, bits, 10**9, lengths)  # cannot fit: refused before allocating
+    with pytest.raises(FormatError):
+        decode(data, bits, 40, lengths)  # bits left over
+    incomplete = np.array([1, 2, 0])  # the prefix 11 starts no code word
+    with pytest.raises(FormatError, match="corrupt"):
+        decode(b"\xff\xff", 16, 4, incomplete)
+
+
+def test_lengths_that_break_kraft_are_refused():
+    with pytest.raises(FormatError, match="Kraft"):
+        check_lengths(np.array([1, 1, 1]))

@@ -1,0 +1,77 @@
+"""The relative-index sparse layout: filler zeros, round trips, and corrupt entries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepshrink.encode.sparse import SparseLayout, from_sparse, to_sparse
+from deepshrink.errors import FormatError
+
+
+def test_the_papers_figure_2_example():
+    """Index bits 3: a gap of 8 zeros needs a filler entry (7, 0) before the real one."""
+    row = np.zeros((1, 16), dtype=np.uint8)
+    row[0, 1] = 3
+    row[0, 11] = 5
+    sparse = to_sparse(row, index_bits=3)
+    assert sparse.gaps.tolist() == [1, 7, 1]
+    assert sparse.codes.tolist() == [3, 0, 5]
+    assert sparse.fillers == 1
+    assert np.array_equal(from_sparse(sparse, row.shape), row)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.floats(0, 1),
+    st.integers(1, 8),
+    st.sampled_from(["csr", "csc"]),
+    st.integers(0, 2**32 - 1),
+)
+def test_round_trip_is_exact(rows, columns, density, index_bits, layout, seed):
+    generator = np.random.default_rng(seed)
+    codes = (generator.random((rows, columns)) < density) * generator.integers(1, 256, (rows, columns))
+    codes = codes.astype(np.uint8)
+    sparse = to_sparse(codes, index_bits, layout)
+    assert int(np.count_nonzero(sparse.codes)) == int(np.count_nonzero(codes))
+    assert sparse.gaps.max(initial=0) <= 2**index_bits - 1
+    assert np.array_equal(from_sparse(sparse, codes.shape), codes)
+
+
+def test_convolution_weights_are_viewed_as_out_by_in_kh_kw():
+    codes = np.zeros((4, 3, 5, 5), dtype=np.uint8)
+    codes[2, 1, 3, 4] = 9
+    sparse = to_sparse(codes, 8)
+    assert sparse.shape == (4, 75) and sparse.counts.tolist() == [0, 0, 1, 0]
+    assert np.array_equal(from_sparse(sparse, codes.shape), codes)
+
+
+def test_empty_and_full_layers():
+    for codes in (np.zeros((3, 7), dtype=np.uint8), np.ones((3, 7), dtype=np.uint8)):
+        assert np.array_equal(from_sparse(to_sparse(codes, 2), codes.shape), codes)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"counts": np.array([5])}, "do not add up"),
+        ({"counts": np.array([1, 1])}, "entry counts for"),
+        ({"gaps": np.array([200], dtype=np.uint8), "codes": np.array([1], dtype=np.uint8)}, "index range"),
+        ({"gaps": np.array([6], dtype=np.uint8), "codes": np.array([1], dtype=np.uint8)}, "run past"),
+    ],
+)
+def test_corrupt_entries_are_format_errors(change, message):
+    fields = {
+        "gaps": np.array([1], dtype=np.uint8),
+        "codes": np.array([1], dtype=np.uint8),
+        "counts": np.array([1]),
+        "shape": (1, 4),
+        "layout": "csr",
+        "index_bits": 3,
+    }
+    with pytest.raises(FormatError, match=message):
+        from_sparse(SparseLayout(**{**fields, **change}))
