@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
 from deepshrink.errors import ConfigError
-from deepshrink.layers import select_layers
+from deepshrink.layers import match_per_layer, select_layers
 from deepshrink.prune.module import prune_layer
 from deepshrink.train import History, TrainConfig, fit
 
@@ -138,8 +138,6 @@ def dynamic_network_surgery(
     if not chosen or (crates and sparsities):
         raise ConfigError("give per-layer thresholds as either crates or sparsities (one of them, not both)")
     layers = select_layers(model, list(chosen))
-    from deepshrink.layers import match_per_layer
-
     values = match_per_layer(layers, chosen, "surgery")
     thresholds, surgeries = {}, {}
     for name, layer in layers.items():

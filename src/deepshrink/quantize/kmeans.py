@@ -43,6 +43,7 @@ class KMeansResult:
     labels: np.ndarray  # cluster index of each input value, uint8 or uint16, in the input's order
     inertia: float  # sum of squared distances to the assigned centroid
     iterations: int
+    initial: np.ndarray  # the starting centroids, ascending
 
 
 def initial_centroids(sorted_values: np.ndarray, clusters: int, method: str, seed: int = 0) -> np.ndarray:
@@ -336,7 +337,7 @@ def kmeans_1d(
     if distinct is not None and len(distinct) <= clusters:
         # Every distinct value can be its own centroid: the exact optimum, with zero error.
         labels = np.searchsorted(distinct, values).astype(np.uint8 if clusters <= 256 else np.uint16)
-        return KMeansResult(distinct.astype(np.float64), labels, 0.0, 0)
+        return KMeansResult(distinct.astype(np.float64), labels, 0.0, 0, distinct.astype(np.float64))
     if isinstance(init, str):
         centroids = initial_centroids(sorted_values, clusters, init, seed)
     else:
@@ -344,10 +345,11 @@ def kmeans_1d(
         if len(centroids) != clusters:
             raise ConfigError(f"init has {len(centroids)} centroids but clusters={clusters}")
     centroids = np.ascontiguousarray(centroids, dtype=np.float64)
+    initial = centroids.copy()
     sums = np.empty(len(sorted_values) // BLOCK + 1, dtype=np.float64)
     _block_sums(sorted_values, sums)
     iterations = _lloyd(sorted_values, sums, centroids, max_iterations)
     del sorted_values, sums
     labels = np.empty(values.shape, dtype=np.uint8 if len(centroids) <= 256 else np.uint16)
     inertia = _assign(values, centroids, labels)
-    return KMeansResult(centroids, labels, float(inertia), int(iterations))
+    return KMeansResult(centroids, labels, float(inertia), int(iterations), initial)

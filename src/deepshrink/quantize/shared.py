@@ -98,15 +98,8 @@ def share_layer_weights(
         initial = centroids
         inertia = 0.0
     else:
-        from deepshrink.quantize.kmeans import initial_centroids
-
         result = kmeans_1d(shared, clusters, init, seed=seed)
-        sorted_shared = np.sort(shared)
-        initial = (
-            initial_centroids(sorted_shared, min(clusters, len(np.unique(sorted_shared))), init, seed)
-            if isinstance(init, str)
-            else np.asarray(init)
-        )
+        initial = result.initial
         centroids = result.centroids
         inertia = result.inertia
         if zero_code:
