@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepshrink.data import make_loader
+from deepshrink.data import load_data, make_loader
 from deepshrink.errors import ConfigError
 from deepshrink.references import train_model
 from deepshrink.train import TrainConfig, evaluate, fit, resolve_device
@@ -20,15 +20,14 @@ def test_short_training_on_5k_examples_beats_chance_clearly(small_data):
     assert accuracy > 0.75
 
 
-def test_same_seed_gives_the_same_weights(small_data):
+def test_same_seed_gives_the_same_weights():
+    tiny = load_data(train_subset=1000)
     config = TrainConfig(epochs=1, batch_size=64, seed=7)
-    first, _ = train_model("lenet-5", small_data, config, device="cpu", progress=False)
-    second, _ = train_model("lenet-5", small_data, config, device="cpu", progress=False)
+    first, _ = train_model("lenet-5", tiny, config, device="cpu", progress=False)
+    second, _ = train_model("lenet-5", tiny, config, device="cpu", progress=False)
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    third, _ = train_model(
-        "lenet-5", small_data, TrainConfig(epochs=1, batch_size=64, seed=8), device="cpu", progress=False
-    )
+    third, _ = train_model("lenet-5", tiny, TrainConfig(epochs=1, batch_size=64, seed=8), device="cpu", progress=False)
     assert not torch.equal(first.conv1.weight, third.conv1.weight)
 
 

@@ -147,7 +147,7 @@ def command_prune(args: argparse.Namespace) -> int:
     if args.method == "dns" and not (sparsities or qualities):
         raise ConfigError("--method dns needs per-layer --sparsity LAYER=S (threshold quantile) or --quality LAYER=C")
     model, checkpoint = load_model(args.checkpoint, args.model)
-    data = load_data(args.data_dir)
+    data = load_data(args.data_dir, train_subset=args.train_subset)
     train_loader = make_loader(data.train, args.batch_size, shuffle=True, seed=args.seed)
     validation_loader = make_loader(data.validation, 1000, shuffle=False)
     test_loader = make_loader(data.test, 1000, shuffle=False)
@@ -261,7 +261,7 @@ def command_quantize(args: argparse.Namespace) -> int:
     if any(float(value) != int(value) for value in _parse_assignments(args.bits, "--bits").values()):
         raise ConfigError(f"--bits takes whole numbers of bits, got {args.bits}")
     model, checkpoint = load_model(args.checkpoint, args.model)
-    data = load_data(args.data_dir)
+    data = load_data(args.data_dir, train_subset=args.train_subset)
     test_loader = make_loader(data.test, 1000, shuffle=False)
     validation_loader = make_loader(data.validation, 1000, shuffle=False)
     before = evaluate(model, test_loader, args.device).accuracy
@@ -471,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--lr", type=float, default=0.02, help="retraining learning rate (default 0.02)")
     prune.add_argument("--weight-decay", type=float, default=5e-4, help="retraining weight decay (default 5e-4)")
     prune.add_argument("--batch-size", type=int, default=128, help="retraining batch size (default 128)")
+    prune.add_argument("--train-subset", type=int, help="retrain on the first N training examples only (quick runs)")
     prune.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
     prune.add_argument("--report-dir", help="also write pruning.md and pruning.json here")
     _add_data_options(prune)
@@ -511,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tuning weight decay (default 0: decay would pull centroids to zero)",
     )
     quantize.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default 128)")
+    quantize.add_argument("--train-subset", type=int, help="retrain on the first N training examples only (quick runs)")
     quantize.add_argument("--seed", type=int, default=0, help="seed of forgy sampling and shuffling")
     quantize.add_argument("--report-dir", help="also write quantization.md, quantization.json and codebooks.png")
     _add_data_options(quantize)
