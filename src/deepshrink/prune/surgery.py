@@ -127,12 +127,14 @@ def dynamic_network_surgery(
     power: float = 1.0,
     validation_loader: DataLoader | None = None,
     device: str | torch.device = "cpu",
+    criterion=None,
     progress: bool = True,
 ) -> SurgeryResult:
     """Train `model` with DNS on the layers named in `crates` or `sparsities`, then fix the masks.
 
     The result leaves ordinary PruningMask parametrizations, so the usual retraining, the
-    quantization stage and the encoder all take it from there.
+    quantization stage and the encoder all take it from there. `criterion` is fit's loss (a
+    DistillationLoss, say); cross-entropy by default.
     """
     chosen = dict(crates or {}) if crates else dict(sparsities or {})
     if not chosen or (crates and sparsities):
@@ -164,6 +166,7 @@ def dynamic_network_surgery(
         config,
         validation_loader=validation_loader,
         device=device,
+        criterion=criterion,
         after_step=update_masks,
         progress=progress,
         description="surgery",
