@@ -1,0 +1,129 @@
+"""The .dcz container framing (docs/FORMAT.md, "Layout" and the buffer checks).
+
+This module knows bytes, not tensors: a JSON header and a list of buffers go in, the same come
+out, every field validated. The tensor records inside the header are interpreted by the codec
+on top of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from deepshrink.errors import FormatError
+from deepshrink.files import atomic_output
+
+MAGIC = b"\x89DCZ\r\n\x1a\n"
+MAJOR_VERSION = 1
+MINOR_VERSION = 0
+PREAMBLE = struct.Struct("<8sHHIQ")  # magic, major, minor, header CRC-32, header length
+VERSIONS = struct.Struct("<HH")  # covered by the header checksum, so a flipped minor version is caught
+ALIGNMENT = 8
+MAX_HEADER_BYTES = 64 << 20
+
+
+def _padding(length: int) -> int:
+    return -length % ALIGNMENT
+
+
+@dataclass(frozen=True)
+class Container:
+    header: dict  # the JSON header without its "buffers" list
+    buffers: list[bytes]
+
+
+def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
+    """Serialise deterministically: sorted JSON keys, fixed padding, buffers in order."""
+    if "buffers" in header:
+        raise ValueError("the header's 'buffers' list is written by the container itself")
+    table, offset = [], 0
+    for buffer in buffers:
+        table.append({"offset": offset, "length": len(buffer), "crc32": zlib.crc32(buffer)})
+        offset += len(buffer) + _padding(len(buffer))
+    text = json.dumps({**header, "buffers": table}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    encoded = text.encode("utf-8")
+    encoded += b" " * _padding(len(encoded))
+    checksum = zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(MAJOR_VERSION, MINOR_VERSION)))
+    parts = [PREAMBLE.pack(MAGIC, MAJOR_VERSION, MINOR_VERSION, checksum, len(encoded)), encoded]
+    for buffer in buffers:
+        parts += [bytes(buffer), b"\0" * _padding(len(buffer))]
+    return b"".join(parts)
+
+
+def write(path: str | os.PathLike, header: dict, buffers: list[bytes], protect=()) -> Path:
+    """Write atomically: a temporary file beside `path`, renamed into place when complete."""
+    data = to_bytes(header, buffers)
+    with atomic_output(path, protect=protect) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)
+
+
+def from_bytes(data: bytes, source: str = "<bytes>") -> Container:
+    """Parse and validate a whole container held in memory."""
+    if len(data) < PREAMBLE.size:
+        raise FormatError(f"{source}: {len(data)} bytes is too short for a .dcz file ({PREAMBLE.size}-byte preamble)")
+    magic, major, minor, header_crc, header_length = PREAMBLE.unpack_from(data)
+    if magic != MAGIC:
+        raise FormatError(f"{source}: not a .dcz file (magic {magic!r}, expected {MAGIC!r})")
+    if major != MAJOR_VERSION:
+        raise FormatError(
+            f"{source}: format version {major}.{minor} is not readable here (this reads {MAJOR_VERSION}.x)"
+        )
+    if header_length > MAX_HEADER_BYTES or header_length % ALIGNMENT:
+        raise FormatError(
+            f"{source}: header length {header_length} is invalid (a multiple of 8, at most {MAX_HEADER_BYTES})"
+        )
+    data_start = PREAMBLE.size + header_length
+    if data_start > len(data):
+        raise FormatError(
+            f"{source}: truncated: the header needs {header_length} bytes, the file has {len(data) - PREAMBLE.size}"
+        )
+    encoded = data[PREAMBLE.size : data_start]
+    if zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(major, minor))) != header_crc:
+        raise FormatError(f"{source}: header checksum mismatch: the file is corrupt")
+    try:
+        header = json.loads(encoded.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FormatError(f"{source}: header is not valid UTF-8 JSON: {error}") from error
+    if not isinstance(header, dict) or not isinstance(header.get("buffers"), list):
+        raise FormatError(f"{source}: header must be a JSON object with a 'buffers' list")
+    table = header.pop("buffers")
+    buffers, expected_offset = [], 0
+    for index, entry in enumerate(table):
+        if not isinstance(entry, dict) or set(entry) != {"offset", "length", "crc32"}:
+            raise FormatError(f"{source}: buffer {index} must have exactly offset, length and crc32")
+        offset, length, crc = entry["offset"], entry["length"], entry["crc32"]
+        if not all(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in (offset, length, crc)
+        ):
+            raise FormatError(f"{source}: buffer {index} has a non-integer or negative field")
+        if offset != expected_offset:
+            raise FormatError(
+                f"{source}: buffer {index} starts at {offset}, expected {expected_offset} (buffers are contiguous)"
+            )
+        end = data_start + offset + length
+        if end > len(data):
+            raise FormatError(f"{source}: truncated: buffer {index} ends at byte {end}, the file has {len(data)}")
+        buffer = data[data_start + offset : end]
+        if zlib.crc32(buffer) != crc:
+            raise FormatError(f"{source}: buffer {index} checksum mismatch: the file is corrupt")
+        buffers.append(buffer)
+        expected_offset = offset + length + _padding(length)
+    if data_start + expected_offset != len(data):
+        raise FormatError(
+            f"{source}: {len(data) - data_start - expected_offset} unexpected bytes after the last buffer"
+        )
+    return Container(header, buffers)
+
+
+def read(path: str | os.PathLike) -> Container:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise FormatError(f"{path}: cannot read: {error.strerror}") from error
+    return from_bytes(data, str(path))

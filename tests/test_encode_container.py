@@ -1,0 +1,99 @@
+"""The .dcz framing: exact round trips, deterministic bytes, and hostile files."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepshrink.encode.container import MAGIC, PREAMBLE, from_bytes, read, to_bytes, write
+from deepshrink.errors import FormatError
+
+HEADER = {"format": "deepshrink-dcz", "metadata": {"model": "lenet-5"}, "tensors": [{"name": "fc1.weight"}]}
+BUFFERS = [b"abc", b"", b"\x00" * 17, bytes(range(256))]
+
+
+def test_round_trip_gives_back_the_exact_bytes():
+    container = from_bytes(to_bytes(HEADER, BUFFERS))
+    assert container.header == HEADER and container.buffers == BUFFERS
+
+
+def test_same_input_same_bytes_and_aligned_buffers():
+    data = to_bytes(HEADER, BUFFERS)
+    assert data == to_bytes(dict(reversed(list(HEADER.items()))), BUFFERS)
+    header_length = struct.unpack_from("<Q", data, 16)[0]
+    table = json.loads(data[PREAMBLE.size : PREAMBLE.size + header_length])["buffers"]
+    assert all((PREAMBLE.size + header_length + entry["offset"]) % 8 == 0 for entry in table)
+
+
+def test_write_is_atomic_and_reads_back(tmp_path):
+    path = write(tmp_path / "model.dcz", HEADER, BUFFERS)
+    assert [item.name for item in tmp_path.iterdir()] == ["model.dcz"]
+    assert read(path).buffers == BUFFERS
+
+
+def test_every_truncation_is_a_format_error():
+    data = to_bytes(HEADER, BUFFERS)
+    for length in range(len(data)):
+        with pytest.raises(FormatError):
+            from_bytes(data[:length])
+
+
+def test_every_single_bit_flip_is_caught():
+    data = to_bytes(HEADER, [b"weights!" * 4])
+    for position in range(len(data)):
+        for bit in (0, 3, 7):
+            corrupt = bytearray(data)
+            corrupt[position] ^= 1 << bit
+            with pytest.raises(FormatError):
+                from_bytes(bytes(corrupt))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_random_bytes_never_crash(data):
+    with pytest.raises(FormatError):
+        from_bytes(MAGIC + data)
+
+
+def lying(header: dict, buffers=(b"abcdefgh",)) -> bytes:
+    """A file whose header says what we choose, with a correct checksum over the lie."""
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    checksum = zlib.crc32(encoded, zlib.crc32(struct.pack("<HH", 1, 0)))
+    return PREAMBLE.pack(MAGIC, 1, 0, checksum, len(encoded)) + encoded + b"".join(buffers)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ({"buffers": [{"offset": 0, "length": 10**12, "crc32": 0}]}, "truncated"),
+        ({"buffers": [{"offset": 8, "length": 0, "crc32": 0}]}, "expected 0"),
+        ({"buffers": [{"offset": 0, "length": 8, "crc32": 1}]}, "checksum"),
+        ({"buffers": [{"offset": 0, "length": -8, "crc32": 0}]}, "negative"),
+        ({"buffers": [{"offset": 0, "length": 8}]}, "exactly offset, length and crc32"),
+        ({"buffers": "all of them"}, "'buffers' list"),
+        ({"no": "buffers"}, "'buffers' list"),
+        ({"buffers": []}, "unexpected bytes"),
+    ],
+)
+def test_a_header_that_lies_is_refused(header, message):
+    with pytest.raises(FormatError, match=message):
+        from_bytes(lying(header))
+
+
+def test_huge_header_length_is_refused_before_reading():
+    data = PREAMBLE.pack(MAGIC, 1, 0, 0, 1 << 40)
+    with pytest.raises(FormatError, match="header length"):
+        from_bytes(data)
+
+
+def test_other_major_version_is_refused():
+    data = bytearray(to_bytes(HEADER, BUFFERS))
+    struct.pack_into("<H", data, 8, 2)
+    with pytest.raises(FormatError, match="version 2.0"):
+        from_bytes(bytes(data))
