@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from deepshrink.errors import ConfigError, UnsupportedLayerError
@@ -56,3 +57,25 @@ def match_per_layer(layers: Iterable[str], values: dict[str, float], what: str) 
         for name in matches:
             resolved[name] = value
     return resolved
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict a model without parametrizations would have, holding the effective values.
+
+    `X.parametrizations.weight.original` becomes `X.weight` (the pruned or shared weight as the
+    layer computes with it); the parametrizations' own entries are dropped. Never build this by
+    deep-copying a model and removing parametrizations from the copy: the copy shares the
+    original's dynamically created class, so removing them from one breaks the other.
+    """
+    state = {}
+    parametrized_prefix = ".parametrizations."
+    for key, value in model.state_dict().items():
+        if parametrized_prefix not in key:
+            state[key] = value
+            continue
+        owner, _, rest = key.partition(parametrized_prefix)
+        tensor_name, _, tail = rest.partition(".")
+        if tail == "original":
+            module = model.get_submodule(owner)
+            state[f"{owner}.{tensor_name}" if owner else tensor_name] = getattr(module, tensor_name).detach()
+    return state

@@ -67,7 +67,8 @@ def fisher_diagonal(
 ) -> dict[str, torch.Tensor]:
     """Unbiased estimate of the Gauss-Newton (= Fisher) diagonal for each chosen layer's weight.
 
-    The model must be unparametrized (call remove_pruning on a copy first).
+    The model must be unparametrized: for a pruned model, load `layers.plain_state_dict(model)`
+    into a fresh instance first.
     """
     layers = select_layers(model, layer_names)
     model = model.to(device).eval()
@@ -76,7 +77,7 @@ def fisher_diagonal(
     parameters = dict(model.named_parameters())
     missing = [name for name in names if name not in parameters]
     if missing:
-        raise ConfigError(f"{missing} are not plain parameters; remove parametrizations (pruning) from a copy first")
+        raise ConfigError(f"{missing} are not plain parameters; load plain_state_dict(model) into a fresh model first")
     fixed = {name: value.detach() for name, value in parameters.items() if name not in names}
     buffers = dict(model.named_buffers())
     generator = torch.Generator(device="cpu").manual_seed(seed)

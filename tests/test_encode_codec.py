@@ -1,0 +1,144 @@
+"""Model <-> .dcz records: bit-exact decoding, and records that lie."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from deepshrink.encode.codec import decode_state_dict, encode_model
+from deepshrink.encode.container import from_bytes, to_bytes
+from deepshrink.errors import FormatError
+from deepshrink.layers import plain_state_dict, select_layers
+from deepshrink.models import build_model
+from deepshrink.prune.masks import sparsity_mask
+from deepshrink.prune.module import apply_masks
+from deepshrink.quantize.shared import share_weights
+
+
+def compressed_model(name: str, sparsity: float = 0.92, bits=None, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(name)
+    apply_masks(
+        model, {layer: sparsity_mask(module.weight, sparsity) for layer, module in select_layers(model).items()}
+    )
+    share_weights(model, bits)
+    return model
+
+
+def round_trip(model, **options):
+    header, buffers = encode_model(model, **options)
+    container = from_bytes(to_bytes(header, buffers))
+    return decode_state_dict(container.header, container.buffers)
+
+
+@pytest.mark.parametrize("name", ["lenet-300-100", "lenet-5"])
+@pytest.mark.parametrize("coder", ["huffman", "fixed"])
+@pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
+def test_decoding_is_bit_exact(name, coder, layout):
+    model = compressed_model(name)
+    decoded = round_trip(model, coder=coder, layout=layout)
+    expected = plain_state_dict(model)
+    assert decoded.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(decoded[key], tensor), key
+    fresh = build_model(name)
+    fresh.load_state_dict(decoded)
+    inputs = torch.randn(2, 1, 28, 28)
+    assert torch.equal(fresh(inputs), model(inputs))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.999])
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_extreme_sparsities_and_widths(sparsity, bits):
+    model = compressed_model("lenet-300-100", sparsity, {"*": bits})
+    decoded = round_trip(model, index_bits={"*": 2})
+    for key, tensor in plain_state_dict(model).items():
+        assert torch.equal(decoded[key], tensor), key
+
+
+def test_unshared_layers_and_buffers_are_stored_raw():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 10)
+    )
+    model[1].running_mean.fill_(0.25)
+    share_weights(model, {"3": 4})
+    header, _ = encode_model(model)
+    encodings = {record["name"]: record["encoding"] for record in header["tensors"]}
+    assert encodings["3.weight"] == "shared" and encodings["0.weight"] == "raw"
+    assert encodings["1.running_mean"] == "raw" and encodings["1.num_batches_tracked"] == "raw"
+    decoded = round_trip(model)
+    assert torch.equal(decoded["1.running_mean"], model[1].running_mean)
+
+
+def test_encoding_leaves_the_model_usable():
+    """Regression: removing parametrizations from a deep copy used to break the original."""
+    model = compressed_model("lenet-5")
+    before = model(torch.ones(1, 1, 28, 28))
+    encode_model(model)
+    assert torch.equal(model(torch.ones(1, 1, 28, 28)), before)
+
+
+def test_the_same_model_gives_the_same_bytes():
+    model = compressed_model("lenet-5")
+    assert to_bytes(*encode_model(model)) == to_bytes(*encode_model(copy.deepcopy(model)))
+
+
+def test_huffman_beats_fixed_width_on_real_code_distributions():
+    model = compressed_model("lenet-300-100")
+    huffman_size = len(to_bytes(*encode_model(model, coder="huffman")))
+    fixed_size = len(to_bytes(*encode_model(model, coder="fixed")))
+    assert huffman_size < fixed_size
+
+
+def mutate(header: dict, name: str, **changes) -> dict:
+    header = copy.deepcopy(header)
+    for record in header["tensors"]:
+        if record["name"] == name:
+            for key, value in changes.items():
+                if "." in key:
+                    outer, inner = key.split(".", 1)
+                    stream, field = inner.split(".")
+                    record[outer][stream][field] = value
+                else:
+                    record[key] = value
+    return header
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"shape": [300, -1]}, "non-negative"),
+        ({"shape": [2**30, 2**30]}, "more than"),
+        ({"shape": [301, 784]}, "does not match shape"),
+        ({"dtype": "complex64"}, "unknown dtype"),
+        ({"encoding": "zip"}, "unknown encoding"),
+        ({"bits": 0}, "at least 1"),
+        ({"bits": 2}, "codebook has"),
+        ({"codebook": 999}, "refers to buffer"),
+        ({"coder": "ans"}, "unknown coder"),
+        ({"layout": "coo"}, "unknown layout"),
+        ({"entries": 10**9}, "entries is"),
+        ({"streams.codes.symbols": 5}, "codes"),
+        ({"streams.gaps.bits": 10**9}, "gaps bit count"),
+        ({"streams.counts.width": 0}, "width from 1 to 32"),
+        ({"index_bits": 17}, "index_bits"),
+    ],
+)
+def test_records_that_lie_are_format_errors(changes, message):
+    model = compressed_model("lenet-300-100")
+    header, buffers = encode_model(model)
+    with pytest.raises(FormatError, match=message):
+        decode_state_dict(mutate(header, "fc1.weight", **changes), buffers)
+
+
+def test_corrupt_stream_bytes_are_format_errors():
+    model = compressed_model("lenet-300-100")
+    header, buffers = encode_model(model)
+    record = next(record for record in header["tensors"] if record["name"] == "fc2.weight")
+    gaps = record["streams"]["gaps"]["buffer"]
+    broken = list(buffers)
+    broken[gaps] = bytes(255 - byte for byte in buffers[gaps])
+    with pytest.raises(FormatError):
+        decode_state_dict(header, broken)
