@@ -20,7 +20,20 @@ def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["train"], ["evaluate"], ["reference"], ["info"], ["prune"], ["sensitivity"], ["quantize"]]
+    "command",
+    [
+        [],
+        ["train"],
+        ["evaluate"],
+        ["reference"],
+        ["info"],
+        ["prune"],
+        ["sensitivity"],
+        ["quantize"],
+        ["compress"],
+        ["decompress"],
+        ["inspect"],
+    ],
 )
 def test_help_explains_every_command(command):
     result = run_cli(*command, "--help")
@@ -212,3 +225,40 @@ def test_bad_quantize_bits_are_clean_errors(tiny_checkpoint, tmp_path, bits, mes
     )
     assert result.returncode == 3, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compress_inspect_decompress_round_trip(tiny_checkpoint, tmp_path):
+    pruned, shared, packed = (tmp_path / name for name in ("pruned.safetensors", "shared.safetensors", "m.dcz"))
+    assert (
+        run_cli(
+            "prune",
+            str(tiny_checkpoint),
+            "--sparsity",
+            "fc*=0.9",
+            "--rounds",
+            "1",
+            "--retrain-epochs",
+            "0",
+            "--out",
+            str(pruned),
+        ).returncode
+        == 0
+    )
+    assert run_cli("quantize", str(pruned), "--finetune-epochs", "0", "--out", str(shared)).returncode == 0
+    compressed = run_cli("compress", str(shared), "--out", str(packed), "--report-dir", str(tmp_path))
+    assert compressed.returncode == 0, compressed.stderr
+    size = int(re.search(r"\(([\d,]+) bytes", compressed.stdout).group(1).replace(",", ""))
+    assert size == packed.stat().st_size
+    printed = float(re.search(r"decoded file: ([0-9.]+)", compressed.stdout).group(1))
+    inspected = run_cli("inspect", str(packed))
+    assert inspected.returncode == 0 and "fc1.weight" in inspected.stdout and f"{size:,}" in inspected.stdout
+    restored = tmp_path / "restored.safetensors"
+    assert run_cli("decompress", str(packed), "--out", str(restored)).returncode == 0
+    evaluated = run_cli("evaluate", str(restored))
+    assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
+    assert (tmp_path / "compression.md").is_file()
+
+
+def test_inspecting_a_file_that_is_not_dcz_is_a_clean_error(tiny_checkpoint):
+    result = run_cli("inspect", str(tiny_checkpoint))
+    assert result.returncode == 5 and "not a .dcz file" in result.stderr and "Traceback" not in result.stderr

@@ -326,6 +326,89 @@ def command_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_compress(args: argparse.Namespace) -> int:
+    from deepshrink.checkpoint import load_model
+    from deepshrink.compressed import format_size_table, load_compressed, save_compressed, size_report
+    from deepshrink.data import load_data, make_loader
+    from deepshrink.encode.container import read_header
+    from deepshrink.train import evaluate
+
+    index_bits = {pattern: int(value) for pattern, value in _parse_assignments(args.index_bits, "--index-bits").items()}
+    model, checkpoint = load_model(args.checkpoint, args.model)
+    name = args.model or checkpoint.model_name
+    out = save_compressed(
+        model,
+        args.out,
+        model_name=name,
+        index_bits=index_bits or None,
+        layout=args.layout,
+        coder=args.coder,
+        metadata={"source": Path(args.checkpoint).name, **checkpoint.metadata},
+        protect=(args.checkpoint,),
+    )
+    rows, totals = size_report(read_header(out))
+    print(format_size_table(rows, totals))
+    print(
+        f"file: {out} ({totals['file_bytes']:,} bytes, {totals['compression']:.1f}x smaller than "
+        f"{totals['fp32_parameter_bytes']:,} fp32 parameter bytes)"
+    )
+    if not args.no_evaluate:
+        # The accuracy that counts is the one of the model decoded from the written file.
+        decoded, _ = load_compressed(out, args.model)
+        accuracy = evaluate(decoded, make_loader(load_data(args.data_dir).test, 1000, shuffle=False), args.device)
+        print(f"test accuracy of the decoded file: {accuracy.accuracy:.4f}")
+    if args.report_dir:
+        from dataclasses import asdict
+
+        data = {
+            "layers": [asdict(row) | {"rate": row.rate, "rate_fixed": row.rate_fixed} for row in rows],
+            "totals": totals,
+        }
+        _write_report(
+            args.report_dir, "compression", format_size_table(rows, totals, markdown=True), data, (args.checkpoint,)
+        )
+    return 0
+
+
+def command_decompress(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from deepshrink.compressed import read_state_dict
+    from deepshrink.files import atomic_output
+
+    state, metadata = read_state_dict(args.file)
+    with atomic_output(args.out, protect=(args.file,)) as temporary:
+        save_file(
+            {key: tensor.contiguous() for key, tensor in state.items()},
+            str(temporary),
+            metadata={
+                "deepshrink": __import__("json").dumps(
+                    {
+                        "kind": "deepshrink-checkpoint-1",
+                        "model": metadata.get("model"),
+                        "model_config": {},
+                        "metadata": {"decompressed_from": Path(args.file).name},
+                    },
+                    sort_keys=True,
+                )
+            },
+        )
+    print(f"decoded {len(state)} tensors into {args.out}")
+    return 0
+
+
+def command_inspect(args: argparse.Namespace) -> int:
+    from deepshrink.compressed import format_size_table, size_report
+    from deepshrink.encode.container import read_header
+
+    header = read_header(args.file)
+    rows, totals = size_report(header)
+    metadata = header.get("metadata", {})
+    print(f"{args.file}: model {metadata.get('model')!r}, {metadata.get('library')}")
+    print(format_size_table(rows, totals, markdown=args.markdown))
+    return 0
+
+
 def command_sensitivity(args: argparse.Namespace) -> int:
     from deepshrink.checkpoint import load_model
     from deepshrink.data import load_data, make_loader
@@ -517,6 +600,50 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--report-dir", help="also write quantization.md, quantization.json and codebooks.png")
     _add_data_options(quantize)
     quantize.set_defaults(handler=command_quantize)
+
+    compress = commands.add_parser(
+        "compress",
+        help="encode a pruned, weight-shared checkpoint into a .dcz file and report its size",
+        epilog=EPILOG,
+    )
+    compress.add_argument("checkpoint", help="a checkpoint from `deepshrink quantize` (or prune)")
+    compress.add_argument(
+        "--model", help="model name or package.module:factory (default: the one the checkpoint names)"
+    )
+    compress.add_argument("--out", required=True, help=".dcz file to write (never the input)")
+    compress.add_argument(
+        "--index-bits",
+        action="append",
+        metavar="LAYER=B",
+        help="gap width for layers matching LAYER, 1 to 16 (default 8 conv, 5 fc); repeatable",
+    )
+    compress.add_argument(
+        "--layout", choices=("csr", "csc", "dense"), default="csr", help="sparse layout of pruned layers (default csr)"
+    )
+    compress.add_argument(
+        "--coder",
+        choices=("huffman", "fixed"),
+        default="huffman",
+        help="huffman (P+Q+H, default) or fixed-width codes (P+Q)",
+    )
+    compress.add_argument("--no-evaluate", action="store_true", help="skip measuring the decoded file's accuracy")
+    compress.add_argument("--report-dir", help="also write compression.md and compression.json here")
+    _add_data_options(compress)
+    compress.set_defaults(handler=command_compress)
+
+    decompress = commands.add_parser(
+        "decompress", help="decode a .dcz file into a safetensors checkpoint", epilog=EPILOG
+    )
+    decompress.add_argument("file", help="the .dcz file")
+    decompress.add_argument("--out", required=True, help="safetensors file to write")
+    decompress.set_defaults(handler=command_decompress)
+
+    inspect = commands.add_parser(
+        "inspect", help="the per-layer size table of a .dcz file, read from its header", epilog=EPILOG
+    )
+    inspect.add_argument("file", help="the .dcz file")
+    inspect.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    inspect.set_defaults(handler=command_inspect)
 
     sensitivity = commands.add_parser(
         "sensitivity", help="validation accuracy against sparsity for each layer alone (table and plot)", epilog=EPILOG

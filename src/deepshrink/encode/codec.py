@@ -129,16 +129,22 @@ def _shared_record(name: str, layer: nn.Module, index_bits: int, layout: str, co
     if zero_code and layout != "dense":
         sparse = to_sparse(codes, index_bits, layout)
         count_width = max(1, int(sparse.counts.max(initial=0)).bit_length())
-        record.update(layout=layout, index_bits=index_bits, entries=len(sparse.gaps))
+        record.update(
+            layout=layout, index_bits=index_bits, entries=len(sparse.gaps), nonzeros=int(np.count_nonzero(codes))
+        )
         record["streams"] = {
             "codes": _encode_stream(sparse.codes, 1 << bits, coder, bits, buffers),
             "gaps": _encode_stream(sparse.gaps, 1 << index_bits, coder, index_bits, buffers),
             "counts": _encode_stream(sparse.counts, 1 << count_width, "fixed", count_width, buffers),
         }
     else:
-        record.update(layout="dense", entries=int(codes.size))
+        record.update(layout="dense", entries=int(codes.size), nonzeros=int(np.count_nonzero(full_values(sharing))))
         record["streams"] = {"codes": _encode_stream(codes.reshape(-1), 1 << bits, coder, bits, buffers)}
     return record
+
+
+def full_values(sharing) -> np.ndarray:
+    return sharing.full_codebook().detach().cpu().numpy()[sharing.indices.long().cpu().numpy()]
 
 
 def encode_model(
@@ -304,7 +310,13 @@ def _decode_record(record: dict, buffers: list[bytes]) -> torch.Tensor:
         raise FormatError(f"{name}: unknown layout {layout!r}")
     if len(codes.reshape(-1)) and int(codes.max()) >= len(full):
         raise FormatError(f"{name}: a code exceeds the codebook's {len(full)} entries")
-    return torch.from_numpy(full[codes.reshape(shape).astype(np.int64)].astype(np.float32))
+    values = full[codes.reshape(shape).astype(np.int64)].astype(np.float32)
+    if record.get("nonzeros") != int(np.count_nonzero(values)):
+        raise FormatError(
+            f"{name}: {int(np.count_nonzero(values))} non-zero weights decoded, "
+            f"the record declares {record.get('nonzeros')!r}"
+        )
+    return torch.from_numpy(values)
 
 
 def decode_state_dict(header: dict, buffers: list[bytes]) -> dict[str, torch.Tensor]:

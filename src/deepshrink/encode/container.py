@@ -62,8 +62,8 @@ def write(path: str | os.PathLike, header: dict, buffers: list[bytes], protect=(
     return Path(path)
 
 
-def from_bytes(data: bytes, source: str = "<bytes>") -> Container:
-    """Parse and validate a whole container held in memory."""
+def _parse_header(data: bytes, source: str) -> tuple[dict, int]:
+    """Check the preamble and header at the start of `data`; returns (header, data start)."""
     if len(data) < PREAMBLE.size:
         raise FormatError(f"{source}: {len(data)} bytes is too short for a .dcz file ({PREAMBLE.size}-byte preamble)")
     magic, major, minor, header_crc, header_length = PREAMBLE.unpack_from(data)
@@ -91,8 +91,12 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Container:
         raise FormatError(f"{source}: header is not valid UTF-8 JSON: {error}") from error
     if not isinstance(header, dict) or not isinstance(header.get("buffers"), list):
         raise FormatError(f"{source}: header must be a JSON object with a 'buffers' list")
-    table = header.pop("buffers")
-    buffers, expected_offset = [], 0
+    return header, data_start
+
+
+def _check_table(table: list, data_start: int, file_size: int, source: str) -> list[tuple[int, int, int]]:
+    """Validate the buffer table against the file size; returns (start, end, crc32) per buffer."""
+    spans, expected_offset = [], 0
     for index, entry in enumerate(table):
         if not isinstance(entry, dict) or set(entry) != {"offset", "length", "crc32"}:
             raise FormatError(f"{source}: buffer {index} must have exactly offset, length and crc32")
@@ -106,18 +110,47 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Container:
                 f"{source}: buffer {index} starts at {offset}, expected {expected_offset} (buffers are contiguous)"
             )
         end = data_start + offset + length
-        if end > len(data):
-            raise FormatError(f"{source}: truncated: buffer {index} ends at byte {end}, the file has {len(data)}")
-        buffer = data[data_start + offset : end]
+        if end > file_size:
+            raise FormatError(f"{source}: truncated: buffer {index} ends at byte {end}, the file has {file_size}")
+        spans.append((data_start + offset, end, crc))
+        expected_offset = offset + length + _padding(length)
+    if data_start + expected_offset != file_size:
+        raise FormatError(
+            f"{source}: {file_size - data_start - expected_offset} unexpected bytes after the last buffer"
+        )
+    return spans
+
+
+def from_bytes(data: bytes, source: str = "<bytes>") -> Container:
+    """Parse and validate a whole container held in memory."""
+    header, data_start = _parse_header(data, source)
+    spans = _check_table(header.pop("buffers"), data_start, len(data), source)
+    buffers = []
+    for index, (start, end, crc) in enumerate(spans):
+        buffer = data[start:end]
         if zlib.crc32(buffer) != crc:
             raise FormatError(f"{source}: buffer {index} checksum mismatch: the file is corrupt")
         buffers.append(buffer)
-        expected_offset = offset + length + _padding(length)
-    if data_start + expected_offset != len(data):
-        raise FormatError(
-            f"{source}: {len(data) - data_start - expected_offset} unexpected bytes after the last buffer"
-        )
     return Container(header, buffers)
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The header with its buffer table, reading and checking only the preamble and header.
+
+    For listing a file's contents without decoding it; the buffers' checksums are not verified.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as stream:
+            start = stream.read(PREAMBLE.size)
+            if len(start) == PREAMBLE.size and PREAMBLE.unpack(start)[4] <= MAX_HEADER_BYTES:
+                start += stream.read(PREAMBLE.unpack(start)[4])
+        size = path.stat().st_size
+    except OSError as error:
+        raise FormatError(f"{path}: cannot read: {error.strerror}") from error
+    header, data_start = _parse_header(start, str(path))
+    _check_table(header["buffers"], data_start, size, str(path))
+    return header
 
 
 def read(path: str | os.PathLike) -> Container:
