@@ -179,7 +179,7 @@ def decode_table(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.n
     lengths = np.asarray(lengths, dtype=np.int64)
     check_lengths(lengths, max_length)
     codes = canonical_codes(lengths)
-    table_symbols = np.zeros(1 << max_length, dtype=np.int32)
+    table_symbols = np.zeros(1 << max_length, dtype=np.uint8 if len(lengths) <= 256 else np.int32)
     table_lengths = np.zeros(1 << max_length, dtype=np.uint8)
     for symbol in np.flatnonzero(lengths):
         shift = max_length - lengths[symbol]
@@ -191,27 +191,32 @@ def decode_table(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.n
 
 @numba.njit(cache=True, nogil=True)
 def _decode(data, bit_count, count, table_symbols, table_lengths, max_length, out):
-    """Decode `count` symbols; returns bits consumed, or -1 on an invalid or overrunning code."""
+    """Decode `count` symbols; returns bits consumed, or -1 on an invalid or overrunning code.
+
+    Bytes past the end read as zero, so the loop needs no bounds branch; an invalid prefix
+    (length 0) is remembered without branching and reported once at the end.
+    """
     mask = (1 << max_length) - 1
     buffer = 0
     filled = 0
     position = 0
     consumed = 0
+    invalid = 0
+    size = len(data)
     for index in range(count):
         while filled < max_length:
-            byte = data[position] if position < len(data) else 0
+            byte = data[position] if position < size else 0
             buffer = ((buffer << 8) | byte) & 0xFFFFFFFFFFFF
             position += 1
             filled += 8
         prefix = (buffer >> (filled - max_length)) & mask
         length = table_lengths[prefix]
-        if length == 0:
-            return -1
+        invalid |= length == 0
         consumed += length
-        if consumed > bit_count:
-            return -1
         out[index] = table_symbols[prefix]
         filled -= length
+    if invalid or consumed > bit_count:
+        return -1
     return consumed
 
 
@@ -227,7 +232,7 @@ def decode(data: bytes, bit_count: int, count: int, lengths: np.ndarray, max_len
     if count > bit_count:  # every code word is at least one bit long
         raise FormatError(f"{count} symbols cannot fit in {bit_count} bits")
     table_symbols, table_lengths = decode_table(lengths, max_length)
-    out = np.empty(count, dtype=np.int32)
+    out = np.empty(count, dtype=np.uint8 if len(lengths) <= 256 else np.int32)
     consumed = _decode(
         np.frombuffer(data, dtype=np.uint8), bit_count, count, table_symbols, table_lengths, max_length, out
     )
