@@ -110,8 +110,9 @@ def main() -> None:
         )
     results["total"] = totals
     overhead = (totals["bits"] + totals["side_bits"] - totals["entropy"]) / totals["symbols"]
+    seconds = totals["encode"] + totals["decode"]
     print(
-        f"all streams: {totals['symbols'] / 1e6:.1f}M symbols; encode + decode {totals['encode'] + totals['decode']:.2f} s; "
+        f"all streams: {totals['symbols'] / 1e6:.1f}M symbols; encode + decode {seconds:.2f} s; "
         f"coded size exceeds the order-0 entropy by {overhead:.4f} bits/symbol (side information included); "
         f"{total_weights / 1e6:.0f}M weights prepared in {prepare:.0f} s"
     )
