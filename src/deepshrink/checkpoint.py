@@ -41,7 +41,22 @@ def save_checkpoint(
     protect: tuple[str | os.PathLike, ...] = (),
 ) -> Path:
     """Write `model`'s state_dict atomically. `metadata` values must be JSON-serialisable."""
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    return save_state_dict(
+        path, model.state_dict(), model_name=model_name, model_config=model_config, metadata=metadata, protect=protect
+    )
+
+
+def save_state_dict(
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    model_name: str | None,
+    model_config: dict | None = None,
+    metadata: dict | None = None,
+    protect: tuple[str | os.PathLike, ...] = (),
+) -> Path:
+    """Write a state_dict as a deepshrink checkpoint, atomically."""
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
     # One metadata key only: safetensors keeps metadata in a hash map whose order varies from
     # run to run, and the same model must always give the same bytes.
     header = json.dumps(

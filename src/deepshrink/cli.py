@@ -371,28 +371,17 @@ def command_compress(args: argparse.Namespace) -> int:
 
 
 def command_decompress(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
+    from deepshrink.checkpoint import save_state_dict
     from deepshrink.compressed import read_state_dict
-    from deepshrink.files import atomic_output
 
     state, metadata = read_state_dict(args.file)
-    with atomic_output(args.out, protect=(args.file,)) as temporary:
-        save_file(
-            {key: tensor.contiguous() for key, tensor in state.items()},
-            str(temporary),
-            metadata={
-                "deepshrink": __import__("json").dumps(
-                    {
-                        "kind": "deepshrink-checkpoint-1",
-                        "model": metadata.get("model"),
-                        "model_config": {},
-                        "metadata": {"decompressed_from": Path(args.file).name},
-                    },
-                    sort_keys=True,
-                )
-            },
-        )
+    save_state_dict(
+        args.out,
+        state,
+        model_name=metadata.get("model"),
+        metadata={"decompressed_from": Path(args.file).name},
+        protect=(args.file,),
+    )
     print(f"decoded {len(state)} tensors into {args.out}")
     return 0
 
