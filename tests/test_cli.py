@@ -257,6 +257,7 @@ def test_compress_inspect_decompress_round_trip(tiny_checkpoint, tmp_path):
     evaluated = run_cli("evaluate", str(restored))
     assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
     assert (tmp_path / "compression.md").is_file()
+    assert (tmp_path / "distributions.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_inspecting_a_file_that_is_not_dcz_is_a_clean_error(tiny_checkpoint):

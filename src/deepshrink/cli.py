@@ -367,6 +367,9 @@ def command_compress(args: argparse.Namespace) -> int:
         _write_report(
             args.report_dir, "compression", format_size_table(rows, totals, markdown=True), data, (args.checkpoint,)
         )
+        from deepshrink.compressed import plot_distributions
+
+        plot_distributions(out, Path(args.report_dir) / "distributions.png")
     return 0
 
 

@@ -333,3 +333,25 @@ def decode_state_dict(header: dict, buffers: list[bytes]) -> dict[str, torch.Ten
             raise FormatError(f"tensor {record['name']!r} appears twice")
         state[record["name"]] = tensor
     return state
+
+
+def stream_histograms(header: dict, buffers: list[bytes]) -> dict[str, dict[str, np.ndarray]]:
+    """Per shared tensor, the symbol counts of its code and gap streams (the paper's Figure 5)."""
+    histograms = {}
+    for record in header.get("tensors", []):
+        if record.get("encoding") != "shared":
+            continue
+        streams = record["streams"]
+        coder = record["coder"]
+        entries = record["entries"]
+        result = {
+            "codes": np.bincount(
+                _decode_stream(streams["codes"], buffers, coder, 1 << record["bits"], entries, record["name"]),
+                minlength=1 << record["bits"],
+            )
+        }
+        if "gaps" in streams:
+            gaps = _decode_stream(streams["gaps"], buffers, coder, 1 << record["index_bits"], entries, record["name"])
+            result["gaps"] = np.bincount(gaps, minlength=1 << record["index_bits"])
+        histograms[record["name"]] = result
+    return histograms
