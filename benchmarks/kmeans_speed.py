@@ -37,12 +37,17 @@ def main() -> None:
             {
                 "size": args.size,
                 "clusters": clusters,
+                "init": init,
                 "seconds": seconds,
                 "iterations": result.iterations,
                 "inertia": result.inertia,
             }
         )
-        print(f"{args.size:,} weights, k={clusters}: {seconds:.2f} s, {result.iterations} Lloyd iterations", flush=True)
+        print(
+            f"{args.size:,} weights, k={clusters}, {init} init: {seconds:.2f} s, {result.iterations} Lloyd iterations, "
+            f"inertia {result.inertia:.6g}",
+            flush=True,
+        )
 
     from sklearn.cluster import KMeans
 

@@ -44,23 +44,39 @@ def share_and_tune(model, data, bits, init, epochs):
 
 
 def section_pruned(data):
+    """Sharing plus fine-tuning, the number of fine-tuning epochs (0 to 3) chosen on validation."""
     rows = []
+    validation = make_loader(data.validation, 1000, shuffle=False)
+    test = make_loader(data.test, 1000, shuffle=False)
+    train = make_loader(data.train, 128, shuffle=True)
+    one_epoch = TrainConfig(epochs=1, learning_rate=1e-4, weight_decay=0.0, optimizer="adam", schedule="constant")
     for name, bits in (("lenet-300-100", {"*": 6}), ("lenet-5", None)):
         model, _ = load_model(f"runs/{name}-pruned.safetensors")
-        before, shared, tuned = share_and_tune(model, data, bits, "linear", FINETUNE.epochs)
+        pruned = evaluate(model, test).accuracy
+        share_weights(model, bits, "linear")
+        optimizer = torch.optim.Adam(
+            [parameter for parameter in model.parameters() if parameter.requires_grad], lr=1e-4
+        )
+        epochs = [(0, evaluate(model, validation).accuracy, evaluate(model, test).accuracy)]
+        for epoch in range(1, 4):
+            fit(model, train, one_epoch, optimizer=optimizer, progress=False)
+            epochs.append((epoch, evaluate(model, validation).accuracy, evaluate(model, test).accuracy))
+        chosen = max(epochs, key=lambda row: (row[1], -row[0]))
         rows.append(
             {
                 "model": name,
                 "bits": "6" if bits else "8 conv / 5 fc",
-                "pruned": before,
-                "shared": shared,
-                "fine_tuned": tuned,
-                "loss_points": 100 * (before - tuned),
+                "pruned": pruned,
+                "epochs": [{"epoch": e, "validation": v, "test": t} for e, v, t in epochs],
+                "chosen_epochs": chosen[0],
+                "fine_tuned": chosen[2],
+                "loss_points": 100 * (pruned - chosen[2]),
             }
         )
+        trail = ", ".join(f"{e}: val {100 * v:.2f} / test {100 * t:.2f}" for e, v, t in epochs)
         print(
-            f"| {name} | {rows[-1]['bits']} | {100 * before:.2f}% | {100 * shared:.2f}% | {100 * tuned:.2f}% "
-            f"| {rows[-1]['loss_points']:+.2f} |",
+            f"| {name} | {rows[-1]['bits']} | {100 * pruned:.2f}% | {100 * epochs[0][2]:.2f}% | {chosen[0]} "
+            f"| {100 * chosen[2]:.2f}% | {rows[-1]['loss_points']:+.2f} | {trail} |",
             flush=True,
         )
     return rows
