@@ -129,35 +129,20 @@ def size_report(header: dict) -> tuple[list[LayerSize], dict]:
         size = sum(table[index]["length"] for index in owned)
         entries = max(record["entries"], 1)
         codebook_bits = 32 * (table[record["codebook"]]["length"] // 4)
-        if record["layout"] == "dense":
-            fixed = entries * record["bits"] + codebook_bits
-            rows.append(
-                LayerSize(
-                    record["name"],
-                    weights,
-                    record["nonzeros"],
-                    size,
-                    record["bits"],
-                    streams["codes"]["bits"] / entries,
-                    None,
-                    None,
-                    fixed,
-                )
-            )
-            continue
-        counts_bits = streams["counts"]["bits"]
-        fixed = entries * (record["bits"] + record["index_bits"]) + codebook_bits + counts_bits
+        sparse = record["layout"] != "dense"
+        index_bits = record["index_bits"] if sparse else 0
+        fixed = entries * (record["bits"] + index_bits) + codebook_bits + (streams["counts"]["bits"] if sparse else 0)
         rows.append(
             LayerSize(
                 record["name"],
                 weights,
                 record["nonzeros"],
                 size,
-                record["bits"],
-                streams["codes"]["bits"] / entries,
-                record["index_bits"],
-                streams["gaps"]["bits"] / entries,
-                fixed,
+                weight_bits=record["bits"],
+                weight_bits_coded=streams["codes"]["bits"] / entries,
+                index_bits=index_bits if sparse else None,
+                index_bits_coded=streams["gaps"]["bits"] / entries if sparse else None,
+                fixed_bits=fixed,
             )
         )
     metadata = header.get("metadata", {})

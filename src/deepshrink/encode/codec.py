@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from deepshrink.encode import huffman
+from deepshrink.encode.bitio import flush, put_bits
 from deepshrink.encode.sparse import SparseLayout, as_matrix, from_sparse, to_sparse
 from deepshrink.errors import ConfigError, FormatError
 from deepshrink.layers import compressible_layers, plain_state_dict
@@ -43,18 +44,10 @@ def default_index_bits(layer: nn.Module) -> int:
 
 @numba.njit(cache=True, nogil=True)
 def _pack_fixed(symbols, width, out):
-    buffer = np.uint64(0)
-    filled = 0
-    position = 0
+    buffer, filled, position = np.uint64(0), 0, 0
     for index in range(len(symbols)):
-        buffer = (buffer << np.uint64(width)) | np.uint64(symbols[index])
-        filled += width
-        while filled >= 8:
-            filled -= 8
-            out[position] = np.uint8((buffer >> np.uint64(filled)) & np.uint64(0xFF))
-            position += 1
-    if filled > 0:
-        out[position] = np.uint8((buffer << np.uint64(8 - filled)) & np.uint64(0xFF))
+        buffer, filled, position = put_bits(buffer, filled, position, symbols[index], width, out)
+    flush(buffer, filled, position, out)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -20,6 +20,7 @@ import heapq
 import numba
 import numpy as np
 
+from deepshrink.encode.bitio import flush, put_bits
 from deepshrink.errors import ConfigError, FormatError
 
 DEFAULT_MAX_LENGTH = 16
@@ -126,22 +127,11 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def _encode(symbols, codes, lengths, out):
-    buffer = np.uint64(0)
-    filled = 0  # bits waiting in `buffer`, at its low end
-    position = 0
+    buffer, filled, position = np.uint64(0), 0, 0
     for index in range(len(symbols)):
         symbol = symbols[index]
-        length = lengths[symbol]
-        buffer = (buffer << np.uint64(length)) | np.uint64(codes[symbol])
-        filled += length
-        while filled >= 8:
-            filled -= 8
-            out[position] = np.uint8((buffer >> np.uint64(filled)) & np.uint64(0xFF))
-            position += 1
-    if filled > 0:
-        out[position] = np.uint8((buffer << np.uint64(8 - filled)) & np.uint64(0xFF))
-        position += 1
-    return position
+        buffer, filled, position = put_bits(buffer, filled, position, codes[symbol], lengths[symbol], out)
+    return flush(buffer, filled, position, out)
 
 
 @numba.njit(cache=True, nogil=True)
