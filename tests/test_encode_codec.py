@@ -122,6 +122,7 @@ def mutate(header: dict, name: str, **changes) -> dict:
         ({"entries": 10**9}, "entries is"),
         ({"streams.codes.symbols": 5}, "codes"),
         ({"streams.gaps.bits": 10**9}, "gaps bit count"),
+        ({"streams.codes.lanes": [1, 2, 3]}, "lanes"),
         ({"streams.counts.width": 0}, "width from 1 to 32"),
         ({"index_bits": 17}, "index_bits"),
     ],

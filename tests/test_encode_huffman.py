@@ -100,3 +100,35 @@ def test_corrupt_streams_are_format_errors():
 def test_lengths_that_break_kraft_are_refused():
     with pytest.raises(FormatError, match="Kraft"):
         check_lengths(np.array([1, 1, 1]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 3_000), st.integers(0, 2**32 - 1))
+def test_four_lane_round_trip_is_exact(alphabet, size, seed):
+    from deepshrink.encode.huffman import decode_lanes, encode_lanes
+
+    generator = np.random.default_rng(seed)
+    symbols = np.minimum(np.abs(generator.laplace(scale=alphabet / 6, size=size)).astype(np.int64), alphabet - 1)
+    lengths = code_lengths(np.bincount(symbols, minlength=alphabet), 15)
+    data, lanes = encode_lanes(symbols, lengths)
+    assert len(lanes) == 4 and sum(lanes) == int(np.sum(lengths[symbols]))
+    assert np.array_equal(decode_lanes(data, lanes, size, lengths, 15), symbols)
+
+
+def test_corrupt_lanes_are_format_errors():
+    from deepshrink.encode.huffman import decode_lanes, encode_lanes
+
+    symbols = np.arange(103) % 9
+    lengths = code_lengths(np.bincount(symbols), 15)
+    data, lanes = encode_lanes(symbols, lengths)
+    with pytest.raises(FormatError, match="4 non-negative"):
+        decode_lanes(data, lanes[:3], 103, lengths, 15)
+    with pytest.raises(FormatError, match="declare"):
+        decode_lanes(data + b"\0", lanes, 103, lengths, 15)  # bytes do not match the lanes
+    with pytest.raises(FormatError):
+        decode_lanes(data, [lanes[0] + 8, lanes[1], lanes[2], lanes[3] - 8], 103, lengths, 15)
+    with pytest.raises(FormatError, match="cannot fit"):
+        decode_lanes(data, lanes, 10**9, lengths, 15)
+    flipped = bytes(255 - byte for byte in data)
+    with pytest.raises(FormatError):
+        decode_lanes(flipped, lanes, 103, lengths, 15)

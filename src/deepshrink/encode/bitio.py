@@ -5,6 +5,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+MAX_WIDTH = 56  # bits per value that the 64-bit buffer takes with up to 7 bits already waiting
+
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def put_bits(buffer, filled, position, value, width, out):

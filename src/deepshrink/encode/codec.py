@@ -94,9 +94,15 @@ def _encode_stream(symbols: np.ndarray, alphabet: int, coder: str, width: int, b
         buffers.append(out.tobytes())
         return {"buffer": len(buffers) - 1, "symbols": len(symbols), "bits": len(symbols) * width, "width": width}
     lengths = huffman.code_lengths(np.bincount(symbols.astype(np.int64), minlength=alphabet), MAX_CODE_LENGTH)
-    data, bits = huffman.encode(symbols, lengths)
+    data, lanes = huffman.encode_lanes(symbols, lengths)
     buffers += [data, _pack_lengths(lengths)]
-    return {"buffer": len(buffers) - 2, "symbols": len(symbols), "bits": bits, "lengths": len(buffers) - 1}
+    return {
+        "buffer": len(buffers) - 2,
+        "symbols": len(symbols),
+        "bits": sum(lanes),
+        "lanes": lanes,
+        "lengths": len(buffers) - 1,
+    }
 
 
 def _shared_record(name: str, layer: nn.Module, index_bits: int, layout: str, coder: str, buffers: list[bytes]):
@@ -216,7 +222,10 @@ def _decode_stream(stream, buffers: list[bytes], coder: str, alphabet: int, limi
     else:
         lengths = _unpack_lengths(_buffer(buffers, stream.get("lengths"), f"{what} code lengths"), alphabet, what)
         try:
-            out = huffman.decode(data, bits, symbols, lengths, MAX_CODE_LENGTH).astype(np.int64)
+            lanes = stream.get("lanes")
+            if not isinstance(lanes, list) or sum(lane for lane in lanes if isinstance(lane, int)) != bits:
+                raise FormatError(f"the lanes {lanes!r} do not add up to the declared {bits} bits")
+            out = huffman.decode_lanes(data, lanes, symbols, lengths, MAX_CODE_LENGTH).astype(np.int64)
         except FormatError as error:
             raise FormatError(f"{what} stream: {error}") from error
     if len(out) and int(out.max()) >= alphabet:

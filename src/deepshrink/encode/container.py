@@ -19,7 +19,7 @@ from deepshrink.files import atomic_output
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"
 MAJOR_VERSION = 1
-MINOR_VERSION = 0
+MINOR_VERSION = 1
 PREAMBLE = struct.Struct("<8sHHIQ")  # magic, major, minor, header CRC-32, header length
 VERSIONS = struct.Struct("<HH")  # covered by the header checksum, so a flipped minor version is caught
 ALIGNMENT = 8

@@ -20,7 +20,7 @@ import heapq
 import numba
 import numpy as np
 
-from deepshrink.encode.bitio import flush, put_bits
+from deepshrink.encode.bitio import MAX_WIDTH, flush, put_bits
 from deepshrink.errors import ConfigError, FormatError
 
 DEFAULT_MAX_LENGTH = 16
@@ -150,8 +150,8 @@ def encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
     """Huffman-code `symbols` with the canonical code of `lengths`; returns (bytes, bit count)."""
     symbols = np.ascontiguousarray(symbols)
     lengths = np.asarray(lengths, dtype=np.int64)
-    if lengths.size and lengths.max() > 56:
-        raise ConfigError("code lengths above 56 bits do not fit the 64-bit bit buffer")
+    if lengths.size and lengths.max() > MAX_WIDTH:
+        raise ConfigError(f"code lengths above {MAX_WIDTH} bits do not fit the bit writer")
     bit_count = int(_bit_count(symbols, lengths))
     if bit_count < 0:
         raise ConfigError(f"a symbol to encode lies outside [0, {len(lengths)}) or has no code (its count was zero)")
@@ -239,4 +239,177 @@ def decode(data: bytes, bit_count: int, count: int, lengths: np.ndarray, max_len
         raise FormatError("the Huffman stream is corrupt: an invalid code word or more bits than declared")
     if consumed != bit_count:
         raise FormatError(f"the Huffman stream has {bit_count - consumed} bits left over after {count} symbols")
+    return out
+
+
+LANES = 4
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_lanes(data, starts, ends, count, table_symbols, table_lengths, max_length, out, consumed):
+    """Decode `count` symbols interleaved over four lanes (symbol i lives in lane i % 4).
+
+    The four bit readers are independent, so the processor overlaps their dependency chains.
+    Returns 1 if some prefix was invalid; `consumed` receives the bits each lane used.
+    """
+    mask = (1 << max_length) - 1
+    buffers = np.zeros(4, dtype=np.int64)
+    filled = np.zeros(4, dtype=np.int64)
+    positions = starts.copy()
+    used = np.zeros(4, dtype=np.int64)
+    invalid = 0
+    for index in range(count):
+        lane = index & 3
+        buffer = buffers[lane]
+        bits = filled[lane]
+        position = positions[lane]
+        if bits < max_length:
+            end = ends[lane]
+            if position + 6 <= end:
+                for _ in range(6 - bits // 8):
+                    buffer = (buffer << 8) | data[position]
+                    position += 1
+                    bits += 8
+            else:
+                while bits < max_length:
+                    byte = data[position] if position < end else 0
+                    buffer = (buffer << 8) | byte
+                    position += 1
+                    bits += 8
+            buffer &= 0xFFFFFFFFFFFFFF
+            positions[lane] = position
+        prefix = (buffer >> (bits - max_length)) & mask
+        length = table_lengths[prefix]
+        invalid |= length == 0
+        out[index] = table_symbols[prefix]
+        buffers[lane] = buffer
+        filled[lane] = bits - length
+        used[lane] += length
+    for lane in range(4):
+        consumed[lane] = used[lane]
+    return invalid
+
+
+@numba.njit(cache=True, nogil=True)
+def _lane_bit_counts(symbols, lengths, bits):
+    """Each lane's total bits in one pass; returns False if a symbol is outside or has no code.
+
+    Four scalar sums rather than bits[index & 3] += ...: updating memory every symbol would
+    chain each addition to the previous store.
+    """
+    alphabet = len(lengths)
+    total0 = total1 = total2 = total3 = 0
+    bad = False
+    rounds = len(symbols) // 4
+    for index in range(rounds):
+        a, b, c, d = symbols[4 * index], symbols[4 * index + 1], symbols[4 * index + 2], symbols[4 * index + 3]
+        bad |= (a >= alphabet) | (b >= alphabet) | (c >= alphabet) | (d >= alphabet)
+        if bad:
+            return False
+        la, lb, lc, ld = lengths[a], lengths[b], lengths[c], lengths[d]
+        bad |= (la == 0) | (lb == 0) | (lc == 0) | (ld == 0)
+        total0 += la
+        total1 += lb
+        total2 += lc
+        total3 += ld
+    for index in range(4 * rounds, len(symbols)):
+        symbol = symbols[index]
+        if symbol < 0 or symbol >= alphabet or lengths[symbol] == 0:
+            return False
+        if index % 4 == 0:
+            total0 += lengths[symbol]
+        elif index % 4 == 1:
+            total1 += lengths[symbol]
+        else:
+            total2 += lengths[symbol]
+    bits[0], bits[1], bits[2], bits[3] = total0, total1, total2, total3
+    return not bad
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode_four_lanes(symbols, codes, lengths, out, offsets):
+    """Write all four lanes in one pass; lane k starts at out[offsets[k]]."""
+    b0 = b1 = b2 = b3 = np.uint64(0)
+    f0 = f1 = f2 = f3 = 0
+    p0, p1, p2, p3 = offsets[0], offsets[1], offsets[2], offsets[3]
+    rounds = len(symbols) // 4
+    for index in range(rounds):
+        base = 4 * index
+        s = symbols[base]
+        b0, f0, p0 = put_bits(b0, f0, p0, codes[s], lengths[s], out)
+        s = symbols[base + 1]
+        b1, f1, p1 = put_bits(b1, f1, p1, codes[s], lengths[s], out)
+        s = symbols[base + 2]
+        b2, f2, p2 = put_bits(b2, f2, p2, codes[s], lengths[s], out)
+        s = symbols[base + 3]
+        b3, f3, p3 = put_bits(b3, f3, p3, codes[s], lengths[s], out)
+    remainder = len(symbols) - 4 * rounds
+    if remainder > 0:
+        s = symbols[4 * rounds]
+        b0, f0, p0 = put_bits(b0, f0, p0, codes[s], lengths[s], out)
+    if remainder > 1:
+        s = symbols[4 * rounds + 1]
+        b1, f1, p1 = put_bits(b1, f1, p1, codes[s], lengths[s], out)
+    if remainder > 2:
+        s = symbols[4 * rounds + 2]
+        b2, f2, p2 = put_bits(b2, f2, p2, codes[s], lengths[s], out)
+    flush(b0, f0, p0, out)
+    flush(b1, f1, p1, out)
+    flush(b2, f2, p2, out)
+    flush(b3, f3, p3, out)
+
+
+def encode_lanes(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, list[int]]:
+    """Encode symbol i into lane i % 4; returns the lanes' bytes back to back and each lane's bits."""
+    symbols = np.ascontiguousarray(symbols)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size and lengths.max() > MAX_WIDTH:
+        raise ConfigError(f"code lengths above {MAX_WIDTH} bits do not fit the bit writer")
+    bits = np.zeros(LANES, dtype=np.int64)
+    if not _lane_bit_counts(symbols, lengths, bits):
+        raise ConfigError(f"a symbol to encode lies outside [0, {len(lengths)}) or has no code (its count was zero)")
+    sizes = (bits + 7) // 8
+    offsets = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    out = np.zeros(int(sizes.sum()), dtype=np.uint8)
+    _encode_four_lanes(symbols, canonical_codes(lengths), lengths, out, offsets)
+    return out.tobytes(), [int(lane_bits) for lane_bits in bits]
+
+
+def decode_lanes(data: bytes, lane_bits: list[int], count: int, lengths: np.ndarray, max_length: int) -> np.ndarray:
+    """Decode what encode_lanes wrote. Corrupt input raises FormatError, never loops or overreads."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if (
+        not isinstance(lane_bits, list)
+        or len(lane_bits) != LANES
+        or not all(isinstance(bits, int) and not isinstance(bits, bool) and bits >= 0 for bits in lane_bits)
+    ):
+        raise FormatError(f"a lane-coded stream needs {LANES} non-negative bit counts, got {lane_bits!r}")
+    sizes = [(bits + 7) // 8 for bits in lane_bits]
+    if sum(sizes) != len(data):
+        raise FormatError(f"the lanes declare {sum(sizes)} bytes, the stream holds {len(data)}")
+    lane_counts = [len(range(lane, count, LANES)) for lane in range(LANES)] if count >= 0 else None
+    if lane_counts is None or any(lane_count > bits for lane_count, bits in zip(lane_counts, lane_bits, strict=True)):
+        raise FormatError(f"{count} symbols cannot fit in lanes of {lane_bits} bits")
+    if count > 0 and not np.any(lengths):
+        raise FormatError(f"cannot decode {count} symbols with an empty code")
+    table_symbols, table_lengths = decode_table(lengths, max_length)
+    ends = np.cumsum(sizes)
+    starts = ends - np.asarray(sizes)
+    out = np.empty(count, dtype=np.uint8 if len(lengths) <= 256 else np.int32)
+    consumed = np.zeros(LANES, dtype=np.int64)
+    invalid = _decode_lanes(
+        np.frombuffer(data, dtype=np.uint8),
+        starts.astype(np.int64),
+        ends.astype(np.int64),
+        count,
+        table_symbols,
+        table_lengths,
+        max_length,
+        out,
+        consumed,
+    )
+    if invalid:
+        raise FormatError("the Huffman stream is corrupt: an invalid code word")
+    if consumed.tolist() != list(lane_bits):
+        raise FormatError(f"the Huffman lanes used {consumed.tolist()} bits but declare {lane_bits}")
     return out
