@@ -9,8 +9,9 @@ canonical codes follow from them, so a file carries one small array per stream.
   at 1. With max_length >= log2(alphabet) this always succeeds. The result costs at most one
   bit per symbol over the entropy (the Huffman bound), and usually far less.
 - Codes are canonical: sorted by (length, symbol), consecutive integers, MSB first.
-- Encoding and decoding are numba loops over a 64-bit bit buffer. Decoding reads `max_length`
-  bits at a time through a table of 2^max_length (symbol, length) entries.
+- Symbol i goes to lane i mod 4, each lane its own bit string (docs/FORMAT.md). Encoding and
+  decoding are numba loops over 64-bit bit buffers; decoding reads `max_length` bits at a time
+  through a table of 2^max_length (symbol, length) entries, the four lanes in one loop.
 """
 
 from __future__ import annotations
@@ -125,41 +126,6 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
     return codes
 
 
-@numba.njit(cache=True, nogil=True)
-def _encode(symbols, codes, lengths, out):
-    buffer, filled, position = np.uint64(0), 0, 0
-    for index in range(len(symbols)):
-        symbol = symbols[index]
-        buffer, filled, position = put_bits(buffer, filled, position, codes[symbol], lengths[symbol], out)
-    return flush(buffer, filled, position, out)
-
-
-@numba.njit(cache=True, nogil=True)
-def _bit_count(symbols, lengths):
-    """Total bits, or -1 if a symbol lies outside the alphabet or has no code."""
-    total = 0
-    for index in range(len(symbols)):
-        symbol = symbols[index]
-        if symbol < 0 or symbol >= len(lengths) or lengths[symbol] == 0:
-            return -1
-        total += lengths[symbol]
-    return total
-
-
-def encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
-    """Huffman-code `symbols` with the canonical code of `lengths`; returns (bytes, bit count)."""
-    symbols = np.ascontiguousarray(symbols)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if lengths.size and lengths.max() > MAX_WIDTH:
-        raise ConfigError(f"code lengths above {MAX_WIDTH} bits do not fit the bit writer")
-    bit_count = int(_bit_count(symbols, lengths))
-    if bit_count < 0:
-        raise ConfigError(f"a symbol to encode lies outside [0, {len(lengths)}) or has no code (its count was zero)")
-    out = np.zeros((bit_count + 7) // 8, dtype=np.uint8)
-    _encode(symbols, canonical_codes(lengths), lengths, out)
-    return out.tobytes(), bit_count
-
-
 def decode_table(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Tables of 2^max_length entries: the symbol and code length for every max_length-bit prefix.
 
@@ -177,69 +143,6 @@ def decode_table(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.n
         table_symbols[start : start + (1 << shift)] = symbol
         table_lengths[start : start + (1 << shift)] = lengths[symbol]
     return table_symbols, table_lengths
-
-
-@numba.njit(cache=True, nogil=True)
-def _decode(data, bit_count, count, table_symbols, table_lengths, max_length, out):
-    """Decode `count` symbols; returns bits consumed, or -1 on an invalid or overrunning code.
-
-    Bytes past the end read as zero, so the loop needs no bounds branch; an invalid prefix
-    (length 0) is remembered without branching and reported once at the end.
-    """
-    mask = (1 << max_length) - 1
-    buffer = 0
-    filled = 0
-    position = 0
-    consumed = 0
-    invalid = 0
-    size = len(data)
-    for index in range(count):
-        if filled < max_length:
-            # Top the 64-bit buffer up to at least 48 bits in one go: fewer branches per symbol.
-            if position + 6 <= size:
-                for _ in range(6 - filled // 8):
-                    buffer = (buffer << 8) | data[position]
-                    position += 1
-                    filled += 8
-            else:
-                while filled < max_length:
-                    byte = data[position] if position < size else 0
-                    buffer = (buffer << 8) | byte
-                    position += 1
-                    filled += 8
-            buffer &= 0xFFFFFFFFFFFFFF
-        prefix = (buffer >> (filled - max_length)) & mask
-        length = table_lengths[prefix]
-        invalid |= length == 0
-        consumed += length
-        out[index] = table_symbols[prefix]
-        filled -= length
-    if invalid or consumed > bit_count:
-        return -1
-    return consumed
-
-
-def decode(data: bytes, bit_count: int, count: int, lengths: np.ndarray, max_length: int | None = None) -> np.ndarray:
-    """Decode exactly `count` symbols from `data`. Corrupt input raises FormatError, never loops or overreads."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if max_length is None:
-        max_length = max(int(lengths.max(initial=0)), 1)
-    if not 0 <= bit_count <= 8 * len(data):
-        raise FormatError(f"the stream declares {bit_count} bits but holds {8 * len(data)}")
-    if count < 0 or (count > 0 and not np.any(lengths)):
-        raise FormatError(f"cannot decode {count} symbols with an empty code")
-    if count > bit_count:  # every code word is at least one bit long
-        raise FormatError(f"{count} symbols cannot fit in {bit_count} bits")
-    table_symbols, table_lengths = decode_table(lengths, max_length)
-    out = np.empty(count, dtype=np.uint8 if len(lengths) <= 256 else np.int32)
-    consumed = _decode(
-        np.frombuffer(data, dtype=np.uint8), bit_count, count, table_symbols, table_lengths, max_length, out
-    )
-    if consumed < 0:
-        raise FormatError("the Huffman stream is corrupt: an invalid code word or more bits than declared")
-    if consumed != bit_count:
-        raise FormatError(f"the Huffman stream has {bit_count - consumed} bits left over after {count} symbols")
-    return out
 
 
 LANES = 4
