@@ -9,7 +9,7 @@ LINT_PATHS := $(wildcard src tests benchmarks)
 .PHONY: demo test lint setup data clean
 
 demo: setup
-	$(BIN)/deepshrink reference lenet-300-100
+	$(BIN)/deepshrink run lenet-300-100
 
 test: setup
 	$(BIN)/ruff check $(LINT_PATHS)

@@ -27,6 +27,7 @@ def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
         ["evaluate"],
         ["reference"],
         ["info"],
+        ["run"],
         ["prune"],
         ["sensitivity"],
         ["quantize"],

@@ -26,7 +26,7 @@ def test_same_input_same_bytes_and_aligned_buffers():
     data = to_bytes(HEADER, BUFFERS)
     assert data == to_bytes(dict(reversed(list(HEADER.items()))), BUFFERS)
     header_length = struct.unpack_from("<Q", data, 16)[0]
-    table = json.loads(data[PREAMBLE.size : PREAMBLE.size + header_length])["buffers"]
+    table = json.loads(zlib.decompressobj().decompress(data[PREAMBLE.size : PREAMBLE.size + header_length]))["buffers"]
     assert all((PREAMBLE.size + header_length + entry["offset"]) % 8 == 0 for entry in table)
 
 
@@ -60,12 +60,48 @@ def test_random_bytes_never_crash(data):
         from_bytes(MAGIC + data)
 
 
-def lying(header: dict, buffers=(b"abcdefgh",)) -> bytes:
-    """A file whose header says what we choose, with a correct checksum over the lie."""
+def lying(header: dict, buffers=(b"abcdefgh",), major: int = 2) -> bytes:
+    """A file whose header says what we choose, with a correct checksum over the lie.
+
+    Major version 2 stores the header zlib-compressed, version 1 as plain JSON; both are read.
+    """
     encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    checksum = zlib.crc32(encoded, zlib.crc32(struct.pack("<HH", 1, 0)))
-    return PREAMBLE.pack(MAGIC, 1, 0, checksum, len(encoded)) + encoded + b"".join(buffers)
+    if major == 2:
+        encoded = zlib.compress(encoded)
+    encoded += (b"\0" if major == 2 else b" ") * (-len(encoded) % 8)
+    return framed(encoded, major) + b"".join(buffers)
+
+
+def framed(encoded: bytes, major: int = 2) -> bytes:
+    checksum = zlib.crc32(encoded, zlib.crc32(struct.pack("<HH", major, 0)))
+    return PREAMBLE.pack(MAGIC, major, 0, checksum, len(encoded)) + encoded
+
+
+def test_version_1_files_with_a_plain_json_header_are_still_read():
+    header = {"buffers": [{"offset": 0, "length": 8, "crc32": zlib.crc32(b"abcdefgh")}], "format": "x"}
+    for major in (1, 2):
+        assert from_bytes(lying(header, major=major)).header == {"format": "x"}
+
+
+def padded(encoded: bytes) -> bytes:
+    return encoded + b"\0" * (-len(encoded) % 8)
+
+
+@pytest.mark.parametrize(
+    ("encoded", "message"),
+    [
+        (padded(zlib.compress(b" " * (65 << 20), 9)), "inflates to more than"),  # a zip bomb
+        (padded(zlib.compress(b'{"buffers": []}')[:-6]), "zlib stream"),  # cut short, then zeros
+        (b"not zlib", "not a valid zlib stream"),
+        (zlib.compress(b'{"buffers": []}') + b"\0" * 9, "unexpected bytes after the header"),
+        (padded(zlib.compress(b'{"buffers": []}') + b"x"), "unexpected bytes after the header"),
+    ],
+    ids=["bomb", "truncated", "not-zlib", "long-padding", "trailing-garbage"],
+)
+def test_a_hostile_compressed_header_is_refused(encoded, message):
+    encoded += b"\0" * (-len(encoded) % 8)
+    with pytest.raises(FormatError, match=message):
+        from_bytes(framed(encoded))
 
 
 @pytest.mark.parametrize(
@@ -94,6 +130,6 @@ def test_huge_header_length_is_refused_before_reading():
 
 def test_other_major_version_is_refused():
     data = bytearray(to_bytes(HEADER, BUFFERS))
-    struct.pack_into("<H", data, 8, 2)
-    with pytest.raises(FormatError, match=r"version 2\.1 is not readable"):
+    struct.pack_into("<H", data, 8, 3)
+    with pytest.raises(FormatError, match=r"version 3\.0 is not readable"):
         from_bytes(bytes(data))

@@ -12,7 +12,10 @@ from deepshrink.errors import (
     UnsupportedLayerError,
 )
 from deepshrink.models import build_model, list_models, register_model
+from deepshrink.pipeline import RunResult, compress
+from deepshrink.recipe import Recipe, load_recipe
 from deepshrink.references import reference_model
+from deepshrink.stages import Loaders
 from deepshrink.train import TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
@@ -25,16 +28,21 @@ __all__ = [
     "DataSplits",
     "DeepshrinkError",
     "FormatError",
+    "Loaders",
     "ModelError",
+    "Recipe",
+    "RunResult",
     "TrainConfig",
     "UnsupportedLayerError",
     "__version__",
     "build_model",
+    "compress",
     "evaluate",
     "fit",
     "list_models",
     "load_checkpoint",
     "load_data",
+    "load_recipe",
     "make_loader",
     "read_idx",
     "reference_model",

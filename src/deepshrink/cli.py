@@ -126,90 +126,32 @@ def _parse_assignments(values: list[str] | None, option: str) -> dict[str, float
 
 
 def command_prune(args: argparse.Namespace) -> int:
-
+    from deepshrink import stages
     from deepshrink.checkpoint import load_model, save_checkpoint
-    from deepshrink.data import load_data, make_loader
-    from deepshrink.prune.schedule import (
-        global_sparsity_rule,
-        iterative_pruning,
-        per_layer_sparsity_rule,
-        std_quality_rule,
-    )
+    from deepshrink.data import load_data
     from deepshrink.prune.statistics import as_dicts, format_table, layer_statistics, totals
-    from deepshrink.prune.surgery import dynamic_network_surgery
-    from deepshrink.train import TrainConfig, evaluate
+    from deepshrink.recipe import PruneSettings
+    from deepshrink.train import evaluate
 
-    sparsities = _parse_assignments(args.sparsity, "--sparsity")
-    qualities = _parse_assignments(args.quality, "--quality")
-    chosen = [bool(sparsities), bool(qualities), args.global_sparsity is not None]
-    if sum(chosen) != 1:
-        raise ConfigError("give exactly one of --sparsity LAYER=S (repeatable), --quality LAYER=Q, --global-sparsity S")
-    if args.method == "dns" and not (sparsities or qualities):
-        raise ConfigError("--method dns needs per-layer --sparsity LAYER=S (threshold quantile) or --quality LAYER=C")
-    model, checkpoint = load_model(args.checkpoint, args.model)
-    data = load_data(args.data_dir, train_subset=args.train_subset)
-    train_loader = make_loader(data.train, args.batch_size, shuffle=True, seed=args.seed)
-    validation_loader = make_loader(data.validation, 1000, shuffle=False)
-    test_loader = make_loader(data.test, 1000, shuffle=False)
-    reference_test = evaluate(model, test_loader, args.device).accuracy
-    retrain = TrainConfig(
-        epochs=args.retrain_epochs,
+    settings = PruneSettings(
+        method=args.method,
+        sparsity=_parse_assignments(args.sparsity, "--sparsity") or None,
+        quality=_parse_assignments(args.quality, "--quality") or None,
+        global_sparsity=args.global_sparsity,
+        layers=args.layers,
+        rounds=args.rounds,
+        retrain_epochs=args.retrain_epochs,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
-        seed=args.seed,
+        finetune_epochs=args.finetune_epochs,
     )
-    log: dict = {"method": args.method}
-    if args.method == "dns":
-        result = dynamic_network_surgery(
-            model,
-            train_loader,
-            retrain,
-            crates=qualities or None,
-            sparsities=sparsities or None,
-            validation_loader=validation_loader,
-            device=args.device,
-            progress=not args.quiet,
-        )
-        log["spliced"] = result.spliced
-        log["thresholds"] = result.thresholds
-        if args.finetune_epochs:
-            from deepshrink.train import fit
-
-            finetune = TrainConfig(
-                epochs=args.finetune_epochs,
-                learning_rate=args.lr / 2,
-                weight_decay=args.weight_decay,
-                batch_size=args.batch_size,
-                seed=args.seed,
-            )
-            fit(
-                model,
-                train_loader,
-                finetune,
-                device=args.device,
-                progress=not args.quiet,
-                description="fine-tune (masks fixed)",
-            )
-            log["finetune_epochs"] = args.finetune_epochs
-    else:
-        if sparsities:
-            rule = per_layer_sparsity_rule(sparsities)
-        elif qualities:
-            rule = std_quality_rule(qualities)
-        else:
-            rule = global_sparsity_rule(args.global_sparsity, args.layers)
-        history = iterative_pruning(
-            model,
-            train_loader,
-            validation_loader,
-            rule,
-            rounds=args.rounds,
-            retrain=retrain,
-            device=args.device,
-            progress=not args.quiet,
-        )
-        log["rounds"] = [vars(record) for record in history.rounds]
+    model, checkpoint = load_model(args.checkpoint, args.model)
+    data = load_data(args.data_dir, train_subset=args.train_subset)
+    loaders = stages.Loaders.from_splits(data)
+    test_loader = loaders.test
+    reference_test = evaluate(model, test_loader, args.device).accuracy
+    log = stages.prune(model, settings, loaders, seed=args.seed, device=args.device, progress=not args.quiet)
     pruned_test = evaluate(model, test_loader, args.device).accuracy
     rows = layer_statistics(model.cpu(), data.test.tensors[0][:2])
     summary = totals(rows)
@@ -250,42 +192,32 @@ def command_prune(args: argparse.Namespace) -> int:
 
 
 def command_quantize(args: argparse.Namespace) -> int:
-
+    from deepshrink import stages
     from deepshrink.checkpoint import load_model, save_checkpoint
-    from deepshrink.data import load_data, make_loader
+    from deepshrink.data import load_data
     from deepshrink.quantize.report import format_sharing_table, sharing_rows
-    from deepshrink.quantize.shared import share_weights
-    from deepshrink.train import TrainConfig, evaluate, fit
+    from deepshrink.recipe import QuantizeSettings
+    from deepshrink.train import evaluate
 
-    bits = {pattern: int(value) for pattern, value in _parse_assignments(args.bits, "--bits").items()}
-    if any(float(value) != int(value) for value in _parse_assignments(args.bits, "--bits").values()):
+    parsed = _parse_assignments(args.bits, "--bits")
+    if any(float(value) != int(value) for value in parsed.values()):
         raise ConfigError(f"--bits takes whole numbers of bits, got {args.bits}")
+    settings = QuantizeSettings(
+        bits={pattern: int(value) for pattern, value in parsed.items()} or None,
+        init=args.init,
+        finetune_epochs=args.finetune_epochs,
+        optimizer=args.optimizer,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+    )
     model, checkpoint = load_model(args.checkpoint, args.model)
-    data = load_data(args.data_dir, train_subset=args.train_subset)
-    test_loader = make_loader(data.test, 1000, shuffle=False)
-    validation_loader = make_loader(data.validation, 1000, shuffle=False)
+    loaders = stages.Loaders.from_splits(load_data(args.data_dir, train_subset=args.train_subset))
+    test_loader = loaders.test
     before = evaluate(model, test_loader, args.device).accuracy
-    records = share_weights(model, bits or None, args.init, seed=args.seed)
-    shared = evaluate(model, test_loader, args.device).accuracy
-    history = None
-    if args.finetune_epochs:
-        config = TrainConfig(
-            epochs=args.finetune_epochs,
-            learning_rate=args.lr,
-            weight_decay=args.weight_decay,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            optimizer=args.optimizer,
-        )
-        history = fit(
-            model,
-            make_loader(data.train, args.batch_size, shuffle=True, seed=args.seed),
-            config,
-            validation_loader=validation_loader,
-            device=args.device,
-            progress=not args.quiet,
-            description="fine-tune centroids",
-        )
+    records, stage_log = stages.quantize(
+        model, settings, loaders, seed=args.seed, device=args.device, progress=not args.quiet
+    )
     tuned = evaluate(model, test_loader, args.device).accuracy
     rows = sharing_rows(model.cpu(), records)
     out = Path(args.out)
@@ -296,7 +228,7 @@ def command_quantize(args: argparse.Namespace) -> int:
         "optimizer": args.optimizer,
         "learning_rate": args.lr,
         "test_accuracy_before": before,
-        "test_accuracy_after_sharing": shared,
+        "validation_accuracy_after_sharing": stage_log["validation_accuracy_after_sharing"],
         "test_accuracy": tuned,
     }
     save_checkpoint(
@@ -307,17 +239,13 @@ def command_quantize(args: argparse.Namespace) -> int:
         protect=(args.checkpoint,),
     )
     print(format_sharing_table(rows))
-    print(
-        f"test accuracy: {before:.4f} before, {shared:.4f} after sharing, {tuned:.4f} after fine-tuning "
-        f"({100 * (tuned - before):+.2f} points)"
-    )
+    print(f"test accuracy: {before:.4f} before, {tuned:.4f} after fine-tuning ({100 * (tuned - before):+.2f} points)")
     print(f"checkpoint: {out}")
     if args.report_dir:
         from deepshrink.quantize.report import plot_codebooks
 
         report_dir = Path(args.report_dir)
-        epochs = [vars(record) for record in history.epochs] if history else []
-        data = {"layers": rows, **log, "epochs": epochs}
+        data = {"layers": rows, **log, "epochs": stage_log.get("epochs", [])}
         _write_report(
             args.report_dir, "quantization", format_sharing_table(rows, markdown=True), data, (args.checkpoint,)
         )
@@ -398,6 +326,35 @@ def command_inspect(args: argparse.Namespace) -> int:
     metadata = header.get("metadata", {})
     print(f"{args.file}: model {metadata.get('model')!r}, {metadata.get('library')}")
     print(format_size_table(rows, totals, markdown=args.markdown))
+    return 0
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from deepshrink.data import load_data
+    from deepshrink.pipeline import compress
+    from deepshrink.recipe import load_recipe
+    from deepshrink.report import summary
+
+    recipe = load_recipe(args.recipe)
+    name = args.model or recipe.model
+    if name is None:
+        raise ConfigError(f"{args.recipe}: the recipe names no model; add `model: NAME` or pass --model")
+    data = load_data(args.data_dir, seed=0, train_subset=recipe.data.train_subset)
+    if args.checkpoint:
+        from deepshrink.checkpoint import load_model
+
+        model, _ = load_model(args.checkpoint, name)
+    else:
+        from deepshrink.models import is_factory_path
+        from deepshrink.references import reference_model
+
+        if is_factory_path(name):
+            raise ConfigError(f"--model {name} is your own network: pass its trained weights with --checkpoint FILE")
+        model = reference_model(name, data, device=args.device, progress=not args.quiet).model
+    result = compress(
+        model, recipe, data, run_dir=args.run_dir, model_name=name, device=args.device, progress=not args.quiet
+    )
+    print(summary(result))
     return 0
 
 
@@ -571,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument(
         "--init",
-        choices=("linear", "density", "forgy"),
+        choices=("linear", "density", "forgy", "optimal"),
         default="linear",
         help="centroid initialisation (default linear, best in the paper)",
     )
@@ -636,6 +593,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", help="the .dcz file")
     inspect.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     inspect.set_defaults(handler=command_inspect)
+
+    run = commands.add_parser(
+        "run",
+        help="the whole pipeline from a YAML recipe: prune, quantize, encode, report (resumable)",
+        epilog=EPILOG,
+    )
+    run.add_argument("recipe", help="a YAML recipe, e.g. recipes/lenet-300-100.yaml")
+    run.add_argument("--run-dir", help="where stages, the .dcz file and the report go (default: runs/MODEL)")
+    run.add_argument("--model", help="override the recipe's model: a registered name or package.module:factory")
+    run.add_argument(
+        "--checkpoint", help="start from these trained weights (default: the registered model's cached reference)"
+    )
+    _add_data_options(run)
+    run.set_defaults(handler=command_run)
 
     sensitivity = commands.add_parser(
         "sensitivity", help="validation accuracy against sparsity for each layer alone (table and plot)", epilog=EPILOG

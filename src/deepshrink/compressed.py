@@ -163,10 +163,7 @@ def size_report(header: dict) -> tuple[list[LayerSize], dict]:
 
 
 def _header_bytes(header: dict) -> int:
-    import json
-
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    return len(text) + (-len(text) % container.ALIGNMENT)
+    return len(container.encode_header(header))
 
 
 def format_size_table(rows: list[LayerSize], totals: dict, markdown: bool = False) -> str:

@@ -18,8 +18,9 @@ from deepshrink.errors import FormatError
 from deepshrink.files import atomic_output
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"
-MAJOR_VERSION = 1
-MINOR_VERSION = 1
+MAJOR_VERSION = 2
+MINOR_VERSION = 0
+READABLE_MAJOR_VERSIONS = (1, 2)  # 1.x: plain JSON header; 2.x: zlib-compressed JSON header
 PREAMBLE = struct.Struct("<8sHHIQ")  # magic, major, minor, header CRC-32, header length
 VERSIONS = struct.Struct("<HH")  # covered by the header checksum, so a flipped minor version is caught
 ALIGNMENT = 8
@@ -44,14 +45,41 @@ def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
     for buffer in buffers:
         table.append({"offset": offset, "length": len(buffer), "crc32": zlib.crc32(buffer)})
         offset += len(buffer) + _padding(len(buffer))
-    text = json.dumps({**header, "buffers": table}, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    encoded = text.encode("utf-8")
-    encoded += b" " * _padding(len(encoded))
+    encoded = encode_header({**header, "buffers": table})
     checksum = zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(MAJOR_VERSION, MINOR_VERSION)))
     parts = [PREAMBLE.pack(MAGIC, MAJOR_VERSION, MINOR_VERSION, checksum, len(encoded)), encoded]
     for buffer in buffers:
         parts += [bytes(buffer), b"\0" * _padding(len(buffer))]
     return b"".join(parts)
+
+
+def encode_header(header: dict) -> bytes:
+    """The stored header (with its buffer table): sorted compact JSON, zlib-compressed, zero-padded.
+
+    Compressed because on small models the header is a tenth of the file: its JSON is
+    repetitive (field names, CRCs, lane sizes), and deflate takes it to about a third.
+    """
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    encoded = zlib.compress(text, 9)
+    return encoded + b"\0" * _padding(len(encoded))
+
+
+def _decode_header(encoded: bytes, major: int, source: str) -> bytes:
+    """The header's JSON bytes: as stored for 1.x, inflated (bounded, exact padding) for 2.x."""
+    if major == 1:
+        return encoded
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(encoded, MAX_HEADER_BYTES)
+    except zlib.error as error:
+        raise FormatError(f"{source}: header is not a valid zlib stream: {error}") from error
+    if inflater.unconsumed_tail:
+        raise FormatError(f"{source}: header inflates to more than {MAX_HEADER_BYTES} bytes")
+    if not inflater.eof:
+        raise FormatError(f"{source}: header zlib stream is truncated")
+    if len(inflater.unused_data) >= ALIGNMENT or inflater.unused_data.strip(b"\0"):
+        raise FormatError(f"{source}: {len(inflater.unused_data)} unexpected bytes after the header's zlib stream")
+    return text
 
 
 def write(path: str | os.PathLike, header: dict, buffers: list[bytes], protect=()) -> Path:
@@ -69,9 +97,10 @@ def _parse_header(data: bytes, source: str) -> tuple[dict, int]:
     magic, major, minor, header_crc, header_length = PREAMBLE.unpack_from(data)
     if magic != MAGIC:
         raise FormatError(f"{source}: not a .dcz file (magic {magic!r}, expected {MAGIC!r})")
-    if major != MAJOR_VERSION:
+    if major not in READABLE_MAJOR_VERSIONS:
         raise FormatError(
-            f"{source}: format version {major}.{minor} is not readable here (this reads {MAJOR_VERSION}.x)"
+            f"{source}: format version {major}.{minor} is not readable here "
+            f"(this reads {', '.join(f'{version}.x' for version in READABLE_MAJOR_VERSIONS)})"
         )
     if header_length > MAX_HEADER_BYTES or header_length % ALIGNMENT:
         raise FormatError(
@@ -86,7 +115,7 @@ def _parse_header(data: bytes, source: str) -> tuple[dict, int]:
     if zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(major, minor))) != header_crc:
         raise FormatError(f"{source}: header checksum mismatch: the file is corrupt")
     try:
-        header = json.loads(encoded.decode("utf-8"))
+        header = json.loads(_decode_header(encoded, major, source).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FormatError(f"{source}: header is not valid UTF-8 JSON: {error}") from error
     if not isinstance(header, dict) or not isinstance(header.get("buffers"), list):

@@ -1,0 +1,188 @@
+"""The run report: the paper's Table 1 row and per-layer table (beside the paper's own numbers),
+the stages' logs, and Figures 4-6, as Markdown + JSON + PNG in the run directory.
+
+Sizes come from the written file's header; the compressed accuracy from the decoded file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from torch import nn
+
+from deepshrink.compressed import format_size_table, plot_distributions, size_report
+from deepshrink.encode.container import read_header
+from deepshrink.files import atomic_output
+from deepshrink.paper import PAPER
+from deepshrink.tables import render_table
+
+
+def table1(result, markdown: bool = False) -> str:
+    """The paper's Table 1 row for this run, with the paper's own row when it has one."""
+    header = ["network", "top-1 error (reference)", "top-1 error (compressed)", "parameters", "compressed", "ratio"]
+    rows = [
+        [
+            f"{result.model_name} (ours, Fashion-MNIST)",
+            f"{100 * (1 - result.reference_accuracy):.2f}%",
+            f"{100 * (1 - result.compressed_accuracy):.2f}%",
+            f"{result.parameter_bytes / 1000:,.0f} KB",
+            f"{result.file_bytes / 1000:,.1f} KB",
+            f"{result.ratio:.1f}x",
+        ]
+    ]
+    paper = PAPER.get(result.model_name)
+    if paper is not None:
+        rows.append(
+            [
+                f"{result.model_name} (paper, MNIST)",
+                f"{100 * paper.reference_error:.2f}%",
+                f"{100 * paper.compressed_error:.2f}%",
+                paper.original_size,
+                paper.compressed_size,
+                f"{paper.ratio:.0f}x",
+            ]
+        )
+    return render_table(header, rows, markdown)
+
+
+def paper_comparison(model_name: str, rows, markdown: bool = True) -> str | None:
+    """Our per-layer columns next to the paper's Table 2 / 3 (P+Q+H columns)."""
+    paper = PAPER.get(model_name)
+    if paper is None:
+        return None
+    ours = {row.name.removesuffix(".weight"): row for row in rows if row.weight_bits is not None}
+    header = [
+        "layer",
+        "kept (ours / paper)",
+        "weight bits P+Q+H (ours / paper)",
+        "index bits P+Q+H (ours / paper)",
+        "compress rate P+Q+H (ours / paper)",
+    ]
+    body = []
+    for layer in paper.layers:
+        row = ours.get(layer.layer)
+        if row is None:
+            continue
+        index = "-" if row.index_bits_coded is None else f"{row.index_bits_coded:.2f}"
+        body.append(
+            [
+                f"{layer.layer} ({layer.paper_name})",
+                f"{100 * row.kept / row.weights:.1f}% / {100 * layer.kept:.0f}%",
+                f"{row.weight_bits_coded:.2f} / {layer.weight_bits_coded}",
+                f"{index} / {layer.index_bits_coded}",
+                f"{row.rate:.1f}x / {1 / layer.rate_coded:.1f}x",
+            ]
+        )
+    return render_table(header, body, markdown)
+
+
+def stage_lines(result) -> list[str]:
+    lines = []
+    for stage in result.stages:
+        state = "cached" if stage.cached else "ran"
+        detail = ""
+        if "validation_accuracy" in stage.log:
+            detail = f", validation accuracy {100 * stage.log['validation_accuracy']:.2f}%"
+        if stage.name == "prune" and stage.log.get("rounds"):
+            detail += f", {100 * stage.log['rounds'][-1]['kept_fraction']:.2f}% of weights kept"
+        lines.append(f"- {stage.name}: {state} in {stage.seconds:.1f} s{detail} (key {stage.key[:12]})")
+    return lines
+
+
+def write_report(result, recipe, model: nn.Module, records: dict | None, tradeoff: dict | None) -> dict:
+    """RUN_DIR/report.md, report.json and the figures; returns the JSON data."""
+    run_dir = Path(result.run_dir)
+    rows, totals = size_report(read_header(result.path))
+    figures = {}
+    if records:
+        from deepshrink.quantize.report import plot_codebooks
+
+        figures["figure4"] = plot_codebooks(model, records, run_dir / "figure4-codebook.png").name
+    if any(row.weight_bits is not None for row in rows):
+        figures["figure5"] = plot_distributions(result.path, run_dir / "figure5-distributions.png").name
+    if tradeoff is not None:
+        from deepshrink.tradeoff import plot_tradeoff
+
+        plot_tradeoff(tradeoff, run_dir / "figure6-tradeoff.png")
+        figures["figure6"] = "figure6-tradeoff.png"
+
+    lines = [
+        f"# deepshrink report: {result.model_name}",
+        "",
+        f"File `{result.path.name}`: {result.file_bytes:,} bytes, {result.ratio:.1f}x smaller than the "
+        f"{result.parameter_bytes:,} bytes of fp32 parameters. Test accuracy {100 * result.reference_accuracy:.2f}% "
+        f"before, {100 * result.compressed_accuracy:.2f}% decoded from the file "
+        f"({100 * (result.compressed_accuracy - result.reference_accuracy):+.2f} points).",
+        "",
+        "## Table 1",
+        "",
+        table1(result, markdown=True),
+        "",
+        "## Per layer (the paper's Tables 2-3 columns, from the file's bytes)",
+        "",
+        format_size_table(rows, totals, markdown=True),
+        "",
+    ]
+    comparison = paper_comparison(result.model_name, rows)
+    if comparison is not None:
+        lines += [f"Beside the paper's {PAPER[result.model_name].table} (MNIST):", "", comparison, ""]
+    lines += ["## Stages", "", *stage_lines(result), ""]
+    captions = {
+        "figure4": "Figure 4: centroid initialisation on the weights' CDF, and the codebook before and after "
+        "fine-tuning (largest layer)",
+        "figure5": "Figure 5: distribution of weight codes and index gaps (largest layer), what Huffman exploits",
+        "figure6": "Figure 6: test accuracy against compression ratio for pruning only, quantization only, "
+        "and both, each from the reference with brief retraining",
+    }
+    if figures:
+        lines += ["## Figures", ""]
+        for key, name in figures.items():
+            lines += [f"![{captions[key]}]({name})", "", captions[key], ""]
+    if tradeoff is not None:
+        header = ["method", "setting", "bytes", "ratio", "test accuracy"]
+        body = [
+            [p["method"], p["setting"], f"{p['bytes']:,}", f"{p['ratio']:.1f}x", f"{100 * p['accuracy']:.2f}%"]
+            for p in tradeoff["points"]
+        ]
+        lines += ["Figure 6 data:", "", render_table(header, body, markdown=True), ""]
+
+    data = {
+        "model": result.model_name,
+        "file": result.path.name,
+        "file_bytes": result.file_bytes,
+        "parameter_bytes": result.parameter_bytes,
+        "ratio": result.ratio,
+        "reference_test_accuracy": result.reference_accuracy,
+        "compressed_test_accuracy": result.compressed_accuracy,
+        "layers": [asdict(row) | {"rate": row.rate, "rate_fixed": row.rate_fixed} for row in rows],
+        "totals": totals,
+        "stages": [asdict(stage) for stage in result.stages],
+        "recipe": recipe.to_dict(),
+        "figures": figures,
+        "tradeoff": tradeoff,
+    }
+    with atomic_output(run_dir / "report.md") as temporary:
+        temporary.write_text("\n".join(lines))
+    with atomic_output(run_dir / "report.json") as temporary:
+        temporary.write_text(json.dumps(data, indent=2, default=float))
+    return data
+
+
+def summary(result) -> str:
+    """What the CLI prints at the end of a run."""
+    rows, totals = size_report(read_header(result.path))
+    parts = [format_size_table(rows, totals), "", table1(result)]
+    comparison = paper_comparison(result.model_name, rows, markdown=False)
+    if comparison is not None:
+        parts += ["", comparison]
+    parts += [
+        "",
+        f"file: {result.path} ({result.file_bytes:,} bytes, {result.ratio:.1f}x)",
+        f"test accuracy: {100 * result.reference_accuracy:.2f}% reference, "
+        f"{100 * result.compressed_accuracy:.2f}% decoded from the file "
+        f"({100 * (result.compressed_accuracy - result.reference_accuracy):+.2f} points)",
+        f"report: {Path(result.run_dir) / 'report.md'}",
+    ]
+    return "\n".join(parts)

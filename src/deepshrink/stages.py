@@ -1,0 +1,175 @@
+"""One compression stage at a time, applied in place to a model from its recipe settings.
+
+The `prune`, `quantize` and `run` commands and `deepshrink.pipeline.compress` all go through
+these functions, so a stage behaves the same whichever way it is called. Each returns a log of
+what it did (plain data, for reports and checkpoint metadata).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from deepshrink.data import DataSplits, make_loader
+from deepshrink.recipe import PruneSettings, QuantizeSettings
+from deepshrink.train import TrainConfig, evaluate, fit
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """The data a stage sees. `train` is a factory so that each stage can draw its own batch
+    size and shuffling seed; a user's fixed DataLoader is wrapped with `Loaders.fixed`."""
+
+    train: object  # callable (batch_size, seed) -> DataLoader
+    validation: DataLoader
+    test: DataLoader
+
+    @classmethod
+    def from_splits(cls, data: DataSplits, test_subset: int | None = None) -> Loaders:
+        test = data.test
+        if test_subset is not None:
+            test = torch.utils.data.TensorDataset(*(tensor[:test_subset] for tensor in data.test.tensors))
+        return cls(
+            train=lambda batch_size, seed: make_loader(data.train, batch_size, shuffle=True, seed=seed),
+            validation=make_loader(data.validation, 1000, shuffle=False),
+            test=make_loader(test, 1000, shuffle=False),
+        )
+
+    @classmethod
+    def fixed(cls, train: DataLoader, validation: DataLoader, test: DataLoader) -> Loaders:
+        """Your own loaders; the stages' batch_size settings then do not apply."""
+        return cls(train=lambda batch_size, seed: train, validation=validation, test=test)
+
+
+def prune(
+    model: nn.Module,
+    settings: PruneSettings,
+    loaders: Loaders,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Stage 1 in place: magnitude pruning in rounds with retraining, or Dynamic Network Surgery."""
+    from deepshrink.prune.schedule import (
+        global_sparsity_rule,
+        iterative_pruning,
+        per_layer_sparsity_rule,
+        std_quality_rule,
+    )
+    from deepshrink.prune.surgery import dynamic_network_surgery
+
+    retrain = TrainConfig(
+        epochs=settings.retrain_epochs,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        batch_size=settings.batch_size,
+        seed=seed,
+    )
+    train_loader = loaders.train(settings.batch_size, seed)
+    criterion = None
+    if settings.distill is not None:
+        from deepshrink.distill import DistillationLoss
+
+        teacher = copy.deepcopy(model)
+        criterion = DistillationLoss(teacher, settings.distill.temperature, settings.distill.alpha)
+    log: dict = {"method": settings.method}
+    if settings.method == "dns":
+        result = dynamic_network_surgery(
+            model,
+            train_loader,
+            retrain,
+            crates=settings.quality,
+            sparsities=settings.sparsity,
+            validation_loader=loaders.validation,
+            device=device,
+            criterion=criterion,
+            progress=progress,
+        )
+        log.update(spliced=result.spliced, thresholds=result.thresholds)
+    else:
+        if settings.sparsity is not None:
+            rule = per_layer_sparsity_rule(settings.sparsity)
+        elif settings.quality is not None:
+            rule = std_quality_rule(settings.quality)
+        else:
+            rule = global_sparsity_rule(settings.global_sparsity, settings.layers)
+        history = iterative_pruning(
+            model,
+            train_loader,
+            loaders.validation,
+            rule,
+            rounds=settings.rounds,
+            retrain=retrain,
+            device=device,
+            criterion=criterion,
+            progress=progress,
+        )
+        log["rounds"] = [vars(record) for record in history.rounds]
+    if settings.finetune_epochs:
+        finetune = TrainConfig(
+            epochs=settings.finetune_epochs,
+            learning_rate=settings.learning_rate / 2,
+            weight_decay=settings.weight_decay,
+            batch_size=settings.batch_size,
+            seed=seed,
+        )
+        fit(
+            model,
+            train_loader,
+            finetune,
+            device=device,
+            criterion=criterion,
+            progress=progress,
+            description="fine-tune (masks fixed)",
+        )
+    log["validation_accuracy"] = evaluate(model, loaders.validation, device).accuracy
+    return log
+
+
+def quantize(
+    model: nn.Module,
+    settings: QuantizeSettings,
+    loaders: Loaders,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[dict, dict]:
+    """Stage 2 in place: k-means weight sharing, then centroid fine-tuning.
+
+    Returns the per-layer SharingRecords (for Figure 4) and a log.
+    """
+    from deepshrink.quantize.shared import share_weights
+
+    records = share_weights(model, settings.bits, settings.init, seed=seed)
+    log: dict = {
+        "init": settings.init,
+        "bits": {name: record.bits for name, record in records.items()},
+        "validation_accuracy_after_sharing": evaluate(model, loaders.validation, device).accuracy,
+    }
+    if settings.finetune_epochs:
+        config = TrainConfig(
+            epochs=settings.finetune_epochs,
+            learning_rate=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+            batch_size=settings.batch_size,
+            seed=seed,
+            optimizer=settings.optimizer,
+        )
+        history = fit(
+            model,
+            loaders.train(settings.batch_size, seed),
+            config,
+            validation_loader=loaders.validation,
+            device=device,
+            progress=progress,
+            description="fine-tune centroids",
+        )
+        log["epochs"] = [vars(record) for record in history.epochs]
+    log["validation_accuracy"] = evaluate(model, loaders.validation, device).accuracy
+    return records, log
