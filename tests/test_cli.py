@@ -28,6 +28,8 @@ def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
         ["reference"],
         ["info"],
         ["run"],
+        ["predict"],
+        ["bench"],
         ["prune"],
         ["sensitivity"],
         ["quantize"],

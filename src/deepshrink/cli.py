@@ -358,6 +358,84 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_modes(values: list[str] | None) -> str | dict[str, str]:
+    """["sparse"] or ["fc*=dense", "conv*=sparse"] into what load_runtime takes."""
+    if not values:
+        return "auto"
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0]
+    modes = {}
+    for value in values:
+        pattern, separator, mode = value.partition("=")
+        if not separator:
+            raise ConfigError(f"--mode {value!r}: give one mode, or LAYER_GLOB=MODE entries")
+        modes[pattern] = mode
+    return modes
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from deepshrink.data import load_data, make_loader
+    from deepshrink.runtime.load import load_runtime
+
+    model = load_runtime(args.file, args.model, mode=_runtime_modes(args.mode))
+    data = load_data(args.data_dir)
+    split = {"test": data.test, "validation": data.validation}[args.split]
+    loader = make_loader(split, args.batch_size, shuffle=False)
+    correct = 0
+    started = time.perf_counter()
+    with torch.no_grad():
+        for images, labels in loader:
+            correct += int((model(images).argmax(dim=1) == labels).sum())
+    seconds = time.perf_counter() - started
+    count = len(split)
+    print(f"{args.file}: {args.split} accuracy {correct / count:.4f} on {count} images")
+    print(f"throughput: {count / seconds:,.0f} images/s at batch {args.batch_size} ({seconds:.2f} s)")
+    return 0
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    from deepshrink.compressed import load_compressed
+    from deepshrink.runtime.bench import latency_table
+    from deepshrink.runtime.load import load_runtime, resident_weight_bytes
+    from deepshrink.tables import render_table
+
+    dense, metadata = load_compressed(args.file, args.model)
+    dense.eval()
+    compressed = load_runtime(args.file, args.model, mode=_runtime_modes(args.mode))
+    shape = tuple(args.input_shape)
+    rows = latency_table(dense, compressed, shape, args.batch, repeats=args.repeats)
+    print(f"{args.file}: {metadata.get('model')}, input {shape}, median of {args.repeats} runs per batch size")
+    print(
+        render_table(
+            ["batch", "dense (ms)", "compressed (ms)", "speedup"],
+            [
+                [str(row["batch"]), f"{row['dense_ms']:.3f}", f"{row['compressed_ms']:.3f}", f"{row['speedup']:.2f}x"]
+                for row in rows
+            ],
+        )
+    )
+    dense_bytes, compressed_bytes = resident_weight_bytes(dense), resident_weight_bytes(compressed)
+    print(
+        render_table(
+            ["layer", "runs as", "dense weight bytes", "resident bytes"],
+            [
+                [
+                    name,
+                    type(dict(compressed.named_modules())[name]).__name__,
+                    f"{dense_bytes[name]:,}",
+                    f"{compressed_bytes[name]:,}",
+                ]
+                for name in compressed_bytes
+            ],
+        )
+    )
+    return 0
+
+
 def command_sensitivity(args: argparse.Namespace) -> int:
     from deepshrink.checkpoint import load_model
     from deepshrink.data import load_data, make_loader
@@ -607,6 +685,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(run)
     run.set_defaults(handler=command_run)
+
+    mode_help = (
+        "auto (sparse where a layer's density is low enough), sparse, dense, or LAYER_GLOB=MODE entries (default: auto)"
+    )
+    predict = commands.add_parser(
+        "predict", help="accuracy and throughput of a .dcz file run from its compressed form", epilog=EPILOG
+    )
+    predict.add_argument("file", help="the .dcz file")
+    predict.add_argument("--model", help="model name or package.module:factory (default: the one the file names)")
+    predict.add_argument("--mode", nargs="+", help=mode_help)
+    predict.add_argument("--batch-size", type=int, default=1, help="images per call (default 1)")
+    predict.add_argument("--split", choices=("test", "validation"), default="test", help="which split (default test)")
+    _add_data_options(predict)
+    predict.set_defaults(handler=command_predict)
+
+    bench = commands.add_parser(
+        "bench", help="latency at batch 1, 8 and 64: dense against compressed, in the same run", epilog=EPILOG
+    )
+    bench.add_argument("file", help="the .dcz file")
+    bench.add_argument("--model", help="model name or package.module:factory (default: the one the file names)")
+    bench.add_argument("--mode", nargs="+", help=mode_help)
+    bench.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="batch sizes (default 1 8 64)")
+    bench.add_argument("--repeats", type=int, default=100, help="timed calls per batch size (default 100)")
+    bench.add_argument(
+        "--input-shape", type=int, nargs="+", default=[1, 28, 28], help="one example's shape (default 1 28 28)"
+    )
+    bench.set_defaults(handler=command_bench)
 
     sensitivity = commands.add_parser(
         "sensitivity", help="validation accuracy against sparsity for each layer alone (table and plot)", epilog=EPILOG

@@ -8,6 +8,7 @@ weights are bit-identical to the model's effective weights (codebook[indices], e
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -233,31 +234,22 @@ def _decode_stream(stream, buffers: list[bytes], coder: str, alphabet: int, limi
     return out
 
 
-def _decode_record(record: dict, buffers: list[bytes]) -> torch.Tensor:
-    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
-        raise FormatError("a tensor record is not an object with a name")
+@dataclass(frozen=True)
+class SharedParts:
+    """A shared tensor as stored: its full codebook (code 0 = zero when reserved) and either
+    dense codes or the relative-index sparse layout. Nothing is expanded to float weights."""
+
+    codebook: np.ndarray  # float32
+    codes: np.ndarray | None  # dense layout: codes in the tensor's shape
+    sparse: SparseLayout | None  # csr / csc layout
+    shape: tuple[int, ...]
+
+
+def decode_shared_parts(record: dict, buffers: list[bytes]) -> SharedParts:
+    """Validate and entropy-decode a `shared` record without building its weights."""
     name = record["name"]
-    shape = record.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(side, int) and not isinstance(side, bool) and side >= 0 for side in shape
-    ):
-        raise FormatError(f"{name}: shape {shape!r} is not a list of non-negative integers")
+    shape = record["shape"]
     elements = int(np.prod(shape, dtype=np.float64))
-    if elements > MAX_ELEMENTS:
-        raise FormatError(f"{name}: shape {shape} has more than {MAX_ELEMENTS} elements")
-    if record.get("dtype") not in DTYPES:
-        raise FormatError(f"{name}: unknown dtype {record.get('dtype')!r}")
-    torch_type, numpy_type = DTYPES[record["dtype"]]
-    encoding = record.get("encoding")
-    if encoding == "raw":
-        data = _buffer(buffers, record.get("data"), name)
-        expected = elements * np.dtype(numpy_type).itemsize
-        if len(data) != expected:
-            raise FormatError(f"{name}: raw data has {len(data)} bytes, shape {shape} needs {expected}")
-        array = np.frombuffer(data, dtype=np.dtype(numpy_type).newbyteorder("<")).reshape(shape)
-        return torch.from_numpy(array.astype(numpy_type, copy=True))
-    if encoding != "shared":
-        raise FormatError(f"{name}: unknown encoding {encoding!r}")
     if record["dtype"] != "float32":
         raise FormatError(f"{name}: shared tensors are float32, not {record['dtype']}")
     bits = _count(record.get("bits"), f"{name}: bits", 16)
@@ -307,9 +299,54 @@ def _decode_record(record: dict, buffers: list[bytes]) -> torch.Tensor:
         layout_record = SparseLayout(
             gaps.astype(np.uint16), entry_codes.astype(np.uint16), counts, matrix, layout, index_bits
         )
-        codes = from_sparse(layout_record, tuple(shape))
+        if int(counts.sum()) != entries:
+            raise FormatError(f"{name}: the row counts add up to {int(counts.sum())}, not {entries} entries")
+        if len(entry_codes) and int(entry_codes.max()) >= len(full):
+            raise FormatError(f"{name}: a code exceeds the codebook's {len(full)} entries")
+        return SharedParts(full.astype(np.float32), None, layout_record, tuple(shape))
     else:
         raise FormatError(f"{name}: unknown layout {layout!r}")
+    if len(codes) and int(codes.max()) >= len(full):
+        raise FormatError(f"{name}: a code exceeds the codebook's {len(full)} entries")
+    return SharedParts(full.astype(np.float32), codes.reshape(shape), None, tuple(shape))
+
+
+def decode_record_parts(record: dict, buffers: list[bytes]) -> torch.Tensor | SharedParts:
+    """A raw tensor, or a shared tensor's parts (codebook + codes, never expanded), validated."""
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise FormatError("a tensor record is not an object with a name")
+    name = record["name"]
+    shape = record.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(side, int) and not isinstance(side, bool) and side >= 0 for side in shape
+    ):
+        raise FormatError(f"{name}: shape {shape!r} is not a list of non-negative integers")
+    elements = int(np.prod(shape, dtype=np.float64))
+    if elements > MAX_ELEMENTS:
+        raise FormatError(f"{name}: shape {shape} has more than {MAX_ELEMENTS} elements")
+    if record.get("dtype") not in DTYPES:
+        raise FormatError(f"{name}: unknown dtype {record.get('dtype')!r}")
+    torch_type, numpy_type = DTYPES[record["dtype"]]
+    encoding = record.get("encoding")
+    if encoding == "raw":
+        data = _buffer(buffers, record.get("data"), name)
+        expected = elements * np.dtype(numpy_type).itemsize
+        if len(data) != expected:
+            raise FormatError(f"{name}: raw data has {len(data)} bytes, shape {shape} needs {expected}")
+        array = np.frombuffer(data, dtype=np.dtype(numpy_type).newbyteorder("<")).reshape(shape)
+        return torch.from_numpy(array.astype(numpy_type, copy=True))
+    if encoding != "shared":
+        raise FormatError(f"{name}: unknown encoding {encoding!r}")
+    return decode_shared_parts(record, buffers)
+
+
+def _decode_record(record: dict, buffers: list[bytes]) -> torch.Tensor:
+    parts = decode_record_parts(record, buffers)
+    if isinstance(parts, torch.Tensor):
+        return parts
+    name, shape = record["name"], record["shape"]
+    codes = from_sparse(parts.sparse, tuple(shape)) if parts.sparse is not None else parts.codes
+    full = parts.codebook
     if len(codes.reshape(-1)) and int(codes.max()) >= len(full):
         raise FormatError(f"{name}: a code exceeds the codebook's {len(full)} entries")
     values = full[codes.reshape(shape).astype(np.int64)].astype(np.float32)

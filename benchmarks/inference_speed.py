@@ -1,0 +1,153 @@
+"""Running AlexNet's fully connected layers from the compressed form, against dense torch.
+
+Synthetic weights with AlexNet's FC shapes and random masks at Han et al.'s densities (fc6 and
+fc7 9%, fc8 25%), 5-bit codebooks. Every candidate computes the same product and is checked
+against the dense result; all are timed in the same run, interleaved, so a noisy neighbour
+slows every candidate alike:
+- dense: torch.nn.functional.linear on the decoded float32 matrix (MKL/oneDNN GEMV);
+- torch CSR: torch.sparse_csr_tensor of float32 values;
+- scipy CSR: scipy.sparse.csr_matrix of float32 values;
+- codebook CSR: ours, uint8 codes + uint16 columns + the codebook, numba (deepshrink.runtime).
+
+Hot: the same copy every call. Cold: rotate through copies whose total is larger than the
+last-level cache, so every call reads its weights from memory.
+
+    .venv/bin/python benchmarks/inference_speed.py [--repeats 30] [--cold-bytes 1.5e9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse
+import torch
+from torch.nn import functional
+
+from deepshrink.encode.sparse import to_sparse
+from deepshrink.runtime.kernels import csr_from_layout
+from deepshrink.runtime.modules import CodebookWeight
+
+ALEXNET_FC = [("fc6", 4096, 9216, 0.09), ("fc7", 4096, 4096, 0.09), ("fc8", 1000, 4096, 0.25)]
+BITS = 5
+
+
+def make_layer(rows: int, columns: int, density: float, seed: int):
+    generator = np.random.default_rng(seed)
+    mask = generator.random((rows, columns), dtype=np.float32) < density
+    codes = np.where(mask, generator.integers(1, 1 << BITS, (rows, columns), dtype=np.uint8), 0).astype(np.uint8)
+    codebook = np.concatenate(([0.0], generator.laplace(0, 0.02, (1 << BITS) - 1))).astype(np.float32)
+    indptr, indices, entry_codes = csr_from_layout(to_sparse(codes, 5, "csr"), int(mask.sum()))
+    dense = torch.from_numpy(codebook[codes])
+    return dense, CodebookWeight(indptr, indices, entry_codes, codebook, (rows, columns))
+
+
+def candidates(dense: torch.Tensor, weight: CodebookWeight):
+    """name -> (resident weight bytes, function of a (batch, columns) float32 tensor)."""
+    values = weight.codebook[weight.codes.astype(np.int64)]
+    indptr = torch.from_numpy(weight.indptr)
+    columns = torch.from_numpy(weight.columns.astype(np.int64))
+    torch_csr = torch.sparse_csr_tensor(indptr, columns, torch.from_numpy(values), size=weight.shape)
+    scipy_csr = scipy.sparse.csr_matrix((values, weight.columns.astype(np.int32), weight.indptr), shape=weight.shape)
+
+    def ours(inputs: torch.Tensor):
+        array = inputs.numpy()
+        return weight.times(array[0]) if array.shape[0] == 1 else weight.times(np.ascontiguousarray(array.T)).T
+
+    return {
+        "dense torch": (dense.numel() * 4, lambda inputs: functional.linear(inputs, dense)),
+        "torch CSR": (
+            values.nbytes + 8 * (len(indptr) + len(columns)),
+            lambda inputs: torch.sparse.mm(torch_csr, inputs.T).T,
+        ),
+        "scipy CSR": (
+            values.nbytes + scipy_csr.indices.nbytes + scipy_csr.indptr.nbytes,
+            lambda inputs: (scipy_csr @ inputs.numpy().T).T,
+        ),
+        "codebook CSR (ours)": (weight.nbytes, ours),
+    }
+
+
+def time_rotating(functions: list, inputs: torch.Tensor, repeats: int) -> float:
+    """Median seconds per call, cycling through `functions` (copies of one candidate)."""
+    for function in functions[:2]:
+        function(inputs)
+    times = []
+    for index in range(repeats):
+        started = time.perf_counter()
+        functions[index % len(functions)](inputs)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round is reported")
+    parser.add_argument("--cold-bytes", type=float, default=1.2e9, help="total bytes of rotated copies when cold")
+    parser.add_argument("--out", default="benchmarks/results/inference_speed.json")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    results = {"threads": torch.get_num_threads(), "layers": []}
+    for index, (name, rows, columns, density) in enumerate(ALEXNET_FC):
+        dense, weight = make_layer(rows, columns, density, index)
+        built = candidates(dense, weight)
+        layer = {"layer": name, "shape": [rows, columns], "density": weight.density, "candidates": {}}
+        # Cold copies: as many as it takes to exceed --cold-bytes of that candidate's weights.
+        cold = {}
+        for candidate, (resident, _) in built.items():
+            copies = max(2, int(args.cold_bytes // resident) + 1)
+            if candidate == "dense torch":
+                cold[candidate] = [built[candidate][1]] + [
+                    (lambda copy: lambda inputs: functional.linear(inputs, copy))(dense.clone())
+                    for _ in range(copies - 1)
+                ]
+            else:
+                cold[candidate] = [built[candidate][1]] + [
+                    candidates(dense, _copy_weight(weight))[candidate][1] for _ in range(min(copies, 200) - 1)
+                ]
+        for batch in (1, 8, 64):
+            inputs = torch.randn(batch, columns, generator=torch.Generator().manual_seed(batch))
+            expected = functional.linear(inputs.double(), dense.double())
+            for candidate, (_, function) in built.items():
+                difference = (torch.as_tensor(function(inputs)).double() - expected).abs().max()
+                assert difference / expected.abs().max() < 1e-5, candidate
+            for temperature in ("hot", "cold") if batch == 1 else ("hot",):
+                rounds = {candidate: [] for candidate in built}
+                for _ in range(args.rounds):
+                    for candidate, (_, function) in built.items():
+                        functions = [function] if temperature == "hot" else cold[candidate]
+                        rounds[candidate].append(time_rotating(functions, inputs, args.repeats))
+                for candidate, (resident, _) in built.items():
+                    seconds = statistics.median(rounds[candidate])
+                    entry = layer["candidates"].setdefault(candidate, {"resident_bytes": resident})
+                    entry[f"batch{batch}_{temperature}_ms"] = 1000 * seconds
+                dense_ms = layer["candidates"]["dense torch"][f"batch{batch}_{temperature}_ms"]
+                line = "  ".join(
+                    f"{candidate} {dense_ms / layer['candidates'][candidate][f'batch{batch}_{temperature}_ms']:.2f}x"
+                    for candidate in built
+                    if candidate != "dense torch"
+                )
+                print(f"{name} batch {batch} {temperature}: dense {dense_ms:.3f} ms; speedup {line}", flush=True)
+        del cold
+        results["layers"].append(layer)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    for layer in results["layers"]:
+        dense_bytes = layer["candidates"]["dense torch"]["resident_bytes"]
+        ours = layer["candidates"]["codebook CSR (ours)"]["resident_bytes"]
+        print(f"{layer['layer']}: resident {ours:,} bytes against {dense_bytes:,} dense (1/{dense_bytes / ours:.1f})")
+
+
+def _copy_weight(weight: CodebookWeight) -> CodebookWeight:
+    return CodebookWeight(
+        weight.indptr.copy(), weight.columns.copy(), weight.codes.copy(), weight.codebook.copy(), weight.shape
+    )
+
+
+if __name__ == "__main__":
+    main()

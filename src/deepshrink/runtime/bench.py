@@ -1,0 +1,49 @@
+"""Latency of a compressed model against its dense decoding, measured in the same run."""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def median_seconds(function: Callable[[], object], repeats: int = 50, warmup: int = 5) -> float:
+    """The median wall time of `function` over `repeats` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def latency_table(
+    dense: nn.Module, compressed: nn.Module, input_shape: tuple[int, ...], batches=(1, 8, 64), repeats: int = 50
+) -> list[dict]:
+    """Per batch size: median milliseconds dense and compressed, alternating so both see the same machine."""
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for batch in batches:
+            inputs = torch.randn(batch, *input_shape, generator=generator)
+            dense_times, compressed_times = [], []
+            for _ in range(5):  # interleave rounds: a noisy neighbour hurts both, not one
+                for model, times in ((dense, dense_times), (compressed, compressed_times)):
+                    times.append(median_seconds(functools.partial(model, inputs), max(repeats // 5, 1), warmup=2))
+            dense_ms = 1000 * statistics.median(dense_times)
+            compressed_ms = 1000 * statistics.median(compressed_times)
+            rows.append(
+                {
+                    "batch": batch,
+                    "dense_ms": dense_ms,
+                    "compressed_ms": compressed_ms,
+                    "speedup": dense_ms / compressed_ms,
+                }
+            )
+    return rows

@@ -1,0 +1,149 @@
+"""Load a .dcz file into a model whose Linear and Conv2d layers run from the compressed form.
+
+Each weight-shared layer goes from its entropy-coded streams straight to codebook CSR; the
+dense float weights are never built for the layers that run sparse. Which layers run sparse is
+decided per layer from density (dense wins when a layer is dense enough), and can be forced.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepshrink.encode import container
+from deepshrink.encode.codec import FORMAT_NAME, SharedParts, decode_record_parts
+from deepshrink.errors import ConfigError, FormatError, ModelError
+from deepshrink.runtime.kernels import csr_from_layout
+from deepshrink.runtime.modules import SPARSE_DENSITY_LIMIT, CodebookWeight, CompressedConv2d, CompressedLinear
+
+MODES = ("auto", "sparse", "dense")
+
+
+def _codebook_weight(parts: SharedParts, nonzeros: int) -> CodebookWeight:
+    rows = parts.shape[0]
+    columns = int(np.prod(parts.shape[1:], dtype=np.int64))
+    if parts.sparse is not None:
+        indptr, indices, codes = csr_from_layout(parts.sparse, nonzeros)
+    else:  # a dense layout: its codes (not float weights) are already in memory
+        matrix = parts.codes.reshape(rows, columns).astype(np.int64)
+        row_index, indices = np.nonzero(parts.codebook[matrix] != 0)
+        codes = matrix[row_index, indices]
+        if len(codes) != nonzeros:
+            raise ValueError(f"{len(codes)} non-zero weights, {nonzeros} declared")
+        indptr = np.concatenate(([0], np.cumsum(np.bincount(row_index, minlength=rows))))
+        indices = indices.astype(np.uint16 if columns <= 1 << 16 else np.int32)
+        codes = codes.astype(np.uint8 if len(parts.codebook) <= 256 else np.uint16)
+    return CodebookWeight(indptr, indices, codes, parts.codebook, (rows, columns))
+
+
+def _mode_for(name: str, modes: dict[str, str]) -> str:
+    chosen = "auto"
+    for pattern, mode in modes.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            chosen = mode
+    return chosen
+
+
+def load_runtime(
+    path: str | os.PathLike,
+    model: nn.Module | str | None = None,
+    *,
+    mode: str | dict[str, str] = "auto",
+    density_limit: float = SPARSE_DENSITY_LIMIT,
+) -> nn.Module:
+    """The model of a .dcz file with its shared Linear / Conv2d layers computing from codebook CSR.
+
+    `model` is a module of the right architecture, a registered name or package.module:factory
+    (default: the name the file records; a factory is imported only when passed here). `mode`
+    is "auto" (sparse when the layer's density is at most `density_limit`), "sparse", "dense",
+    or a {layer glob: mode} mapping. Returns the model in eval mode on the CPU.
+    """
+    from deepshrink.layers import compressible_layers
+    from deepshrink.models import build_model, is_factory_path
+
+    modes = {"*": mode} if isinstance(mode, str) else dict(mode)
+    for pattern, value in modes.items():
+        if value not in MODES:
+            raise ConfigError(f"mode {value!r} for {pattern!r} should be one of {', '.join(MODES)}")
+    loaded = container.read(path)
+    header = loaded.header
+    if header.get("format") != FORMAT_NAME or not isinstance(header.get("tensors"), list):
+        raise FormatError(f"{path}: not a deepshrink model file (format {header.get('format')!r})")
+    if not isinstance(model, nn.Module):
+        name = model or header.get("metadata", {}).get("model")
+        if not isinstance(name, str):
+            raise ModelError(f"{path}: the file does not name its model; pass a model or --model NAME")
+        if model is None and is_factory_path(name):
+            raise ModelError(f"{path}: made from the user factory {name!r}; pass --model {name} to allow importing it")
+        model = build_model(name)
+    layers = compressible_layers(model)
+    state: dict[str, torch.Tensor] = {}
+    compressed: dict[str, CodebookWeight] = {}
+    for record in header["tensors"]:
+        parts = decode_record_parts(record, loaded.buffers)
+        name = record["name"]
+        owner = name.removesuffix(".weight")
+        layer = layers.get(owner)
+        if isinstance(parts, SharedParts):
+            if name in state or name in compressed:
+                raise FormatError(f"{path}: tensor {name!r} appears twice")
+            nonzeros = record.get("nonzeros")
+            if not isinstance(nonzeros, int) or isinstance(nonzeros, bool) or nonzeros < 0:
+                raise FormatError(f"{path}: {name}: nonzeros {nonzeros!r} is not a count")
+            try:
+                weight = _codebook_weight(parts, nonzeros)
+            except ValueError as error:
+                raise FormatError(f"{path}: {name}: {error}") from error
+            layer_mode = _mode_for(owner, modes)
+            runs_sparse = (
+                isinstance(layer, nn.Linear | nn.Conv2d)
+                and name.endswith(".weight")
+                and (layer_mode == "sparse" or (layer_mode == "auto" and weight.density <= density_limit))
+            )
+            if runs_sparse and isinstance(layer, nn.Conv2d) and layer.groups != 1:
+                runs_sparse = False  # grouped convolutions run dense
+            if runs_sparse:
+                compressed[owner] = weight
+            else:
+                state[name] = weight.to_dense().reshape(parts.shape)
+        else:
+            if name in state:
+                raise FormatError(f"{path}: tensor {name!r} appears twice")
+            state[name] = parts
+    # Load everything else (biases, dense layers) into the model, then swap the sparse layers in.
+    expected = set(model.state_dict())
+    missing_sparse = {f"{owner}.weight" for owner in compressed}
+    unexpected = set(state) - expected
+    missing = expected - set(state) - missing_sparse
+    if unexpected or missing:
+        raise FormatError(
+            f"{path}: the file's tensors do not fit {type(model).__name__}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.load_state_dict(state, strict=False)
+    for owner, weight in compressed.items():
+        layer = layers[owner]
+        bias = layer.bias.detach() if layer.bias is not None else None
+        if isinstance(layer, nn.Linear):
+            replacement = CompressedLinear(weight, bias)
+        else:
+            replacement = CompressedConv2d(weight, bias, layer)
+        parent_name, _, child = owner.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, replacement)
+    return model.eval()
+
+
+def resident_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes each weight layer keeps in memory: compressed form or dense parameters."""
+    result = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLinear | CompressedConv2d):
+            result[name] = module.weight_form.nbytes
+        elif isinstance(module, nn.Linear | nn.Conv2d | nn.Conv1d | nn.Embedding):
+            result[name] = module.weight.numel() * module.weight.element_size()
+    return result

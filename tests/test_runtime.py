@@ -1,0 +1,224 @@
+"""Running from the compressed form: codebook CSR kernels and layers against dense torch."""
+
+from __future__ import annotations
+
+import copy
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deepshrink.compressed import load_compressed, save_compressed
+from deepshrink.encode import codec
+from deepshrink.encode.sparse import to_sparse
+from deepshrink.errors import ModelError
+from deepshrink.prune.masks import sparsity_mask
+from deepshrink.prune.module import apply_masks
+from deepshrink.quantize.shared import share_weights
+from deepshrink.runtime import modules
+from deepshrink.runtime.kernels import codebook_matmul, codebook_matvec, csr_from_layout
+from deepshrink.runtime.load import load_runtime, resident_weight_bytes
+from deepshrink.runtime.modules import CompressedConv2d, CompressedLinear
+
+RELATIVE = 1e-5
+
+
+def relative_error(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray) -> float:
+    actual, expected = torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def random_codes(rows: int, columns: int, density: float, bits: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    generator = np.random.default_rng(seed)
+    mask = generator.random((rows, columns)) < density
+    codes = np.where(mask, generator.integers(1, 1 << bits, (rows, columns)), 0).astype(np.uint8)
+    codebook = np.concatenate(([0.0], generator.normal(size=(1 << bits) - 1))).astype(np.float32)
+    return codes, codebook
+
+
+@pytest.mark.parametrize("layout", ["csr", "csc"])
+@pytest.mark.parametrize(("rows", "columns", "density"), [(64, 300, 0.09), (37, 1000, 0.02), (10, 10, 1.0)])
+def test_kernels_match_a_dense_product(layout, rows, columns, density):
+    codes, codebook = random_codes(rows, columns, density, 5)
+    indptr, indices, entry_codes = csr_from_layout(to_sparse(codes, 3, layout), int(np.count_nonzero(codes)))
+    dense = codebook[codes.astype(np.int64)].astype(np.float64)
+    vector = np.random.default_rng(1).normal(size=columns).astype(np.float32)
+    out = np.empty(rows, dtype=np.float32)
+    codebook_matvec(indptr, indices, entry_codes, codebook, vector, out)
+    assert relative_error(out, dense @ vector) < RELATIVE
+    batch = np.random.default_rng(2).normal(size=(columns, 7)).astype(np.float32)
+    out = np.empty((rows, 7), dtype=np.float32)
+    codebook_matmul(indptr, indices, entry_codes, codebook, batch, out)
+    assert relative_error(out, dense @ batch) < RELATIVE
+
+
+class ConvNet(nn.Module):
+    """Convolutions with stride, padding and dilation, then fully connected layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=2, dilation=2, bias=False)
+        self.fc1 = nn.Linear(16 * 14 * 14, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.conv2(torch.relu(self.conv1(inputs))))
+        return self.fc2(torch.relu(self.fc1(hidden.flatten(1))))
+
+
+def compressed_file(tmp_path, model: nn.Module, sparsities: dict[str, float], bits: dict[str, int]):
+    torch.manual_seed(0)
+    layers = dict(model.named_modules())
+    apply_masks(model, {name: sparsity_mask(layers[name].weight, value) for name, value in sparsities.items()})
+    share_weights(model, bits)
+    path = save_compressed(model, tmp_path / "model.dcz", model_name="convnet")
+    return path
+
+
+@pytest.fixture
+def convnet_file(tmp_path):
+    torch.manual_seed(0)
+    return compressed_file(
+        tmp_path, ConvNet(), {"conv1": 0.5, "conv2": 0.8, "fc1": 0.95, "fc2": 0.7}, {"conv*": 8, "fc*": 5}
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_compressed_model_matches_the_decoded_dense_model(convnet_file, batch):
+    dense_state = load_compressed_state(convnet_file)
+    reference = ConvNet()
+    reference.load_state_dict(dense_state)
+    running = load_runtime(convnet_file, ConvNet(), mode="sparse")
+    assert isinstance(running.conv1, CompressedConv2d) and isinstance(running.conv2, CompressedConv2d)
+    assert isinstance(running.fc1, CompressedLinear) and isinstance(running.fc2, CompressedLinear)
+    inputs = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        assert relative_error(running(inputs), reference(inputs)) < RELATIVE
+        for name in ("conv1", "conv2"):
+            layer_input = torch.randn(batch, getattr(reference, name).in_channels, 12, 9)
+            expected = getattr(reference, name)(layer_input)
+            assert relative_error(getattr(running, name)(layer_input), expected) < RELATIVE
+
+
+def load_compressed_state(path):
+    from deepshrink.compressed import read_state_dict
+
+    return read_state_dict(path)[0]
+
+
+def test_auto_selection_picks_dense_for_a_dense_layer_and_can_be_overridden(tmp_path):
+    torch.manual_seed(0)
+    path = compressed_file(tmp_path, ConvNet(), {"fc1": 0.95}, {"conv*": 8, "fc*": 5})
+    running = load_runtime(path, ConvNet())
+    assert isinstance(running.fc1, CompressedLinear)  # 5% dense
+    assert type(running.fc2) is nn.Linear and type(running.conv1) is nn.Conv2d  # fully dense: dense wins
+    forced = load_runtime(path, ConvNet(), mode={"*": "dense", "fc2": "sparse"})
+    assert type(forced.fc1) is nn.Linear and isinstance(forced.fc2, CompressedLinear)
+    dense_state = load_compressed_state(path)
+    assert torch.equal(forced.fc1.weight, dense_state["fc1.weight"])
+
+
+def test_running_compressed_never_builds_the_dense_weights(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4096, 2048), nn.ReLU(), nn.Linear(2048, 10))
+    path = compressed_file(tmp_path, model, {"1": 0.91}, {"*": 5})
+    factory = copy.deepcopy(nn.Sequential(nn.Flatten(), nn.Linear(4096, 2048), nn.ReLU(), nn.Linear(2048, 10)))
+
+    def forbidden(*arguments, **keywords):
+        raise AssertionError("the dense weights were built")
+
+    monkeypatch.setattr(modules.CodebookWeight, "to_dense", forbidden)
+    monkeypatch.setattr(codec, "from_sparse", forbidden)
+    tracemalloc.start()
+    running = load_runtime(path, factory, mode="sparse")
+    inputs = torch.randn(1, 4096)
+    with torch.no_grad():
+        running(inputs)  # compile the kernels first: the compiler's own memory is not the layer's
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]  # the compressed form itself, loaded under tracing
+    with torch.no_grad():
+        running(inputs)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    dense_bytes = 4096 * 2048 * 4
+    assert before < dense_bytes / 5
+    assert peak - before < dense_bytes / 100
+    resident = resident_weight_bytes(running)
+    assert resident["1"] < dense_bytes / 5
+
+
+def test_a_file_whose_nonzero_count_lies_is_refused(convnet_file, tmp_path):
+    from deepshrink.encode import container
+
+    loaded = container.read(convnet_file)
+    for record in loaded.header["tensors"]:
+        if record["name"] == "fc1.weight":
+            record["nonzeros"] += 1
+    bad = container.write(tmp_path / "bad.dcz", loaded.header, loaded.buffers)
+    from deepshrink.errors import FormatError
+
+    with pytest.raises(FormatError, match="non-zero"):
+        load_runtime(bad, ConvNet(), mode="sparse")
+
+
+def test_inputs_on_another_device_are_a_clear_error(convnet_file):
+    running = load_runtime(convnet_file, ConvNet(), mode="sparse")
+    with pytest.raises(ModelError, match="CPU"):
+        running.fc2(torch.randn(1, 64, device="meta"))
+
+
+def test_registered_model_loads_by_the_name_in_the_file(tmp_path):
+    from deepshrink.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet-5")
+    layers = dict(model.named_modules())
+    apply_masks(model, {name: sparsity_mask(layers[name].weight, 0.9) for name in ("conv2", "fc1")})
+    share_weights(model)
+    path = save_compressed(model, tmp_path / "lenet5.dcz", model_name="lenet-5")
+    running = load_runtime(path)
+    decoded, _ = load_compressed(path)
+    inputs = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert relative_error(running(inputs), decoded(inputs)) < RELATIVE
+    assert isinstance(running.fc1, CompressedLinear) and isinstance(running.conv2, CompressedConv2d)
+
+
+def test_predict_and_bench_commands(tmp_path):
+    """`predict` prints the accuracy the dense decoding has; `bench` times both in one run."""
+    import re
+    import subprocess
+    import sys
+
+    from deepshrink.data import load_data, make_loader
+    from deepshrink.models import build_model
+    from deepshrink.train import TrainConfig, evaluate, fit
+
+    data = load_data(train_subset=2000)
+    torch.manual_seed(0)
+    model = build_model("lenet-300-100")
+    fit(model, make_loader(data.train, 128, shuffle=True), TrainConfig(epochs=1), progress=False)
+    layers = dict(model.named_modules())
+    apply_masks(model, {name: sparsity_mask(layers[name].weight, 0.9) for name in ("fc1", "fc2")})
+    share_weights(model, {"fc*": 5})
+    path = save_compressed(model, tmp_path / "mlp.dcz", model_name="lenet-300-100")
+    decoded, _ = load_compressed(path)
+    expected = evaluate(decoded, make_loader(data.test, 1000, shuffle=False)).accuracy
+
+    def run(*arguments):
+        return subprocess.run(
+            [sys.executable, "-m", "deepshrink", "--quiet", *arguments], capture_output=True, text=True, timeout=300
+        )
+
+    predicted = run("predict", str(path), "--batch-size", "100")
+    assert predicted.returncode == 0, predicted.stderr
+    assert float(re.search(r"test accuracy ([0-9.]+)", predicted.stdout).group(1)) == round(expected, 4)
+    bench = run("bench", str(path), "--batch", "1", "8", "--repeats", "5")
+    assert bench.returncode == 0, bench.stderr
+    assert re.search(r"^1\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", bench.stdout, re.M)
+    assert re.search(r"^fc1\s+CompressedLinear\s+940,800\s+", bench.stdout, re.M)
+    bad = run("predict", str(path), "--mode", "fc*=fast")
+    assert bad.returncode == 3 and "should be one of auto, sparse, dense" in bad.stderr
