@@ -85,8 +85,19 @@ def csr_from_layout(sparse: SparseLayout, nonzeros: int) -> tuple[np.ndarray, np
     return indptr, columns, codes
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def codebook_matvec(indptr, columns, codes, codebook, vector, out):
+def _compiled(function, parallel: bool):
+    """`function` compiled with or without threads. Small layers run serial: waking a second
+    thread costs more than their whole product. The distinct name keeps numba's on-disk
+    caches of the two variants apart."""
+    function.__qualname__ = f"{function.__name__}_{'parallel' if parallel else 'serial'}"
+    return numba.njit(parallel=parallel, fastmath=True, cache=True, nogil=True)(function)
+
+
+# Below this many kept weights a layer's product runs on one thread (benchmarks/inference_speed.py).
+PARALLEL_MINIMUM_NONZEROS = 100_000
+
+
+def _codebook_matvec(indptr, columns, codes, codebook, vector, out):
     """out[r] = sum_j codebook[codes[j]] * vector[columns[j]] over row r's entries."""
     for row in numba.prange(len(indptr) - 1):
         start = indptr[row]
@@ -108,8 +119,7 @@ def codebook_matvec(indptr, columns, codes, codebook, vector, out):
         out[row] = (first + second) + (third + fourth)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def codebook_matmul(indptr, columns, codes, codebook, inputs, out):
+def _codebook_matmul(indptr, columns, codes, codebook, inputs, out):
     """out[r, :] = sum_j codebook[codes[j]] * inputs[columns[j], :]: inputs is (in, batch) row-major."""
     batch = inputs.shape[1]
     for row in numba.prange(len(indptr) - 1):
@@ -120,3 +130,16 @@ def codebook_matmul(indptr, columns, codes, codebook, inputs, out):
             for column in range(batch):
                 accumulator[column] += weight * source[column]
         out[row, :] = accumulator
+
+
+MATVEC = {parallel: _compiled(_codebook_matvec, parallel) for parallel in (False, True)}
+MATMUL = {parallel: _compiled(_codebook_matmul, parallel) for parallel in (False, True)}
+
+
+def codebook_matvec(indptr, columns, codes, codebook, vector, out) -> None:
+    MATVEC[len(codes) >= PARALLEL_MINIMUM_NONZEROS](indptr, columns, codes, codebook, vector, out)
+
+
+def codebook_matmul(indptr, columns, codes, codebook, inputs, out) -> None:
+    work = len(codes) * inputs.shape[1]
+    MATMUL[work >= PARALLEL_MINIMUM_NONZEROS](indptr, columns, codes, codebook, inputs, out)

@@ -1,0 +1,334 @@
+"""Low-rank factorization by truncated SVD, with per-layer ranks chosen under a MAC budget.
+
+A Linear layer W (m x k) becomes two: k -> t (S^1/2 V^T) then t -> m (U S^1/2, the bias kept),
+storing mt + tk weights instead of mk (plus t when S is kept apart: the lecture's mt + t + tk).
+A convolution W (N, C, X, Y) is first matricized, one of two ways:
+- "tai" (Tai et al. 2016): (C*X) x (Y*N), giving a vertical X x 1 conv to t channels, then a
+  horizontal 1 x Y conv to N;
+- "zhang" (Zhang et al. 2016): (C*X*Y) x N, giving an X x Y conv to t channels, then a 1 x 1.
+
+Rank selection under a budget on the network's multiply-accumulates (MACs):
+- CPTV: one fraction beta of the squared singular values kept in every layer, beta the largest
+  that meets the budget;
+- POS (Zhang et al. 2017): maximise prod_i sum_j m_ij sigma_ij^2 (the product of the kept
+  energies) under the budget; solved exactly by dynamic programming over the budget.
+A layer whose factorization would cost as much as the layer itself stays dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepshrink.errors import ConfigError, UnsupportedLayerError
+from deepshrink.layers import compressible_layers
+
+SCHEMES = ("zhang", "tai")
+
+
+@dataclass
+class LayerSpectrum:
+    """One layer's SVD and what each rank would cost."""
+
+    name: str
+    layer: nn.Module
+    left: torch.Tensor  # U, (m, r)
+    singular_values: torch.Tensor  # S, (r,), descending
+    right: torch.Tensor  # V^T, (r, k)
+    dense_macs: int
+    dense_parameters: int
+    first_positions: int = 1  # output positions of the first factor (conv: spatial, per example)
+    second_positions: int = 1
+    scheme: str = "linear"
+
+    @property
+    def full_rank(self) -> int:
+        return len(self.singular_values)
+
+    @property
+    def energy(self) -> np.ndarray:
+        """Squared singular values, descending."""
+        return self.singular_values.double().square().numpy()
+
+    def factored_parameters(self, rank: int) -> int:
+        rows, columns = self.left.shape[0], self.right.shape[1]
+        return rank * (rows + columns)
+
+    def factored_macs(self, rank: int) -> int:
+        rows, columns = self.left.shape[0], self.right.shape[1]
+        if self.scheme == "tai":  # vertical conv: (C*X) per output, horizontal: (Y*N) per output
+            return rank * columns * self.first_positions + rank * rows * self.second_positions
+        return rank * (rows + columns) * self.first_positions
+
+    def macs(self, rank: int | None) -> int:
+        """MACs at `rank`; None (or a rank that saves nothing) means the dense layer."""
+        if rank is None or self.factored_macs(rank) >= self.dense_macs:
+            return self.dense_macs
+        return self.factored_macs(rank)
+
+    @property
+    def break_even(self) -> int:
+        """The smallest rank at which factorizing saves nothing."""
+        per_rank = self.factored_macs(1)
+        return min(self.full_rank, math.ceil(self.dense_macs / per_rank)) if per_rank else self.full_rank
+
+
+@dataclass
+class RankChoice:
+    """Ranks per layer (None = kept dense) and the resulting cost."""
+
+    method: str
+    ranks: dict[str, int | None]
+    macs: int
+    dense_macs: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mac_fraction(self) -> float:
+        return self.macs / self.dense_macs
+
+
+def storage(rows: int, columns: int, rank: int) -> int:
+    """The lecture's storage of a rank-t SVD of an m x k matrix: mt + t + tk."""
+    return rows * rank + rank + rank * columns
+
+
+def compression_rate(rows: int, columns: int, rank: int) -> float:
+    """The lecture's compression rate mk / (t (m + k + 1))."""
+    return rows * columns / (rank * (rows + columns + 1))
+
+
+def _matrix(layer: nn.Module, scheme: str) -> torch.Tensor:
+    weight = layer.weight.detach().double()
+    if isinstance(layer, nn.Linear):
+        return weight  # (out, in): rows m = out, columns k = in
+    if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
+        raise UnsupportedLayerError(f"low-rank factorization supports Linear and Conv2d with groups=1, not {layer}")
+    out_channels, in_channels, height, width = weight.shape
+    if scheme == "zhang":  # (N) x (C*X*Y): rows are output channels
+        return weight.reshape(out_channels, in_channels * height * width)
+    # tai: rows indexed by (y, n), columns by (c, x): the horizontal factor is the "left" one
+    return weight.permute(3, 0, 1, 2).reshape(width * out_channels, in_channels * height)
+
+
+def layer_spectra(
+    model: nn.Module, example_input: torch.Tensor, scheme: str = "zhang", layers: list[str] | None = None
+) -> dict[str, LayerSpectrum]:
+    """SVD of every Linear / Conv2d layer (or those named) with its MAC costs per rank."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"scheme={scheme!r} should be one of {', '.join(SCHEMES)}")
+    chosen = {
+        name: layer
+        for name, layer in compressible_layers(model).items()
+        if isinstance(layer, nn.Linear | nn.Conv2d) and (layers is None or name in layers)
+    }
+    shapes: dict[str, tuple] = {}
+    handles = [
+        layer.register_forward_hook(
+            lambda module, inputs, output, name=name: shapes.__setitem__(name, (inputs[0].shape, output.shape))
+        )
+        for name, layer in chosen.items()
+    ]
+    try:
+        with torch.no_grad():
+            model(example_input[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    spectra = {}
+    for name, layer in chosen.items():
+        matrix = _matrix(layer, scheme)
+        left, singular, right = torch.linalg.svd(matrix, full_matrices=False)
+        input_shape, output_shape = shapes[name]
+        if isinstance(layer, nn.Linear):
+            positions = output_shape.numel() // output_shape[-1]
+            spectrum = LayerSpectrum(
+                name, layer, left, singular, right, matrix.numel() * positions, matrix.numel(), positions, positions
+            )
+        else:
+            out_positions = output_shape[2] * output_shape[3]
+            macs = layer.weight.numel() * out_positions
+            if scheme == "zhang":
+                spectrum = LayerSpectrum(
+                    name, layer, left, singular, right, macs, layer.weight.numel(), out_positions, out_positions, scheme
+                )
+            else:  # the vertical factor keeps the input's full (unstrided) width
+                vertical_positions = output_shape[2] * input_shape[3]
+                spectrum = LayerSpectrum(
+                    name,
+                    layer,
+                    left,
+                    singular,
+                    right,
+                    macs,
+                    layer.weight.numel(),
+                    vertical_positions,
+                    out_positions,
+                    scheme,
+                )
+        spectra[name] = spectrum
+    return spectra
+
+
+def _total(spectra: dict[str, LayerSpectrum], ranks: dict[str, int | None]) -> int:
+    return sum(spectrum.macs(ranks[name]) for name, spectrum in spectra.items())
+
+
+def _dense_total(spectra: dict[str, LayerSpectrum]) -> int:
+    return sum(spectrum.dense_macs for spectrum in spectra.values())
+
+
+def _check_budget(budget: float) -> None:
+    if not 0 < budget <= 1:
+        raise ConfigError(f"budget={budget!r} should be a fraction of the original MACs in (0, 1], e.g. 0.5")
+
+
+def _normalized(ranks: dict[str, int | None], spectra: dict[str, LayerSpectrum]) -> dict[str, int | None]:
+    """A rank that saves nothing means the dense layer."""
+    return {
+        name: None if rank is None or spectra[name].factored_macs(rank) >= spectra[name].dense_macs else rank
+        for name, rank in ranks.items()
+    }
+
+
+def cptv_ranks(spectra: dict[str, LayerSpectrum], beta: float) -> dict[str, int | None]:
+    """Per layer, the smallest rank keeping `beta` of the squared singular values."""
+    ranks = {}
+    for name, spectrum in spectra.items():
+        cumulative = np.cumsum(spectrum.energy)
+        ranks[name] = int(np.searchsorted(cumulative, beta * cumulative[-1] * (1 - 1e-12)) + 1)
+    return _normalized(ranks, spectra)
+
+
+def select_cptv(spectra: dict[str, LayerSpectrum], budget: float) -> RankChoice:
+    """CPTV: the largest energy fraction beta, the same in every layer, that meets the MAC budget."""
+    _check_budget(budget)
+    dense = _dense_total(spectra)
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if _total(spectra, cptv_ranks(spectra, middle)) <= budget * dense:
+            low = middle
+        else:
+            high = middle
+    ranks = cptv_ranks(spectra, low)
+    return RankChoice("CPTV", ranks, _total(spectra, ranks), dense, {"beta": low})
+
+
+def select_pos(spectra: dict[str, LayerSpectrum], budget: float, resolution: int = 4000) -> RankChoice:
+    """POS: the ranks maximising the product of kept energies under the MAC budget.
+
+    Solved exactly as a multiple-choice knapsack by dynamic programming over the budget in
+    `resolution` steps (each layer's cost rounded up, so the budget always holds), rather than
+    greedily: a greedy pass cannot weigh a layer's jump from dense to its break-even rank.
+    """
+    _check_budget(budget)
+    dense = _dense_total(spectra)
+    limit = budget * dense
+    unit = limit / resolution
+    names = list(spectra)
+    # best[b]: the largest sum of log kept energies over the layers so far within b budget steps.
+    best = np.zeros(resolution + 1)
+    choices = []
+    for name in names:
+        spectrum = spectra[name]
+        cumulative = np.cumsum(spectrum.energy)
+        options = [(None, spectrum.dense_macs, math.log(cumulative[-1]))] + [
+            (rank, spectrum.factored_macs(rank), math.log(max(cumulative[rank - 1], 1e-300)))
+            for rank in range(1, spectrum.break_even)
+        ]
+        updated = np.full(resolution + 1, -np.inf)
+        picked = np.full(resolution + 1, -1, dtype=np.int64)
+        for index, (_, macs, value) in enumerate(options):
+            steps = math.ceil(macs / unit - 1e-9)
+            if steps > resolution:
+                continue
+            candidate = np.full(resolution + 1, -np.inf)
+            candidate[steps:] = best[: resolution + 1 - steps] + value
+            better = candidate > updated
+            updated[better] = candidate[better]
+            picked[better] = index
+        best = updated
+        choices.append((options, picked))
+    if not np.isfinite(best[resolution]):
+        raise ConfigError(f"a budget of {budget} of the MACs cannot be met even at rank 1 everywhere")
+    ranks: dict[str, int | None] = {}
+    remaining = resolution
+    for name, (options, picked) in zip(reversed(names), reversed(choices), strict=True):
+        rank, macs, _ = options[picked[remaining]]
+        ranks[name] = rank
+        remaining -= math.ceil(macs / unit - 1e-9)
+    ranks = {name: ranks[name] for name in names}
+    return RankChoice("POS", _normalized(ranks, spectra), _total(spectra, ranks), dense)
+
+
+def factorized_layer(spectrum: LayerSpectrum, rank: int) -> nn.Sequential:
+    """The two layers replacing `spectrum.layer` at `rank` (singular values split as sqrt into both)."""
+    layer = spectrum.layer
+    scale = spectrum.singular_values[:rank].sqrt()
+    left = (spectrum.left[:, :rank] * scale).float()  # (m, t)
+    right = (scale[:, None] * spectrum.right[:rank]).float()  # (t, k)
+    bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        first, second = nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, layer.out_features, bias=bias)
+        first.weight.data.copy_(right)
+        second.weight.data.copy_(left)
+    else:
+        out_channels, in_channels, height, width = layer.weight.shape
+        if spectrum.scheme == "zhang":
+            first = nn.Conv2d(
+                in_channels,
+                rank,
+                (height, width),
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                bias=False,
+            )
+            second = nn.Conv2d(rank, out_channels, 1, bias=bias)
+            first.weight.data.copy_(right.reshape(rank, in_channels, height, width))
+            second.weight.data.copy_(left.reshape(out_channels, rank, 1, 1))
+        else:
+            first = nn.Conv2d(
+                in_channels,
+                rank,
+                (height, 1),
+                (layer.stride[0], 1),
+                (layer.padding[0], 0),
+                (layer.dilation[0], 1),
+                bias=False,
+            )
+            second = nn.Conv2d(
+                rank,
+                out_channels,
+                (1, width),
+                (1, layer.stride[1]),
+                (0, layer.padding[1]),
+                (1, layer.dilation[1]),
+                bias=bias,
+            )
+            # columns were (c, x), rows (y, n)
+            first.weight.data.copy_(right.reshape(rank, in_channels, height, 1))
+            second.weight.data.copy_(left.reshape(width, out_channels, rank).permute(1, 2, 0).unsqueeze(2))
+    if bias:
+        second.bias.data.copy_(layer.bias.detach())
+    return nn.Sequential(first, second).to(layer.weight.device)
+
+
+def factorize(model: nn.Module, spectra: dict[str, LayerSpectrum], ranks: dict[str, int | None]) -> nn.Module:
+    """Replace each layer with a rank in `ranks` by its two factors, in place."""
+    for name, rank in ranks.items():
+        if rank is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, factorized_layer(spectra[name], rank))
+    return model
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())

@@ -1,0 +1,128 @@
+"""SVD low-rank factorization and budgeted rank selection."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from deepshrink.errors import ConfigError
+from deepshrink.lowrank import (
+    compression_rate,
+    factorize,
+    layer_spectra,
+    parameter_count,
+    select_cptv,
+    select_pos,
+    storage,
+)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, (3, 5), stride=(2, 1), padding=(1, 2))
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=(1, 2), padding=1, dilation=(2, 1), bias=False)
+        self.fc = nn.Linear(32 * 3 * 8, 40)
+        self.out = nn.Linear(40, 10)
+
+    def forward(self, inputs):
+        hidden = torch.relu(self.conv2(torch.relu(self.conv1(inputs))))
+        return self.out(torch.relu(self.fc(hidden.flatten(1))))
+
+
+@pytest.fixture
+def net_and_input():
+    torch.manual_seed(0)
+    return Net().eval(), torch.randn(4, 3, 9, 16)
+
+
+@pytest.mark.parametrize("scheme", ["zhang", "tai"])
+def test_full_rank_factorization_equals_the_original(net_and_input, scheme):
+    model, inputs = net_and_input
+    spectra = layer_spectra(model, inputs, scheme)
+    full = {name: spectrum.full_rank for name, spectrum in spectra.items()}
+    factored = factorize(copy.deepcopy(model), spectra, full)
+    assert isinstance(factored.conv1, nn.Sequential) and isinstance(factored.fc, nn.Sequential)
+    with torch.no_grad():
+        expected = model(inputs)
+        assert torch.allclose(factored(inputs), expected, atol=1e-5 * expected.abs().max())
+
+
+@pytest.mark.parametrize("scheme", ["zhang", "tai"])
+def test_mac_and_parameter_counts_match_the_factored_layers(net_and_input, scheme):
+    """The counts each spectrum predicts equal those of the layers actually built and run."""
+    from deepshrink.prune.statistics import _multiply_accumulates
+
+    model, inputs = net_and_input
+    spectra = layer_spectra(model, inputs, scheme)
+    ranks = {"conv1": 2, "conv2": 3, "fc": 4, "out": None}
+    factored = factorize(copy.deepcopy(model), spectra, ranks)
+    measured = _multiply_accumulates(factored, inputs)
+    for name, rank in ranks.items():
+        if rank is None:
+            assert measured[name] == spectra[name].dense_macs
+            continue
+        assert measured[f"{name}.0"] + measured[f"{name}.1"] == spectra[name].macs(rank)
+        weights = sum(layer.weight.numel() for layer in getattr(factored, name))
+        assert weights == spectra[name].factored_parameters(rank)
+
+
+def test_hand_computed_counts():
+    # Linear 300 x 784 at rank 20: 20 * (300 + 784) MACs and weights; the lecture's storage and rate.
+    layer = nn.Linear(784, 300)
+    spectrum = layer_spectra(nn.Sequential(layer), torch.randn(1, 784))["0"]
+    assert spectrum.dense_macs == 784 * 300 and spectrum.macs(20) == 20 * (300 + 784)
+    assert storage(300, 784, 20) == 300 * 20 + 20 + 20 * 784
+    assert compression_rate(300, 784, 20) == pytest.approx(300 * 784 / (20 * 1085))
+    # Conv 3->8, 3x3, 10x10 output (padding 1): dense 8*3*9*100; zhang rank 2: 2*27*100 + 8*2*100.
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    zhang = layer_spectra(nn.Sequential(conv), torch.randn(1, 3, 10, 10), "zhang")["0"]
+    assert zhang.dense_macs == 8 * 27 * 100 and zhang.macs(2) == 2 * 27 * 100 + 8 * 2 * 100
+    # tai rank 2: vertical 3x1 conv 3->2 on 10x10 (2*9*100), horizontal 1x3 conv 2->8 (8*6*100).
+    tai = layer_spectra(nn.Sequential(conv), torch.randn(1, 3, 10, 10), "tai")["0"]
+    assert tai.macs(2) == 2 * 9 * 100 + 8 * 6 * 100
+    # A rank that saves nothing is the dense layer.
+    assert zhang.macs(8) == zhang.dense_macs
+
+
+@pytest.mark.parametrize("select", [select_cptv, select_pos])
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.6, 0.7])
+def test_every_method_respects_the_budget(net_and_input, select, budget):
+    model, inputs = net_and_input
+    spectra = layer_spectra(model, inputs, "zhang")
+    choice = select(spectra, budget)
+    assert choice.macs <= budget * choice.dense_macs
+    factored = factorize(copy.deepcopy(model), spectra, choice.ranks)
+    from deepshrink.prune.statistics import _multiply_accumulates
+
+    assert sum(_multiply_accumulates(factored, inputs).values()) == choice.macs
+    assert parameter_count(factored) <= parameter_count(model)
+
+
+def test_pos_keeps_more_energy_product_than_cptv(net_and_input):
+    """POS maximises the product of kept energies; at an equal budget it is at least CPTV's."""
+    import math
+
+    model, inputs = net_and_input
+    spectra = layer_spectra(model, inputs, "zhang")
+
+    def log_energy(ranks):
+        total = 0.0
+        for name, rank in ranks.items():
+            energy = spectra[name].energy
+            total += math.log(energy.sum() if rank is None else energy[:rank].sum())
+        return total
+
+    for budget in (0.4, 0.6):
+        assert log_energy(select_pos(spectra, budget).ranks) >= log_energy(select_cptv(spectra, budget).ranks) - 1e-9
+
+
+def test_bad_budgets_and_schemes_are_clear_errors(net_and_input):
+    model, inputs = net_and_input
+    with pytest.raises(ConfigError, match="budget=1.5"):
+        select_cptv(layer_spectra(model, inputs), 1.5)
+    with pytest.raises(ConfigError, match="scheme='svd'"):
+        layer_spectra(model, inputs, "svd")
