@@ -16,6 +16,7 @@ from deepshrink.lowrank import (
     parameter_count,
     select_cptv,
     select_pos,
+    select_relaxed,
     storage,
 )
 
@@ -88,16 +89,27 @@ def test_hand_computed_counts():
     assert zhang.macs(8) == zhang.dense_macs
 
 
-@pytest.mark.parametrize("select", [select_cptv, select_pos])
+def noise_loader() -> torch.utils.data.DataLoader:
+    """Random inputs and labels: enough to exercise the relaxation's budget logic."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 3, 9, 16, generator=generator)
+    labels = torch.randint(0, 10, (64,), generator=generator)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=16)
+
+
+@pytest.mark.parametrize("method", ["cptv", "pos", "relaxed"])
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.6, 0.7])
-def test_every_method_respects_the_budget(net_and_input, select, budget):
-    model, inputs = net_and_input
-    spectra = layer_spectra(model, inputs, "zhang")
-    choice = select(spectra, budget)
-    assert choice.macs <= budget * choice.dense_macs
-    factored = factorize(copy.deepcopy(model), spectra, choice.ranks)
+def test_every_method_respects_the_budget(net_and_input, method, budget):
     from deepshrink.prune.statistics import _multiply_accumulates
 
+    model, inputs = net_and_input
+    spectra = layer_spectra(model, inputs, "zhang")
+    if method == "relaxed":
+        choice = select_relaxed(model, spectra, budget, noise_loader(), steps=20)
+    else:
+        choice = {"cptv": select_cptv, "pos": select_pos}[method](spectra, budget)
+    assert choice.macs <= budget * choice.dense_macs
+    factored = factorize(copy.deepcopy(model), spectra, choice.ranks, choice.extra.get("components"))
     assert sum(_multiply_accumulates(factored, inputs).values()) == choice.macs
     assert parameter_count(factored) <= parameter_count(model)
 

@@ -266,12 +266,17 @@ def select_pos(spectra: dict[str, LayerSpectrum], budget: float, resolution: int
     return RankChoice("POS", _normalized(ranks, spectra), _total(spectra, ranks), dense)
 
 
-def factorized_layer(spectrum: LayerSpectrum, rank: int) -> nn.Sequential:
-    """The two layers replacing `spectrum.layer` at `rank` (singular values split as sqrt into both)."""
+def factorized_layer(spectrum: LayerSpectrum, rank: int, components=None) -> nn.Sequential:
+    """The two layers replacing `spectrum.layer` at `rank` (singular values split as sqrt into both).
+
+    `components` picks which singular triplets to keep (default: the `rank` largest).
+    """
     layer = spectrum.layer
-    scale = spectrum.singular_values[:rank].sqrt()
-    left = (spectrum.left[:, :rank] * scale).float()  # (m, t)
-    right = (scale[:, None] * spectrum.right[:rank]).float()  # (t, k)
+    keep = torch.arange(rank) if components is None else torch.as_tensor(components, dtype=torch.long)
+    rank = len(keep)
+    scale = spectrum.singular_values[keep].sqrt()
+    left = (spectrum.left[:, keep] * scale).float()  # (m, t)
+    right = (scale[:, None] * spectrum.right[keep]).float()  # (t, k)
     bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
         first, second = nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, layer.out_features, bias=bias)
@@ -319,15 +324,135 @@ def factorized_layer(spectrum: LayerSpectrum, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second).to(layer.weight.device)
 
 
-def factorize(model: nn.Module, spectra: dict[str, LayerSpectrum], ranks: dict[str, int | None]) -> nn.Module:
+def factorize(
+    model: nn.Module,
+    spectra: dict[str, LayerSpectrum],
+    ranks: dict[str, int | None],
+    components: dict[str, np.ndarray] | None = None,
+) -> nn.Module:
     """Replace each layer with a rank in `ranks` by its two factors, in place."""
     for name, rank in ranks.items():
         if rank is None:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, factorized_layer(spectra[name], rank))
+        setattr(parent, child, factorized_layer(spectra[name], rank, (components or {}).get(name)))
     return model
+
+
+def _project(masks: torch.Tensor, costs: torch.Tensor, limit: float) -> torch.Tensor:
+    """Euclidean projection onto {0 <= m <= 1, costs . m <= limit}: clip(m - lambda costs), lambda by bisection."""
+    clipped = masks.clamp(0, 1)
+    if float(costs @ clipped) <= limit:
+        return clipped
+    low, high = 0.0, float((masks.max() + 1) / costs.min())
+    for _ in range(60):
+        middle = (low + high) / 2
+        if float(costs @ (masks - middle * costs).clamp(0, 1)) > limit:
+            low = middle
+        else:
+            high = middle
+    return (masks - high * costs).clamp(0, 1)
+
+
+def select_relaxed(
+    model: nn.Module,
+    spectra: dict[str, LayerSpectrum],
+    budget: float,
+    loader,
+    *,
+    steps: int = 300,
+    learning_rate: float = 0.05,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> RankChoice:
+    """The masking-variable relaxation (COBLA, Li & Shi 2018) by projected gradient descent.
+
+    Each layer's weight is U diag(m * S) V^T with masks m in [0, 1]; the training loss is
+    minimised over the masks under the linear MAC budget sum_i c_i sum_j m_ij <= B (c_i a
+    rank's cost in layer i), starting from the POS solution. The masks are then rounded: the
+    components with the largest masks are kept while the budget allows. A layer whose rounded
+    rank saves nothing runs dense.
+    """
+    from torch.func import functional_call
+    from tqdm.auto import tqdm
+
+    _check_budget(budget)
+    dense = _dense_total(spectra)
+    names = list(spectra)
+    start = select_pos(spectra, budget)
+    pieces, costs, initial = [], [], []
+    for name in names:
+        spectrum = spectra[name]
+        rank = spectrum.full_rank if start.ranks[name] is None else start.ranks[name]
+        initial.append((torch.arange(spectrum.full_rank) < rank).double())
+        costs.append(torch.full((spectrum.full_rank,), float(spectrum.factored_macs(1)), dtype=torch.float64))
+        pieces.append(spectrum.full_rank)
+    costs_all = torch.cat(costs)
+    # The linear budget counts every layer as factored; a layer later found cheaper dense only saves more.
+    limit = budget * dense
+    masks = _project(torch.cat(initial), costs_all, limit).requires_grad_(True)
+    factors = {
+        name: (
+            spectra[name].left.float().to(device),
+            spectra[name].singular_values.float().to(device),
+            spectra[name].right.float().to(device),
+        )
+        for name in names
+    }
+    shapes = {name: spectra[name].layer.weight.shape for name in names}
+    model = model.to(device).eval()
+    iterator = iter(loader)
+    for _ in tqdm(range(steps), desc="relaxed rank selection", disable=not progress, leave=False):
+        try:
+            images, labels = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            images, labels = next(iterator)
+        weights = {}
+        for name, mask in zip(names, masks.float().to(device).split(pieces), strict=True):
+            left, singular, right = factors[name]
+            matrix = (left * (mask * singular)) @ right
+            weights[f"{name}.weight"] = _unmatricize(matrix, shapes[name], spectra[name].scheme)
+        loss = nn.functional.cross_entropy(functional_call(model, weights, (images.to(device),)), labels.to(device))
+        (gradient,) = torch.autograd.grad(loss, masks)
+        with torch.no_grad():
+            masks.copy_(
+                _project(masks - learning_rate * gradient / gradient.abs().max().clamp_min(1e-12), costs_all, limit)
+            )
+    # Round: the largest masks first, while the budget allows.
+    values = masks.detach()
+    order = torch.argsort(values, descending=True, stable=True)
+    offsets = np.cumsum([0, *pieces])
+    kept = torch.zeros_like(values, dtype=torch.bool)
+    spent = 0.0
+    for index in order.tolist():
+        if values[index] <= 0:
+            break
+        if spent + float(costs_all[index]) <= limit:
+            kept[index] = True
+            spent += float(costs_all[index])
+    components = {}
+    ranks: dict[str, int | None] = {}
+    for position, name in enumerate(names):
+        chosen = torch.nonzero(kept[offsets[position] : offsets[position + 1]]).flatten().numpy()
+        if len(chosen) == 0:
+            chosen = np.array([0])  # at least rank 1
+        components[name] = chosen
+        ranks[name] = len(chosen)
+    ranks = _normalized(ranks, spectra)
+    components = {name: components[name] for name in names if ranks[name] is not None}
+    return RankChoice("relaxed", ranks, _total(spectra, ranks), dense, {"components": components})
+
+
+def _unmatricize(matrix: torch.Tensor, shape: torch.Size, scheme: str) -> torch.Tensor:
+    """The inverse of _matrix: a layer weight from its (possibly low-rank) matrix."""
+    if len(shape) == 2:
+        return matrix
+    out_channels, in_channels, height, width = shape
+    if scheme == "zhang":
+        return matrix.reshape(shape)
+    return matrix.reshape(width, out_channels, in_channels, height).permute(1, 2, 3, 0)
 
 
 def parameter_count(model: nn.Module) -> int:
