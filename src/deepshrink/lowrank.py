@@ -370,7 +370,7 @@ def select_relaxed(
 
     Each layer's weight is U diag(m * S) V^T with masks m in [0, 1]; the training loss is
     minimised over the masks under the linear MAC budget sum_i c_i sum_j m_ij <= B (c_i a
-    rank's cost in layer i), starting from the POS solution. The masks are then rounded: the
+    rank's cost in layer i), starting from all masks at one (projected). The masks are then rounded: the
     components with the largest masks are kept while the budget allows. A layer whose rounded
     rank saves nothing runs dense.
     """
@@ -380,12 +380,10 @@ def select_relaxed(
     _check_budget(budget)
     dense = _dense_total(spectra)
     names = list(spectra)
-    start = select_pos(spectra, budget)
     pieces, costs, initial = [], [], []
     for name in names:
         spectrum = spectra[name]
-        rank = spectrum.full_rank if start.ranks[name] is None else start.ranks[name]
-        initial.append((torch.arange(spectrum.full_rank) < rank).double())
+        initial.append(torch.ones(spectrum.full_rank, dtype=torch.float64))
         costs.append(torch.full((spectrum.full_rank,), float(spectrum.factored_macs(1)), dtype=torch.float64))
         pieces.append(spectrum.full_rank)
     costs_all = torch.cat(costs)
@@ -420,26 +418,22 @@ def select_relaxed(
             masks.copy_(
                 _project(masks - learning_rate * gradient / gradient.abs().max().clamp_min(1e-12), costs_all, limit)
             )
-    # Round: the largest masks first, while the budget allows.
+    # Round: components in order of their masks (ties: larger singular values first) join their
+    # layer while the true budget holds; a layer whose rank stops saving MACs costs only its dense
+    # MACs, so the budget the linear relaxation left unspent is filled here.
     values = masks.detach()
-    order = torch.argsort(values, descending=True, stable=True)
+    order = torch.argsort(values, descending=True, stable=True).tolist()
     offsets = np.cumsum([0, *pieces])
-    kept = torch.zeros_like(values, dtype=torch.bool)
-    spent = 0.0
-    for index in order.tolist():
-        if values[index] <= 0:
-            break
-        if spent + float(costs_all[index]) <= limit:
-            kept[index] = True
-            spent += float(costs_all[index])
-    components = {}
-    ranks: dict[str, int | None] = {}
-    for position, name in enumerate(names):
-        chosen = torch.nonzero(kept[offsets[position] : offsets[position + 1]]).flatten().numpy()
-        if len(chosen) == 0:
-            chosen = np.array([0])  # at least rank 1
-        components[name] = chosen
-        ranks[name] = len(chosen)
+    layer_of = np.repeat(np.arange(len(names)), pieces)
+    chosen: dict[str, list[int]] = {name: [] for name in names}
+    for index in order:
+        name = names[layer_of[index]]
+        trial = {other: max(len(chosen[other]), 1) for other in names}
+        trial[name] = len(chosen[name]) + 1
+        if _total(spectra, trial) <= limit:
+            chosen[name].append(int(index - offsets[layer_of[index]]))
+    components = {name: np.array(sorted(chosen[name]) or [0]) for name in names}
+    ranks = {name: len(components[name]) for name in names}
     ranks = _normalized(ranks, spectra)
     components = {name: components[name] for name in names if ranks[name] is not None}
     return RankChoice("relaxed", ranks, _total(spectra, ranks), dense, {"components": components})
