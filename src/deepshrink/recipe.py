@@ -135,13 +135,16 @@ class EncodeSettings:
 @dataclass(frozen=True)
 class TradeoffSettings:
     """The paper's Figure 6: accuracy against compression rate for pruning only, quantization
-    only and both. Each point starts from the reference and retrains briefly."""
+    only, both, and SVD low-rank. Each point starts from the reference and retrains briefly."""
 
     sparsities: list[float] = field(
         default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95], metadata=_between(0.0, 1.0, open_high=True)
     )
     bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8], metadata=_between(1, 16))
     combined_bits: int = field(default=5, metadata=_between(1, 16))
+    svd_budgets: list[float] = field(  # fractions of the MACs; POS ranks, fp32 factors
+        default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.7], metadata=_between(1e-6, 1.0)
+    )
     retrain_epochs: int = field(default=1, metadata=_between(0))
     learning_rate: float = field(default=0.02, metadata=_between(1e-12))
 

@@ -134,12 +134,12 @@ def write_report(result, recipe, model: nn.Module, records: dict | None, tradeof
         "fine-tuning (largest layer)",
         "figure5": "Figure 5: distribution of weight codes and index gaps (largest layer), what Huffman exploits",
         "figure6": "Figure 6: test accuracy against compression ratio for pruning only, quantization only, "
-        "and both, each from the reference with brief retraining",
+        "both, and SVD low-rank, each from the reference with brief retraining",
     }
     if figures:
         lines += ["## Figures", ""]
         for key, name in figures.items():
-            lines += [f"![{captions[key]}]({name})", "", captions[key], ""]
+            lines += [f"![{key}]({name})", "", captions[key], ""]
     if tradeoff is not None:
         header = ["method", "setting", "bytes", "ratio", "test accuracy"]
         body = [

@@ -5,6 +5,8 @@ Every point starts from the reference and retrains briefly, so the curves compar
 at equal effort. Sizes of quantized models are the bytes of a real .dcz encoding. A model that
 is pruned but not quantized has no codebook, so its size is counted as the encoder's own sparse
 layout (relative indices with filler zeros) holding 32-bit values, plus the raw other tensors.
+An SVD point factorizes every layer at POS ranks for a MAC budget; its size is its fp32
+parameters.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from deepshrink.encode.codec import default_index_bits, encode_model
 from deepshrink.encode.sparse import to_sparse
 from deepshrink.layers import compressible_layers, match_per_layer, plain_state_dict
 from deepshrink.recipe import EncodeSettings, QuantizeSettings, TradeoffSettings
-from deepshrink.train import TrainConfig, evaluate
+from deepshrink.train import TrainConfig, evaluate, fit
 
 
 def encoded_bytes(model: nn.Module, encode: EncodeSettings) -> int:
@@ -78,7 +80,11 @@ def tradeoff_curves(
             {"method": method, "setting": setting, "bytes": size, "ratio": original / size, "accuracy": accuracy}
         )
 
-    work = [("prune", value) for value in settings.sparsities] + [("quantize", value) for value in settings.bits]
+    work = (
+        [("prune", value) for value in settings.sparsities]
+        + [("quantize", value) for value in settings.bits]
+        + [("svd", value) for value in settings.svd_budgets]
+    )
     bar = tqdm(work, desc="Figure 6 sweep", disable=not progress, leave=False)
     retrain = TrainConfig(epochs=settings.retrain_epochs, learning_rate=settings.learning_rate, seed=seed)
     finetune = QuantizeSettings(bits={"*": settings.combined_bits}, finetune_epochs=settings.retrain_epochs)
@@ -98,10 +104,19 @@ def tradeoff_curves(
             quantize(model, finetune, loaders, seed=seed, **quiet)
             combined = f"{100 * value:g}% pruned, {settings.combined_bits} bits"
             add("pruning + quantization", combined, model, encoded_bytes(model, encode))
-        else:
+        elif kind == "quantize":
             bits = QuantizeSettings(bits={"*": value}, finetune_epochs=settings.retrain_epochs)
             quantize(model, bits, loaders, seed=seed, **quiet)
             add("quantization only", f"{value} bits", model, encoded_bytes(model, encode))
+        else:
+            from deepshrink.lowrank import factorize, layer_spectra, select_pos
+
+            example = next(iter(loaders.validation))[0][:1]
+            spectra = layer_spectra(model, example.to(next(model.parameters()).device))
+            factorize(model, spectra, select_pos(spectra, value).ranks)
+            if retrain.epochs:
+                fit(model, loaders.train(retrain.batch_size, seed), retrain, **quiet)
+            add("SVD", f"{100 * value:g}% of the MACs", model, parameter_bytes(model))
     return {"reference_accuracy": reference_accuracy, "parameter_bytes": original, "points": points}
 
 
@@ -111,6 +126,7 @@ def plot_tradeoff(curves: dict, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from deepshrink.tables import save_figure
 
@@ -128,6 +144,8 @@ def plot_tradeoff(curves: dict, path) -> None:
             )
     axis.axhline(0, color="grey", linewidth=0.8)
     axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xlabel("compression ratio (fp32 parameter bytes / compressed bytes)")
     axis.set_ylabel("test accuracy change (points)")
     axis.set_title("Accuracy against compression (Figure 6)")
