@@ -56,3 +56,31 @@ def test_user_factory_by_path():
 def test_bad_factory_paths_are_model_errors(path, message):
     with pytest.raises(ModelError, match=message):
         build_model(path, **({"size": (1,)} if path == "torch:zeros" else {}))
+
+
+def test_fire_module_and_depthwise_separable_block_have_the_expected_parameter_counts():
+    from deepshrink.models.small import DepthwiseSeparable, Fire
+
+    def count(module):
+        return sum(parameter.numel() for parameter in module.parameters())
+
+    # squeeze 64->16 (1x1), expand 16->32 (1x1) and 16->32 (3x3), each with a bias.
+    assert count(Fire(64, 16, 32, 32)) == (64 * 16 + 16) + (16 * 32 + 32) + (16 * 9 * 32 + 32)
+    # depthwise 3x3 per channel (no bias) + batch norm, pointwise 32->64 (no bias) + batch norm.
+    assert count(DepthwiseSeparable(32, 64)) == 32 * 9 + 2 * 32 + 32 * 64 + 2 * 64
+    import torch
+
+    outputs = Fire(8, 4, 6, 10)(torch.randn(2, 8, 7, 7))
+    assert outputs.shape == (2, 16, 7, 7) and bool((outputs >= 0).all())
+    assert DepthwiseSeparable(8, 12, stride=2)(torch.randn(2, 8, 14, 14)).shape == (2, 12, 7, 7)
+
+
+def test_small_architectures_are_registered_and_small():
+    import torch
+
+    from deepshrink.models import build_model
+
+    for name, limit in (("squeezenet", 70_000), ("mobilenet", 70_000), ("lenet-5-flattened", 431_080)):
+        model = build_model(name)
+        assert sum(parameter.numel() for parameter in model.parameters()) < limit
+        assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)

@@ -10,6 +10,7 @@ from torch import nn
 
 from deepshrink.errors import ModelError
 from deepshrink.models.lenet import LeNet5, LeNet300100
+from deepshrink.models.small import FlattenedLeNet5, MobileNet, SqueezeNet
 from deepshrink.train import TrainConfig
 
 
@@ -106,9 +107,28 @@ register_model(
     )
 )
 
+# The small architectures train like LeNet-5 (their own reference settings, same data).
+for _name, _factory, _description in (
+    ("squeezenet", SqueezeNet, "SqueezeNet for 28x28: conv32, four Fire modules, 1x1 conv, average pool"),
+    ("mobilenet", MobileNet, "MobileNet for 28x28: conv32, four depthwise-separable blocks, average pool, fc"),
+    ("lenet-5-flattened", FlattenedLeNet5, "LeNet-5 with flattened (1x1, 5x1, 1x5) convolutions"),
+):
+    register_model(
+        ModelSpec(
+            name=_name,
+            factory=_factory,
+            description=_description,
+            reference_training=TrainConfig(
+                epochs=15, learning_rate=0.05, momentum=0.9, weight_decay=5e-4, batch_size=128, schedule="cosine"
+            ),
+        )
+    )
+
 __all__ = [
+    "FlattenedLeNet5",
     "LeNet300100",
     "LeNet5",
+    "MobileNet",
     "ModelSpec",
     "build_model",
     "get_model_spec",
@@ -116,4 +136,5 @@ __all__ = [
     "list_models",
     "register_model",
     "resolve_factory",
+    "SqueezeNet",
 ]
