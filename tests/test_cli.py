@@ -28,6 +28,7 @@ def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
         ["reference"],
         ["info"],
         ["run"],
+        ["lowrank"],
         ["predict"],
         ["bench"],
         ["prune"],
@@ -266,3 +267,26 @@ def test_compress_inspect_decompress_round_trip(tiny_checkpoint, tmp_path):
 def test_inspecting_a_file_that_is_not_dcz_is_a_clean_error(tiny_checkpoint):
     result = run_cli("inspect", str(tiny_checkpoint))
     assert result.returncode == 5 and "not a .dcz file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_lowrank_writes_a_factored_checkpoint_that_evaluates_as_printed(tiny_checkpoint, tmp_path):
+    out = tmp_path / "factored.safetensors"
+    result = run_cli(
+        "lowrank",
+        str(tiny_checkpoint),
+        "--budget",
+        "0.4",
+        "--finetune-epochs",
+        "1",
+        "--train-subset",
+        "2000",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^fc1\s+300\s+\d+\s+235,200\s+[\d,]+$", result.stdout, re.M)
+    printed = float(re.search(r"test ([0-9.]+) after 1 epochs", result.stdout).group(1))
+    evaluated = run_cli("evaluate", str(out))
+    assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
+    again = run_cli("lowrank", str(out), "--out", str(tmp_path / "twice.safetensors"))
+    assert again.returncode == 3 and "already factored" in again.stderr

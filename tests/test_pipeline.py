@@ -192,3 +192,27 @@ def test_readme_cli_example_runs(tmp_path):
     result = subprocess.run(["bash", "-ec", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "decoded from the file" in result.stdout
+
+
+def test_a_low_rank_stage_composes_with_the_others_and_resumes(trained, small_data, tmp_path):
+    from deepshrink.compressed import load_compressed as load_file
+    from deepshrink.runtime.load import load_runtime
+
+    text = SMALL_RECIPE.split("tradeoff:")[0].replace(
+        "prune:", "lowrank: {budget: 0.4, finetune_epochs: 1, distill: {}}\nprune:"
+    )
+    text = text.replace("fc1: 0.9, fc2: 0.8, fc3: 0.5", "'fc1*': 0.8, fc3: 0.5")
+    recipe = parse_recipe(text)
+    first = compress(trained, recipe, small_data, run_dir=tmp_path, progress=False)
+    ranks = first.stages[0].log["ranks"]
+    assert first.stages[0].name == "lowrank" and first.stages[0].log["mac_fraction"] <= 0.4
+    again = compress(trained, recipe, small_data, run_dir=tmp_path, progress=False)
+    assert all(stage.cached for stage in again.stages)
+    assert again.compressed_accuracy == first.compressed_accuracy
+    # The file rebuilds the factored architecture by itself, dense or run compressed.
+    decoded, _ = load_file(first.path)
+    assert isinstance(decoded.fc1, torch.nn.Sequential) and decoded.fc1[0].out_features == ranks["fc1"]
+    inputs = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        expected = decoded(inputs)
+        assert torch.allclose(load_runtime(first.path)(inputs), expected, atol=1e-5 * expected.abs().max())

@@ -16,11 +16,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepshrink.errors import CheckpointError, ModelError
+from deepshrink.errors import CheckpointError, ConfigError, ModelError
 from deepshrink.files import atomic_output
 
 CHECKPOINT_KIND = "deepshrink-checkpoint-1"
 METADATA_KEY = "deepshrink"
+# Metadata entry of a low-rank factored model: which layers became two, at which ranks.
+STRUCTURE_KEY = "lowrank_structure"
 
 
 @dataclass
@@ -140,12 +142,18 @@ def load_model(path: str | os.PathLike, model_name: str | None = None) -> tuple[
 def load_state_into(model: nn.Module, checkpoint: Checkpoint, source: str | os.PathLike) -> nn.Module:
     """Load the checkpoint's tensors into `model`, strictly, with a readable error on mismatch.
 
-    Pruning masks and shared-weight codebooks in the state_dict are registered first, so a
+    A low-rank factored architecture named in the metadata is rebuilt first; pruning masks and
+    shared-weight codebooks in the state_dict are registered next, so a
     pruned or weight-shared checkpoint loads as such, and keeps its constraints in training.
     """
+    from deepshrink.lowrank import apply_structure
     from deepshrink.prune.module import restore_pruning
     from deepshrink.quantize.shared import restore_sharing
 
+    try:
+        apply_structure(model, checkpoint.metadata.get(STRUCTURE_KEY))
+    except ConfigError as error:
+        raise CheckpointError(f"{source}: {error}") from error
     restore_pruning(model, checkpoint.state_dict)
     restore_sharing(model, checkpoint.state_dict)
     try:

@@ -358,6 +358,65 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_lowrank(args: argparse.Namespace) -> int:
+    from deepshrink import stages
+    from deepshrink.checkpoint import STRUCTURE_KEY, load_model, save_checkpoint
+    from deepshrink.data import load_data
+    from deepshrink.lowrank import layer_spectra, parameter_count
+    from deepshrink.recipe import DistillSettings, LowrankSettings
+    from deepshrink.tables import render_table
+    from deepshrink.train import evaluate
+
+    settings = LowrankSettings(
+        budget=args.budget,
+        method=args.method,
+        scheme=args.scheme,
+        finetune_epochs=args.finetune_epochs,
+        learning_rate=args.lr,
+        distill=DistillSettings() if args.distill else None,
+    )
+    model, checkpoint = load_model(args.checkpoint, args.model)
+    if checkpoint.metadata.get(STRUCTURE_KEY):
+        raise ConfigError(f"{args.checkpoint} is already factored; start from the unfactored model")
+    loaders = stages.Loaders.from_splits(load_data(args.data_dir, train_subset=args.train_subset))
+    before = evaluate(model, loaders.test, args.device).accuracy
+    parameters = parameter_count(model)
+    spectra = layer_spectra(model, next(iter(loaders.validation))[0][:1], settings.scheme)
+    log = stages.lowrank(model, settings, loaders, seed=args.seed, device=args.device, progress=not args.quiet)
+    after = evaluate(model, loaders.test, args.device).accuracy
+    rows = []
+    for name, spectrum in spectra.items():
+        rank = log["ranks"][name]
+        rows.append(
+            [
+                name,
+                f"{spectrum.full_rank}",
+                "dense" if rank is None else str(rank),
+                f"{spectrum.dense_macs:,}",
+                f"{spectrum.macs(rank):,}",
+            ]
+        )
+    print(render_table(["layer", "full rank", "rank", "MACs before", "MACs after"], rows))
+    print(
+        f"{settings.method.upper()} at a budget of {100 * settings.budget:g}% of the MACs: "
+        f"{100 * log['mac_fraction']:.1f}% kept, parameters {parameters:,} -> {parameter_count(model):,}"
+    )
+    print(
+        f"test accuracy: {before:.4f} before, "
+        f"validation {log['validation_accuracy_after_factorizing']:.4f} right after factorizing, "
+        f"test {after:.4f} after {settings.finetune_epochs} epochs of fine-tuning"
+    )
+    save_checkpoint(
+        args.out,
+        model.cpu(),
+        model_name=args.model or checkpoint.model_name,
+        metadata={**checkpoint.metadata, "stage": "lowrank", "lowrank": log, STRUCTURE_KEY: log["structure"]},
+        protect=(args.checkpoint,),
+    )
+    print(f"checkpoint: {args.out}")
+    return 0
+
+
 def _runtime_modes(values: list[str] | None) -> str | dict[str, str]:
     """["sparse"] or ["fc*=dense", "conv*=sparse"] into what load_runtime takes."""
     if not values:
@@ -685,6 +744,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(run)
     run.set_defaults(handler=command_run)
+
+    lowrank = commands.add_parser(
+        "lowrank",
+        help="SVD low-rank factorization at per-layer ranks chosen under a MAC budget, then fine-tuning",
+        epilog=EPILOG,
+    )
+    lowrank.add_argument("checkpoint", help="the trained model's checkpoint")
+    lowrank.add_argument("--model", help="model name or package.module:factory (default: the one the checkpoint names)")
+    lowrank.add_argument("--out", required=True, help="factored checkpoint to write (never the input)")
+    lowrank.add_argument("--budget", type=float, default=0.5, help="fraction of the original MACs (default 0.5)")
+    lowrank.add_argument(
+        "--method",
+        choices=("cptv", "pos", "relaxed"),
+        default="pos",
+        help="cptv: one energy fraction for all layers; pos: best product of kept energies; "
+        "relaxed: masks optimised on the training loss (default pos)",
+    )
+    lowrank.add_argument(
+        "--scheme", choices=("zhang", "tai"), default="zhang", help="how convolutions are matricized (default zhang)"
+    )
+    lowrank.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs after (default 2)")
+    lowrank.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
+    lowrank.add_argument("--distill", action="store_true", help="fine-tune against the original model's soft targets")
+    lowrank.add_argument("--train-subset", type=int, help="fine-tune on the first N training examples only")
+    lowrank.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
+    _add_data_options(lowrank)
+    lowrank.set_defaults(handler=command_lowrank)
 
     mode_help = (
         "auto (sparse where a layer's density is low enough), sparse, dense, or LAYER_GLOB=MODE entries (default: auto)"

@@ -16,7 +16,7 @@ from torch import nn
 from deepshrink import __version__
 from deepshrink.encode import container
 from deepshrink.encode.codec import decode_state_dict, encode_model
-from deepshrink.errors import FormatError, ModelError
+from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.tables import render_table
 
 
@@ -81,8 +81,12 @@ def load_compressed(path: str | os.PathLike, model_name: str | None = None) -> t
         raise ModelError(f"{path}: made from the user factory {name!r}; pass --model {name} to allow importing it")
     model = build_model(name)
     try:
+        from deepshrink.checkpoint import STRUCTURE_KEY
+        from deepshrink.lowrank import apply_structure
+
+        apply_structure(model, metadata.get(STRUCTURE_KEY))
         model.load_state_dict(state)
-    except RuntimeError as error:
+    except (RuntimeError, ConfigError) as error:
         raise FormatError(f"{path}: the decoded tensors do not fit model {name!r}: {error}") from error
     return model, metadata
 

@@ -266,6 +266,26 @@ def select_pos(spectra: dict[str, LayerSpectrum], budget: float, resolution: int
     return RankChoice("POS", _normalized(ranks, spectra), _total(spectra, ranks), dense)
 
 
+def factored_modules(layer: nn.Module, rank: int, scheme: str) -> nn.Sequential:
+    """The two layers that replace `layer` at `rank`, with their shapes only (weights unset)."""
+    bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        return nn.Sequential(
+            nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, layer.out_features, bias=bias)
+        )
+    out_channels, in_channels, height, width = layer.weight.shape
+    if scheme == "zhang":
+        return nn.Sequential(
+            nn.Conv2d(in_channels, rank, (height, width), layer.stride, layer.padding, layer.dilation, bias=False),
+            nn.Conv2d(rank, out_channels, 1, bias=bias),
+        )
+    stride, padding, dilation = layer.stride, layer.padding, layer.dilation
+    return nn.Sequential(
+        nn.Conv2d(in_channels, rank, (height, 1), (stride[0], 1), (padding[0], 0), (dilation[0], 1), bias=False),
+        nn.Conv2d(rank, out_channels, (1, width), (1, stride[1]), (0, padding[1]), (1, dilation[1]), bias=bias),
+    )
+
+
 def factorized_layer(spectrum: LayerSpectrum, rank: int, components=None) -> nn.Sequential:
     """The two layers replacing `spectrum.layer` at `rank` (singular values split as sqrt into both).
 
@@ -277,51 +297,52 @@ def factorized_layer(spectrum: LayerSpectrum, rank: int, components=None) -> nn.
     scale = spectrum.singular_values[keep].sqrt()
     left = (spectrum.left[:, keep] * scale).float()  # (m, t)
     right = (scale[:, None] * spectrum.right[keep]).float()  # (t, k)
-    bias = layer.bias is not None
-    if isinstance(layer, nn.Linear):
-        first, second = nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, layer.out_features, bias=bias)
-        first.weight.data.copy_(right)
-        second.weight.data.copy_(left)
-    else:
-        out_channels, in_channels, height, width = layer.weight.shape
-        if spectrum.scheme == "zhang":
-            first = nn.Conv2d(
-                in_channels,
-                rank,
-                (height, width),
-                layer.stride,
-                layer.padding,
-                layer.dilation,
-                bias=False,
-            )
-            second = nn.Conv2d(rank, out_channels, 1, bias=bias)
-            first.weight.data.copy_(right.reshape(rank, in_channels, height, width))
-            second.weight.data.copy_(left.reshape(out_channels, rank, 1, 1))
-        else:
-            first = nn.Conv2d(
-                in_channels,
-                rank,
-                (height, 1),
-                (layer.stride[0], 1),
-                (layer.padding[0], 0),
-                (layer.dilation[0], 1),
-                bias=False,
-            )
-            second = nn.Conv2d(
-                rank,
-                out_channels,
-                (1, width),
-                (1, layer.stride[1]),
-                (0, layer.padding[1]),
-                (1, layer.dilation[1]),
-                bias=bias,
-            )
-            # columns were (c, x), rows (y, n)
-            first.weight.data.copy_(right.reshape(rank, in_channels, height, 1))
-            second.weight.data.copy_(left.reshape(width, out_channels, rank).permute(1, 2, 0).unsqueeze(2))
-    if bias:
-        second.bias.data.copy_(layer.bias.detach())
-    return nn.Sequential(first, second).to(layer.weight.device)
+    scheme = "zhang" if spectrum.scheme == "linear" else spectrum.scheme
+    factors = factored_modules(layer, rank, scheme)
+    first, second = factors
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear):
+            first.weight.copy_(right)
+            second.weight.copy_(left)
+        elif scheme == "zhang":
+            first.weight.copy_(right.reshape(first.weight.shape))
+            second.weight.copy_(left.reshape(second.weight.shape))
+        else:  # tai: columns were (c, x), rows (y, n)
+            out_channels, _, _, width = layer.weight.shape
+            first.weight.copy_(right.reshape(first.weight.shape))
+            second.weight.copy_(left.reshape(width, out_channels, rank).permute(1, 2, 0).unsqueeze(2))
+        if layer.bias is not None:
+            second.bias.copy_(layer.bias.detach())
+    return factors.to(layer.weight.device)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def structure_of(choice_ranks: dict[str, int | None], scheme: str) -> dict:
+    """The checkpoint / file metadata that lets a loader rebuild the factored architecture."""
+    return {"scheme": scheme, "ranks": {name: rank for name, rank in choice_ranks.items() if rank is not None}}
+
+
+def apply_structure(model: nn.Module, structure: dict | None) -> nn.Module:
+    """Rebuild a factored architecture (shapes only) from `structure_of` metadata, in place."""
+    if not structure:
+        return model
+    if not isinstance(structure, dict) or structure.get("scheme") not in SCHEMES:
+        raise ConfigError(f"low-rank metadata {structure!r} is malformed; it needs a scheme and ranks")
+    ranks = structure.get("ranks")
+    if not isinstance(ranks, dict):
+        raise ConfigError(f"low-rank metadata ranks {ranks!r} should map layer names to ranks")
+    modules = dict(model.named_modules())
+    for name, rank in ranks.items():
+        layer = modules.get(name)
+        if not isinstance(layer, nn.Linear | nn.Conv2d) or not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"low-rank metadata names layer {name!r} at rank {rank!r}, which this model cannot take")
+        _replace(model, name, factored_modules(layer, rank, structure["scheme"]))
+    return model
 
 
 def factorize(
@@ -332,11 +353,8 @@ def factorize(
 ) -> nn.Module:
     """Replace each layer with a rank in `ranks` by its two factors, in place."""
     for name, rank in ranks.items():
-        if rank is None:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, factorized_layer(spectra[name], rank, (components or {}).get(name)))
+        if rank is not None:
+            _replace(model, name, factorized_layer(spectra[name], rank, (components or {}).get(name)))
     return model
 
 

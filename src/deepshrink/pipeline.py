@@ -1,4 +1,4 @@
-"""The one place the stages are composed: reference -> prune -> quantize -> encode -> report.
+"""The one place the stages are composed: reference -> [low-rank] -> prune -> quantize -> encode -> report.
 
 Each stage's result is cached in the run directory under a key that covers the stage's recipe
 section and everything that fed it (the reference's weights, the data, the seed, the previous
@@ -26,10 +26,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deepshrink import stages
-from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_state_dict
+from deepshrink.checkpoint import STRUCTURE_KEY, load_checkpoint, load_state_into, save_checkpoint, save_state_dict
 from deepshrink.data import DataSplits
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.layers import compressible_layers
+from deepshrink.lowrank import apply_structure
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
 from deepshrink.stages import Loaders
 from deepshrink.train import evaluate, resolve_device
@@ -122,7 +123,10 @@ def compress(
     name = model_name or recipe.model or type(model).__name__.lower()
     run_dir = Path(run_dir or Path("runs") / name.replace(":", "-").replace("/", "-"))
     device = resolve_device(device)
-    recipe.check_layers(list(compressible_layers(model)))
+    layer_names = list(compressible_layers(model))
+    if recipe.lowrank is not None:  # a factored layer NAME becomes NAME.0 and NAME.1
+        layer_names += [f"{name}.{part}" for name in layer_names for part in (0, 1)]
+    recipe.check_layers(layer_names)
     if isinstance(data, DataSplits):
         loaders = Loaders.from_splits(data, recipe.data.test_subset)
         data_key = [data.fingerprint, len(data.train), recipe.data.test_subset]
@@ -138,7 +142,8 @@ def compress(
     key = input_key
     records = None
 
-    for stage in ("prune", "quantize"):
+    structure = None  # set by the low-rank stage: the factored architecture, for every later load
+    for stage in ("lowrank", "prune", "quantize"):
         settings = getattr(recipe, stage)
         if settings is None:
             continue
@@ -150,20 +155,24 @@ def compress(
             checkpoint = load_checkpoint(path)
             current = load_state_into(copy.deepcopy(reference), checkpoint, path).to(device)
             log, cached = checkpoint.metadata["log"], True
+            structure = checkpoint.metadata.get(STRUCTURE_KEY)
             if stage == "quantize":
                 records = _load_records(records_path)
         else:
             _say(progress, f"{stage}: running")
             # Stages work on copies: the reference stays untouched for the report and the sweep.
             current = copy.deepcopy(reference) if current is reference else current
-            if stage == "prune":
-                log = stages.prune(current, settings, loaders, seed=recipe.seed, device=device, progress=progress)
+            options = {"seed": recipe.seed, "device": device, "progress": progress, "teacher": reference}
+            if stage == "lowrank":
+                log = stages.lowrank(current, settings, loaders, **options)
+                structure = log["structure"]
+            elif stage == "prune":
+                log = stages.prune(current, settings, loaders, **options)
             else:
-                records, log = stages.quantize(
-                    current, settings, loaders, seed=recipe.seed, device=device, progress=progress
-                )
+                records, log = stages.quantize(current, settings, loaders, **options)
                 _save_records(records_path, records)
-            save_checkpoint(path, current, model_name=name, metadata={"stage": stage, "key": key, "log": log})
+            metadata = {"stage": stage, "key": key, "log": log, STRUCTURE_KEY: structure}
+            save_checkpoint(path, current, model_name=name, metadata=metadata)
             cached = False
         stages_run.append(StageRun(stage, key, cached, time.perf_counter() - started, log))
         _say(progress, f"{stage}: {'cached' if cached else 'done'} in {stages_run[-1].seconds:.1f}s ({path.name})")
@@ -183,14 +192,14 @@ def compress(
             index_bits=settings.index_bits,
             layout=settings.layout,
             coder=settings.coder,
-            metadata={"stage_key": encode_key, "recipe": recipe.to_dict()},
+            metadata={"stage_key": encode_key, "recipe": recipe.to_dict(), STRUCTURE_KEY: structure},
         )
     stages_run.append(StageRun("encode", encode_key, cached, time.perf_counter() - started))
 
     # The accuracy that counts: decode the file that was written into a fresh copy of the model.
     from deepshrink.compressed import read_state_dict
 
-    decoded = copy.deepcopy(model)
+    decoded = apply_structure(copy.deepcopy(model), structure)
     state, _ = read_state_dict(out)
     decoded.load_state_dict(state)
     compressed_accuracy = evaluate(decoded, loaders.test, device).accuracy

@@ -74,6 +74,23 @@ class DistillSettings:
 
 
 @dataclass(frozen=True)
+class LowrankSettings:
+    """Stage 0 (optional): SVD low-rank factorization at per-layer ranks chosen under a MAC budget."""
+
+    budget: float = field(default=0.5, metadata=_between(1e-6, 1.0))  # fraction of the original MACs
+    method: str = field(default="pos", metadata=_choices("cptv", "pos", "relaxed"))
+    scheme: str = field(default="zhang", metadata=_choices("zhang", "tai"))
+    finetune_epochs: int = field(default=2, metadata=_between(0))
+    learning_rate: float = field(default=0.01, metadata=_between(1e-12))
+    weight_decay: float = field(default=5e-4, metadata=_between(0.0))
+    batch_size: int = field(default=128, metadata=_between(1))
+    distill: DistillSettings | None = None
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
 class PruneSettings:
     """Stage 1. Exactly one of `sparsity` / `quality` (per-layer globs) or `global_sparsity`."""
 
@@ -115,6 +132,7 @@ class QuantizeSettings:
     learning_rate: float = field(default=1e-4, metadata=_between(1e-12))
     weight_decay: float = field(default=0.0, metadata=_between(0.0))
     batch_size: int = field(default=128, metadata=_between(1))
+    distill: DistillSettings | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -168,6 +186,7 @@ class Recipe:
     model: str | None = None
     seed: int = 0
     data: DataSettings = field(default_factory=DataSettings)
+    lowrank: LowrankSettings | None = None
     prune: PruneSettings | None = None
     quantize: QuantizeSettings | None = None
     encode: EncodeSettings = field(default_factory=EncodeSettings)

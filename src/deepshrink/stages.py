@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deepshrink.data import DataSplits, make_loader
-from deepshrink.recipe import PruneSettings, QuantizeSettings
-from deepshrink.train import TrainConfig, evaluate, fit
+from deepshrink.recipe import LowrankSettings, PruneSettings, QuantizeSettings
+from deepshrink.train import TrainConfig, evaluate, fit, resolve_device
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,77 @@ class Loaders:
         return cls(train=lambda batch_size, seed: train, validation=validation, test=test)
 
 
+def _criterion(distill, teacher: nn.Module | None, model: nn.Module):
+    """The retraining loss: cross-entropy, or distillation from `teacher` (default: the model as it
+    enters the stage) when the stage's settings ask for it."""
+    if distill is None:
+        return None
+    from deepshrink.distill import DistillationLoss
+
+    return DistillationLoss(
+        copy.deepcopy(teacher if teacher is not None else model), distill.temperature, distill.alpha
+    )
+
+
+def lowrank(
+    model: nn.Module,
+    settings: LowrankSettings,
+    loaders: Loaders,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    teacher: nn.Module | None = None,
+) -> dict:
+    """Stage 0 in place: factorize at ranks chosen under the MAC budget, then fine-tune.
+
+    The log's "structure" lets checkpoint.load_state_into and load_compressed rebuild the
+    factored architecture.
+    """
+    from deepshrink.lowrank import factorize, layer_spectra, select_cptv, select_pos, select_relaxed, structure_of
+
+    device = resolve_device(device)
+    model.to(device)
+    criterion = _criterion(settings.distill, teacher, model)
+    example = next(iter(loaders.validation))[0][:1].to(device)
+    spectra = layer_spectra(model, example, settings.scheme)
+    if settings.method == "cptv":
+        choice = select_cptv(spectra, settings.budget)
+    elif settings.method == "pos":
+        choice = select_pos(spectra, settings.budget)
+    else:
+        choice = select_relaxed(
+            model, spectra, settings.budget, loaders.train(256, seed + 1), device=device, progress=progress
+        )
+    factorize(model, spectra, choice.ranks, choice.extra.get("components"))
+    log: dict = {
+        "method": settings.method,
+        "ranks": choice.ranks,
+        "mac_fraction": choice.mac_fraction,
+        "structure": structure_of(choice.ranks, settings.scheme),
+        "validation_accuracy_after_factorizing": evaluate(model, loaders.validation, device).accuracy,
+    }
+    if settings.finetune_epochs:
+        config = TrainConfig(
+            epochs=settings.finetune_epochs,
+            learning_rate=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+            batch_size=settings.batch_size,
+            seed=seed,
+        )
+        fit(
+            model,
+            loaders.train(settings.batch_size, seed),
+            config,
+            device=device,
+            criterion=criterion,
+            progress=progress,
+            description="fine-tune factors",
+        )
+    log["validation_accuracy"] = evaluate(model, loaders.validation, device).accuracy
+    return log
+
+
 def prune(
     model: nn.Module,
     settings: PruneSettings,
@@ -53,6 +124,7 @@ def prune(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> dict:
     """Stage 1 in place: magnitude pruning in rounds with retraining, or Dynamic Network Surgery."""
     from deepshrink.prune.schedule import (
@@ -71,12 +143,7 @@ def prune(
         seed=seed,
     )
     train_loader = loaders.train(settings.batch_size, seed)
-    criterion = None
-    if settings.distill is not None:
-        from deepshrink.distill import DistillationLoss
-
-        teacher = copy.deepcopy(model)
-        criterion = DistillationLoss(teacher, settings.distill.temperature, settings.distill.alpha)
+    criterion = _criterion(settings.distill, teacher, model)
     log: dict = {"method": settings.method}
     if settings.method == "dns":
         result = dynamic_network_surgery(
@@ -139,6 +206,7 @@ def quantize(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> tuple[dict, dict]:
     """Stage 2 in place: k-means weight sharing, then centroid fine-tuning.
 
@@ -146,6 +214,7 @@ def quantize(
     """
     from deepshrink.quantize.shared import share_weights
 
+    criterion = _criterion(settings.distill, teacher, model)
     records = share_weights(model, settings.bits, settings.init, seed=seed)
     log: dict = {
         "init": settings.init,
@@ -167,6 +236,7 @@ def quantize(
             config,
             validation_loader=loaders.validation,
             device=device,
+            criterion=criterion,
             progress=progress,
             description="fine-tune centroids",
         )

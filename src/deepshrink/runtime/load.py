@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepshrink.checkpoint import STRUCTURE_KEY
 from deepshrink.encode import container
 from deepshrink.encode.codec import FORMAT_NAME, SharedParts, decode_record_parts
 from deepshrink.errors import ConfigError, FormatError, ModelError
+from deepshrink.lowrank import apply_structure
 from deepshrink.runtime.kernels import csr_from_layout
 from deepshrink.runtime.modules import SPARSE_DENSITY_LIMIT, CodebookWeight, CompressedConv2d, CompressedLinear
 
@@ -80,6 +82,10 @@ def load_runtime(
         if model is None and is_factory_path(name):
             raise ModelError(f"{path}: made from the user factory {name!r}; pass --model {name} to allow importing it")
         model = build_model(name)
+        try:  # a low-rank factored model: rebuild its two-layer pairs first
+            apply_structure(model, header.get("metadata", {}).get(STRUCTURE_KEY))
+        except ConfigError as error:
+            raise FormatError(f"{path}: {error}") from error
     layers = compressible_layers(model)
     state: dict[str, torch.Tensor] = {}
     compressed: dict[str, CodebookWeight] = {}
