@@ -57,6 +57,18 @@ def _criterion(distill, teacher: nn.Module | None, model: nn.Module):
     )
 
 
+def _training(settings, seed: int, epochs: int, learning_rate: float | None = None, **extra) -> TrainConfig:
+    """A stage's retraining config from its settings (epochs, learning rate, decay, batch size)."""
+    return TrainConfig(
+        epochs=epochs,
+        learning_rate=settings.learning_rate if learning_rate is None else learning_rate,
+        weight_decay=settings.weight_decay,
+        batch_size=settings.batch_size,
+        seed=seed,
+        **extra,
+    )
+
+
 def lowrank(
     model: nn.Module,
     settings: LowrankSettings,
@@ -96,17 +108,10 @@ def lowrank(
         "validation_accuracy_after_factorizing": evaluate(model, loaders.validation, device).accuracy,
     }
     if settings.finetune_epochs:
-        config = TrainConfig(
-            epochs=settings.finetune_epochs,
-            learning_rate=settings.learning_rate,
-            weight_decay=settings.weight_decay,
-            batch_size=settings.batch_size,
-            seed=seed,
-        )
         fit(
             model,
             loaders.train(settings.batch_size, seed),
-            config,
+            _training(settings, seed, settings.finetune_epochs),
             device=device,
             criterion=criterion,
             progress=progress,
@@ -135,13 +140,7 @@ def prune(
     )
     from deepshrink.prune.surgery import dynamic_network_surgery
 
-    retrain = TrainConfig(
-        epochs=settings.retrain_epochs,
-        learning_rate=settings.learning_rate,
-        weight_decay=settings.weight_decay,
-        batch_size=settings.batch_size,
-        seed=seed,
-    )
+    retrain = _training(settings, seed, settings.retrain_epochs)
     train_loader = loaders.train(settings.batch_size, seed)
     criterion = _criterion(settings.distill, teacher, model)
     log: dict = {"method": settings.method}
@@ -178,17 +177,10 @@ def prune(
         )
         log["rounds"] = [vars(record) for record in history.rounds]
     if settings.finetune_epochs:
-        finetune = TrainConfig(
-            epochs=settings.finetune_epochs,
-            learning_rate=settings.learning_rate / 2,
-            weight_decay=settings.weight_decay,
-            batch_size=settings.batch_size,
-            seed=seed,
-        )
         fit(
             model,
             train_loader,
-            finetune,
+            _training(settings, seed, settings.finetune_epochs, settings.learning_rate / 2),
             device=device,
             criterion=criterion,
             progress=progress,
@@ -222,18 +214,10 @@ def quantize(
         "validation_accuracy_after_sharing": evaluate(model, loaders.validation, device).accuracy,
     }
     if settings.finetune_epochs:
-        config = TrainConfig(
-            epochs=settings.finetune_epochs,
-            learning_rate=settings.learning_rate,
-            weight_decay=settings.weight_decay,
-            batch_size=settings.batch_size,
-            seed=seed,
-            optimizer=settings.optimizer,
-        )
         history = fit(
             model,
             loaders.train(settings.batch_size, seed),
-            config,
+            _training(settings, seed, settings.finetune_epochs, optimizer=settings.optimizer),
             validation_loader=loaders.validation,
             device=device,
             criterion=criterion,
