@@ -7,7 +7,9 @@ slows every candidate alike:
 - dense: torch.nn.functional.linear on the decoded float32 matrix (MKL/oneDNN GEMV);
 - torch CSR: torch.sparse_csr_tensor of float32 values;
 - scipy CSR: scipy.sparse.csr_matrix of float32 values;
-- codebook CSR: ours, uint8 codes + uint16 columns + the codebook, numba (deepshrink.runtime).
+- codebook CSR (ours): each row's entries grouped by code, uint16 columns + per-row code
+  counts + the codebook, numba (deepshrink.runtime, the default form);
+- codebook per entry: uint8 code + uint16 column per entry, numba.
 
 Hot: the same copy every call. Cold: rotate through copies whose total is larger than the
 last-level cache, so every call reads its weights from memory.
@@ -41,35 +43,37 @@ def make_layer(rows: int, columns: int, density: float, seed: int):
     mask = generator.random((rows, columns), dtype=np.float32) < density
     codes = np.where(mask, generator.integers(1, 1 << BITS, (rows, columns), dtype=np.uint8), 0).astype(np.uint8)
     codebook = np.concatenate(([0.0], generator.laplace(0, 0.02, (1 << BITS) - 1))).astype(np.float32)
-    indptr, indices, entry_codes = csr_from_layout(to_sparse(codes, 5, "csr"), int(mask.sum()))
-    dense = torch.from_numpy(codebook[codes])
-    return dense, CodebookWeight(indptr, indices, entry_codes, codebook, (rows, columns))
+    csr = csr_from_layout(to_sparse(codes, 5, "csr"), int(mask.sum()))
+    return torch.from_numpy(codebook[codes]), csr, codebook
 
 
-def candidates(dense: torch.Tensor, weight: CodebookWeight):
-    """name -> (resident weight bytes, function of a (batch, columns) float32 tensor)."""
-    values = weight.codebook[weight.codes.astype(np.int64)]
-    indptr = torch.from_numpy(weight.indptr)
-    columns = torch.from_numpy(weight.columns.astype(np.int64))
-    torch_csr = torch.sparse_csr_tensor(indptr, columns, torch.from_numpy(values), size=weight.shape)
-    scipy_csr = scipy.sparse.csr_matrix((values, weight.columns.astype(np.int32), weight.indptr), shape=weight.shape)
+CANDIDATES = ("dense torch", "torch CSR", "scipy CSR", "codebook CSR (ours)", "codebook per entry")
 
-    def ours(inputs: torch.Tensor):
+
+def build(candidate: str, dense: torch.Tensor, csr, codebook: np.ndarray):
+    """(resident weight bytes, function of a (batch, columns) float32 tensor), on fresh copies."""
+    indptr, columns, codes = (array.copy() for array in csr)
+    shape = tuple(dense.shape)
+    if candidate == "dense torch":
+        copy = dense.clone()
+        return copy.numel() * 4, lambda inputs: functional.linear(inputs, copy)
+    values = codebook[codes.astype(np.int64)]
+    if candidate == "torch CSR":
+        matrix = torch.sparse_csr_tensor(
+            torch.from_numpy(indptr), torch.from_numpy(columns.astype(np.int64)), torch.from_numpy(values), size=shape
+        )
+        return values.nbytes + 8 * (len(indptr) + len(columns)), lambda inputs: torch.sparse.mm(matrix, inputs.T).T
+    if candidate == "scipy CSR":
+        matrix = scipy.sparse.csr_matrix((values, columns.astype(np.int32), indptr), shape=shape)
+        resident = values.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
+        return resident, lambda inputs: (matrix @ inputs.numpy().T).T
+    weight = CodebookWeight(indptr, columns, codes, codebook, shape, grouped=candidate == "codebook CSR (ours)")
+
+    def run(inputs: torch.Tensor):
         array = inputs.numpy()
         return weight.times(array[0]) if array.shape[0] == 1 else weight.times(np.ascontiguousarray(array.T)).T
 
-    return {
-        "dense torch": (dense.numel() * 4, lambda inputs: functional.linear(inputs, dense)),
-        "torch CSR": (
-            values.nbytes + 8 * (len(indptr) + len(columns)),
-            lambda inputs: torch.sparse.mm(torch_csr, inputs.T).T,
-        ),
-        "scipy CSR": (
-            values.nbytes + scipy_csr.indices.nbytes + scipy_csr.indptr.nbytes,
-            lambda inputs: (scipy_csr @ inputs.numpy().T).T,
-        ),
-        "codebook CSR (ours)": (weight.nbytes, ours),
-    }
+    return weight.nbytes, run
 
 
 def time_rotating(functions: list, inputs: torch.Tensor, repeats: int) -> float:
@@ -94,22 +98,14 @@ def main() -> None:
     torch.set_grad_enabled(False)
     results = {"threads": torch.get_num_threads(), "layers": []}
     for index, (name, rows, columns, density) in enumerate(ALEXNET_FC):
-        dense, weight = make_layer(rows, columns, density, index)
-        built = candidates(dense, weight)
-        layer = {"layer": name, "shape": [rows, columns], "density": weight.density, "candidates": {}}
+        dense, csr, codebook = make_layer(rows, columns, density, index)
+        built = {candidate: build(candidate, dense, csr, codebook) for candidate in CANDIDATES}
+        layer = {"layer": name, "shape": [rows, columns], "density": len(csr[1]) / (rows * columns), "candidates": {}}
         # Cold copies: as many as it takes to exceed --cold-bytes of that candidate's weights.
         cold = {}
-        for candidate, (resident, _) in built.items():
-            copies = max(2, int(args.cold_bytes // resident) + 1)
-            if candidate == "dense torch":
-                cold[candidate] = [built[candidate][1]] + [
-                    (lambda copy: lambda inputs: functional.linear(inputs, copy))(dense.clone())
-                    for _ in range(copies - 1)
-                ]
-            else:
-                cold[candidate] = [built[candidate][1]] + [
-                    candidates(dense, _copy_weight(weight))[candidate][1] for _ in range(min(copies, 200) - 1)
-                ]
+        for candidate, (resident, function) in built.items():
+            copies = min(max(2, int(args.cold_bytes // resident) + 1), 200)
+            cold[candidate] = [function] + [build(candidate, dense, csr, codebook)[1] for _ in range(copies - 1)]
         for batch in (1, 8, 64):
             inputs = torch.randn(batch, columns, generator=torch.Generator().manual_seed(batch))
             expected = functional.linear(inputs.double(), dense.double())
@@ -141,12 +137,6 @@ def main() -> None:
         dense_bytes = layer["candidates"]["dense torch"]["resident_bytes"]
         ours = layer["candidates"]["codebook CSR (ours)"]["resident_bytes"]
         print(f"{layer['layer']}: resident {ours:,} bytes against {dense_bytes:,} dense (1/{dense_bytes / ours:.1f})")
-
-
-def _copy_weight(weight: CodebookWeight) -> CodebookWeight:
-    return CodebookWeight(
-        weight.indptr.copy(), weight.columns.copy(), weight.codes.copy(), weight.codebook.copy(), weight.shape
-    )
 
 
 if __name__ == "__main__":

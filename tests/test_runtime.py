@@ -54,6 +54,25 @@ def test_kernels_match_a_dense_product(layout, rows, columns, density):
     assert relative_error(out, dense @ batch) < RELATIVE
 
 
+@pytest.mark.parametrize(("codes_count", "grouped"), [(32, True), (32, False), (300, None)])
+def test_both_compressed_forms_compute_the_dense_product(codes_count, grouped):
+    """Grouped by code (the default up to 256 codes) and one code per entry (beyond, or forced)."""
+    generator = np.random.default_rng(3)
+    rows, columns = 50, 700
+    mask = generator.random((rows, columns)) < 0.1
+    codes = np.where(mask, generator.integers(1, codes_count, (rows, columns)), 0).astype(np.uint16)
+    codebook = np.concatenate(([0.0], generator.normal(size=codes_count - 1))).astype(np.float32)
+    indptr, indices, entry_codes = csr_from_layout(to_sparse(codes, 4, "csr"), int(mask.sum()))
+    weight = modules.CodebookWeight(indptr, indices, entry_codes, codebook, (rows, columns), grouped=grouped)
+    assert (weight.codes is None) == (codes_count <= 256 and grouped is not False)
+    dense = codebook[codes.astype(np.int64)].astype(np.float64)
+    assert np.array_equal(weight.to_dense().numpy(), dense.astype(np.float32))
+    vector = generator.normal(size=columns).astype(np.float32)
+    assert relative_error(weight.times(vector), dense @ vector) < RELATIVE
+    batch = generator.normal(size=(columns, 9)).astype(np.float32)
+    assert relative_error(weight.times(batch), dense @ batch) < RELATIVE
+
+
 class ConvNet(nn.Module):
     """Convolutions with stride, padding and dilation, then fully connected layers."""
 

@@ -6,9 +6,12 @@ density that is 3 bytes per kept weight, about 15x fewer bytes than the dense fl
 and a batch-1 product is bound by how fast those bytes arrive, so it runs faster than a dense
 matrix-vector product that has to stream every weight.
 
-Rows are split across threads (numba prange); each row's sum uses four accumulators so that
-the compiler can keep several gathers in flight and vectorise them (fastmath allows the
-reassociation; the results then differ from a sequential sum by rounding only).
+Rows are split across threads (numba prange). For codebooks of up to 256 entries the default
+form sorts each row's entries by code and keeps per-row code counts instead of the codes: a row
+is then sum_k codebook[k] * (sum of the inputs its code-k weights touch), one multiply per code
+and a pure gather-and-add inner loop, which the compiler vectorises with AVX gathers (fastmath
+allows the reassociation; results differ from a sequential sum by rounding only). That form is
+also smaller: 2 bytes per kept weight plus 2 bytes per (row, code).
 """
 
 from __future__ import annotations
@@ -100,23 +103,10 @@ PARALLEL_MINIMUM_NONZEROS = 100_000
 def _codebook_matvec(indptr, columns, codes, codebook, vector, out):
     """out[r] = sum_j codebook[codes[j]] * vector[columns[j]] over row r's entries."""
     for row in numba.prange(len(indptr) - 1):
-        start = indptr[row]
-        end = indptr[row + 1]
-        first = np.float32(0.0)
-        second = np.float32(0.0)
-        third = np.float32(0.0)
-        fourth = np.float32(0.0)
-        index = start
-        while index + 4 <= end:
-            first += codebook[codes[index]] * vector[columns[index]]
-            second += codebook[codes[index + 1]] * vector[columns[index + 1]]
-            third += codebook[codes[index + 2]] * vector[columns[index + 2]]
-            fourth += codebook[codes[index + 3]] * vector[columns[index + 3]]
-            index += 4
-        while index < end:
-            first += codebook[codes[index]] * vector[columns[index]]
-            index += 1
-        out[row] = (first + second) + (third + fourth)
+        total = np.float32(0.0)
+        for index in range(indptr[row], indptr[row + 1]):
+            total += codebook[codes[index]] * vector[columns[index]]
+        out[row] = total
 
 
 def _codebook_matmul(indptr, columns, codes, codebook, inputs, out):
@@ -132,8 +122,116 @@ def _codebook_matmul(indptr, columns, codes, codebook, inputs, out):
         out[row, :] = accumulator
 
 
+# Each (row, code) run of the grouped form is padded to a multiple of this many entries, so the
+# inner loop always runs whole blocks of a constant length, which the compiler turns into one
+# vector gather; unpadded, most runs (~30 entries) were too short for its vector loop.
+BLOCK = 16
+
+
+def _grouped_matvec(indptr, blocks, columns, codebook, vector, out):
+    """The product with each row's entries grouped by code: blocks[r, k] blocks of BLOCK entries
+    use codebook[k], so a row is sum_k codebook[k] * (sum of the inputs its code-k weights
+    touch): one multiply per code and a pure gather-and-add inner loop. Padding entries point at
+    the zero that the caller appends to `vector`."""
+    groups = blocks.shape[1]
+    for row in numba.prange(len(indptr) - 1):
+        index = indptr[row]
+        total = np.float32(0.0)
+        for code in range(groups):
+            partial = np.float32(0.0)
+            for _ in range(blocks[row, code]):
+                for lane in range(BLOCK):
+                    partial += vector[np.int64(columns[index + lane])]
+                index += BLOCK
+            total += codebook[code] * partial
+        out[row] = total
+
+
+def _grouped_matmul(indptr, blocks, columns, codebook, inputs, out):
+    """Batched `_grouped_matvec`: inputs is (in + 1, batch) row-major with a zero last row."""
+    groups = blocks.shape[1]
+    batch = inputs.shape[1]
+    for row in numba.prange(len(indptr) - 1):
+        accumulator = np.zeros(batch, dtype=np.float32)
+        partial = np.empty(batch, dtype=np.float32)
+        index = indptr[row]
+        for code in range(groups):
+            if blocks[row, code] == 0:
+                continue
+            partial[:] = 0.0
+            for _ in range(blocks[row, code] * BLOCK):
+                source = inputs[np.int64(columns[index])]
+                for column in range(batch):
+                    partial[column] += source[column]
+                index += 1
+            weight = codebook[code]
+            for column in range(batch):
+                accumulator[column] += weight * partial[column]
+        out[row, :] = accumulator
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_rows(indptr, columns, codes, blocks, out_indptr, out_columns, padding):
+    """Sort each row's entries by code (stably), each code's run padded to whole blocks."""
+    groups = blocks.shape[1]
+    counts = np.zeros(groups, dtype=np.int64)
+    cursor = np.empty(groups, dtype=np.int64)
+    for row in range(len(indptr) - 1):
+        counts[:] = 0
+        for index in range(indptr[row], indptr[row + 1]):
+            counts[codes[index]] += 1
+        position = out_indptr[row]
+        for code in range(groups):
+            whole = (counts[code] + BLOCK - 1) // BLOCK
+            blocks[row, code] = whole
+            cursor[code] = position
+            for slot in range(position + counts[code], position + whole * BLOCK):
+                out_columns[slot] = padding
+            position += whole * BLOCK
+        out_indptr[row + 1] = position
+        for index in range(indptr[row], indptr[row + 1]):
+            code = codes[index]
+            out_columns[cursor[code]] = columns[index]
+            cursor[code] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _padded_length(indptr, codes, groups):
+    counts = np.zeros(groups, dtype=np.int64)
+    total = 0
+    for row in range(len(indptr) - 1):
+        counts[:] = 0
+        for index in range(indptr[row], indptr[row + 1]):
+            counts[codes[index]] += 1
+        for code in range(groups):
+            total += (counts[code] + BLOCK - 1) // BLOCK * BLOCK
+    return total
+
+
+# Above this many codes the per-row block counts would outgrow the codes themselves.
+GROUPED_MAXIMUM_CODES = 256
+
+
+def group_by_code(indptr, columns, codes, groups: int, padding: int):
+    """(row pointers, blocks rows x groups, padded columns) of the grouped form.
+
+    `padding` is the column index padding entries use: one past the last real column, where the
+    product appends a zero.
+    """
+    length = _padded_length(indptr, codes, groups)
+    index_type = columns.dtype if padding < np.iinfo(columns.dtype).max else np.int32
+    out_columns = np.empty(length, dtype=index_type)
+    out_indptr = np.zeros(len(indptr), dtype=np.int64)
+    widest = int(np.diff(indptr).max(initial=0)) // BLOCK + 1
+    blocks = np.zeros((len(indptr) - 1, groups), dtype=np.uint16 if widest < 1 << 16 else np.uint32)
+    _group_rows(indptr, columns, codes, blocks, out_indptr, out_columns, padding)
+    return out_indptr, blocks, out_columns
+
+
 MATVEC = {parallel: _compiled(_codebook_matvec, parallel) for parallel in (False, True)}
 MATMUL = {parallel: _compiled(_codebook_matmul, parallel) for parallel in (False, True)}
+GROUPED_MATVEC = {parallel: _compiled(_grouped_matvec, parallel) for parallel in (False, True)}
+GROUPED_MATMUL = {parallel: _compiled(_grouped_matmul, parallel) for parallel in (False, True)}
 
 
 def codebook_matvec(indptr, columns, codes, codebook, vector, out) -> None:
@@ -143,3 +241,12 @@ def codebook_matvec(indptr, columns, codes, codebook, vector, out) -> None:
 def codebook_matmul(indptr, columns, codes, codebook, inputs, out) -> None:
     work = len(codes) * inputs.shape[1]
     MATMUL[work >= PARALLEL_MINIMUM_NONZEROS](indptr, columns, codes, codebook, inputs, out)
+
+
+def grouped_matvec(indptr, counts, columns, codebook, vector, out) -> None:
+    GROUPED_MATVEC[len(columns) >= PARALLEL_MINIMUM_NONZEROS](indptr, counts, columns, codebook, vector, out)
+
+
+def grouped_matmul(indptr, counts, columns, codebook, inputs, out) -> None:
+    work = len(columns) * inputs.shape[1]
+    GROUPED_MATMUL[work >= PARALLEL_MINIMUM_NONZEROS](indptr, counts, columns, codebook, inputs, out)

@@ -14,7 +14,15 @@ from torch import nn
 from torch.nn import functional
 
 from deepshrink.errors import ModelError
-from deepshrink.runtime.kernels import codebook_matmul, codebook_matvec
+from deepshrink.runtime.kernels import (
+    BLOCK,
+    GROUPED_MAXIMUM_CODES,
+    codebook_matmul,
+    codebook_matvec,
+    group_by_code,
+    grouped_matmul,
+    grouped_matvec,
+)
 
 # Measured (benchmarks/inference_speed.py): at batch 1 the codebook kernel beats dense torch
 # below this density; above it the dense layer is as fast and simpler.
@@ -22,18 +30,33 @@ SPARSE_DENSITY_LIMIT = 0.35
 
 
 class CodebookWeight:
-    """A weight matrix (rows x columns) as CSR over codebook indices."""
+    """A weight matrix (rows x columns) as CSR over codebook indices.
 
-    def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int]) -> None:
-        self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)
-        self.columns = np.ascontiguousarray(columns)
-        self.codes = np.ascontiguousarray(codes)
+    With at most 256 codes the entries of each row are grouped by code, each code's run padded
+    to whole blocks (kernels.group_by_code): the layer keeps row pointers, column indices and
+    per-row block counts per code. Otherwise it keeps one code per entry.
+    """
+
+    def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int], grouped: bool | None = None) -> None:
         self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
         self.shape = shape
-
-    @property
-    def nonzeros(self) -> int:
-        return len(self.codes)
+        self.nonzeros = len(columns)
+        if grouped is None:
+            grouped = len(self.codebook) <= GROUPED_MAXIMUM_CODES
+        if grouped:
+            self.indptr, self.blocks, self.columns = group_by_code(
+                np.ascontiguousarray(indptr, dtype=np.int64),
+                np.ascontiguousarray(columns),
+                np.ascontiguousarray(codes),
+                len(self.codebook),
+                shape[1],
+            )
+            self.codes = None
+        else:
+            self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+            self.blocks = None
+            self.columns = np.ascontiguousarray(columns)
+            self.codes = np.ascontiguousarray(codes)
 
     @property
     def density(self) -> float:
@@ -41,24 +64,41 @@ class CodebookWeight:
 
     @property
     def nbytes(self) -> int:
-        """What this weight keeps resident: pointers, indices, codes and codebook."""
-        return self.indptr.nbytes + self.columns.nbytes + self.codes.nbytes + self.codebook.nbytes
+        """What this weight keeps resident: pointers, indices, codes or block counts, codebook."""
+        per_entry = self.codes.nbytes if self.codes is not None else self.blocks.nbytes
+        return self.indptr.nbytes + self.columns.nbytes + per_entry + self.codebook.nbytes
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, column, code) of every kept weight, padding left out."""
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+        if self.codes is not None:
+            return rows, self.columns.astype(np.int64), self.codes.astype(np.int64)
+        codes = np.repeat(np.tile(np.arange(len(self.codebook)), self.shape[0]), self.blocks.reshape(-1) * BLOCK)
+        real = self.columns != self.shape[1]
+        return rows[real], self.columns[real].astype(np.int64), codes[real]
 
     def times(self, inputs: np.ndarray) -> np.ndarray:
         """W @ inputs for inputs of shape (columns,) or (columns, batch), float32."""
+        if self.codes is None:  # padding entries read one appended zero
+            padded = np.empty((inputs.shape[0] + 1, *inputs.shape[1:]), dtype=np.float32)
+            padded[:-1] = inputs
+            padded[-1] = 0.0
+            inputs, middle, last, matvec, matmul = padded, self.blocks, self.columns, grouped_matvec, grouped_matmul
+        else:
+            middle, last, matvec, matmul = self.columns, self.codes, codebook_matvec, codebook_matmul
         if inputs.ndim == 1:
             out = np.empty(self.shape[0], dtype=np.float32)
-            codebook_matvec(self.indptr, self.columns, self.codes, self.codebook, inputs, out)
+            matvec(self.indptr, middle, last, self.codebook, inputs, out)
             return out
         out = np.empty((self.shape[0], inputs.shape[1]), dtype=np.float32)
-        codebook_matmul(self.indptr, self.columns, self.codes, self.codebook, inputs, out)
+        matmul(self.indptr, middle, last, self.codebook, inputs, out)
         return out
 
     def to_dense(self) -> torch.Tensor:
         """The dense matrix, for the dense path and for tests; the sparse path never calls it."""
         dense = np.zeros(self.shape, dtype=np.float32)
-        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
-        dense[rows, self.columns.astype(np.int64)] = self.codebook[self.codes.astype(np.int64)]
+        rows, columns, codes = self.entries()
+        dense[rows, columns] = self.codebook[codes]
         return torch.from_numpy(dense)
 
 
