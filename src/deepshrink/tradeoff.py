@@ -144,6 +144,7 @@ def plot_tradeoff(curves: dict, path) -> None:
             )
     axis.axhline(0, color="grey", linewidth=0.8)
     axis.set_xscale("log")
+    axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
     axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xlabel("compression ratio (fp32 parameter bytes / compressed bytes)")
