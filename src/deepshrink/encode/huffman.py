@@ -21,7 +21,7 @@ import heapq
 import numba
 import numpy as np
 
-from deepshrink.encode.bitio import MAX_WIDTH, flush, put_bits
+from deepshrink.encode.bitio import MAX_WIDTH
 from deepshrink.errors import ConfigError, FormatError
 
 DEFAULT_MAX_LENGTH = 16
@@ -193,89 +193,86 @@ def _decode_lanes(data, starts, ends, count, table_symbols, table_lengths, max_l
     return invalid
 
 
-@numba.njit(cache=True, nogil=True)
-def _lane_bit_counts(symbols, lengths, bits):
-    """Each lane's total bits in one pass; returns False if a symbol is outside or has no code.
+@numba.njit(cache=True, nogil=True, inline="always")
+def _put(accumulator, filled, position, value, width, out):
+    """Append `width` bits of `value` to a lane, branch-free: the 64-bit accumulator is written
+    as 7 bytes every time and the position moves by the whole bytes completed. The bytes past
+    the position are rewritten by the next call (or are the zero-padded last byte)."""
+    accumulator = (accumulator << np.uint64(width)) | np.uint64(value)
+    filled += width
+    top = (accumulator << np.uint64(63 - filled)) << np.uint64(1)  # two shifts: never by 64
+    out[position] = np.uint8(top >> np.uint64(56))
+    out[position + 1] = np.uint8((top >> np.uint64(48)) & np.uint64(0xFF))
+    out[position + 2] = np.uint8((top >> np.uint64(40)) & np.uint64(0xFF))
+    out[position + 3] = np.uint8((top >> np.uint64(32)) & np.uint64(0xFF))
+    out[position + 4] = np.uint8((top >> np.uint64(24)) & np.uint64(0xFF))
+    out[position + 5] = np.uint8((top >> np.uint64(16)) & np.uint64(0xFF))
+    out[position + 6] = np.uint8((top >> np.uint64(8)) & np.uint64(0xFF))
+    position += filled >> 3
+    filled &= 7
+    return accumulator, filled, position
 
-    Four scalar sums rather than bits[index & 3] += ...: updating memory every symbol would
-    chain each addition to the previous store.
+
+@numba.njit(cache=True, nogil=True)
+def _encode_four_lanes(symbols, codes, lengths, out, starts, bits):
+    """Write all four lanes in one pass, lane k from out[starts[k]]; bits[k] gets its bit count.
+
+    Returns False as soon as a symbol lies outside the alphabet or has no code.
     """
     alphabet = len(lengths)
-    total0 = total1 = total2 = total3 = 0
-    bad = False
+    a0 = a1 = a2 = a3 = np.uint64(0)
+    f0 = f1 = f2 = f3 = 0
+    p0, p1, p2, p3 = starts[0], starts[1], starts[2], starts[3]
     rounds = len(symbols) // 4
     for index in range(rounds):
-        a, b, c, d = symbols[4 * index], symbols[4 * index + 1], symbols[4 * index + 2], symbols[4 * index + 3]
-        bad |= (a >= alphabet) | (b >= alphabet) | (c >= alphabet) | (d >= alphabet)
-        if bad:
+        base = 4 * index
+        s0, s1, s2, s3 = symbols[base], symbols[base + 1], symbols[base + 2], symbols[base + 3]
+        if (s0 >= alphabet) | (s1 >= alphabet) | (s2 >= alphabet) | (s3 >= alphabet):
             return False
-        la, lb, lc, ld = lengths[a], lengths[b], lengths[c], lengths[d]
-        bad |= (la == 0) | (lb == 0) | (lc == 0) | (ld == 0)
-        total0 += la
-        total1 += lb
-        total2 += lc
-        total3 += ld
+        l0, l1, l2, l3 = lengths[s0], lengths[s1], lengths[s2], lengths[s3]
+        if (l0 == 0) | (l1 == 0) | (l2 == 0) | (l3 == 0):
+            return False
+        a0, f0, p0 = _put(a0, f0, p0, codes[s0], l0, out)
+        a1, f1, p1 = _put(a1, f1, p1, codes[s1], l1, out)
+        a2, f2, p2 = _put(a2, f2, p2, codes[s2], l2, out)
+        a3, f3, p3 = _put(a3, f3, p3, codes[s3], l3, out)
     for index in range(4 * rounds, len(symbols)):
         symbol = symbols[index]
         if symbol < 0 or symbol >= alphabet or lengths[symbol] == 0:
             return False
         if index % 4 == 0:
-            total0 += lengths[symbol]
+            a0, f0, p0 = _put(a0, f0, p0, codes[symbol], lengths[symbol], out)
         elif index % 4 == 1:
-            total1 += lengths[symbol]
+            a1, f1, p1 = _put(a1, f1, p1, codes[symbol], lengths[symbol], out)
         else:
-            total2 += lengths[symbol]
-    bits[0], bits[1], bits[2], bits[3] = total0, total1, total2, total3
-    return not bad
-
-
-@numba.njit(cache=True, nogil=True)
-def _encode_four_lanes(symbols, codes, lengths, out, offsets):
-    """Write all four lanes in one pass; lane k starts at out[offsets[k]]."""
-    b0 = b1 = b2 = b3 = np.uint64(0)
-    f0 = f1 = f2 = f3 = 0
-    p0, p1, p2, p3 = offsets[0], offsets[1], offsets[2], offsets[3]
-    rounds = len(symbols) // 4
-    for index in range(rounds):
-        base = 4 * index
-        s = symbols[base]
-        b0, f0, p0 = put_bits(b0, f0, p0, codes[s], lengths[s], out)
-        s = symbols[base + 1]
-        b1, f1, p1 = put_bits(b1, f1, p1, codes[s], lengths[s], out)
-        s = symbols[base + 2]
-        b2, f2, p2 = put_bits(b2, f2, p2, codes[s], lengths[s], out)
-        s = symbols[base + 3]
-        b3, f3, p3 = put_bits(b3, f3, p3, codes[s], lengths[s], out)
-    remainder = len(symbols) - 4 * rounds
-    if remainder > 0:
-        s = symbols[4 * rounds]
-        b0, f0, p0 = put_bits(b0, f0, p0, codes[s], lengths[s], out)
-    if remainder > 1:
-        s = symbols[4 * rounds + 1]
-        b1, f1, p1 = put_bits(b1, f1, p1, codes[s], lengths[s], out)
-    if remainder > 2:
-        s = symbols[4 * rounds + 2]
-        b2, f2, p2 = put_bits(b2, f2, p2, codes[s], lengths[s], out)
-    flush(b0, f0, p0, out)
-    flush(b1, f1, p1, out)
-    flush(b2, f2, p2, out)
-    flush(b3, f3, p3, out)
+            a2, f2, p2 = _put(a2, f2, p2, codes[symbol], lengths[symbol], out)
+    bits[0] = 8 * (p0 - starts[0]) + f0
+    bits[1] = 8 * (p1 - starts[1]) + f1
+    bits[2] = 8 * (p2 - starts[2]) + f2
+    bits[3] = 8 * (p3 - starts[3]) + f3
+    return True
 
 
 def encode_lanes(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, list[int]]:
-    """Encode symbol i into lane i % 4; returns the lanes' bytes back to back and each lane's bits."""
+    """Encode symbol i into lane i % 4; returns the lanes' bytes back to back and each lane's bits.
+
+    One pass: each lane gets a region sized for its worst case (every symbol at the longest code
+    length, plus the 7 bytes a write may run ahead), and the lanes are joined afterwards.
+    """
     symbols = np.ascontiguousarray(symbols)
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size and lengths.max() > MAX_WIDTH:
         raise ConfigError(f"code lengths above {MAX_WIDTH} bits do not fit the bit writer")
+    region = ((len(symbols) + 3) // 4 * int(lengths.max(initial=1)) + 7) // 8 + 8
+    out = np.zeros(LANES * region, dtype=np.uint8)
+    starts = np.arange(LANES, dtype=np.int64) * region
     bits = np.zeros(LANES, dtype=np.int64)
-    if not _lane_bit_counts(symbols, lengths, bits):
+    if not _encode_four_lanes(symbols, canonical_codes(lengths), lengths, out, starts, bits):
         raise ConfigError(f"a symbol to encode lies outside [0, {len(lengths)}) or has no code (its count was zero)")
-    sizes = (bits + 7) // 8
-    offsets = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
-    out = np.zeros(int(sizes.sum()), dtype=np.uint8)
-    _encode_four_lanes(symbols, canonical_codes(lengths), lengths, out, offsets)
-    return out.tobytes(), [int(lane_bits) for lane_bits in bits]
+    data = b"".join(
+        out[start : start + (lane_bits + 7) // 8].tobytes() for start, lane_bits in zip(starts, bits, strict=True)
+    )
+    return data, [int(lane_bits) for lane_bits in bits]
 
 
 def decode_lanes(data: bytes, lane_bits: list[int], count: int, lengths: np.ndarray, max_length: int) -> np.ndarray:
