@@ -356,13 +356,5 @@ def _scalar(hint, metadata, node: yaml.Node, path: str, where: str):
         raise ConfigError(f"{where}: {path} is {node.value!r}; it should be {article} {hint.__name__}")
     if hint is float and not math.isfinite(raw):
         raise ConfigError(f"{where}: {path} is {raw}; it should be a finite number")
-    choices = metadata.get("choices")
-    if choices and raw not in choices:
-        raise ConfigError(f"{where}: {path} is {raw!r}; it should be one of {', '.join(choices)}")
-    low, high = metadata.get("low"), metadata.get("high")
-    if low is not None and raw < low:
-        raise ConfigError(f"{where}: {path} is {raw}; it should be at least {low}")
-    if high is not None and (raw >= high if metadata.get("open_high") else raw > high):
-        bound = f"below {high}" if metadata.get("open_high") else f"at most {high}"
-        raise ConfigError(f"{where}: {path} is {raw}; it should be {bound}")
+    _check_value(raw, metadata, f"{where}: {path} is {raw!r}; it")
     return raw

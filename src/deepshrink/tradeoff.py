@@ -20,9 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deepshrink.encode import container
-from deepshrink.encode.codec import default_index_bits, encode_model
+from deepshrink.encode.codec import encode_model, index_widths
 from deepshrink.encode.sparse import to_sparse
-from deepshrink.layers import compressible_layers, match_per_layer, plain_state_dict
+from deepshrink.layers import compressible_layers, plain_state_dict
 from deepshrink.recipe import EncodeSettings, QuantizeSettings, TradeoffSettings
 from deepshrink.train import TrainConfig, evaluate, fit
 
@@ -36,8 +36,7 @@ def encoded_bytes(model: nn.Module, encode: EncodeSettings) -> int:
 def sparse_fp32_bytes(model: nn.Module, encode: EncodeSettings) -> int:
     """Bytes of a pruned, unquantized model: 32-bit values in the encoder's relative-index layout."""
     layers = compressible_layers(model)
-    widths = {name: default_index_bits(layer) for name, layer in layers.items()}
-    widths.update(match_per_layer(layers, encode.index_bits or {}, "index_bits"))
+    widths = index_widths(layers, encode.index_bits)
     weights = {f"{name}.weight": name for name in layers}
     bits = 0
     for key, tensor in plain_state_dict(model).items():

@@ -147,6 +147,18 @@ def full_values(sharing) -> np.ndarray:
     return sharing.full_codebook().detach().cpu().numpy()[sharing.indices.long().cpu().numpy()]
 
 
+def index_widths(layers: dict[str, nn.Module], index_bits: dict[str, int] | None) -> dict[str, int]:
+    """Each layer's gap width: the default (8 conv / 5 fc), then the globs in order (later wins)."""
+    widths = {name: default_index_bits(layer) for name, layer in layers.items()}
+    for pattern, width in (index_bits or {}).items():
+        matches = [name for name in layers if fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            raise ConfigError(f"index-bits pattern {pattern!r} matches no layer; the layers are {', '.join(layers)}")
+        for name in matches:
+            widths[name] = width
+    return widths
+
+
 def encode_model(
     model: nn.Module,
     *,
@@ -165,13 +177,7 @@ def encode_model(
     if layout not in ("csr", "csc", "dense"):
         raise ConfigError(f"layout={layout!r} should be csr, csc or dense")
     layers = compressible_layers(model)
-    widths = {name: default_index_bits(layer) for name, layer in layers.items()}
-    for pattern, width in (index_bits or {}).items():
-        matches = [name for name in layers if fnmatch.fnmatchcase(name, pattern)]
-        if not matches:
-            raise ConfigError(f"index-bits pattern {pattern!r} matches no layer; the layers are {', '.join(layers)}")
-        for name in matches:
-            widths[name] = width
+    widths = index_widths(layers, index_bits)
     shared = {f"{name}.weight": name for name, layer in layers.items() if sharing_of(layer) is not None}
     buffers: list[bytes] = []
     records = []
