@@ -114,6 +114,34 @@ def test_every_method_respects_the_budget(net_and_input, method, budget):
     assert parameter_count(factored) <= parameter_count(model)
 
 
+def test_relaxed_choice_has_the_lowest_loss_of_its_candidates(net_and_input):
+    """The rounded relaxation competes with POS and CPTV on the training loss; it returns the best."""
+    model, inputs = net_and_input
+    spectra = layer_spectra(model, inputs, "zhang")
+    loader = noise_loader()
+    choice = select_relaxed(model, spectra, 0.5, loader, steps=30, rounding_points=3, evaluation_batches=2)
+    candidates = choice.extra["candidates"]
+    assert {"POS", "CPTV"} <= {entry["candidate"] for entry in candidates} and len(candidates) == 5
+    assert choice.extra["winner"] in {entry["candidate"] for entry in candidates}
+    winner = min(candidates, key=lambda entry: entry["loss"])
+    assert choice.ranks == winner["ranks"]
+
+    # The recorded losses are the real losses of the factorized networks on the first two batches.
+    batches = list(loader)[:2]
+    for entry in candidates:
+        if entry["candidate"] in ("POS", "CPTV"):
+            factored = factorize(copy.deepcopy(model), spectra, entry["ranks"])
+            with torch.no_grad():
+                loss = sum(float(nn.functional.cross_entropy(factored(x), y)) for x, y in batches) / 2
+            assert loss == pytest.approx(entry["loss"], rel=1e-4)
+
+
+def test_relaxed_rejects_zero_steps(net_and_input):
+    model, inputs = net_and_input
+    with pytest.raises(ConfigError, match="steps=0"):
+        select_relaxed(model, layer_spectra(model, inputs, "zhang"), 0.5, noise_loader(), steps=0)
+
+
 def test_pos_keeps_more_energy_product_than_cptv(net_and_input):
     """POS maximises the product of kept energies; at an equal budget it is at least CPTV's."""
     import math

@@ -24,3 +24,12 @@ def test_cache_key_changes_with_the_training_config(small_data, monkeypatch, tmp
     changed = dataclasses.replace(get_model_spec("lenet-300-100"), reference_training=TrainConfig(epochs=2))
     monkeypatch.setattr(references, "get_model_spec", lambda name: changed)
     assert references.reference_path("lenet-300-100", small_data, tmp_path) != before
+
+
+def test_cache_key_changes_with_the_model_revision(small_data, monkeypatch, tmp_path):
+    spec = get_model_spec("lenet-300-100")
+    assert spec.revision == 0  # an unrevised model keeps the key it always had
+    before = references.reference_path("lenet-300-100", small_data, tmp_path)
+    revised = dataclasses.replace(spec, revision=1)
+    monkeypatch.setattr(references, "get_model_spec", lambda name: revised)
+    assert references.reference_path("lenet-300-100", small_data, tmp_path) != before

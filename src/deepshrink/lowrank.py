@@ -381,6 +381,8 @@ def select_relaxed(
     *,
     steps: int = 300,
     learning_rate: float = 0.05,
+    rounding_points: int = 6,
+    evaluation_batches: int = 8,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> RankChoice:
@@ -388,26 +390,36 @@ def select_relaxed(
 
     Each layer's weight is U diag(m * S) V^T with masks m in [0, 1]; the training loss is
     minimised over the masks under the linear MAC budget sum_i c_i sum_j m_ij <= B (c_i a
-    rank's cost in layer i), starting from all masks at one (projected). The masks are then rounded: the
-    components with the largest masks are kept while the budget allows. A layer whose rounded
-    rank saves nothing runs dense.
+    rank's cost in layer i), starting from all masks at one (projected). Masks are rounded at
+    `rounding_points` points along the descent: the components with the largest masks are kept
+    while the true budget allows, and a layer whose rounded rank saves nothing runs dense.
+
+    The linear budget prices every layer as factored, so it cannot see that a small layer is
+    cheaper left whole; the rounded candidates, together with the POS and CPTV choices for the
+    same budget, are therefore scored by the training loss itself, on `evaluation_batches` fixed
+    batches, and the lowest wins. The result is never worse on that loss than POS or CPTV.
+    `extra["candidates"]` lists every candidate's loss.
     """
     from torch.func import functional_call
     from tqdm.auto import tqdm
 
     _check_budget(budget)
+    if steps < 1 or rounding_points < 1 or evaluation_batches < 1:
+        raise ConfigError(
+            f"steps={steps}, rounding_points={rounding_points} and evaluation_batches={evaluation_batches} "
+            "should all be at least 1"
+        )
     dense = _dense_total(spectra)
     names = list(spectra)
-    pieces, costs, initial = [], [], []
-    for name in names:
-        spectrum = spectra[name]
-        initial.append(torch.ones(spectrum.full_rank, dtype=torch.float64))
-        costs.append(torch.full((spectrum.full_rank,), float(spectrum.factored_macs(1)), dtype=torch.float64))
-        pieces.append(spectrum.full_rank)
-    costs_all = torch.cat(costs)
+    pieces = [spectra[name].full_rank for name in names]
+    costs_all = torch.cat(
+        [
+            torch.full((spectra[name].full_rank,), float(spectra[name].factored_macs(1)), dtype=torch.float64)
+            for name in names
+        ]
+    )
     # The linear budget counts every layer as factored; a layer later found cheaper dense only saves more.
     limit = budget * dense
-    masks = _project(torch.cat(initial), costs_all, limit).requires_grad_(True)
     factors = {
         name: (
             spectra[name].left.float().to(device),
@@ -418,28 +430,80 @@ def select_relaxed(
     }
     shapes = {name: spectra[name].layer.weight.shape for name in names}
     model = model.to(device).eval()
+
+    def loss_of(masks: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        weights = {}
+        for name, mask in zip(names, masks.float().to(device).split(pieces), strict=True):
+            left, singular, right = factors[name]
+            weights[f"{name}.weight"] = _unmatricize(
+                (left * (mask * singular)) @ right, shapes[name], spectra[name].scheme
+            )
+        logits = functional_call(model, weights, (images.to(device),))
+        return nn.functional.cross_entropy(logits, labels.to(device))
+
     iterator = iter(loader)
-    for _ in tqdm(range(steps), desc="relaxed rank selection", disable=not progress, leave=False):
+    fixed_batches = []
+    for _ in range(evaluation_batches):
+        try:
+            fixed_batches.append(next(iterator))
+        except StopIteration:
+            break
+
+    def evaluation_loss(masks: torch.Tensor) -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(masks, *batch)) for batch in fixed_batches) / len(fixed_batches)
+
+    def binary_masks(ranks: dict[str, int | None], components: dict | None = None) -> torch.Tensor:
+        parts = []
+        for name in names:
+            part = torch.zeros(spectra[name].full_rank, dtype=torch.float64)
+            if ranks[name] is None:
+                part[:] = 1
+            elif components is not None and name in components:
+                part[torch.as_tensor(components[name], dtype=torch.long)] = 1
+            else:
+                part[: ranks[name]] = 1
+            parts.append(part)
+        return torch.cat(parts)
+
+    candidates = []
+    for other in (select_pos(spectra, budget), select_cptv(spectra, budget)):
+        candidates.append((other.method, other.ranks, None))
+    masks = _project(torch.ones(sum(pieces), dtype=torch.float64), costs_all, limit).requires_grad_(True)
+    rounding_steps = {round(steps * (point + 1) / rounding_points) for point in range(rounding_points)}
+    iterator = iter(loader)
+    for step in tqdm(range(1, steps + 1), desc="relaxed rank selection", disable=not progress, leave=False):
         try:
             images, labels = next(iterator)
         except StopIteration:
             iterator = iter(loader)
             images, labels = next(iterator)
-        weights = {}
-        for name, mask in zip(names, masks.float().to(device).split(pieces), strict=True):
-            left, singular, right = factors[name]
-            matrix = (left * (mask * singular)) @ right
-            weights[f"{name}.weight"] = _unmatricize(matrix, shapes[name], spectra[name].scheme)
-        loss = nn.functional.cross_entropy(functional_call(model, weights, (images.to(device),)), labels.to(device))
-        (gradient,) = torch.autograd.grad(loss, masks)
+        (gradient,) = torch.autograd.grad(loss_of(masks, images, labels), masks)
         with torch.no_grad():
             masks.copy_(
                 _project(masks - learning_rate * gradient / gradient.abs().max().clamp_min(1e-12), costs_all, limit)
             )
-    # Round: components in order of their masks (ties: larger singular values first) join their
-    # layer while the true budget holds; a layer whose rank stops saving MACs costs only its dense
-    # MACs, so the budget the linear relaxation left unspent is filled here.
-    values = masks.detach()
+        if step in rounding_steps:
+            ranks, components = _round_masks(masks.detach(), spectra, names, pieces, limit)
+            candidates.append((f"relaxation step {step}", ranks, components))
+    scored = [
+        (evaluation_loss(binary_masks(ranks, components)), label, ranks, components)
+        for label, ranks, components in candidates
+    ]
+    loss, label, ranks, components = min(scored, key=lambda entry: entry[0])
+    extra = {"candidates": [{"candidate": entry[1], "loss": entry[0], "ranks": entry[2]} for entry in scored]}
+    extra["winner"] = label
+    if components is not None:
+        extra["components"] = components
+    return RankChoice("relaxed", ranks, _total(spectra, ranks), dense, extra)
+
+
+def _round_masks(
+    values: torch.Tensor, spectra: dict[str, LayerSpectrum], names: list[str], pieces: list[int], limit: float
+) -> tuple[dict[str, int | None], dict[str, np.ndarray]]:
+    """Components in order of their masks (ties: larger singular values first) join their layer
+    while the true budget holds; a layer whose rank stops saving MACs costs only its dense MACs,
+    so the budget the linear relaxation left unspent is filled here."""
     order = torch.argsort(values, descending=True, stable=True).tolist()
     offsets = np.cumsum([0, *pieces])
     layer_of = np.repeat(np.arange(len(names)), pieces)
@@ -451,10 +515,8 @@ def select_relaxed(
         if _total(spectra, trial) <= limit:
             chosen[name].append(int(index - offsets[layer_of[index]]))
     components = {name: np.array(sorted(chosen[name]) or [0]) for name in names}
-    ranks = {name: len(components[name]) for name in names}
-    ranks = _normalized(ranks, spectra)
-    components = {name: components[name] for name in names if ranks[name] is not None}
-    return RankChoice("relaxed", ranks, _total(spectra, ranks), dense, {"components": components})
+    ranks = _normalized({name: len(components[name]) for name in names}, spectra)
+    return ranks, {name: components[name] for name in names if ranks[name] is not None}
 
 
 def _unmatricize(matrix: torch.Tensor, shape: torch.Size, scheme: str) -> torch.Tensor:

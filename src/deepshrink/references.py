@@ -74,8 +74,11 @@ def train_model(
 
 
 def reference_path(name: str, data: DataSplits, cache_dir: str | os.PathLike | None = None) -> Path:
-    config = get_model_spec(name).reference_training
-    key = hashlib.sha256(json.dumps([name, config.to_dict(), data.fingerprint], sort_keys=True).encode()).hexdigest()
+    spec = get_model_spec(name)
+    identity = [name, spec.reference_training.to_dict(), data.fingerprint]
+    if spec.revision:
+        identity.append(spec.revision)
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return cache_directory(cache_dir) / "references" / f"{name}-{key[:12]}.safetensors"
 
 

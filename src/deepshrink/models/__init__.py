@@ -22,6 +22,9 @@ class ModelSpec:
     factory: Callable[..., nn.Module]
     description: str
     reference_training: TrainConfig
+    # Raised when the architecture or its initialisation changes, so that cached references
+    # trained from the old code are not reused (0 leaves the cache key as it always was).
+    revision: int = 0
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -121,6 +124,7 @@ for _name, _factory, _description in (
             reference_training=TrainConfig(
                 epochs=15, learning_rate=0.05, momentum=0.9, weight_decay=5e-4, batch_size=128, schedule="cosine"
             ),
+            revision=1 if _name == "squeezenet" else 0,  # 1: He initialisation (0 sat at chance)
         )
     )
 

@@ -42,6 +42,15 @@ class SqueezeNet(nn.Module):
         self.fire5 = Fire(128, 32, 64, 64)
         self.dropout = nn.Dropout(0.3)
         self.conv10 = nn.Conv2d(128, num_classes, 1)
+        # Without batch norm, PyTorch's default conv init (gain 1/sqrt(3)) shrinks the signal at
+        # each of the nine ReLU convolutions until the logits carry no gradient and training sits
+        # at chance. He init keeps the variance through the ReLUs; the classifier starts small, as
+        # in the original SqueezeNet (Caffe's gaussian 0.01 for conv10).
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_uniform_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.conv10.weight, mean=0.0, std=0.01)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         hidden = torch.max_pool2d(torch.relu(self.conv1(inputs)), 2)  # 14x14
