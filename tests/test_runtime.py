@@ -241,3 +241,66 @@ def test_predict_and_bench_commands(tmp_path):
     assert re.search(r"^fc1\s+CompressedLinear\s+940,800\s+", bench.stdout, re.M)
     bad = run("predict", str(path), "--mode", "fc*=fast")
     assert bad.returncode == 3 and "should be one of auto, sparse, dense" in bad.stderr
+
+
+def test_prefetch_hint_leaves_results_alone_and_rejects_non_arrays():
+    import numba
+
+    from deepshrink.runtime.intrinsics import prefetch
+
+    @numba.njit
+    def total(values):
+        result = 0
+        for index in range(len(values)):
+            prefetch(values, min(index + 64, len(values) - 1))
+            result += values[index]
+        return result
+
+    values = np.arange(1000, dtype=np.uint16)
+    assert total(values) == int(values.astype(np.int64).sum())
+
+    @numba.njit
+    def misuse(number):
+        prefetch(number, 0)
+
+    with pytest.raises(numba.core.errors.TypingError):
+        misuse(3.0)
+
+
+def test_the_smaller_form_is_kept_when_not_forced():
+    """Grouping pads every (row, code) run to a block: for a small layer with many codes that
+    outgrows one code per entry, so the per-entry form is chosen; for a large layer, grouping."""
+    generator = np.random.default_rng(5)
+
+    def weight_of(rows, columns, codes_count):
+        mask = generator.random((rows, columns)) < 0.35
+        codes = np.where(mask, generator.integers(1, codes_count, (rows, columns)), 0).astype(np.uint8)
+        codebook = generator.normal(size=codes_count).astype(np.float32)
+        csr = csr_from_layout(to_sparse(codes, 4, "csr"), int(mask.sum()))
+        return [modules.CodebookWeight(*csr, codebook, (rows, columns), grouped=form) for form in (None, True, False)]
+
+    automatic, grouped, per_entry = weight_of(32, 16, 64)  # like SqueezeNet's fire2.expand1x1
+    assert automatic.codes is not None and per_entry.nbytes < grouped.nbytes
+    assert automatic.nbytes == per_entry.nbytes
+    assert grouped.nbytes > modules.GROUPED_SIZE_LIMIT * per_entry.nbytes
+    automatic, grouped, per_entry = weight_of(300, 2000, 16)
+    assert automatic.codes is None and grouped.nbytes <= per_entry.nbytes
+
+
+def test_auto_mode_runs_dense_when_the_compressed_form_is_not_smaller():
+    from deepshrink.runtime.load import _sparse_pays
+
+    tiny = modules.CodebookWeight(
+        np.array([0, 1, 1, 2, 2]),
+        np.array([0, 3], np.uint16),
+        np.array([1, 2], np.uint8),
+        np.linspace(-1, 1, 32, dtype=np.float32),
+        (4, 4),
+    )
+    assert tiny.density <= 0.35 and tiny.nbytes >= 4 * 4 * 4
+    assert not _sparse_pays(tiny, 0.35)
+    codes, codebook = random_codes(200, 800, 0.09, 5)
+    large = modules.CodebookWeight(
+        *csr_from_layout(to_sparse(codes, 4, "csr"), int(np.count_nonzero(codes))), codebook, (200, 800)
+    )
+    assert _sparse_pays(large, 0.35) and not _sparse_pays(large, 0.05)

@@ -50,6 +50,12 @@ def _mode_for(name: str, modes: dict[str, str]) -> str:
     return chosen
 
 
+def _sparse_pays(weight: CodebookWeight, density_limit: float) -> bool:
+    """Auto mode: sparse when the layer is sparse enough to be faster and its compressed form is
+    smaller than the dense float32 weight (index overhead can outgrow a small layer)."""
+    return weight.density <= density_limit and weight.nbytes < weight.shape[0] * weight.shape[1] * 4
+
+
 def load_runtime(
     path: str | os.PathLike,
     model: nn.Module | str | None = None,
@@ -61,7 +67,8 @@ def load_runtime(
 
     `model` is a module of the right architecture, a registered name or package.module:factory
     (default: the name the file records; a factory is imported only when passed here). `mode`
-    is "auto" (sparse when the layer's density is at most `density_limit`), "sparse", "dense",
+    is "auto" (sparse when the layer's density is at most `density_limit` and its compressed form
+    is smaller than the dense weight), "sparse", "dense",
     or a {layer glob: mode} mapping. Returns the model in eval mode on the CPU.
     """
     from deepshrink.layers import compressible_layers
@@ -108,7 +115,7 @@ def load_runtime(
             runs_sparse = (
                 isinstance(layer, nn.Linear | nn.Conv2d)
                 and name.endswith(".weight")
-                and (layer_mode == "sparse" or (layer_mode == "auto" and weight.density <= density_limit))
+                and (layer_mode == "sparse" or (layer_mode == "auto" and _sparse_pays(weight, density_limit)))
             )
             if runs_sparse and isinstance(layer, nn.Conv2d) and layer.groups != 1:
                 runs_sparse = False  # grouped convolutions run dense

@@ -22,11 +22,17 @@ from deepshrink.runtime.kernels import (
     group_by_code,
     grouped_matmul,
     grouped_matvec,
+    grouped_nbytes,
 )
 
 # Measured (benchmarks/inference_speed.py): at batch 1 the codebook kernel beats dense torch
 # below this density; above it the dense layer is as fast and simpler.
 SPARSE_DENSITY_LIMIT = 0.35
+
+# The grouped form runs 2-2.5x faster than one code per entry on large layers even where it is
+# a little larger (AlexNet's fc7: 1.04x the bytes), so it is given up only where padding makes it
+# far larger, as in small layers with many codes (4-10x in SqueezeNet's Fire modules).
+GROUPED_SIZE_LIMIT = 2.0
 
 
 class CodebookWeight:
@@ -34,29 +40,27 @@ class CodebookWeight:
 
     With at most 256 codes the entries of each row are grouped by code, each code's run padded
     to whole blocks (kernels.group_by_code): the layer keeps row pointers, column indices and
-    per-row block counts per code. Otherwise it keeps one code per entry.
+    per-row block counts per code. Otherwise, or when padding and block counts would make that
+    form more than GROUPED_SIZE_LIMIT times larger than one code per entry (a small layer with
+    many codes: a 16 x 32 1x1 conv at 35% density and 6 bits grew from about 0.7 KB to 7 KB
+    grouped), it keeps one code per entry.
     """
 
     def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int], grouped: bool | None = None) -> None:
         self.codebook = np.ascontiguousarray(codebook, dtype=np.float32)
         self.shape = shape
         self.nonzeros = len(columns)
+        indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+        columns, codes = np.ascontiguousarray(columns), np.ascontiguousarray(codes)
         if grouped is None:
-            grouped = len(self.codebook) <= GROUPED_MAXIMUM_CODES
+            grouped = len(self.codebook) <= GROUPED_MAXIMUM_CODES and grouped_nbytes(
+                indptr, columns, codes, len(self.codebook), shape[1]
+            ) <= GROUPED_SIZE_LIMIT * (columns.nbytes + codes.nbytes)
         if grouped:
-            self.indptr, self.blocks, self.columns = group_by_code(
-                np.ascontiguousarray(indptr, dtype=np.int64),
-                np.ascontiguousarray(columns),
-                np.ascontiguousarray(codes),
-                len(self.codebook),
-                shape[1],
-            )
+            self.indptr, self.blocks, self.columns = group_by_code(indptr, columns, codes, len(self.codebook), shape[1])
             self.codes = None
         else:
-            self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)
-            self.blocks = None
-            self.columns = np.ascontiguousarray(columns)
-            self.codes = np.ascontiguousarray(codes)
+            self.indptr, self.blocks, self.columns, self.codes = indptr, None, columns, codes
 
     @property
     def density(self) -> float:
