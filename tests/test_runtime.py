@@ -304,3 +304,23 @@ def test_auto_mode_runs_dense_when_the_compressed_form_is_not_smaller():
         *csr_from_layout(to_sparse(codes, 4, "csr"), int(np.count_nonzero(codes))), codebook, (200, 800)
     )
     assert _sparse_pays(large, 0.35) and not _sparse_pays(large, 0.05)
+
+
+@pytest.mark.parametrize("index_type", [np.uint16, np.int32])
+def test_gathered_sum_matches_numpy(index_type):
+    import numba
+
+    from deepshrink.runtime.intrinsics import GATHER_WIDTH, gathered_sum
+
+    @numba.njit
+    def run(vector, columns, start, blocks):
+        return gathered_sum(vector, columns, start, blocks)
+
+    generator = np.random.default_rng(4)
+    vector = generator.normal(size=5000).astype(np.float32)
+    columns = generator.integers(0, 5000, 10 * GATHER_WIDTH).astype(index_type)
+    for start, blocks in ((0, 10), (3 * GATHER_WIDTH, 4), (7, 2), (0, 0)):
+        expected = vector[columns[start : start + blocks * GATHER_WIDTH].astype(np.int64)].astype(np.float64).sum()
+        assert run(vector, columns, start, blocks) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    with pytest.raises(numba.core.errors.TypingError):  # a strided view: lanes would read wrong addresses
+        run(vector[::2], columns, 0, 1)

@@ -34,3 +34,88 @@ def prefetch(typing_context, array, index):
         return context.get_dummy_value()
 
     return types.void(array, index), codegen
+
+
+# Entries summed per gather by gathered_sum: one 512-bit vector of float32.
+GATHER_WIDTH = 16
+
+
+@intrinsic
+def gathered_sum(typing_context, vector, columns, start, blocks):
+    """sum(vector[columns[start : start + GATHER_WIDTH * blocks]]) as float32.
+
+    Each block is one contiguous load of GATHER_WIDTH column indices and one vector gather
+    (llvm.masked.gather, which LLVM lowers to a single AVX-512 gather where the CPU has one and
+    to scalar loads elsewhere), added into a vector accumulator that is summed once at the end
+    (in any order, like fastmath). Written by hand because LLVM vectorized numba's plain loop
+    across blocks instead of across a block's entries, building each gather's indices with one
+    insert per entry. The caller guarantees that every index read is inside `columns` and
+    every column inside `vector`.
+    """
+    if not (
+        isinstance(vector, types.Array)
+        and vector.dtype == types.float32
+        and vector.ndim == 1
+        and vector.layout == "C"
+        and isinstance(columns, types.Array)
+        and isinstance(columns.dtype, types.Integer)
+        and columns.ndim == 1
+        and columns.layout == "C"
+        and isinstance(start, types.Integer)
+        and isinstance(blocks, types.Integer)
+    ):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        vector_type, columns_type, start_type, blocks_type = signature.args
+        values = context.make_array(vector_type)(context, builder, arguments[0])
+        indices = context.make_array(columns_type)(context, builder, arguments[1])
+        first = context.cast(builder, arguments[2], start_type, types.int64)
+        count = context.cast(builder, arguments[3], blocks_type, types.int64)
+        int64 = ir.IntType(64)
+        floats = ir.VectorType(ir.FloatType(), GATHER_WIDTH)
+        offsets = ir.VectorType(int64, GATHER_WIDTH)
+        pointers = ir.VectorType(ir.FloatType().as_pointer(), GATHER_WIDTH)
+        index_vector = ir.VectorType(context.get_value_type(columns_type.dtype), GATHER_WIDTH)
+        widen = builder.sext if columns_type.dtype.signed else builder.zext
+        # Every lane's address is base + 4 * index (llvmlite's gep takes no vector index).
+        base = builder.insert_element(
+            ir.Constant(offsets, None), builder.ptrtoint(values.data, int64), ir.Constant(ir.IntType(32), 0)
+        )
+        base = builder.shuffle_vector(
+            base,
+            ir.Constant(offsets, None),
+            ir.Constant(ir.VectorType(ir.IntType(32), GATHER_WIDTH), [0] * GATHER_WIDTH),
+        )
+        everything = ir.Constant(ir.VectorType(ir.IntType(1), GATHER_WIDTH), [1] * GATHER_WIDTH)
+        gather = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(floats, [pointers, ir.IntType(32), everything.type, floats]),
+            f"llvm.masked.gather.v{GATHER_WIDTH}f32.v{GATHER_WIDTH}p0",
+        )
+        accumulator = cgutils.alloca_once_value(builder, ir.Constant(floats, [0.0] * GATHER_WIDTH))
+        with cgutils.for_range(builder, count) as loop:
+            position = builder.add(first, builder.mul(loop.index, ir.Constant(int64, GATHER_WIDTH)))
+            address = builder.bitcast(builder.gep(indices.data, [position]), index_vector.as_pointer())
+            lanes = widen(builder.load(address, align=1), offsets)
+            addresses = builder.add(base, builder.shl(lanes, ir.Constant(offsets, [2] * GATHER_WIDTH)))
+            gathered = builder.call(
+                gather,
+                [
+                    builder.inttoptr(addresses, pointers),
+                    ir.Constant(ir.IntType(32), 4),
+                    everything,
+                    ir.Constant(floats, None),
+                ],
+            )
+            builder.store(builder.fadd(builder.load(accumulator), gathered), accumulator)
+        reduce = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.FloatType(), [ir.FloatType(), floats]),
+            f"llvm.vector.reduce.fadd.v{GATHER_WIDTH}f32",
+        )
+        return builder.call(
+            reduce, [ir.Constant(ir.FloatType(), 0.0), builder.load(accumulator)], fastmath=("reassoc",)
+        )
+
+    return types.float32(vector, columns, start, blocks), codegen

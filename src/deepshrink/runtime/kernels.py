@@ -15,7 +15,7 @@ also smaller: 2 bytes per kept weight plus 2 bytes per (row, code).
 
 Every kernel prefetches its index stream PREFETCH_AHEAD entries ahead (intrinsics.prefetch).
 Without it the kernels waited on memory whenever the weights were not in cache: AlexNet's fc7
-ran 2.8x faster than dense cold and 5.4x with the hint (benchmarks/inference_speed.py).
+ran 1.9x faster than dense cold and 4.7-4.9x with the hint (benchmarks/inference_speed.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from deepshrink.encode.sparse import SparseLayout
-from deepshrink.runtime.intrinsics import prefetch
+from deepshrink.runtime.intrinsics import GATHER_WIDTH, gathered_sum, prefetch
 
 
 @numba.njit(cache=True, nogil=True)
@@ -141,9 +141,8 @@ def _codebook_matmul(indptr, columns, codes, codebook, inputs, out):
 
 
 # Each (row, code) run of the grouped form is padded to a multiple of this many entries, so the
-# inner loop always runs whole blocks of a constant length, which the compiler turns into one
-# vector gather; unpadded, most runs (~30 entries) were too short for its vector loop.
-BLOCK = 16
+# inner loop always runs whole blocks of one vector gather each (intrinsics.gathered_sum).
+BLOCK = GATHER_WIDTH
 
 
 def _grouped_matvec(indptr, blocks, columns, codebook, vector, out):
@@ -157,13 +156,11 @@ def _grouped_matvec(indptr, blocks, columns, codebook, vector, out):
         index = indptr[row]
         total = np.float32(0.0)
         for code in range(groups):
-            partial = np.float32(0.0)
-            for _ in range(blocks[row, code]):
+            count = np.int64(blocks[row, code])
+            if count:
                 prefetch(columns, min(index + PREFETCH_AHEAD, last))
-                for lane in range(BLOCK):
-                    partial += vector[np.int64(columns[index + lane])]
-                index += BLOCK
-            total += codebook[code] * partial
+                total += codebook[code] * gathered_sum(vector, columns, index, count)
+                index += count * BLOCK
         out[row] = total
 
 
