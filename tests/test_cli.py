@@ -290,3 +290,31 @@ def test_lowrank_writes_a_factored_checkpoint_that_evaluates_as_printed(tiny_che
     assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
     again = run_cli("lowrank", str(out), "--out", str(tmp_path / "twice.safetensors"))
     assert again.returncode == 3 and "already factored" in again.stderr
+
+
+def test_relaxed_lowrank_keeps_the_candidate_with_the_lowest_validation_loss(tiny_checkpoint, tmp_path):
+    from deepshrink.checkpoint import load_checkpoint
+
+    out = tmp_path / "relaxed.safetensors"
+    result = run_cli(
+        "lowrank",
+        str(tiny_checkpoint),
+        "--method",
+        "relaxed",
+        "--budget",
+        "0.5",
+        "--selection-epochs",
+        "1",
+        "--finetune-epochs",
+        "0",
+        "--train-subset",
+        "2000",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    log = load_checkpoint(out).metadata["lowrank"]
+    names = {entry["candidate"] for entry in log["candidates"]}
+    assert {"POS", "CPTV"} <= names and any(name.startswith("relaxation step") for name in names)
+    assert log["ranks"] == min(log["candidates"], key=lambda entry: entry["loss"])["ranks"]
+    assert log["mac_fraction"] <= 0.5

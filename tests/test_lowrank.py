@@ -89,9 +89,9 @@ def test_hand_computed_counts():
     assert zhang.macs(8) == zhang.dense_macs
 
 
-def noise_loader() -> torch.utils.data.DataLoader:
+def noise_loader(seed: int = 0) -> torch.utils.data.DataLoader:
     """Random inputs and labels: enough to exercise the relaxation's budget logic."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     images = torch.randn(64, 3, 9, 16, generator=generator)
     labels = torch.randint(0, 10, (64,), generator=generator)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=16)
@@ -134,6 +134,31 @@ def test_relaxed_choice_has_the_lowest_loss_of_its_candidates(net_and_input):
             with torch.no_grad():
                 loss = sum(float(nn.functional.cross_entropy(factored(x), y)) for x, y in batches) / 2
             assert loss == pytest.approx(entry["loss"], rel=1e-4)
+
+
+def test_relaxed_scored_on_validation_after_finetuning(net_and_input):
+    """With a validation loader, each candidate is fine-tuned and scored on validation; the lowest wins."""
+    from deepshrink.train import TrainConfig, evaluate, fit
+
+    model, inputs = net_and_input
+    spectra = layer_spectra(model, inputs, "zhang")
+    loader, validation = noise_loader(), noise_loader(seed=1)
+    finetune = TrainConfig(epochs=1, learning_rate=0.02)
+    original = copy.deepcopy(model.state_dict())
+    choice = select_relaxed(
+        model, spectra, 0.5, loader, steps=30, rounding_points=3, validation=validation, finetune=finetune
+    )
+    assert choice.extra["criterion"] == "validation loss after fine-tuning"
+    candidates = choice.extra["candidates"]
+    assert choice.ranks == min(candidates, key=lambda entry: entry["loss"])["ranks"]
+    # The recorded score is the factorized network's validation loss after that fine-tuning.
+    for entry in candidates:
+        if entry["candidate"] in ("POS", "CPTV"):
+            factored = factorize(copy.deepcopy(model), spectra, entry["ranks"])
+            fit(factored, loader, finetune, progress=False)
+            assert evaluate(factored, validation).loss == pytest.approx(entry["loss"], rel=1e-5)
+    # Fine-tuning the candidates leaves the model handed in untouched.
+    assert all(torch.equal(tensor, original[name]) for name, tensor in model.state_dict().items())
 
 
 def test_relaxed_rejects_zero_steps(net_and_input):

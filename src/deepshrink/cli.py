@@ -372,6 +372,7 @@ def command_lowrank(args: argparse.Namespace) -> int:
         method=args.method,
         scheme=args.scheme,
         finetune_epochs=args.finetune_epochs,
+        selection_epochs=args.selection_epochs,
         learning_rate=args.lr,
         distill=DistillSettings() if args.distill else None,
     )
@@ -759,7 +760,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("cptv", "pos", "relaxed"),
         default="pos",
         help="cptv: one energy fraction for all layers; pos: best product of kept energies; "
-        "relaxed: masks optimised on the training loss (default pos)",
+        "relaxed: masks optimised on the training loss, its roundings, POS and CPTV each fine-tuned "
+        "for --selection-epochs and the lowest validation loss kept (default pos)",
+    )
+    lowrank.add_argument(
+        "--selection-epochs",
+        type=int,
+        default=1,
+        help="relaxed: fine-tuning epochs per candidate before scoring it on validation; "
+        "0 scores on the training loss instead (default 1)",
     )
     lowrank.add_argument(
         "--scheme", choices=("zhang", "tai"), default="zhang", help="how convolutions are matricized (default zhang)"

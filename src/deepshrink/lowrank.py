@@ -17,6 +17,7 @@ A layer whose factorization would cost as much as the layer itself stays dense.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from deepshrink.errors import ConfigError, UnsupportedLayerError
 from deepshrink.layers import compressible_layers
+from deepshrink.train import TrainConfig, evaluate, fit
 
 SCHEMES = ("zhang", "tai")
 
@@ -383,6 +385,8 @@ def select_relaxed(
     learning_rate: float = 0.05,
     rounding_points: int = 6,
     evaluation_batches: int = 8,
+    validation=None,
+    finetune=None,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> RankChoice:
@@ -398,7 +402,15 @@ def select_relaxed(
     cheaper left whole; the rounded candidates, together with the POS and CPTV choices for the
     same budget, are therefore scored by the training loss itself, on `evaluation_batches` fixed
     batches, and the lowest wins. The result is never worse on that loss than POS or CPTV.
-    `extra["candidates"]` lists every candidate's loss.
+
+    With a `validation` loader, each distinct candidate is instead factorized, fine-tuned on
+    `loader` by `finetune` (a TrainConfig; default one epoch of SGD at learning rate 0.01) and
+    scored by its validation loss. The network is fine-tuned after factorizing anyway, and the
+    loss before fine-tuning misjudges which ranks fine-tune best: on LeNet-300-100 at half the
+    MACs it prefers POS (keep the small layers whole), while CPTV (factor them, give the big
+    layer more rank) is ahead after fine-tuning on validation and test alike.
+
+    `extra["candidates"]` lists every candidate's score, `extra["criterion"]` what was scored.
     """
     from torch.func import functional_call
     from tqdm.auto import tqdm
@@ -486,16 +498,46 @@ def select_relaxed(
         if step in rounding_steps:
             ranks, components = _round_masks(masks.detach(), spectra, names, pieces, limit)
             candidates.append((f"relaxation step {step}", ranks, components))
-    scored = [
-        (evaluation_loss(binary_masks(ranks, components)), label, ranks, components)
-        for label, ranks, components in candidates
-    ]
+    if validation is None:
+        criterion = "training loss"
+        scored = [
+            (evaluation_loss(binary_masks(ranks, components)), label, ranks, components)
+            for label, ranks, components in candidates
+        ]
+    else:
+        criterion = "validation loss after fine-tuning"
+        scores: dict[tuple, float] = {}
+        scored = []
+        bar = tqdm(candidates, desc="fine-tune candidates", disable=not progress, leave=False)
+        for label, ranks, components in bar:
+            key = _candidate_key(ranks, components)
+            if key not in scores:
+                scores[key] = _finetuned_loss(model, spectra, ranks, components, loader, validation, finetune, device)
+            scored.append((scores[key], label, ranks, components))
     loss, label, ranks, components = min(scored, key=lambda entry: entry[0])
     extra = {"candidates": [{"candidate": entry[1], "loss": entry[0], "ranks": entry[2]} for entry in scored]}
+    extra["criterion"] = criterion
     extra["winner"] = label
     if components is not None:
         extra["components"] = components
     return RankChoice("relaxed", ranks, _total(spectra, ranks), dense, extra)
+
+
+def _candidate_key(ranks: dict[str, int | None], components: dict | None) -> tuple:
+    """Candidates that build the same network get the same key (rounding often repeats one)."""
+    chosen = components or {}
+    return tuple(
+        (name, rank, tuple(int(index) for index in chosen[name]) if name in chosen else None)
+        for name, rank in ranks.items()
+    )
+
+
+def _finetuned_loss(model, spectra, ranks, components, loader, validation, finetune, device) -> float:
+    """Validation loss of the network factorized at `ranks` after fine-tuning it by `finetune`."""
+    config = finetune if finetune is not None else TrainConfig(epochs=1, learning_rate=0.01)
+    candidate = factorize(copy.deepcopy(model), spectra, ranks, components)
+    fit(candidate, loader, config, device=device, progress=False)
+    return evaluate(candidate, validation, device).loss
 
 
 def _round_masks(

@@ -96,14 +96,27 @@ def lowrank(
     elif settings.method == "pos":
         choice = select_pos(spectra, settings.budget)
     else:
+        selection = {}
+        if settings.selection_epochs:
+            selection = {
+                "validation": loaders.validation,
+                "finetune": _training(settings, seed, settings.selection_epochs),
+            }
         choice = select_relaxed(
-            model, spectra, settings.budget, loaders.train(256, seed + 1), device=device, progress=progress
+            model,
+            spectra,
+            settings.budget,
+            loaders.train(256, seed + 1),
+            device=device,
+            progress=progress,
+            **selection,
         )
     factorize(model, spectra, choice.ranks, choice.extra.get("components"))
     log: dict = {
         "method": settings.method,
         "ranks": choice.ranks,
         "mac_fraction": choice.mac_fraction,
+        "candidates": choice.extra.get("candidates"),
         "structure": structure_of(choice.ranks, settings.scheme),
         "validation_accuracy_after_factorizing": evaluate(model, loaders.validation, device).accuracy,
     }
