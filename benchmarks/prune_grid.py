@@ -68,6 +68,14 @@ GRIDS = {
             True,
         ),
         "global 92.5% lr0.02": ("global", 0.925, 6, 8, 0.02, False),
+        "conv-light lr0.05 6x10 distilled": (
+            "per-layer",
+            {"conv1": 0.2, "conv2": 0.8, "fc1": 0.935, "fc2": 0.7},
+            6,
+            10,
+            0.05,
+            True,
+        ),
     },
 }
 BUDGET = 0.08  # at most 8% of the weights kept
