@@ -324,3 +324,27 @@ def test_gathered_sum_matches_numpy(index_type):
         assert run(vector, columns, start, blocks) == pytest.approx(expected, rel=1e-5, abs=1e-5)
     with pytest.raises(numba.core.errors.TypingError):  # a strided view: lanes would read wrong addresses
         run(vector[::2], columns, 0, 1)
+
+
+@pytest.mark.parametrize("index_type", [np.uint16, np.int32])
+def test_add_rows_matches_numpy_for_every_batch_width(index_type):
+    """Batches narrower than, equal to and wider than a vector, with a masked last chunk."""
+    import numba
+
+    from deepshrink.runtime.intrinsics import GATHER_WIDTH, add_rows
+
+    @numba.njit
+    def run(total, inputs, columns, start, count):
+        add_rows(total, inputs, columns, start, count)
+
+    generator = np.random.default_rng(5)
+    for batch in (1, 7, GATHER_WIDTH, GATHER_WIDTH + 1, 4 * GATHER_WIDTH, 70):
+        inputs = generator.normal(size=(300, batch)).astype(np.float32)
+        columns = generator.integers(0, 300, 400).astype(index_type)
+        for start, count in ((0, 400), (13, 100), (5, 0)):
+            total = generator.normal(size=batch).astype(np.float32)
+            expected = total + inputs[columns[start : start + count].astype(np.int64)].sum(axis=0)
+            run(total, inputs, columns, start, count)
+            np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(numba.core.errors.TypingError):  # a column slice is not row-major
+        run(np.zeros(2, np.float32), inputs[:, :2], columns, 0, 1)

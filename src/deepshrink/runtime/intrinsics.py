@@ -119,3 +119,85 @@ def gathered_sum(typing_context, vector, columns, start, blocks):
         )
 
     return types.float32(vector, columns, start, blocks), codegen
+
+
+@intrinsic
+def add_rows(typing_context, total, inputs, columns, start, count):
+    """total += inputs[columns[start : start + count]].sum(axis=0), in float32 vectors.
+
+    `inputs` is (rows, batch) row-major and `total` has `batch` entries. The batch is walked in
+    chunks of GATHER_WIDTH columns, the last one masked; within a chunk every entry is one vector
+    load of its input row added to a register, and the register is added to `total` once. The
+    batched kernel wrote this as a loop over a heap array whose length numba did not know, which
+    kept the partial sums in memory: 1.8 ns per entry at batch 8 on AlexNet's fc6, against 0.16
+    ns for a whole batch-1 product. The caller guarantees that every index read is inside
+    `columns` and every column inside `inputs`.
+    """
+    if not (
+        isinstance(total, types.Array)
+        and total.dtype == types.float32
+        and total.ndim == 1
+        and total.layout == "C"
+        and isinstance(inputs, types.Array)
+        and inputs.dtype == types.float32
+        and inputs.ndim == 2
+        and inputs.layout == "C"
+        and isinstance(columns, types.Array)
+        and isinstance(columns.dtype, types.Integer)
+        and columns.ndim == 1
+        and columns.layout == "C"
+        and isinstance(start, types.Integer)
+        and isinstance(count, types.Integer)
+    ):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        total_type, inputs_type, columns_type, start_type, count_type = signature.args
+        sums = context.make_array(total_type)(context, builder, arguments[0])
+        rows = context.make_array(inputs_type)(context, builder, arguments[1])
+        indices = context.make_array(columns_type)(context, builder, arguments[2])
+        first = context.cast(builder, arguments[3], start_type, types.int64)
+        entries = context.cast(builder, arguments[4], count_type, types.int64)
+        int64, int32 = ir.IntType(64), ir.IntType(32)
+        floats = ir.VectorType(ir.FloatType(), GATHER_WIDTH)
+        lanes_type = ir.VectorType(int64, GATHER_WIDTH)
+        mask_type = ir.VectorType(ir.IntType(1), GATHER_WIDTH)
+        batch = builder.extract_value(rows.shape, 1)
+        width = ir.Constant(int64, GATHER_WIDTH)
+        chunks = builder.sdiv(builder.add(batch, ir.Constant(int64, GATHER_WIDTH - 1)), width)
+        load = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(floats, [floats.as_pointer(), int32, mask_type, floats]),
+            f"llvm.masked.load.v{GATHER_WIDTH}f32.p0",
+        )
+        store = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [floats, floats.as_pointer(), int32, mask_type]),
+            f"llvm.masked.store.v{GATHER_WIDTH}f32.p0",
+        )
+        zero = ir.Constant(floats, [0.0] * GATHER_WIDTH)
+        lane_numbers = ir.Constant(lanes_type, list(range(GATHER_WIDTH)))
+        align = ir.Constant(int32, 4)
+        widen = builder.sext if columns_type.dtype.signed else builder.zext
+        with cgutils.for_range(builder, chunks) as chunk:
+            offset = builder.mul(chunk.index, width)
+            remaining = builder.sub(batch, offset)
+            spread = builder.insert_element(ir.Constant(lanes_type, None), remaining, ir.Constant(int32, 0))
+            spread = builder.shuffle_vector(
+                spread,
+                ir.Constant(lanes_type, None),
+                ir.Constant(ir.VectorType(int32, GATHER_WIDTH), [0] * GATHER_WIDTH),
+            )
+            mask = builder.icmp_signed("<", lane_numbers, spread)
+            accumulator = cgutils.alloca_once_value(builder, zero)
+            with cgutils.for_range(builder, entries) as entry:
+                column = widen(builder.load(builder.gep(indices.data, [builder.add(first, entry.index)])), int64)
+                address = builder.gep(rows.data, [builder.add(builder.mul(column, batch), offset)])
+                row = builder.call(load, [builder.bitcast(address, floats.as_pointer()), align, mask, zero])
+                builder.store(builder.fadd(builder.load(accumulator), row), accumulator)
+            target = builder.bitcast(builder.gep(sums.data, [offset]), floats.as_pointer())
+            current = builder.call(load, [target, align, mask, zero])
+            builder.call(store, [builder.fadd(current, builder.load(accumulator)), target, align, mask])
+        return context.get_dummy_value()
+
+    return types.void(total, inputs, columns, start, count), codegen

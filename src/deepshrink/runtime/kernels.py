@@ -11,7 +11,8 @@ form sorts each row's entries by code and keeps per-row code counts instead of t
 is then sum_k codebook[k] * (sum of the inputs its code-k weights touch), one multiply per code
 and a pure gather-and-add inner loop: each 16-entry block is one vector gather that we emit
 ourselves (intrinsics.gathered_sum; numba's own loop compiled to a gather built from 16
-one-entry inserts: 1.3x slower on AlexNet's fc7, 1.8x on fc8). Results differ from a sequential sum by
+one-entry inserts: 1.3x slower on AlexNet's fc7, 1.8x on fc8). Batched products add whole input
+rows in vector registers instead (intrinsics.add_rows). Results differ from a sequential sum by
 rounding only. That form is also smaller: 2 bytes per kept weight plus 2 bytes per (row, code).
 
 Every kernel prefetches its index stream PREFETCH_AHEAD entries ahead (intrinsics.prefetch).
@@ -25,7 +26,7 @@ import numba
 import numpy as np
 
 from deepshrink.encode.sparse import SparseLayout
-from deepshrink.runtime.intrinsics import GATHER_WIDTH, gathered_sum, prefetch
+from deepshrink.runtime.intrinsics import GATHER_WIDTH, add_rows, gathered_sum, prefetch
 
 
 @numba.njit(cache=True, nogil=True)
@@ -175,16 +176,13 @@ def _grouped_matmul(indptr, blocks, columns, codebook, inputs, out):
         partial = np.empty(batch, dtype=np.float32)
         index = indptr[row]
         for code in range(groups):
-            if blocks[row, code] == 0:
+            count = np.int64(blocks[row, code]) * BLOCK
+            if count == 0:
                 continue
+            prefetch(columns, min(index + PREFETCH_AHEAD, last))
             partial[:] = 0.0
-            for _ in range(blocks[row, code] * BLOCK):
-                if index % BLOCK == 0:
-                    prefetch(columns, min(index + PREFETCH_AHEAD, last))
-                source = inputs[np.int64(columns[index])]
-                for column in range(batch):
-                    partial[column] += source[column]
-                index += 1
+            add_rows(partial, inputs, columns, index, count)
+            index += count
             weight = codebook[code]
             for column in range(batch):
                 accumulator[column] += weight * partial[column]
