@@ -348,3 +348,25 @@ def test_add_rows_matches_numpy_for_every_batch_width(index_type):
             np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-4)
     with pytest.raises(numba.core.errors.TypingError):  # a column slice is not row-major
         run(np.zeros(2, np.float32), inputs[:, :2], columns, 0, 1)
+
+
+def test_add_weighted_rows_matches_numpy():
+    import numba
+
+    from deepshrink.runtime.intrinsics import GATHER_WIDTH, add_weighted_rows
+
+    @numba.njit
+    def run(total, inputs, columns, codes, codebook, start, count):
+        add_weighted_rows(total, inputs, columns, codes, codebook, start, count)
+
+    generator = np.random.default_rng(6)
+    codebook = generator.normal(size=40).astype(np.float32)
+    for batch in (1, GATHER_WIDTH - 1, 2 * GATHER_WIDTH + 3):
+        inputs = generator.normal(size=(200, batch)).astype(np.float32)
+        columns = generator.integers(0, 200, 300).astype(np.uint16)
+        codes = generator.integers(0, 40, 300).astype(np.uint8)
+        total = np.zeros(batch, np.float32)
+        run(total, inputs, columns, codes, codebook, 11, 250)
+        span = slice(11, 261)
+        expected = (codebook[codes[span]][:, None] * inputs[columns[span].astype(np.int64)]).sum(axis=0)
+        np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-4)

@@ -121,19 +121,8 @@ def gathered_sum(typing_context, vector, columns, start, blocks):
     return types.float32(vector, columns, start, blocks), codegen
 
 
-@intrinsic
-def add_rows(typing_context, total, inputs, columns, start, count):
-    """total += inputs[columns[start : start + count]].sum(axis=0), in float32 vectors.
-
-    `inputs` is (rows, batch) row-major and `total` has `batch` entries. The batch is walked in
-    chunks of GATHER_WIDTH columns, the last one masked; within a chunk every entry is one vector
-    load of its input row added to a register, and the register is added to `total` once. The
-    batched kernel wrote this as a loop over a heap array whose length numba did not know, which
-    kept the partial sums in memory: 1.8 ns per entry at batch 8 on AlexNet's fc6, against 0.16
-    ns for a whole batch-1 product. The caller guarantees that every index read is inside
-    `columns` and every column inside `inputs`.
-    """
-    if not (
+def _row_arguments_fit(total, inputs, columns, start, count) -> bool:
+    return (
         isinstance(total, types.Array)
         and total.dtype == types.float32
         and total.ndim == 1
@@ -148,56 +137,114 @@ def add_rows(typing_context, total, inputs, columns, start, count):
         and columns.layout == "C"
         and isinstance(start, types.Integer)
         and isinstance(count, types.Integer)
+    )
+
+
+def _emit_row_sum(context, builder, total, inputs, columns, start, count, weight_of=None) -> None:
+    """total += sum over entries e in [start, start + count) of w(e) * inputs[columns[e], :], where
+    w(e) = weight_of(builder, e) (a float) or 1. The batch is walked in chunks of GATHER_WIDTH
+    columns, the last chunk masked; a chunk's sum stays in one vector register."""
+    total_type, inputs_type, columns_type, start_type, count_type = total[1], inputs[1], columns[1], start[1], count[1]
+    sums = context.make_array(total_type)(context, builder, total[0])
+    rows = context.make_array(inputs_type)(context, builder, inputs[0])
+    indices = context.make_array(columns_type)(context, builder, columns[0])
+    first = context.cast(builder, start[0], start_type, types.int64)
+    entries = context.cast(builder, count[0], count_type, types.int64)
+    int64, int32 = ir.IntType(64), ir.IntType(32)
+    floats = ir.VectorType(ir.FloatType(), GATHER_WIDTH)
+    lanes_type = ir.VectorType(int64, GATHER_WIDTH)
+    mask_type = ir.VectorType(ir.IntType(1), GATHER_WIDTH)
+    splat = ir.Constant(ir.VectorType(int32, GATHER_WIDTH), [0] * GATHER_WIDTH)
+    batch = builder.extract_value(rows.shape, 1)
+    width = ir.Constant(int64, GATHER_WIDTH)
+    chunks = builder.sdiv(builder.add(batch, ir.Constant(int64, GATHER_WIDTH - 1)), width)
+    load = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(floats, [floats.as_pointer(), int32, mask_type, floats]),
+        f"llvm.masked.load.v{GATHER_WIDTH}f32.p0",
+    )
+    store = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(ir.VoidType(), [floats, floats.as_pointer(), int32, mask_type]),
+        f"llvm.masked.store.v{GATHER_WIDTH}f32.p0",
+    )
+    zero = ir.Constant(floats, [0.0] * GATHER_WIDTH)
+    lane_numbers = ir.Constant(lanes_type, list(range(GATHER_WIDTH)))
+    align = ir.Constant(int32, 4)
+    widen = builder.sext if columns_type.dtype.signed else builder.zext
+    with cgutils.for_range(builder, chunks) as chunk:
+        offset = builder.mul(chunk.index, width)
+        remaining = builder.insert_element(
+            ir.Constant(lanes_type, None), builder.sub(batch, offset), ir.Constant(int32, 0)
+        )
+        mask = builder.icmp_signed("<", lane_numbers, builder.shuffle_vector(remaining, remaining, splat))
+        accumulator = cgutils.alloca_once_value(builder, zero)
+        with cgutils.for_range(builder, entries) as entry:
+            position = builder.add(first, entry.index)
+            column = widen(builder.load(builder.gep(indices.data, [position])), int64)
+            address = builder.gep(rows.data, [builder.add(builder.mul(column, batch), offset)])
+            row = builder.call(load, [builder.bitcast(address, floats.as_pointer()), align, mask, zero])
+            if weight_of is not None:
+                weight = builder.insert_element(
+                    ir.Constant(floats, None), weight_of(builder, position), ir.Constant(int32, 0)
+                )
+                row = builder.fmul(builder.shuffle_vector(weight, weight, splat), row)
+            builder.store(builder.fadd(builder.load(accumulator), row), accumulator)
+        target = builder.bitcast(builder.gep(sums.data, [offset]), floats.as_pointer())
+        current = builder.call(load, [target, align, mask, zero])
+        builder.call(store, [builder.fadd(current, builder.load(accumulator)), target, align, mask])
+
+
+@intrinsic
+def add_rows(typing_context, total, inputs, columns, start, count):
+    """total += inputs[columns[start : start + count]].sum(axis=0), in float32 vectors.
+
+    `inputs` is (rows, batch) row-major and `total` has `batch` entries. Every entry is one vector
+    load of its input row per GATHER_WIDTH batch columns, added to a register. The batched
+    kernel had written this as a loop over a heap array whose length numba did not know, which
+    kept the partial sums in memory: 1.8 ns per entry at batch 8 on AlexNet's fc6, against 0.16 ns
+    for a whole batch-1 product. The caller guarantees that every index read is inside `columns`
+    and every column inside `inputs`.
+    """
+    if not _row_arguments_fit(total, inputs, columns, start, count):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        _emit_row_sum(context, builder, *zip(arguments, signature.args, strict=True))
+        return context.get_dummy_value()
+
+    return types.void(total, inputs, columns, start, count), codegen
+
+
+@intrinsic
+def add_weighted_rows(typing_context, total, inputs, columns, codes, codebook, start, count):
+    """total += sum over e of codebook[codes[e]] * inputs[columns[e], :] for e in [start, start +
+    count): add_rows for the form that keeps one code per entry. Same guarantees from the caller,
+    and every code inside `codebook`."""
+    if not (
+        _row_arguments_fit(total, inputs, columns, start, count)
+        and isinstance(codes, types.Array)
+        and isinstance(codes.dtype, types.Integer)
+        and codes.ndim == 1
+        and codes.layout == "C"
+        and isinstance(codebook, types.Array)
+        and codebook.dtype == types.float32
+        and codebook.ndim == 1
+        and codebook.layout == "C"
     ):
         return None
 
     def codegen(context, builder, signature, arguments):
-        total_type, inputs_type, columns_type, start_type, count_type = signature.args
-        sums = context.make_array(total_type)(context, builder, arguments[0])
-        rows = context.make_array(inputs_type)(context, builder, arguments[1])
-        indices = context.make_array(columns_type)(context, builder, arguments[2])
-        first = context.cast(builder, arguments[3], start_type, types.int64)
-        entries = context.cast(builder, arguments[4], count_type, types.int64)
-        int64, int32 = ir.IntType(64), ir.IntType(32)
-        floats = ir.VectorType(ir.FloatType(), GATHER_WIDTH)
-        lanes_type = ir.VectorType(int64, GATHER_WIDTH)
-        mask_type = ir.VectorType(ir.IntType(1), GATHER_WIDTH)
-        batch = builder.extract_value(rows.shape, 1)
-        width = ir.Constant(int64, GATHER_WIDTH)
-        chunks = builder.sdiv(builder.add(batch, ir.Constant(int64, GATHER_WIDTH - 1)), width)
-        load = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(floats, [floats.as_pointer(), int32, mask_type, floats]),
-            f"llvm.masked.load.v{GATHER_WIDTH}f32.p0",
-        )
-        store = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.VoidType(), [floats, floats.as_pointer(), int32, mask_type]),
-            f"llvm.masked.store.v{GATHER_WIDTH}f32.p0",
-        )
-        zero = ir.Constant(floats, [0.0] * GATHER_WIDTH)
-        lane_numbers = ir.Constant(lanes_type, list(range(GATHER_WIDTH)))
-        align = ir.Constant(int32, 4)
-        widen = builder.sext if columns_type.dtype.signed else builder.zext
-        with cgutils.for_range(builder, chunks) as chunk:
-            offset = builder.mul(chunk.index, width)
-            remaining = builder.sub(batch, offset)
-            spread = builder.insert_element(ir.Constant(lanes_type, None), remaining, ir.Constant(int32, 0))
-            spread = builder.shuffle_vector(
-                spread,
-                ir.Constant(lanes_type, None),
-                ir.Constant(ir.VectorType(int32, GATHER_WIDTH), [0] * GATHER_WIDTH),
-            )
-            mask = builder.icmp_signed("<", lane_numbers, spread)
-            accumulator = cgutils.alloca_once_value(builder, zero)
-            with cgutils.for_range(builder, entries) as entry:
-                column = widen(builder.load(builder.gep(indices.data, [builder.add(first, entry.index)])), int64)
-                address = builder.gep(rows.data, [builder.add(builder.mul(column, batch), offset)])
-                row = builder.call(load, [builder.bitcast(address, floats.as_pointer()), align, mask, zero])
-                builder.store(builder.fadd(builder.load(accumulator), row), accumulator)
-            target = builder.bitcast(builder.gep(sums.data, [offset]), floats.as_pointer())
-            current = builder.call(load, [target, align, mask, zero])
-            builder.call(store, [builder.fadd(current, builder.load(accumulator)), target, align, mask])
+        total, inputs, columns, codes, codebook, start, count = zip(arguments, signature.args, strict=True)
+        code_array = context.make_array(codes[1])(context, builder, codes[0])
+        values = context.make_array(codebook[1])(context, builder, codebook[0])
+        widen = builder.sext if codes[1].dtype.signed else builder.zext
+
+        def weight_of(builder, position):
+            code = widen(builder.load(builder.gep(code_array.data, [position])), ir.IntType(64))
+            return builder.load(builder.gep(values.data, [code]))
+
+        _emit_row_sum(context, builder, total, inputs, columns, start, count, weight_of)
         return context.get_dummy_value()
 
-    return types.void(total, inputs, columns, start, count), codegen
+    return types.void(total, inputs, columns, codes, codebook, start, count), codegen

@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 from deepshrink.encode.sparse import SparseLayout
-from deepshrink.runtime.intrinsics import GATHER_WIDTH, add_rows, gathered_sum, prefetch
+from deepshrink.runtime.intrinsics import GATHER_WIDTH, add_rows, add_weighted_rows, gathered_sum, prefetch
 
 
 @numba.njit(cache=True, nogil=True)
@@ -131,14 +131,11 @@ def _codebook_matmul(indptr, columns, codes, codebook, inputs, out):
     last = len(columns) - 1
     for row in numba.prange(len(indptr) - 1):
         accumulator = np.zeros(batch, dtype=np.float32)
-        for index in range(indptr[row], indptr[row + 1]):
-            if index % 32 == 0:
-                prefetch(columns, min(index + PREFETCH_AHEAD, last))
-                prefetch(codes, min(index + PREFETCH_AHEAD, last))
-            weight = codebook[codes[index]]
-            source = inputs[columns[index]]
-            for column in range(batch):
-                accumulator[column] += weight * source[column]
+        begin = indptr[row]
+        for ahead in range(begin, indptr[row + 1], 32):  # a cache line of uint16 columns each
+            prefetch(columns, min(ahead + PREFETCH_AHEAD, last))
+            prefetch(codes, min(ahead + PREFETCH_AHEAD, last))
+        add_weighted_rows(accumulator, inputs, columns, codes, codebook, begin, indptr[row + 1] - begin)
         out[row, :] = accumulator
 
 
@@ -179,7 +176,8 @@ def _grouped_matmul(indptr, blocks, columns, codebook, inputs, out):
             count = np.int64(blocks[row, code]) * BLOCK
             if count == 0:
                 continue
-            prefetch(columns, min(index + PREFETCH_AHEAD, last))
+            for ahead in range(index, index + count, 32):
+                prefetch(columns, min(ahead + PREFETCH_AHEAD, last))
             partial[:] = 0.0
             add_rows(partial, inputs, columns, index, count)
             index += count
