@@ -8,6 +8,18 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
+def _c_array(value, ndim: int, dtype=None) -> bool:
+    """A C-contiguous numba array type of `ndim` dimensions holding `dtype` (any integer if None).
+    The emitted code computes addresses from the data pointer alone, so strided views are refused
+    at typing time rather than read wrongly."""
+    return (
+        isinstance(value, types.Array)
+        and value.ndim == ndim
+        and value.layout == "C"
+        and (value.dtype == dtype if dtype is not None else isinstance(value.dtype, types.Integer))
+    )
+
+
 @intrinsic
 def prefetch(typing_context, array, index):
     """Ask the CPU to start loading array[index] into every cache level (llvm.prefetch: read,
@@ -53,14 +65,8 @@ def gathered_sum(typing_context, vector, columns, start, blocks):
     every column inside `vector`.
     """
     if not (
-        isinstance(vector, types.Array)
-        and vector.dtype == types.float32
-        and vector.ndim == 1
-        and vector.layout == "C"
-        and isinstance(columns, types.Array)
-        and isinstance(columns.dtype, types.Integer)
-        and columns.ndim == 1
-        and columns.layout == "C"
+        _c_array(vector, 1, types.float32)
+        and _c_array(columns, 1)
         and isinstance(start, types.Integer)
         and isinstance(blocks, types.Integer)
     ):
@@ -123,18 +129,9 @@ def gathered_sum(typing_context, vector, columns, start, blocks):
 
 def _row_arguments_fit(total, inputs, columns, start, count) -> bool:
     return (
-        isinstance(total, types.Array)
-        and total.dtype == types.float32
-        and total.ndim == 1
-        and total.layout == "C"
-        and isinstance(inputs, types.Array)
-        and inputs.dtype == types.float32
-        and inputs.ndim == 2
-        and inputs.layout == "C"
-        and isinstance(columns, types.Array)
-        and isinstance(columns.dtype, types.Integer)
-        and columns.ndim == 1
-        and columns.layout == "C"
+        _c_array(total, 1, types.float32)
+        and _c_array(inputs, 2, types.float32)
+        and _c_array(columns, 1)
         and isinstance(start, types.Integer)
         and isinstance(count, types.Integer)
     )
@@ -223,14 +220,8 @@ def add_weighted_rows(typing_context, total, inputs, columns, codes, codebook, s
     and every code inside `codebook`."""
     if not (
         _row_arguments_fit(total, inputs, columns, start, count)
-        and isinstance(codes, types.Array)
-        and isinstance(codes.dtype, types.Integer)
-        and codes.ndim == 1
-        and codes.layout == "C"
-        and isinstance(codebook, types.Array)
-        and codebook.dtype == types.float32
-        and codebook.ndim == 1
-        and codebook.layout == "C"
+        and _c_array(codes, 1)
+        and _c_array(codebook, 1, types.float32)
     ):
         return None
 
