@@ -7,8 +7,11 @@ slows every candidate alike:
 - dense: torch.nn.functional.linear on the decoded float32 matrix (MKL/oneDNN GEMV);
 - torch CSR: torch.sparse_csr_tensor of float32 values;
 - scipy CSR: scipy.sparse.csr_matrix of float32 values;
-- codebook CSR (ours): each row's entries grouped by code, uint16 columns + per-row code
-  counts + the codebook, numba (deepshrink.runtime, the default form);
+- codebook tiled (ours): 16-row x 32-column register tiles, 10-bit (column in tile, code)
+  entries, inputs and codebook looked up by AVX-512 permutes, no gathers (deepshrink.runtime's
+  default form where it applies);
+- codebook grouped: each row's entries grouped by code, uint16 columns + per-row code counts +
+  the codebook, one vector gather per 16 entries (the default before the tiled form);
 - codebook per entry: uint8 code + uint16 column per entry, numba.
 
 Hot: the same copy every call. Cold: rotate through copies whose total is larger than the
@@ -31,8 +34,8 @@ import torch
 from torch.nn import functional
 
 from deepshrink.encode.sparse import to_sparse
+from deepshrink.runtime.forms import CodebookWeight
 from deepshrink.runtime.kernels import csr_from_layout
-from deepshrink.runtime.modules import CodebookWeight
 
 ALEXNET_FC = [("fc6", 4096, 9216, 0.09), ("fc7", 4096, 4096, 0.09), ("fc8", 1000, 4096, 0.25)]
 BITS = 5
@@ -47,7 +50,15 @@ def make_layer(rows: int, columns: int, density: float, seed: int):
     return torch.from_numpy(codebook[codes]), csr, codebook
 
 
-CANDIDATES = ("dense torch", "torch CSR", "scipy CSR", "codebook CSR (ours)", "codebook per entry")
+CANDIDATES = (
+    "dense torch",
+    "torch CSR",
+    "scipy CSR",
+    "codebook tiled (ours)",
+    "codebook grouped",
+    "codebook per entry",
+)
+FORMS = {"codebook tiled (ours)": "tiled", "codebook grouped": "grouped", "codebook per entry": "per-entry"}
 
 
 def build(candidate: str, dense: torch.Tensor, csr, codebook: np.ndarray):
@@ -67,13 +78,8 @@ def build(candidate: str, dense: torch.Tensor, csr, codebook: np.ndarray):
         matrix = scipy.sparse.csr_matrix((values, columns.astype(np.int32), indptr), shape=shape)
         resident = values.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
         return resident, lambda inputs: (matrix @ inputs.numpy().T).T
-    weight = CodebookWeight(indptr, columns, codes, codebook, shape, grouped=candidate == "codebook CSR (ours)")
-
-    def run(inputs: torch.Tensor):
-        array = inputs.numpy()
-        return weight.times(array[0]) if array.shape[0] == 1 else weight.times(np.ascontiguousarray(array.T)).T
-
-    return weight.nbytes, run
+    weight = CodebookWeight(indptr, columns, codes, codebook, shape, form=FORMS[candidate])
+    return weight.nbytes, lambda inputs: weight.product(inputs.numpy())
 
 
 def time_rotating(functions: list, inputs: torch.Tensor, repeats: int) -> float:
@@ -135,7 +141,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
     for layer in results["layers"]:
         dense_bytes = layer["candidates"]["dense torch"]["resident_bytes"]
-        ours = layer["candidates"]["codebook CSR (ours)"]["resident_bytes"]
+        ours = layer["candidates"]["codebook tiled (ours)"]["resident_bytes"]
         print(f"{layer['layer']}: resident {ours:,} bytes against {dense_bytes:,} dense (1/{dense_bytes / ours:.1f})")
 
 

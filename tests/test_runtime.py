@@ -13,11 +13,11 @@ from torch import nn
 from deepshrink.compressed import load_compressed, save_compressed
 from deepshrink.encode import codec
 from deepshrink.encode.sparse import to_sparse
-from deepshrink.errors import ModelError
+from deepshrink.errors import ConfigError, ModelError
 from deepshrink.prune.masks import sparsity_mask
 from deepshrink.prune.module import apply_masks
 from deepshrink.quantize.shared import share_weights
-from deepshrink.runtime import modules
+from deepshrink.runtime import forms, tiled
 from deepshrink.runtime.kernels import codebook_matmul, codebook_matvec, csr_from_layout
 from deepshrink.runtime.load import load_runtime, resident_weight_bytes
 from deepshrink.runtime.modules import CompressedConv2d, CompressedLinear
@@ -54,23 +54,133 @@ def test_kernels_match_a_dense_product(layout, rows, columns, density):
     assert relative_error(out, dense @ batch) < RELATIVE
 
 
-@pytest.mark.parametrize(("codes_count", "grouped"), [(32, True), (32, False), (300, None)])
-def test_both_compressed_forms_compute_the_dense_product(codes_count, grouped):
-    """Grouped by code (the default up to 256 codes) and one code per entry (beyond, or forced)."""
-    generator = np.random.default_rng(3)
-    rows, columns = 50, 700
-    mask = generator.random((rows, columns)) < 0.1
+needs_avx512 = pytest.mark.skipif(not tiled.available(), reason="the tiled form's kernels need AVX-512F")
+
+
+def csr_weight(rows, columns, density, codes_count, seed, form=None, zero_code=True):
+    """A CodebookWeight of random codes (code 0 the reserved zero when zero_code) and its dense matrix."""
+    generator = np.random.default_rng(seed)
+    mask = generator.random((rows, columns)) < density
     codes = np.where(mask, generator.integers(1, codes_count, (rows, columns)), 0).astype(np.uint16)
-    codebook = np.concatenate(([0.0], generator.normal(size=codes_count - 1))).astype(np.float32)
+    codebook = generator.normal(size=codes_count).astype(np.float32)
+    if zero_code:
+        codebook[0] = 0.0
     indptr, indices, entry_codes = csr_from_layout(to_sparse(codes, 4, "csr"), int(mask.sum()))
-    weight = modules.CodebookWeight(indptr, indices, entry_codes, codebook, (rows, columns), grouped=grouped)
-    assert (weight.codes is None) == (codes_count <= 256 and grouped is not False)
-    dense = codebook[codes.astype(np.int64)].astype(np.float64)
+    weight = forms.CodebookWeight(indptr, indices, entry_codes, codebook, (rows, columns), form=form)
+    return weight, codebook[codes.astype(np.int64)].astype(np.float64)
+
+
+@pytest.mark.parametrize(
+    ("codes_count", "form"),
+    [
+        (32, "grouped"),
+        (32, "per-entry"),
+        (300, None),
+        (300, "per-entry"),
+        pytest.param(32, "tiled", marks=needs_avx512),
+    ],
+)
+def test_every_compressed_form_computes_the_dense_product(codes_count, form):
+    weight, dense = csr_weight(50, 700, 0.1, codes_count, 3, form)
+    assert weight.form == (form or "per-entry")
     assert np.array_equal(weight.to_dense().numpy(), dense.astype(np.float32))
-    vector = generator.normal(size=columns).astype(np.float32)
-    assert relative_error(weight.times(vector), dense @ vector) < RELATIVE
-    batch = generator.normal(size=(columns, 9)).astype(np.float32)
-    assert relative_error(weight.times(batch), dense @ batch) < RELATIVE
+    generator = np.random.default_rng(4)
+    for batch in (1, 2, 9, 40):
+        inputs = generator.normal(size=(batch, 700)).astype(np.float32)
+        assert relative_error(weight.product(inputs), inputs @ dense.T) < RELATIVE
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    ("rows", "columns", "density", "codes_count"),
+    [
+        (37, 1000, 0.05, 32),  # rows not a multiple of 16: the last chunk has empty lanes
+        (16, 32, 1.0, 32),  # one full tile: every step of every lane is a weight
+        (100, 31, 0.3, 31),  # fewer columns than a tile; 31 entries leave a zero slot for padding
+        (1, 33, 0.5, 8),  # one row, a tile of one column
+        (5, 7, 0.0, 4),  # no weights at all
+    ],
+)
+def test_tiled_form_matches_dense_for_every_shape(rows, columns, density, codes_count):
+    weight, dense = csr_weight(rows, columns, density, codes_count, rows, "tiled")
+    assert np.array_equal(weight.to_dense().numpy(), dense.astype(np.float32))
+    assert len(weight.entries()[0]) == np.count_nonzero(dense)
+    generator = np.random.default_rng(1)
+    for batch in (1, 3, tiled.COLUMN_GROUP, tiled.COLUMN_GROUP + 5, 70):
+        inputs = generator.normal(size=(batch, columns)).astype(np.float32)
+        expected = inputs @ dense.T
+        assert weight.product(inputs).shape == (batch, rows)
+        if np.any(expected):
+            assert relative_error(weight.product(inputs), expected) < RELATIVE
+        else:
+            assert not np.any(weight.product(inputs))
+
+
+@needs_avx512
+def test_tiled_form_orders_rows_by_length_and_puts_results_back_in_place():
+    """Odd rows nearly full, even rows nearly empty: sorted, each chunk holds rows of one kind,
+    and the product still lands on the right rows."""
+    rows, columns = 260, 40
+    generator = np.random.default_rng(0)
+    keep = generator.random((rows, columns)) < np.where(np.arange(rows) % 2, 0.9, 0.05)[:, None]
+    codes = np.where(keep, generator.integers(1, 17, (rows, columns)), 0).astype(np.uint8)
+    codebook = np.concatenate(([0.0], generator.normal(size=16))).astype(np.float32)
+    csr = csr_from_layout(to_sparse(codes, 4, "csr"), int(keep.sum()))
+    weight = forms.CodebookWeight(*csr, codebook, (rows, columns), form="tiled")
+    assert np.all(weight.layout.order[:130] % 2 == 1) and np.all(weight.layout.order[130:] % 2 == 0)
+    dense = codebook[codes].astype(np.float64)
+    for batch in (1, 20):
+        inputs = generator.normal(size=(batch, columns)).astype(np.float32)
+        assert relative_error(weight.product(inputs), inputs @ dense.T) < RELATIVE
+
+
+@needs_avx512
+def test_tiled_form_packs_three_ten_bit_entries_a_word():
+    """A hand-made 16 x 64 matrix: row r holds code 1 + r % 31 at column 3 + r (tile 0) and
+    code 2 at column 40 (tile 1), row 0 also code 5 at columns 0 and 31."""
+    rows, columns = 16, 64
+    codes = np.zeros((rows, columns), dtype=np.uint8)
+    codes[np.arange(rows), 3 + np.arange(rows)] = 1 + np.arange(rows) % 31
+    codes[:, 40] = 2
+    codes[0, [0, 31]] = 5
+    codebook = np.arange(32, dtype=np.float32)  # code 0 is the zero
+    csr = csr_from_layout(to_sparse(codes, 4, "csr"), int(np.count_nonzero(codes)))
+    layout = tiled.TiledCodes(*csr, codebook, (rows, columns))
+    assert layout.order[0] == 0  # row 0 is the longest
+    assert layout.block_tiles.tolist() == [0, 1]  # tile 0: row 0 has 3 entries, one block; tile 1: one
+    first = layout.words[layout.order.tolist().index(0)]  # row 0's lane in tile 0's word
+    # Row 0 in column order: (column 0, code 5), (column 3, code 1), (column 31, code 5).
+    assert [(first >> (10 * k)) & 1023 for k in range(3)] == [0 | 5 << 5, 3 | 1 << 5, 31 | 5 << 5]
+    second = layout.words[16 + layout.order.tolist().index(0)]
+    assert [(second >> (10 * k)) & 1023 for k in range(3)] == [8 | 2 << 5, 0, 0]  # then padding: code 0
+    vector = np.arange(columns, dtype=np.float32)[None, :]
+    assert layout.product(vector)[0, 0] == 5 * 0 + 1 * 3 + 5 * 31 + 2 * 40
+
+
+@needs_avx512
+def test_tiled_form_places_padding_on_a_zero_that_is_not_code_zero():
+    """A codebook whose zero is entry 7, and one that is full with no zero at all."""
+    generator = np.random.default_rng(8)
+    codebook = generator.normal(size=32).astype(np.float32)
+    codebook[7] = 0.0
+    codes = np.where(generator.random((20, 50)) < 0.3, generator.integers(8, 32, (20, 50)), 7).astype(np.uint8)
+    rows, columns = np.nonzero(codes != 7)
+    indptr = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=20))))
+    weight = forms.CodebookWeight(indptr, columns.astype(np.uint16), codes[rows, columns], codebook, (20, 50), "tiled")
+    assert weight.layout.padding_code == 7
+    dense = codebook[codes].astype(np.float64)
+    inputs = generator.normal(size=(2, 50)).astype(np.float32)
+    assert relative_error(weight.product(inputs), inputs @ dense.T) < RELATIVE
+    full = np.linspace(1, 2, 32, dtype=np.float32)
+    assert tiled.kernel_table(full) is None
+    with pytest.raises(ConfigError, match="at most 32 codebook entries"):
+        forms.CodebookWeight(indptr, columns.astype(np.uint16), codes[rows, columns], full, (20, 50), "tiled")
+    assert forms.CodebookWeight(indptr, columns.astype(np.uint16), codes[rows, columns], full, (20, 50)).form != "tiled"
+
+
+def test_an_unknown_form_is_a_clear_error():
+    with pytest.raises(ConfigError, match="should be one of tiled, grouped, per-entry"):
+        csr_weight(4, 4, 0.5, 4, 0, "fast")
 
 
 class ConvNet(nn.Module):
@@ -149,7 +259,7 @@ def test_running_compressed_never_builds_the_dense_weights(tmp_path, monkeypatch
     def forbidden(*arguments, **keywords):
         raise AssertionError("the dense weights were built")
 
-    monkeypatch.setattr(modules.CodebookWeight, "to_dense", forbidden)
+    monkeypatch.setattr(forms.CodebookWeight, "to_dense", forbidden)
     monkeypatch.setattr(codec, "from_sparse", forbidden)
     tracemalloc.start()
     running = load_runtime(path, factory, mode="sparse")
@@ -269,28 +379,37 @@ def test_prefetch_hint_leaves_results_alone_and_rejects_non_arrays():
 
 def test_the_smaller_form_is_kept_when_not_forced():
     """Grouping pads every (row, code) run to a block: for a small layer with many codes that
-    outgrows one code per entry, so the per-entry form is chosen; for a large layer, grouping."""
-    generator = np.random.default_rng(5)
+    outgrows one code per entry, so the per-entry form is chosen; for a large layer with at most
+    32 codes the tiled form (grouped without AVX-512); with more codes, grouping."""
 
-    def weight_of(rows, columns, codes_count):
-        mask = generator.random((rows, columns)) < 0.35
-        codes = np.where(mask, generator.integers(1, codes_count, (rows, columns)), 0).astype(np.uint8)
-        codebook = generator.normal(size=codes_count).astype(np.float32)
-        csr = csr_from_layout(to_sparse(codes, 4, "csr"), int(mask.sum()))
-        return [modules.CodebookWeight(*csr, codebook, (rows, columns), grouped=form) for form in (None, True, False)]
+    def forms_of(rows, columns, codes_count):
+        return [csr_weight(rows, columns, 0.35, codes_count, 5, form)[0] for form in (None, "grouped", "per-entry")]
 
-    automatic, grouped, per_entry = weight_of(32, 16, 64)  # like SqueezeNet's fire2.expand1x1
-    assert automatic.codes is not None and per_entry.nbytes < grouped.nbytes
+    automatic, grouped, per_entry = forms_of(32, 16, 64)  # like SqueezeNet's fire2.expand1x1
+    assert automatic.form == "per-entry" and per_entry.nbytes < grouped.nbytes
     assert automatic.nbytes == per_entry.nbytes
-    assert grouped.nbytes > modules.GROUPED_SIZE_LIMIT * per_entry.nbytes
-    automatic, grouped, per_entry = weight_of(300, 2000, 16)
-    assert automatic.codes is None and grouped.nbytes <= per_entry.nbytes
+    assert grouped.nbytes > forms.SIZE_LIMIT * per_entry.nbytes
+    automatic, grouped, per_entry = forms_of(300, 2000, 16)
+    assert automatic.form == ("tiled" if tiled.available() else "grouped")
+    assert automatic.nbytes <= forms.SIZE_LIMIT * per_entry.nbytes
+    automatic, grouped, per_entry = forms_of(300, 2000, 100)
+    assert automatic.form == "grouped" and grouped.nbytes <= forms.SIZE_LIMIT * per_entry.nbytes
+
+
+@needs_avx512
+def test_a_very_sparse_layer_does_not_take_the_tiled_form():
+    """At 0.5% density nearly every (chunk, tile) word is padding: far larger than per entry."""
+    weight, _ = csr_weight(512, 4096, 0.005, 32, 9)
+    tiled_weight, _ = csr_weight(512, 4096, 0.005, 32, 9, "tiled")
+    per_entry, _ = csr_weight(512, 4096, 0.005, 32, 9, "per-entry")
+    assert tiled_weight.nbytes > forms.SIZE_LIMIT * per_entry.nbytes
+    assert weight.form == "per-entry" and weight.nbytes == per_entry.nbytes
 
 
 def test_auto_mode_runs_dense_when_the_compressed_form_is_not_smaller():
     from deepshrink.runtime.load import _sparse_pays
 
-    tiny = modules.CodebookWeight(
+    tiny = forms.CodebookWeight(
         np.array([0, 1, 1, 2, 2]),
         np.array([0, 3], np.uint16),
         np.array([1, 2], np.uint8),
@@ -300,7 +419,7 @@ def test_auto_mode_runs_dense_when_the_compressed_form_is_not_smaller():
     assert tiny.density <= 0.35 and tiny.nbytes >= 4 * 4 * 4
     assert not _sparse_pays(tiny, 0.35)
     codes, codebook = random_codes(200, 800, 0.09, 5)
-    large = modules.CodebookWeight(
+    large = forms.CodebookWeight(
         *csr_from_layout(to_sparse(codes, 4, "csr"), int(np.count_nonzero(codes))), codebook, (200, 800)
     )
     assert _sparse_pays(large, 0.35) and not _sparse_pays(large, 0.05)

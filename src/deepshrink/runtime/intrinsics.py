@@ -8,7 +8,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
-def _c_array(value, ndim: int, dtype=None) -> bool:
+def is_c_array(value, ndim: int, dtype=None) -> bool:
     """A C-contiguous numba array type of `ndim` dimensions holding `dtype` (any integer if None).
     The emitted code computes addresses from the data pointer alone, so strided views are refused
     at typing time rather than read wrongly."""
@@ -65,8 +65,8 @@ def gathered_sum(typing_context, vector, columns, start, blocks):
     every column inside `vector`.
     """
     if not (
-        _c_array(vector, 1, types.float32)
-        and _c_array(columns, 1)
+        is_c_array(vector, 1, types.float32)
+        and is_c_array(columns, 1)
         and isinstance(start, types.Integer)
         and isinstance(blocks, types.Integer)
     ):
@@ -129,9 +129,9 @@ def gathered_sum(typing_context, vector, columns, start, blocks):
 
 def _row_arguments_fit(total, inputs, columns, start, count) -> bool:
     return (
-        _c_array(total, 1, types.float32)
-        and _c_array(inputs, 2, types.float32)
-        and _c_array(columns, 1)
+        is_c_array(total, 1, types.float32)
+        and is_c_array(inputs, 2, types.float32)
+        and is_c_array(columns, 1)
         and isinstance(start, types.Integer)
         and isinstance(count, types.Integer)
     )
@@ -220,8 +220,8 @@ def add_weighted_rows(typing_context, total, inputs, columns, codes, codebook, s
     and every code inside `codebook`."""
     if not (
         _row_arguments_fit(total, inputs, columns, start, count)
-        and _c_array(codes, 1)
-        and _c_array(codebook, 1, types.float32)
+        and is_c_array(codes, 1)
+        and is_c_array(codebook, 1, types.float32)
     ):
         return None
 

@@ -95,7 +95,7 @@ def csr_from_layout(sparse: SparseLayout, nonzeros: int) -> tuple[np.ndarray, np
     return indptr, columns, codes
 
 
-def _compiled(function, parallel: bool):
+def compiled(function, parallel: bool):
     """`function` compiled with or without threads. Small layers run serial: waking a second
     thread costs more than their whole product. The distinct name keeps numba's on-disk
     caches of the two variants apart."""
@@ -257,10 +257,10 @@ def group_by_code(indptr, columns, codes, groups: int, padding: int):
     return out_indptr, blocks, out_columns
 
 
-MATVEC = {parallel: _compiled(_codebook_matvec, parallel) for parallel in (False, True)}
-MATMUL = {parallel: _compiled(_codebook_matmul, parallel) for parallel in (False, True)}
-GROUPED_MATVEC = {parallel: _compiled(_grouped_matvec, parallel) for parallel in (False, True)}
-GROUPED_MATMUL = {parallel: _compiled(_grouped_matmul, parallel) for parallel in (False, True)}
+MATVEC = {parallel: compiled(_codebook_matvec, parallel) for parallel in (False, True)}
+MATMUL = {parallel: compiled(_codebook_matmul, parallel) for parallel in (False, True)}
+GROUPED_MATVEC = {parallel: compiled(_grouped_matvec, parallel) for parallel in (False, True)}
+GROUPED_MATMUL = {parallel: compiled(_grouped_matmul, parallel) for parallel in (False, True)}
 
 
 def codebook_matvec(indptr, columns, codes, codebook, vector, out) -> None:

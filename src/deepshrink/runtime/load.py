@@ -19,8 +19,9 @@ from deepshrink.encode import container
 from deepshrink.encode.codec import FORMAT_NAME, SharedParts, decode_record_parts
 from deepshrink.errors import ConfigError, FormatError, ModelError
 from deepshrink.lowrank import apply_structure
+from deepshrink.runtime.forms import CodebookWeight
 from deepshrink.runtime.kernels import csr_from_layout
-from deepshrink.runtime.modules import SPARSE_DENSITY_LIMIT, CodebookWeight, CompressedConv2d, CompressedLinear
+from deepshrink.runtime.modules import SPARSE_DENSITY_LIMIT, CompressedConv2d, CompressedLinear
 
 MODES = ("auto", "sparse", "dense")
 

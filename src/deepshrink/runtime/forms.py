@@ -1,0 +1,173 @@
+"""The in-memory forms a compressed weight matrix runs from, and the choice between them.
+
+All three hold codebook indices, never float weights:
+- "tiled" (tiled.TiledCodes): 16 rows x 32 columns register tiles, no memory gathers; the
+  fastest wherever it applies: AVX-512 CPUs and codebooks of at most 32 entries.
+- "grouped": CSR with each row's entries grouped by code, one vector gather per 16 entries.
+- "per-entry": CSR with one code per entry; the smallest for small layers with many codes.
+
+Each form's `product(inputs)` takes float32 inputs of shape (batch, columns) and returns
+(batch, rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from deepshrink.errors import ConfigError
+from deepshrink.runtime.kernels import (
+    BLOCK,
+    GROUPED_MAXIMUM_CODES,
+    codebook_matmul,
+    codebook_matvec,
+    group_by_code,
+    grouped_matmul,
+    grouped_matvec,
+    grouped_nbytes,
+)
+from deepshrink.runtime.tiled import TiledCodes
+
+FORMS = ("tiled", "grouped", "per-entry")
+
+# A faster form is given up for one code per entry only where it would be this many times
+# larger: the padding of either grows out of proportion in small layers with many codes (a
+# 16 x 32 1x1 conv at 35% density and 6 bits grew from about 0.7 KB to 7 KB grouped) or in very
+# sparse ones (tiled pads each 16-row chunk to its longest row in every 32-column tile).
+SIZE_LIMIT = 2.0
+
+
+def _columns_major_product(matvec, matmul, indptr, middle, last, codebook, inputs: np.ndarray) -> np.ndarray:
+    """Run a CSR kernel, which takes a vector or (columns, batch) inputs, on (batch, columns)."""
+    rows = len(indptr) - 1
+    if inputs.shape[0] == 1:
+        out = np.empty(rows, dtype=np.float32)
+        matvec(indptr, middle, last, codebook, np.ascontiguousarray(inputs[0]), out)
+        return out[None, :]
+    out = np.empty((rows, inputs.shape[0]), dtype=np.float32)
+    matmul(indptr, middle, last, codebook, np.ascontiguousarray(inputs.T), out)
+    return out.T
+
+
+class PerEntryCodes:
+    """CSR: row pointers, column indices and one code per kept weight."""
+
+    def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int]) -> None:
+        self.indptr, self.columns, self.codes = indptr, columns, codes
+        self.codebook = codebook
+        self.shape = shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.indptr.nbytes + self.columns.nbytes + self.codes.nbytes + self.codebook.nbytes
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+        return rows, self.columns.astype(np.int64), self.codes.astype(np.int64)
+
+    def product(self, inputs: np.ndarray) -> np.ndarray:
+        return _columns_major_product(
+            codebook_matvec, codebook_matmul, self.indptr, self.columns, self.codes, self.codebook, inputs
+        )
+
+
+class GroupedCodes:
+    """CSR with each row's entries sorted by code, each code's run padded to whole blocks
+    (kernels.group_by_code): row pointers, column indices and per-row block counts per code."""
+
+    def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int]) -> None:
+        self.codebook = codebook
+        self.shape = shape
+        self.indptr, self.blocks, self.columns = group_by_code(indptr, columns, codes, len(codebook), shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.indptr.nbytes + self.columns.nbytes + self.blocks.nbytes + self.codebook.nbytes
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+        codes = np.repeat(np.tile(np.arange(len(self.codebook)), self.shape[0]), self.blocks.reshape(-1) * BLOCK)
+        real = self.columns != self.shape[1]
+        return rows[real], self.columns[real].astype(np.int64), codes[real]
+
+    def product(self, inputs: np.ndarray) -> np.ndarray:
+        # Padding entries read one zero appended past the last column.
+        padded = np.zeros((inputs.shape[0], inputs.shape[1] + 1), dtype=np.float32)
+        padded[:, :-1] = inputs
+        return _columns_major_product(
+            grouped_matvec, grouped_matmul, self.indptr, self.blocks, self.columns, self.codebook, padded
+        )
+
+
+def _automatic_form(indptr, columns, codes, codebook, shape):
+    """The fastest form that applies and is at most SIZE_LIMIT times one code per entry."""
+    per_entry = PerEntryCodes(indptr, columns, codes, codebook, shape)
+    if TiledCodes.fits(codebook):
+        tiled = TiledCodes(indptr, columns, codes, codebook, shape)
+        if tiled.nbytes <= SIZE_LIMIT * per_entry.nbytes:
+            return tiled
+    grouped_bytes = grouped_nbytes(indptr, columns, codes, len(codebook), shape[1])
+    if len(codebook) <= GROUPED_MAXIMUM_CODES and grouped_bytes <= SIZE_LIMIT * (columns.nbytes + codes.nbytes):
+        return GroupedCodes(indptr, columns, codes, codebook, shape)
+    return per_entry
+
+
+class CodebookWeight:
+    """A weight matrix (rows x columns) held as codebook indices in one of FORMS.
+
+    `form` None chooses automatically (the fastest that applies and is not far larger than one
+    code per entry); a named form is built as asked, and "tiled" where it cannot apply (no
+    AVX-512, or a codebook the registers cannot hold) is a ConfigError.
+    """
+
+    def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int], form: str | None = None) -> None:
+        codebook = np.ascontiguousarray(codebook, dtype=np.float32)
+        self.shape = shape
+        self.nonzeros = len(columns)
+        indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+        columns, codes = np.ascontiguousarray(columns), np.ascontiguousarray(codes)
+        if form is None:
+            self.layout = _automatic_form(indptr, columns, codes, codebook, shape)
+        elif form == "tiled":
+            if not TiledCodes.fits(codebook):
+                raise ConfigError(
+                    f"the tiled form needs an AVX-512 CPU and at most 32 codebook entries (one zero); "
+                    f"this codebook has {len(codebook)}: use form 'grouped' or 'per-entry'"
+                )
+            self.layout = TiledCodes(indptr, columns, codes, codebook, shape)
+        elif form == "grouped":
+            if len(codebook) > GROUPED_MAXIMUM_CODES:
+                raise ConfigError(f"the grouped form holds at most {GROUPED_MAXIMUM_CODES} codes, not {len(codebook)}")
+            self.layout = GroupedCodes(indptr, columns, codes, codebook, shape)
+        elif form == "per-entry":
+            self.layout = PerEntryCodes(indptr, columns, codes, codebook, shape)
+        else:
+            raise ConfigError(f"form {form!r} should be one of {', '.join(FORMS)}")
+
+    @property
+    def form(self) -> str:
+        return {TiledCodes: "tiled", GroupedCodes: "grouped", PerEntryCodes: "per-entry"}[type(self.layout)]
+
+    @property
+    def density(self) -> float:
+        return self.nonzeros / max(self.shape[0] * self.shape[1], 1)
+
+    @property
+    def nbytes(self) -> int:
+        """What this weight keeps resident: its form's indices, codes or counts, and the codebook."""
+        return self.layout.nbytes
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, column, value index into `self.layout.codebook`) of every kept weight."""
+        return self.layout.entries()
+
+    def product(self, inputs: np.ndarray) -> np.ndarray:
+        """inputs @ W.T for float32 inputs of shape (batch, columns): (batch, rows)."""
+        return self.layout.product(np.ascontiguousarray(inputs, dtype=np.float32))
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense matrix, for the dense path and for tests; the sparse path never calls it."""
+        dense = np.zeros(self.shape, dtype=np.float32)
+        rows, columns, codes = self.entries()
+        dense[rows, columns] = self.layout.codebook[codes]
+        return torch.from_numpy(dense)
