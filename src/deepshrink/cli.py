@@ -479,15 +479,17 @@ def command_bench(args: argparse.Namespace) -> int:
         )
     )
     dense_bytes, compressed_bytes = resident_weight_bytes(dense), resident_weight_bytes(compressed)
+    layers = dict(compressed.named_modules())
     print(
         render_table(
-            ["layer", "runs as", "dense weight bytes", "resident bytes"],
+            ["layer", "runs as", "dense weight bytes", "resident bytes", "form"],
             [
                 [
                     name,
-                    type(dict(compressed.named_modules())[name]).__name__,
+                    type(layers[name]).__name__,
                     f"{dense_bytes[name]:,}",
                     f"{compressed_bytes[name]:,}",
+                    getattr(getattr(layers[name], "weight_form", None), "form", "dense"),
                 ]
                 for name in compressed_bytes
             ],

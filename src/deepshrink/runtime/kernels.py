@@ -1,4 +1,7 @@
-"""Sparse x dense products computed straight from codebook indices (EIE-style), compiled by numba.
+"""CSR products computed straight from codebook indices (EIE-style), compiled by numba.
+
+These are the forms for machines without AVX-512 and for codebooks the register-tiled form
+(tiled.py) cannot hold; where it can, it is several times faster.
 
 A layer is held as CSR: row pointers, column indices (uint16 when the row is short enough) and
 one small code per non-zero weight (uint8 for up to 8 bits), plus the float32 codebook. At 9%
@@ -6,7 +9,7 @@ density that is 3 bytes per kept weight, about 15x fewer bytes than the dense fl
 and a batch-1 product is bound by how fast those bytes arrive, so it runs faster than a dense
 matrix-vector product that has to stream every weight.
 
-Rows are split across threads (numba prange). For codebooks of up to 256 entries the default
+Rows are split across threads (numba prange). For codebooks of up to 256 entries the grouped
 form sorts each row's entries by code and keeps per-row code counts instead of the codes: a row
 is then sum_k codebook[k] * (sum of the inputs its code-k weights touch), one multiply per code
 and a pure gather-and-add inner loop: each 16-entry block is one vector gather that we emit
