@@ -313,7 +313,12 @@ def test_registered_model_loads_by_the_name_in_the_file(tmp_path):
     inputs = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         assert relative_error(running(inputs), decoded(inputs)) < RELATIVE
-    assert isinstance(running.fc1, CompressedLinear) and isinstance(running.conv2, CompressedConv2d)
+    # Auto mode: fc1 (1.6 MB, 10% dense) compressed; conv2 dense, faster than im2col here.
+    assert isinstance(running.fc1, CompressedLinear) and type(running.conv2) is nn.Conv2d
+    forced = load_runtime(path, mode={"*": "auto", "conv2": "sparse"})
+    assert isinstance(forced.conv2, CompressedConv2d)
+    with torch.no_grad():
+        assert relative_error(forced(inputs), decoded(inputs)) < RELATIVE
 
 
 def test_predict_and_bench_commands(tmp_path):
@@ -407,9 +412,10 @@ def test_a_very_sparse_layer_does_not_take_the_tiled_form():
     assert weight.form == "per-entry" and weight.nbytes == per_entry.nbytes
 
 
-def test_auto_mode_runs_dense_when_the_compressed_form_is_not_smaller():
-    from deepshrink.runtime.load import _sparse_pays
+def test_auto_mode_runs_compressed_only_where_it_is_smaller_and_pays():
+    from deepshrink.runtime.load import SMALL_LAYER_BYTES, _sparse_pays
 
+    linear = nn.Linear(1, 1)
     tiny = forms.CodebookWeight(
         np.array([0, 1, 1, 2, 2]),
         np.array([0, 3], np.uint16),
@@ -418,12 +424,17 @@ def test_auto_mode_runs_dense_when_the_compressed_form_is_not_smaller():
         (4, 4),
     )
     assert tiny.density <= 0.35 and tiny.nbytes >= 4 * 4 * 4
-    assert not _sparse_pays(tiny, 0.35)
+    assert not _sparse_pays(tiny, linear, 0.35)  # not smaller
     codes, codebook = random_codes(200, 800, 0.09, 5)
-    large = forms.CodebookWeight(
-        *csr_from_layout(to_sparse(codes, 4, "csr"), int(np.count_nonzero(codes))), codebook, (200, 800)
+    csr = csr_from_layout(to_sparse(codes, 4, "csr"), int(np.count_nonzero(codes)))
+    large = forms.CodebookWeight(*csr, codebook, (200, 800))
+    assert SMALL_LAYER_BYTES <= 200 * 800 * 4
+    assert _sparse_pays(large, linear, 0.35) and not _sparse_pays(large, linear, 0.05)
+    assert not _sparse_pays(large, nn.Conv2d(8, 200, 10), 0.35)  # convolutions run dense
+    small = forms.CodebookWeight(
+        *csr_from_layout(to_sparse(codes[:50], 4, "csr"), int(np.count_nonzero(codes[:50]))), codebook, (50, 800)
     )
-    assert _sparse_pays(large, 0.35) and not _sparse_pays(large, 0.05)
+    assert small.nbytes < 50 * 800 * 4 < SMALL_LAYER_BYTES and not _sparse_pays(small, linear, 0.35)
 
 
 @pytest.mark.parametrize("index_type", [np.uint16, np.int32])

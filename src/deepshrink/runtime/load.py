@@ -51,10 +51,32 @@ def _mode_for(name: str, modes: dict[str, str]) -> str:
     return chosen
 
 
-def _sparse_pays(weight: CodebookWeight, density_limit: float) -> bool:
-    """Auto mode: sparse when the layer is sparse enough to be faster and its compressed form is
-    smaller than the dense float32 weight (index overhead can outgrow a small layer)."""
-    return weight.density <= density_limit and weight.nbytes < weight.shape[0] * weight.shape[1] * 4
+# Auto mode runs a Linear layer dense below this many bytes of dense weight: a compressed layer
+# costs about 12 us a call in Python and numba dispatch before any arithmetic, more than a whole
+# dense product of that size (LeNet-300-100's fc2, 120 KB: 13.8 us compressed against 8.5 us
+# dense at batch 1; its fc1, 940 KB: 15.8 against 25.5 us).
+SMALL_LAYER_BYTES = 256 * 1024
+
+
+def _sparse_pays(weight: CodebookWeight, layer: nn.Module, density_limit: float) -> bool:
+    """Auto mode: run compressed where it is faster and smaller.
+
+    - A Linear layer: sparse enough (density at most `density_limit`), its compressed form
+      smaller than the dense float32 weight (index overhead can outgrow a small layer), and a
+      dense weight of at least SMALL_LAYER_BYTES.
+    - A convolution never: im2col turns a batch-1 convolution into a product with one column
+      per output position, and oneDNN's direct convolution ran faster than our kernels on it
+      (0.4-0.84x for LeNet-5's conv2 and a 64->128 3x3 conv at 5-20% density; 1.03-1.14x for
+      a 256->256 3x3 conv on 7x7 inputs; benchmarks in BENCHMARKS.md). mode="sparse" still
+      runs it from the compressed form, for the memory.
+    """
+    dense_bytes = weight.shape[0] * weight.shape[1] * 4
+    return (
+        isinstance(layer, nn.Linear)
+        and weight.density <= density_limit
+        and weight.nbytes < dense_bytes
+        and dense_bytes >= SMALL_LAYER_BYTES
+    )
 
 
 def load_runtime(
@@ -64,12 +86,12 @@ def load_runtime(
     mode: str | dict[str, str] = "auto",
     density_limit: float = SPARSE_DENSITY_LIMIT,
 ) -> nn.Module:
-    """The model of a .dcz file with its shared Linear / Conv2d layers computing from codebook CSR.
+    """The model of a .dcz file with its shared Linear / Conv2d layers computing from codebook indices.
 
     `model` is a module of the right architecture, a registered name or package.module:factory
     (default: the name the file records; a factory is imported only when passed here). `mode`
-    is "auto" (sparse when the layer's density is at most `density_limit` and its compressed form
-    is smaller than the dense weight), "sparse", "dense",
+    is "auto" (sparse where it is faster and smaller, see `_sparse_pays`: Linear layers of at
+    least SMALL_LAYER_BYTES whose density is at most `density_limit`), "sparse", "dense",
     or a {layer glob: mode} mapping. Returns the model in eval mode on the CPU.
     """
     from deepshrink.layers import compressible_layers
@@ -116,7 +138,7 @@ def load_runtime(
             runs_sparse = (
                 isinstance(layer, nn.Linear | nn.Conv2d)
                 and name.endswith(".weight")
-                and (layer_mode == "sparse" or (layer_mode == "auto" and _sparse_pays(weight, density_limit)))
+                and (layer_mode == "sparse" or (layer_mode == "auto" and _sparse_pays(weight, layer, density_limit)))
             )
             if runs_sparse and isinstance(layer, nn.Conv2d) and layer.groups != 1:
                 runs_sparse = False  # grouped convolutions run dense
