@@ -159,23 +159,40 @@ def test_tiled_form_packs_three_ten_bit_entries_a_word():
 
 @needs_avx512
 def test_tiled_form_places_padding_on_a_zero_that_is_not_code_zero():
-    """A codebook whose zero is entry 7, and one that is full with no zero at all."""
+    """A codebook whose zero is entry 7, and full ones with no zero at all."""
     generator = np.random.default_rng(8)
     codebook = generator.normal(size=32).astype(np.float32)
     codebook[7] = 0.0
     codes = np.where(generator.random((20, 50)) < 0.3, generator.integers(8, 32, (20, 50)), 7).astype(np.uint8)
     rows, columns = np.nonzero(codes != 7)
     indptr = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=20))))
-    weight = forms.CodebookWeight(indptr, columns.astype(np.uint16), codes[rows, columns], codebook, (20, 50), "tiled")
-    assert weight.layout.padding_code == 7
+    csr = (indptr, columns.astype(np.uint16), codes[rows, columns])
+    weight = forms.CodebookWeight(*csr, codebook, (20, 50), "tiled")
+    assert weight.layout.padding_code == 7 and weight.layout.layout == tiled.NARROW
     dense = codebook[codes].astype(np.float64)
     inputs = generator.normal(size=(2, 50)).astype(np.float32)
     assert relative_error(weight.product(inputs), inputs @ dense.T) < RELATIVE
-    full = np.linspace(1, 2, 32, dtype=np.float32)
+    # 32 entries and no zero: the wide layout, its 33rd slot the padding.
+    no_zero = np.linspace(1, 2, 32, dtype=np.float32)
+    assert tiled.kernel_table(no_zero)[1:] == (32, tiled.WIDE)
+    full = np.linspace(1, 2, 64, dtype=np.float32)
     assert tiled.kernel_table(full) is None
-    with pytest.raises(ConfigError, match="at most 32 codebook entries"):
-        forms.CodebookWeight(indptr, columns.astype(np.uint16), codes[rows, columns], full, (20, 50), "tiled")
-    assert forms.CodebookWeight(indptr, columns.astype(np.uint16), codes[rows, columns], full, (20, 50)).form != "tiled"
+    with pytest.raises(ConfigError, match="at most 64 codebook entries"):
+        forms.CodebookWeight(*csr, full, (20, 50), "tiled")
+    assert forms.CodebookWeight(*csr, full, (20, 50)).form != "tiled"
+
+
+@needs_avx512
+@pytest.mark.parametrize("codes_count", [33, 64])
+def test_tiled_form_wide_layout_holds_six_bit_codes(codes_count):
+    """33-64 codebook entries: 11-bit entries, two to a lane, the code looked up in four registers."""
+    weight, dense = csr_weight(70, 300, 0.15, codes_count, codes_count, "tiled")
+    assert weight.layout.layout == tiled.WIDE and weight.layout.words.dtype == np.uint16
+    assert np.array_equal(weight.to_dense().numpy(), dense.astype(np.float32))
+    generator = np.random.default_rng(2)
+    for batch in (1, 5):
+        inputs = generator.normal(size=(batch, 300)).astype(np.float32)
+        assert relative_error(weight.product(inputs), inputs @ dense.T) < RELATIVE
 
 
 def test_an_unknown_form_is_a_clear_error():
@@ -385,16 +402,16 @@ def test_prefetch_hint_leaves_results_alone_and_rejects_non_arrays():
 
 def test_the_smaller_form_is_kept_when_not_forced():
     """Grouping pads every (row, code) run to a block: for a small layer with many codes that
-    outgrows one code per entry, so the per-entry form is chosen; for a large layer with at most
-    32 codes the tiled form (grouped without AVX-512); with more codes, grouping."""
+    outgrows one code per entry, so it is not chosen; for a large layer with at most 64 codes
+    the tiled form is (grouped without AVX-512); with more codes, grouping."""
 
     def forms_of(rows, columns, codes_count):
         return [csr_weight(rows, columns, 0.35, codes_count, 5, form)[0] for form in (None, "grouped", "per-entry")]
 
     automatic, grouped, per_entry = forms_of(32, 16, 64)  # like SqueezeNet's fire2.expand1x1
-    assert automatic.form == "per-entry" and per_entry.nbytes < grouped.nbytes
-    assert automatic.nbytes == per_entry.nbytes
     assert grouped.nbytes > forms.SIZE_LIMIT * per_entry.nbytes
+    assert automatic.form == ("tiled" if tiled.available() else "per-entry")
+    assert automatic.nbytes <= forms.SIZE_LIMIT * per_entry.nbytes
     automatic, grouped, per_entry = forms_of(300, 2000, 16)
     assert automatic.form == ("tiled" if tiled.available() else "grouped")
     assert automatic.nbytes <= forms.SIZE_LIMIT * per_entry.nbytes

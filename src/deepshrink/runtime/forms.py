@@ -2,7 +2,7 @@
 
 All three hold codebook indices, never float weights:
 - "tiled" (tiled.TiledCodes): 16 rows x 32 columns register tiles, no memory gathers; the
-  fastest wherever it applies: AVX-512 CPUs and codebooks of at most 32 entries.
+  fastest wherever it applies: AVX-512 CPUs and codebooks of at most 64 entries.
 - "grouped": CSR with each row's entries grouped by code, one vector gather per 16 entries.
 - "per-entry": CSR with one code per entry; the smallest for small layers with many codes.
 
@@ -131,7 +131,7 @@ class CodebookWeight:
         elif form == "tiled":
             if not TiledCodes.fits(codebook):
                 raise ConfigError(
-                    f"the tiled form needs an AVX-512 CPU and at most 32 codebook entries (one zero); "
+                    f"the tiled form needs an AVX-512 CPU and at most 64 codebook entries (one zero); "
                     f"this codebook has {len(codebook)}: use form 'grouped' or 'per-entry'"
                 )
             self.layout = TiledCodes(indptr, columns, codes, codebook, shape)

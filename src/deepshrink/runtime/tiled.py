@@ -8,14 +8,19 @@ CPU class sustains about one gathered float per cycle: AlexNet's fc8 at 25% dens
   registers, so a weight's input is one two-register permute (vpermi2ps) by its 5-bit column
   inside the tile;
 - the codebook (at most 32 entries, one of them zero) sits in two more registers, so a weight's
-  value is one more permute by its code;
+  value is one more permute by its code; a codebook of up to 64 entries sits in four, and a
+  weight's value is two permutes and a blend on the code's sixth bit;
 - the 16 lanes of a vector are 16 rows (a chunk), so the products add into one accumulator per
   lane and never need a horizontal sum. Step k of a (chunk, tile) takes each row's k-th weight
   in that tile; rows with fewer weights there get padding entries (code of the zero slot).
 
-Each entry is 10 bits (column in tile, code), three to a 32-bit word, so a 16-lane word holds
-three steps of one (chunk, tile). Rows are ordered by their number of weights before they are cut
-into chunks (SELL-C-sigma), so that rows of like length share a chunk and pad less.
+An entry is the column in its tile (5 bits) and the code. With up to 32 codes it is 10 bits,
+three to a uint32 word; with up to 64 it is 11 bits, one to a uint16, two uint16 a lane. Either
+way a block of 64 bytes (one vector) holds one lane per row and three (or two) steps of one
+(chunk, tile), and names its tile, so a chunk's blocks are one flat loop. The array's dtype
+tells the kernels, at compile time, which layout they read. Rows are ordered by their number of
+weights before they are cut into chunks (SELL-C-sigma), so that rows of like length share a
+chunk and pad less.
 
 Batched products take the inputs as (tiles, batch, TILE) and the outputs as (chunks, batch,
 LANES), so a tile's inputs for a block of batch columns and a chunk's outputs are contiguous;
@@ -28,6 +33,7 @@ has AVX-512F (`available()`); elsewhere the runtime uses the CSR forms.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -41,9 +47,26 @@ from deepshrink.runtime.kernels import compiled
 
 LANES = 16  # rows per chunk: one float32 lane each in a 512-bit register
 TILE = 32  # input columns per tile: two 512-bit registers of float32
-TABLE = 32  # codebook entries a two-register permute reaches
-ENTRY_BITS = 10  # 5 bits of column inside the tile, then 5 bits of code
-PER_WORD = 3  # entries per 32-bit word
+BLOCK_BYTES = 64  # one vector: a lane per row
+
+
+class Layout(NamedTuple):
+    """How entries of (column in tile, code) are packed into a block."""
+
+    table: int  # codebook entries the kernels look up from registers
+    word_type: type  # numpy dtype of the words
+    entry_bits: int  # bits an entry occupies in its word
+    per_word: int  # entries per word
+
+    @property
+    def steps(self) -> int:
+        """Steps (weights per row) a block holds."""
+        return BLOCK_BYTES // LANES // np.dtype(self.word_type).itemsize * self.per_word
+
+
+NARROW = Layout(table=32, word_type=np.uint32, entry_bits=10, per_word=3)  # 5-bit column, 5-bit code
+WIDE = Layout(table=64, word_type=np.uint16, entry_bits=16, per_word=1)  # 5-bit column, 6-bit code
+LAYOUTS = (NARROW, WIDE)
 
 # Batch columns a batched product runs through a chunk's weights at once, their sums held in
 # registers: 4 columns take 8 registers of inputs and 8 of sums, of the 32.
@@ -62,34 +85,37 @@ def available() -> bool:
     return bool(llvmlite.binding.get_host_cpu_features().get("avx512f", False))
 
 
-def kernel_table(codebook: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """(the codebook in a TABLE-entry float32 table, the code of a zero entry) or None when the
-    codebook does not fit: more than TABLE entries, or TABLE entries none of which is zero."""
+def kernel_table(codebook: np.ndarray) -> tuple[np.ndarray, int, Layout] | None:
+    """(the codebook as a float32 table of the smallest layout's size, the code of a zero entry,
+    that layout), or None when no layout holds the codebook with a zero to pad with."""
     codebook = np.asarray(codebook, dtype=np.float32)
-    if len(codebook) < TABLE:
-        table = np.zeros(TABLE, dtype=np.float32)
-        table[: len(codebook)] = codebook
-        zeros = np.flatnonzero(codebook == 0)
-        return table, int(zeros[0]) if len(zeros) else len(codebook)
-    if len(codebook) == TABLE and np.any(codebook == 0):
-        return codebook.copy(), int(np.flatnonzero(codebook == 0)[0])
+    zeros = np.flatnonzero(codebook == 0)
+    for layout in LAYOUTS:
+        if len(codebook) < layout.table or (len(codebook) == layout.table and len(zeros)):
+            table = np.zeros(layout.table, dtype=np.float32)
+            table[: len(codebook)] = codebook
+            return table, int(zeros[0]) if len(zeros) else len(codebook), layout
     return None
 
 
 @numba.njit(cache=True, nogil=True)
-def _pack(indptr, columns, codes, order, tiles, padding_code, starts, words, block_tiles):
+def _pack(indptr, columns, codes, order, tiles, padding_code, steps, entry_bits, starts, words, block_tiles):
     """Fill starts (each chunk's first block) and, when `words` is not empty, the words and each
-    block's tile. A block is LANES words: PER_WORD steps of one (chunk, tile), one row a lane.
-    Returns the number of blocks."""
+    block's tile. A block holds `steps` steps of one (chunk, tile), one row a lane; lane l's step
+    k is entry k % per_word of word l * words_per_lane + k // per_word. Returns the number of
+    blocks."""
     rows = len(indptr) - 1
     chunks = len(starts) - 1
+    block_words = BLOCK_BYTES // words.itemsize
+    words_per_lane = block_words // LANES
+    per_word = steps // words_per_lane
+    field = (1 << entry_bits) - 1
     counts = np.zeros((LANES, tiles), dtype=np.int64)
     fill = np.zeros(tiles, dtype=np.int64)
     first_block = np.zeros(tiles, dtype=np.int64)
-    padding = np.uint32(padding_code << 5)
-    padded = np.uint32(0)
-    for k in range(PER_WORD):
-        padded |= padding << np.uint32(ENTRY_BITS * k)
+    padded = 0
+    for k in range(per_word):
+        padded |= (padding_code << 5) << (entry_bits * k)
     total = 0
     for chunk in range(chunks):
         counts[:, :] = 0
@@ -105,13 +131,13 @@ def _pack(indptr, columns, codes, order, tiles, padding_code, starts, words, blo
             for lane in range(LANES):
                 widest = max(widest, counts[lane, tile])
             first_block[tile] = total
-            blocks = (widest + PER_WORD - 1) // PER_WORD
+            blocks = (widest + steps - 1) // steps
             if len(words):
                 block_tiles[total : total + blocks] = tile
             total += blocks
         if len(words) == 0:
             continue
-        words[starts[chunk] * LANES : total * LANES] = padded
+        words[starts[chunk] * block_words : total * block_words] = padded
         for lane in range(LANES):
             position = chunk * LANES + lane
             if position >= rows:
@@ -122,29 +148,36 @@ def _pack(indptr, columns, codes, order, tiles, padding_code, starts, words, blo
                 tile = columns[index] // TILE
                 step = fill[tile]
                 fill[tile] += 1
-                word = (first_block[tile] + step // PER_WORD) * LANES + lane
-                shift = np.uint32(ENTRY_BITS * (step % PER_WORD))
-                entry = np.uint32(columns[index] % TILE) | (np.uint32(codes[index]) << np.uint32(5))
-                words[word] = (words[word] & ~(np.uint32(1023) << shift)) | (entry << shift)
+                block = first_block[tile] + step // steps
+                word = block * block_words + lane * words_per_lane + step % steps // per_word
+                shift = entry_bits * (step % per_word)
+                entry = (columns[index] % TILE) | (codes[index] << 5)
+                words[word] = (words[word] & ~(field << shift)) | (entry << shift)
     starts[chunks] = total
     return total
 
 
 @numba.njit(cache=True, nogil=True)
-def _unpack(words, block_tiles, starts, order, rows, padding_code, out_rows, out_columns, out_codes):
+def _unpack(words, block_tiles, starts, order, rows, padding_code, steps, entry_bits, out_rows, out_columns, out_codes):
     """Every non-padding entry as (row, column, code); returns how many."""
+    block_words = BLOCK_BYTES // words.itemsize
+    words_per_lane = block_words // LANES
+    per_word = steps // words_per_lane
+    field = (1 << entry_bits) - 1
     found = 0
     for chunk in range(len(starts) - 1):
         for block in range(starts[chunk], starts[chunk + 1]):
             for lane in range(LANES):
                 position = chunk * LANES + lane
-                value = words[block * LANES + lane]
-                for k in range(PER_WORD):
-                    entry = (value >> np.uint32(ENTRY_BITS * k)) & np.uint32(1023)
-                    code = entry >> np.uint32(5)
-                    if code != padding_code and position < rows:
+                if position >= rows:
+                    continue
+                for step in range(steps):
+                    word = block * block_words + lane * words_per_lane + step // per_word
+                    entry = (int(words[word]) >> (entry_bits * (step % per_word))) & field
+                    code = entry >> 5
+                    if code != padding_code:
                         out_rows[found] = order[position]
-                        out_columns[found] = block_tiles[block] * TILE + (entry & np.uint32(31))
+                        out_columns[found] = block_tiles[block] * TILE + (entry & 31)
                         out_codes[found] = code
                         found += 1
     return found
@@ -156,8 +189,10 @@ class TiledCodes:
     def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int]) -> None:
         fitted = kernel_table(codebook)
         if fitted is None:
-            raise ValueError(f"the register-tiled form holds at most {TABLE} codebook entries, one of them zero")
-        self.codebook, self.padding_code = fitted
+            raise ValueError(
+                f"the register-tiled form holds at most {LAYOUTS[-1].table} codebook entries, one of them zero"
+            )
+        self.codebook, self.padding_code, self.layout = fitted
         self.shape = shape
         rows, width = shape
         self.tiles = max(-(-width // TILE), 1)
@@ -167,9 +202,11 @@ class TiledCodes:
         self.starts = np.zeros(-(-rows // LANES) + 1, dtype=np.int64)
         columns64, codes64 = np.asarray(columns, dtype=np.int64), np.asarray(codes, dtype=np.int64)
         tile_type = np.uint16 if self.tiles <= 1 << 16 else np.uint32
-        arguments = (indptr, columns64, codes64, self.order, self.tiles, self.padding_code, self.starts)
-        blocks = _pack(*arguments, np.empty(0, dtype=np.uint32), np.empty(0, dtype=tile_type))
-        self.words = np.empty(blocks * LANES, dtype=np.uint32)
+        layout = self.layout
+        arguments = (indptr, columns64, codes64, self.order, self.tiles, self.padding_code, layout.steps)
+        arguments += (layout.entry_bits, self.starts)
+        blocks = _pack(*arguments, np.empty(0, dtype=layout.word_type), np.empty(0, dtype=tile_type))
+        self.words = np.empty(blocks * BLOCK_BYTES // np.dtype(layout.word_type).itemsize, dtype=layout.word_type)
         self.block_tiles = np.empty(blocks, dtype=tile_type)
         _pack(*arguments, self.words, self.block_tiles)
 
@@ -184,7 +221,7 @@ class TiledCodes:
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row, column, code) of every kept weight, padding left out; codes index `codebook`."""
-        capacity = len(self.words) * PER_WORD
+        capacity = len(self.block_tiles) * LANES * self.layout.steps
         rows, columns, codes = (np.empty(capacity, dtype=np.int64) for _ in range(3))
         found = _unpack(
             self.words,
@@ -193,6 +230,8 @@ class TiledCodes:
             self.order,
             self.shape[0],
             self.padding_code,
+            self.layout.steps,
+            self.layout.entry_bits,
             rows,
             columns,
             codes,
@@ -221,7 +260,7 @@ def _arguments_fit(out, inputs, out_dimensions, input_dimensions, words, block_t
     return (
         is_c_array(out, out_dimensions, types.float32)
         and is_c_array(inputs, input_dimensions, types.float32)
-        and is_c_array(words, 1, types.uint32)
+        and (is_c_array(words, 1, types.uint32) or is_c_array(words, 1, types.uint16))
         and is_c_array(block_tiles, 1)
         and is_c_array(starts, 1, types.int64)
         and is_c_array(table, 1, types.float32)
@@ -239,7 +278,8 @@ class _Emitter:
             context.make_array(array_type)(context, builder, value)
             for array_type, value in zip(signature.args[:6], arguments[:6], strict=True)
         ]
-        self.tile_type = signature.args[3].dtype
+        # The words' dtype says which layout they hold (see the module docstring).
+        self.layout = NARROW if signature.args[2].dtype == types.uint32 else WIDE
         self.chunk = context.cast(builder, arguments[6], signature.args[6], types.int64)
         self.int64 = ir.IntType(64)
         self.floats = ir.VectorType(ir.FloatType(), LANES)
@@ -267,17 +307,40 @@ class _Emitter:
         return self.builder.load(self.builder.gep(self.arrays[array_index].data, [offset]))
 
     def table(self):
-        return self.load(5, self.constant(0), self.floats), self.load(5, self.constant(LANES), self.floats)
+        """The codebook in registers: two vectors, or four for the wide layout."""
+        return [self.load(5, self.constant(LANES * part), self.floats) for part in range(self.layout.table // LANES)]
+
+    def word(self, block):
+        """A block's 64 bytes as 16 lanes of 32 bits."""
+        return self.load(
+            2, self.builder.mul(block, self.constant(BLOCK_BYTES // self.layout_itemsize())), self.integers
+        )
+
+    def layout_itemsize(self) -> int:
+        return np.dtype(self.layout.word_type).itemsize
 
     def entry_parts(self, word):
-        """Per step in the word: (the index vector for the input permute, for the code permute).
+        """Per step in the block: (the index vector for the input permute, for the code lookup).
         vpermi2ps reads only the low 5 bits of each index, so no masking is needed."""
         builder = self.builder
+        shift = self.layout.entry_bits
         shifted = [
-            builder.lshr(word, ir.Constant(self.integers, [ENTRY_BITS * k] * LANES)) if k else word
-            for k in range(PER_WORD)
+            builder.lshr(word, ir.Constant(self.integers, [shift * k] * LANES)) if k else word
+            for k in range(self.layout.steps)
         ]
         return [(value, builder.lshr(value, ir.Constant(self.integers, [5] * LANES))) for value in shifted]
+
+    def weights(self, codebook, code):
+        """The codebook value of each lane's code: one permute over two registers, or for the
+        wide layout one over each pair and a blend on the code's sixth bit."""
+        builder = self.builder
+        low = builder.call(self.permute, [codebook[0], code, codebook[1]])
+        if len(codebook) == 2:
+            return low
+        high = builder.call(self.permute, [codebook[2], code, codebook[3]])
+        sixth = builder.and_(code, ir.Constant(self.integers, [1 << 5] * LANES))
+        upper = builder.icmp_unsigned("!=", sixth, ir.Constant(self.integers, [0] * LANES))
+        return builder.select(upper, high, low)
 
     def chunk_blocks(self, body) -> None:
         """Call body(tile, block) for every block of this chunk: one flat loop, each block
@@ -301,8 +364,8 @@ def _tiled_chunk(typing_context, out, vector, words, block_tiles, starts, table,
         emit = _Emitter(context, builder, signature, arguments)
         codebook = emit.table()
         zero = ir.Constant(emit.floats, [0.0] * LANES)
-        # One accumulator per step of a word, so consecutive FMAs do not wait on each other.
-        sums = [cgutils.alloca_once_value(builder, zero) for _ in range(PER_WORD)]
+        # One accumulator per step of a block, so consecutive FMAs do not wait on each other.
+        sums = [cgutils.alloca_once_value(builder, zero) for _ in range(emit.layout.steps)]
 
         def body(tile, block):
             first = builder.mul(tile, emit.constant(TILE))
@@ -310,14 +373,15 @@ def _tiled_chunk(typing_context, out, vector, words, block_tiles, starts, table,
                 emit.load(1, first, emit.floats),
                 emit.load(1, builder.add(first, emit.constant(LANES)), emit.floats),
             )
-            word = emit.load(2, builder.mul(block, emit.constant(LANES)), emit.integers)
-            for total, (column, code) in zip(sums, emit.entry_parts(word), strict=True):
+            for total, (column, code) in zip(sums, emit.entry_parts(emit.word(block)), strict=True):
                 value = builder.call(emit.permute, [inputs[0], column, inputs[1]])
-                weight = builder.call(emit.permute, [codebook[0], code, codebook[1]])
+                weight = emit.weights(codebook, code)
                 builder.store(builder.call(emit.fma, [value, weight, builder.load(total)]), total)
 
         emit.chunk_blocks(body)
-        result = builder.fadd(builder.fadd(builder.load(sums[0]), builder.load(sums[1])), builder.load(sums[2]))
+        result = builder.load(sums[0])
+        for total in sums[1:]:
+            result = builder.fadd(result, builder.load(total))
         builder.store(result, emit.pointer(0, builder.mul(emit.chunk, emit.constant(LANES)), emit.floats), align=4)
         return context.get_dummy_value()
 
@@ -345,8 +409,8 @@ def _tiled_chunk_batched(typing_context, out, inputs, words, block_tiles, starts
 
         def body(tile, block):
             source = builder.mul(builder.add(builder.mul(tile, batch), begin), emit.constant(TILE))
-            parts = emit.entry_parts(emit.load(2, builder.mul(block, emit.constant(LANES)), emit.integers))
-            weights = [builder.call(emit.permute, [codebook[0], code, codebook[1]]) for _, code in parts]
+            parts = emit.entry_parts(emit.word(block))
+            weights = [emit.weights(codebook, code) for _, code in parts]
             for column in range(COLUMN_GROUP):
                 low = emit.load(1, builder.add(source, emit.constant(column * TILE)), emit.floats)
                 high = emit.load(1, builder.add(source, emit.constant(column * TILE + LANES)), emit.floats)
