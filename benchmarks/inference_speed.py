@@ -14,6 +14,8 @@ slows every candidate alike:
   the codebook, one vector gather per 16 entries (the default before the tiled form);
 - codebook per entry: uint8 code + uint16 column per entry, numba.
 
+`--bits 6` runs 6-bit codebooks (the tiled form's wide layout).
+
 Hot: the same copy every call. Cold: rotate through copies whose total is larger than the
 last-level cache, so every call reads its weights from memory.
 
@@ -39,14 +41,13 @@ from deepshrink.runtime.forms import CodebookWeight
 from deepshrink.runtime.kernels import csr_from_layout
 
 ALEXNET_FC = [("fc6", 4096, 9216, 0.09), ("fc7", 4096, 4096, 0.09), ("fc8", 1000, 4096, 0.25)]
-BITS = 5
 
 
-def make_layer(rows: int, columns: int, density: float, seed: int):
+def make_layer(rows: int, columns: int, density: float, seed: int, bits: int = 5):
     generator = np.random.default_rng(seed)
     mask = generator.random((rows, columns), dtype=np.float32) < density
-    codes = np.where(mask, generator.integers(1, 1 << BITS, (rows, columns), dtype=np.uint8), 0).astype(np.uint8)
-    codebook = np.concatenate(([0.0], generator.laplace(0, 0.02, (1 << BITS) - 1))).astype(np.float32)
+    codes = np.where(mask, generator.integers(1, 1 << bits, (rows, columns), dtype=np.uint8), 0).astype(np.uint8)
+    codebook = np.concatenate(([0.0], generator.laplace(0, 0.02, (1 << bits) - 1))).astype(np.float32)
     csr = csr_from_layout(to_sparse(codes, 5, "csr"), int(mask.sum()))
     return torch.from_numpy(codebook[codes]), csr, codebook
 
@@ -120,12 +121,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round is reported")
     parser.add_argument("--cold-bytes", type=float, default=1.2e9, help="total bytes of rotated copies when cold")
+    parser.add_argument("--bits", type=int, default=5, choices=range(2, 9), help="codebook bits (the paper: 5 for FC)")
     parser.add_argument("--out", default="benchmarks/results/inference_speed.json")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    results = {"threads": torch.get_num_threads(), "layers": []}
+    results = {"threads": torch.get_num_threads(), "bits": args.bits, "layers": []}
     for index, (name, rows, columns, density) in enumerate(ALEXNET_FC):
-        dense, csr, codebook = make_layer(rows, columns, density, index)
+        dense, csr, codebook = make_layer(rows, columns, density, index, args.bits)
         traced = traced_resident_bytes(csr, codebook, (rows, columns))
         built = {candidate: build(candidate, dense, csr, codebook) for candidate in CANDIDATES}
         layer = {
