@@ -88,10 +88,9 @@ def traced_resident_bytes(csr, codebook: np.ndarray, shape: tuple[int, int]) -> 
     """Memory the default form holds once built from CSR and after one batch-1 product, as
     tracemalloc sees it (numpy's allocations included): what the layer keeps, measured rather
     than summed from its arrays."""
-    indptr, columns, codes = csr  # compile the kernel first: the compiler's memory is not the layer's
-    CodebookWeight(indptr[:2], columns, codes, codebook, (1, shape[1]), form="tiled").product(
-        np.ones((1, shape[1]), np.float32)
-    )
+    # Compile the kernels first (the serial and the threaded one, whichever this shape runs):
+    # the compiler's memory is not the layer's.
+    CodebookWeight(*csr, codebook, shape, form="tiled").product(np.ones((1, shape[1]), np.float32))
     copies = [array.copy() for array in csr]
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
