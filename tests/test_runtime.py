@@ -367,8 +367,11 @@ def test_predict_and_bench_commands(tmp_path):
     predicted = run("predict", str(path), "--batch-size", "100")
     assert predicted.returncode == 0, predicted.stderr
     assert float(re.search(r"test accuracy ([0-9.]+)", predicted.stdout).group(1)) == round(expected, 4)
-    bench = run("bench", str(path), "--batch", "1", "8", "--repeats", "5")
+    bench = run("bench", str(path), "--batch", "1", "8", "--repeats", "5", "--layers")
     assert bench.returncode == 0, bench.stderr
+    # --layers: each layer alone, every weight layer compressed (fc3, dense in auto mode, too).
+    for layer in ("fc1", "fc2", "fc3"):
+        assert re.search(rf"^{layer}\s+[a-z-]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", bench.stdout, re.M), bench.stdout
     assert re.search(r"^1\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", bench.stdout, re.M)
     form = "tiled" if tiled.available() else "grouped"  # 10% of 300 x 784 at 5 bits
     assert re.search(rf"^fc1\s+CompressedLinear\s+940,800\s+[\d,]+\s+{form}\s*$", bench.stdout, re.M), bench.stdout

@@ -459,7 +459,7 @@ def command_predict(args: argparse.Namespace) -> int:
 
 def command_bench(args: argparse.Namespace) -> int:
     from deepshrink.compressed import load_compressed
-    from deepshrink.runtime.bench import latency_table
+    from deepshrink.runtime.bench import latency_table, layer_latency_table
     from deepshrink.runtime.load import load_runtime, resident_weight_bytes
     from deepshrink.tables import render_table
 
@@ -495,6 +495,24 @@ def command_bench(args: argparse.Namespace) -> int:
             ],
         )
     )
+    if args.layers:
+        every = load_runtime(args.file, args.model, mode="sparse")
+        print(f"each layer alone, every weight layer compressed, batch {args.batch[0]}:")
+        print(
+            render_table(
+                ["layer", "form", "dense (us)", "compressed (us)", "speedup"],
+                [
+                    [
+                        row["layer"],
+                        row["form"],
+                        f"{row['dense_us']:.1f}",
+                        f"{row['compressed_us']:.1f}",
+                        f"{row['speedup']:.2f}x",
+                    ]
+                    for row in layer_latency_table(dense, every, shape, args.batch[0], args.repeats)
+                ],
+            )
+        )
     return 0
 
 
@@ -807,6 +825,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=100, help="timed calls per batch size (default 100)")
     bench.add_argument(
         "--input-shape", type=int, nargs="+", default=[1, 28, 28], help="one example's shape (default 1 28 28)"
+    )
+    bench.add_argument(
+        "--layers",
+        action="store_true",
+        help="also time each weight layer alone, dense against compressed, at the first --batch size",
     )
     bench.set_defaults(handler=command_bench)
 

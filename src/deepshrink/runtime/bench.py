@@ -47,3 +47,54 @@ def latency_table(
                 }
             )
     return rows
+
+
+def layer_latency_table(
+    dense: nn.Module,
+    compressed: nn.Module,
+    input_shape: tuple[int, ...],
+    batch: int = 1,
+    repeats: int = 200,
+) -> list[dict]:
+    """Per layer that `compressed` runs from the compressed form: median microseconds of that
+    layer alone, dense and compressed, on the input it sees in a forward pass of `dense`."""
+    from deepshrink.runtime.modules import CompressedConv2d, CompressedLinear
+
+    dense_layers = dict(dense.named_modules())
+    targets = {
+        name: module
+        for name, module in compressed.named_modules()
+        if isinstance(module, CompressedLinear | CompressedConv2d)
+    }
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        dense_layers[name].register_forward_hook(
+            lambda module, inputs, output, name=name: seen.__setitem__(name, inputs[0].detach().clone())
+        )
+        for name in targets
+    ]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        dense(torch.randn(batch, *input_shape, generator=generator))
+    for handle in handles:
+        handle.remove()
+    rows = []
+    with torch.no_grad():
+        for name, module in targets.items():
+            inputs = seen[name]
+            dense_times, compressed_times = [], []
+            for _ in range(5):
+                for layer, times in ((dense_layers[name], dense_times), (module, compressed_times)):
+                    times.append(median_seconds(functools.partial(layer, inputs), max(repeats // 5, 1), warmup=2))
+            dense_us = 1e6 * statistics.median(dense_times)
+            compressed_us = 1e6 * statistics.median(compressed_times)
+            rows.append(
+                {
+                    "layer": name,
+                    "form": module.weight_form.form,
+                    "dense_us": dense_us,
+                    "compressed_us": compressed_us,
+                    "speedup": dense_us / compressed_us,
+                }
+            )
+    return rows

@@ -65,10 +65,11 @@ def _sparse_pays(weight: CodebookWeight, layer: nn.Module, density_limit: float)
       smaller than the dense float32 weight (index overhead can outgrow a small layer), and a
       dense weight of at least SMALL_LAYER_BYTES.
     - A convolution never: im2col turns a batch-1 convolution into a product with one column
-      per output position, and oneDNN's direct convolution ran faster than our kernels on it
-      (0.4-0.84x for LeNet-5's conv2 and a 64->128 3x3 conv at 5-20% density; 1.03-1.14x for
-      a 256->256 3x3 conv on 7x7 inputs; benchmarks in BENCHMARKS.md). mode="sparse" still
-      runs it from the compressed form, for the memory.
+      per output position, where oneDNN's direct convolution is mostly faster than our kernels
+      (benchmarks/conv_speed.py: LeNet-5's conv2 0.72-0.90x, 64->128 3x3 on 14x14 0.49-0.53x,
+      256->256 on 14x14 0.59-0.79x; ahead only for deep layers on few positions at 10%
+      density, 1.17-1.28x, which depends on an input size not known here). mode="sparse"
+      still runs it from the compressed form, for the memory.
     """
     dense_bytes = weight.shape[0] * weight.shape[1] * 4
     return (
