@@ -22,9 +22,10 @@ tells the kernels, at compile time, which layout they read. Rows are ordered by 
 weights before they are cut into chunks (SELL-C-sigma), so that rows of like length share a
 chunk and pad less.
 
-Batched products take the inputs as (tiles, batch, TILE) and the outputs as (chunks, batch,
-LANES), so a tile's inputs for a block of batch columns and a chunk's outputs are contiguous;
-each word's codebook lookups are shared by the whole batch block.
+Batched products lay the inputs out as (tiles, batch, TILE), so a tile's inputs for each sample
+are contiguous, and run COLUMN_GROUP samples at a time through a chunk: their sums stay in
+registers and each block's codebook lookups serve all of them. The work is split over (chunk,
+sample group) pairs.
 
 The kernels are emitted as LLVM IR with x86 AVX-512 intrinsics and so run only where the CPU
 has AVX-512F (`available()`); elsewhere the runtime uses the CSR forms.
