@@ -195,6 +195,24 @@ def test_tiled_form_wide_layout_holds_six_bit_codes(codes_count):
         assert relative_error(weight.product(inputs), inputs @ dense.T) < RELATIVE
 
 
+def test_without_avx512_the_csr_forms_run(monkeypatch):
+    """A CPU (or a NUMBA_CPU_NAME / NUMBA_CPU_FEATURES setting) without AVX-512F: auto mode picks a
+    CSR form and never compiles the tiled kernels; asking for the tiled form is a clear error."""
+    monkeypatch.setenv("NUMBA_CPU_NAME", "generic")
+    assert not tiled.available()
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma")
+    assert not tiled.available()
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+avx512f")
+    assert tiled.available()
+    monkeypatch.setattr(tiled, "available", lambda: False)
+    weight, dense = csr_weight(300, 2000, 0.09, 32, 7)
+    assert weight.form == "grouped"
+    inputs = np.random.default_rng(0).normal(size=(1, 2000)).astype(np.float32)
+    assert relative_error(weight.product(inputs), inputs @ dense.T) < RELATIVE
+    with pytest.raises(ConfigError, match="AVX-512"):
+        csr_weight(30, 200, 0.09, 32, 7, "tiled")
+
+
 def test_an_unknown_form_is_a_clear_error():
     with pytest.raises(ConfigError, match="should be one of tiled, grouped, per-entry"):
         csr_weight(4, 4, 0.5, 4, 0, "fast")
