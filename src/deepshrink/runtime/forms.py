@@ -117,7 +117,8 @@ class CodebookWeight:
 
     `form` None chooses automatically (the fastest that applies and is not far larger than one
     code per entry); a named form is built as asked, and "tiled" where it cannot apply (no
-    AVX-512, or a codebook the registers cannot hold) is a ConfigError.
+    AVX-512, or a codebook the registers cannot hold) is a ConfigError. `matrix` is the form's
+    object (TiledCodes, GroupedCodes or PerEntryCodes).
     """
 
     def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int], form: str | None = None) -> None:
@@ -127,26 +128,26 @@ class CodebookWeight:
         indptr = np.ascontiguousarray(indptr, dtype=np.int64)
         columns, codes = np.ascontiguousarray(columns), np.ascontiguousarray(codes)
         if form is None:
-            self.layout = _automatic_form(indptr, columns, codes, codebook, shape)
+            self.matrix = _automatic_form(indptr, columns, codes, codebook, shape)
         elif form == "tiled":
             if not TiledCodes.fits(codebook):
                 raise ConfigError(
                     f"the tiled form needs an AVX-512 CPU and at most 64 codebook entries (one zero); "
                     f"this codebook has {len(codebook)}: use form 'grouped' or 'per-entry'"
                 )
-            self.layout = TiledCodes(indptr, columns, codes, codebook, shape)
+            self.matrix = TiledCodes(indptr, columns, codes, codebook, shape)
         elif form == "grouped":
             if len(codebook) > GROUPED_MAXIMUM_CODES:
                 raise ConfigError(f"the grouped form holds at most {GROUPED_MAXIMUM_CODES} codes, not {len(codebook)}")
-            self.layout = GroupedCodes(indptr, columns, codes, codebook, shape)
+            self.matrix = GroupedCodes(indptr, columns, codes, codebook, shape)
         elif form == "per-entry":
-            self.layout = PerEntryCodes(indptr, columns, codes, codebook, shape)
+            self.matrix = PerEntryCodes(indptr, columns, codes, codebook, shape)
         else:
             raise ConfigError(f"form {form!r} should be one of {', '.join(FORMS)}")
 
     @property
     def form(self) -> str:
-        return {TiledCodes: "tiled", GroupedCodes: "grouped", PerEntryCodes: "per-entry"}[type(self.layout)]
+        return {TiledCodes: "tiled", GroupedCodes: "grouped", PerEntryCodes: "per-entry"}[type(self.matrix)]
 
     @property
     def density(self) -> float:
@@ -155,19 +156,19 @@ class CodebookWeight:
     @property
     def nbytes(self) -> int:
         """What this weight keeps resident: its form's indices, codes or counts, and the codebook."""
-        return self.layout.nbytes
+        return self.matrix.nbytes
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(row, column, value index into `self.layout.codebook`) of every kept weight."""
-        return self.layout.entries()
+        """(row, column, value index into `self.matrix.codebook`) of every kept weight."""
+        return self.matrix.entries()
 
     def product(self, inputs: np.ndarray) -> np.ndarray:
         """inputs @ W.T for float32 inputs of shape (batch, columns): (batch, rows)."""
-        return self.layout.product(np.ascontiguousarray(inputs, dtype=np.float32))
+        return self.matrix.product(np.ascontiguousarray(inputs, dtype=np.float32))
 
     def to_dense(self) -> torch.Tensor:
         """The dense matrix, for the dense path and for tests; the sparse path never calls it."""
         dense = np.zeros(self.shape, dtype=np.float32)
         rows, columns, codes = self.entries()
-        dense[rows, columns] = self.layout.codebook[codes]
+        dense[rows, columns] = self.matrix.codebook[codes]
         return torch.from_numpy(dense)
