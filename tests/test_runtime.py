@@ -251,13 +251,24 @@ def convnet_file(tmp_path):
 
 
 @pytest.mark.parametrize("batch", [1, 5])
-def test_compressed_model_matches_the_decoded_dense_model(convnet_file, batch):
-    dense_state = load_compressed_state(convnet_file)
+@pytest.mark.parametrize(
+    "conv_bits",
+    [8, pytest.param(5, marks=needs_avx512), pytest.param(6, marks=needs_avx512)],
+    ids=["conv-8-bit-csr", "conv-5-bit-tiled", "conv-6-bit-tiled-wide"],
+)
+def test_compressed_model_matches_the_decoded_dense_model(tmp_path, batch, conv_bits):
+    """Convolutions with stride, padding and dilation through each kind of form: 8-bit codebooks
+    run from CSR, 5- and 6-bit ones from register tiles (narrow and wide layouts)."""
+    torch.manual_seed(0)
+    sparsities = {"conv1": 0.5, "conv2": 0.8, "fc1": 0.95, "fc2": 0.7}
+    path = compressed_file(tmp_path, ConvNet(), sparsities, {"conv*": conv_bits, "fc*": 5})
     reference = ConvNet()
-    reference.load_state_dict(dense_state)
-    running = load_runtime(convnet_file, ConvNet(), mode="sparse")
+    reference.load_state_dict(load_compressed_state(path))
+    running = load_runtime(path, ConvNet(), mode="sparse")
     assert isinstance(running.conv1, CompressedConv2d) and isinstance(running.conv2, CompressedConv2d)
     assert isinstance(running.fc1, CompressedLinear) and isinstance(running.fc2, CompressedLinear)
+    # 256 codes: CSR (one code per entry for this small layer, where grouping is over 2x larger).
+    assert running.conv2.weight_form.form == ("per-entry" if conv_bits == 8 else "tiled")
     inputs = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         assert relative_error(running(inputs), reference(inputs)) < RELATIVE
