@@ -37,15 +37,23 @@ FORMS = ("tiled", "grouped", "per-entry")
 SIZE_LIMIT = 2.0
 
 
-def _columns_major_product(matvec, matmul, indptr, middle, last, codebook, inputs: np.ndarray) -> np.ndarray:
-    """Run a CSR kernel, which takes a vector or (columns, batch) inputs, on (batch, columns)."""
+def _columns_major_product(
+    matvec, matmul, indptr, middle, last, codebook, inputs: np.ndarray, zero_column: bool = False
+) -> np.ndarray:
+    """Run a CSR kernel, which takes a vector or (columns, batch) inputs, on (batch, columns).
+    With `zero_column` the kernel's inputs get one zero past the last column (for padding
+    entries), written in the same copy that transposes them."""
     rows = len(indptr) - 1
-    if inputs.shape[0] == 1:
+    batch, width = inputs.shape
+    laid_out = np.empty((width + zero_column, batch), dtype=np.float32)
+    laid_out[:width] = inputs.T
+    laid_out[width:] = 0.0
+    if batch == 1:
         out = np.empty(rows, dtype=np.float32)
-        matvec(indptr, middle, last, codebook, np.ascontiguousarray(inputs[0]), out)
+        matvec(indptr, middle, last, codebook, laid_out[:, 0], out)
         return out[None, :]
-    out = np.empty((rows, inputs.shape[0]), dtype=np.float32)
-    matmul(indptr, middle, last, codebook, np.ascontiguousarray(inputs.T), out)
+    out = np.empty((rows, batch), dtype=np.float32)
+    matmul(indptr, middle, last, codebook, laid_out, out)
     return out.T
 
 
@@ -92,10 +100,15 @@ class GroupedCodes:
 
     def product(self, inputs: np.ndarray) -> np.ndarray:
         # Padding entries read one zero appended past the last column.
-        padded = np.zeros((inputs.shape[0], inputs.shape[1] + 1), dtype=np.float32)
-        padded[:, :-1] = inputs
         return _columns_major_product(
-            grouped_matvec, grouped_matmul, self.indptr, self.blocks, self.columns, self.codebook, padded
+            grouped_matvec,
+            grouped_matmul,
+            self.indptr,
+            self.blocks,
+            self.columns,
+            self.codebook,
+            inputs,
+            zero_column=True,
         )
 
 
