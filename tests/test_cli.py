@@ -292,7 +292,7 @@ def test_lowrank_writes_a_factored_checkpoint_that_evaluates_as_printed(tiny_che
     assert again.returncode == 3 and "already factored" in again.stderr
 
 
-def test_relaxed_lowrank_keeps_the_candidate_with_the_lowest_validation_loss(tiny_checkpoint, tmp_path):
+def test_relaxed_lowrank_keeps_the_candidate_with_the_highest_validation_accuracy(tiny_checkpoint, tmp_path):
     from deepshrink.checkpoint import load_checkpoint
 
     out = tmp_path / "relaxed.safetensors"
@@ -316,5 +316,6 @@ def test_relaxed_lowrank_keeps_the_candidate_with_the_lowest_validation_loss(tin
     log = load_checkpoint(out).metadata["lowrank"]
     names = {entry["candidate"] for entry in log["candidates"]}
     assert {"POS", "CPTV"} <= names and any(name.startswith("relaxation step") for name in names)
-    assert log["ranks"] == min(log["candidates"], key=lambda entry: entry["loss"])["ranks"]
+    best = min(log["candidates"], key=lambda entry: (-entry["accuracy"], entry["loss"]))
+    assert log["ranks"] == best["ranks"]
     assert log["mac_fraction"] <= 0.5

@@ -137,26 +137,43 @@ def test_relaxed_choice_has_the_lowest_loss_of_its_candidates(net_and_input):
 
 
 def test_relaxed_scored_on_validation_after_finetuning(net_and_input):
-    """With a validation loader, each candidate is fine-tuned and scored on validation; the lowest wins."""
+    """With a validation loader, each candidate is fine-tuned on the fine-tuning loader and scored on
+    validation; the highest accuracy wins, ties going to the lower loss."""
     from deepshrink.train import TrainConfig, evaluate, fit
 
     model, inputs = net_and_input
     spectra = layer_spectra(model, inputs, "zhang")
-    loader, validation = noise_loader(), noise_loader(seed=1)
+    loader, validation, finetune_loader = noise_loader(), noise_loader(seed=1), noise_loader(seed=2)
     finetune = TrainConfig(epochs=1, learning_rate=0.02)
     original = copy.deepcopy(model.state_dict())
     choice = select_relaxed(
-        model, spectra, 0.5, loader, steps=30, rounding_points=3, validation=validation, finetune=finetune
+        model,
+        spectra,
+        0.5,
+        loader,
+        steps=30,
+        rounding_points=3,
+        validation=validation,
+        finetune=finetune,
+        finetune_loader=finetune_loader,
     )
-    assert choice.extra["criterion"] == "validation loss after fine-tuning"
+    assert choice.extra["criterion"] == "validation accuracy after fine-tuning"
     candidates = choice.extra["candidates"]
-    assert choice.ranks == min(candidates, key=lambda entry: entry["loss"])["ranks"]
-    # The recorded score is the factorized network's validation loss after that fine-tuning.
+    best = max(entry["accuracy"] for entry in candidates)
+    tied = [entry for entry in candidates if entry["accuracy"] == best]
+    assert choice.ranks == min(tied, key=lambda entry: entry["loss"])["ranks"]
+    # The recorded scores are the factorized network's validation accuracy and loss after that
+    # fine-tuning on the fine-tuning loader (not on the loader the masks were optimised on).
     for entry in candidates:
         if entry["candidate"] in ("POS", "CPTV"):
             factored = factorize(copy.deepcopy(model), spectra, entry["ranks"])
-            fit(factored, loader, finetune, progress=False)
-            assert evaluate(factored, validation).loss == pytest.approx(entry["loss"], rel=1e-5)
+            fit(factored, finetune_loader, finetune, progress=False)
+            result = evaluate(factored, validation)
+            assert result.accuracy == entry["accuracy"]
+            assert result.loss == pytest.approx(entry["loss"], rel=1e-5)
+            other = factorize(copy.deepcopy(model), spectra, entry["ranks"])
+            fit(other, loader, finetune, progress=False)
+            assert evaluate(other, validation).loss != pytest.approx(entry["loss"], rel=1e-5)
     # Fine-tuning the candidates leaves the model handed in untouched.
     assert all(torch.equal(tensor, original[name]) for name, tensor in model.state_dict().items())
 

@@ -781,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="pos",
         help="cptv: one energy fraction for all layers; pos: best product of kept energies; "
         "relaxed: masks optimised on the training loss, its roundings, POS and CPTV each fine-tuned "
-        "for --selection-epochs and the lowest validation loss kept (default pos)",
+        "for --selection-epochs and the highest validation accuracy kept (default pos)",
     )
     lowrank.add_argument(
         "--selection-epochs",

@@ -81,8 +81,8 @@ class LowrankSettings:
     method: str = field(default="pos", metadata=_choices("cptv", "pos", "relaxed"))
     scheme: str = field(default="zhang", metadata=_choices("zhang", "tai"))
     finetune_epochs: int = field(default=2, metadata=_between(0))
-    # method "relaxed": fine-tune each candidate this many epochs and keep the lowest validation
-    # loss; 0 scores the candidates on the training loss right after factorizing instead.
+    # method "relaxed": fine-tune each candidate this many epochs and keep the highest validation
+    # accuracy; 0 scores the candidates on the training loss right after factorizing instead.
     selection_epochs: int = field(default=1, metadata=_between(0))
     learning_rate: float = field(default=0.01, metadata=_between(1e-12))
     weight_decay: float = field(default=5e-4, metadata=_between(0.0))

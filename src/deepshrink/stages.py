@@ -101,6 +101,8 @@ def lowrank(
             selection = {
                 "validation": loaders.validation,
                 "finetune": _training(settings, seed, settings.selection_epochs),
+                # The final fine-tuning's batch size, shuffled differently.
+                "finetune_loader": loaders.train(settings.batch_size, seed + 1),
             }
         choice = select_relaxed(
             model,
