@@ -216,3 +216,33 @@ def test_a_low_rank_stage_composes_with_the_others_and_resumes(trained, small_da
     with torch.no_grad():
         expected = decoded(inputs)
         assert torch.allclose(load_runtime(first.path)(inputs), expected, atol=1e-5 * expected.abs().max())
+
+
+@pytest.mark.parametrize(("selection_epochs", "expected"), [(None, 2), (1, 1), (0, None)])
+def test_relaxed_lowrank_stage_scores_candidates_after_the_final_schedule(
+    monkeypatch, small_data, selection_epochs, expected
+):
+    """By default each candidate is fine-tuned as long as the final fine-tuning, at its batch size;
+    0 selection epochs means scoring on the training loss, without a validation loader."""
+    from deepshrink import lowrank
+    from deepshrink.recipe import LowrankSettings
+
+    seen = {}
+
+    def spy(model, spectra, budget, loader, **options):
+        seen.update(options)
+        return lowrank.select_cptv(spectra, budget)
+
+    monkeypatch.setattr(lowrank, "select_relaxed", spy)
+    settings = LowrankSettings(
+        method="relaxed", budget=0.5, finetune_epochs=2, selection_epochs=selection_epochs, batch_size=64
+    )
+    loaders = stages.Loaders.from_splits(small_data)
+    log = stages.lowrank(build_model("lenet-300-100"), settings, loaders, progress=False)
+    assert log["mac_fraction"] <= 0.5
+    if expected is None:
+        assert "validation" not in seen and "finetune" not in seen
+    else:
+        assert seen["validation"] is loaders.validation
+        assert seen["finetune"].epochs == expected
+        assert len(next(iter(seen["finetune_loader"]))[1]) == 64

@@ -786,9 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
     lowrank.add_argument(
         "--selection-epochs",
         type=int,
-        default=1,
         help="relaxed: fine-tuning epochs per candidate before scoring it on validation; "
-        "0 scores on the training loss instead (default 1)",
+        "0 scores on the training loss instead (default: as many as --finetune-epochs)",
     )
     lowrank.add_argument(
         "--scheme", choices=("zhang", "tai"), default="zhang", help="how convolutions are matricized (default zhang)"

@@ -83,7 +83,9 @@ class LowrankSettings:
     finetune_epochs: int = field(default=2, metadata=_between(0))
     # method "relaxed": fine-tune each candidate this many epochs and keep the highest validation
     # accuracy; 0 scores the candidates on the training loss right after factorizing instead.
-    selection_epochs: int = field(default=1, metadata=_between(0))
+    # None (the default): as many as finetune_epochs, so each candidate is scored on the outcome
+    # the final fine-tuning will give it.
+    selection_epochs: int | None = field(default=None, metadata=_between(0))
     learning_rate: float = field(default=0.01, metadata=_between(1e-12))
     weight_decay: float = field(default=5e-4, metadata=_between(0.0))
     batch_size: int = field(default=128, metadata=_between(1))

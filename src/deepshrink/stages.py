@@ -97,10 +97,11 @@ def lowrank(
         choice = select_pos(spectra, settings.budget)
     else:
         selection = {}
-        if settings.selection_epochs:
+        epochs = settings.finetune_epochs if settings.selection_epochs is None else settings.selection_epochs
+        if epochs:
             selection = {
                 "validation": loaders.validation,
-                "finetune": _training(settings, seed, settings.selection_epochs),
+                "finetune": _training(settings, seed, epochs),
                 # The final fine-tuning's batch size, shuffled differently.
                 "finetune_loader": loaders.train(settings.batch_size, seed + 1),
             }
