@@ -135,12 +135,12 @@ def _print_differences(results: list[dict]) -> None:
         if method != "relaxed" or (model, budget, "CPTV") not in by_key:
             continue
         cptv = by_key[(model, budget, "CPTV")]["accuracy_after_finetuning_per_seed"]
-        differences = [100 * (ours - theirs) for ours, theirs in zip(row["accuracy_after_finetuning_per_seed"], cptv)]
+        ours = row["accuracy_after_finetuning_per_seed"]
+        differences = [100 * (mine - theirs) for mine, theirs in zip(ours, cptv, strict=True)]
         mean = statistics.fmean(differences)
         error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else float("nan")
         print(
-            f"  {model} {budget:.1f}: {' '.join(f'{value:+.2f}' for value in differences)}; "
-            f"{mean:+.3f} +- {error:.3f}"
+            f"  {model} {budget:.1f}: {' '.join(f'{value:+.2f}' for value in differences)}; {mean:+.3f} +- {error:.3f}"
         )
 
 
