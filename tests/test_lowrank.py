@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -121,7 +122,14 @@ def test_relaxed_choice_has_the_lowest_loss_of_its_candidates(net_and_input):
     loader = noise_loader()
     choice = select_relaxed(model, spectra, 0.5, loader, steps=30, rounding_points=3, evaluation_batches=2)
     candidates = choice.extra["candidates"]
-    assert {"POS", "CPTV"} <= {entry["candidate"] for entry in candidates} and len(candidates) == 5
+    # POS, CPTV, and three roundings from each of the two descents.
+    assert {"POS", "CPTV"} <= {entry["candidate"] for entry in candidates} and len(candidates) == 8
+    assert sum(entry["candidate"].startswith("relaxation (cost metric) step") for entry in candidates) == 3
+    assert sum(entry["candidate"].startswith("relaxation step") for entry in candidates) == 3
+    only = select_relaxed(model, spectra, 0.5, loader, steps=30, rounding_points=3, projection="cost")
+    assert [entry["candidate"] for entry in only.extra["candidates"]][2:] == [
+        f"relaxation (cost metric) step {step}" for step in (10, 20, 30)
+    ]
     assert choice.extra["winner"] in {entry["candidate"] for entry in candidates}
     winner = min(candidates, key=lambda entry: entry["loss"])
     assert choice.ranks == winner["ranks"]
@@ -208,3 +216,41 @@ def test_bad_budgets_and_schemes_are_clear_errors(net_and_input):
         select_cptv(layer_spectra(model, inputs), 1.5)
     with pytest.raises(ConfigError, match="scheme='svd'"):
         layer_spectra(model, inputs, "svd")
+
+
+@pytest.mark.parametrize("metric", ["cost", "euclidean"])
+def test_projection_onto_the_budget_matches_scipy(metric):
+    """_project is the nearest point of {0 <= m <= 1, c . m <= B} in its metric, as SLSQP finds it."""
+    from scipy.optimize import minimize
+
+    from deepshrink.lowrank import _project
+
+    generator = torch.Generator().manual_seed(3)
+    masks = torch.rand(12, generator=generator, dtype=torch.float64) * 1.6 - 0.3
+    costs = torch.rand(12, generator=generator, dtype=torch.float64) * 9 + 1
+    limit = 0.4 * float(costs.sum())
+    projected = _project(masks, costs, limit, metric)
+    weights = costs.numpy() if metric == "cost" else np.ones(12)
+    reference = minimize(
+        lambda point: float(weights @ (point - masks.numpy()) ** 2),
+        x0=np.full(12, 0.1),
+        jac=lambda point: 2 * weights * (point - masks.numpy()),
+        bounds=[(0, 1)] * 12,
+        constraints=[{"type": "ineq", "fun": lambda point: limit - costs.numpy() @ point}],
+        method="SLSQP",
+        options={"ftol": 1e-12, "maxiter": 500},
+    )
+    assert reference.success
+    np.testing.assert_allclose(projected.numpy(), reference.x, atol=1e-5)
+    assert float(costs @ projected) <= limit * (1 + 1e-9)
+    # The two metrics differ: a component's mask falls by the same amount in the cost metric
+    # (where it stays inside (0, 1)), and in proportion to its cost in the Euclidean one.
+    inside = (projected > 1e-9) & (projected < 1 - 1e-9) & (masks > 0) & (masks < 1)
+    shifts = (masks - projected)[inside] / (1 if metric == "cost" else costs[inside])
+    assert inside.sum() >= 2 and torch.allclose(shifts, shifts[0].expand_as(shifts), atol=1e-6)
+
+
+def test_relaxed_rejects_an_unknown_projection(net_and_input):
+    model, inputs = net_and_input
+    with pytest.raises(ConfigError, match="projection='l1' should be one of cost, euclidean or both"):
+        select_relaxed(model, layer_spectra(model, inputs, "zhang"), 0.5, noise_loader(), projection="l1")
