@@ -48,7 +48,7 @@ def main() -> None:
     )
     parser.add_argument("--methods", nargs="+", default=["CPTV", "POS", "relaxed"], choices=["CPTV", "POS", "relaxed"])
     parser.add_argument(
-        "--projection", default="both", choices=["both", "cost", "euclidean"], help="relaxed: the descents' metric"
+        "--projection", default="euclidean", choices=["both", "cost", "euclidean"], help="relaxed: the descents' metric"
     )
     parser.add_argument(
         "--baseline", help="an earlier run's JSON, for the CPTV rows of the differences when CPTV is not rerun"
