@@ -319,3 +319,34 @@ def test_relaxed_lowrank_keeps_the_candidate_with_the_highest_validation_accurac
     best = min(log["candidates"], key=lambda entry: (-entry["accuracy"], entry["loss"]))
     assert log["ranks"] == best["ranks"]
     assert log["mac_fraction"] <= 0.5
+
+
+def test_relaxed_lowrank_takes_the_projection(tiny_checkpoint, tmp_path):
+    """--projection both: the roundings of both descents compete; 0 selection epochs scores them on the loss."""
+    from deepshrink.checkpoint import load_checkpoint
+
+    out = tmp_path / "both.safetensors"
+    result = run_cli(
+        "lowrank",
+        str(tiny_checkpoint),
+        "--method",
+        "relaxed",
+        "--projection",
+        "both",
+        "--selection-epochs",
+        "0",
+        "--finetune-epochs",
+        "0",
+        "--train-subset",
+        "2000",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    log = load_checkpoint(out).metadata["lowrank"]
+    names = [entry["candidate"] for entry in log["candidates"]]
+    assert any(name.startswith("relaxation (cost metric) step") for name in names)
+    assert any(name.startswith("relaxation step") for name in names)
+    assert log["ranks"] == min(log["candidates"], key=lambda entry: entry["loss"])["ranks"]
+    bad = run_cli("lowrank", str(tiny_checkpoint), "--method", "relaxed", "--projection", "l2", "--out", str(out))
+    assert bad.returncode != 0 and "invalid choice: 'l2'" in bad.stderr

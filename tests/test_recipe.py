@@ -63,6 +63,7 @@ def test_left_out_stages_are_skipped():
         ("model: lenet-5\nprune: [1, 2]\n", 2, "prune should be a mapping"),
         ("model: lenet-5\nmodel: lenet-5\n", 2, "appears twice"),
         ("model: lenet-5\nencode: {layout: coo}\n", 2, "should be one of csr, csc, dense"),
+        ("model: lenet-5\nlowrank:\n  projection: l2\n", 3, "should be one of euclidean, cost, both"),
         ("model: [lenet\n", 2, "not valid YAML"),
     ],
 )

@@ -373,6 +373,7 @@ def command_lowrank(args: argparse.Namespace) -> int:
         scheme=args.scheme,
         finetune_epochs=args.finetune_epochs,
         selection_epochs=args.selection_epochs,
+        projection=args.projection,
         learning_rate=args.lr,
         distill=DistillSettings() if args.distill else None,
     )
@@ -788,6 +789,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="relaxed: fine-tuning epochs per candidate before scoring it on validation; "
         "0 scores on the training loss instead (default: as many as --finetune-epochs)",
+    )
+    lowrank.add_argument(
+        "--projection",
+        choices=("euclidean", "cost", "both"),
+        default="euclidean",
+        help="relaxed: the descent's metric; cost moves masks by gradient per MAC and finds lower-loss "
+        "ranks at tight budgets, both keeps the roundings of the two (default euclidean)",
     )
     lowrank.add_argument(
         "--scheme", choices=("zhang", "tai"), default="zhang", help="how convolutions are matricized (default zhang)"

@@ -86,6 +86,9 @@ class LowrankSettings:
     # None (the default): as many as finetune_epochs, so each candidate is scored on the outcome
     # the final fine-tuning will give it.
     selection_epochs: int | None = field(default=None, metadata=_between(0))
+    # method "relaxed": the descent's metric (see lowrank.select_relaxed). "cost" or "both" find
+    # lower-loss ranks at tight budgets, for use without fine-tuning.
+    projection: str = field(default="euclidean", metadata=_choices("euclidean", "cost", "both"))
     learning_rate: float = field(default=0.01, metadata=_between(1e-12))
     weight_decay: float = field(default=5e-4, metadata=_between(0.0))
     batch_size: int = field(default=128, metadata=_between(1))

@@ -110,6 +110,7 @@ def lowrank(
             spectra,
             settings.budget,
             loaders.train(256, seed + 1),
+            projection=settings.projection,
             device=device,
             progress=progress,
             **selection,
