@@ -6,7 +6,7 @@ factored network. Conv layers use Zhang et al.'s (C*X*Y, N) matricization. Accur
 are on the test split; nothing is chosen on them.
 
     .venv/bin/python benchmarks/lowrank_table.py [--models lenet-300-100 lenet-5] [--finetune-epochs 2]
-        [--finetune-seeds 5] [--first-seed 3] [--selection-epochs 2]
+        [--finetune-seeds 5] [--first-seed 3] [--selection-epochs EPOCHS]
 
 Each choice is fine-tuned from the same factorized start with shuffling seeds first-seed ..
 first-seed + finetune-seeds - 1, and the relaxation's per-seed difference from CPTV is printed
@@ -27,7 +27,15 @@ from pathlib import Path
 import torch
 
 from deepshrink.data import load_data, make_loader
-from deepshrink.lowrank import candidate_key, factorize, layer_spectra, select_cptv, select_pos, select_relaxed
+from deepshrink.lowrank import (
+    PROJECTIONS,
+    candidate_key,
+    factorize,
+    layer_spectra,
+    select_cptv,
+    select_pos,
+    select_relaxed,
+)
 from deepshrink.references import reference_model
 from deepshrink.train import TrainConfig, evaluate, fit
 
@@ -42,19 +50,18 @@ def main() -> None:
     parser.add_argument(
         "--selection-epochs",
         type=int,
-        default=2,
         help="relaxed: fine-tune each candidate this many epochs and keep the highest validation accuracy "
-        "(0: score on the training loss before fine-tuning)",
+        "(0: score on the training loss before fine-tuning; default: as many as --finetune-epochs)",
     )
     parser.add_argument("--methods", nargs="+", default=["CPTV", "POS", "relaxed"], choices=["CPTV", "POS", "relaxed"])
-    parser.add_argument(
-        "--projection", default="euclidean", choices=["both", "cost", "euclidean"], help="relaxed: the descents' metric"
-    )
+    parser.add_argument("--projection", default="euclidean", choices=PROJECTIONS, help="relaxed: the descents' metric")
     parser.add_argument(
         "--baseline", help="an earlier run's JSON, for the CPTV rows of the differences when CPTV is not rerun"
     )
     parser.add_argument("--out", default="benchmarks/results/lowrank_table.json")
     args = parser.parse_args()
+    if args.selection_epochs is None:
+        args.selection_epochs = args.finetune_epochs
     data = load_data()
     test = make_loader(data.test, 1000, shuffle=False)
     validation = make_loader(data.validation, 1000, shuffle=False)

@@ -251,5 +251,5 @@ def test_projection_onto_the_budget_matches_scipy(metric):
 
 def test_relaxed_rejects_an_unknown_projection(net_and_input):
     model, inputs = net_and_input
-    with pytest.raises(ConfigError, match="projection='l1' should be one of cost, euclidean or both"):
+    with pytest.raises(ConfigError, match="projection='l1' should be one of euclidean, cost, both"):
         select_relaxed(model, layer_spectra(model, inputs, "zhang"), 0.5, noise_loader(), projection="l1")

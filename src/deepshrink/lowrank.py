@@ -360,7 +360,8 @@ def factorize(
     return model
 
 
-PROJECTIONS = ("cost", "euclidean")
+# The relaxation's descents: one metric, or both with all their roundings as candidates.
+PROJECTIONS = ("euclidean", "cost", "both")
 
 
 def _project(masks: torch.Tensor, costs: torch.Tensor, limit: float, metric: str = "euclidean") -> torch.Tensor:
@@ -445,8 +446,8 @@ def select_relaxed(
     from tqdm.auto import tqdm
 
     _check_budget(budget)
-    if projection not in (*PROJECTIONS, "both"):
-        raise ConfigError(f"projection={projection!r} should be one of {', '.join(PROJECTIONS)} or both")
+    if projection not in PROJECTIONS:
+        raise ConfigError(f"projection={projection!r} should be one of {', '.join(PROJECTIONS)}")
     if steps < 1 or rounding_points < 1 or evaluation_batches < 1:
         raise ConfigError(
             f"steps={steps}, rounding_points={rounding_points} and evaluation_batches={evaluation_batches} "
