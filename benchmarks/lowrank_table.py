@@ -6,12 +6,14 @@ factored network. Conv layers use Zhang et al.'s (C*X*Y, N) matricization. Accur
 are on the test split; nothing is chosen on them.
 
     .venv/bin/python benchmarks/lowrank_table.py [--models lenet-300-100 lenet-5] [--finetune-epochs 2]
-        [--finetune-seeds 5] [--first-seed 3] [--selection-epochs EPOCHS]
+        [--finetune-seeds 5] [--first-seed 3] [--selection-epochs EPOCHS] [--selection-seeds 5]
+        [--first-selection-seed 20]
 
 Each choice is fine-tuned from the same factorized start with shuffling seeds first-seed ..
 first-seed + finetune-seeds - 1, and the relaxation's per-seed difference from CPTV is printed
-with its mean and standard error at the end. The relaxation's own selection fine-tunes with
-seed 1, never one of those.
+with its mean and standard error at the end. The relaxation's own selection fine-tunes each
+candidate with seeds first-selection-seed .. first-selection-seed + selection-seeds - 1, never
+one of those.
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ def main() -> None:
         help="relaxed: fine-tune each candidate this many epochs and keep the highest validation accuracy "
         "(0: score on the training loss before fine-tuning; default: as many as --finetune-epochs)",
     )
+    parser.add_argument(
+        "--selection-seeds", type=int, default=5, help="relaxed: fine-tuning runs per candidate (default 5)"
+    )
+    parser.add_argument(
+        "--first-selection-seed",
+        type=int,
+        default=20,
+        help="relaxed: the first of the selection's shuffling seeds; they must not overlap the fine-tuning seeds",
+    )
     parser.add_argument("--methods", nargs="+", default=["CPTV", "POS", "relaxed"], choices=["CPTV", "POS", "relaxed"])
     parser.add_argument("--projection", default="euclidean", choices=PROJECTIONS, help="relaxed: the descents' metric")
     parser.add_argument(
@@ -67,6 +78,12 @@ def main() -> None:
     validation = make_loader(data.validation, 1000, shuffle=False)
     results = []
     seeds = range(args.first_seed, args.first_seed + args.finetune_seeds)
+    selection_seeds = range(args.first_selection_seed, args.first_selection_seed + args.selection_seeds)
+    if set(seeds) & set(selection_seeds):
+        parser.error(
+            f"the selection's seeds {list(selection_seeds)} overlap the fine-tuning seeds {list(seeds)}: the "
+            "selection would have seen the very runs it is judged by; move --first-selection-seed"
+        )
     # A network (ranks and components) chosen by two methods is fine-tuned once: same start, same seeds.
     finetuned: dict[tuple, tuple[float, list[float]]] = {}
     for name in args.models:
@@ -86,8 +103,9 @@ def main() -> None:
                     if args.selection_epochs:
                         selection = {
                             "validation": validation,
-                            "finetune": TrainConfig(epochs=args.selection_epochs, learning_rate=0.01, seed=1),
-                            "finetune_loader": make_loader(data.train, 128, shuffle=True, seed=1),
+                            "finetune": TrainConfig(epochs=args.selection_epochs, learning_rate=0.01),
+                            "finetune_loaders": lambda seed: make_loader(data.train, 128, shuffle=True, seed=seed),
+                            "selection_seeds": selection_seeds,
                         }
                     choice = select_relaxed(
                         reference, spectra, budget, loader, steps=300, projection=args.projection, **selection
@@ -127,6 +145,7 @@ def main() -> None:
                     "relaxed_winner": choice.extra.get("winner"),
                     "relaxed_criterion": choice.extra.get("criterion"),
                     "relaxed_projection": args.projection if method == "relaxed" else None,
+                    "relaxed_selection_seeds": list(selection_seeds) if method == "relaxed" else None,
                     "seconds": time.perf_counter() - started,
                 }
                 results.append(row)

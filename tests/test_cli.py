@@ -305,6 +305,8 @@ def test_relaxed_lowrank_keeps_the_candidate_with_the_highest_validation_accurac
         "0.5",
         "--selection-epochs",
         "1",
+        "--selection-seeds",
+        "2",
         "--finetune-epochs",
         "0",
         "--train-subset",
@@ -316,6 +318,7 @@ def test_relaxed_lowrank_keeps_the_candidate_with_the_highest_validation_accurac
     log = load_checkpoint(out).metadata["lowrank"]
     names = {entry["candidate"] for entry in log["candidates"]}
     assert {"POS", "CPTV"} <= names and any(name.startswith("relaxation step") for name in names)
+    assert all(len(entry["accuracy_per_seed"]) == 2 for entry in log["candidates"])
     best = min(log["candidates"], key=lambda entry: (-entry["accuracy"], entry["loss"]))
     assert log["ranks"] == best["ranks"]
     assert log["mac_fraction"] <= 0.5
@@ -350,3 +353,5 @@ def test_relaxed_lowrank_takes_the_projection(tiny_checkpoint, tmp_path):
     assert log["ranks"] == min(log["candidates"], key=lambda entry: entry["loss"])["ranks"]
     bad = run_cli("lowrank", str(tiny_checkpoint), "--method", "relaxed", "--projection", "l2", "--out", str(out))
     assert bad.returncode != 0 and "invalid choice: 'l2'" in bad.stderr
+    none = run_cli("lowrank", str(tiny_checkpoint), "--method", "relaxed", "--selection-seeds", "0", "--out", str(out))
+    assert none.returncode != 0 and "selection_seeds=0" in none.stderr and "Traceback" not in none.stderr

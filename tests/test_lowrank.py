@@ -144,13 +144,14 @@ def test_relaxed_choice_has_the_lowest_loss_of_its_candidates(net_and_input):
 
 
 def test_relaxed_scored_on_validation_after_finetuning(net_and_input):
-    """With a validation loader, each candidate is fine-tuned on the fine-tuning loader and scored on
-    validation; the highest accuracy wins, ties going to the lower loss."""
+    """With a validation loader, each candidate is fine-tuned once per selection seed on that seed's
+    loader and scored by its mean validation accuracy; the highest wins, ties going to the lower
+    mean loss."""
     from deepshrink.train import TrainConfig, evaluate, fit
 
     model, inputs = net_and_input
     spectra = layer_spectra(model, inputs, "zhang")
-    loader, validation, finetune_loader = noise_loader(), noise_loader(seed=1), noise_loader(seed=2)
+    loader, validation = noise_loader(), noise_loader(seed=1)
     finetune = TrainConfig(epochs=1, learning_rate=0.02)
     original = copy.deepcopy(model.state_dict())
     choice = select_relaxed(
@@ -162,27 +163,43 @@ def test_relaxed_scored_on_validation_after_finetuning(net_and_input):
         rounding_points=3,
         validation=validation,
         finetune=finetune,
-        finetune_loader=finetune_loader,
+        finetune_loaders=lambda seed: noise_loader(seed=seed),
+        selection_seeds=(2, 3),
     )
-    assert choice.extra["criterion"] == "validation accuracy after fine-tuning"
+    assert choice.extra["criterion"] == "mean validation accuracy after fine-tuning with seeds [2, 3]"
     candidates = choice.extra["candidates"]
     best = max(entry["accuracy"] for entry in candidates)
     tied = [entry for entry in candidates if entry["accuracy"] == best]
     assert choice.ranks == min(tied, key=lambda entry: entry["loss"])["ranks"]
-    # The recorded scores are the factorized network's validation accuracy and loss after that
-    # fine-tuning on the fine-tuning loader (not on the loader the masks were optimised on).
+    # The recorded scores are the means over the seeds of the factorized network's validation
+    # accuracy and loss after fine-tuning on that seed's loader (not on the masks' loader).
     for entry in candidates:
         if entry["candidate"] in ("POS", "CPTV"):
-            factored = factorize(copy.deepcopy(model), spectra, entry["ranks"])
-            fit(factored, finetune_loader, finetune, progress=False)
-            result = evaluate(factored, validation)
-            assert result.accuracy == entry["accuracy"]
-            assert result.loss == pytest.approx(entry["loss"], rel=1e-5)
+            results = []
+            for seed in (2, 3):
+                factored = factorize(copy.deepcopy(model), spectra, entry["ranks"])
+                fit(factored, noise_loader(seed=seed), finetune, progress=False)
+                results.append(evaluate(factored, validation))
+            assert entry["accuracy_per_seed"] == [result.accuracy for result in results]
+            assert entry["accuracy"] == pytest.approx(sum(result.accuracy for result in results) / 2, abs=1e-12)
+            assert entry["loss"] == pytest.approx(sum(result.loss for result in results) / 2, rel=1e-5)
             other = factorize(copy.deepcopy(model), spectra, entry["ranks"])
             fit(other, loader, finetune, progress=False)
             assert evaluate(other, validation).loss != pytest.approx(entry["loss"], rel=1e-5)
     # Fine-tuning the candidates leaves the model handed in untouched.
     assert all(torch.equal(tensor, original[name]) for name, tensor in model.state_dict().items())
+
+
+def test_relaxed_needs_a_loader_per_seed(net_and_input):
+    """Several selection seeds with no way to reshuffle would fine-tune on one loader's running
+    shuffle, unpaired across candidates; that is refused, as is an empty list of seeds."""
+    model, inputs = net_and_input
+    spectra = layer_spectra(model, inputs, "zhang")
+    options = {"steps": 2, "rounding_points": 1, "validation": noise_loader(seed=1)}
+    with pytest.raises(ConfigError, match="finetune_loaders"):
+        select_relaxed(model, spectra, 0.5, noise_loader(), selection_seeds=(1, 2), **options)
+    with pytest.raises(ConfigError, match="selection_seeds is empty"):
+        select_relaxed(model, spectra, 0.5, noise_loader(), selection_seeds=(), **options)
 
 
 def test_relaxed_rejects_zero_steps(net_and_input):

@@ -245,4 +245,8 @@ def test_relaxed_lowrank_stage_scores_candidates_after_the_final_schedule(
     else:
         assert seen["validation"] is loaders.validation
         assert seen["finetune"].epochs == expected
-        assert len(next(iter(seen["finetune_loader"]))[1]) == 64
+        assert list(seen["selection_seeds"]) == [1, 2, 3, 4, 5]
+        # One loader per seed, at the final fine-tuning's batch size, each seed its own shuffle.
+        first, second = (next(iter(seen["finetune_loaders"](seed)))[1] for seed in (1, 2))
+        assert len(first) == 64 and not torch.equal(first, second)
+        assert torch.equal(first, next(iter(seen["finetune_loaders"](1)))[1])

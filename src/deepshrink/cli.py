@@ -373,6 +373,7 @@ def command_lowrank(args: argparse.Namespace) -> int:
         scheme=args.scheme,
         finetune_epochs=args.finetune_epochs,
         selection_epochs=args.selection_epochs,
+        selection_seeds=args.selection_seeds,
         projection=args.projection,
         learning_rate=args.lr,
         distill=DistillSettings() if args.distill else None,
@@ -782,13 +783,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="pos",
         help="cptv: one energy fraction for all layers; pos: best product of kept energies; "
         "relaxed: masks optimised on the training loss, its roundings, POS and CPTV each fine-tuned "
-        "for --selection-epochs and the highest validation accuracy kept (default pos)",
+        "for --selection-epochs with --selection-seeds shuffles and the highest mean validation accuracy kept "
+        "(default pos)",
     )
     lowrank.add_argument(
         "--selection-epochs",
         type=int,
         help="relaxed: fine-tuning epochs per candidate before scoring it on validation; "
         "0 scores on the training loss instead (default: as many as --finetune-epochs)",
+    )
+    lowrank.add_argument(
+        "--selection-seeds",
+        type=int,
+        default=5,
+        help="relaxed: fine-tune each candidate this many times, each with its own shuffle, and compare "
+        "mean validation accuracies (default 5)",
     )
     lowrank.add_argument(
         "--projection",

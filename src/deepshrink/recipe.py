@@ -86,6 +86,9 @@ class LowrankSettings:
     # None (the default): as many as finetune_epochs, so each candidate is scored on the outcome
     # the final fine-tuning will give it.
     selection_epochs: int | None = field(default=None, metadata=_between(0))
+    # method "relaxed": fine-tune each candidate this many times, with as many shuffling seeds, and
+    # compare the means; one run's shuffle moves validation accuracy by more than the candidates differ.
+    selection_seeds: int = field(default=5, metadata=_between(1))
     # method "relaxed": the descent's metric (see lowrank.select_relaxed). "cost" or "both" find
     # lower-loss ranks at tight budgets, for use without fine-tuning.
     projection: str = field(default="euclidean", metadata=_choices("euclidean", "cost", "both"))

@@ -102,8 +102,9 @@ def lowrank(
             selection = {
                 "validation": loaders.validation,
                 "finetune": _training(settings, seed, epochs),
-                # The final fine-tuning's batch size, shuffled differently.
-                "finetune_loader": loaders.train(settings.batch_size, seed + 1),
+                # The final fine-tuning's batch size, shuffled differently; the same shuffles for every candidate.
+                "finetune_loaders": lambda shuffle: loaders.train(settings.batch_size, shuffle),
+                "selection_seeds": range(seed + 1, seed + 1 + settings.selection_seeds),
             }
         choice = select_relaxed(
             model,
