@@ -6,7 +6,7 @@ factored network. Conv layers use Zhang et al.'s (C*X*Y, N) matricization. Accur
 are on the test split; nothing is chosen on them.
 
     .venv/bin/python benchmarks/lowrank_table.py [--models lenet-300-100 lenet-5] [--finetune-epochs 2]
-        [--finetune-seeds 5] [--first-seed 3] [--selection-epochs EPOCHS] [--selection-seeds 5]
+        [--finetune-seeds 5] [--first-seed 3] [--selection-epochs EPOCHS] [--selection-seeds 1]
         [--first-selection-seed 20]
 
 Each choice is fine-tuned from the same factorized start with shuffling seeds first-seed ..
@@ -56,7 +56,7 @@ def main() -> None:
         "(0: score on the training loss before fine-tuning; default: as many as --finetune-epochs)",
     )
     parser.add_argument(
-        "--selection-seeds", type=int, default=5, help="relaxed: fine-tuning runs per candidate (default 5)"
+        "--selection-seeds", type=int, default=1, help="relaxed: fine-tuning runs per candidate (default 1)"
     )
     parser.add_argument(
         "--first-selection-seed",

@@ -235,7 +235,12 @@ def test_relaxed_lowrank_stage_scores_candidates_after_the_final_schedule(
 
     monkeypatch.setattr(lowrank, "select_relaxed", spy)
     settings = LowrankSettings(
-        method="relaxed", budget=0.5, finetune_epochs=2, selection_epochs=selection_epochs, batch_size=64
+        method="relaxed",
+        budget=0.5,
+        finetune_epochs=2,
+        selection_epochs=selection_epochs,
+        selection_seeds=3,
+        batch_size=64,
     )
     loaders = stages.Loaders.from_splits(small_data)
     log = stages.lowrank(build_model("lenet-300-100"), settings, loaders, progress=False)
@@ -245,7 +250,8 @@ def test_relaxed_lowrank_stage_scores_candidates_after_the_final_schedule(
     else:
         assert seen["validation"] is loaders.validation
         assert seen["finetune"].epochs == expected
-        assert list(seen["selection_seeds"]) == [1, 2, 3, 4, 5]
+        # The stage's seed is 0; the selection's shuffles are the next ones, not the final fine-tuning's.
+        assert list(seen["selection_seeds"]) == [1, 2, 3]
         # One loader per seed, at the final fine-tuning's batch size, each seed its own shuffle.
         first, second = (next(iter(seen["finetune_loaders"](seed)))[1] for seed in (1, 2))
         assert len(first) == 64 and not torch.equal(first, second)

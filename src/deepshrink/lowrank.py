@@ -441,9 +441,14 @@ def select_relaxed(
     CPTV after one epoch and ended 0.11 points behind it on test. Pass the same `finetune`
     schedule as the final fine-tuning, so that the score is the outcome being chosen for.
 
-    Several seeds, because one run's shuffle moves a network's validation accuracy by 0.1-0.15
-    points on LeNet-300-100, more than the candidates differ by, so a single run picks by noise.
-    Every candidate is fine-tuned with the same seeds, which pairs the comparison.
+    Every candidate is fine-tuned with the same seeds, which pairs the comparison. More seeds
+    average out the shuffles, which move one network's validation accuracy by 0.1-0.15 points on
+    LeNet-300-100; they cannot average out the validation images. Two fine-tuned candidates
+    disagree on 1-1.5% of them, so on 5,000 images their accuracy difference carries a sampling
+    error of 0.13-0.17 points whatever the seeds, and five seeds did not choose better than one
+    (BENCHMARKS.md, "Selection by the mean of five fine-tuning runs"). Where the candidates differ
+    by less than that, as on LeNet-300-100 at 0.5-0.7 of the MACs, no validation score can tell
+    which of them will be ahead on another set of images.
 
     `extra["candidates"]` lists every candidate's scores, `extra["criterion"]` what was scored.
     """
