@@ -190,6 +190,42 @@ def test_relaxed_scored_on_validation_after_finetuning(net_and_input):
     assert all(torch.equal(tensor, original[name]) for name, tensor in model.state_dict().items())
 
 
+def test_relaxed_fine_tunes_candidates_with_the_given_loss(net_and_input):
+    """A finetune_criterion replaces cross-entropy in the candidates' fine-tuning, and the scores
+    are those of that fine-tuning."""
+    from deepshrink.train import TrainConfig, evaluate, fit
+
+    model, inputs = net_and_input
+    spectra = layer_spectra(model, inputs, "zhang")
+    calls = []
+
+    def smoothed(outputs, targets, batch_inputs):
+        calls.append(len(batch_inputs))
+        return nn.functional.cross_entropy(outputs, targets, label_smoothing=0.5)
+
+    finetune = TrainConfig(epochs=1, learning_rate=0.05)
+    validation = noise_loader(seed=1)
+    choice = select_relaxed(
+        model,
+        spectra,
+        0.5,
+        noise_loader(),
+        steps=4,
+        rounding_points=1,
+        validation=validation,
+        finetune=finetune,
+        finetune_criterion=smoothed,
+    )
+    assert calls and all(size == 16 for size in calls)
+    entry = next(entry for entry in choice.extra["candidates"] if entry["candidate"] == "CPTV")
+    expected = factorize(copy.deepcopy(model), spectra, entry["ranks"])
+    fit(expected, noise_loader(), finetune, criterion=smoothed, progress=False)
+    assert entry["loss"] == pytest.approx(evaluate(expected, validation).loss, rel=1e-5)
+    plain = factorize(copy.deepcopy(model), spectra, entry["ranks"])
+    fit(plain, noise_loader(), finetune, progress=False)
+    assert entry["loss"] != pytest.approx(evaluate(plain, validation).loss, rel=1e-5)
+
+
 def test_relaxed_needs_a_loader_per_seed(net_and_input):
     """Several selection seeds with no way to reshuffle would fine-tune on one loader's running
     shuffle, unpaired across candidates; that is refused, as is an empty list of seeds."""

@@ -256,3 +256,26 @@ def test_relaxed_lowrank_stage_scores_candidates_after_the_final_schedule(
         first, second = (next(iter(seen["finetune_loaders"](seed)))[1] for seed in (1, 2))
         assert len(first) == 64 and not torch.equal(first, second)
         assert torch.equal(first, next(iter(seen["finetune_loaders"](1)))[1])
+        assert seen["finetune_criterion"] is None
+
+
+def test_relaxed_lowrank_stage_scores_candidates_with_the_final_loss(monkeypatch, small_data):
+    """With distillation, the candidates are fine-tuned against the same teacher as the winner."""
+    from deepshrink import lowrank
+    from deepshrink.distill import DistillationLoss
+    from deepshrink.recipe import DistillSettings, LowrankSettings
+
+    seen = {}
+
+    def spy(model, spectra, budget, loader, **options):
+        seen.update(options)
+        return lowrank.select_cptv(spectra, budget)
+
+    monkeypatch.setattr(lowrank, "select_relaxed", spy)
+    settings = LowrankSettings(
+        method="relaxed", budget=0.5, finetune_epochs=1, distill=DistillSettings(temperature=3.0, alpha=0.25)
+    )
+    stages.lowrank(build_model("lenet-300-100"), settings, stages.Loaders.from_splits(small_data), progress=False)
+    criterion = seen["finetune_criterion"]
+    assert isinstance(criterion, DistillationLoss)
+    assert (criterion.temperature, criterion.alpha) == (3.0, 0.25)

@@ -401,6 +401,7 @@ def select_relaxed(
     finetune=None,
     finetune_loaders: Callable[[int], Iterable] | None = None,
     selection_seeds: Sequence[int] = (1,),
+    finetune_criterion: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     projection: str = "euclidean",
     device: str | torch.device = "cpu",
     progress: bool = False,
@@ -434,7 +435,9 @@ def select_relaxed(
     `finetune` (a TrainConfig; default one epoch of SGD at learning rate 0.01) once per seed in
     `selection_seeds`, on `finetune_loaders(seed)` (a function from a shuffling seed to a training
     loader; default `loader`, for a single seed only), and scored by its mean validation accuracy
-    over those runs, ties going to the lower mean validation loss. The network is fine-tuned after
+    over those runs, ties going to the lower mean validation loss. `finetune_criterion` is the
+    fine-tuning loss (train.fit's `criterion`; default cross-entropy): pass the final fine-tuning's,
+    a distillation loss for instance. The network is fine-tuned after
     factorizing anyway, and the loss before fine-tuning misjudges which ranks fine-tune best.
     Accuracy rather than loss, because accuracy is what the fine-tuned network is judged by, and
     the two disagree: on LeNet-5 at 0.7 of the MACs a rounding had 5% less validation loss than
@@ -573,7 +576,15 @@ def select_relaxed(
             if key not in scores:
                 scores[key] = [
                     _finetuned_score(
-                        model, spectra, ranks, components, finetune_loaders(seed), validation, finetune, device
+                        model,
+                        spectra,
+                        ranks,
+                        components,
+                        finetune_loaders(seed),
+                        validation,
+                        finetune,
+                        finetune_criterion,
+                        device,
                     )
                     for seed in selection_seeds
                 ]
@@ -606,11 +617,13 @@ def candidate_key(ranks: dict[str, int | None], components: dict | None) -> tupl
     )
 
 
-def _finetuned_score(model, spectra, ranks, components, loader, validation, finetune, device) -> tuple[float, float]:
+def _finetuned_score(
+    model, spectra, ranks, components, loader, validation, finetune, criterion, device
+) -> tuple[float, float]:
     """Validation (accuracy, loss) of the network factorized at `ranks` after fine-tuning it by `finetune`."""
     config = finetune if finetune is not None else TrainConfig(epochs=1, learning_rate=0.01)
     candidate = factorize(copy.deepcopy(model), spectra, ranks, components)
-    fit(candidate, loader, config, device=device, progress=False)
+    fit(candidate, loader, config, device=device, criterion=criterion, progress=False)
     result = evaluate(candidate, validation, device)
     return result.accuracy, result.loss
 

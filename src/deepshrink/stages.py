@@ -105,6 +105,8 @@ def lowrank(
                 # The final fine-tuning's batch size, shuffled differently; the same shuffles for every candidate.
                 "finetune_loaders": lambda shuffle: loaders.train(settings.batch_size, shuffle),
                 "selection_seeds": range(seed + 1, seed + 1 + settings.selection_seeds),
+                # Scored after the fine-tuning the winner will get, distillation included.
+                "finetune_criterion": criterion,
             }
         choice = select_relaxed(
             model,
