@@ -218,22 +218,29 @@ def test_a_low_rank_stage_composes_with_the_others_and_resumes(trained, small_da
         assert torch.allclose(load_runtime(first.path)(inputs), expected, atol=1e-5 * expected.abs().max())
 
 
-@pytest.mark.parametrize(("selection_epochs", "expected"), [(None, 2), (1, 1), (0, None)])
-def test_relaxed_lowrank_stage_scores_candidates_after_the_final_schedule(
-    monkeypatch, small_data, selection_epochs, expected
-):
-    """By default each candidate is fine-tuned as long as the final fine-tuning, at its batch size;
-    0 selection epochs means scoring on the training loss, without a validation loader."""
+def _spy_on_select_relaxed(monkeypatch) -> dict:
+    """Replace lowrank.select_relaxed by CPTV's choice; the returned dict fills with the options it got."""
     from deepshrink import lowrank
-    from deepshrink.recipe import LowrankSettings
 
-    seen = {}
+    seen: dict = {}
 
     def spy(model, spectra, budget, loader, **options):
         seen.update(options)
         return lowrank.select_cptv(spectra, budget)
 
     monkeypatch.setattr(lowrank, "select_relaxed", spy)
+    return seen
+
+
+@pytest.mark.parametrize(("selection_epochs", "expected"), [(None, 2), (1, 1), (0, None)])
+def test_relaxed_lowrank_stage_scores_candidates_after_the_final_schedule(
+    monkeypatch, small_data, selection_epochs, expected
+):
+    """By default each candidate is fine-tuned as long as the final fine-tuning, at its batch size;
+    0 selection epochs means scoring on the training loss, without a validation loader."""
+    from deepshrink.recipe import LowrankSettings
+
+    seen = _spy_on_select_relaxed(monkeypatch)
     settings = LowrankSettings(
         method="relaxed",
         budget=0.5,
@@ -261,17 +268,10 @@ def test_relaxed_lowrank_stage_scores_candidates_after_the_final_schedule(
 
 def test_relaxed_lowrank_stage_scores_candidates_with_the_final_loss(monkeypatch, small_data):
     """With distillation, the candidates are fine-tuned against the same teacher as the winner."""
-    from deepshrink import lowrank
     from deepshrink.distill import DistillationLoss
     from deepshrink.recipe import DistillSettings, LowrankSettings
 
-    seen = {}
-
-    def spy(model, spectra, budget, loader, **options):
-        seen.update(options)
-        return lowrank.select_cptv(spectra, budget)
-
-    monkeypatch.setattr(lowrank, "select_relaxed", spy)
+    seen = _spy_on_select_relaxed(monkeypatch)
     settings = LowrankSettings(
         method="relaxed", budget=0.5, finetune_epochs=1, distill=DistillSettings(temperature=3.0, alpha=0.25)
     )

@@ -437,8 +437,8 @@ def select_relaxed(
     loader; default `loader`, for a single seed only), and scored by its mean validation accuracy
     over those runs, ties going to the lower mean validation loss. `finetune_criterion` is the
     fine-tuning loss (train.fit's `criterion`; default cross-entropy): pass the final fine-tuning's,
-    a distillation loss for instance. The network is fine-tuned after
-    factorizing anyway, and the loss before fine-tuning misjudges which ranks fine-tune best.
+    a distillation loss for instance. The network is fine-tuned after factorizing anyway, and the
+    loss before fine-tuning misjudges which ranks fine-tune best.
     Accuracy rather than loss, because accuracy is what the fine-tuned network is judged by, and
     the two disagree: on LeNet-5 at 0.7 of the MACs a rounding had 5% less validation loss than
     CPTV after one epoch and ended 0.11 points behind it on test. Pass the same `finetune`

@@ -103,7 +103,7 @@ def lowrank(
                 "validation": loaders.validation,
                 "finetune": _training(settings, seed, epochs),
                 # The final fine-tuning's batch size, shuffled differently; the same shuffles for every candidate.
-                "finetune_loaders": lambda shuffle: loaders.train(settings.batch_size, shuffle),
+                "finetune_loaders": lambda selection_seed: loaders.train(settings.batch_size, selection_seed),
                 "selection_seeds": range(seed + 1, seed + 1 + settings.selection_seeds),
                 # Scored after the fine-tuning the winner will get, distillation included.
                 "finetune_criterion": criterion,
