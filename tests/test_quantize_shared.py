@@ -114,3 +114,25 @@ def test_bits_out_of_range_are_named():
         share_layer_weights(nn.Linear(3, 3), 17)
     with pytest.raises(ConfigError, match="bits=0"):
         share_layer_weights(nn.Linear(3, 3), 0)
+
+
+def test_centroid_gradient_is_the_float64_sum_and_the_same_every_time():
+    """A centroid's gradient is the sum of its weights' gradients (computed here in float64,
+    the trusted reference), and repeated backward passes give the same bits: autograd's own
+    indexing backward adds across threads in a varying order, which made the same seed give
+    different files."""
+    model = pruned_lenet()
+    share_weights(model, {"*": 5})
+    layer = model.fc1
+    torch.manual_seed(1)
+    upstream = torch.randn_like(layer.weight)
+    sharing = sharing_of(layer)
+    codes = sharing.indices.long().reshape(-1)
+    expected = torch.zeros(32, dtype=torch.float64).index_add_(0, codes, upstream.reshape(-1).double())[1:]
+    gradients = []
+    for _ in range(5):
+        sharing.codebook.grad = None
+        (layer.weight * upstream).sum().backward()
+        gradients.append(sharing.codebook.grad.clone())
+    torch.testing.assert_close(gradients[0].double(), expected, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(gradient, gradients[0]) for gradient in gradients)
