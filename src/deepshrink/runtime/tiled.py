@@ -74,8 +74,16 @@ LAYOUTS = (NARROW, WIDE)
 COLUMN_GROUP = 4
 
 
+# Set to 0 (or off, false, no) to turn the AVX-512 forms off on a CPU that has them: to run and
+# time the other path (with NUMBA_CPU_NAME=haswell for AVX2-only code), as `make test` does.
+AVX512_SWITCH = "DEEPSHRINK_AVX512"
+
+
 def available() -> bool:
-    """Whether the machine numba compiles for has AVX-512F (the permutes are AVX-512 instructions)."""
+    """Whether the tiled form may run: the machine numba compiles for has AVX-512F (the permutes
+    are AVX-512 instructions) and DEEPSHRINK_AVX512 does not turn it off."""
+    if os.environ.get(AVX512_SWITCH, "").strip().lower() in ("0", "off", "false", "no"):
+        return False
     features = os.environ.get("NUMBA_CPU_FEATURES")
     if features:
         return "+avx512f" in features.split(",")
