@@ -110,7 +110,7 @@ def main() -> None:
                     choice = select_relaxed(
                         reference, spectra, budget, loader, steps=300, projection=args.projection, **selection
                     )
-                components = choice.extra.get("components")
+                components = choice.components
                 key = (name, candidate_key(choice.ranks, components))
                 if key not in finetuned:
                     model = factorize(copy.deepcopy(reference), spectra, choice.ranks, components)
@@ -141,9 +141,9 @@ def main() -> None:
                     "accuracy_after_finetuning": after,
                     "accuracy_after_finetuning_per_seed": afters,
                     "finetune_seeds": list(seeds),
-                    "relaxed_candidates": choice.extra.get("candidates"),
-                    "relaxed_winner": choice.extra.get("winner"),
-                    "relaxed_criterion": choice.extra.get("criterion"),
+                    "relaxed_candidates": choice.candidates,
+                    "relaxed_winner": choice.winner,
+                    "relaxed_criterion": choice.criterion,
                     "relaxed_projection": args.projection if method == "relaxed" else None,
                     "relaxed_selection_seeds": list(selection_seeds) if method == "relaxed" else None,
                     "seconds": time.perf_counter() - started,
@@ -154,7 +154,7 @@ def main() -> None:
                     f"{name} budget {budget:.1f} {method:8s} MACs {100 * choice.mac_fraction:5.1f}%  {ranks}  "
                     f"{100 * before:.2f}% -> {100 * after:.2f}% mean of "
                     f"{' '.join(f'{100 * value:.2f}' for value in afters)} (reference {100 * base:.2f}%)"
-                    + (f" [winner: {choice.extra['winner']}]" if "winner" in choice.extra else ""),
+                    + (f" [winner: {choice.winner}]" if choice.winner else ""),
                     flush=True,
                 )
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else []

@@ -34,8 +34,8 @@ def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
         ["prune"],
         ["sensitivity"],
         ["quantize"],
-        ["compress"],
-        ["decompress"],
+        ["encode"],
+        ["decode"],
         ["inspect"],
     ],
 )
@@ -231,7 +231,7 @@ def test_bad_quantize_bits_are_clean_errors(tiny_checkpoint, tmp_path, bits, mes
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_compress_inspect_decompress_round_trip(tiny_checkpoint, tmp_path):
+def test_encode_inspect_decode_round_trip(tiny_checkpoint, tmp_path):
     pruned, shared, packed = (tmp_path / name for name in ("pruned.safetensors", "shared.safetensors", "m.dcz"))
     assert (
         run_cli(
@@ -249,7 +249,7 @@ def test_compress_inspect_decompress_round_trip(tiny_checkpoint, tmp_path):
         == 0
     )
     assert run_cli("quantize", str(pruned), "--finetune-epochs", "0", "--out", str(shared)).returncode == 0
-    compressed = run_cli("compress", str(shared), "--out", str(packed), "--report-dir", str(tmp_path))
+    compressed = run_cli("encode", str(shared), "--out", str(packed), "--report-dir", str(tmp_path))
     assert compressed.returncode == 0, compressed.stderr
     size = int(re.search(r"\(([\d,]+) bytes", compressed.stdout).group(1).replace(",", ""))
     assert size == packed.stat().st_size
@@ -257,7 +257,7 @@ def test_compress_inspect_decompress_round_trip(tiny_checkpoint, tmp_path):
     inspected = run_cli("inspect", str(packed))
     assert inspected.returncode == 0 and "fc1.weight" in inspected.stdout and f"{size:,}" in inspected.stdout
     restored = tmp_path / "restored.safetensors"
-    assert run_cli("decompress", str(packed), "--out", str(restored)).returncode == 0
+    assert run_cli("decode", str(packed), "--out", str(restored)).returncode == 0
     evaluated = run_cli("evaluate", str(restored))
     assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
     assert (tmp_path / "compression.md").is_file()

@@ -110,7 +110,7 @@ def test_every_method_respects_the_budget(net_and_input, method, budget):
     else:
         choice = {"cptv": select_cptv, "pos": select_pos}[method](spectra, budget)
     assert choice.macs <= budget * choice.dense_macs
-    factored = factorize(copy.deepcopy(model), spectra, choice.ranks, choice.extra.get("components"))
+    factored = factorize(copy.deepcopy(model), spectra, choice.ranks, choice.components)
     assert sum(_multiply_accumulates(factored, inputs).values()) == choice.macs
     assert parameter_count(factored) <= parameter_count(model)
 
@@ -121,15 +121,15 @@ def test_relaxed_choice_has_the_lowest_loss_of_its_candidates(net_and_input):
     spectra = layer_spectra(model, inputs, "zhang")
     loader = noise_loader()
     choice = select_relaxed(model, spectra, 0.5, loader, steps=30, rounding_points=3, evaluation_batches=2)
-    candidates = choice.extra["candidates"]
+    candidates = choice.candidates
     assert {"POS", "CPTV"} <= {entry["candidate"] for entry in candidates} and len(candidates) == 5
     # "both": POS, CPTV, and three roundings from each of the two descents, Euclidean first.
     both = select_relaxed(model, spectra, 0.5, loader, steps=30, rounding_points=3, projection="both")
-    assert [entry["candidate"] for entry in both.extra["candidates"]][2:] == [
+    assert [entry["candidate"] for entry in both.candidates][2:] == [
         *(f"relaxation step {step}" for step in (10, 20, 30)),
         *(f"relaxation (cost metric) step {step}" for step in (10, 20, 30)),
     ]
-    assert choice.extra["winner"] in {entry["candidate"] for entry in candidates}
+    assert choice.winner in {entry["candidate"] for entry in candidates}
     winner = min(candidates, key=lambda entry: entry["loss"])
     assert choice.ranks == winner["ranks"]
 
@@ -166,8 +166,8 @@ def test_relaxed_scored_on_validation_after_finetuning(net_and_input):
         finetune_loaders=lambda seed: noise_loader(seed=seed),
         selection_seeds=(2, 3),
     )
-    assert choice.extra["criterion"] == "mean validation accuracy after fine-tuning with seeds [2, 3]"
-    candidates = choice.extra["candidates"]
+    assert choice.criterion == "mean validation accuracy after fine-tuning with seeds [2, 3]"
+    candidates = choice.candidates
     best = max(entry["accuracy"] for entry in candidates)
     tied = [entry for entry in candidates if entry["accuracy"] == best]
     assert choice.ranks == min(tied, key=lambda entry: entry["loss"])["ranks"]
@@ -217,7 +217,7 @@ def test_relaxed_fine_tunes_candidates_with_the_given_loss(net_and_input):
         finetune_criterion=smoothed,
     )
     assert calls and all(size == 16 for size in calls)
-    entry = next(entry for entry in choice.extra["candidates"] if entry["candidate"] == "CPTV")
+    entry = next(entry for entry in choice.candidates if entry["candidate"] == "CPTV")
     expected = factorize(copy.deepcopy(model), spectra, entry["ranks"])
     fit(expected, noise_loader(), finetune, criterion=smoothed, progress=False)
     assert entry["loss"] == pytest.approx(evaluate(expected, validation).loss, rel=1e-5)

@@ -17,7 +17,7 @@ from deepshrink.compressed import load_compressed, read_state_dict
 from deepshrink.data import make_loader
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.models import build_model
-from deepshrink.pipeline import compress
+from deepshrink.pipeline import run
 from deepshrink.recipe import parse_recipe
 from deepshrink.train import TrainConfig, evaluate, fit
 
@@ -102,7 +102,7 @@ def test_resume_skips_finished_stages_and_redoes_changed_ones(trained, small_dat
     recipe = parse_recipe(
         SMALL_RECIPE.replace("tradeoff:\n  sparsities: [0.9]\n  bits: [4]\n  retrain_epochs: 0\n", "")
     )
-    first = compress(trained, recipe, small_data, run_dir=tmp_path, progress=False)
+    first = run(trained, recipe, small_data, run_dir=tmp_path, progress=False)
     assert [(stage.name, stage.cached) for stage in first.stages] == [
         ("prune", False),
         ("quantize", False),
@@ -110,13 +110,13 @@ def test_resume_skips_finished_stages_and_redoes_changed_ones(trained, small_dat
     ]
     files = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.safetensors")}
     file_bytes = first.path.read_bytes()
-    again = compress(trained, recipe, small_data, run_dir=tmp_path, progress=False)
+    again = run(trained, recipe, small_data, run_dir=tmp_path, progress=False)
     assert all(stage.cached for stage in again.stages)
     assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.safetensors")} == files
     assert again.path.read_bytes() == file_bytes
     assert again.compressed_accuracy == first.compressed_accuracy
     changed = parse_recipe(SMALL_RECIPE.replace('bits: {"fc*": 5}', 'bits: {"fc*": 4}').split("tradeoff:")[0])
-    third = compress(trained, changed, small_data, run_dir=tmp_path, progress=False)
+    third = run(trained, changed, small_data, run_dir=tmp_path, progress=False)
     assert [(stage.name, stage.cached) for stage in third.stages] == [
         ("prune", True),
         ("quantize", False),
@@ -137,11 +137,11 @@ def test_an_interrupted_run_leaves_no_partial_file_and_resumes(trained, small_da
     with monkeypatch.context() as patch:
         patch.setattr(stages, "quantize", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            compress(trained, recipe, small_data, run_dir=tmp_path, progress=False)
+            run(trained, recipe, small_data, run_dir=tmp_path, progress=False)
     assert not list(tmp_path.rglob("*.partial"))
     assert len(list(tmp_path.glob("stages/prune-*.safetensors"))) == 1
     assert not list(tmp_path.glob("*.dcz"))
-    resumed = compress(trained, recipe, small_data, run_dir=tmp_path, progress=False)
+    resumed = run(trained, recipe, small_data, run_dir=tmp_path, progress=False)
     assert [(stage.name, stage.cached) for stage in resumed.stages][:2] == [("prune", True), ("quantize", False)]
 
 
@@ -164,9 +164,9 @@ def test_bad_recipes_are_clean_cli_errors_before_any_work(trained_checkpoint, tm
 
 def test_compress_refuses_what_it_cannot_use(trained, small_data, tmp_path):
     with pytest.raises(ModelError, match="no Linear"):
-        compress(torch.nn.ReLU(), {"model": "x"}, small_data, run_dir=tmp_path)
+        run(torch.nn.ReLU(), {"model": "x"}, small_data, run_dir=tmp_path)
     with pytest.raises(ConfigError, match="DataSplits"):
-        compress(trained, {"model": "lenet-300-100"}, [1, 2], run_dir=tmp_path)
+        run(trained, {"model": "lenet-300-100"}, [1, 2], run_dir=tmp_path)
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
@@ -203,10 +203,10 @@ def test_a_low_rank_stage_composes_with_the_others_and_resumes(trained, small_da
     )
     text = text.replace("fc1: 0.9, fc2: 0.8, fc3: 0.5", "'fc1*': 0.8, fc3: 0.5")
     recipe = parse_recipe(text)
-    first = compress(trained, recipe, small_data, run_dir=tmp_path, progress=False)
+    first = run(trained, recipe, small_data, run_dir=tmp_path, progress=False)
     ranks = first.stages[0].log["ranks"]
     assert first.stages[0].name == "lowrank" and first.stages[0].log["mac_fraction"] <= 0.4
-    again = compress(trained, recipe, small_data, run_dir=tmp_path, progress=False)
+    again = run(trained, recipe, small_data, run_dir=tmp_path, progress=False)
     assert all(stage.cached for stage in again.stages)
     assert again.compressed_accuracy == first.compressed_accuracy
     # The file rebuilds the factored architecture by itself, dense or run compressed.
@@ -250,8 +250,8 @@ def test_relaxed_lowrank_stage_scores_candidates_after_the_final_schedule(
         batch_size=64,
     )
     loaders = stages.Loaders.from_splits(small_data)
-    log = stages.lowrank(build_model("lenet-300-100"), settings, loaders, progress=False)
-    assert log["mac_fraction"] <= 0.5
+    result = stages.factorize_lowrank(build_model("lenet-300-100"), settings, loaders, progress=False)
+    assert result.log["mac_fraction"] <= 0.5
     if expected is None:
         assert "validation" not in seen and "finetune" not in seen
     else:
@@ -275,7 +275,9 @@ def test_relaxed_lowrank_stage_scores_candidates_with_the_final_loss(monkeypatch
     settings = LowrankSettings(
         method="relaxed", budget=0.5, finetune_epochs=1, distill=DistillSettings(temperature=3.0, alpha=0.25)
     )
-    stages.lowrank(build_model("lenet-300-100"), settings, stages.Loaders.from_splits(small_data), progress=False)
+    stages.factorize_lowrank(
+        build_model("lenet-300-100"), settings, stages.Loaders.from_splits(small_data), progress=False
+    )
     criterion = seen["finetune_criterion"]
     assert isinstance(criterion, DistillationLoss)
     assert (criterion.temperature, criterion.alpha) == (3.0, 0.25)

@@ -1,8 +1,22 @@
-"""deepshrink: Deep Compression (Han, Mao & Dally, ICLR 2016) for PyTorch."""
+"""deepshrink: Deep Compression (Han, Mao & Dally, ICLR 2016) for PyTorch.
 
-from deepshrink.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from deepshrink.data import DataSplits, load_data, make_loader, read_idx
-from deepshrink.errors import (
+The public API, as the README uses it:
+- the pipeline: `run(model, recipe, data)` -> RunResult (`deepshrink run RECIPE`);
+- one stage at a time: `run_stage(model, settings, StageContext(loaders))`, or the stage
+  functions `factorize_lowrank`, `prune`, `quantize` and `encode` with their settings classes,
+  and the pairs that make a stage permanent: `remove_pruning`, `remove_sharing`;
+- files: `save_compressed` / `load_compressed` (.dcz), `load_runtime` (run from the compressed
+  form), `save_checkpoint` / `load_checkpoint` / `load_model` (safetensors);
+- data and training: `load_data`, `make_loader`, `Loaders`, `TrainConfig`, `fit`, `evaluate`;
+- the errors, one hierarchy under DeepshrinkError.
+"""
+
+__version__ = "0.1.0"
+
+from deepshrink.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from deepshrink.compressed import load_compressed, save_compressed  # noqa: E402
+from deepshrink.data import DataSplits, load_data, make_loader, read_idx  # noqa: E402
+from deepshrink.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
     DataError,
@@ -11,14 +25,29 @@ from deepshrink.errors import (
     ModelError,
     UnsupportedLayerError,
 )
-from deepshrink.models import build_model, list_models, register_model
-from deepshrink.pipeline import RunResult, compress
-from deepshrink.recipe import Recipe, load_recipe
-from deepshrink.references import reference_model
-from deepshrink.stages import Loaders
-from deepshrink.train import TrainConfig, evaluate, fit
-
-__version__ = "0.1.0"
+from deepshrink.models import build_model, list_models, register_model  # noqa: E402
+from deepshrink.pipeline import RunResult, run  # noqa: E402
+from deepshrink.prune.module import remove_pruning  # noqa: E402
+from deepshrink.quantize.shared import remove_sharing  # noqa: E402
+from deepshrink.recipe import Recipe, load_recipe  # noqa: E402
+from deepshrink.references import reference_model  # noqa: E402
+from deepshrink.runtime.load import load_runtime  # noqa: E402
+from deepshrink.settings import DistillSettings  # noqa: E402
+from deepshrink.stages import (  # noqa: E402
+    EncodeSettings,
+    Loaders,
+    LowrankSettings,
+    PruneSettings,
+    QuantizeSettings,
+    StageContext,
+    StageResult,
+    encode,
+    factorize_lowrank,
+    prune,
+    quantize,
+    run_stage,
+)
+from deepshrink.train import TrainConfig, evaluate, fit  # noqa: E402
 
 __all__ = [
     "Checkpoint",
@@ -27,25 +56,43 @@ __all__ = [
     "DataError",
     "DataSplits",
     "DeepshrinkError",
+    "DistillSettings",
+    "EncodeSettings",
     "FormatError",
     "Loaders",
+    "LowrankSettings",
     "ModelError",
+    "PruneSettings",
+    "QuantizeSettings",
     "Recipe",
     "RunResult",
+    "StageContext",
+    "StageResult",
     "TrainConfig",
     "UnsupportedLayerError",
     "__version__",
     "build_model",
-    "compress",
+    "encode",
     "evaluate",
+    "factorize_lowrank",
     "fit",
     "list_models",
     "load_checkpoint",
+    "load_compressed",
     "load_data",
+    "load_model",
     "load_recipe",
+    "load_runtime",
     "make_loader",
+    "prune",
+    "quantize",
     "read_idx",
     "reference_model",
     "register_model",
+    "remove_pruning",
+    "remove_sharing",
+    "run",
+    "run_stage",
     "save_checkpoint",
+    "save_compressed",
 ]

@@ -16,13 +16,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepshrink.errors import CheckpointError, ConfigError, ModelError
+from deepshrink.errors import CheckpointError
 from deepshrink.files import atomic_output
+from deepshrink.loading import STRUCTURE_KEY, model_for
 
 CHECKPOINT_KIND = "deepshrink-checkpoint-1"
 METADATA_KEY = "deepshrink"
-# Metadata entry of a low-rank factored model: which layers became two, at which ranks.
-STRUCTURE_KEY = "lowrank_structure"
 
 
 @dataclass
@@ -117,26 +116,15 @@ def _load_torch_state_dict(path: Path) -> Checkpoint:
     return Checkpoint(dict(loaded))
 
 
-def load_model(path: str | os.PathLike, model_name: str | None = None) -> tuple[nn.Module, Checkpoint]:
-    """Build the model a checkpoint was saved from and load it, pruning masks included.
+def load_model(path: str | os.PathLike, model: nn.Module | str | None = None) -> tuple[nn.Module, Checkpoint]:
+    """Build the model a checkpoint was saved from and load it, pruning masks and codebooks included.
 
-    `model_name` overrides the name stored in the file. A stored user factory
-    (package.module:factory) is never imported on the file's word alone: importing runs code,
-    so the caller must pass it as `model_name`.
+    `model` is the module to load into, or a name that overrides the one stored in the file
+    (see `loading.model_for`: a user factory the file names is imported only when passed here).
     """
-    from deepshrink.models import build_model, is_factory_path
-
     checkpoint = load_checkpoint(path)
-    name = model_name or checkpoint.model_name
-    if name is None:
-        raise ModelError(f"{path}: checkpoint does not name its model; pass --model NAME or package.module:factory")
-    if model_name is None and is_factory_path(name):
-        raise ModelError(
-            f"{path}: checkpoint was made by the user factory {name!r}; "
-            f"pass --model {name} to confirm that this code may be imported"
-        )
-    model = build_model(name, **checkpoint.model_config)
-    return load_state_into(model, checkpoint, path), checkpoint
+    built, _ = model_for(path, model, checkpoint.model_name, config=checkpoint.model_config, error=CheckpointError)
+    return load_state_into(built, checkpoint, path), checkpoint
 
 
 def load_state_into(model: nn.Module, checkpoint: Checkpoint, source: str | os.PathLike) -> nn.Module:
@@ -146,14 +134,10 @@ def load_state_into(model: nn.Module, checkpoint: Checkpoint, source: str | os.P
     shared-weight codebooks in the state_dict are registered next, so a
     pruned or weight-shared checkpoint loads as such, and keeps its constraints in training.
     """
-    from deepshrink.lowrank import apply_structure
     from deepshrink.prune.module import restore_pruning
     from deepshrink.quantize.shared import restore_sharing
 
-    try:
-        apply_structure(model, checkpoint.metadata.get(STRUCTURE_KEY))
-    except ConfigError as error:
-        raise CheckpointError(f"{source}: {error}") from error
+    model, _ = model_for(source, model, None, structure=checkpoint.metadata.get(STRUCTURE_KEY), error=CheckpointError)
     restore_pruning(model, checkpoint.state_dict)
     restore_sharing(model, checkpoint.state_dict)
     try:
@@ -162,7 +146,7 @@ def load_state_into(model: nn.Module, checkpoint: Checkpoint, source: str | os.P
         mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
         raise CheckpointError(
             f"{source}: checkpoint does not fit model {type(model).__name__}: {'; '.join(mismatches[:3]) or error}; "
-            "pass the model the checkpoint was trained with (--model)"
+            "pass the model the checkpoint was trained with (model=...)"
         ) from error
     problems = []
     if result.missing_keys:
@@ -172,6 +156,6 @@ def load_state_into(model: nn.Module, checkpoint: Checkpoint, source: str | os.P
     if problems:
         raise CheckpointError(
             f"{source}: checkpoint does not fit model {type(model).__name__}: {'; '.join(problems)}; "
-            "pass the model the checkpoint was trained with (--model)"
+            "pass the model the checkpoint was trained with (model=...)"
         )
     return model

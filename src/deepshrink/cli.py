@@ -125,183 +125,127 @@ def _parse_assignments(values: list[str] | None, option: str) -> dict[str, float
     return parsed
 
 
-def command_prune(args: argparse.Namespace) -> int:
-    from deepshrink import stages
-    from deepshrink.checkpoint import load_model, save_checkpoint
+def _stage_options(parser: argparse.ArgumentParser, settings_class) -> None:
+    """One option per field of a stage's settings dataclass, its choices, range and help read from
+    the field's metadata; defaults stay in the dataclass (an option left out is not passed)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(settings_class)
+    group = parser.add_argument_group(f"{settings_class.__name__} (defaults as shown)")
+    for item in dataclasses.fields(settings_class):
+        flag = "--" + item.name.replace("_", "-")
+        flags = [flag, "--lr"] if item.name == "learning_rate" else [flag]
+        metadata = item.metadata
+        hint = hints[item.name]
+        inner = [argument for argument in typing.get_args(hint) if argument is not type(None)]
+        kind = inner[0] if inner else hint
+        default = item.default if item.default is not dataclasses.MISSING else None
+        shown = "" if default is None else f" (default {default})"
+        if item.name == "distill":
+            group.add_argument(flag, action="store_true", help="retrain against the input model's soft targets")
+        elif typing.get_origin(kind) is dict:
+            value_type = typing.get_args(kind)[1].__name__
+            group.add_argument(
+                flag,
+                action="append",
+                metavar=f"LAYER={value_type.upper()}",
+                help=f"{metadata.get('help', '')}; LAYER is a glob; repeatable",
+            )
+        elif typing.get_origin(kind) is list:
+            group.add_argument(flag, nargs="+", metavar="PATTERN", help=metadata.get("help", ""))
+        else:
+            group.add_argument(
+                *flags,
+                dest=item.name,
+                type=kind,
+                choices=metadata.get("choices"),
+                help=f"{metadata.get('help', '')}{shown}",
+            )
+
+
+def _stage_settings(args: argparse.Namespace, settings_class):
+    """The settings dataclass from the options given; the dataclass checks every value."""
+    import dataclasses
+    import typing
+
+    from deepshrink.settings import DistillSettings
+
+    hints = typing.get_type_hints(settings_class)
+    values = {}
+    for item in dataclasses.fields(settings_class):
+        given = getattr(args, item.name, None)
+        if given is None or given is False:
+            continue
+        if item.name == "distill":
+            values[item.name] = DistillSettings()
+            continue
+        kind = [argument for argument in typing.get_args(hints[item.name]) if argument is not type(None)]
+        kind = kind[0] if kind else hints[item.name]
+        if typing.get_origin(kind) is dict:
+            option = "--" + item.name.replace("_", "-")
+            parsed = _parse_assignments(given, option)
+            if typing.get_args(kind)[1] is int:
+                if any(float(value) != int(value) for value in parsed.values()):
+                    raise ConfigError(f"{option} takes whole numbers, got {given}")
+                parsed = {pattern: int(value) for pattern, value in parsed.items()}
+            given = parsed
+        values[item.name] = given
+    return settings_class(**values)
+
+
+def command_stage(args: argparse.Namespace) -> int:
+    """Any registered stage on a checkpoint: parse, call the library once, print."""
     from deepshrink.data import load_data
-    from deepshrink.prune.statistics import as_dicts, format_table, layer_statistics, totals
-    from deepshrink.recipe import PruneSettings
-    from deepshrink.train import evaluate
+    from deepshrink.pipeline import run_stage_on_checkpoint
+    from deepshrink.stages import stage_named
 
-    settings = PruneSettings(
-        method=args.method,
-        sparsity=_parse_assignments(args.sparsity, "--sparsity") or None,
-        quality=_parse_assignments(args.quality, "--quality") or None,
-        global_sparsity=args.global_sparsity,
-        layers=args.layers,
-        rounds=args.rounds,
-        retrain_epochs=args.retrain_epochs,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        finetune_epochs=args.finetune_epochs,
-    )
-    model, checkpoint = load_model(args.checkpoint, args.model)
-    data = load_data(args.data_dir, train_subset=args.train_subset)
-    loaders = stages.Loaders.from_splits(data)
-    test_loader = loaders.test
-    reference_test = evaluate(model, test_loader, args.device).accuracy
-    log = stages.prune(model, settings, loaders, seed=args.seed, device=args.device, progress=not args.quiet)
-    pruned_test = evaluate(model, test_loader, args.device).accuracy
-    rows = layer_statistics(model.cpu(), data.test.tensors[0][:2])
-    summary = totals(rows)
-    out = Path(args.out)
-    save_checkpoint(
-        out,
-        model,
-        model_name=args.model or checkpoint.model_name,
-        metadata={
-            **checkpoint.metadata,
-            "stage": "pruned",
-            "pruning": log,
-            "reference_test_accuracy": reference_test,
-            "test_accuracy": pruned_test,
-            "kept_fraction": summary["kept_fraction"],
-        },
-        protect=(args.checkpoint,),
-    )
-    print(format_table(rows))
-    print(f"compression by pruning: {summary['compression']:.1f}x ({100 * summary['kept_fraction']:.2f}% kept)")
-    print(
-        f"test accuracy: {reference_test:.4f} before, {pruned_test:.4f} after "
-        f"({100 * (pruned_test - reference_test):+.2f} points)"
-    )
-    print(f"checkpoint: {out}")
-    if args.report_dir:
-        report_dir = Path(args.report_dir)
-        data = {
-            "layers": as_dicts(rows),
-            "totals": summary,
-            "log": log,
-            "reference_test_accuracy": reference_test,
-            "test_accuracy": pruned_test,
-        }
-        _write_report(args.report_dir, "pruning", format_table(rows, markdown=True), data, (args.checkpoint,))
-        print(f"report: {report_dir}/pruning.md, pruning.json")
-    return 0
-
-
-def command_quantize(args: argparse.Namespace) -> int:
-    from deepshrink import stages
-    from deepshrink.checkpoint import load_model, save_checkpoint
-    from deepshrink.data import load_data
-    from deepshrink.quantize.report import format_sharing_table, sharing_rows
-    from deepshrink.recipe import QuantizeSettings
-    from deepshrink.train import evaluate
-
-    parsed = _parse_assignments(args.bits, "--bits")
-    if any(float(value) != int(value) for value in parsed.values()):
-        raise ConfigError(f"--bits takes whole numbers of bits, got {args.bits}")
-    settings = QuantizeSettings(
-        bits={pattern: int(value) for pattern, value in parsed.items()} or None,
-        init=args.init,
-        finetune_epochs=args.finetune_epochs,
-        optimizer=args.optimizer,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-    )
-    model, checkpoint = load_model(args.checkpoint, args.model)
-    loaders = stages.Loaders.from_splits(load_data(args.data_dir, train_subset=args.train_subset))
-    test_loader = loaders.test
-    before = evaluate(model, test_loader, args.device).accuracy
-    records, stage_log = stages.quantize(
-        model, settings, loaders, seed=args.seed, device=args.device, progress=not args.quiet
-    )
-    tuned = evaluate(model, test_loader, args.device).accuracy
-    rows = sharing_rows(model.cpu(), records)
-    out = Path(args.out)
-    log = {
-        "init": args.init,
-        "bits": {name: record.bits for name, record in records.items()},
-        "finetune_epochs": args.finetune_epochs,
-        "optimizer": args.optimizer,
-        "learning_rate": args.lr,
-        "test_accuracy_before": before,
-        "validation_accuracy_after_sharing": stage_log["validation_accuracy_after_sharing"],
-        "test_accuracy": tuned,
-    }
-    save_checkpoint(
-        out,
-        model,
-        model_name=args.model or checkpoint.model_name,
-        metadata={**checkpoint.metadata, "stage": "quantized", "quantization": log, "test_accuracy": tuned},
-        protect=(args.checkpoint,),
-    )
-    print(format_sharing_table(rows))
-    print(f"test accuracy: {before:.4f} before, {tuned:.4f} after fine-tuning ({100 * (tuned - before):+.2f} points)")
-    print(f"checkpoint: {out}")
-    if args.report_dir:
-        from deepshrink.quantize.report import plot_codebooks
-
-        report_dir = Path(args.report_dir)
-        data = {"layers": rows, **log, "epochs": stage_log.get("epochs", [])}
-        _write_report(
-            args.report_dir, "quantization", format_sharing_table(rows, markdown=True), data, (args.checkpoint,)
-        )
-        plot_codebooks(model, records, report_dir / "codebooks.png")
-        print(f"report: {report_dir}/quantization.md, quantization.json, codebooks.png")
-    return 0
-
-
-def command_compress(args: argparse.Namespace) -> int:
-    from deepshrink.checkpoint import load_model
-    from deepshrink.compressed import format_size_table, load_compressed, save_compressed, size_report
-    from deepshrink.data import load_data, make_loader
-    from deepshrink.encode.container import read_header
-    from deepshrink.train import evaluate
-
-    index_bits = {pattern: int(value) for pattern, value in _parse_assignments(args.index_bits, "--index-bits").items()}
-    model, checkpoint = load_model(args.checkpoint, args.model)
-    name = args.model or checkpoint.model_name
-    out = save_compressed(
-        model,
+    stage = stage_named(args.stage)
+    settings = _stage_settings(args, stage.settings)
+    data = load_data(args.data_dir, train_subset=getattr(args, "train_subset", None))
+    done = run_stage_on_checkpoint(
+        args.checkpoint,
+        settings,
+        data,
         args.out,
-        model_name=name,
-        index_bits=index_bits or None,
-        layout=args.layout,
-        coder=args.coder,
-        metadata={"source": Path(args.checkpoint).name, **checkpoint.metadata},
-        protect=(args.checkpoint,),
+        model=args.model,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+        evaluate_output=not getattr(args, "no_evaluate", False),
     )
-    rows, totals = size_report(read_header(out))
-    print(format_size_table(rows, totals))
-    print(
-        f"file: {out} ({totals['file_bytes']:,} bytes, {totals['compression']:.1f}x smaller than "
-        f"{totals['fp32_parameter_bytes']:,} fp32 parameter bytes)"
-    )
-    if not args.no_evaluate:
-        # The accuracy that counts is the one of the model decoded from the written file.
-        decoded, _ = load_compressed(out, args.model)
-        accuracy = evaluate(decoded, make_loader(load_data(args.data_dir).test, 1000, shuffle=False), args.device)
-        print(f"test accuracy of the decoded file: {accuracy.accuracy:.4f}")
-    if args.report_dir:
-        from dataclasses import asdict
-
-        data = {
-            "layers": [asdict(row) | {"rate": row.rate, "rate_fixed": row.rate_fixed} for row in rows],
-            "totals": totals,
-        }
-        _write_report(
-            args.report_dir, "compression", format_size_table(rows, totals, markdown=True), data, (args.checkpoint,)
+    summary = stage.summarize(done.model, done.result) if stage.summarize else ""
+    print(summary)
+    if done.accuracy is None:
+        print(f"test accuracy of the input: {done.reference_accuracy:.4f}")
+    elif stage.changes_model:
+        print(
+            f"test accuracy: {done.reference_accuracy:.4f} before, {done.accuracy:.4f} after "
+            f"({100 * (done.accuracy - done.reference_accuracy):+.2f} points)"
         )
-        from deepshrink.compressed import plot_distributions
-
-        plot_distributions(out, Path(args.report_dir) / "distributions.png")
+    else:
+        print(f"test accuracy of the decoded file: {done.accuracy:.4f}")
+    print(f"{'checkpoint' if stage.changes_model else 'file'}: {done.path}")
+    if args.report_dir:
+        _write_stage_report(args, stage, done, summary)
     return 0
 
 
-def command_decompress(args: argparse.Namespace) -> int:
+def _write_stage_report(args: argparse.Namespace, stage, done, summary: str) -> None:
+    """STAGE.md and STAGE.json, and the stage's figure, in --report-dir."""
+    data = {
+        **done.result.to_dict(),
+        "reference_test_accuracy": done.reference_accuracy,
+        "test_accuracy": done.accuracy,
+    }
+    _write_report(args.report_dir, stage.name, f"```\n{summary}\n```", data, (args.checkpoint,))
+    from deepshrink.report import stage_figure
+
+    figure = stage_figure(done.model, done.result, Path(args.report_dir))
+    print(f"report: {args.report_dir}/{stage.name}.md, {stage.name}.json" + (f", {figure.name}" if figure else ""))
+
+
+def command_decode(args: argparse.Namespace) -> int:
     from deepshrink.checkpoint import save_state_dict
     from deepshrink.compressed import read_state_dict
 
@@ -318,8 +262,8 @@ def command_decompress(args: argparse.Namespace) -> int:
 
 
 def command_inspect(args: argparse.Namespace) -> int:
-    from deepshrink.compressed import format_size_table, size_report
     from deepshrink.encode.container import read_header
+    from deepshrink.encode.sizes import format_size_table, size_report
 
     header = read_header(args.file)
     rows, totals = size_report(header)
@@ -331,7 +275,7 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 def command_run(args: argparse.Namespace) -> int:
     from deepshrink.data import load_data
-    from deepshrink.pipeline import compress
+    from deepshrink.pipeline import run
     from deepshrink.recipe import load_recipe
     from deepshrink.report import summary
 
@@ -351,72 +295,10 @@ def command_run(args: argparse.Namespace) -> int:
         if is_factory_path(name):
             raise ConfigError(f"--model {name} is your own network: pass its trained weights with --checkpoint FILE")
         model = reference_model(name, data, device=args.device, progress=not args.quiet).model
-    result = compress(
+    result = run(
         model, recipe, data, run_dir=args.run_dir, model_name=name, device=args.device, progress=not args.quiet
     )
     print(summary(result))
-    return 0
-
-
-def command_lowrank(args: argparse.Namespace) -> int:
-    from deepshrink import stages
-    from deepshrink.checkpoint import STRUCTURE_KEY, load_model, save_checkpoint
-    from deepshrink.data import load_data
-    from deepshrink.lowrank import layer_spectra, parameter_count
-    from deepshrink.recipe import DistillSettings, LowrankSettings
-    from deepshrink.tables import render_table
-    from deepshrink.train import evaluate
-
-    settings = LowrankSettings(
-        budget=args.budget,
-        method=args.method,
-        scheme=args.scheme,
-        finetune_epochs=args.finetune_epochs,
-        selection_epochs=args.selection_epochs,
-        selection_seeds=args.selection_seeds,
-        projection=args.projection,
-        learning_rate=args.lr,
-        distill=DistillSettings() if args.distill else None,
-    )
-    model, checkpoint = load_model(args.checkpoint, args.model)
-    if checkpoint.metadata.get(STRUCTURE_KEY):
-        raise ConfigError(f"{args.checkpoint} is already factored; start from the unfactored model")
-    loaders = stages.Loaders.from_splits(load_data(args.data_dir, train_subset=args.train_subset))
-    before = evaluate(model, loaders.test, args.device).accuracy
-    parameters = parameter_count(model)
-    spectra = layer_spectra(model, next(iter(loaders.validation))[0][:1], settings.scheme)
-    log = stages.lowrank(model, settings, loaders, seed=args.seed, device=args.device, progress=not args.quiet)
-    after = evaluate(model, loaders.test, args.device).accuracy
-    rows = []
-    for name, spectrum in spectra.items():
-        rank = log["ranks"][name]
-        rows.append(
-            [
-                name,
-                f"{spectrum.full_rank}",
-                "dense" if rank is None else str(rank),
-                f"{spectrum.dense_macs:,}",
-                f"{spectrum.macs(rank):,}",
-            ]
-        )
-    print(render_table(["layer", "full rank", "rank", "MACs before", "MACs after"], rows))
-    print(
-        f"{settings.method.upper()} at a budget of {100 * settings.budget:g}% of the MACs: "
-        f"{100 * log['mac_fraction']:.1f}% kept, parameters {parameters:,} -> {parameter_count(model):,}"
-    )
-    print(
-        f"test accuracy: {before:.4f} before, "
-        f"validation {log['validation_accuracy_after_factorizing']:.4f} right after factorizing, "
-        f"test {after:.4f} after {settings.finetune_epochs} epochs of fine-tuning"
-    )
-    save_checkpoint(
-        args.out,
-        model.cpu(),
-        model_name=args.model or checkpoint.model_name,
-        metadata={**checkpoint.metadata, "stage": "lowrank", "lowrank": log, STRUCTURE_KEY: log["structure"]},
-        protect=(args.checkpoint,),
-    )
-    print(f"checkpoint: {args.out}")
     return 0
 
 
@@ -618,134 +500,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
-    prune = commands.add_parser(
-        "prune", help="prune a checkpoint by magnitude (iteratively, with retraining) or by DNS", epilog=EPILOG
-    )
-    prune.add_argument("checkpoint", help="the trained model's checkpoint")
-    prune.add_argument("--model", help="model name or package.module:factory (default: the one the checkpoint names)")
-    prune.add_argument("--out", required=True, help="pruned checkpoint to write (never the input)")
-    target = prune.add_argument_group("what to prune (exactly one kind)")
-    target.add_argument(
-        "--sparsity",
-        action="append",
-        metavar="LAYER=S",
-        help="final fraction of LAYER's weights to prune; LAYER is a glob; repeatable",
-    )
-    target.add_argument(
-        "--quality",
-        action="append",
-        metavar="LAYER=Q",
-        help="Han's rule: prune |w| < Q x std(w) each round (with --method dns: the crate c "
-        "of Guo et al., threshold mean+c*std of |w|); repeatable",
-    )
-    target.add_argument(
-        "--global-sparsity",
-        type=float,
-        metavar="S",
-        help="one magnitude threshold across --layers, pruning fraction S in total",
-    )
-    target.add_argument("--layers", nargs="+", metavar="PATTERN", help="layers for --global-sparsity (default: all)")
-    prune.add_argument(
-        "--method",
-        choices=("magnitude", "dns"),
-        default="magnitude",
-        help="magnitude: prune then retrain with masks held, --rounds times; "
-        "dns: Dynamic Network Surgery for --retrain-epochs epochs",
-    )
-    prune.add_argument("--rounds", type=int, default=6, help="prune-retrain rounds (default 6)")
-    prune.add_argument("--retrain-epochs", type=int, default=8, help="retraining epochs per round (default 8)")
-    prune.add_argument(
-        "--finetune-epochs",
-        type=int,
-        default=0,
-        help="with --method dns: then retrain this many epochs with the masks fixed, at lr/2",
-    )
-    prune.add_argument("--lr", type=float, default=0.02, help="retraining learning rate (default 0.02)")
-    prune.add_argument("--weight-decay", type=float, default=5e-4, help="retraining weight decay (default 5e-4)")
-    prune.add_argument("--batch-size", type=int, default=128, help="retraining batch size (default 128)")
-    prune.add_argument("--train-subset", type=int, help="retrain on the first N training examples only (quick runs)")
-    prune.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
-    prune.add_argument("--report-dir", help="also write pruning.md and pruning.json here")
-    _add_data_options(prune)
-    prune.set_defaults(handler=command_prune)
+    from deepshrink.stages import registered_stages
 
-    quantize = commands.add_parser(
-        "quantize",
-        help="share weights through per-layer k-means codebooks, then fine-tune the centroids",
-        epilog=EPILOG,
-    )
-    quantize.add_argument("checkpoint", help="a trained or pruned checkpoint")
-    quantize.add_argument(
-        "--model", help="model name or package.module:factory (default: the one the checkpoint names)"
-    )
-    quantize.add_argument("--out", required=True, help="weight-shared checkpoint to write (never the input)")
-    quantize.add_argument(
-        "--bits",
-        action="append",
-        metavar="LAYER=B",
-        help="bits per weight for layers matching the glob LAYER, 1 to 16; repeatable "
-        "(default: 8 for conv, 5 for fc, as in the paper)",
-    )
-    quantize.add_argument(
-        "--init",
-        choices=("linear", "density", "forgy", "optimal"),
-        default="linear",
-        help="centroid initialisation (default linear, best in the paper)",
-    )
-    quantize.add_argument("--finetune-epochs", type=int, default=3, help="centroid fine-tuning epochs (default 3)")
-    quantize.add_argument(
-        "--optimizer", choices=("adam", "sgd"), default="adam", help="fine-tuning optimizer (default adam)"
-    )
-    quantize.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
-    quantize.add_argument(
-        "--weight-decay",
-        type=float,
-        default=0.0,
-        help="fine-tuning weight decay (default 0: decay would pull centroids to zero)",
-    )
-    quantize.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default 128)")
-    quantize.add_argument("--train-subset", type=int, help="retrain on the first N training examples only (quick runs)")
-    quantize.add_argument("--seed", type=int, default=0, help="seed of forgy sampling and shuffling")
-    quantize.add_argument("--report-dir", help="also write quantization.md, quantization.json and codebooks.png")
-    _add_data_options(quantize)
-    quantize.set_defaults(handler=command_quantize)
+    for stage in registered_stages():
+        command = commands.add_parser(stage.name, help=stage.description, epilog=EPILOG)
+        command.add_argument("checkpoint", help="the input checkpoint (.safetensors, or a .pt/.pth state_dict)")
+        command.add_argument(
+            "--model", help="model name or package.module:factory (default: the one the checkpoint names)"
+        )
+        what = "checkpoint" if stage.changes_model else f"{stage.output_suffix} file"
+        command.add_argument("--out", required=True, help=f"{what} to write (never the input)")
+        _stage_options(command, stage.settings)
+        command.add_argument("--seed", type=int, default=0, help="seed of sampling and shuffling (default 0)")
+        if stage.changes_model:
+            command.add_argument("--train-subset", type=int, help="retrain on the first N training examples only")
+        else:
+            command.add_argument(
+                "--no-evaluate", action="store_true", help="skip measuring the decoded file's accuracy"
+            )
+        command.add_argument("--report-dir", help=f"also write {stage.name}.md, {stage.name}.json and a figure here")
+        _add_data_options(command)
+        command.set_defaults(handler=command_stage, stage=stage.name)
 
-    compress = commands.add_parser(
-        "compress",
-        help="encode a pruned, weight-shared checkpoint into a .dcz file and report its size",
-        epilog=EPILOG,
-    )
-    compress.add_argument("checkpoint", help="a checkpoint from `deepshrink quantize` (or prune)")
-    compress.add_argument(
-        "--model", help="model name or package.module:factory (default: the one the checkpoint names)"
-    )
-    compress.add_argument("--out", required=True, help=".dcz file to write (never the input)")
-    compress.add_argument(
-        "--index-bits",
-        action="append",
-        metavar="LAYER=B",
-        help="gap width for layers matching LAYER, 1 to 16 (default 8 conv, 5 fc); repeatable",
-    )
-    compress.add_argument(
-        "--layout", choices=("csr", "csc", "dense"), default="csr", help="sparse layout of pruned layers (default csr)"
-    )
-    compress.add_argument(
-        "--coder",
-        choices=("huffman", "fixed"),
-        default="huffman",
-        help="huffman (P+Q+H, default) or fixed-width codes (P+Q)",
-    )
-    compress.add_argument("--no-evaluate", action="store_true", help="skip measuring the decoded file's accuracy")
-    compress.add_argument("--report-dir", help="also write compression.md and compression.json here")
-    _add_data_options(compress)
-    compress.set_defaults(handler=command_compress)
-
-    decompress = commands.add_parser(
-        "decompress", help="decode a .dcz file into a safetensors checkpoint", epilog=EPILOG
-    )
+    decompress = commands.add_parser("decode", help="decode a .dcz file into a safetensors checkpoint", epilog=EPILOG)
     decompress.add_argument("file", help="the .dcz file")
     decompress.add_argument("--out", required=True, help="safetensors file to write")
-    decompress.set_defaults(handler=command_decompress)
+    decompress.set_defaults(handler=command_decode)
 
     inspect = commands.add_parser(
         "inspect", help="the per-layer size table of a .dcz file, read from its header", epilog=EPILOG
@@ -767,55 +547,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(run)
     run.set_defaults(handler=command_run)
-
-    lowrank = commands.add_parser(
-        "lowrank",
-        help="SVD low-rank factorization at per-layer ranks chosen under a MAC budget, then fine-tuning",
-        epilog=EPILOG,
-    )
-    lowrank.add_argument("checkpoint", help="the trained model's checkpoint")
-    lowrank.add_argument("--model", help="model name or package.module:factory (default: the one the checkpoint names)")
-    lowrank.add_argument("--out", required=True, help="factored checkpoint to write (never the input)")
-    lowrank.add_argument("--budget", type=float, default=0.5, help="fraction of the original MACs (default 0.5)")
-    lowrank.add_argument(
-        "--method",
-        choices=("cptv", "pos", "relaxed"),
-        default="pos",
-        help="cptv: one energy fraction for all layers; pos: best product of kept energies; "
-        "relaxed: masks optimised on the training loss, its roundings, POS and CPTV each fine-tuned "
-        "for --selection-epochs with --selection-seeds shuffles and the highest mean validation accuracy kept "
-        "(default pos)",
-    )
-    lowrank.add_argument(
-        "--selection-epochs",
-        type=int,
-        help="relaxed: fine-tuning epochs per candidate before scoring it on validation; "
-        "0 scores on the training loss instead (default: as many as --finetune-epochs)",
-    )
-    lowrank.add_argument(
-        "--selection-seeds",
-        type=int,
-        default=1,
-        help="relaxed: fine-tune each candidate this many times, each with its own shuffle, and compare "
-        "mean validation accuracies (default 1)",
-    )
-    lowrank.add_argument(
-        "--projection",
-        choices=("euclidean", "cost", "both"),
-        default="euclidean",
-        help="relaxed: the descent's metric; cost moves masks by gradient per MAC and finds lower-loss "
-        "ranks at tight budgets, both keeps the roundings of the two (default euclidean)",
-    )
-    lowrank.add_argument(
-        "--scheme", choices=("zhang", "tai"), default="zhang", help="how convolutions are matricized (default zhang)"
-    )
-    lowrank.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs after (default 2)")
-    lowrank.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
-    lowrank.add_argument("--distill", action="store_true", help="fine-tune against the original model's soft targets")
-    lowrank.add_argument("--train-subset", type=int, help="fine-tune on the first N training examples only")
-    lowrank.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
-    _add_data_options(lowrank)
-    lowrank.set_defaults(handler=command_lowrank)
 
     mode_help = (
         "auto (sparse where a layer's density is low enough), sparse, dense, or LAYER_GLOB=MODE entries (default: auto)"

@@ -7,7 +7,6 @@ plus the file's header and padding in the totals.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,9 @@ from torch import nn
 from deepshrink import __version__
 from deepshrink.encode import container
 from deepshrink.encode.codec import decode_state_dict, encode_model
-from deepshrink.errors import ConfigError, FormatError, ModelError
-from deepshrink.tables import render_table
+from deepshrink.encode.sizes import parameter_bytes
+from deepshrink.errors import FormatError
+from deepshrink.loading import STRUCTURE_KEY, model_for
 
 
 def save_compressed(
@@ -32,7 +32,6 @@ def save_compressed(
     protect: tuple = (),
 ) -> Path:
     """Encode `model` (pruned and weight-shared layers compressed, the rest raw) into `path`."""
-    parameters = sum(parameter.numel() for parameter in _effective_parameters(model))
     header, buffers = encode_model(
         model,
         index_bits=index_bits,
@@ -41,22 +40,11 @@ def save_compressed(
         metadata={
             "model": model_name,
             "library": f"deepshrink {__version__}",
-            "fp32_parameter_bytes": 4 * parameters,
+            "fp32_parameter_bytes": parameter_bytes(model),
             **(metadata or {}),
         },
     )
     return container.write(path, header, buffers, protect=protect)
-
-
-def _effective_parameters(model: nn.Module):
-    """Each weight once: a parametrized weight counts as its shape, not as original + codebook."""
-    from deepshrink.layers import plain_state_dict
-
-    trainable = {name for name, _ in model.named_parameters()}
-    for key, tensor in plain_state_dict(model).items():
-        owner = key.rsplit(".", 1)[0]
-        if key in trainable or f"{owner}.parametrizations.{key.rsplit('.', 1)[-1]}.original" in trainable:
-            yield tensor
 
 
 def read_state_dict(path: str | os.PathLike):
@@ -65,163 +53,23 @@ def read_state_dict(path: str | os.PathLike):
     return decode_state_dict(loaded.header, loaded.buffers), loaded.header.get("metadata", {})
 
 
-def load_compressed(path: str | os.PathLike, model_name: str | None = None) -> tuple[nn.Module, dict]:
-    """Build the model a .dcz file names and load its decoded weights (bit-exact).
+def load_compressed(path: str | os.PathLike, model: nn.Module | str | None = None) -> tuple[nn.Module, dict]:
+    """The model of a .dcz file with its decoded weights (bit-exact), and the file's metadata.
 
-    A user factory named in the file is imported only when passed as `model_name`: a file must
-    not choose what code we run.
+    `model` is the module to load into, a registered name or package.module:factory, or None for
+    the name the file records (a user factory the file names is imported only when passed here:
+    a file must not choose what code we run). Raises FormatError for a malformed file or tensors
+    that do not fit the model, ModelError when no model can be built.
     """
-    from deepshrink.models import build_model, is_factory_path
-
     state, metadata = read_state_dict(path)
-    name = model_name or metadata.get("model")
-    if not isinstance(name, str):
-        raise ModelError(f"{path}: the file does not name its model; pass --model NAME or package.module:factory")
-    if model_name is None and is_factory_path(name):
-        raise ModelError(f"{path}: made from the user factory {name!r}; pass --model {name} to allow importing it")
-    model = build_model(name)
+    built, name = model_for(
+        path, model, metadata.get("model"), structure=metadata.get(STRUCTURE_KEY), error=FormatError
+    )
     try:
-        from deepshrink.checkpoint import STRUCTURE_KEY
-        from deepshrink.lowrank import apply_structure
-
-        apply_structure(model, metadata.get(STRUCTURE_KEY))
-        model.load_state_dict(state)
-    except (RuntimeError, ConfigError) as error:
+        built.load_state_dict(state)
+    except RuntimeError as error:
         raise FormatError(f"{path}: the decoded tensors do not fit model {name!r}: {error}") from error
-    return model, metadata
-
-
-@dataclass(frozen=True)
-class LayerSize:
-    """One row of the paper's Tables 2-5, from the encoded bytes."""
-
-    name: str
-    weights: int
-    kept: int
-    bytes: int  # the record's buffers
-    weight_bits: int | None = None  # P+Q: bits per code
-    weight_bits_coded: float | None = None  # P+Q+H: coded bits per entry
-    index_bits: int | None = None
-    index_bits_coded: float | None = None
-    fixed_bits: int | None = None  # the P+Q size in bits: entries x (bits + index bits) + codebook + counts
-
-    @property
-    def rate(self) -> float:
-        return 32 * self.weights / (8 * self.bytes) if self.bytes else float("inf")
-
-    @property
-    def rate_fixed(self) -> float | None:
-        return 32 * self.weights / self.fixed_bits if self.fixed_bits else None
-
-
-def size_report(header: dict) -> tuple[list[LayerSize], dict]:
-    """Per-tensor sizes and totals from a header with its buffer table (container.read_header)."""
-    table = header["buffers"]
-    rows = []
-    for record in header["tensors"]:
-        shape = record["shape"]
-        weights = 1
-        for side in shape:
-            weights *= side
-        if record["encoding"] == "raw":
-            rows.append(LayerSize(record["name"], weights, weights, table[record["data"]]["length"]))
-            continue
-        streams = record["streams"]
-        owned = [record["codebook"]] + [
-            stream[key] for stream in streams.values() for key in ("buffer", "lengths") if key in stream
-        ]
-        size = sum(table[index]["length"] for index in owned)
-        entries = max(record["entries"], 1)
-        codebook_bits = 32 * (table[record["codebook"]]["length"] // 4)
-        sparse = record["layout"] != "dense"
-        index_bits = record["index_bits"] if sparse else 0
-        fixed = entries * (record["bits"] + index_bits) + codebook_bits + (streams["counts"]["bits"] if sparse else 0)
-        rows.append(
-            LayerSize(
-                record["name"],
-                weights,
-                record["nonzeros"],
-                size,
-                weight_bits=record["bits"],
-                weight_bits_coded=streams["codes"]["bits"] / entries,
-                index_bits=index_bits if sparse else None,
-                index_bits_coded=streams["gaps"]["bits"] / entries if sparse else None,
-                fixed_bits=fixed,
-            )
-        )
-    metadata = header.get("metadata", {})
-    file_bytes = (
-        container.PREAMBLE.size
-        + _header_bytes(header)
-        + sum(entry["length"] + (-entry["length"] % container.ALIGNMENT) for entry in table)
-    )
-    parameter_bytes = metadata.get("fp32_parameter_bytes") or 4 * sum(row.weights for row in rows)
-    totals = {
-        "file_bytes": file_bytes,
-        "fp32_parameter_bytes": parameter_bytes,
-        "compression": parameter_bytes / file_bytes,
-        "weights": sum(row.weights for row in rows if row.weight_bits is not None),
-        "kept": sum(row.kept for row in rows if row.weight_bits is not None),
-    }
-    return rows, totals
-
-
-def _header_bytes(header: dict) -> int:
-    return len(container.encode_header(header))
-
-
-def format_size_table(rows: list[LayerSize], totals: dict, markdown: bool = False) -> str:
-    """The paper's per-layer columns, then the whole file against fp32 parameters."""
-    header = [
-        "layer",
-        "#weights",
-        "weights% (P)",
-        "weight bits (P+Q)",
-        "weight bits (P+Q+H)",
-        "index bits (P+Q)",
-        "index bits (P+Q+H)",
-        "compress rate (P+Q)",
-        "compress rate (P+Q+H)",
-        "bytes",
-    ]
-
-    def number(value, pattern="{:.2f}"):
-        return "-" if value is None else pattern.format(value)
-
-    body = []
-    for row in rows:
-        if row.weight_bits is None and len(rows) > 12 and row.weights < 1000:
-            continue  # long models: skip small raw tensors (biases) in the text table; totals keep them
-        body.append(
-            [
-                row.name,
-                f"{row.weights:,}",
-                f"{100 * row.kept / max(row.weights, 1):.1f}%",
-                number(row.weight_bits, "{}"),
-                number(row.weight_bits_coded, "{:.2f}"),
-                number(row.index_bits, "{}"),
-                number(row.index_bits_coded, "{:.2f}"),
-                number(row.rate_fixed, "{:.1f}x"),
-                f"{row.rate:.1f}x",
-                f"{row.bytes:,}",
-            ]
-        )
-    kept = totals["kept"] / max(totals["weights"], 1)
-    body.append(
-        [
-            "total (file)",
-            f"{totals['fp32_parameter_bytes'] // 4:,}",
-            f"{100 * kept:.1f}%",
-            "",
-            "",
-            "",
-            "",
-            "",
-            f"{totals['compression']:.1f}x",
-            f"{totals['file_bytes']:,}",
-        ]
-    )
-    return render_table(header, body, markdown)
+    return built, metadata
 
 
 def plot_distributions(path: str | os.PathLike, out: str | os.PathLike, layer: str | None = None) -> Path:

@@ -13,6 +13,22 @@ from deepshrink.errors import ConfigError, UnsupportedLayerError
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
+# The paper's widths, for both the codebook bits and the relative index bits: 8 for
+# convolutions, 5 for fully connected layers (Han et al. 2016, Section 3 and Tables 2-3).
+PAPER_CONV_BITS = 8
+PAPER_FC_BITS = 5
+
+
+def paper_default_bits(layer: nn.Module) -> int:
+    """The paper's default width for `layer`: 8 bits for convolutions, 5 for the others."""
+    return PAPER_CONV_BITS if isinstance(layer, nn.Conv1d | nn.Conv2d) else PAPER_FC_BITS
+
+
+def matching(pattern: str, names: Iterable[str]) -> list[str]:
+    """The names the glob `pattern` matches, in order; case-sensitive, as layer names are."""
+    return [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+
+
 def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every Linear, Conv1d, Conv2d and Embedding layer of `model`, by qualified name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, SUPPORTED_LAYERS)}
@@ -31,9 +47,9 @@ def select_layers(model: nn.Module, patterns: Iterable[str] | None = None) -> di
     all_modules = dict(model.named_modules())
     selected: dict[str, nn.Module] = {}
     for pattern in patterns:
-        matches = [name for name in layers if fnmatch.fnmatchcase(name, pattern)]
+        matches = matching(pattern, layers)
         if not matches:
-            unsupported = [name for name in all_modules if name and fnmatch.fnmatchcase(name, pattern)]
+            unsupported = [name for name in matching(pattern, all_modules) if name]
             if unsupported:
                 kinds = ", ".join(f"{name} ({type(all_modules[name]).__name__})" for name in unsupported[:5])
                 raise UnsupportedLayerError(
@@ -51,7 +67,7 @@ def match_per_layer(layers: Iterable[str], values: dict[str, float], what: str) 
     layers = list(layers)
     resolved: dict[str, float] = {}
     for pattern, value in values.items():
-        matches = [name for name in layers if fnmatch.fnmatchcase(name, pattern)]
+        matches = matching(pattern, layers)
         if not matches:
             raise ConfigError(f"{what} pattern {pattern!r} matches no layer; the layers are {', '.join(layers)}")
         for name in matches:

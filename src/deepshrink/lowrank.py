@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,7 +88,13 @@ class RankChoice:
     ranks: dict[str, int | None]
     macs: int
     dense_macs: int
-    extra: dict = field(default_factory=dict)
+    beta: float | None = None  # CPTV: the energy fraction every layer keeps
+    # The relaxation: which singular triplets each layer keeps (None: the largest `rank`), every
+    # candidate's scores, what was scored, and the winner's label.
+    components: dict[str, np.ndarray] | None = None
+    candidates: list[dict] | None = None
+    criterion: str | None = None
+    winner: str | None = None
 
     @property
     def mac_fraction(self) -> float:
@@ -219,7 +225,7 @@ def select_cptv(spectra: dict[str, LayerSpectrum], budget: float) -> RankChoice:
         else:
             high = middle
     ranks = cptv_ranks(spectra, low)
-    return RankChoice("CPTV", ranks, _total(spectra, ranks), dense, {"beta": low})
+    return RankChoice("CPTV", ranks, _total(spectra, ranks), dense, beta=low)
 
 
 def select_pos(spectra: dict[str, LayerSpectrum], budget: float, resolution: int = 4000) -> RankChoice:
@@ -453,7 +459,7 @@ def select_relaxed(
     by less than that, as on LeNet-300-100 at 0.5-0.7 of the MACs, no validation score can tell
     which of them will be ahead on another set of images.
 
-    `extra["candidates"]` lists every candidate's scores, `extra["criterion"]` what was scored.
+    `candidates` lists every candidate's scores, `criterion` what was scored.
     """
     from torch.func import functional_call
     from tqdm.auto import tqdm
@@ -594,18 +600,20 @@ def select_relaxed(
             per_seed[label] = [run[0] for run in runs]
             scored.append((accuracy, loss, label, ranks, components))
     _, _, label, ranks, components = min(scored, key=lambda entry: (-(entry[0] or 0.0), entry[1]))
-    extra = {
-        "candidates": [
+    return RankChoice(
+        "relaxed",
+        ranks,
+        _total(spectra, ranks),
+        dense,
+        components=components,
+        candidates=[
             {"candidate": entry[2], "accuracy": entry[0], "loss": entry[1], "ranks": entry[3]}
             | ({"accuracy_per_seed": per_seed[entry[2]]} if entry[2] in per_seed else {})
             for entry in scored
-        ]
-    }
-    extra["criterion"] = criterion
-    extra["winner"] = label
-    if components is not None:
-        extra["components"] = components
-    return RankChoice("relaxed", ranks, _total(spectra, ranks), dense, extra)
+        ],
+        criterion=criterion,
+        winner=label,
+    )
 
 
 def candidate_key(ranks: dict[str, int | None], components: dict | None) -> tuple:

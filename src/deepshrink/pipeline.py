@@ -1,4 +1,5 @@
-"""The one place the stages are composed: reference -> [low-rank] -> prune -> quantize -> encode -> report.
+"""The one place the stages are composed: the reference, then every registered stage the recipe
+names, in the registry's order (low-rank, prune, quantize, encode), then the report.
 
 Each stage's result is cached in the run directory under a key that covers the stage's recipe
 section and everything that fed it (the reference's weights, the data, the seed, the previous
@@ -20,29 +21,35 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from deepshrink import stages
-from deepshrink.checkpoint import STRUCTURE_KEY, load_checkpoint, load_state_into, save_checkpoint, save_state_dict
+from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from deepshrink.data import DataSplits
+from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.layers import compressible_layers
-from deepshrink.lowrank import apply_structure
+from deepshrink.loading import STRUCTURE_KEY
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
-from deepshrink.stages import Loaders
+from deepshrink.stages import Loaders, StageContext, StageResult, registered_stages, run_stage, stage_metadata
 from deepshrink.train import evaluate, resolve_device
 
 
 @dataclass
 class StageRun:
+    """One stage of a run: its cache key, whether it came from the cache, and its result."""
+
     name: str
     key: str
     cached: bool
     seconds: float
-    log: dict = field(default_factory=dict)
+    result: StageResult
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "key": self.key, "cached": self.cached, "seconds": self.seconds} | {
+            "log": self.result.log,
+            "metrics": self.result.metrics,
+        }
 
 
 @dataclass
@@ -89,7 +96,7 @@ def weights_digest(model: nn.Module) -> str:
 
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
-        raise ModelError(f"compress() needs a torch.nn.Module, got {type(model).__name__}")
+        raise ModelError(f"run() needs a torch.nn.Module, got {type(model).__name__}")
     if not compressible_layers(model):
         raise ModelError(
             f"{type(model).__name__} has no Linear, Conv1d, Conv2d or Embedding layer; there is nothing to compress"
@@ -97,12 +104,12 @@ def _check_model(model: nn.Module) -> None:
     parametrized = [name for name, module in model.named_modules() if hasattr(module, "parametrizations")]
     if parametrized:
         raise ModelError(
-            f"the model passed to compress() is already pruned or shared ({', '.join(parametrized[:3])}); "
-            "pass the trained reference, or use the stage functions in deepshrink.stages"
+            f"the model passed to run() is already pruned or shared ({', '.join(parametrized[:3])}); "
+            "pass the trained reference, or run single stages with deepshrink.run_stage"
         )
 
 
-def compress(
+def run(
     model: nn.Module,
     recipe: Recipe | str | os.PathLike | dict,
     data: DataSplits | Loaders,
@@ -112,16 +119,32 @@ def compress(
     device: str = "auto",
     progress: bool = True,
 ) -> RunResult:
-    """Run `recipe` on a trained `model` and write RUN_DIR/MODEL.dcz and the report.
+    """Run `recipe` on a trained `model`: every stage it names, in order, then RUN_DIR/MODEL.dcz
+    and the report (`deepshrink run RECIPE` on the command line).
 
-    `data` is a DataSplits (from deepshrink.load_data) or your own loaders
-    (`deepshrink.stages.Loaders.fixed(train, validation, test)`). `model` itself is never
-    modified. With your own loaders, cached stages assume the same data on a rerun.
+    Args:
+        model: the trained reference; never modified.
+        recipe: a Recipe, a YAML file, a shipped recipe's name ("lenet-5") or a dict.
+        data: a DataSplits (from deepshrink.load_data) or your own loaders
+            (`deepshrink.Loaders.fixed(train, validation, test)`; cached stages then assume the
+            same data on a rerun).
+        run_dir: where stage checkpoints, the file and the report go (default runs/MODEL).
+        model_name: the name recorded in the file (default: the recipe's model, or the class name).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        progress: progress bars and one line per stage.
+
+    Returns:
+        A RunResult: the file, its size against fp32 parameters, and the test accuracy of the
+        reference and of the model decoded from the file.
+
+    Raises:
+        ConfigError for a bad recipe or data argument, ModelError for a model with nothing to
+        compress, and the stages' own errors.
     """
     recipe = _as_recipe(recipe)
     _check_model(model)
     name = model_name or recipe.model or type(model).__name__.lower()
-    run_dir = Path(run_dir or Path("runs") / name.replace(":", "-").replace("/", "-"))
+    run_dir = Path(run_dir or Path("runs") / _file_stem(name))
     device = resolve_device(device)
     layer_names = list(compressible_layers(model))
     if recipe.lowrank is not None:  # a factored layer NAME becomes NAME.0 and NAME.1
@@ -140,68 +163,47 @@ def compress(
     stages_run: list[StageRun] = []
     current = reference
     key = input_key
-    records = None
-
-    structure = None  # set by the low-rank stage: the factored architecture, for every later load
-    for stage in ("lowrank", "prune", "quantize"):
-        settings = getattr(recipe, stage)
+    out = None
+    structure = None  # set by a stage that changes layers (low-rank), for every later load
+    for stage in registered_stages():
+        settings = recipe.stages.get(stage.name)
         if settings is None:
             continue
-        key = _digest(key, stage, recipe.section(stage))
-        path = run_dir / "stages" / f"{stage}-{key[:16]}.safetensors"
-        records_path = path.with_suffix(".records.safetensors")
+        key = _digest(key, stage.name, recipe.section(stage.name))
+        context = StageContext(loaders, seed=recipe.seed, device=device, progress=progress, teacher=reference)
         started = time.perf_counter()
-        if path.exists():
-            checkpoint = load_checkpoint(path)
-            current = load_state_into(copy.deepcopy(reference), checkpoint, path).to(device)
-            log, cached = checkpoint.metadata["log"], True
-            structure = checkpoint.metadata.get(STRUCTURE_KEY)
-            if stage == "quantize":
-                records = _load_records(records_path)
-        else:
-            _say(progress, f"{stage}: running")
-            # Stages work on copies: the reference stays untouched for the report and the sweep.
-            current = copy.deepcopy(reference) if current is reference else current
-            options = {"seed": recipe.seed, "device": device, "progress": progress, "teacher": reference}
-            if stage == "lowrank":
-                log = stages.lowrank(current, settings, loaders, **options)
-                structure = log["structure"]
-            elif stage == "prune":
-                log = stages.prune(current, settings, loaders, **options)
+        if stage.changes_model:
+            path = run_dir / "stages" / f"{stage.name}-{key[:16]}.safetensors"
+            result_path = path.with_suffix(".result.safetensors")
+            cached = path.exists() and result_path.exists()
+            if cached:
+                current = load_state_into(copy.deepcopy(reference), load_checkpoint(path), path).to(device)
+                result = StageResult.load(result_path)
             else:
-                records, log = stages.quantize(current, settings, loaders, **options)
-                _save_records(records_path, records)
-            metadata = {"stage": stage, "key": key, "log": log, STRUCTURE_KEY: structure}
-            save_checkpoint(path, current, model_name=name, metadata=metadata)
-            cached = False
-        stages_run.append(StageRun(stage, key, cached, time.perf_counter() - started, log))
-        _say(progress, f"{stage}: {'cached' if cached else 'done'} in {stages_run[-1].seconds:.1f}s ({path.name})")
-
-    started = time.perf_counter()
-    encode_key = _digest(key, "encode", recipe.section("encode"))
-    out = run_dir / f"{name.replace(':', '-').replace('/', '-')}.dcz"
-    cached = _file_key(out) == encode_key
-    if not cached:
-        from deepshrink.compressed import save_compressed
-
-        settings = recipe.encode
-        save_compressed(
-            current.cpu(),
-            out,
-            model_name=name,
-            index_bits=settings.index_bits,
-            layout=settings.layout,
-            coder=settings.coder,
-            metadata={"stage_key": encode_key, "recipe": recipe.to_dict(), STRUCTURE_KEY: structure},
-        )
-    stages_run.append(StageRun("encode", encode_key, cached, time.perf_counter() - started))
+                _say(progress, f"{stage.name}: running")
+                # Stages work on copies: the reference stays untouched for the report and the sweep.
+                current = copy.deepcopy(reference) if current is reference else current
+                result = run_stage(current, settings, context)
+                metadata = stage_metadata(result, settings, key=key, structure=structure)
+                save_checkpoint(path, current, model_name=name, metadata=metadata)
+                result.save(result_path)
+            structure = result.structure or structure
+        else:  # a stage that writes the run's file
+            path = out = run_dir / f"{_file_stem(name)}{stage.output_suffix}"
+            cached = stage.written_key is not None and stage.written_key(out) == key
+            if cached:
+                result = StageResult(stage.name, {"file": out.name}, files=[str(out)])
+            else:
+                context.output, context.model_name = out, name
+                context.metadata = {"stage_key": key, "recipe": recipe.to_dict(), STRUCTURE_KEY: structure}
+                result = run_stage(current, settings, context)
+        stages_run.append(StageRun(stage.name, key, cached, time.perf_counter() - started, result))
+        _say(progress, f"{stage.name}: {'cached' if cached else 'done'} in {stages_run[-1].seconds:.1f}s ({path.name})")
 
     # The accuracy that counts: decode the file that was written into a fresh copy of the model.
-    from deepshrink.compressed import read_state_dict
+    from deepshrink.compressed import load_compressed
 
-    decoded = apply_structure(copy.deepcopy(model), structure)
-    state, _ = read_state_dict(out)
-    decoded.load_state_dict(state)
+    decoded, _ = load_compressed(out, copy.deepcopy(model))
     compressed_accuracy = evaluate(decoded, loaders.test, device).accuracy
 
     tradeoff = None
@@ -217,11 +219,81 @@ def compress(
         reference_accuracy=reference_accuracy,
         compressed_accuracy=compressed_accuracy,
         file_bytes=out.stat().st_size,
-        parameter_bytes=4 * sum(t.numel() for t in model.state_dict().values() if t.is_floating_point()),
+        parameter_bytes=parameter_bytes(model),
         stages=stages_run,
     )
-    result.report = write_report(result, recipe, current.cpu(), records, tradeoff)
+    result.report = write_report(result, recipe, current.cpu(), tradeoff)
     return result
+
+
+@dataclass
+class StageOnCheckpoint:
+    """What `run_stage_on_checkpoint` did: the model after the stage, the stage's result, the
+    test accuracy before and after (after: of the decoded file, for a stage that writes one) and
+    the file written."""
+
+    model: nn.Module
+    result: StageResult
+    settings: object
+    reference_accuracy: float
+    accuracy: float | None
+    path: Path
+
+
+def run_stage_on_checkpoint(
+    checkpoint: str | os.PathLike,
+    settings,
+    data: DataSplits,
+    out: str | os.PathLike,
+    *,
+    model: nn.Module | str | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    evaluate_output: bool = True,
+) -> StageOnCheckpoint:
+    """One stage on a checkpoint, the same stage a recipe section runs (`deepshrink prune`,
+    `quantize`, `lowrank`, `encode`): load, run through `run_stage`, write `out` (a checkpoint
+    with the same metadata a recipe's stage checkpoint has, or the stage's own file), and
+    measure test accuracy before and after. `model` overrides the model the checkpoint names.
+
+    Raises ConfigError for a stage that cannot run again on what it already changed, and the
+    loaders' and stage's own errors.
+    """
+    from deepshrink.checkpoint import load_model
+    from deepshrink.stages import stage_for
+
+    stage = stage_for(settings)
+    device = resolve_device(device)
+    loaded, source = load_model(checkpoint, model)
+    name = model if isinstance(model, str) else source.model_name or type(loaded).__name__.lower()
+    structure = source.metadata.get(STRUCTURE_KEY)
+    if stage.changes_architecture and structure:
+        raise ConfigError(f"{checkpoint} is already factored; start from the unfactored model")
+    loaders = Loaders.from_splits(data)
+    reference_accuracy = evaluate(loaded, loaders.test, device).accuracy
+    context = StageContext(loaders, seed=seed, device=device, progress=progress)
+    if stage.changes_model:
+        result = run_stage(loaded, settings, context)
+        accuracy = evaluate(loaded, loaders.test, device).accuracy
+        metadata = stage_metadata(result, settings, structure=structure)
+        metadata |= {"reference_test_accuracy": reference_accuracy, "test_accuracy": accuracy}
+        path = save_checkpoint(out, loaded.cpu(), model_name=name, metadata=metadata, protect=(checkpoint,))
+        return StageOnCheckpoint(loaded, result, settings, reference_accuracy, accuracy, Path(path))
+    context.output, context.model_name, context.protect = Path(out), name, (checkpoint,)
+    context.metadata = {"source": Path(checkpoint).name, **source.metadata}
+    result = run_stage(loaded, settings, context)
+    accuracy = None
+    if evaluate_output:  # the accuracy that counts: of the model decoded from the written file
+        from deepshrink.compressed import load_compressed
+
+        decoded, _ = load_compressed(out, model if isinstance(model, str) else name)
+        accuracy = evaluate(decoded, loaders.test, device).accuracy
+    return StageOnCheckpoint(loaded, result, settings, reference_accuracy, accuracy, Path(out))
+
+
+def _file_stem(name: str) -> str:
+    return name.replace(":", "-").replace("/", "-")
 
 
 def _tradeoff(reference, recipe, loaders, input_key, run_dir, device, progress) -> dict:
@@ -239,49 +311,6 @@ def _tradeoff(reference, recipe, loaders, input_key, run_dir, device, progress) 
     with atomic_output(path) as temporary:
         temporary.write_text(json.dumps(curves, indent=1))
     return curves
-
-
-def _file_key(path: Path) -> str | None:
-    """The stage key a previously written .dcz carries, if it is there and readable."""
-    if not path.exists():
-        return None
-    from deepshrink.encode.container import read_header
-    from deepshrink.errors import FormatError
-
-    try:
-        return read_header(path).get("metadata", {}).get("stage_key")
-    except FormatError:
-        return None  # damaged: write it again
-
-
-def _save_records(path: Path, records: dict) -> None:
-    """The k-means records behind Figure 4, kept beside the cached quantize stage."""
-    tensors, meta = {}, {}
-    for name, record in records.items():
-        for part in ("initial_centroids", "centroids", "sample"):
-            tensors[f"{name}/{part}"] = torch.from_numpy(np.asarray(getattr(record, part), dtype=np.float64))
-        meta[name] = {"bits": record.bits, "zero_code": record.zero_code, "inertia": float(record.inertia)}
-    save_state_dict(path, tensors, model_name=None, metadata={"records": meta})
-
-
-def _load_records(path: Path) -> dict | None:
-    from deepshrink.quantize.shared import SharingRecord
-
-    if not path.exists():
-        return None
-    checkpoint = load_checkpoint(path)
-    records = {}
-    for name, meta in checkpoint.metadata.get("records", {}).items():
-        parts = {part: checkpoint.state_dict[f"{name}/{part}"].numpy() for part in ("initial_centroids", "centroids")}
-        records[name] = SharingRecord(
-            meta["bits"],
-            meta["zero_code"],
-            parts["initial_centroids"],
-            parts["centroids"],
-            meta["inertia"],
-            checkpoint.state_dict[f"{name}/sample"].numpy(),
-        )
-    return records
 
 
 def _say(progress: bool, message: str) -> None:

@@ -21,145 +21,22 @@ from pathlib import Path
 import yaml
 
 from deepshrink.errors import ConfigError
+from deepshrink.settings import DistillSettings, between, check_fields, check_value
+from deepshrink.stages import EncodeSettings, LowrankSettings, PruneSettings, QuantizeSettings
 
-PRUNE_METHODS = ("magnitude", "dns")
-INITS = ("linear", "density", "forgy", "optimal")
-LAYOUTS = ("csr", "csc", "dense")
-CODERS = ("huffman", "fixed")
-OPTIMIZERS = ("sgd", "adam")
-
-
-def _choices(*values: str) -> dict:
-    return {"choices": values}
-
-
-def _between(low: float | None = None, high: float | None = None, *, open_high: bool = False) -> dict:
-    return {"low": low, "high": high, "open_high": open_high}
-
-
-def _check_fields(settings) -> None:
-    """Choices and ranges from the field metadata, for settings built in Python (the YAML reader
-    checks the same before, with the line of each value)."""
-    for item in dataclasses.fields(settings):
-        value = getattr(settings, item.name)
-        if value is None or not item.metadata:
-            continue
-        values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
-        for single in values:
-            _check_value(single, item.metadata, f"{item.name}={single!r}")
-
-
-def _check_value(value, metadata, what: str) -> None:
-    choices = metadata.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{what} should be one of {', '.join(choices)}")
-    low, high = metadata.get("low"), metadata.get("high")
-    if isinstance(value, bool) or (low is not None and not isinstance(value, int | float)):
-        raise ConfigError(f"{what} should be a number")
-    if low is not None and value < low:
-        raise ConfigError(f"{what} should be at least {low}")
-    if high is not None and (value >= high if metadata.get("open_high") else value > high):
-        raise ConfigError(f"{what} should be {'below' if metadata.get('open_high') else 'at most'} {high}")
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    """Retrain against the reference's soft targets as well as the labels (Hinton et al. 2015)."""
-
-    temperature: float = field(default=4.0, metadata=_between(1e-6))
-    alpha: float = field(default=0.5, metadata=_between(0.0, 1.0))
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
-
-@dataclass(frozen=True)
-class LowrankSettings:
-    """Stage 0 (optional): SVD low-rank factorization at per-layer ranks chosen under a MAC budget."""
-
-    budget: float = field(default=0.5, metadata=_between(1e-6, 1.0))  # fraction of the original MACs
-    method: str = field(default="pos", metadata=_choices("cptv", "pos", "relaxed"))
-    scheme: str = field(default="zhang", metadata=_choices("zhang", "tai"))
-    finetune_epochs: int = field(default=2, metadata=_between(0))
-    # method "relaxed": fine-tune each candidate this many epochs and keep the highest validation
-    # accuracy; 0 scores the candidates on the training loss right after factorizing instead.
-    # None (the default): as many as finetune_epochs, so each candidate is scored on the outcome
-    # the final fine-tuning will give it.
-    selection_epochs: int | None = field(default=None, metadata=_between(0))
-    # method "relaxed": fine-tune each candidate this many times, with as many shuffling seeds, and
-    # compare the means. One by default: five did not choose better on the LeNets (BENCHMARKS.md),
-    # because the validation images, not the shuffles, limit how finely candidates can be compared.
-    selection_seeds: int = field(default=1, metadata=_between(1))
-    # method "relaxed": the descent's metric (see lowrank.select_relaxed). "cost" or "both" find
-    # lower-loss ranks at tight budgets, for use without fine-tuning.
-    projection: str = field(default="euclidean", metadata=_choices("euclidean", "cost", "both"))
-    learning_rate: float = field(default=0.01, metadata=_between(1e-12))
-    weight_decay: float = field(default=5e-4, metadata=_between(0.0))
-    batch_size: int = field(default=128, metadata=_between(1))
-    distill: DistillSettings | None = None
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
-
-@dataclass(frozen=True)
-class PruneSettings:
-    """Stage 1. Exactly one of `sparsity` / `quality` (per-layer globs) or `global_sparsity`."""
-
-    method: str = field(default="magnitude", metadata=_choices(*PRUNE_METHODS))
-    sparsity: dict[str, float] | None = field(default=None, metadata=_between(0.0, 1.0, open_high=True))
-    quality: dict[str, float] | None = field(default=None, metadata=_between(0.0))
-    global_sparsity: float | None = field(default=None, metadata=_between(0.0, 1.0, open_high=True))
-    layers: list[str] | None = None  # the layer globs one global threshold spans (default: all)
-    rounds: int = field(default=6, metadata=_between(1))
-    retrain_epochs: int = field(default=8, metadata=_between(0))
-    learning_rate: float = field(default=0.02, metadata=_between(1e-12))
-    weight_decay: float = field(default=5e-4, metadata=_between(0.0))
-    batch_size: int = field(default=128, metadata=_between(1))
-    finetune_epochs: int = field(default=0, metadata=_between(0))
-    distill: DistillSettings | None = None
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
-        given = [name for name in ("sparsity", "quality", "global_sparsity") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ConfigError(
-                "needs exactly one of sparsity: {LAYER_GLOB: S}, quality: {LAYER_GLOB: Q} or "
-                f"global_sparsity: S; got {', '.join(given) or 'none'}"
-            )
-        if self.layers is not None and self.global_sparsity is None:
-            raise ConfigError("layers goes with global_sparsity; per-layer targets take sparsity: {LAYER_GLOB: S}")
-        if self.method == "dns" and self.global_sparsity is not None:
-            raise ConfigError("method: dns needs per-layer sparsity or quality, not global_sparsity")
-
-
-@dataclass(frozen=True)
-class QuantizeSettings:
-    """Stage 2: per-layer k-means weight sharing; `bits` maps layer globs to bits (default 8 conv / 5 fc)."""
-
-    bits: dict[str, int] | None = field(default=None, metadata=_between(1, 16))
-    init: str = field(default="linear", metadata=_choices(*INITS))
-    finetune_epochs: int = field(default=1, metadata=_between(0))
-    optimizer: str = field(default="adam", metadata=_choices(*OPTIMIZERS))
-    learning_rate: float = field(default=1e-4, metadata=_between(1e-12))
-    weight_decay: float = field(default=0.0, metadata=_between(0.0))
-    batch_size: int = field(default=128, metadata=_between(1))
-    distill: DistillSettings | None = None
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
-
-@dataclass(frozen=True)
-class EncodeSettings:
-    """Stage 3: relative-index sparse layout and entropy coding; `index_bits` maps globs to gap widths."""
-
-    index_bits: dict[str, int] | None = field(default=None, metadata=_between(1, 16))
-    layout: str = field(default="csr", metadata=_choices(*LAYOUTS))
-    coder: str = field(default="huffman", metadata=_choices(*CODERS))
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
+__all__ = [
+    "DataSettings",
+    "DistillSettings",
+    "EncodeSettings",
+    "LowrankSettings",
+    "PruneSettings",
+    "QuantizeSettings",
+    "Recipe",
+    "TradeoffSettings",
+    "load_recipe",
+    "parse_recipe",
+    "recipe_from_dict",
+]
 
 
 @dataclass(frozen=True)
@@ -168,56 +45,80 @@ class TradeoffSettings:
     only, both, and SVD low-rank. Each point starts from the reference and retrains briefly."""
 
     sparsities: list[float] = field(
-        default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95], metadata=_between(0.0, 1.0, open_high=True)
+        default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95], metadata=between(0.0, 1.0, open_high=True)
     )
-    bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8], metadata=_between(1, 16))
-    combined_bits: int = field(default=5, metadata=_between(1, 16))
+    bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8], metadata=between(1, 16))
+    combined_bits: int = field(default=5, metadata=between(1, 16))
     svd_budgets: list[float] = field(  # fractions of the MACs; POS ranks, fp32 factors
-        default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.7], metadata=_between(1e-6, 1.0)
+        default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.7], metadata=between(1e-6, 1.0)
     )
-    retrain_epochs: int = field(default=1, metadata=_between(0))
-    learning_rate: float = field(default=0.02, metadata=_between(1e-12))
+    retrain_epochs: int = field(default=1, metadata=between(0))
+    learning_rate: float = field(default=0.02, metadata=between(1e-12))
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    train_subset: int | None = field(default=None, metadata=_between(1))
-    test_subset: int | None = field(default=None, metadata=_between(1))
+    train_subset: int | None = field(default=None, metadata=between(1))
+    test_subset: int | None = field(default=None, metadata=between(1))
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A whole run. Stages left out are skipped: no `prune` section, no pruning."""
+    """A whole run: the model, the seed, the data, each registered stage's settings (a stage left
+    out is skipped, except the encode stage, which runs with its defaults) and the Figure 6 sweep.
+
+    A stage's settings are reached by its name: `recipe.prune` (None when the recipe leaves the
+    stage out)."""
 
     model: str | None = None
     seed: int = 0
     data: DataSettings = field(default_factory=DataSettings)
-    lowrank: LowrankSettings | None = None
-    prune: PruneSettings | None = None
-    quantize: QuantizeSettings | None = None
-    encode: EncodeSettings = field(default_factory=EncodeSettings)
+    # Stage name -> its settings, for every registered stage the recipe runs.
+    stages: dict[str, object] = field(default_factory=dict)
     tradeoff: TradeoffSettings | None = None
     # Where each entry came from ("prune.sparsity.fc1" -> "recipe.yaml:12"), for error messages.
     locations: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     source: str = field(default="<recipe>", compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        from deepshrink.stages import registered_stages
+
+        stages = dict(self.stages)
+        for stage in registered_stages():
+            if stage.always and stages.get(stage.name) is None:
+                stages[stage.name] = stage.settings()
+        object.__setattr__(self, "stages", stages)
+
+    def __getattr__(self, name: str):
+        # Only reached for names that are not fields: a registered stage's settings, or None.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        from deepshrink.stages import registered_stages
+
+        if name in {stage.name for stage in registered_stages()}:
+            return self.__dict__.get("stages", {}).get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute or stage {name!r}")
+
     def section(self, name: str) -> dict | None:
-        """A stage's settings as plain data (for cache keys and reports)."""
+        """A stage's or section's settings as plain data (for cache keys and reports)."""
         value = getattr(self, name)
         return None if value is None else dataclasses.asdict(value)
 
     def to_dict(self) -> dict:
-        return {
-            name: (dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
-            for name, value in ((item.name, getattr(self, item.name)) for item in dataclasses.fields(self))
-            if name not in ("locations", "source")
-        }
+        """The recipe as plain data: its fields, and one entry per registered stage (None when left out)."""
+        from deepshrink.stages import registered_stages
+
+        result = {"model": self.model, "seed": self.seed, "data": dataclasses.asdict(self.data)}
+        for stage in registered_stages():
+            result[stage.name] = self.section(stage.name)
+        result["tradeoff"] = self.section("tradeoff")
+        return result
 
     def where(self, path: str) -> str:
         """'recipe.yaml:12' for a dotted entry path, or the nearest enclosing entry's location."""
@@ -229,24 +130,23 @@ class Recipe:
 
     def check_layers(self, layer_names: list[str]) -> None:
         """Every layer glob in the recipe must match at least one of `layer_names`."""
-        import fnmatch
+        from deepshrink.layers import matching
 
-        globs = [
-            ("prune.sparsity", self.prune and self.prune.sparsity),
-            ("prune.quality", self.prune and self.prune.quality),
-            ("quantize.bits", self.quantize and self.quantize.bits),
-            ("encode.index_bits", self.encode.index_bits),
-            ("prune.layers", dict.fromkeys(self.prune.layers or []) if self.prune else None),
-        ]
-        for path, mapping in globs:
-            for pattern in mapping or {}:
-                if not any(fnmatch.fnmatchcase(name, pattern) for name in layer_names):
-                    raise ConfigError(
-                        f"{self.where(f'{path}.{pattern}')}: {path} pattern {pattern!r} matches no layer; "
-                        f"the compressible layers are {', '.join(layer_names)}"
-                    )
+        for stage_name, settings in self.stages.items():
+            for item in dataclasses.fields(settings):
+                globs = getattr(settings, item.name)
+                if not item.metadata.get("layer_globs") or not globs:
+                    continue
+                path = f"{stage_name}.{item.name}"
+                for pattern in globs:
+                    if not matching(pattern, layer_names):
+                        raise ConfigError(
+                            f"{self.where(f'{path}.{pattern}')}: {path} pattern {pattern!r} matches no layer; "
+                            f"the compressible layers are {', '.join(layer_names)}"
+                        )
 
 
+_RECIPE_FIELDS = ("model", "seed", "data", "tradeoff")
 SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
@@ -284,6 +184,17 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     return _convert(Recipe, root, "", source, locations, {"locations": locations, "source": source})
 
 
+def _recipe_sections() -> dict[str, object]:
+    """The recipe's top-level keys: its own fields and one section per registered stage."""
+    from deepshrink.stages import registered_stages
+
+    hints = typing.get_type_hints(Recipe)
+    sections = {name: hints[name] for name in ("model", "seed", "data", "tradeoff")}
+    for stage in registered_stages():
+        sections[stage.name] = stage.settings | None
+    return sections
+
+
 def recipe_from_dict(values: dict, source: str = "<dict>") -> Recipe:
     """A Recipe from plain Python data, validated exactly like a file."""
     return parse_recipe(yaml.safe_dump(values, sort_keys=False), source)
@@ -299,8 +210,12 @@ def _convert(cls, node: yaml.Node, path: str, source: str, locations: dict[str, 
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{_line(node, source)}: {what} should be a mapping of key: value")
     extra = extra or {}
-    fields = {item.name: item for item in dataclasses.fields(cls) if item.name not in extra}
-    hints = typing.get_type_hints(cls)
+    if cls is Recipe:  # stage sections come from the registry
+        hints = _recipe_sections()
+        fields = {name: dataclasses.field() for name in hints}
+    else:
+        fields = {item.name: item for item in dataclasses.fields(cls) if item.name not in extra}
+        hints = typing.get_type_hints(cls)
     values = {}
     for key_node, value_node in node.value:
         key = key_node.value
@@ -313,6 +228,8 @@ def _convert(cls, node: yaml.Node, path: str, source: str, locations: dict[str, 
         entry = f"{path}.{key}" if path else key
         locations[entry] = _line(key_node, source)
         values[key] = _value(hints[key], fields[key].metadata, value_node, entry, source, locations)
+    if cls is Recipe:
+        values["stages"] = {name: values.pop(name) for name in list(values) if name not in _RECIPE_FIELDS}
     try:  # cross-field checks (__post_init__) report the section's line
         return cls(**values, **extra)
     except ConfigError as error:
@@ -368,5 +285,5 @@ def _scalar(hint, metadata, node: yaml.Node, path: str, where: str):
         raise ConfigError(f"{where}: {path} is {node.value!r}; it should be {article} {hint.__name__}")
     if hint is float and not math.isfinite(raw):
         raise ConfigError(f"{where}: {path} is {raw}; it should be a finite number")
-    _check_value(raw, metadata, f"{where}: {path} is {raw!r}; it")
+    check_value(raw, metadata, f"{where}: {path} is {raw!r}; it")
     return raw

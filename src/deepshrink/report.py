@@ -12,8 +12,9 @@ from pathlib import Path
 
 from torch import nn
 
-from deepshrink.compressed import format_size_table, plot_distributions, size_report
+from deepshrink.compressed import plot_distributions
 from deepshrink.encode.container import read_header
+from deepshrink.encode.sizes import format_size_table, size_report
 from deepshrink.files import atomic_output
 from deepshrink.paper import PAPER
 from deepshrink.tables import render_table
@@ -83,18 +84,24 @@ def stage_lines(result) -> list[str]:
     for stage in result.stages:
         state = "cached" if stage.cached else "ran"
         detail = ""
-        if "validation_accuracy" in stage.log:
-            detail = f", validation accuracy {100 * stage.log['validation_accuracy']:.2f}%"
-        if stage.name == "prune" and stage.log.get("rounds"):
-            detail += f", {100 * stage.log['rounds'][-1]['kept_fraction']:.2f}% of weights kept"
+        metrics = stage.result.metrics
+        if "validation_accuracy" in metrics:
+            detail = f", validation accuracy {100 * metrics['validation_accuracy']:.2f}%"
+        if "kept_fraction" in metrics:
+            detail += f", {100 * metrics['kept_fraction']:.2f}% of weights kept"
         lines.append(f"- {stage.name}: {state} in {stage.seconds:.1f} s{detail} (key {stage.key[:12]})")
     return lines
 
 
-def write_report(result, recipe, model: nn.Module, records: dict | None, tradeoff: dict | None) -> dict:
+def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dict:
     """RUN_DIR/report.md, report.json and the figures; returns the JSON data."""
+    from deepshrink.stages.quantize import sharing_records
+
     run_dir = Path(result.run_dir)
     rows, totals = size_report(read_header(result.path))
+    records = {}
+    for stage in result.stages:  # the k-means records behind Figure 4, from the stage that shared weights
+        records.update(sharing_records(stage.result))
     figures = {}
     if records:
         from deepshrink.quantize.report import plot_codebooks
@@ -158,7 +165,7 @@ def write_report(result, recipe, model: nn.Module, records: dict | None, tradeof
         "compressed_test_accuracy": result.compressed_accuracy,
         "layers": [asdict(row) | {"rate": row.rate, "rate_fixed": row.rate_fixed} for row in rows],
         "totals": totals,
-        "stages": [asdict(stage) for stage in result.stages],
+        "stages": [stage.to_dict() for stage in result.stages],
         "recipe": recipe.to_dict(),
         "figures": figures,
         "tradeoff": tradeoff,
@@ -168,6 +175,24 @@ def write_report(result, recipe, model: nn.Module, records: dict | None, tradeof
     with atomic_output(run_dir / "report.json") as temporary:
         temporary.write_text(json.dumps(data, indent=2, default=float))
     return data
+
+
+def stage_figure(model: nn.Module, stage_result, directory: Path) -> Path | None:
+    """The figure one stage's report gets: the codebooks on the weights (Figure 4) for a stage
+    that shared weights, the code and gap distributions (Figure 5) for one that wrote a file."""
+    from deepshrink.stages.quantize import sharing_records
+
+    records = sharing_records(stage_result)
+    if records:
+        from deepshrink.quantize.report import plot_codebooks
+
+        return plot_codebooks(model, records, directory / "codebooks.png")
+    written = [Path(path) for path in stage_result.files if str(path).endswith(".dcz")]
+    if written:
+        rows, _ = size_report(read_header(written[0]))
+        if any(row.weight_bits is not None for row in rows):
+            return plot_distributions(written[0], directory / "distributions.png")
+    return None
 
 
 def summary(result) -> str:

@@ -12,46 +12,15 @@ parameters.
 from __future__ import annotations
 
 import copy
-import math
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from deepshrink.encode import container
-from deepshrink.encode.codec import encode_model, index_widths
-from deepshrink.encode.sparse import to_sparse
-from deepshrink.layers import compressible_layers, plain_state_dict
-from deepshrink.recipe import EncodeSettings, QuantizeSettings, TradeoffSettings
-from deepshrink.train import TrainConfig, evaluate, fit
-
-
-def encoded_bytes(model: nn.Module, encode: EncodeSettings) -> int:
-    """The size of `model` as a .dcz file, without writing one."""
-    header, buffers = encode_model(model, index_bits=encode.index_bits, layout=encode.layout, coder=encode.coder)
-    return len(container.to_bytes(header, buffers))
-
-
-def sparse_fp32_bytes(model: nn.Module, encode: EncodeSettings) -> int:
-    """Bytes of a pruned, unquantized model: 32-bit values in the encoder's relative-index layout."""
-    layers = compressible_layers(model)
-    widths = index_widths(layers, encode.index_bits)
-    weights = {f"{name}.weight": name for name in layers}
-    bits = 0
-    for key, tensor in plain_state_dict(model).items():
-        if key not in weights:
-            bits += 32 * tensor.numel()
-            continue
-        occupied = (tensor.detach().cpu().numpy() != 0).astype(np.uint8)
-        layout = encode.layout if encode.layout != "dense" else "csr"
-        sparse = to_sparse(occupied, widths[weights[key]], layout)
-        bits += len(sparse.gaps) * (32 + widths[weights[key]])
-    return math.ceil(bits / 8)
-
-
-def parameter_bytes(model: nn.Module) -> int:
-    return 4 * sum(tensor.numel() for tensor in plain_state_dict(model).values() if tensor.is_floating_point())
+from deepshrink.encode.sizes import encoded_bytes, parameter_bytes, sparse_fp32_bytes
+from deepshrink.recipe import EncodeSettings, TradeoffSettings
+from deepshrink.stages import LowrankSettings, PruneSettings, QuantizeSettings, StageContext, run_stage
+from deepshrink.train import evaluate
 
 
 def tradeoff_curves(
@@ -64,14 +33,14 @@ def tradeoff_curves(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Points {method, setting, bytes, ratio, accuracy} for the three methods, test accuracy."""
-    from deepshrink.prune.schedule import global_sparsity_rule, iterative_pruning
-    from deepshrink.stages import quantize
+    """Points {method, setting, bytes, ratio, accuracy} for the three methods, test accuracy.
 
+    Every point runs the stages themselves (`run_stage`) from a copy of the reference, with
+    `settings.retrain_epochs` of retraining at `settings.learning_rate`."""
     original = parameter_bytes(reference)
     reference_accuracy = evaluate(reference, loaders.test, device).accuracy
     points = []
-    quiet = {"device": device, "progress": False}
+    context = StageContext(loaders, seed=seed, device=device, progress=False)
 
     def add(method: str, setting: str, model: nn.Module, size: int) -> None:
         accuracy = evaluate(model, loaders.test, device).accuracy
@@ -85,36 +54,23 @@ def tradeoff_curves(
         + [("svd", value) for value in settings.svd_budgets]
     )
     bar = tqdm(work, desc="Figure 6 sweep", disable=not progress, leave=False)
-    retrain = TrainConfig(epochs=settings.retrain_epochs, learning_rate=settings.learning_rate, seed=seed)
-    finetune = QuantizeSettings(bits={"*": settings.combined_bits}, finetune_epochs=settings.retrain_epochs)
+    epochs, rate = settings.retrain_epochs, settings.learning_rate
     for kind, value in bar:
         model = copy.deepcopy(reference)
         if kind == "prune":
-            iterative_pruning(
-                model,
-                loaders.train(retrain.batch_size, seed),
-                loaders.validation,
-                global_sparsity_rule(value),
-                rounds=1,
-                retrain=retrain,
-                **quiet,
-            )
+            prune = PruneSettings(global_sparsity=value, rounds=1, retrain_epochs=epochs, learning_rate=rate)
+            run_stage(model, prune, context)
             add("pruning only", f"{100 * value:g}% pruned", model, sparse_fp32_bytes(model, encode))
-            quantize(model, finetune, loaders, seed=seed, **quiet)
+            run_stage(model, QuantizeSettings(bits={"*": settings.combined_bits}, finetune_epochs=epochs), context)
             combined = f"{100 * value:g}% pruned, {settings.combined_bits} bits"
             add("pruning + quantization", combined, model, encoded_bytes(model, encode))
         elif kind == "quantize":
-            bits = QuantizeSettings(bits={"*": value}, finetune_epochs=settings.retrain_epochs)
-            quantize(model, bits, loaders, seed=seed, **quiet)
+            run_stage(model, QuantizeSettings(bits={"*": value}, finetune_epochs=epochs), context)
             add("quantization only", f"{value} bits", model, encoded_bytes(model, encode))
         else:
-            from deepshrink.lowrank import factorize, layer_spectra, select_pos
-
-            example = next(iter(loaders.validation))[0][:1]
-            spectra = layer_spectra(model, example.to(next(model.parameters()).device))
-            factorize(model, spectra, select_pos(spectra, value).ranks)
-            if retrain.epochs:
-                fit(model, loaders.train(retrain.batch_size, seed), retrain, **quiet)
+            run_stage(
+                model, LowrankSettings(budget=value, method="pos", finetune_epochs=epochs, learning_rate=rate), context
+            )
             add("SVD", f"{100 * value:g}% of the MACs", model, parameter_bytes(model))
     return {"reference_accuracy": reference_accuracy, "parameter_bytes": original, "points": points}
 

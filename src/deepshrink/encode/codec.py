@@ -7,7 +7,6 @@ weights are bit-identical to the model's effective weights (codebook[indices], e
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import numba
@@ -19,7 +18,7 @@ from deepshrink.encode import huffman
 from deepshrink.encode.bitio import flush, put_bits
 from deepshrink.encode.sparse import SparseLayout, as_matrix, from_sparse, to_sparse
 from deepshrink.errors import ConfigError, FormatError
-from deepshrink.layers import compressible_layers, plain_state_dict
+from deepshrink.layers import compressible_layers, match_per_layer, paper_default_bits, plain_state_dict
 from deepshrink.quantize.shared import sharing_of
 
 FORMAT_NAME = "deepshrink-dcz"
@@ -36,11 +35,6 @@ DTYPES = {
 }
 TORCH_NAMES = {torch_type: name for name, (torch_type, _) in DTYPES.items()}
 MAX_ELEMENTS = 1 << 40
-
-
-def default_index_bits(layer: nn.Module) -> int:
-    """The paper's index widths: 8 bits for convolutions, 5 for fully connected layers."""
-    return 8 if isinstance(layer, nn.Conv1d | nn.Conv2d) else 5
 
 
 @numba.njit(cache=True, nogil=True)
@@ -148,14 +142,9 @@ def full_values(sharing) -> np.ndarray:
 
 
 def index_widths(layers: dict[str, nn.Module], index_bits: dict[str, int] | None) -> dict[str, int]:
-    """Each layer's gap width: the default (8 conv / 5 fc), then the globs in order (later wins)."""
-    widths = {name: default_index_bits(layer) for name, layer in layers.items()}
-    for pattern, width in (index_bits or {}).items():
-        matches = [name for name in layers if fnmatch.fnmatchcase(name, pattern)]
-        if not matches:
-            raise ConfigError(f"index-bits pattern {pattern!r} matches no layer; the layers are {', '.join(layers)}")
-        for name in matches:
-            widths[name] = width
+    """Each layer's gap width: the paper's default (8 conv / 5 fc), then the globs in order (later wins)."""
+    widths = {name: paper_default_bits(layer) for name, layer in layers.items()}
+    widths.update(match_per_layer(layers, index_bits or {}, "index_bits"))
     return widths
 
 

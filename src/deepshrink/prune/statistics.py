@@ -50,10 +50,12 @@ def _multiply_accumulates(model: nn.Module, example_input: torch.Tensor) -> dict
 
     for name, layer in compressible_layers(model).items():
         handles.append(layer.register_forward_hook(hook(name)))
-    try:
+    training = model.training
+    try:  # in eval mode: a forward pass in training mode would move BatchNorm's statistics
         with torch.no_grad():
-            model(example_input)
+            model.eval()(example_input)
     finally:
+        model.train(training)
         for handle in handles:
             handle.remove()
     return counts
@@ -119,3 +121,9 @@ def format_table(rows: list[LayerStatistics], markdown: bool = False) -> str:
 
 def as_dicts(rows: list[LayerStatistics]) -> list[dict]:
     return [{**asdict(row), "kept_fraction": row.kept_fraction} for row in rows]
+
+
+def from_dicts(rows: list[dict]) -> list[LayerStatistics]:
+    """The rows `as_dicts` wrote (into a stage's log) back as LayerStatistics."""
+    names = {item for item in LayerStatistics.__dataclass_fields__}
+    return [LayerStatistics(**{key: value for key, value in row.items() if key in names}) for row in rows]

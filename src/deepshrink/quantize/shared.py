@@ -21,13 +21,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepshrink.errors import ConfigError
-from deepshrink.layers import compressible_layers, match_per_layer, select_layers
+from deepshrink.layers import compressible_layers, match_per_layer, paper_default_bits, select_layers
 from deepshrink.prune.module import pruning_mask_of
 from deepshrink.quantize.kmeans import kmeans_1d
 
 MAX_BITS = 16
-DEFAULT_CONV_BITS = 8
-DEFAULT_FC_BITS = 5
 SAMPLE_SIZE = 200_000
 
 
@@ -142,10 +140,7 @@ def share_layer_weights(
 
 def default_bits(layers: Mapping[str, nn.Module]) -> dict[str, int]:
     """The paper's defaults: 8 bits for convolutions, 5 for fully connected layers."""
-    return {
-        name: DEFAULT_CONV_BITS if isinstance(layer, nn.Conv1d | nn.Conv2d) else DEFAULT_FC_BITS
-        for name, layer in layers.items()
-    }
+    return {name: paper_default_bits(layer) for name, layer in layers.items()}
 
 
 def share_weights(

@@ -7,18 +7,17 @@ decided per layer from density (dense wins when a layer is dense enough), and ca
 
 from __future__ import annotations
 
-import fnmatch
 import os
 
 import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.checkpoint import STRUCTURE_KEY
 from deepshrink.encode import container
 from deepshrink.encode.codec import FORMAT_NAME, SharedParts, decode_record_parts
-from deepshrink.errors import ConfigError, FormatError, ModelError
-from deepshrink.lowrank import apply_structure
+from deepshrink.errors import ConfigError, FormatError
+from deepshrink.layers import matching
+from deepshrink.loading import STRUCTURE_KEY, model_for
 from deepshrink.runtime.forms import CodebookWeight
 from deepshrink.runtime.kernels import csr_from_layout
 from deepshrink.runtime.modules import SPARSE_DENSITY_LIMIT, CompressedConv2d, CompressedLinear
@@ -44,9 +43,10 @@ def _codebook_weight(parts: SharedParts, nonzeros: int) -> CodebookWeight:
 
 
 def _mode_for(name: str, modes: dict[str, str]) -> str:
+    """The mode of the last glob that matches `name` (later entries win), "auto" when none does."""
     chosen = "auto"
     for pattern, mode in modes.items():
-        if fnmatch.fnmatchcase(name, pattern):
+        if matching(pattern, [name]):
             chosen = mode
     return chosen
 
@@ -96,7 +96,6 @@ def load_runtime(
     or a {layer glob: mode} mapping. Returns the model in eval mode on the CPU.
     """
     from deepshrink.layers import compressible_layers
-    from deepshrink.models import build_model, is_factory_path
 
     modes = {"*": mode} if isinstance(mode, str) else dict(mode)
     for pattern, value in modes.items():
@@ -106,17 +105,8 @@ def load_runtime(
     header = loaded.header
     if header.get("format") != FORMAT_NAME or not isinstance(header.get("tensors"), list):
         raise FormatError(f"{path}: not a deepshrink model file (format {header.get('format')!r})")
-    if not isinstance(model, nn.Module):
-        name = model or header.get("metadata", {}).get("model")
-        if not isinstance(name, str):
-            raise ModelError(f"{path}: the file does not name its model; pass a model or --model NAME")
-        if model is None and is_factory_path(name):
-            raise ModelError(f"{path}: made from the user factory {name!r}; pass --model {name} to allow importing it")
-        model = build_model(name)
-        try:  # a low-rank factored model: rebuild its two-layer pairs first
-            apply_structure(model, header.get("metadata", {}).get(STRUCTURE_KEY))
-        except ConfigError as error:
-            raise FormatError(f"{path}: {error}") from error
+    metadata = header.get("metadata", {})
+    model, _ = model_for(path, model, metadata.get("model"), structure=metadata.get(STRUCTURE_KEY), error=FormatError)
     layers = compressible_layers(model)
     state: dict[str, torch.Tensor] = {}
     compressed: dict[str, CodebookWeight] = {}

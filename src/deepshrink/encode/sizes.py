@@ -1,0 +1,196 @@
+"""Where every byte went: one size accounting for the whole project, beside the container.
+
+`parameter_bytes` is the baseline every ratio divides (fp32 parameters, each weight once);
+`size_report` reads a written file's header and gives the paper's per-layer columns (Tables
+2-5) from the encoded bytes; `encoded_bytes` and `sparse_fp32_bytes` size a model without
+writing a file (the Figure 6 sweep).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from deepshrink.encode import container
+from deepshrink.tables import render_table
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """4 bytes per floating-point parameter, each weight once: a pruned or shared weight counts as
+    its shape (not as original + mask or codebook); buffers (BatchNorm statistics, masks) do not count."""
+    from deepshrink.layers import plain_state_dict
+
+    trainable = {name for name, _ in model.named_parameters()}
+    total = 0
+    for key, tensor in plain_state_dict(model).items():
+        owner, _, leaf = key.rpartition(".")
+        original = f"{owner}.parametrizations.{leaf}.original" if owner else f"parametrizations.{leaf}.original"
+        if tensor.is_floating_point() and (key in trainable or original in trainable):
+            total += tensor.numel()
+    return 4 * total
+
+
+def encoded_bytes(model: nn.Module, settings) -> int:
+    """The size of `model` as a .dcz file with these EncodeSettings, without writing one."""
+    from deepshrink.encode.codec import encode_model
+
+    header, buffers = encode_model(model, index_bits=settings.index_bits, layout=settings.layout, coder=settings.coder)
+    return len(container.to_bytes(header, buffers))
+
+
+def sparse_fp32_bytes(model: nn.Module, settings) -> int:
+    """Bytes of a pruned, unquantized model: 32-bit values in the encoder's relative-index layout
+    (with these EncodeSettings' gap widths), plus the other tensors raw."""
+    from deepshrink.encode.codec import index_widths
+    from deepshrink.encode.sparse import to_sparse
+    from deepshrink.layers import compressible_layers, plain_state_dict
+
+    layers = compressible_layers(model)
+    widths = index_widths(layers, settings.index_bits)
+    weights = {f"{name}.weight": name for name in layers}
+    bits = 0
+    for key, tensor in plain_state_dict(model).items():
+        if key not in weights:
+            bits += 32 * tensor.numel()
+            continue
+        occupied = (tensor.detach().cpu().numpy() != 0).astype(np.uint8)
+        layout = settings.layout if settings.layout != "dense" else "csr"
+        sparse = to_sparse(occupied, widths[weights[key]], layout)
+        bits += len(sparse.gaps) * (32 + widths[weights[key]])
+    return math.ceil(bits / 8)
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    """One row of the paper's Tables 2-5, from the encoded bytes."""
+
+    name: str
+    weights: int
+    kept: int
+    bytes: int  # the record's buffers
+    weight_bits: int | None = None  # P+Q: bits per code
+    weight_bits_coded: float | None = None  # P+Q+H: coded bits per entry
+    index_bits: int | None = None
+    index_bits_coded: float | None = None
+    fixed_bits: int | None = None  # the P+Q size in bits: entries x (bits + index bits) + codebook + counts
+
+    @property
+    def rate(self) -> float:
+        return 32 * self.weights / (8 * self.bytes) if self.bytes else float("inf")
+
+    @property
+    def rate_fixed(self) -> float | None:
+        return 32 * self.weights / self.fixed_bits if self.fixed_bits else None
+
+
+def size_report(header: dict) -> tuple[list[LayerSize], dict]:
+    """Per-tensor sizes and totals from a header with its buffer table (container.read_header)."""
+    table = header["buffers"]
+    rows = []
+    for record in header["tensors"]:
+        shape = record["shape"]
+        weights = 1
+        for side in shape:
+            weights *= side
+        if record["encoding"] == "raw":
+            rows.append(LayerSize(record["name"], weights, weights, table[record["data"]]["length"]))
+            continue
+        streams = record["streams"]
+        owned = [record["codebook"]] + [
+            stream[key] for stream in streams.values() for key in ("buffer", "lengths") if key in stream
+        ]
+        size = sum(table[index]["length"] for index in owned)
+        entries = max(record["entries"], 1)
+        codebook_bits = 32 * (table[record["codebook"]]["length"] // 4)
+        sparse = record["layout"] != "dense"
+        index_bits = record["index_bits"] if sparse else 0
+        fixed = entries * (record["bits"] + index_bits) + codebook_bits + (streams["counts"]["bits"] if sparse else 0)
+        rows.append(
+            LayerSize(
+                record["name"],
+                weights,
+                record["nonzeros"],
+                size,
+                weight_bits=record["bits"],
+                weight_bits_coded=streams["codes"]["bits"] / entries,
+                index_bits=index_bits if sparse else None,
+                index_bits_coded=streams["gaps"]["bits"] / entries if sparse else None,
+                fixed_bits=fixed,
+            )
+        )
+    metadata = header.get("metadata", {})
+    file_bytes = (
+        container.PREAMBLE.size
+        + _header_bytes(header)
+        + sum(entry["length"] + (-entry["length"] % container.ALIGNMENT) for entry in table)
+    )
+    parameter_bytes = metadata.get("fp32_parameter_bytes") or 4 * sum(row.weights for row in rows)
+    totals = {
+        "file_bytes": file_bytes,
+        "fp32_parameter_bytes": parameter_bytes,
+        "compression": parameter_bytes / file_bytes,
+        "weights": sum(row.weights for row in rows if row.weight_bits is not None),
+        "kept": sum(row.kept for row in rows if row.weight_bits is not None),
+    }
+    return rows, totals
+
+
+def _header_bytes(header: dict) -> int:
+    return len(container.encode_header(header))
+
+
+def format_size_table(rows: list[LayerSize], totals: dict, markdown: bool = False) -> str:
+    """The paper's per-layer columns, then the whole file against fp32 parameters."""
+    header = [
+        "layer",
+        "#weights",
+        "weights% (P)",
+        "weight bits (P+Q)",
+        "weight bits (P+Q+H)",
+        "index bits (P+Q)",
+        "index bits (P+Q+H)",
+        "compress rate (P+Q)",
+        "compress rate (P+Q+H)",
+        "bytes",
+    ]
+
+    def number(value, pattern="{:.2f}"):
+        return "-" if value is None else pattern.format(value)
+
+    body = []
+    for row in rows:
+        if row.weight_bits is None and len(rows) > 12 and row.weights < 1000:
+            continue  # long models: skip small raw tensors (biases) in the text table; totals keep them
+        body.append(
+            [
+                row.name,
+                f"{row.weights:,}",
+                f"{100 * row.kept / max(row.weights, 1):.1f}%",
+                number(row.weight_bits, "{}"),
+                number(row.weight_bits_coded, "{:.2f}"),
+                number(row.index_bits, "{}"),
+                number(row.index_bits_coded, "{:.2f}"),
+                number(row.rate_fixed, "{:.1f}x"),
+                f"{row.rate:.1f}x",
+                f"{row.bytes:,}",
+            ]
+        )
+    kept = totals["kept"] / max(totals["weights"], 1)
+    body.append(
+        [
+            "total (file)",
+            f"{totals['fp32_parameter_bytes'] // 4:,}",
+            f"{100 * kept:.1f}%",
+            "",
+            "",
+            "",
+            "",
+            "",
+            f"{totals['compression']:.1f}x",
+            f"{totals['file_bytes']:,}",
+        ]
+    )
+    return render_table(header, body, markdown)

@@ -1,0 +1,73 @@
+"""The one way a model is built to receive a file's tensors: from a checkpoint, a .dcz file or a
+module the caller gives.
+
+A file may record its model's name, but a user factory (package.module:factory) named only by
+the file is never imported: importing runs code, so the caller must name it. A low-rank
+factored model's architecture (`lowrank_structure` metadata) is rebuilt before any tensor loads.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from deepshrink.errors import ConfigError, ModelError
+
+# Metadata entry of a low-rank factored model: which layers became two, at which ranks.
+STRUCTURE_KEY = "lowrank_structure"
+
+
+def model_for(
+    source: str | os.PathLike,
+    model: nn.Module | str | None,
+    stored_name: object,
+    *,
+    structure: dict | None = None,
+    config: dict | None = None,
+    error: type[Exception] = ModelError,
+) -> tuple[nn.Module, str]:
+    """The module to load `source`'s tensors into, and its name.
+
+    `model` is a module of the right architecture (used as given), a registered name or
+    package.module:factory, or None for `stored_name`, the name the file records. `structure`
+    rebuilds factored layers; `config` is passed to the registry's factory. A malformed structure
+    raises `error` (the caller's kind: CheckpointError for checkpoints, FormatError for files).
+    """
+    from deepshrink.lowrank import apply_structure
+    from deepshrink.models import build_model, is_factory_path
+
+    if isinstance(model, nn.Module):
+        name = stored_name if isinstance(stored_name, str) else type(model).__name__
+        if _already_factored(model, structure):
+            return model, name
+    else:
+        if model is not None and not isinstance(model, str):
+            raise ModelError(
+                f"model should be an nn.Module, a registered name or package.module:factory, not {model!r}"
+            )
+        name = model or stored_name
+        if not isinstance(name, str):
+            raise ModelError(
+                f"{source}: the file does not name its model; pass model=NAME (a registered name or "
+                "package.module:factory) or the nn.Module itself"
+            )
+        if model is None and is_factory_path(name):
+            raise ModelError(
+                f"{source}: made from the user factory {name!r}; pass model={name!r} to confirm that this code may be "
+                "imported"
+            )
+        model = build_model(name, **(config or {}))
+    try:
+        apply_structure(model, structure)
+    except ConfigError as problem:
+        raise error(f"{source}: {problem}") from problem
+    return model, name
+
+
+def _already_factored(model: nn.Module, structure: dict | None) -> bool:
+    """A given module that already has the factored pairs (LAYER.0 and LAYER.1) the structure names."""
+    if not structure or not isinstance(structure.get("ranks"), dict):
+        return False
+    modules = dict(model.named_modules())
+    return all(f"{name}.0" in modules and f"{name}.1" in modules for name in structure["ranks"])

@@ -1,0 +1,75 @@
+"""How a settings dataclass declares its fields' choices and ranges, and checks them.
+
+Every stage's settings (deepshrink.stages) and the recipe's other sections are frozen
+dataclasses whose field metadata carries the allowed values. The YAML reader (recipe.py), the
+command line (cli.py) and settings built in Python all read that one declaration, so a default,
+a choice or a range is written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from deepshrink.errors import ConfigError
+
+
+def choices(*values: str, help: str = "") -> dict:  # noqa: A002 - the argparse word
+    """Field metadata: the value is one of `values`."""
+    return {"choices": values, "help": help}
+
+
+def between(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_high: bool = False,
+    help: str = "",  # noqa: A002
+) -> dict:
+    """Field metadata: low <= value <= high (value < high with `open_high`)."""
+    return {"low": low, "high": high, "open_high": open_high, "help": help}
+
+
+def layer_globs(inner: dict | None = None, help: str = "") -> dict:  # noqa: A002
+    """Field metadata: a {layer glob: value} mapping (or a list of globs), whose globs a recipe
+    checks against the model's layers before any work; `inner` constrains the values."""
+    return {**(inner or {}), "layer_globs": True, "help": help or (inner or {}).get("help", "")}
+
+
+def check_fields(settings) -> None:
+    """Choices and ranges from the field metadata, for settings built in Python (the YAML reader
+    checks the same before, with the line of each value)."""
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if value is None or not item.metadata:
+            continue
+        if item.metadata.get("layer_globs") and isinstance(value, list):
+            continue  # a list of globs: nothing to range-check
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        for single in values:
+            check_value(single, item.metadata, f"{item.name}={single!r}")
+
+
+def check_value(value, metadata, what: str) -> None:
+    """One value against a field's metadata; `what` starts the error message."""
+    allowed = metadata.get("choices")
+    if allowed and value not in allowed:
+        raise ConfigError(f"{what} should be one of {', '.join(allowed)}")
+    low, high = metadata.get("low"), metadata.get("high")
+    if isinstance(value, bool) or (low is not None and not isinstance(value, int | float)):
+        raise ConfigError(f"{what} should be a number")
+    if low is not None and value < low:
+        raise ConfigError(f"{what} should be at least {low}")
+    if high is not None and (value >= high if metadata.get("open_high") else value > high):
+        raise ConfigError(f"{what} should be {'below' if metadata.get('open_high') else 'at most'} {high}")
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """Retrain against the reference's soft targets as well as the labels (Hinton et al. 2015)."""
+
+    temperature: float = field(default=4.0, metadata=between(1e-6, help="softmax temperature of both models"))
+    alpha: float = field(default=0.5, metadata=between(0.0, 1.0, help="weight of the soft-target loss"))
+
+    def __post_init__(self) -> None:
+        check_fields(self)

@@ -1,0 +1,204 @@
+"""The shape every stage has, and the registry that joins a settings class to its handler.
+
+A stage is a frozen settings dataclass plus one handler,
+`handler(model, settings, context) -> StageResult`, registered once with `register_stage`.
+`run_stage` is the one entry: the pipeline, the Figure 6 sweep and the per-stage commands all
+call it, so a stage behaves the same however it is reached. As torchao joins a config to its
+transform, the settings' type says which handler runs; nothing outside a stage's own module
+names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from deepshrink.data import DataSplits, make_loader
+from deepshrink.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """The data a stage sees. `train` is a factory so that each stage can draw its own batch
+    size and shuffling seed; a user's fixed DataLoader is wrapped with `Loaders.fixed`."""
+
+    train: Callable[[int, int], DataLoader]  # (batch_size, seed) -> DataLoader
+    validation: DataLoader
+    test: DataLoader
+
+    @classmethod
+    def from_splits(cls, data: DataSplits, test_subset: int | None = None) -> Loaders:
+        """Loaders over deepshrink's own splits (`deepshrink.load_data`), the test split
+        optionally cut to its first `test_subset` examples."""
+        test = data.test
+        if test_subset is not None:
+            test = torch.utils.data.TensorDataset(*(tensor[:test_subset] for tensor in data.test.tensors))
+        return cls(
+            train=lambda batch_size, seed: make_loader(data.train, batch_size, shuffle=True, seed=seed),
+            validation=make_loader(data.validation, 1000, shuffle=False),
+            test=make_loader(test, 1000, shuffle=False),
+        )
+
+    @classmethod
+    def fixed(cls, train: DataLoader, validation: DataLoader, test: DataLoader) -> Loaders:
+        """Your own loaders; the stages' batch_size settings then do not apply."""
+        return cls(train=lambda batch_size, seed: train, validation=validation, test=test)
+
+
+@dataclass
+class StageContext:
+    """What a stage works with besides the model and its settings.
+
+    `teacher` is the model distillation retrains against (default: the model as it enters the
+    stage). A stage that writes a file writes it to `output`, with `model_name` and `metadata`
+    recorded in it and never over a path in `protect`.
+    """
+
+    loaders: Loaders
+    seed: int = 0
+    device: str | torch.device = "cpu"
+    progress: bool = True
+    teacher: nn.Module | None = None
+    output: Path | None = None
+    model_name: str | None = None
+    metadata: dict = field(default_factory=dict)
+    protect: tuple = ()
+
+
+@dataclass
+class StageResult:
+    """What a stage did: a log (plain data), its metrics (numbers, e.g. validation accuracy),
+    the architecture it left (`structure`, for stages that change layers, such as low-rank), the
+    arrays behind its figures (`tensors`) and the files it wrote. Saves and reloads itself."""
+
+    stage: str
+    log: dict = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    structure: dict | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Everything but the tensors, as JSON-ready data (for checkpoint metadata and reports)."""
+        return {
+            "stage": self.stage,
+            "log": self.log,
+            "metrics": self.metrics,
+            "structure": self.structure,
+            "files": self.files,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, tensors: dict[str, torch.Tensor] | None = None) -> StageResult:
+        if not isinstance(data, dict) or not isinstance(data.get("stage"), str):
+            raise ConfigError(f"not a stage result: {str(data)[:80]!r}")
+        return cls(
+            data["stage"],
+            data.get("log") or {},
+            data.get("metrics") or {},
+            data.get("structure"),
+            tensors or {},
+            list(data.get("files") or []),
+        )
+
+    def save(self, path: str | os.PathLike, protect: tuple = ()) -> Path:
+        """Write the result as a safetensors file (its tensors) with its data as metadata, atomically."""
+        from deepshrink.checkpoint import save_state_dict
+
+        return save_state_dict(
+            path, self.tensors, model_name=None, metadata={"result": self.to_dict()}, protect=protect
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> StageResult:
+        from deepshrink.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(path)
+        return cls.from_dict(checkpoint.metadata.get("result"), checkpoint.state_dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A registered stage.
+
+    - `order`: where it runs in a recipe (lower first).
+    - `changes_model`: it changes the model in place (its result is cached as a checkpoint);
+      otherwise it writes a file (`output_suffix`), and `written_key(path)` reads back the
+      cache key a previous run recorded in that file (None when absent or unreadable).
+    - `always`: it runs with its default settings when a recipe leaves its section out.
+    - `changes_architecture`: it replaces layers (its result has a `structure`), so it cannot
+      run again on a model it already changed.
+    - `summarize(model, result)`: the table a command prints after running the stage alone.
+    """
+
+    name: str
+    settings: type
+    handler: Callable[[nn.Module, object, StageContext], StageResult]
+    order: int
+    description: str
+    changes_model: bool = True
+    always: bool = False
+    output_suffix: str | None = None
+    written_key: Callable[[Path], str | None] | None = None
+    summarize: Callable[[nn.Module, StageResult], str] | None = None
+    changes_architecture: bool = False
+
+
+_REGISTRY: dict[str, Stage] = {}
+
+
+def register_stage(stage: Stage) -> Stage:
+    """Add a stage to the registry; its name becomes a recipe section and a command."""
+    if not dataclasses.is_dataclass(stage.settings):
+        raise TypeError(f"stage {stage.name!r}: settings {stage.settings!r} should be a dataclass")
+    if stage.name in _REGISTRY and _REGISTRY[stage.name] != stage:
+        raise ValueError(f"a stage named {stage.name!r} is registered already")
+    _REGISTRY[stage.name] = stage
+    return stage
+
+
+def registered_stages() -> list[Stage]:
+    """Every registered stage, in the order a recipe runs them."""
+    return sorted(_REGISTRY.values(), key=lambda stage: stage.order)
+
+
+def stage_named(name: str) -> Stage:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"no stage named {name!r}; the stages are {', '.join(_REGISTRY)}") from None
+
+
+def stage_for(settings) -> Stage:
+    """The registered stage whose settings class `settings` is an instance of."""
+    for stage in _REGISTRY.values():
+        if type(settings) is stage.settings:
+            return stage
+    raise ConfigError(f"{type(settings).__name__} is not the settings of a registered stage")
+
+
+def run_stage(model: nn.Module, settings, context: StageContext) -> StageResult:
+    """Run the stage `settings` belong to on `model` (in place) and return its result."""
+    return stage_for(settings).handler(model, settings, context)
+
+
+def stage_metadata(result: StageResult, settings, *, key: str | None = None, structure: dict | None = None) -> dict:
+    """The metadata a stage's checkpoint carries, the same from a recipe and from a command:
+    the stage, its settings, its result and the architecture every later load must rebuild."""
+    from deepshrink.checkpoint import STRUCTURE_KEY
+
+    return {
+        "stage": result.stage,
+        "key": key,
+        "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
+        "result": result.to_dict(),
+        STRUCTURE_KEY: result.structure or structure,
+    }

@@ -1,0 +1,101 @@
+"""Stage 3: the relative-index sparse layout and entropy coding, into one checksummed .dcz file.
+
+The stage writes `context.output`; it leaves the model as it is. A recipe's run skips it when
+the file there already records the same cache key (`written_key`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from deepshrink.settings import between, check_fields, choices, layer_globs
+from deepshrink.stages.base import Stage, StageContext, StageResult, register_stage
+
+LAYOUTS = ("csr", "csc", "dense")
+CODERS = ("huffman", "fixed")
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """Relative-index sparse layout and entropy coding; `index_bits` maps layer globs to gap widths."""
+
+    index_bits: dict[str, int] | None = field(
+        default=None,
+        metadata=layer_globs(
+            between(1, 16), help="gap width for LAYER, 1 to 16 (default 8 conv, 5 fc, as in the paper)"
+        ),
+    )
+    layout: str = field(default="csr", metadata=choices(*LAYOUTS, help="sparse layout of pruned layers"))
+    coder: str = field(default="huffman", metadata=choices(*CODERS, help="huffman (P+Q+H) or fixed-width codes (P+Q)"))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def encode_stage(model: nn.Module, settings: EncodeSettings, context: StageContext) -> StageResult:
+    """Write `model` (pruned and weight-shared layers compressed, the rest raw) to `context.output`."""
+    from deepshrink.compressed import save_compressed
+    from deepshrink.encode.container import read_header
+    from deepshrink.encode.sizes import size_report
+    from deepshrink.errors import ConfigError
+
+    if context.output is None or context.model_name is None:
+        raise ConfigError("the encode stage needs an output path and a model name in its context")
+    path = save_compressed(
+        model.cpu(),
+        context.output,
+        model_name=context.model_name,
+        index_bits=settings.index_bits,
+        layout=settings.layout,
+        coder=settings.coder,
+        metadata=context.metadata,
+        protect=context.protect,
+    )
+    _, totals = size_report(read_header(path))
+    metrics = {"file_bytes": totals["file_bytes"], "compression": totals["compression"]}
+    return StageResult("encode", {"file": Path(path).name}, metrics, files=[str(path)])
+
+
+def written_key(path: Path) -> str | None:
+    """The cache key a previously written .dcz file records, if it is there and readable."""
+    if not path.exists():
+        return None
+    from deepshrink.encode.container import read_header
+    from deepshrink.errors import FormatError
+
+    try:
+        return read_header(path).get("metadata", {}).get("stage_key")
+    except FormatError:
+        return None  # damaged: write it again
+
+
+def summarize(model: nn.Module, result: StageResult) -> str:
+    """The paper's per-layer size columns, read back from the written file's header."""
+    from deepshrink.encode.container import read_header
+    from deepshrink.encode.sizes import format_size_table, size_report
+
+    path = result.files[0]
+    rows, totals = size_report(read_header(path))
+    return (
+        f"{format_size_table(rows, totals)}\n"
+        f"file: {path} ({totals['file_bytes']:,} bytes, {totals['compression']:.1f}x smaller than "
+        f"{totals['fp32_parameter_bytes']:,} fp32 parameter bytes)"
+    )
+
+
+STAGE = register_stage(
+    Stage(
+        "encode",
+        EncodeSettings,
+        encode_stage,
+        order=40,
+        description="encode a pruned, weight-shared checkpoint into a .dcz file and report its size",
+        changes_model=False,
+        always=True,
+        output_suffix=".dcz",
+        written_key=written_key,
+        summarize=summarize,
+    )
+)

@@ -1,0 +1,159 @@
+"""Stage 0 (optional): SVD low-rank factorization at per-layer ranks chosen under a MAC budget,
+then fine-tuning. The result's `structure` lets every later load rebuild the factored layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from deepshrink.settings import DistillSettings, between, check_fields, choices
+from deepshrink.stages.base import Stage, StageContext, StageResult, register_stage
+from deepshrink.stages.retraining import criterion, fine_tune, training_config
+from deepshrink.train import evaluate, resolve_device
+
+
+@dataclass(frozen=True)
+class LowrankSettings:
+    """SVD low-rank factorization at per-layer ranks chosen under a MAC budget."""
+
+    budget: float = field(default=0.5, metadata=between(1e-6, 1.0, help="fraction of the original MACs to keep"))
+    method: str = field(
+        default="pos",
+        metadata=choices(
+            "cptv",
+            "pos",
+            "relaxed",
+            help="cptv: one energy fraction for all layers; pos: best product of kept energies; relaxed: masks "
+            "optimised on the training loss, its roundings, POS and CPTV each fine-tuned and the highest "
+            "validation accuracy kept",
+        ),
+    )
+    scheme: str = field(default="zhang", metadata=choices("zhang", "tai", help="how convolutions are matricized"))
+    finetune_epochs: int = field(default=2, metadata=between(0, help="fine-tuning epochs after factorizing"))
+    # None (the default): as many as finetune_epochs, so each candidate is scored on the outcome
+    # the final fine-tuning will give it.
+    selection_epochs: int | None = field(
+        default=None,
+        metadata=between(
+            0,
+            help="relaxed: fine-tuning epochs per candidate before scoring it on validation; 0 scores on the "
+            "training loss instead (default: as many as finetune_epochs)",
+        ),
+    )
+    # One by default: five did not choose better on the LeNets (BENCHMARKS.md), because the
+    # validation images, not the shuffles, limit how finely candidates can be compared.
+    selection_seeds: int = field(
+        default=1,
+        metadata=between(
+            1, help="relaxed: fine-tune each candidate this many times, each with its own shuffle, and compare means"
+        ),
+    )
+    projection: str = field(
+        default="euclidean",
+        metadata=choices(
+            "euclidean",
+            "cost",
+            "both",
+            help="relaxed: the descent's metric; cost moves masks by gradient per MAC and finds lower-loss ranks "
+            "at tight budgets, both keeps the roundings of the two",
+        ),
+    )
+    learning_rate: float = field(default=0.01, metadata=between(1e-12, help="fine-tuning learning rate"))
+    weight_decay: float = field(default=5e-4, metadata=between(0.0, help="fine-tuning weight decay"))
+    batch_size: int = field(default=128, metadata=between(1, help="fine-tuning batch size"))
+    distill: DistillSettings | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def factorize_stage(model: nn.Module, settings: LowrankSettings, context: StageContext) -> StageResult:
+    """Factorize `model` in place at ranks chosen under the MAC budget, then fine-tune."""
+    from deepshrink.lowrank import factorize, layer_spectra, select_cptv, select_pos, select_relaxed, structure_of
+
+    device = resolve_device(context.device)
+    model.to(device)
+    loaders, seed = context.loaders, context.seed
+    loss = criterion(settings, context, model)
+    example = next(iter(loaders.validation))[0][:1].to(device)
+    spectra = layer_spectra(model, example, settings.scheme)
+    if settings.method == "cptv":
+        choice = select_cptv(spectra, settings.budget)
+    elif settings.method == "pos":
+        choice = select_pos(spectra, settings.budget)
+    else:
+        selection = {}
+        epochs = settings.finetune_epochs if settings.selection_epochs is None else settings.selection_epochs
+        if epochs:
+            selection = {
+                "validation": loaders.validation,
+                "finetune": training_config(settings, seed, epochs),
+                # The final fine-tuning's batch size, shuffled differently; the same shuffles for every candidate.
+                "finetune_loaders": lambda selection_seed: loaders.train(settings.batch_size, selection_seed),
+                "selection_seeds": range(seed + 1, seed + 1 + settings.selection_seeds),
+                # Scored after the fine-tuning the winner will get, distillation included.
+                "finetune_criterion": loss,
+            }
+        choice = select_relaxed(
+            model,
+            spectra,
+            settings.budget,
+            loaders.train(256, seed + 1),
+            projection=settings.projection,
+            device=device,
+            progress=context.progress,
+            **selection,
+        )
+    parameters_before = sum(parameter.numel() for parameter in model.parameters())
+    factorize(model, spectra, choice.ranks, choice.components)
+    metrics = {"validation_accuracy_after_factorizing": evaluate(model, loaders.validation, device).accuracy}
+    fine_tune(model, settings, context, epochs=settings.finetune_epochs, description="fine-tune factors", loss=loss)
+    metrics["validation_accuracy"] = evaluate(model, loaders.validation, device).accuracy
+    log = {
+        "method": settings.method,
+        "ranks": choice.ranks,
+        "mac_fraction": choice.mac_fraction,
+        "candidates": choice.candidates,
+        "layers": {
+            name: {"full_rank": spectrum.full_rank, "dense_macs": spectrum.dense_macs, "macs": spectrum.macs(rank)}
+            for name, spectrum in spectra.items()
+            for rank in [choice.ranks[name]]
+        },
+        "parameters": [parameters_before, sum(parameter.numel() for parameter in model.parameters())],
+    }
+    return StageResult("lowrank", log, metrics, structure=structure_of(choice.ranks, settings.scheme))
+
+
+def summarize(model: nn.Module, result: StageResult) -> str:
+    """The per-layer rank table and the MACs and parameters kept."""
+    from deepshrink.tables import render_table
+
+    rows = [
+        [name, f"{layer['full_rank']}", "dense" if rank is None else str(rank), f"{layer['dense_macs']:,}"]
+        + [f"{layer['macs']:,}"]
+        for name, layer in result.log["layers"].items()
+        for rank in [result.log["ranks"][name]]
+    ]
+    before, after = result.log["parameters"]
+    return "\n".join(
+        [
+            render_table(["layer", "full rank", "rank", "MACs before", "MACs after"], rows),
+            f"{result.log['method'].upper()}: {100 * result.log['mac_fraction']:.1f}% of the MACs kept, "
+            f"parameters {before:,} -> {after:,}; validation accuracy "
+            f"{result.metrics['validation_accuracy_after_factorizing']:.4f} right after factorizing",
+        ]
+    )
+
+
+STAGE = register_stage(
+    Stage(
+        "lowrank",
+        LowrankSettings,
+        factorize_stage,
+        order=10,
+        description="SVD low-rank factorization at per-layer ranks chosen under a MAC budget, then fine-tuning",
+        summarize=summarize,
+        changes_architecture=True,
+    )
+)

@@ -1,0 +1,163 @@
+"""Stage 1: magnitude pruning in rounds with retraining (Han et al. 2015), or Dynamic Network
+Surgery (Guo et al. 2016); the result is an ordinary pruning mask on each layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from deepshrink.errors import ConfigError
+from deepshrink.settings import DistillSettings, between, check_fields, choices, layer_globs
+from deepshrink.stages.base import Stage, StageContext, StageResult, register_stage
+from deepshrink.stages.retraining import criterion, fine_tune, training_config
+from deepshrink.train import evaluate
+
+PRUNE_METHODS = ("magnitude", "dns")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Exactly one of `sparsity` / `quality` (per-layer globs) or `global_sparsity`."""
+
+    method: str = field(
+        default="magnitude",
+        metadata=choices(
+            *PRUNE_METHODS,
+            help="magnitude: prune then retrain with masks held, `rounds` times; dns: Dynamic Network Surgery "
+            "for `retrain_epochs` epochs",
+        ),
+    )
+    sparsity: dict[str, float] | None = field(
+        default=None,
+        metadata=layer_globs(between(0.0, 1.0, open_high=True), help="final fraction of LAYER's weights to prune"),
+    )
+    quality: dict[str, float] | None = field(
+        default=None,
+        metadata=layer_globs(
+            between(0.0),
+            help="Han's rule: prune |w| < Q x std(w) each round (method dns: the crate c of Guo et al., "
+            "threshold mean + c x std of |w|)",
+        ),
+    )
+    global_sparsity: float | None = field(
+        default=None,
+        metadata=between(
+            0.0, 1.0, open_high=True, help="one magnitude threshold across `layers`, pruning this fraction"
+        ),
+    )
+    layers: list[str] | None = field(
+        default=None, metadata=layer_globs(help="the layer globs one global threshold spans (default: all)")
+    )
+    rounds: int = field(default=6, metadata=between(1, help="prune-retrain rounds"))
+    retrain_epochs: int = field(default=8, metadata=between(0, help="retraining epochs per round"))
+    learning_rate: float = field(default=0.02, metadata=between(1e-12, help="retraining learning rate"))
+    weight_decay: float = field(default=5e-4, metadata=between(0.0, help="retraining weight decay"))
+    batch_size: int = field(default=128, metadata=between(1, help="retraining batch size"))
+    finetune_epochs: int = field(
+        default=0, metadata=between(0, help="then retrain this many epochs with the masks fixed, at half the rate")
+    )
+    distill: DistillSettings | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        given = [name for name in ("sparsity", "quality", "global_sparsity") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                "needs exactly one of sparsity: {LAYER_GLOB: S}, quality: {LAYER_GLOB: Q} or "
+                f"global_sparsity: S; got {', '.join(given) or 'none'}"
+            )
+        if self.layers is not None and self.global_sparsity is None:
+            raise ConfigError("layers goes with global_sparsity; per-layer targets take sparsity: {LAYER_GLOB: S}")
+        if self.method == "dns" and self.global_sparsity is not None:
+            raise ConfigError("method: dns needs per-layer sparsity or quality, not global_sparsity")
+
+
+def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext) -> StageResult:
+    """Prune `model` in place: magnitude pruning in rounds with retraining, or DNS."""
+    from deepshrink.prune.schedule import (
+        global_sparsity_rule,
+        iterative_pruning,
+        per_layer_sparsity_rule,
+        std_quality_rule,
+    )
+    from deepshrink.prune.statistics import as_dicts, layer_statistics, totals
+    from deepshrink.prune.surgery import dynamic_network_surgery
+
+    seed, loaders = context.seed, context.loaders
+    retrain = training_config(settings, seed, settings.retrain_epochs)
+    # One loader for the whole stage: the fine-tuning after DNS goes on with its shuffles.
+    train_loader = loaders.train(settings.batch_size, seed)
+    loss = criterion(settings, context, model)
+    log: dict = {"method": settings.method}
+    if settings.method == "dns":
+        result = dynamic_network_surgery(
+            model,
+            train_loader,
+            retrain,
+            crates=settings.quality,
+            sparsities=settings.sparsity,
+            validation_loader=loaders.validation,
+            device=context.device,
+            criterion=loss,
+            progress=context.progress,
+        )
+        log.update(spliced=result.spliced, thresholds=result.thresholds)
+    else:
+        if settings.sparsity is not None:
+            rule = per_layer_sparsity_rule(settings.sparsity)
+        elif settings.quality is not None:
+            rule = std_quality_rule(settings.quality)
+        else:
+            rule = global_sparsity_rule(settings.global_sparsity, settings.layers)
+        history = iterative_pruning(
+            model,
+            train_loader,
+            loaders.validation,
+            rule,
+            rounds=settings.rounds,
+            retrain=retrain,
+            device=context.device,
+            criterion=loss,
+            progress=context.progress,
+        )
+        log["rounds"] = [vars(record) for record in history.rounds]
+    fine_tune(
+        model,
+        settings,
+        context,
+        epochs=settings.finetune_epochs,
+        description="fine-tune (masks fixed)",
+        loss=loss,
+        learning_rate=settings.learning_rate / 2,
+        loader=train_loader,
+    )
+    metrics = {"validation_accuracy": evaluate(model, loaders.validation, context.device).accuracy}
+    rows = layer_statistics(model, next(iter(loaders.validation))[0][:2])
+    log["layers"] = as_dicts(rows)
+    metrics["kept_fraction"] = totals(rows)["kept_fraction"]
+    return StageResult("prune", log, metrics)
+
+
+def summarize(model: nn.Module, result: StageResult) -> str:
+    """The paper's per-layer pruning table (weights and FLOPs kept) and the compression by pruning."""
+    from deepshrink.prune.statistics import format_table, from_dicts, totals
+
+    rows = from_dicts(result.log["layers"])
+    summary = totals(rows)
+    return (
+        f"{format_table(rows)}\n"
+        f"compression by pruning: {summary['compression']:.1f}x ({100 * summary['kept_fraction']:.2f}% kept)"
+    )
+
+
+STAGE = register_stage(
+    Stage(
+        "prune",
+        PruneSettings,
+        prune_stage,
+        order=20,
+        description="prune by magnitude (iteratively, with retraining) or by Dynamic Network Surgery",
+        summarize=summarize,
+    )
+)

@@ -1,0 +1,67 @@
+"""The retraining every stage shares: its loss (cross-entropy, or distillation from a teacher)
+and one fine-tuning call from a stage's settings (epochs, learning rate, decay, batch size)."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from deepshrink.stages.base import StageContext
+from deepshrink.train import EpochRecord, TrainConfig, fit
+
+
+def criterion(settings, context: StageContext, model: nn.Module):
+    """The retraining loss: None (cross-entropy), or distillation from `context.teacher` (default:
+    the model as it enters the stage) when the settings' `distill` asks for it."""
+    distill = getattr(settings, "distill", None)
+    if distill is None:
+        return None
+    from deepshrink.distill import DistillationLoss
+
+    teacher = context.teacher if context.teacher is not None else model
+    return DistillationLoss(copy.deepcopy(teacher), distill.temperature, distill.alpha)
+
+
+def training_config(settings, seed: int, epochs: int, learning_rate: float | None = None, **extra) -> TrainConfig:
+    """A stage's retraining config from its settings (learning rate, decay, batch size)."""
+    return TrainConfig(
+        epochs=epochs,
+        learning_rate=settings.learning_rate if learning_rate is None else learning_rate,
+        weight_decay=settings.weight_decay,
+        batch_size=settings.batch_size,
+        seed=seed,
+        **extra,
+    )
+
+
+def fine_tune(
+    model: nn.Module,
+    settings,
+    context: StageContext,
+    *,
+    epochs: int,
+    description: str,
+    loss=None,
+    learning_rate: float | None = None,
+    validate: bool = False,
+    loader=None,
+    **extra,
+) -> list[EpochRecord]:
+    """Retrain `model` for `epochs` with the stage's settings and loss; with `validate`, each
+    epoch's record carries the validation accuracy. `loader` continues a stage's own training
+    loader (its shuffles go on where they were); by default a fresh one is drawn at the
+    stage's seed. Returns the epoch records."""
+    if not epochs:
+        return []
+    history = fit(
+        model,
+        loader if loader is not None else context.loaders.train(settings.batch_size, context.seed),
+        training_config(settings, context.seed, epochs, learning_rate, **extra),
+        validation_loader=context.loaders.validation if validate else None,
+        device=context.device,
+        criterion=loss,
+        progress=context.progress,
+        description=description,
+    )
+    return history.epochs
