@@ -135,11 +135,16 @@ def test_an_interrupted_run_leaves_no_partial_file_and_resumes(trained, small_da
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(stages, "quantize", interrupted)
+        from dataclasses import replace
+
+        from deepshrink.stages import base
+
+        patch.setitem(base._REGISTRY, "quantize", replace(stages.stage_named("quantize"), handler=interrupted))
         with pytest.raises(KeyboardInterrupt):
             run(trained, recipe, small_data, run_dir=tmp_path, progress=False)
     assert not list(tmp_path.rglob("*.partial"))
-    assert len(list(tmp_path.glob("stages/prune-*.safetensors"))) == 1
+    finished = sorted(path.name.partition(".")[2] for path in tmp_path.glob("stages/prune-*"))
+    assert finished == ["result.safetensors", "safetensors"]  # the pruned checkpoint and its result
     assert not list(tmp_path.glob("*.dcz"))
     resumed = run(trained, recipe, small_data, run_dir=tmp_path, progress=False)
     assert [(stage.name, stage.cached) for stage in resumed.stages][:2] == [("prune", True), ("quantize", False)]
@@ -204,8 +209,8 @@ def test_a_low_rank_stage_composes_with_the_others_and_resumes(trained, small_da
     text = text.replace("fc1: 0.9, fc2: 0.8, fc3: 0.5", "'fc1*': 0.8, fc3: 0.5")
     recipe = parse_recipe(text)
     first = run(trained, recipe, small_data, run_dir=tmp_path, progress=False)
-    ranks = first.stages[0].log["ranks"]
-    assert first.stages[0].name == "lowrank" and first.stages[0].log["mac_fraction"] <= 0.4
+    ranks = first.stages[0].result.log["ranks"]
+    assert first.stages[0].name == "lowrank" and first.stages[0].result.log["mac_fraction"] <= 0.4
     again = run(trained, recipe, small_data, run_dir=tmp_path, progress=False)
     assert all(stage.cached for stage in again.stages)
     assert again.compressed_accuracy == first.compressed_accuracy

@@ -610,12 +610,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The library's errors name its parameters ("pass model=NAME"); here they are flags.
+_PARAMETER_FLAGS = {"pass model=": "pass --model "}
+
+
+def _as_flags(message: str) -> str:
+    for parameter, flag in _PARAMETER_FLAGS.items():
+        message = message.replace(parameter, flag)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except DeepshrinkError as error:
-        print(f"deepshrink: error: {error}", file=sys.stderr)
+        print(f"deepshrink: error: {_as_flags(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("deepshrink: interrupted", file=sys.stderr)

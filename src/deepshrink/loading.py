@@ -54,7 +54,7 @@ def model_for(
             )
         if model is None and is_factory_path(name):
             raise ModelError(
-                f"{source}: made from the user factory {name!r}; pass model={name!r} to confirm that this code may be "
+                f"{source}: made from the user factory {name!r}; pass model={name} to confirm that this code may be "
                 "imported"
             )
         model = build_model(name, **(config or {}))
