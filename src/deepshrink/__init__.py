@@ -31,7 +31,6 @@ from deepshrink.prune.module import remove_pruning  # noqa: E402
 from deepshrink.quantize.shared import remove_sharing  # noqa: E402
 from deepshrink.recipe import Recipe, load_recipe  # noqa: E402
 from deepshrink.references import reference_model  # noqa: E402
-from deepshrink.runtime.load import load_runtime  # noqa: E402
 from deepshrink.settings import DistillSettings  # noqa: E402
 from deepshrink.stages import (  # noqa: E402
     EncodeSettings,
@@ -48,6 +47,16 @@ from deepshrink.stages import (  # noqa: E402
     run_stage,
 )
 from deepshrink.train import TrainConfig, evaluate, fit  # noqa: E402
+
+
+def __getattr__(name: str):
+    # The runtime (numba kernels) loads only when asked for: `import deepshrink` stays light.
+    if name == "load_runtime":
+        from deepshrink.runtime.load import load_runtime
+
+        return load_runtime
+    raise AttributeError(f"module 'deepshrink' has no attribute {name!r}")
+
 
 __all__ = [
     "Checkpoint",
