@@ -234,7 +234,6 @@ class StageOnCheckpoint:
 
     model: nn.Module
     result: StageResult
-    settings: object
     reference_accuracy: float
     accuracy: float | None
     path: Path
@@ -279,7 +278,7 @@ def run_stage_on_checkpoint(
         metadata = stage_metadata(result, settings, structure=structure)
         metadata |= {"reference_test_accuracy": reference_accuracy, "test_accuracy": accuracy}
         path = save_checkpoint(out, loaded.cpu(), model_name=name, metadata=metadata, protect=(checkpoint,))
-        return StageOnCheckpoint(loaded, result, settings, reference_accuracy, accuracy, Path(path))
+        return StageOnCheckpoint(loaded, result, reference_accuracy, accuracy, Path(path))
     context.output, context.model_name, context.protect = Path(out), name, (checkpoint,)
     context.metadata = {"source": Path(checkpoint).name, **source.metadata}
     result = run_stage(loaded, settings, context)
@@ -287,9 +286,11 @@ def run_stage_on_checkpoint(
     if evaluate_output:  # the accuracy that counts: of the model decoded from the written file
         from deepshrink.compressed import load_compressed
 
-        decoded, _ = load_compressed(out, model if isinstance(model, str) else name)
+        # A module the caller passed is copied: the decoded weights must not land in the model itself.
+        target = copy.deepcopy(model) if isinstance(model, nn.Module) else model or name
+        decoded, _ = load_compressed(out, target)
         accuracy = evaluate(decoded, loaders.test, device).accuracy
-    return StageOnCheckpoint(loaded, result, settings, reference_accuracy, accuracy, Path(out))
+    return StageOnCheckpoint(loaded, result, reference_accuracy, accuracy, Path(out))
 
 
 def _file_stem(name: str) -> str:
