@@ -68,8 +68,9 @@ def test_info_lists_models_and_data():
         (["train", "--data-dir", "/nonexistent/data"], 4, "no MNIST-format data set found"),
         (["evaluate", "/nonexistent/model.safetensors"], 6, "no such checkpoint file"),
         (["train", "--model", "lenet-7"], 7, "unknown model 'lenet-7'"),
-        (["train", "--lr", "-1", "--epochs", "1"], 3, "learning_rate=-1.0"),
-        (["train", "--device", "tpu", "--epochs", "1"], 3, "device='tpu'"),
+        # Option values out of range are usage errors (exit 2).
+        (["train", "--lr", "-1", "--epochs", "1"], 2, "argument --lr: -1 should be above 0"),
+        (["train", "--device", "tpu", "--epochs", "1"], 2, "argument --device: 'tpu' is not a device"),
     ],
 )
 def test_bad_input_gives_one_line_and_a_distinct_exit_code(arguments, code, message):

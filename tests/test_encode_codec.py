@@ -114,7 +114,7 @@ def mutate(header: dict, name: str, **changes) -> dict:
         ({"shape": [301, 784]}, "does not match shape"),
         ({"dtype": "complex64"}, "unknown dtype"),
         ({"encoding": "zip"}, "unknown encoding"),
-        ({"bits": 0}, "at least 1"),
+        ({"bits": 0}, "bits is 0; expected an integer from 1"),
         ({"bits": 2}, "codebook has"),
         ({"codebook": 999}, "refers to buffer"),
         ({"coder": "ans"}, "unknown coder"),
@@ -123,7 +123,7 @@ def mutate(header: dict, name: str, **changes) -> dict:
         ({"streams.codes.symbols": 5}, "codes"),
         ({"streams.gaps.bits": 10**9}, "gaps bit count"),
         ({"streams.codes.lanes": [1, 2, 3]}, "lanes"),
-        ({"streams.counts.width": 0}, "width from 1 to 32"),
+        ({"streams.counts.width": 0}, "counts width is 0"),
         ({"index_bits": 17}, "index_bits"),
     ],
 )

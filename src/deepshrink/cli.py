@@ -11,12 +11,59 @@ import sys
 from pathlib import Path
 
 from deepshrink import __version__
-from deepshrink.errors import ConfigError, DeepshrinkError
+from deepshrink.errors import ConfigError, DeepshrinkError, InternalError, OutputError
 
 EPILOG = (
     "Exit codes: 0 ok, 2 usage, 3 bad option or config, 4 data not found or unreadable, "
-    "5 malformed file, 6 checkpoint problem, 7 model problem, 8 unsupported layer, 130 interrupted."
+    "5 malformed file, 6 checkpoint problem, 7 model problem, 8 unsupported layer, "
+    "9 cannot write or read a path, 70 internal error (a bug: rerun with --debug and report it), 130 interrupted."
 )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (the full usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low=None, high=None, low_open=False):
+    """An argparse type: `kind` within [low, high] (low excluded with `low_open`); a bad value is a
+    usage error naming it, never a traceback or a value the library would misuse."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or (low is not None and (value <= low if low_open else value < low)):
+            raise argparse.ArgumentTypeError(f"{text} should be {'above' if low_open else 'at least'} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} should be at most {high}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE = _number(int, 1)
+NON_NEGATIVE = _number(int, 0)
+
+
+def _device_name(text: str) -> str:
+    """auto, cpu, cuda or cuda:N; whether the device exists is checked where it is used."""
+    kind, _, index = text.partition(":")
+    if text == "auto" or (kind in ("cpu", "cuda") and (not index or (kind == "cuda" and index.isdigit()))):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def _add_decoded_limit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-decoded-bytes",
+        type=POSITIVE,
+        help="refuse files whose tensors decode to more bytes (default: 4096 x the file size, within 256 MiB-16 GiB)",
+    )
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -24,19 +71,21 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "--data-dir",
         help="directory of MNIST-format IDX files (default: $DEEPSHRINK_DATA, then /usr/share/datasets/fashion-mnist)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--device", default="auto", type=_device_name, help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training (defaults: the model's reference settings)")
-    group.add_argument("--epochs", type=int, help="number of passes over the training split")
-    group.add_argument("--lr", dest="learning_rate", type=float, help="initial learning rate of SGD")
-    group.add_argument("--momentum", type=float, help="SGD momentum")
-    group.add_argument("--weight-decay", type=float, help="L2 weight decay")
-    group.add_argument("--batch-size", type=int, help="examples per step")
+    group.add_argument("--epochs", type=NON_NEGATIVE, help="number of passes over the training split")
+    group.add_argument(
+        "--lr", dest="learning_rate", type=_number(float, 0, low_open=True), help="initial learning rate of SGD"
+    )
+    group.add_argument("--momentum", type=_number(float, 0, 1), help="SGD momentum")
+    group.add_argument("--weight-decay", type=_number(float, 0), help="L2 weight decay")
+    group.add_argument("--batch-size", type=POSITIVE, help="examples per step")
     group.add_argument("--schedule", choices=("cosine", "step", "constant"), help="learning-rate schedule")
-    group.add_argument("--seed", type=int, help="seed of weight initialisation and shuffling")
-    group.add_argument("--train-subset", type=int, help="train on the first N examples only (quick runs)")
+    group.add_argument("--seed", type=NON_NEGATIVE, help="seed of weight initialisation and shuffling")
+    group.add_argument("--train-subset", type=POSITIVE, help="train on the first N examples only (quick runs)")
 
 
 def _training_config(args: argparse.Namespace):
@@ -249,7 +298,7 @@ def command_decode(args: argparse.Namespace) -> int:
     from deepshrink.checkpoint import save_state_dict
     from deepshrink.compressed import read_state_dict
 
-    state, metadata = read_state_dict(args.file)
+    state, metadata = read_state_dict(args.file, args.max_decoded_bytes)
     save_state_dict(
         args.out,
         state,
@@ -262,12 +311,12 @@ def command_decode(args: argparse.Namespace) -> int:
 
 
 def command_inspect(args: argparse.Namespace) -> int:
-    from deepshrink.encode.container import read_header
+    from deepshrink.compressed import inspect_header
     from deepshrink.encode.sizes import format_size_table, size_report
 
-    header = read_header(args.file)
+    header, checked = inspect_header(args.file, args.max_decoded_bytes, header_only=args.header_only)
     rows, totals = size_report(header)
-    metadata = header.get("metadata", {})
+    metadata = checked.metadata
     print(f"{args.file}: model {metadata.get('model')!r}, {metadata.get('library')}")
     print(format_size_table(rows, totals, markdown=args.markdown))
     return 0
@@ -325,7 +374,11 @@ def command_predict(args: argparse.Namespace) -> int:
     from deepshrink.data import load_data, make_loader
     from deepshrink.runtime.load import load_runtime
 
-    model = load_runtime(args.file, args.model, mode=_runtime_modes(args.mode))
+    if args.device not in ("auto", "cpu"):
+        raise ConfigError(f"--device {args.device}: predict runs the compressed form on the CPU; use --device cpu")
+    model = load_runtime(
+        args.file, args.model, mode=_runtime_modes(args.mode), max_decoded_bytes=args.max_decoded_bytes
+    )
     data = load_data(args.data_dir)
     split = {"test": data.test, "validation": data.validation}[args.split]
     loader = make_loader(split, args.batch_size, shuffle=False)
@@ -341,16 +394,34 @@ def command_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_input_shape(model, shape: tuple[int, ...], name) -> None:
+    """One example of `shape` goes through `model`, or a ConfigError says that it does not fit."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *shape)))
+    except (RuntimeError, ValueError, IndexError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"--input-shape {' '.join(map(str, shape))} does not fit model {name!r} ({first}); "
+            "give one example's shape without the batch, e.g. --input-shape 1 28 28"
+        ) from error
+
+
 def command_bench(args: argparse.Namespace) -> int:
     from deepshrink.compressed import load_compressed
     from deepshrink.runtime.bench import latency_table, layer_latency_table
     from deepshrink.runtime.load import load_runtime, resident_weight_bytes
     from deepshrink.tables import render_table
 
-    dense, metadata = load_compressed(args.file, args.model)
+    dense, metadata = load_compressed(args.file, args.model, max_decoded_bytes=args.max_decoded_bytes)
     dense.eval()
-    compressed = load_runtime(args.file, args.model, mode=_runtime_modes(args.mode))
+    compressed = load_runtime(
+        args.file, args.model, mode=_runtime_modes(args.mode), max_decoded_bytes=args.max_decoded_bytes
+    )
     shape = tuple(args.input_shape)
+    _check_input_shape(dense, shape, metadata.get("model"))
     rows = latency_table(dense, compressed, shape, args.batch, repeats=args.repeats)
     print(f"{args.file}: {metadata.get('model')}, input {shape}, median of {args.repeats} runs per batch size")
     print(
@@ -471,13 +542,14 @@ def command_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deepshrink",
         description="Deep Compression for PyTorch: prune, share weights, encode, and run compressed models.",
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"deepshrink {__version__}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model and save a safetensors checkpoint", epilog=EPILOG)
@@ -511,9 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
         what = "checkpoint" if stage.changes_model else f"{stage.output_suffix} file"
         command.add_argument("--out", required=True, help=f"{what} to write (never the input)")
         _stage_options(command, stage.settings)
-        command.add_argument("--seed", type=int, default=0, help="seed of sampling and shuffling (default 0)")
+        command.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of sampling and shuffling (default 0)")
         if stage.changes_model:
-            command.add_argument("--train-subset", type=int, help="retrain on the first N training examples only")
+            command.add_argument("--train-subset", type=POSITIVE, help="retrain on the first N training examples only")
         else:
             command.add_argument(
                 "--no-evaluate", action="store_true", help="skip measuring the decoded file's accuracy"
@@ -525,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     decompress = commands.add_parser("decode", help="decode a .dcz file into a safetensors checkpoint", epilog=EPILOG)
     decompress.add_argument("file", help="the .dcz file")
     decompress.add_argument("--out", required=True, help="safetensors file to write")
+    _add_decoded_limit(decompress)
     decompress.set_defaults(handler=command_decode)
 
     inspect = commands.add_parser(
@@ -532,6 +605,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("file", help="the .dcz file")
     inspect.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    inspect.add_argument(
+        "--header-only",
+        action="store_true",
+        help="read and check the header alone (fast on large files; the streams are not verified)",
+    )
+    _add_decoded_limit(inspect)
     inspect.set_defaults(handler=command_inspect)
 
     run = commands.add_parser(
@@ -557,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("file", help="the .dcz file")
     predict.add_argument("--model", help="model name or package.module:factory (default: the one the file names)")
     predict.add_argument("--mode", nargs="+", help=mode_help)
-    predict.add_argument("--batch-size", type=int, default=1, help="images per call (default 1)")
+    predict.add_argument("--batch-size", type=POSITIVE, default=1, help="examples per call (default 1)")
+    _add_decoded_limit(predict)
     predict.add_argument("--split", choices=("test", "validation"), default="test", help="which split (default test)")
     _add_data_options(predict)
     predict.set_defaults(handler=command_predict)
@@ -568,11 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("file", help="the .dcz file")
     bench.add_argument("--model", help="model name or package.module:factory (default: the one the file names)")
     bench.add_argument("--mode", nargs="+", help=mode_help)
-    bench.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="batch sizes (default 1 8 64)")
-    bench.add_argument("--repeats", type=int, default=100, help="timed calls per batch size (default 100)")
+    bench.add_argument("--batch", type=POSITIVE, nargs="+", default=[1, 8, 64], help="batch sizes (default 1 8 64)")
+    bench.add_argument("--repeats", type=POSITIVE, default=100, help="timed calls per batch size (default 100)")
     bench.add_argument(
-        "--input-shape", type=int, nargs="+", default=[1, 28, 28], help="one example's shape (default 1 28 28)"
+        "--input-shape", type=POSITIVE, nargs="+", default=[1, 28, 28], help="one example's shape (default 1 28 28)"
     )
+    _add_decoded_limit(bench)
     bench.add_argument(
         "--layers",
         action="store_true",
@@ -588,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--layers", nargs="+", metavar="PATTERN", help="layers to analyse (default: all)")
     sensitivity.add_argument(
         "--max-drop",
-        type=float,
+        type=_number(float, 0, 1),
         default=0.005,
         help="accuracy drop allowed per layer for the suggestion (default 0.005 = 0.5 points)",
     )
@@ -620,16 +701,39 @@ def _as_flags(message: str) -> str:
     return message
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every error is one line on stderr and a distinct exit code (EPILOG);
+    the traceback is printed only with --debug."""
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except DeepshrinkError as error:
-        print(f"deepshrink: error: {_as_flags(str(error))}", file=sys.stderr)
-        return error.exit_code
     except KeyboardInterrupt:
         print("deepshrink: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        if isinstance(error, DeepshrinkError):
+            message, code = _as_flags(str(error)), error.exit_code
+        elif isinstance(error, OSError):
+            name = f" {str(error.filename)!r}" if error.filename else ""
+            message, code = f"cannot use{name}: {error.strerror or error}", OutputError.exit_code
+        elif isinstance(error, MemoryError):
+            message, code = "out of memory; try a smaller batch or model", InternalError.exit_code
+        else:
+            message = (
+                f"internal error ({type(error).__name__}: {error}); this is a bug in deepshrink: "
+                "rerun with --debug and report the traceback"
+            )
+            code = InternalError.exit_code
+        print(f"deepshrink: error: {_one_line(message)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from torch import nn
 
 from deepshrink import __version__
 from deepshrink.encode import container
-from deepshrink.encode.codec import decode_state_dict, encode_model
+from deepshrink.encode.codec import decode_state_dict, encode_model, verify
+from deepshrink.encode.schema import CheckedHeader, check_header
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import FormatError
-from deepshrink.loading import STRUCTURE_KEY, model_for
+from deepshrink.loading import STRUCTURE_KEY, check_tensors_fit, model_for
 
 
 def save_compressed(
@@ -47,13 +48,61 @@ def save_compressed(
     return container.write(path, header, buffers, protect=protect)
 
 
-def read_state_dict(path: str | os.PathLike):
-    """The decoded plain state_dict and the file's metadata."""
+def open_compressed(
+    path: str | os.PathLike, max_decoded_bytes: int | None = None
+) -> tuple[container.Container, CheckedHeader]:
+    """Read a .dcz file and check every field (docs/FORMAT.md) before anything is decoded.
+
+    Every reader goes through here. `max_decoded_bytes` replaces the limit on the tensors'
+    decoded size (by default DECODED_PER_FILE_BYTE times the file's size, within a floor and a
+    ceiling: see encode/schema.py). Raises FormatError naming the field.
+    """
     loaded = container.read(path)
-    return decode_state_dict(loaded.header, loaded.buffers), loaded.header.get("metadata", {})
+    lengths = [len(buffer) for buffer in loaded.buffers]
+    size = Path(path).stat().st_size
+    try:
+        return loaded, check_header(loaded.header, lengths, size, max_decoded_bytes)
+    except FormatError as error:
+        raise FormatError(f"{path}: {error}") from error
 
 
-def load_compressed(path: str | os.PathLike, model: nn.Module | str | None = None) -> tuple[nn.Module, dict]:
+def inspect_header(
+    path: str | os.PathLike, max_decoded_bytes: int | None = None, *, header_only: bool = True
+) -> tuple[dict, CheckedHeader]:
+    """The header with its buffer table, every field checked.
+
+    With `header_only` only the preamble and header are read (the buffers' checksums and streams
+    are not verified: for listing a large file quickly). Otherwise the whole file is verified as
+    a loader would, and every stream decoded (but no tensor built), so the numbers it declares
+    (such as each layer's non-zero count) are known to be true.
+    """
+    header = container.read_header(path)
+    lengths = [entry["length"] for entry in header["buffers"]]
+    try:
+        checked = check_header(header, lengths, Path(path).stat().st_size, max_decoded_bytes)
+    except FormatError as error:
+        raise FormatError(f"{path}: {error}") from error
+    if not header_only:
+        loaded, checked = open_compressed(path, max_decoded_bytes)
+        try:
+            verify(loaded.buffers, checked)
+        except FormatError as error:
+            raise FormatError(f"{path}: {error}") from error
+    return header, checked
+
+
+def read_state_dict(path: str | os.PathLike, max_decoded_bytes: int | None = None):
+    """The decoded plain state_dict and the file's metadata."""
+    loaded, checked = open_compressed(path, max_decoded_bytes)
+    try:
+        return decode_state_dict(loaded.header, loaded.buffers, checked), checked.metadata
+    except FormatError as error:
+        raise FormatError(f"{path}: {error}") from error
+
+
+def load_compressed(
+    path: str | os.PathLike, model: nn.Module | str | None = None, *, max_decoded_bytes: int | None = None
+) -> tuple[nn.Module, dict]:
     """The model of a .dcz file with its decoded weights (bit-exact), and the file's metadata.
 
     `model` is the module to load into, a registered name or package.module:factory, or None for
@@ -61,14 +110,17 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | str | None = Non
     a file must not choose what code we run). Raises FormatError for a malformed file or tensors
     that do not fit the model, ModelError when no model can be built.
     """
-    state, metadata = read_state_dict(path)
+    loaded, checked = open_compressed(path, max_decoded_bytes)
+    metadata = checked.metadata
     built, name = model_for(
         path, model, metadata.get("model"), structure=metadata.get(STRUCTURE_KEY), error=FormatError
     )
+    check_tensors_fit({record["name"]: record["shape"] for record in checked.records}, built, path, FormatError)
     try:
-        built.load_state_dict(state)
-    except RuntimeError as error:
-        raise FormatError(f"{path}: the decoded tensors do not fit model {name!r}: {error}") from error
+        state = decode_state_dict(loaded.header, loaded.buffers, checked)
+    except FormatError as error:
+        raise FormatError(f"{path}: {error}") from error
+    built.load_state_dict(state)
     return built, metadata
 
 
@@ -83,7 +135,7 @@ def plot_distributions(path: str | os.PathLike, out: str | os.PathLike, layer: s
     from deepshrink.encode.codec import stream_histograms
     from deepshrink.tables import save_figure
 
-    loaded = container.read(path)
+    loaded, _ = open_compressed(path)
     histograms = stream_histograms(loaded.header, loaded.buffers)
     if not histograms:
         raise FormatError(f"{path}: no weight-shared tensor to plot")

@@ -48,3 +48,15 @@ class UnsupportedLayerError(DeepshrinkError, TypeError):
     """A stage was asked to work on a layer type it does not support."""
 
     exit_code = 8
+
+
+class OutputError(DeepshrinkError):
+    """A result could not be written: the path is a directory, missing, full or not permitted."""
+
+    exit_code = 9
+
+
+class InternalError(DeepshrinkError):
+    """Not the user's fault: a bug in deepshrink (the CLI reports it with this exit code)."""
+
+    exit_code = 70

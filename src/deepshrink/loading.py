@@ -71,3 +71,21 @@ def _already_factored(model: nn.Module, structure: dict | None) -> bool:
         return False
     modules = dict(model.named_modules())
     return all(f"{name}.0" in modules and f"{name}.1" in modules for name in structure["ranks"])
+
+
+def check_tensors_fit(declared: dict[str, tuple[int, ...]], model: nn.Module, source, error: type[Exception]) -> None:
+    """Every tensor a file declares (name -> shape) is one of `model`'s, with its shape, and none
+    is missing: checked before anything is decoded, so a file cannot make us build tensors the
+    model would refuse, or run kernels on a shape that is not the layer's."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    unexpected = sorted(set(declared) - set(expected))
+    missing = sorted(set(expected) - set(declared))
+    wrong = [name for name in declared if name in expected and tuple(declared[name]) != expected[name]]
+    if unexpected or missing or wrong:
+        problems = [f"{name} is {list(declared[name])}, the model's is {list(expected[name])}" for name in wrong[:3]]
+        problems += [f"missing {missing[:5]}"] if missing else []
+        problems += [f"unexpected {unexpected[:5]}"] if unexpected else []
+        raise error(
+            f"{source}: the file's tensors do not fit {type(model).__name__}: {'; '.join(problems)}; "
+            "pass the model the file was made from (model=...)"
+        )

@@ -350,6 +350,14 @@ def apply_structure(model: nn.Module, structure: dict | None) -> nn.Module:
         layer = modules.get(name)
         if not isinstance(layer, nn.Linear | nn.Conv2d) or not isinstance(rank, int) or rank < 1:
             raise ConfigError(f"low-rank metadata names layer {name!r} at rank {rank!r}, which this model cannot take")
+        # Checked before building: a rank above the matrix's smaller side is never a factorisation,
+        # and a file could otherwise make us allocate factors of any size.
+        rows, columns = layer.weight.shape[0], layer.weight[0].numel()
+        if rank > min(rows, columns):
+            raise ConfigError(
+                f"low-rank metadata gives layer {name!r} rank {rank}, above its {rows} x {columns} weight's "
+                f"largest possible rank {min(rows, columns)}"
+            )
         _replace(model, name, factored_modules(layer, rank, structure["scheme"]))
     return model
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from deepshrink.compressed import plot_distributions
-from deepshrink.encode.container import read_header
+from deepshrink.compressed import inspect_header, plot_distributions
 from deepshrink.encode.sizes import format_size_table, size_report
 from deepshrink.files import atomic_output
 from deepshrink.paper import PAPER
@@ -98,7 +97,7 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
     from deepshrink.stages.quantize import sharing_records
 
     run_dir = Path(result.run_dir)
-    rows, totals = size_report(read_header(result.path))
+    rows, totals = size_report(inspect_header(result.path)[0])
     records = {}
     for stage in result.stages:  # the k-means records behind Figure 4, from the stage that shared weights
         records.update(sharing_records(stage.result))
@@ -189,7 +188,7 @@ def stage_figure(model: nn.Module, stage_result, directory: Path) -> Path | None
         return plot_codebooks(model, records, directory / "codebooks.png")
     written = [Path(path) for path in stage_result.files if str(path).endswith(".dcz")]
     if written:
-        rows, _ = size_report(read_header(written[0]))
+        rows, _ = size_report(inspect_header(written[0])[0])
         if any(row.weight_bits is not None for row in rows):
             return plot_distributions(written[0], directory / "distributions.png")
     return None
@@ -197,7 +196,7 @@ def stage_figure(model: nn.Module, stage_result, directory: Path) -> Path | None
 
 def summary(result) -> str:
     """What the CLI prints at the end of a run."""
-    rows, totals = size_report(read_header(result.path))
+    rows, totals = size_report(inspect_header(result.path)[0])
     parts = [format_size_table(rows, totals), "", table1(result)]
     comparison = paper_comparison(result.model_name, rows, markdown=False)
     if comparison is not None:

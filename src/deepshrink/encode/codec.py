@@ -16,25 +16,24 @@ from torch import nn
 
 from deepshrink.encode import huffman
 from deepshrink.encode.bitio import flush, put_bits
-from deepshrink.encode.sparse import SparseLayout, as_matrix, from_sparse, to_sparse
+from deepshrink.encode.schema import CODERS, FORMAT_NAME, CheckedHeader, check_header
+from deepshrink.encode.sparse import SparseLayout, as_matrix, check_entries, from_sparse, to_sparse
 from deepshrink.errors import ConfigError, FormatError
 from deepshrink.layers import compressible_layers, match_per_layer, paper_default_bits, plain_state_dict
 from deepshrink.quantize.shared import sharing_of
 
-FORMAT_NAME = "deepshrink-dcz"
-CODERS = ("huffman", "fixed")
 MAX_CODE_LENGTH = 15  # so that code lengths pack two to a byte
 DTYPES = {
     "float32": (torch.float32, np.float32),
     "float64": (torch.float64, np.float64),
     "float16": (torch.float16, np.float16),
+    "bfloat16": (torch.bfloat16, np.int16),  # numpy has no bfloat16: its bits, viewed back in torch
     "int64": (torch.int64, np.int64),
     "int32": (torch.int32, np.int32),
     "uint8": (torch.uint8, np.uint8),
     "bool": (torch.bool, np.bool_),
 }
 TORCH_NAMES = {torch_type: name for name, (torch_type, _) in DTYPES.items()}
-MAX_ELEMENTS = 1 << 40
 
 
 @numba.njit(cache=True, nogil=True)
@@ -177,7 +176,8 @@ def encode_model(
             continue
         if tensor.dtype not in TORCH_NAMES:
             raise ConfigError(f"tensor {key!r} has dtype {tensor.dtype}, which the .dcz format does not store")
-        array = tensor.detach().cpu().contiguous().numpy()
+        tensor = tensor.detach().cpu().contiguous()
+        array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
         buffers.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
         records.append(
             {
@@ -191,39 +191,19 @@ def encode_model(
     return {"format": FORMAT_NAME, "metadata": metadata or {}, "tensors": records}, buffers
 
 
-def _buffer(buffers: list[bytes], index, what: str) -> bytes:
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(buffers):
-        raise FormatError(f"{what} refers to buffer {index!r}, but there are {len(buffers)}")
-    return buffers[index]
-
-
-def _count(value, what: str, limit: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-        raise FormatError(f"{what} is {value!r}; expected an integer from 0 to {limit}")
-    return value
-
-
-def _decode_stream(stream, buffers: list[bytes], coder: str, alphabet: int, limit: int, what: str) -> np.ndarray:
-    if not isinstance(stream, dict):
-        raise FormatError(f"{what} stream is missing or not an object")
-    data = _buffer(buffers, stream.get("buffer"), f"{what} stream")
-    symbols = _count(stream.get("symbols"), f"{what} symbol count", limit)
-    bits = _count(stream.get("bits"), f"{what} bit count", 8 * len(data))
+def _decode_stream(stream: dict, buffers: list[bytes], coder: str, alphabet: int, what: str) -> np.ndarray:
+    """The symbols of a stream whose fields schema.check_header validated; corrupt bytes raise FormatError."""
+    data = buffers[stream["buffer"]]
     if coder == "fixed":
-        width = _count(stream.get("width"), f"{what} width", 32)
-        if width == 0 or bits != symbols * width or (bits + 7) // 8 != len(data):
-            raise FormatError(f"{what} stream: {symbols} symbols of {width} bits do not fill {len(data)} bytes")
-        out = np.empty(symbols, dtype=np.int64)
-        _unpack_fixed(np.frombuffer(data, dtype=np.uint8), width, out)
+        out = np.empty(stream["symbols"], dtype=np.int64)
+        _unpack_fixed(np.frombuffer(data, dtype=np.uint8), stream["width"], out)
     else:
-        lengths = _unpack_lengths(_buffer(buffers, stream.get("lengths"), f"{what} code lengths"), alphabet, what)
+        lengths = _unpack_lengths(buffers[stream["lengths"]], alphabet, what)
         try:
-            lanes = stream.get("lanes")
-            if not isinstance(lanes, list) or sum(lane for lane in lanes if isinstance(lane, int)) != bits:
-                raise FormatError(f"the lanes {lanes!r} do not add up to the declared {bits} bits")
-            out = huffman.decode_lanes(data, lanes, symbols, lengths, MAX_CODE_LENGTH).astype(np.int64)
+            out = huffman.decode_lanes(data, stream["lanes"], stream["symbols"], lengths, MAX_CODE_LENGTH)
         except FormatError as error:
             raise FormatError(f"{what} stream: {error}") from error
+        out = out.astype(np.int64)
     if len(out) and int(out.max()) >= alphabet:
         raise FormatError(f"{what} stream holds symbol {int(out.max())}, outside its alphabet of {alphabet}")
     return out
@@ -241,98 +221,38 @@ class SharedParts:
 
 
 def decode_shared_parts(record: dict, buffers: list[bytes]) -> SharedParts:
-    """Validate and entropy-decode a `shared` record without building its weights."""
-    name = record["name"]
-    shape = record["shape"]
-    elements = int(np.prod(shape, dtype=np.float64))
-    if record["dtype"] != "float32":
-        raise FormatError(f"{name}: shared tensors are float32, not {record['dtype']}")
-    bits = _count(record.get("bits"), f"{name}: bits", 16)
-    if bits == 0:
-        raise FormatError(f"{name}: bits must be at least 1")
-    zero_code = record.get("zero_code")
-    if not isinstance(zero_code, bool):
-        raise FormatError(f"{name}: zero_code must be true or false")
-    codebook = np.frombuffer(_buffer(buffers, record.get("codebook"), f"{name} codebook"), dtype="<f4")
-    if len(codebook) + int(zero_code) > (1 << bits) or not np.all(np.isfinite(codebook)):
-        raise FormatError(f"{name}: the codebook has {len(codebook)} entries for {bits} bits, or a non-finite value")
-    full = np.concatenate(([np.float32(0)], codebook)) if zero_code else codebook
-    coder = record.get("coder")
-    if coder not in CODERS:
-        raise FormatError(f"{name}: unknown coder {coder!r}")
-    streams = record.get("streams")
-    if not isinstance(streams, dict):
-        raise FormatError(f"{name}: streams missing")
-    matrix = as_matrix(tuple(shape))
-    if record.get("matrix") != list(matrix):
-        raise FormatError(f"{name}: matrix {record.get('matrix')!r} does not match shape {shape}")
-    layout = record.get("layout")
-    if layout == "dense":
-        codes = _decode_stream(streams.get("codes"), buffers, coder, 1 << bits, elements, f"{name} codes")
-        if len(codes) != elements:
-            raise FormatError(f"{name}: {len(codes)} codes for {elements} weights")
-    elif layout in ("csr", "csc"):
-        if not zero_code:
-            raise FormatError(f"{name}: a sparse layout needs zero_code for its filler entries")
-        index_bits = _count(record.get("index_bits"), f"{name}: index_bits", 16)
-        if index_bits == 0:
-            raise FormatError(f"{name}: index_bits must be at least 1")
-        rows = matrix[1] if layout == "csc" else matrix[0]
-        entries = _count(record.get("entries"), f"{name}: entries", elements)
-        entry_codes = _decode_stream(streams.get("codes"), buffers, coder, 1 << bits, entries, f"{name} codes")
-        gaps = _decode_stream(streams.get("gaps"), buffers, coder, 1 << index_bits, entries, f"{name} gaps")
-        counts_stream = streams.get("counts")
-        width = counts_stream.get("width") if isinstance(counts_stream, dict) else None
-        if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 32:
-            raise FormatError(f"{name}: the entry-count stream needs a width from 1 to 32")
-        counts = _decode_stream(counts_stream, buffers, "fixed", 1 << width, rows, f"{name} counts")
-        if len(entry_codes) != entries or len(gaps) != entries or len(counts) != rows:
-            raise FormatError(
-                f"{name}: {len(entry_codes)} codes, {len(gaps)} gaps and {len(counts)} row counts "
-                f"for {entries} entries in {rows} rows"
-            )
-        layout_record = SparseLayout(
-            gaps.astype(np.uint16), entry_codes.astype(np.uint16), counts, matrix, layout, index_bits
-        )
-        if int(counts.sum()) != entries:
-            raise FormatError(f"{name}: the row counts add up to {int(counts.sum())}, not {entries} entries")
-        if len(entry_codes) and int(entry_codes.max()) >= len(full):
-            raise FormatError(f"{name}: a code exceeds the codebook's {len(full)} entries")
-        return SharedParts(full.astype(np.float32), None, layout_record, tuple(shape))
-    else:
-        raise FormatError(f"{name}: unknown layout {layout!r}")
+    """Entropy-decode a checked `shared` record (schema.check_header) without building its weights."""
+    name, shape, bits = record["name"], tuple(record["shape"]), record["bits"]
+    codebook = np.frombuffer(buffers[record["codebook"]], dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(codebook)):
+        raise FormatError(f"{name}: the codebook holds a non-finite value")
+    full = np.concatenate(([np.float32(0)], codebook)) if record["zero_code"] else codebook
+    coder, streams = record["coder"], record["streams"]
+    codes = _decode_stream(streams["codes"], buffers, coder, 1 << bits, f"{name} codes")
     if len(codes) and int(codes.max()) >= len(full):
-        raise FormatError(f"{name}: a code exceeds the codebook's {len(full)} entries")
-    return SharedParts(full.astype(np.float32), codes.reshape(shape), None, tuple(shape))
+        raise FormatError(f"{name}: code {int(codes.max())} is past the codebook's {len(full)} entries")
+    if record["layout"] == "dense":
+        return SharedParts(full, codes.reshape(shape), None, shape)
+    index_bits = record["index_bits"]
+    gaps = _decode_stream(streams["gaps"], buffers, coder, 1 << index_bits, f"{name} gaps")
+    counts = _decode_stream(streams["counts"], buffers, "fixed", 1 << streams["counts"]["width"], f"{name} counts")
+    if int(counts.sum()) != len(codes):
+        raise FormatError(f"{name}: the row counts add up to {int(counts.sum())}, not {len(codes)} entries")
+    layout = SparseLayout(
+        gaps.astype(np.uint16), codes.astype(np.uint16), counts, as_matrix(shape), record["layout"], index_bits
+    )
+    return SharedParts(full, None, layout, shape)
 
 
 def decode_record_parts(record: dict, buffers: list[bytes]) -> torch.Tensor | SharedParts:
-    """A raw tensor, or a shared tensor's parts (codebook + codes, never expanded), validated."""
-    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
-        raise FormatError("a tensor record is not an object with a name")
-    name = record["name"]
-    shape = record.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(side, int) and not isinstance(side, bool) and side >= 0 for side in shape
-    ):
-        raise FormatError(f"{name}: shape {shape!r} is not a list of non-negative integers")
-    elements = int(np.prod(shape, dtype=np.float64))
-    if elements > MAX_ELEMENTS:
-        raise FormatError(f"{name}: shape {shape} has more than {MAX_ELEMENTS} elements")
-    if record.get("dtype") not in DTYPES:
-        raise FormatError(f"{name}: unknown dtype {record.get('dtype')!r}")
-    torch_type, numpy_type = DTYPES[record["dtype"]]
-    encoding = record.get("encoding")
-    if encoding == "raw":
-        data = _buffer(buffers, record.get("data"), name)
-        expected = elements * np.dtype(numpy_type).itemsize
-        if len(data) != expected:
-            raise FormatError(f"{name}: raw data has {len(data)} bytes, shape {shape} needs {expected}")
-        array = np.frombuffer(data, dtype=np.dtype(numpy_type).newbyteorder("<")).reshape(shape)
-        return torch.from_numpy(array.astype(numpy_type, copy=True))
-    if encoding != "shared":
-        raise FormatError(f"{name}: unknown encoding {encoding!r}")
-    return decode_shared_parts(record, buffers)
+    """A checked record's raw tensor, or a shared tensor's parts (codebook + codes, never expanded)."""
+    if record["encoding"] == "shared":
+        return decode_shared_parts(record, buffers)
+    shape, dtype = record["shape"], record["dtype"]
+    torch_type, numpy_type = DTYPES[dtype]
+    array = np.frombuffer(buffers[record["data"]], dtype=np.dtype(numpy_type).newbyteorder("<")).reshape(shape)
+    tensor = torch.from_numpy(array.astype(numpy_type, copy=True))
+    return tensor.view(torch_type) if tensor.dtype != torch_type else tensor
 
 
 def _decode_record(record: dict, buffers: list[bytes]) -> torch.Tensor:
@@ -341,10 +261,7 @@ def _decode_record(record: dict, buffers: list[bytes]) -> torch.Tensor:
         return parts
     name, shape = record["name"], record["shape"]
     codes = from_sparse(parts.sparse, tuple(shape)) if parts.sparse is not None else parts.codes
-    full = parts.codebook
-    if len(codes.reshape(-1)) and int(codes.max()) >= len(full):
-        raise FormatError(f"{name}: a code exceeds the codebook's {len(full)} entries")
-    values = full[codes.reshape(shape).astype(np.int64)].astype(np.float32)
+    values = parts.codebook[codes.reshape(shape).astype(np.int64)].astype(np.float32)
     if record.get("nonzeros") != int(np.count_nonzero(values)):
         raise FormatError(
             f"{name}: {int(np.count_nonzero(values))} non-zero weights decoded, "
@@ -353,39 +270,53 @@ def _decode_record(record: dict, buffers: list[bytes]) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def decode_state_dict(header: dict, buffers: list[bytes]) -> dict[str, torch.Tensor]:
-    """The plain state_dict a .dcz header and its buffers describe, every field validated."""
-    if header.get("format") != FORMAT_NAME:
-        raise FormatError(f"header format is {header.get('format')!r}, expected {FORMAT_NAME!r}")
-    tensors = header.get("tensors")
-    if not isinstance(tensors, list):
-        raise FormatError("header has no 'tensors' list")
-    state = {}
-    for record in tensors:
-        tensor = _decode_record(record, buffers)
-        if record["name"] in state:
-            raise FormatError(f"tensor {record['name']!r} appears twice")
-        state[record["name"]] = tensor
-    return state
+def check(header: dict, buffers: list[bytes], max_decoded_bytes: int | None = None) -> CheckedHeader:
+    """schema.check_header for a header and buffers held in memory (the file's size: their sum)."""
+    lengths = [len(buffer) for buffer in buffers]
+    return check_header(header, lengths, sum(lengths), max_decoded_bytes)
+
+
+def decode_state_dict(
+    header: dict, buffers: list[bytes], checked: CheckedHeader | None = None
+) -> dict[str, torch.Tensor]:
+    """The plain state_dict a .dcz header and its buffers describe, every field validated
+    (by `checked`, the result of checking them, or here)."""
+    checked = checked or check(header, buffers)
+    return {record["name"]: _decode_record(record, buffers) for record in checked.records}
+
+
+def verify(buffers: list[bytes], checked: CheckedHeader) -> None:
+    """Decode every shared record's streams (never its weights) and check what the header
+    declares about them: the entries fit their rows, and the count of non-zero weights.
+
+    For a full check of a file without building its tensors (`inspect`).
+    """
+    for record in checked.records:
+        if record["encoding"] != "shared":
+            continue
+        parts = decode_shared_parts(record, buffers)
+        if parts.sparse is not None:
+            check_entries(parts.sparse)
+            nonzeros = int(np.count_nonzero(parts.codebook[parts.sparse.codes]))
+        else:
+            nonzeros = int(np.count_nonzero(parts.codebook[parts.codes]))
+        if nonzeros != record["nonzeros"]:
+            raise FormatError(
+                f"{record['name']}: {nonzeros} non-zero weights decoded, the record declares {record['nonzeros']}"
+            )
 
 
 def stream_histograms(header: dict, buffers: list[bytes]) -> dict[str, dict[str, np.ndarray]]:
     """Per shared tensor, the symbol counts of its code and gap streams (the paper's Figure 5)."""
     histograms = {}
-    for record in header.get("tensors", []):
-        if record.get("encoding") != "shared":
+    for record in check(header, buffers).records:
+        if record["encoding"] != "shared":
             continue
-        streams = record["streams"]
-        coder = record["coder"]
-        entries = record["entries"]
-        result = {
-            "codes": np.bincount(
-                _decode_stream(streams["codes"], buffers, coder, 1 << record["bits"], entries, record["name"]),
-                minlength=1 << record["bits"],
-            )
-        }
+        streams, coder, name = record["streams"], record["coder"], record["name"]
+        codes = _decode_stream(streams["codes"], buffers, coder, 1 << record["bits"], name)
+        result = {"codes": np.bincount(codes, minlength=1 << record["bits"])}
         if "gaps" in streams:
-            gaps = _decode_stream(streams["gaps"], buffers, coder, 1 << record["index_bits"], entries, record["name"])
+            gaps = _decode_stream(streams["gaps"], buffers, coder, 1 << record["index_bits"], name)
             result["gaps"] = np.bincount(gaps, minlength=1 << record["index_bits"])
-        histograms[record["name"]] = result
+        histograms[name] = result
     return histograms

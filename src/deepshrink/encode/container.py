@@ -25,6 +25,15 @@ PREAMBLE = struct.Struct("<8sHHIQ")  # magic, major, minor, header CRC-32, heade
 VERSIONS = struct.Struct("<HH")  # covered by the header checksum, so a flipped minor version is caught
 ALIGNMENT = 8
 MAX_HEADER_BYTES = 64 << 20
+# The header's JSON is parsed into Python objects, which take tens of times its size: it may be
+# at most MAX_HEADER_JSON_BYTES, and at most HEADER_INFLATION times its deflated size (real
+# headers deflate about 3x; a crafted 65 KB stream inflating to 63 MiB took 2 GB to parse).
+MAX_HEADER_JSON_BYTES = 8 << 20
+HEADER_INFLATION = 64
+HEADER_INFLATION_FLOOR = 1 << 20
+# Our headers nest 6 levels deep (header, tensors, record, streams, stream, lanes); metadata
+# adds a few. Deeper JSON is refused (Python's parser stops at about 1,000 with RecursionError).
+MAX_JSON_DEPTH = 32
 
 
 def _padding(length: int) -> int:
@@ -67,14 +76,20 @@ def encode_header(header: dict) -> bytes:
 def _decode_header(encoded: bytes, major: int, source: str) -> bytes:
     """The header's JSON bytes: as stored for 1.x, inflated (bounded, exact padding) for 2.x."""
     if major == 1:
+        if len(encoded) > MAX_HEADER_JSON_BYTES:
+            raise FormatError(f"{source}: header is {len(encoded)} bytes, more than {MAX_HEADER_JSON_BYTES}")
         return encoded
+    limit = min(MAX_HEADER_JSON_BYTES, max(HEADER_INFLATION_FLOOR, HEADER_INFLATION * len(encoded)))
     inflater = zlib.decompressobj()
     try:
-        text = inflater.decompress(encoded, MAX_HEADER_BYTES)
+        text = inflater.decompress(encoded, limit)
     except zlib.error as error:
         raise FormatError(f"{source}: header is not a valid zlib stream: {error}") from error
     if inflater.unconsumed_tail:
-        raise FormatError(f"{source}: header inflates to more than {MAX_HEADER_BYTES} bytes")
+        raise FormatError(
+            f"{source}: header inflates to more than {limit} bytes (at most {HEADER_INFLATION} times its "
+            f"{len(encoded)} stored bytes, and {MAX_HEADER_JSON_BYTES} in all)"
+        )
     if not inflater.eof:
         raise FormatError(f"{source}: header zlib stream is truncated")
     if len(inflater.unused_data) >= ALIGNMENT or inflater.unused_data.strip(b"\0"):
@@ -90,7 +105,7 @@ def write(path: str | os.PathLike, header: dict, buffers: list[bytes], protect=(
     return Path(path)
 
 
-def _parse_header(data: bytes, source: str) -> tuple[dict, int]:
+def parse_header(data: bytes, source: str = "<bytes>") -> tuple[dict, int]:
     """Check the preamble and header at the start of `data`; returns (header, data start)."""
     if len(data) < PREAMBLE.size:
         raise FormatError(f"{source}: {len(data)} bytes is too short for a .dcz file ({PREAMBLE.size}-byte preamble)")
@@ -116,11 +131,28 @@ def _parse_header(data: bytes, source: str) -> tuple[dict, int]:
         raise FormatError(f"{source}: header checksum mismatch: the file is corrupt")
     try:
         header = json.loads(_decode_header(encoded, major, source).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, or an integer of over 4,300 digits
         raise FormatError(f"{source}: header is not valid UTF-8 JSON: {error}") from error
+    except RecursionError as error:
+        raise FormatError(f"{source}: header JSON nests more than {MAX_JSON_DEPTH} levels deep") from error
+    depth = json_depth(header)
+    if depth > MAX_JSON_DEPTH:
+        raise FormatError(f"{source}: header JSON nests {depth} levels deep; at most {MAX_JSON_DEPTH} are allowed")
     if not isinstance(header, dict) or not isinstance(header.get("buffers"), list):
         raise FormatError(f"{source}: header must be a JSON object with a 'buffers' list")
     return header, data_start
+
+
+def json_depth(value) -> int:
+    """How deep parsed JSON nests its arrays and objects, walked without recursion."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _check_table(table: list, data_start: int, file_size: int, source: str) -> list[tuple[int, int, int]]:
@@ -152,13 +184,16 @@ def _check_table(table: list, data_start: int, file_size: int, source: str) -> l
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> Container:
     """Parse and validate a whole container held in memory."""
-    header, data_start = _parse_header(data, source)
+    header, data_start = parse_header(data, source)
     spans = _check_table(header.pop("buffers"), data_start, len(data), source)
     buffers = []
     for index, (start, end, crc) in enumerate(spans):
         buffer = data[start:end]
         if zlib.crc32(buffer) != crc:
             raise FormatError(f"{source}: buffer {index} checksum mismatch: the file is corrupt")
+        padding_end = spans[index + 1][0] if index + 1 < len(spans) else len(data)
+        if data[end:padding_end].strip(b"\0"):
+            raise FormatError(f"{source}: the padding after buffer {index} is not zero bytes: the file is corrupt")
         buffers.append(buffer)
     return Container(header, buffers)
 
@@ -177,7 +212,7 @@ def read_header(path: str | os.PathLike) -> dict:
         size = path.stat().st_size
     except OSError as error:
         raise FormatError(f"{path}: cannot read: {error.strerror}") from error
-    header, data_start = _parse_header(start, str(path))
+    header, data_start = parse_header(start, str(path))
     _check_table(header["buffers"], data_start, size, str(path))
     return header
 

@@ -121,7 +121,7 @@ def size_report(header: dict) -> tuple[list[LayerSize], dict]:
                 fixed_bits=fixed,
             )
         )
-    metadata = header.get("metadata", {})
+    metadata = header.get("metadata") or {}
     file_bytes = (
         container.PREAMBLE.size
         + _header_bytes(header)

@@ -13,6 +13,7 @@ pointers; the encoder stores them with the same entropy coder as everything else
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numba
@@ -43,7 +44,7 @@ def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
         return (1, 1)
     if len(shape) == 1:
         return (1, int(shape[0]))
-    return (int(shape[0]), int(np.prod(shape[1:], dtype=np.int64)))
+    return (int(shape[0]), math.prod(int(side) for side in shape[1:]))  # Python integers: no overflow
 
 
 @numba.njit(cache=True, nogil=True)
@@ -114,6 +115,30 @@ def _scatter(gaps, codes, counts, matrix):
             matrix[row, column] = codes[position]
             position += 1
     return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _rows_overrun(gaps, counts, columns):
+    position = 0
+    for row in range(len(counts)):
+        column = -1
+        for _ in range(counts[row]):
+            column += gaps[position] + 1
+            position += 1
+        if column >= columns:
+            return True
+    return False
+
+
+def check_entries(sparse: SparseLayout) -> None:
+    """The entries fit the matrix (counts add up, no row's gaps run past its end), without
+    building it; FormatError otherwise."""
+    rows, columns = sparse.shape
+    stored_rows, stored_columns = (columns, rows) if sparse.layout == "csc" else (rows, columns)
+    if len(sparse.counts) != stored_rows or int(sparse.counts.sum()) != len(sparse.gaps):
+        raise FormatError("entry counts do not add up to the number of stored entries")
+    if _rows_overrun(sparse.gaps, sparse.counts, stored_columns):
+        raise FormatError("the gaps of a row run past its end: the sparse layout is corrupt")
 
 
 def from_sparse(sparse: SparseLayout, shape: tuple[int, ...] | None = None) -> np.ndarray:

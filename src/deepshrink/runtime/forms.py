@@ -125,6 +125,27 @@ def _automatic_form(indptr, columns, codes, codebook, shape):
     return per_entry
 
 
+def check_csr(indptr: np.ndarray, columns: np.ndarray, codes: np.ndarray, codebook_size: int, shape) -> None:
+    """The CSR arrays every form is built from stay inside the matrix and the codebook.
+
+    The kernels index without bounds checks (for speed), so this is where an index that could
+    leave its array is stopped: row pointers that start at 0, never decrease and end at the
+    entry count, column indices below the column count, codes below the codebook size.
+    """
+    rows, width = shape
+    problem = None
+    if len(indptr) != rows + 1 or indptr[0] != 0 or indptr[-1] != len(columns) or len(codes) != len(columns):
+        problem = f"{len(indptr)} row pointers ending at {int(indptr[-1]) if len(indptr) else None} for {rows} rows"
+    elif np.any(np.diff(indptr) < 0):
+        problem = "row pointers decrease"
+    elif len(columns) and (int(columns.min()) < 0 or int(columns.max()) >= width):
+        problem = f"a column index outside 0..{width - 1}"
+    elif len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= codebook_size):
+        problem = f"a code outside the codebook's {codebook_size} entries"
+    if problem:
+        raise ConfigError(f"the compressed {rows} x {width} weight is inconsistent: {problem}")
+
+
 class CodebookWeight:
     """A weight matrix (rows x columns) held as codebook indices in one of FORMS.
 
@@ -136,10 +157,11 @@ class CodebookWeight:
 
     def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int], form: str | None = None) -> None:
         codebook = np.ascontiguousarray(codebook, dtype=np.float32)
-        self.shape = shape
+        self.shape = (int(shape[0]), int(shape[1]))
         self.nonzeros = len(columns)
         indptr = np.ascontiguousarray(indptr, dtype=np.int64)
         columns, codes = np.ascontiguousarray(columns), np.ascontiguousarray(codes)
+        check_csr(indptr, columns, codes, len(codebook), self.shape)
         if form is None:
             self.matrix = _automatic_form(indptr, columns, codes, codebook, shape)
         elif form == "tiled":
@@ -177,6 +199,11 @@ class CodebookWeight:
 
     def product(self, inputs: np.ndarray) -> np.ndarray:
         """inputs @ W.T for float32 inputs of shape (batch, columns): (batch, rows)."""
+        if inputs.ndim != 2 or inputs.shape[1] != self.shape[1]:
+            raise ConfigError(
+                f"the compressed {self.shape[0]} x {self.shape[1]} weight takes inputs of shape (batch, "
+                f"{self.shape[1]}), not {tuple(inputs.shape)}"
+            )
         return self.matrix.product(np.ascontiguousarray(inputs, dtype=np.float32))
 
     def to_dense(self) -> torch.Tensor:

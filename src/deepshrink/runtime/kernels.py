@@ -29,6 +29,7 @@ import numba
 import numpy as np
 
 from deepshrink.encode.sparse import SparseLayout
+from deepshrink.errors import FormatError
 from deepshrink.runtime.intrinsics import GATHER_WIDTH, add_rows, add_weighted_rows, gathered_sum, prefetch
 
 
@@ -85,9 +86,9 @@ def csr_from_layout(sparse: SparseLayout, nonzeros: int) -> tuple[np.ndarray, np
     codes = np.empty(nonzeros, dtype=code_type)
     kept = _relative_to_csr(sparse.gaps, sparse.codes, sparse.counts, minor, indptr, columns, codes)
     if kept == -2:
-        raise ValueError("the gaps of a row run past its end")
+        raise FormatError("the gaps of a row run past its end")
     if kept != nonzeros:
-        raise ValueError(f"{'more' if kept < 0 else kept} non-zero weights, {nonzeros} declared")
+        raise FormatError(f"{'more' if kept < 0 else kept} non-zero weights, {nonzeros} declared")
     if sparse.layout == "csc":
         rows = sparse.shape[0]
         row_indptr = np.zeros(rows + 1, dtype=np.int64)

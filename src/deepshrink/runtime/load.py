@@ -16,11 +16,12 @@ from torch import nn
 # Imported here, not first inside load_runtime (through model_for): a module's first import
 # allocates, and the memory test traces load_runtime to count the compressed form alone.
 from deepshrink import lowrank, models  # noqa: E402, F401
-from deepshrink.encode import container
-from deepshrink.encode.codec import FORMAT_NAME, SharedParts, decode_record_parts
+from deepshrink.compressed import open_compressed
+from deepshrink.encode.codec import SharedParts, decode_record_parts
+from deepshrink.encode.sparse import as_matrix
 from deepshrink.errors import ConfigError, FormatError
 from deepshrink.layers import matching
-from deepshrink.loading import STRUCTURE_KEY, model_for
+from deepshrink.loading import STRUCTURE_KEY, check_tensors_fit, model_for
 from deepshrink.runtime.forms import CodebookWeight
 from deepshrink.runtime.kernels import csr_from_layout
 from deepshrink.runtime.modules import SPARSE_DENSITY_LIMIT, CompressedConv2d, CompressedLinear
@@ -29,8 +30,7 @@ MODES = ("auto", "sparse", "dense")
 
 
 def _codebook_weight(parts: SharedParts, nonzeros: int) -> CodebookWeight:
-    rows = parts.shape[0]
-    columns = int(np.prod(parts.shape[1:], dtype=np.int64))
+    rows, columns = as_matrix(parts.shape)
     if parts.sparse is not None:
         indptr, indices, codes = csr_from_layout(parts.sparse, nonzeros)
     else:  # a dense layout: its codes (not float weights) are already in memory
@@ -38,7 +38,7 @@ def _codebook_weight(parts: SharedParts, nonzeros: int) -> CodebookWeight:
         row_index, indices = np.nonzero(parts.codebook[matrix] != 0)
         codes = matrix[row_index, indices]
         if len(codes) != nonzeros:
-            raise ValueError(f"{len(codes)} non-zero weights, {nonzeros} declared")
+            raise FormatError(f"{len(codes)} non-zero weights, {nonzeros} declared")
         indptr = np.concatenate(([0], np.cumsum(np.bincount(row_index, minlength=rows))))
         indices = indices.astype(np.uint16 if columns <= 1 << 16 else np.int32)
         codes = codes.astype(np.uint8 if len(parts.codebook) <= 256 else np.uint16)
@@ -89,6 +89,7 @@ def load_runtime(
     *,
     mode: str | dict[str, str] = "auto",
     density_limit: float = SPARSE_DENSITY_LIMIT,
+    max_decoded_bytes: int | None = None,
 ) -> nn.Module:
     """The model of a .dcz file with its shared Linear / Conv2d layers computing from codebook indices.
 
@@ -96,7 +97,9 @@ def load_runtime(
     (default: the name the file records; a factory is imported only when passed here). `mode`
     is "auto" (sparse where it is faster and smaller, see `_sparse_pays`: Linear layers of at
     least SMALL_LAYER_BYTES whose density is at most `density_limit`), "sparse", "dense",
-    or a {layer glob: mode} mapping. Returns the model in eval mode on the CPU.
+    or a {layer glob: mode} mapping. Every field of the file, and every tensor's shape against
+    the model, is checked before anything is decoded (`max_decoded_bytes`: see open_compressed).
+    Returns the model in eval mode on the CPU.
     """
     from deepshrink.layers import compressible_layers
 
@@ -104,56 +107,38 @@ def load_runtime(
     for pattern, value in modes.items():
         if value not in MODES:
             raise ConfigError(f"mode {value!r} for {pattern!r} should be one of {', '.join(MODES)}")
-    loaded = container.read(path)
-    header = loaded.header
-    if header.get("format") != FORMAT_NAME or not isinstance(header.get("tensors"), list):
-        raise FormatError(f"{path}: not a deepshrink model file (format {header.get('format')!r})")
-    metadata = header.get("metadata", {})
+    loaded, checked = open_compressed(path, max_decoded_bytes)
+    metadata = checked.metadata
     model, _ = model_for(path, model, metadata.get("model"), structure=metadata.get(STRUCTURE_KEY), error=FormatError)
+    check_tensors_fit({record["name"]: record["shape"] for record in checked.records}, model, path, FormatError)
     layers = compressible_layers(model)
     state: dict[str, torch.Tensor] = {}
     compressed: dict[str, CodebookWeight] = {}
-    for record in header["tensors"]:
-        parts = decode_record_parts(record, loaded.buffers)
+    for record in checked.records:
         name = record["name"]
+        try:
+            parts = decode_record_parts(record, loaded.buffers)
+            if not isinstance(parts, SharedParts):
+                state[name] = parts
+                continue
+            weight = _codebook_weight(parts, record["nonzeros"])
+        except (FormatError, ConfigError) as error:
+            raise FormatError(f"{path}: {name}: {error}") from error
         owner = name.removesuffix(".weight")
         layer = layers.get(owner)
-        if isinstance(parts, SharedParts):
-            if name in state or name in compressed:
-                raise FormatError(f"{path}: tensor {name!r} appears twice")
-            nonzeros = record.get("nonzeros")
-            if not isinstance(nonzeros, int) or isinstance(nonzeros, bool) or nonzeros < 0:
-                raise FormatError(f"{path}: {name}: nonzeros {nonzeros!r} is not a count")
-            try:
-                weight = _codebook_weight(parts, nonzeros)
-            except ValueError as error:
-                raise FormatError(f"{path}: {name}: {error}") from error
-            layer_mode = _mode_for(owner, modes)
-            runs_sparse = (
-                isinstance(layer, nn.Linear | nn.Conv2d)
-                and name.endswith(".weight")
-                and (layer_mode == "sparse" or (layer_mode == "auto" and _sparse_pays(weight, layer, density_limit)))
-            )
-            if runs_sparse and isinstance(layer, nn.Conv2d) and layer.groups != 1:
-                runs_sparse = False  # grouped convolutions run dense
-            if runs_sparse:
-                compressed[owner] = weight
-            else:
-                state[name] = weight.to_dense().reshape(parts.shape)
-        else:
-            if name in state:
-                raise FormatError(f"{path}: tensor {name!r} appears twice")
-            state[name] = parts
-    # Load everything else (biases, dense layers) into the model, then swap the sparse layers in.
-    expected = set(model.state_dict())
-    missing_sparse = {f"{owner}.weight" for owner in compressed}
-    unexpected = set(state) - expected
-    missing = expected - set(state) - missing_sparse
-    if unexpected or missing:
-        raise FormatError(
-            f"{path}: the file's tensors do not fit {type(model).__name__}: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        layer_mode = _mode_for(owner, modes)
+        runs_sparse = (
+            isinstance(layer, nn.Linear | nn.Conv2d)
+            and name.endswith(".weight")
+            and (layer_mode == "sparse" or (layer_mode == "auto" and _sparse_pays(weight, layer, density_limit)))
         )
+        if runs_sparse and isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            runs_sparse = False  # grouped convolutions run dense
+        if runs_sparse:
+            compressed[owner] = weight
+        else:
+            state[name] = weight.to_dense().reshape(parts.shape)
+    # Load everything else (biases, dense layers) into the model, then swap the sparse layers in.
     model.load_state_dict(state, strict=False)
     for owner, weight in compressed.items():
         layer = layers[owner]

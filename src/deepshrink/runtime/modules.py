@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from deepshrink.errors import ModelError
+from deepshrink.errors import ConfigError, ModelError
 from deepshrink.runtime.forms import CodebookWeight
 
 # Measured (benchmarks/inference_speed.py): at batch 1 the codebook kernel beats dense torch
@@ -45,6 +45,10 @@ class CompressedLinear(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         leading = inputs.shape[:-1]
+        if inputs.ndim == 0 or inputs.shape[-1] != self.in_features:
+            raise ConfigError(
+                f"CompressedLinear takes inputs whose last dimension is {self.in_features}, not {tuple(inputs.shape)}"
+            )
         flat = _as_float32_cpu(inputs, "CompressedLinear").reshape(-1, self.in_features)
         result = np.ascontiguousarray(self.weight_form.product(flat))
         if self.bias is not None:
@@ -76,6 +80,10 @@ class CompressedConv2d(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.ndim != 4 or inputs.shape[1] != self.in_channels:
+            raise ConfigError(
+                f"CompressedConv2d takes (batch, {self.in_channels}, height, width) inputs, not {tuple(inputs.shape)}"
+            )
         batch, _, height, width = inputs.shape
         columns = functional.unfold(inputs, self.kernel_size, self.dilation, self.padding, self.stride)
         positions = columns.shape[2]

@@ -36,8 +36,7 @@ class EncodeSettings:
 
 def encode_stage(model: nn.Module, settings: EncodeSettings, context: StageContext) -> StageResult:
     """Write `model` (pruned and weight-shared layers compressed, the rest raw) to `context.output`."""
-    from deepshrink.compressed import save_compressed
-    from deepshrink.encode.container import read_header
+    from deepshrink.compressed import inspect_header, save_compressed
     from deepshrink.encode.sizes import size_report
     from deepshrink.errors import ConfigError
 
@@ -53,7 +52,7 @@ def encode_stage(model: nn.Module, settings: EncodeSettings, context: StageConte
         metadata=context.metadata,
         protect=context.protect,
     )
-    _, totals = size_report(read_header(path))
+    _, totals = size_report(inspect_header(path)[0])
     metrics = {"file_bytes": totals["file_bytes"], "compression": totals["compression"]}
     return StageResult("encode", {"file": Path(path).name}, metrics, files=[str(path)])
 
@@ -62,22 +61,22 @@ def written_key(path: Path) -> str | None:
     """The cache key a previously written .dcz file records, if it is there and readable."""
     if not path.exists():
         return None
-    from deepshrink.encode.container import read_header
+    from deepshrink.compressed import inspect_header
     from deepshrink.errors import FormatError
 
     try:
-        return read_header(path).get("metadata", {}).get("stage_key")
+        return inspect_header(path)[0].get("metadata", {}).get("stage_key")
     except FormatError:
         return None  # damaged: write it again
 
 
 def summarize(model: nn.Module, result: StageResult) -> str:
     """The paper's per-layer size columns, read back from the written file's header."""
-    from deepshrink.encode.container import read_header
+    from deepshrink.compressed import inspect_header
     from deepshrink.encode.sizes import format_size_table, size_report
 
     path = result.files[0]
-    rows, totals = size_report(read_header(path))
+    rows, totals = size_report(inspect_header(path)[0])
     return (
         f"{format_size_table(rows, totals)}\n"
         f"file: {path} ({totals['file_bytes']:,} bytes, {totals['compression']:.1f}x smaller than "

@@ -1,0 +1,153 @@
+"""Reliability: hostile .dcz files through every reader, longer than the test suite runs them.
+
+Cases (tests/hostile.py makes them, checksums recomputed after each lie):
+- every truncation of a small LeNet-300-100 file (97% pruned, 4-bit codes);
+- every single-bit flip of its header's JSON, and a sample of bit flips in its buffers, each
+  decoded in memory and, when it decodes, loaded by the runtime and compared with the dense model;
+- the crafted files (one per header field and lie) through the library's readers and the CLI's
+  inspect, decode, predict --mode sparse and bench, each file in its own process limited to
+  2 GiB of address space, whose peak resident memory is recorded;
+- the hypothesis fuzz target of the test suite (any JSON value in any field of any record)
+  for --fuzz-seconds.
+
+Every outcome must be a clean error or a load whose outputs equal the decoded dense model.
+
+    .venv/bin/python benchmarks/hostile_files.py [--body-flips 3000] [--fuzz-seconds 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path.insert(0, str(TESTS))
+
+import hostile  # noqa: E402
+
+from deepshrink.compressed import save_compressed  # noqa: E402
+from deepshrink.errors import DeepshrinkError  # noqa: E402
+
+
+def cpu() -> dict:
+    flags = set()
+    model = platform.processor()
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    return {"model": model, "isa": isa, "cores": os.cpu_count(), "load": os.getloadavg()}
+
+
+def in_memory(cases: dict[str, bytes], directory: Path) -> collections.Counter:
+    """Decode each case; where it decodes, load it in the runtime and compare with the dense model."""
+    outcomes = collections.Counter()
+    for data in cases.values():
+        try:
+            hostile.decode_bytes(data)
+        except DeepshrinkError as error:
+            outcomes[f"refused ({type(error).__name__})"] += 1
+            continue
+        outcomes[f"decoded, then {hostile.load_or_refuse(data, directory)}"] += 1
+    return outcomes
+
+
+def crafted(valid: bytes, directory: Path) -> tuple[collections.Counter, dict]:
+    """Each crafted file in its own memory-limited process, through every reader."""
+    files = {"valid": valid, **hostile.crafted_files(valid)}
+    readers = ",".join([*hostile.READERS[:4], "cli-inspect", "cli-decode", "cli-predict", "cli-bench"])
+    outcomes, peaks, bad = collections.Counter(), {}, []
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
+    for name, data in files.items():
+        case_directory = directory / f"case-{len(peaks)}"
+        case_directory.mkdir()
+        (case_directory / "case.dcz").write_bytes(data)
+        finished = subprocess.run(
+            [sys.executable, hostile.__file__, str(case_directory), readers],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=environment,
+            check=False,
+        )
+        lines = [json.loads(line) for line in finished.stdout.splitlines() if line.startswith("{")]
+        if finished.returncode != 0:
+            bad.append((name, f"runner exit {finished.returncode}: {finished.stderr[-300:]}"))
+        for line in lines:
+            if "outcome" in line:
+                outcomes[line["outcome"] if line["outcome"].startswith("BAD") else line["outcome"].split(":")[0]] += 1
+                if line["outcome"].startswith("BAD"):
+                    bad.append((name, line["reader"], line["outcome"]))
+            if "peak_rss_kib" in line:
+                peaks[name] = line["peak_rss_kib"] / 1024
+    worst = max(peaks, key=peaks.get)
+    return outcomes, {"peak_mib_valid": peaks["valid"], "peak_mib_worst": peaks[worst], "worst": worst, "bad": bad}
+
+
+def fuzz(valid: bytes, seconds: float, directory: Path) -> dict:
+    from hypothesis import HealthCheck, given, settings
+
+    outcomes = collections.Counter()
+    deadline = time.perf_counter() + seconds
+
+    @settings(max_examples=10**9, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=hostile.fuzz_strategy())
+    def target(case):
+        if time.perf_counter() > deadline:
+            return
+        outcomes[hostile.fuzz_case(valid, case, directory)] += 1
+
+    started = time.perf_counter()
+    try:
+        target()
+    except Exception as error:  # hypothesis re-raises the shrunk failing example
+        outcomes[f"FAILED: {type(error).__name__}: {str(error)[:200]}"] += 1
+    return {"executions": sum(outcomes.values()), "seconds": time.perf_counter() - started, "outcomes": outcomes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--body-flips", type=int, default=3000)
+    parser.add_argument("--fuzz-seconds", type=float, default=600)
+    parser.add_argument("--out", default="benchmarks/results/hostile_files.json")
+    args = parser.parse_args()
+    results = {"cpu": cpu(), "command": " ".join(sys.argv)}
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch)
+        valid = save_compressed(hostile.small_model(), directory / "valid.dcz", model_name=hostile.MODEL).read_bytes()
+        results["file_bytes"] = len(valid)
+        kinds = {
+            "truncations": {f"truncated-{end}": valid[:end] for end in range(len(valid))},
+            "header bit flips": hostile.header_bit_flips(valid),
+            "body bit flips": hostile.body_bit_flips(valid, args.body_flips),
+        }
+        for kind, cases in kinds.items():
+            started = time.perf_counter()
+            outcomes = in_memory(cases, directory)
+            results[kind] = {"cases": len(cases), "seconds": time.perf_counter() - started, "outcomes": outcomes}
+            print(kind, results[kind], flush=True)
+        started = time.perf_counter()
+        outcomes, memory = crafted(valid, directory)
+        results["crafted"] = {"files": len(hostile.crafted_files(valid)) + 1, "outcomes": outcomes, **memory}
+        results["crafted"]["seconds"] = time.perf_counter() - started
+        print("crafted", results["crafted"], flush=True)
+        results["fuzz"] = fuzz(valid, args.fuzz_seconds, directory)
+        print("fuzz", results["fuzz"], flush=True)
+    results["cpu"]["load_after"] = os.getloadavg()
+    Path(args.out).write_text(json.dumps(results, indent=2, default=dict) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

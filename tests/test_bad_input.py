@@ -1,0 +1,189 @@
+"""Bad input to the CLI and the library: one line, a distinct exit code, nothing lost or left behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import hostile
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deepshrink import cli
+from deepshrink.compressed import load_compressed, read_state_dict, save_compressed
+from deepshrink.encode import container
+from deepshrink.encode.codec import decode_state_dict, encode_model
+from deepshrink.errors import ConfigError, FormatError, OutputError
+from deepshrink.files import atomic_output
+from deepshrink.lowrank import apply_structure
+from deepshrink.runtime.forms import CodebookWeight
+from deepshrink.runtime.load import load_runtime
+from deepshrink.runtime.modules import CompressedLinear
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    return save_compressed(
+        hostile.small_model(), tmp_path_factory.mktemp("bad-input") / "model.dcz", model_name=hostile.MODEL
+    )
+
+
+def run(capsys, *arguments: str) -> tuple[int, str]:
+    """Exit code and stderr of the CLI run in this process (argparse's usage errors included)."""
+    try:
+        code = cli.main(["--quiet", *arguments])
+    except SystemExit as exit:
+        code = exit.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["bench", "{file}", "--batch", "0"], "should be at least 1"),
+        (["bench", "{file}", "--repeats", "0"], "should be at least 1"),
+        (["bench", "{file}", "--input-shape", "0", "28"], "should be at least 1"),
+        (["predict", "{file}", "--device", "bogus"], "is not a device"),
+        (["predict", "{file}", "--batch-size", "-3"], "should be at least 1"),
+        (["inspect", "{file}", "--max-decoded-bytes", "x"], "is not an integer"),
+        (["prune", "{file}", "--out", "x", "--seed", "-1"], "should be at least 0"),
+    ],
+)
+def test_numeric_and_device_options_are_checked_by_the_parser(capsys, model_file, arguments, message):
+    code, errors = run(capsys, *[argument.format(file=model_file) for argument in arguments])
+    assert code == 2 and message in errors and "Traceback" not in errors
+
+
+def test_an_input_shape_that_does_not_fit_is_one_line(capsys, model_file):
+    code, errors = run(capsys, "bench", str(model_file), "--input-shape", "3", "3", "--repeats", "1")
+    assert code == ConfigError.exit_code
+    assert errors.count("\n") == 1 and "--input-shape 3 3 does not fit" in errors
+
+
+def test_predict_refuses_a_device_it_cannot_use(capsys, model_file):
+    code, errors = run(capsys, "predict", str(model_file), "--device", "cuda")
+    assert code == ConfigError.exit_code and "on the CPU" in errors
+
+
+@pytest.mark.parametrize("where", ["directory", "under-a-file"])
+def test_write_errors_are_one_line_with_their_own_exit_code(capsys, model_file, tmp_path, where):
+    out = tmp_path if where == "directory" else model_file / "inside" / "decoded.safetensors"
+    code, errors = run(capsys, "decode", str(model_file), "--out", str(out))
+    assert code == OutputError.exit_code == 9
+    assert errors.startswith("deepshrink: error: cannot write") and errors.count("\n") == 1
+    assert model_file.exists() and read_state_dict(model_file)  # the input is untouched
+
+
+def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def no_space(descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OutputError, match="No space left"), atomic_output(target) as temporary:
+        temporary.write_bytes(b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "figure.png"
+    dead = tmp_path / ".figure.png.999999999.abc.partial"  # no such process
+    alive = tmp_path / f".figure.png.{os.getpid()}.xyz.partial"  # a writer still at work
+    dead.write_bytes(b"")
+    alive.write_bytes(b"")
+    with atomic_output(target) as temporary:
+        temporary.write_bytes(b"png")
+    assert not dead.exists() and alive.exists() and target.read_bytes() == b"png"
+
+
+def test_debug_prints_the_traceback_and_internal_errors_say_so(capsys, monkeypatch, model_file):
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "command_inspect", broken)
+    parser = cli.build_parser
+    monkeypatch.setattr(
+        cli,
+        "build_parser",
+        lambda: _with_handler(parser(), "inspect", broken),
+    )
+    code, errors = run(capsys, "inspect", str(model_file))
+    assert code == 70 and "internal error (KeyError" in errors and "--debug" in errors and "Traceback" not in errors
+    code, errors = run(capsys, "--debug", "inspect", str(model_file))
+    assert code == 70 and "Traceback" in errors
+
+
+def _with_handler(parser, command, handler):
+    parser._subparsers._group_actions[0].choices[command].set_defaults(handler=handler)
+    return parser
+
+
+def test_bfloat16_tensors_round_trip_as_the_spec_says(tmp_path):
+    model = nn.Linear(8, 4)
+    model.register_buffer("scale", torch.randn(5).to(torch.bfloat16))
+    header, buffers = encode_model(model)
+    assert next(record for record in header["tensors"] if record["name"] == "scale")["dtype"] == "bfloat16"
+    parsed = container.from_bytes(container.to_bytes(header, buffers))
+    state = decode_state_dict(parsed.header, parsed.buffers)
+    assert state["scale"].dtype == torch.bfloat16 and torch.equal(state["scale"], model.scale)
+
+
+def test_a_low_rank_rank_above_the_matrix_is_refused_before_building():
+    with pytest.raises(ConfigError, match="largest possible rank 784"):
+        apply_structure(nn.Sequential(nn.Linear(784, 1000)), {"scheme": "zhang", "ranks": {"0": 600_000}})
+
+
+def test_the_runtime_never_runs_a_kernel_on_a_shape_that_is_not_the_layers():
+    weight = CodebookWeight(
+        np.array([0, 1, 2]),
+        np.array([0, 3], dtype=np.uint16),
+        np.array([1, 1], dtype=np.uint8),
+        np.array([0, 0.5], dtype=np.float32),
+        (2, 4),
+    )
+    layer = CompressedLinear(weight, None)
+    assert layer(torch.ones(1, 4)).tolist() == [[0.5, 0.5]]
+    with pytest.raises(ConfigError, match="last dimension is 4"):
+        layer(torch.ones(2, 8))  # reshapes to (4, 4) without the check: a silently wrong answer
+    with pytest.raises(ConfigError, match="inputs of shape"):
+        weight.product(np.ones((1, 5), dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    ("indptr", "columns", "codes", "problem"),
+    [
+        ([0, 1, 2], [0, 4], [1, 1], "column index outside"),
+        ([0, 2, 1], [0, 1], [1, 1], "row pointers"),
+        ([0, 1, 2], [0, 1], [1, 2], "code outside"),
+        ([0, 1], [0], [1], "row pointers"),
+    ],
+)
+def test_inconsistent_compressed_arrays_are_refused(indptr, columns, codes, problem):
+    with pytest.raises(ConfigError, match=problem):
+        CodebookWeight(
+            np.array(indptr),
+            np.array(columns, dtype=np.int32),
+            np.array(codes, dtype=np.uint8),
+            np.array([0, 0.5], dtype=np.float32),
+            (2, 4),
+        )
+
+
+def test_a_sparse_convolution_declared_wider_than_the_layer_is_refused(tmp_path):
+    """The issue's SIGSEGV: a conv weight whose declared im2col width exceeds the layer's, with
+    consistent streams and checksums. It is a valid file of another model; not of this one."""
+    path = save_compressed(hostile.small_model("lenet-5"), tmp_path / "model.dcz", model_name="lenet-5")
+    header, buffers = hostile.split(path.read_bytes())
+    wider = hostile._set(header, "conv2.weight", "shape", [50, 20, 5, 6])
+    wider = hostile._set(wider, "conv2.weight", "matrix", [50, 600])
+    lied = tmp_path / "wider.dcz"
+    lied.write_bytes(hostile.frame(wider, buffers))
+    assert read_state_dict(lied)[0]["conv2.weight"].shape == (50, 20, 5, 6)
+    for load in (lambda: load_runtime(lied, mode="sparse"), lambda: load_compressed(lied)):
+        with pytest.raises(FormatError, match=r"conv2.weight is \[50, 20, 5, 6\], the model's is \[50, 20, 5, 5\]"):
+            load()
