@@ -29,15 +29,8 @@ from pathlib import Path
 import torch
 
 from deepshrink.data import load_data, make_loader
-from deepshrink.lowrank import (
-    PROJECTIONS,
-    candidate_key,
-    factorize,
-    layer_spectra,
-    select_cptv,
-    select_pos,
-    select_relaxed,
-)
+from deepshrink.lowrank import factorize, layer_spectra, select_cptv, select_pos
+from deepshrink.lowrank.relaxed import PROJECTIONS, RelaxedOptions, Selection, candidate_key, select_relaxed
 from deepshrink.references import reference_model
 from deepshrink.train import TrainConfig, evaluate, fit
 
@@ -99,17 +92,16 @@ def main() -> None:
                     choice = select_pos(spectra, budget)
                 else:
                     loader = make_loader(data.train, 256, shuffle=True, seed=1)
-                    selection = {}
+                    selection = Selection()
                     if args.selection_epochs:
-                        selection = {
-                            "validation": validation,
-                            "finetune": TrainConfig(epochs=args.selection_epochs, learning_rate=0.01),
-                            "finetune_loaders": lambda seed: make_loader(data.train, 128, shuffle=True, seed=seed),
-                            "selection_seeds": selection_seeds,
-                        }
-                    choice = select_relaxed(
-                        reference, spectra, budget, loader, steps=300, projection=args.projection, **selection
-                    )
+                        selection = Selection(
+                            validation=validation,
+                            finetune=TrainConfig(epochs=args.selection_epochs, learning_rate=0.01),
+                            loaders=lambda seed: make_loader(data.train, 128, shuffle=True, seed=seed),
+                            seeds=tuple(selection_seeds),
+                        )
+                    options = RelaxedOptions(steps=300, projection=args.projection, selection=selection)
+                    choice = select_relaxed(reference, spectra, budget, loader, options)
                 components = choice.components
                 key = (name, candidate_key(choice.ranks, components))
                 if key not in finetuned:

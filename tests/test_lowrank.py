@@ -17,9 +17,9 @@ from deepshrink.lowrank import (
     parameter_count,
     select_cptv,
     select_pos,
-    select_relaxed,
     storage,
 )
+from deepshrink.lowrank.relaxed import RelaxedOptions, Selection, select_relaxed
 
 
 class Net(nn.Module):
@@ -106,7 +106,7 @@ def test_every_method_respects_the_budget(net_and_input, method, budget):
     model, inputs = net_and_input
     spectra = layer_spectra(model, inputs, "zhang")
     if method == "relaxed":
-        choice = select_relaxed(model, spectra, budget, noise_loader(), steps=20)
+        choice = select_relaxed(model, spectra, budget, noise_loader(), RelaxedOptions(steps=20))
     else:
         choice = {"cptv": select_cptv, "pos": select_pos}[method](spectra, budget)
     assert choice.macs <= budget * choice.dense_macs
@@ -120,11 +120,13 @@ def test_relaxed_choice_has_the_lowest_loss_of_its_candidates(net_and_input):
     model, inputs = net_and_input
     spectra = layer_spectra(model, inputs, "zhang")
     loader = noise_loader()
-    choice = select_relaxed(model, spectra, 0.5, loader, steps=30, rounding_points=3, evaluation_batches=2)
+    choice = select_relaxed(
+        model, spectra, 0.5, loader, RelaxedOptions(steps=30, rounding_points=3, evaluation_batches=2)
+    )
     candidates = choice.candidates
     assert {"POS", "CPTV"} <= {entry["candidate"] for entry in candidates} and len(candidates) == 5
     # "both": POS, CPTV, and three roundings from each of the two descents, Euclidean first.
-    both = select_relaxed(model, spectra, 0.5, loader, steps=30, rounding_points=3, projection="both")
+    both = select_relaxed(model, spectra, 0.5, loader, RelaxedOptions(steps=30, rounding_points=3, projection="both"))
     assert [entry["candidate"] for entry in both.candidates][2:] == [
         *(f"relaxation step {step}" for step in (10, 20, 30)),
         *(f"relaxation (cost metric) step {step}" for step in (10, 20, 30)),
@@ -159,12 +161,13 @@ def test_relaxed_scored_on_validation_after_finetuning(net_and_input):
         spectra,
         0.5,
         loader,
-        steps=30,
-        rounding_points=3,
-        validation=validation,
-        finetune=finetune,
-        finetune_loaders=lambda seed: noise_loader(seed=seed),
-        selection_seeds=(2, 3),
+        RelaxedOptions(
+            steps=30,
+            rounding_points=3,
+            selection=Selection(
+                validation=validation, finetune=finetune, loaders=lambda seed: noise_loader(seed=seed), seeds=(2, 3)
+            ),
+        ),
     )
     assert choice.criterion == "mean validation accuracy after fine-tuning with seeds [2, 3]"
     candidates = choice.candidates
@@ -191,7 +194,7 @@ def test_relaxed_scored_on_validation_after_finetuning(net_and_input):
 
 
 def test_relaxed_fine_tunes_candidates_with_the_given_loss(net_and_input):
-    """A finetune_criterion replaces cross-entropy in the candidates' fine-tuning, and the scores
+    """A selection criterion replaces cross-entropy in the candidates' fine-tuning, and the scores
     are those of that fine-tuning."""
     from deepshrink.train import TrainConfig, evaluate, fit
 
@@ -210,11 +213,11 @@ def test_relaxed_fine_tunes_candidates_with_the_given_loss(net_and_input):
         spectra,
         0.5,
         noise_loader(),
-        steps=4,
-        rounding_points=1,
-        validation=validation,
-        finetune=finetune,
-        finetune_criterion=smoothed,
+        RelaxedOptions(
+            steps=4,
+            rounding_points=1,
+            selection=Selection(validation=validation, finetune=finetune, criterion=smoothed),
+        ),
     )
     assert calls and all(size == 16 for size in calls)
     entry = next(entry for entry in choice.candidates if entry["candidate"] == "CPTV")
@@ -226,22 +229,18 @@ def test_relaxed_fine_tunes_candidates_with_the_given_loss(net_and_input):
     assert entry["loss"] != pytest.approx(evaluate(plain, validation).loss, rel=1e-5)
 
 
-def test_relaxed_needs_a_loader_per_seed(net_and_input):
+def test_relaxed_needs_a_loader_per_seed():
     """Several selection seeds with no way to reshuffle would fine-tune on one loader's running
     shuffle, unpaired across candidates; that is refused, as is an empty list of seeds."""
-    model, inputs = net_and_input
-    spectra = layer_spectra(model, inputs, "zhang")
-    options = {"steps": 2, "rounding_points": 1, "validation": noise_loader(seed=1)}
-    with pytest.raises(ConfigError, match="finetune_loaders"):
-        select_relaxed(model, spectra, 0.5, noise_loader(), selection_seeds=(1, 2), **options)
-    with pytest.raises(ConfigError, match="selection_seeds is empty"):
-        select_relaxed(model, spectra, 0.5, noise_loader(), selection_seeds=(), **options)
+    with pytest.raises(ConfigError, match="loaders is not given"):
+        Selection(validation=noise_loader(seed=1), seeds=(1, 2))
+    with pytest.raises(ConfigError, match="selection seeds is empty"):
+        Selection(validation=noise_loader(seed=1), seeds=())
 
 
-def test_relaxed_rejects_zero_steps(net_and_input):
-    model, inputs = net_and_input
+def test_relaxed_rejects_zero_steps():
     with pytest.raises(ConfigError, match="steps=0"):
-        select_relaxed(model, layer_spectra(model, inputs, "zhang"), 0.5, noise_loader(), steps=0)
+        RelaxedOptions(steps=0)
 
 
 def test_pos_keeps_more_energy_product_than_cptv(net_and_input):
@@ -275,7 +274,7 @@ def test_projection_onto_the_budget_matches_scipy(metric):
     """_project is the nearest point of {0 <= m <= 1, c . m <= B} in its metric, as SLSQP finds it."""
     from scipy.optimize import minimize
 
-    from deepshrink.lowrank import _project
+    from deepshrink.lowrank.relaxed import _project
 
     generator = torch.Generator().manual_seed(3)
     masks = torch.rand(12, generator=generator, dtype=torch.float64) * 1.6 - 0.3
@@ -302,7 +301,6 @@ def test_projection_onto_the_budget_matches_scipy(metric):
     assert inside.sum() >= 2 and torch.allclose(shifts, shifts[0].expand_as(shifts), atol=1e-6)
 
 
-def test_relaxed_rejects_an_unknown_projection(net_and_input):
-    model, inputs = net_and_input
+def test_relaxed_rejects_an_unknown_projection():
     with pytest.raises(ConfigError, match="projection='l1' should be one of euclidean, cost, both"):
-        select_relaxed(model, layer_spectra(model, inputs, "zhang"), 0.5, noise_loader(), projection="l1")
+        RelaxedOptions(projection="l1")

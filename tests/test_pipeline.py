@@ -224,16 +224,17 @@ def test_a_low_rank_stage_composes_with_the_others_and_resumes(trained, small_da
 
 
 def _spy_on_select_relaxed(monkeypatch) -> dict:
-    """Replace lowrank.select_relaxed by CPTV's choice; the returned dict fills with the options it got."""
+    """Replace select_relaxed by CPTV's choice; the returned dict fills with the selection it got."""
     from deepshrink import lowrank
+    from deepshrink.lowrank import relaxed
 
     seen: dict = {}
 
-    def spy(model, spectra, budget, loader, **options):
-        seen.update(options)
+    def spy(model, spectra, budget, loader, options, **keywords):
+        seen.update(vars(options.selection))
         return lowrank.select_cptv(spectra, budget)
 
-    monkeypatch.setattr(lowrank, "select_relaxed", spy)
+    monkeypatch.setattr(relaxed, "select_relaxed", spy)
     return seen
 
 
@@ -258,17 +259,17 @@ def test_relaxed_lowrank_stage_scores_candidates_after_the_final_schedule(
     result = stages.factorize_lowrank(build_model("lenet-300-100"), settings, loaders, progress=False)
     assert result.log["mac_fraction"] <= 0.5
     if expected is None:
-        assert "validation" not in seen and "finetune" not in seen
+        assert seen["validation"] is None and seen["finetune"] is None
     else:
         assert seen["validation"] is loaders.validation
         assert seen["finetune"].epochs == expected
         # The stage's seed is 0; the selection's shuffles are the next ones, not the final fine-tuning's.
-        assert list(seen["selection_seeds"]) == [1, 2, 3]
+        assert list(seen["seeds"]) == [1, 2, 3]
         # One loader per seed, at the final fine-tuning's batch size, each seed its own shuffle.
-        first, second = (next(iter(seen["finetune_loaders"](seed)))[1] for seed in (1, 2))
+        first, second = (next(iter(seen["loaders"](seed)))[1] for seed in (1, 2))
         assert len(first) == 64 and not torch.equal(first, second)
-        assert torch.equal(first, next(iter(seen["finetune_loaders"](1)))[1])
-        assert seen["finetune_criterion"] is None
+        assert torch.equal(first, next(iter(seen["loaders"](1)))[1])
+        assert seen["criterion"] is None
 
 
 def test_relaxed_lowrank_stage_scores_candidates_with_the_final_loss(monkeypatch, small_data):
@@ -283,6 +284,6 @@ def test_relaxed_lowrank_stage_scores_candidates_with_the_final_loss(monkeypatch
     stages.factorize_lowrank(
         build_model("lenet-300-100"), settings, stages.Loaders.from_splits(small_data), progress=False
     )
-    criterion = seen["finetune_criterion"]
+    criterion = seen["criterion"]
     assert isinstance(criterion, DistillationLoss)
     assert (criterion.temperature, criterion.alpha) == (3.0, 0.25)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from deepshrink.errors import ConfigError, UnsupportedLayerError
-from deepshrink.layers import select_layers
+from deepshrink.layers import parametrization_entries, select_layers
 from deepshrink.models import build_model
 from deepshrink.prune.masks import sparsity_mask
 from deepshrink.prune.module import apply_masks, current_masks, prune_layer, remove_pruning, restore_pruning
@@ -85,6 +85,17 @@ def test_state_dict_round_trip_keeps_the_masks():
         assert torch.equal(current_masks(fresh)[name], mask)
     inputs = torch.randn(3, 784)
     assert torch.equal(fresh(inputs), model(inputs))
+
+
+def test_masks_are_found_at_any_position_and_restored_only_in_order():
+    model = build_model("lenet-300-100")
+    apply_masks(model, random_masks(model))
+    state = {key.replace("weight.0.mask", "weight.1.mask"): value for key, value in model.state_dict().items()}
+    assert {name for name, position, _ in parametrization_entries(state, "mask") if position == 1} == set(
+        current_masks(model)
+    )
+    with pytest.raises(ConfigError, match="parametrization 1 of 'fc1', but 0 are registered"):
+        restore_pruning(build_model("lenet-300-100"), state)
 
 
 def test_pruning_again_tightens_the_existing_mask():

@@ -15,9 +15,10 @@ from deepshrink.prune.schedule import (
     round_sparsities,
     std_quality_rule,
 )
-from deepshrink.prune.sensitivity import SensitivityResult, plot_sensitivity, sensitivity_analysis
+from deepshrink.prune.sensitivity import SensitivityResult, sensitivity_analysis
 from deepshrink.prune.statistics import format_table, layer_statistics, totals
 from deepshrink.references import train_model
+from deepshrink.report.figures import plot_sensitivity
 from deepshrink.train import TrainConfig, evaluate
 
 

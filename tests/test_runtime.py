@@ -127,7 +127,7 @@ def test_tiled_form_orders_rows_by_length_and_puts_results_back_in_place():
     codebook = np.concatenate(([0.0], generator.normal(size=16))).astype(np.float32)
     csr = csr_from_layout(to_sparse(codes, 4, "csr"), int(keep.sum()))
     weight = forms.CodebookWeight(*csr, codebook, (rows, columns), form="tiled")
-    assert np.all(weight.matrix.order[:130] % 2 == 1) and np.all(weight.matrix.order[130:] % 2 == 0)
+    assert np.all(weight.storage.order[:130] % 2 == 1) and np.all(weight.storage.order[130:] % 2 == 0)
     dense = codebook[codes].astype(np.float64)
     for batch in (1, 20):
         inputs = generator.normal(size=(batch, columns)).astype(np.float32)
@@ -168,7 +168,7 @@ def test_tiled_form_places_padding_on_a_zero_that_is_not_code_zero():
     indptr = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=20))))
     csr = (indptr, columns.astype(np.uint16), codes[rows, columns])
     weight = forms.CodebookWeight(*csr, codebook, (20, 50), "tiled")
-    assert weight.matrix.padding_code == 7 and weight.matrix.layout == tiled.NARROW
+    assert weight.storage.padding_code == 7 and weight.storage.layout == tiled.NARROW
     dense = codebook[codes].astype(np.float64)
     inputs = generator.normal(size=(2, 50)).astype(np.float32)
     assert relative_error(weight.product(inputs), inputs @ dense.T) < RELATIVE
@@ -187,7 +187,7 @@ def test_tiled_form_places_padding_on_a_zero_that_is_not_code_zero():
 def test_tiled_form_wide_layout_holds_six_bit_codes(codes_count):
     """33-64 codebook entries: 11-bit entries, two to a lane, the code looked up in four registers."""
     weight, dense = csr_weight(70, 300, 0.15, codes_count, codes_count, "tiled")
-    assert weight.matrix.layout == tiled.WIDE and weight.matrix.words.dtype == np.uint16
+    assert weight.storage.layout == tiled.WIDE and weight.storage.words.dtype == np.uint16
     assert np.array_equal(weight.to_dense().numpy(), dense.astype(np.float32))
     generator = np.random.default_rng(2)
     for batch in (1, 5):

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepshrink.errors import CheckpointError
+from deepshrink.errors import CheckpointError, ConfigError
 from deepshrink.files import atomic_output
 from deepshrink.loading import STRUCTURE_KEY, model_for
 
@@ -134,12 +134,21 @@ def load_state_into(model: nn.Module, checkpoint: Checkpoint, source: str | os.P
     shared-weight codebooks in the state_dict are registered next, so a
     pruned or weight-shared checkpoint loads as such, and keeps its constraints in training.
     """
+    from deepshrink.layers import parametrization_entries
     from deepshrink.prune.module import restore_pruning
     from deepshrink.quantize.shared import restore_sharing
 
     model, _ = model_for(source, model, None, structure=checkpoint.metadata.get(STRUCTURE_KEY), error=CheckpointError)
-    restore_pruning(model, checkpoint.state_dict)
-    restore_sharing(model, checkpoint.state_dict)
+    # Place by place, every kind at each, so each layer's parametrizations come back in their saved order.
+    places = [
+        place for field in ("mask", "codebook") for _, place, _ in parametrization_entries(checkpoint.state_dict, field)
+    ]
+    try:
+        for position in range(max(places, default=-1) + 1):
+            restore_pruning(model, checkpoint.state_dict, position)
+            restore_sharing(model, checkpoint.state_dict, position)
+    except ConfigError as error:
+        raise CheckpointError(f"{source}: {error}") from error
     try:
         result = model.load_state_dict(checkpoint.state_dict, strict=False)
     except RuntimeError as error:  # shape mismatches raise even with strict=False

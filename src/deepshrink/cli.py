@@ -476,10 +476,10 @@ def command_sensitivity(args: argparse.Namespace) -> int:
     from deepshrink.data import load_data, make_loader
     from deepshrink.prune.sensitivity import (
         format_sensitivity,
-        plot_sensitivity,
         sensitivity_analysis,
         write_sensitivity_json,
     )
+    from deepshrink.report.figures import plot_sensitivity
 
     model, checkpoint = load_model(args.checkpoint, args.model)
     data = load_data(args.data_dir)

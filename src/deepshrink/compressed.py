@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
 from deepshrink import __version__
@@ -122,32 +121,3 @@ def load_compressed(
         raise FormatError(f"{path}: {error}") from error
     built.load_state_dict(state)
     return built, metadata
-
-
-def plot_distributions(path: str | os.PathLike, out: str | os.PathLike, layer: str | None = None) -> Path:
-    """Han et al. (2016) Figure 5 for one layer of a .dcz file (the largest by default):
-    how often each weight code and each index gap occurs, which is what Huffman exploits."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from deepshrink.encode.codec import stream_histograms
-    from deepshrink.tables import save_figure
-
-    loaded, _ = open_compressed(path)
-    histograms = stream_histograms(loaded.header, loaded.buffers)
-    if not histograms:
-        raise FormatError(f"{path}: no weight-shared tensor to plot")
-    name = layer or max(histograms, key=lambda key: histograms[key]["codes"].sum())
-    panels = [("codes", "weight code (0 = zero / filler)")] + (
-        [("gaps", "index gap")] if "gaps" in histograms[name] else []
-    )
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), dpi=120, squeeze=False)
-    for axis, (stream, label) in zip(axes[0], panels, strict=True):
-        counts = histograms[name][stream]
-        axis.bar(np.arange(len(counts)), counts, width=1.0, color="tab:blue")
-        axis.set_xlabel(label)
-        axis.set_ylabel("count")
-        axis.set_title(f"{name}: distribution of {stream}")
-    return save_figure(figure, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable
 
 import torch
@@ -95,3 +96,33 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             module = model.get_submodule(owner)
             state[f"{owner}.{tensor_name}" if owner else tensor_name] = getattr(module, tensor_name).detach()
     return state
+
+
+# A parametrized weight's entries in a state_dict: LAYER.parametrizations.weight.POSITION.FIELD,
+# POSITION being the parametrization's place in the layer's list (torch.nn.utils.parametrize).
+_PARAMETRIZED = re.compile(r"^(?P<layer>.+)\.parametrizations\.weight\.(?P<position>\d+)\.(?P<field>[^.]+)$")
+
+
+def parametrization_entries(state_dict, field: str) -> list[tuple[str, int, str]]:
+    """(layer name, position, key prefix) of every parametrization entry named `field` (e.g.
+    "mask", "codebook"), in state_dict order; the prefix + another field name is that
+    parametrization's other entry."""
+    entries = []
+    for key in state_dict:
+        found = _PARAMETRIZED.match(key)
+        if found and found["field"] == field:
+            entries.append((found["layer"], int(found["position"]), key[: -len(field)]))
+    return entries
+
+
+def check_position(layer: nn.Module, position: int, name: str) -> None:
+    """A parametrization saved at `position` of `name`'s list is registered there: the ones before
+    it must be restored first."""
+    from torch.nn.utils import parametrize
+
+    registered = len(layer.parametrizations.weight) if parametrize.is_parametrized(layer, "weight") else 0
+    if registered != position:
+        raise ConfigError(
+            f"the state_dict holds parametrization {position} of {name!r}, but {registered} are registered: "
+            "restore them in order (checkpoint.load_state_into does)"
+        )

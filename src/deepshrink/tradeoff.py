@@ -73,37 +73,3 @@ def tradeoff_curves(
             )
             add("SVD", f"{100 * value:g}% of the MACs", model, parameter_bytes(model))
     return {"reference_accuracy": reference_accuracy, "parameter_bytes": original, "points": points}
-
-
-def plot_tradeoff(curves: dict, path) -> None:
-    """Accuracy loss against compression ratio, one line per method (Han et al. 2016, Figure 6)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    from deepshrink.tables import save_figure
-
-    figure, axis = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    reference = curves["reference_accuracy"]
-    methods = ["pruning + quantization", "pruning only", "quantization only", "SVD"]
-    for method, marker in zip(methods, "osd^", strict=True):
-        points = sorted((point for point in curves["points"] if point["method"] == method), key=lambda p: p["ratio"])
-        if points:
-            axis.plot(
-                [point["ratio"] for point in points],
-                [100 * (point["accuracy"] - reference) for point in points],
-                marker=marker,
-                label=method,
-            )
-    axis.axhline(0, color="grey", linewidth=0.8)
-    axis.set_xscale("log")
-    axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
-    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axis.set_xlabel("compression ratio (fp32 parameter bytes / compressed bytes)")
-    axis.set_ylabel("test accuracy change (points)")
-    axis.set_title("Accuracy against compression (Figure 6)")
-    axis.legend()
-    save_figure(figure, path)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepshrink.errors import ConfigError
-from deepshrink.layers import compressible_layers
+from deepshrink.layers import check_position, compressible_layers, parametrization_entries
 
 
 class PruningMask(nn.Module):
@@ -93,17 +93,20 @@ def remove_pruning(model: nn.Module) -> nn.Module:
     return model
 
 
-MASK_SUFFIX = ".parametrizations.weight.0.mask"
+def restore_pruning(model: nn.Module, state_dict: Mapping[str, torch.Tensor], position: int | None = None) -> nn.Module:
+    """Register the masks that a pruned model's state_dict holds, so load_state_dict then fits.
 
-
-def restore_pruning(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Register the masks that a pruned model's state_dict holds, so load_state_dict then fits."""
+    `position` restores only the masks at that place in their layer's parametrization list
+    (checkpoint.load_state_into restores every kind place by place, so the order is the saved one).
+    Raises ConfigError for a mask of a layer the model does not have, or out of order.
+    """
     layers = compressible_layers(model)
-    for key, mask in state_dict.items():
-        if key.endswith(MASK_SUFFIX):
-            name = key[: -len(MASK_SUFFIX)]
-            if name not in layers:
-                raise ConfigError(f"the state_dict prunes a layer {name!r} that the model does not have")
-            if pruning_mask_of(layers[name]) is None:
-                parametrize.register_parametrization(layers[name], "weight", PruningMask(mask))
+    for name, place, prefix in parametrization_entries(state_dict, "mask"):
+        if position is not None and place != position:
+            continue
+        if name not in layers:
+            raise ConfigError(f"the state_dict prunes a layer {name!r} that the model does not have")
+        if pruning_mask_of(layers[name]) is None:
+            check_position(layers[name], place, name)
+            parametrize.register_parametrization(layers[name], "weight", PruningMask(state_dict[prefix + "mask"]))
     return model

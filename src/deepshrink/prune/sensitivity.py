@@ -21,7 +21,7 @@ from deepshrink.files import atomic_output
 from deepshrink.layers import select_layers
 from deepshrink.prune.masks import sparsity_mask
 from deepshrink.prune.module import original_weight, pruning_mask_of
-from deepshrink.tables import render_table, save_figure
+from deepshrink.tables import render_table
 from deepshrink.train import evaluate
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
@@ -96,27 +96,6 @@ def format_sensitivity(result: SensitivityResult, markdown: bool = False) -> str
         for i, s in enumerate(result.sparsities)
     ]
     return render_table(header, rows, markdown)
-
-
-def plot_sensitivity(result: SensitivityResult, path: str | Path, title: str = "") -> Path:
-    """Accuracy against sparsity, one curve per layer (Han et al. 2015, Figure 5)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for name, accuracies in result.accuracy.items():
-        axes.plot(
-            [100 * s for s in result.sparsities], [100 * a for a in accuracies], marker="o", markersize=3, label=name
-        )
-    axes.axhline(100 * result.baseline_accuracy, color="grey", linestyle="--", linewidth=0.8, label="unpruned")
-    axes.set_xlabel("parameters pruned away (%)")
-    axes.set_ylabel("validation accuracy (%)")
-    axes.set_title(title or "Sensitivity of each layer to pruning (no retraining)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    return save_figure(figure, path)
 
 
 def write_sensitivity_json(result: SensitivityResult, path: str | Path) -> Path:

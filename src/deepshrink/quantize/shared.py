@@ -21,7 +21,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepshrink.errors import ConfigError
-from deepshrink.layers import compressible_layers, match_per_layer, paper_default_bits, select_layers
+from deepshrink.layers import (
+    check_position,
+    compressible_layers,
+    match_per_layer,
+    paper_default_bits,
+    parametrization_entries,
+    select_layers,
+)
 from deepshrink.prune.module import pruning_mask_of
 from deepshrink.quantize.kmeans import kmeans_1d
 
@@ -175,24 +182,25 @@ def remove_sharing(model: nn.Module) -> nn.Module:
     return model
 
 
-CODEBOOK_SUFFIX = ".parametrizations.weight.0.codebook"
+def restore_sharing(model: nn.Module, state_dict: Mapping[str, torch.Tensor], position: int | None = None) -> nn.Module:
+    """Register the sharing that a weight-shared model's state_dict holds, so loading then fits.
 
-
-def restore_sharing(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Register the sharing that a weight-shared model's state_dict holds, so loading then fits."""
+    `position` restores only the sharing at that place in its layer's parametrization list (see
+    prune.module.restore_pruning). Raises ConfigError for a layer the model does not have, a
+    codebook without its indices, or an entry out of order.
+    """
     layers = compressible_layers(model)
-    for key, codebook in state_dict.items():
-        if not key.endswith(CODEBOOK_SUFFIX):
+    for name, place, prefix in parametrization_entries(state_dict, "codebook"):
+        if position is not None and place != position:
             continue
-        name = key[: -len(CODEBOOK_SUFFIX)]
         if name not in layers:
             raise ConfigError(f"the state_dict shares weights of a layer {name!r} that the model does not have")
-        prefix = key[: -len("codebook")]
         indices, zero_code = state_dict.get(prefix + "indices"), state_dict.get(prefix + "zero_code")
         if indices is None or zero_code is None:
             raise ConfigError(f"the state_dict has a codebook for {name!r} but no indices or zero_code")
         if sharing_of(layers[name]) is None:
-            sharing = SharedWeights(codebook, indices, bool(zero_code))
+            check_position(layers[name], place, name)
+            sharing = SharedWeights(state_dict[prefix + "codebook"], indices, bool(zero_code))
             parametrize.register_parametrization(layers[name], "weight", sharing, unsafe=True)
     return model
 

@@ -151,8 +151,11 @@ class CodebookWeight:
 
     `form` None chooses automatically (the fastest that applies and is not far larger than one
     code per entry); a named form is built as asked, and "tiled" where it cannot apply (no
-    AVX-512, or a codebook the registers cannot hold) is a ConfigError. `matrix` is the form's
-    object (TiledCodes, GroupedCodes or PerEntryCodes).
+    AVX-512, or a codebook the registers cannot hold) is a ConfigError. `storage` is the form's
+    object (TiledCodes, GroupedCodes or PerEntryCodes), which holds the indices and runs the
+    product; `form` is its name.
+
+    Raises ConfigError for CSR arrays that leave the matrix or the codebook (see `check_csr`).
     """
 
     def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int], form: str | None = None) -> None:
@@ -163,26 +166,26 @@ class CodebookWeight:
         columns, codes = np.ascontiguousarray(columns), np.ascontiguousarray(codes)
         check_csr(indptr, columns, codes, len(codebook), self.shape)
         if form is None:
-            self.matrix = _automatic_form(indptr, columns, codes, codebook, shape)
+            self.storage = _automatic_form(indptr, columns, codes, codebook, shape)
         elif form == "tiled":
             if not TiledCodes.fits(codebook):
                 raise ConfigError(
                     f"the tiled form needs an AVX-512 CPU and at most 64 codebook entries (one zero); "
                     f"this codebook has {len(codebook)}: use form 'grouped' or 'per-entry'"
                 )
-            self.matrix = TiledCodes(indptr, columns, codes, codebook, shape)
+            self.storage = TiledCodes(indptr, columns, codes, codebook, shape)
         elif form == "grouped":
             if len(codebook) > GROUPED_MAXIMUM_CODES:
                 raise ConfigError(f"the grouped form holds at most {GROUPED_MAXIMUM_CODES} codes, not {len(codebook)}")
-            self.matrix = GroupedCodes(indptr, columns, codes, codebook, shape)
+            self.storage = GroupedCodes(indptr, columns, codes, codebook, shape)
         elif form == "per-entry":
-            self.matrix = PerEntryCodes(indptr, columns, codes, codebook, shape)
+            self.storage = PerEntryCodes(indptr, columns, codes, codebook, shape)
         else:
             raise ConfigError(f"form {form!r} should be one of {', '.join(FORMS)}")
 
     @property
     def form(self) -> str:
-        return {TiledCodes: "tiled", GroupedCodes: "grouped", PerEntryCodes: "per-entry"}[type(self.matrix)]
+        return {TiledCodes: "tiled", GroupedCodes: "grouped", PerEntryCodes: "per-entry"}[type(self.storage)]
 
     @property
     def density(self) -> float:
@@ -191,11 +194,11 @@ class CodebookWeight:
     @property
     def nbytes(self) -> int:
         """What this weight keeps resident: its form's indices, codes or counts, and the codebook."""
-        return self.matrix.nbytes
+        return self.storage.nbytes
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(row, column, value index into `self.matrix.codebook`) of every kept weight."""
-        return self.matrix.entries()
+        """(row, column, value index into `self.storage.codebook`) of every kept weight."""
+        return self.storage.entries()
 
     def product(self, inputs: np.ndarray) -> np.ndarray:
         """inputs @ W.T for float32 inputs of shape (batch, columns): (batch, rows)."""
@@ -204,11 +207,11 @@ class CodebookWeight:
                 f"the compressed {self.shape[0]} x {self.shape[1]} weight takes inputs of shape (batch, "
                 f"{self.shape[1]}), not {tuple(inputs.shape)}"
             )
-        return self.matrix.product(np.ascontiguousarray(inputs, dtype=np.float32))
+        return self.storage.product(np.ascontiguousarray(inputs, dtype=np.float32))
 
     def to_dense(self) -> torch.Tensor:
         """The dense matrix, for the dense path and for tests; the sparse path never calls it."""
         dense = np.zeros(self.shape, dtype=np.float32)
         rows, columns, codes = self.entries()
-        dense[rows, columns] = self.matrix.codebook[codes]
+        dense[rows, columns] = self.storage.codebook[codes]
         return torch.from_numpy(dense)

@@ -70,7 +70,7 @@ class LowrankSettings:
 
 def factorize_stage(model: nn.Module, settings: LowrankSettings, context: StageContext) -> StageResult:
     """Factorize `model` in place at ranks chosen under the MAC budget, then fine-tune."""
-    from deepshrink.lowrank import factorize, layer_spectra, select_cptv, select_pos, select_relaxed, structure_of
+    from deepshrink.lowrank import factorize, layer_spectra, select_cptv, select_pos, structure_of
 
     device = resolve_device(context.device)
     model.to(device)
@@ -83,27 +83,28 @@ def factorize_stage(model: nn.Module, settings: LowrankSettings, context: StageC
     elif settings.method == "pos":
         choice = select_pos(spectra, settings.budget)
     else:
-        selection = {}
+        from deepshrink.lowrank.relaxed import RelaxedOptions, Selection, select_relaxed
+
+        selection = Selection()
         epochs = settings.finetune_epochs if settings.selection_epochs is None else settings.selection_epochs
         if epochs:
-            selection = {
-                "validation": loaders.validation,
-                "finetune": training_config(settings, seed, epochs),
+            selection = Selection(
+                validation=loaders.validation,
+                finetune=training_config(settings, seed, epochs),
                 # The final fine-tuning's batch size, shuffled differently; the same shuffles for every candidate.
-                "finetune_loaders": lambda selection_seed: loaders.train(settings.batch_size, selection_seed),
-                "selection_seeds": range(seed + 1, seed + 1 + settings.selection_seeds),
+                loaders=lambda selection_seed: loaders.train(settings.batch_size, selection_seed),
+                seeds=tuple(range(seed + 1, seed + 1 + settings.selection_seeds)),
                 # Scored after the fine-tuning the winner will get, distillation included.
-                "finetune_criterion": loss,
-            }
+                criterion=loss,
+            )
         choice = select_relaxed(
             model,
             spectra,
             settings.budget,
             loaders.train(256, seed + 1),
-            projection=settings.projection,
+            RelaxedOptions(projection=settings.projection, selection=selection),
             device=device,
             progress=context.progress,
-            **selection,
         )
     parameters_before = sum(parameter.numel() for parameter in model.parameters())
     factorize(model, spectra, choice.ranks, choice.components)

@@ -18,7 +18,8 @@ PRUNE_METHODS = ("magnitude", "dns")
 
 @dataclass(frozen=True)
 class PruneSettings:
-    """Exactly one of `sparsity` / `quality` (per-layer globs) or `global_sparsity`."""
+    """How much to prune: with method magnitude, exactly one of `sparsity` or `quality`
+    (per-layer globs) or `global_sparsity`; with method dns, `sparsity` or `crate`."""
 
     method: str = field(
         default="magnitude",
@@ -36,8 +37,13 @@ class PruneSettings:
         default=None,
         metadata=layer_globs(
             between(0.0),
-            help="Han's rule: prune |w| < Q x std(w) each round (method dns: the crate c of Guo et al., "
-            "threshold mean + c x std of |w|)",
+            help="method magnitude, Han's rule: prune |w| < Q x std(w) of the remaining weights each round",
+        ),
+    )
+    crate: dict[str, float] | None = field(
+        default=None,
+        metadata=layer_globs(
+            between(0.0), help="method dns, the crate c of Guo et al. (2016): threshold mean + c x std of |w|"
         ),
     )
     global_sparsity: float | None = field(
@@ -61,16 +67,24 @@ class PruneSettings:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        given = [name for name in ("sparsity", "quality", "global_sparsity") if getattr(self, name) is not None]
-        if len(given) != 1:
+        targets = {"sparsity", "quality", "global_sparsity"} if self.method == "magnitude" else {"sparsity", "crate"}
+        given = [
+            name for name in ("sparsity", "quality", "crate", "global_sparsity") if getattr(self, name) is not None
+        ]
+        wrong = [name for name in given if name not in targets]
+        if wrong:
             raise ConfigError(
-                "needs exactly one of sparsity: {LAYER_GLOB: S}, quality: {LAYER_GLOB: Q} or "
-                f"global_sparsity: S; got {', '.join(given) or 'none'}"
+                f"method: {self.method} does not take {', '.join(wrong)}; it takes "
+                + (
+                    "sparsity: {LAYER_GLOB: S}, quality: {LAYER_GLOB: Q} or global_sparsity: S"
+                    if self.method == "magnitude"
+                    else "sparsity: {LAYER_GLOB: S} or crate: {LAYER_GLOB: C}"
+                )
             )
+        if len(given) != 1:
+            raise ConfigError(f"needs exactly one of {', '.join(sorted(targets))}; got {', '.join(given) or 'none'}")
         if self.layers is not None and self.global_sparsity is None:
             raise ConfigError("layers goes with global_sparsity; per-layer targets take sparsity: {LAYER_GLOB: S}")
-        if self.method == "dns" and self.global_sparsity is not None:
-            raise ConfigError("method: dns needs per-layer sparsity or quality, not global_sparsity")
 
 
 def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext) -> StageResult:
@@ -95,7 +109,7 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
             model,
             train_loader,
             retrain,
-            crates=settings.quality,
+            crates=settings.crate,
             sparsities=settings.sparsity,
             validation_loader=loaders.validation,
             device=context.device,

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from torch import nn
 
-from deepshrink.compressed import inspect_header, plot_distributions
+from deepshrink.compressed import inspect_header
 from deepshrink.encode.sizes import format_size_table, size_report
 from deepshrink.files import atomic_output
 from deepshrink.paper import PAPER
+from deepshrink.report.figures import plot_codebooks, plot_distributions, plot_tradeoff
 from deepshrink.tables import render_table
 
 
@@ -103,14 +104,10 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
         records.update(sharing_records(stage.result))
     figures = {}
     if records:
-        from deepshrink.quantize.report import plot_codebooks
-
         figures["figure4"] = plot_codebooks(model, records, run_dir / "figure4-codebook.png").name
     if any(row.weight_bits is not None for row in rows):
         figures["figure5"] = plot_distributions(result.path, run_dir / "figure5-distributions.png").name
     if tradeoff is not None:
-        from deepshrink.tradeoff import plot_tradeoff
-
         plot_tradeoff(tradeoff, run_dir / "figure6-tradeoff.png")
         figures["figure6"] = "figure6-tradeoff.png"
 
@@ -183,8 +180,6 @@ def stage_figure(model: nn.Module, stage_result, directory: Path) -> Path | None
 
     records = sharing_records(stage_result)
     if records:
-        from deepshrink.quantize.report import plot_codebooks
-
         return plot_codebooks(model, records, directory / "codebooks.png")
     written = [Path(path) for path in stage_result.files if str(path).endswith(".dcz")]
     if written:
