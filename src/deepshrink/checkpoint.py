@@ -41,7 +41,23 @@ def save_checkpoint(
     metadata: dict | None = None,
     protect: tuple[str | os.PathLike, ...] = (),
 ) -> Path:
-    """Write `model`'s state_dict atomically. `metadata` values must be JSON-serialisable."""
+    """Write `model`'s state_dict as a safetensors checkpoint, atomically.
+
+    Args:
+        path: the file to write (a temporary file beside it is renamed into place).
+        model: its state_dict is saved, parametrizations (masks, codebooks) included.
+        model_name: the registered name or package.module:factory that rebuilds it.
+        model_config: keyword arguments for that factory.
+        metadata: JSON-serialisable values stored with it.
+        protect: input paths that must not be overwritten.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: `path` is one of `protect`.
+        OutputError: the file cannot be written (a directory, no space, no permission).
+    """
     return save_state_dict(
         path, model.state_dict(), model_name=model_name, model_config=model_config, metadata=metadata, protect=protect
     )
@@ -70,7 +86,21 @@ def save_state_dict(
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a safetensors checkpoint (ours or anyone's) or a .pt/.pth state_dict, safely."""
+    """Read a safetensors checkpoint (ours or anyone's) or a .pt/.pth state_dict, safely.
+
+    Nothing is unpickled: .pt/.pth files go through torch.load(weights_only=True).
+
+    Args:
+        path: a .safetensors file, or a .pt/.pth/.bin state_dict of plain tensors.
+
+    Returns:
+        Checkpoint(state_dict, model_name, model_config, metadata); a foreign safetensors file
+        has no name, config or metadata.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not a state_dict, or its metadata is
+            malformed.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; check the path")
@@ -119,8 +149,19 @@ def _load_torch_state_dict(path: Path) -> Checkpoint:
 def load_model(path: str | os.PathLike, model: nn.Module | str | None = None) -> tuple[nn.Module, Checkpoint]:
     """Build the model a checkpoint was saved from and load it, pruning masks and codebooks included.
 
-    `model` is the module to load into, or a name that overrides the one stored in the file
-    (see `loading.model_for`: a user factory the file names is imported only when passed here).
+    Args:
+        path: the checkpoint (see `load_checkpoint`).
+        model: the module to load into, or a registered name / package.module:factory that
+            overrides the one stored in the file; None for the stored name (a user factory the
+            file names is imported only when passed here: a file must not choose what code runs).
+
+    Returns:
+        (model, checkpoint): the loaded module, pruned or weight-shared as saved, and the
+        Checkpoint it came from.
+
+    Raises:
+        CheckpointError: the file is unreadable or does not fit the model.
+        ModelError: no model can be built from the names given.
     """
     checkpoint = load_checkpoint(path)
     built, _ = model_for(path, model, checkpoint.model_name, config=checkpoint.model_config, error=CheckpointError)

@@ -113,34 +113,18 @@ def _write_report(directory: str, stem: str, markdown: str, data: dict, protect:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from deepshrink.checkpoint import save_checkpoint
-    from deepshrink.data import load_data, make_loader
-    from deepshrink.references import train_model
-    from deepshrink.train import evaluate
+    from deepshrink.data import load_data
+    from deepshrink.references import train_and_save
 
     config = _training_config(args)
     data = load_data(args.data_dir, seed=0, train_subset=args.train_subset)
-    model, seconds = train_model(args.model, data, config, device=args.device, progress=not args.quiet)
-    test = evaluate(model, make_loader(data.test, 1000, shuffle=False), args.device)
-    validation = evaluate(model, make_loader(data.validation, 1000, shuffle=False), args.device)
     out = Path(args.out or f"runs/{args.model.replace(':', '-')}.safetensors")
-    save_checkpoint(
-        out,
-        model.cpu(),
-        model_name=args.model,
-        metadata={
-            "training": config.to_dict(),
-            "data_fingerprint": data.fingerprint,
-            "data_source": str(data.source),
-            "train_examples": len(data.train),
-            "validation_accuracy": validation.accuracy,
-            "test_accuracy": test.accuracy,
-            "train_seconds": seconds,
-        },
+    trained = train_and_save(args.model, data, config, out, device=args.device, progress=not args.quiet)
+    print(
+        f"model: {args.model}  trained {config.epochs} epochs on {len(data.train)} examples in {trained.seconds:.1f}s"
     )
-    print(f"model: {args.model}  trained {config.epochs} epochs on {len(data.train)} examples in {seconds:.1f}s")
-    print(f"validation accuracy: {validation.accuracy:.4f}")
-    print(f"test accuracy: {test.accuracy:.4f}")
+    print(f"validation accuracy: {trained.validation_accuracy:.4f}")
+    print(f"test accuracy: {trained.test_accuracy:.4f}")
     print(f"checkpoint: {out}")
     return 0
 
@@ -369,10 +353,9 @@ def _runtime_modes(values: list[str] | None) -> str | dict[str, str]:
 def command_predict(args: argparse.Namespace) -> int:
     import time
 
-    import torch
-
     from deepshrink.data import load_data, make_loader
     from deepshrink.runtime.load import load_runtime
+    from deepshrink.train import evaluate
 
     if args.device not in ("auto", "cpu"):
         raise ConfigError(f"--device {args.device}: predict runs the compressed form on the CPU; use --device cpu")
@@ -381,93 +364,33 @@ def command_predict(args: argparse.Namespace) -> int:
     )
     data = load_data(args.data_dir)
     split = {"test": data.test, "validation": data.validation}[args.split]
-    loader = make_loader(split, args.batch_size, shuffle=False)
-    correct = 0
     started = time.perf_counter()
-    with torch.no_grad():
-        for images, labels in loader:
-            correct += int((model(images).argmax(dim=1) == labels).sum())
+    result = evaluate(model, make_loader(split, args.batch_size, shuffle=False), "cpu")
     seconds = time.perf_counter() - started
-    count = len(split)
-    print(f"{args.file}: {args.split} accuracy {correct / count:.4f} on {count} images")
-    print(f"throughput: {count / seconds:,.0f} images/s at batch {args.batch_size} ({seconds:.2f} s)")
+    print(f"{args.file}: {args.split} accuracy {result.accuracy:.4f} on {result.count} images")
+    print(f"throughput: {result.count / seconds:,.0f} images/s at batch {args.batch_size} ({seconds:.2f} s)")
     return 0
-
-
-def _check_input_shape(model, shape: tuple[int, ...], name) -> None:
-    """One example of `shape` goes through `model`, or a ConfigError says that it does not fit."""
-    import torch
-
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *shape)))
-    except (RuntimeError, ValueError, IndexError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(
-            f"--input-shape {' '.join(map(str, shape))} does not fit model {name!r} ({first}); "
-            "give one example's shape without the batch, e.g. --input-shape 1 28 28"
-        ) from error
 
 
 def command_bench(args: argparse.Namespace) -> int:
     from deepshrink.compressed import load_compressed
-    from deepshrink.runtime.bench import latency_table, layer_latency_table
-    from deepshrink.runtime.load import load_runtime, resident_weight_bytes
-    from deepshrink.tables import render_table
+    from deepshrink.runtime import bench
+    from deepshrink.runtime.load import load_runtime
 
     dense, metadata = load_compressed(args.file, args.model, max_decoded_bytes=args.max_decoded_bytes)
     dense.eval()
-    compressed = load_runtime(
-        args.file, args.model, mode=_runtime_modes(args.mode), max_decoded_bytes=args.max_decoded_bytes
-    )
+    mode = _runtime_modes(args.mode)
+    compressed = load_runtime(args.file, args.model, mode=mode, max_decoded_bytes=args.max_decoded_bytes)
     shape = tuple(args.input_shape)
-    _check_input_shape(dense, shape, metadata.get("model"))
-    rows = latency_table(dense, compressed, shape, args.batch, repeats=args.repeats)
+    bench.check_input_shape(dense, shape, metadata.get("model"))
+    rows = bench.latency_table(dense, compressed, shape, args.batch, repeats=args.repeats)
     print(f"{args.file}: {metadata.get('model')}, input {shape}, median of {args.repeats} runs per batch size")
-    print(
-        render_table(
-            ["batch", "dense (ms)", "compressed (ms)", "speedup"],
-            [
-                [str(row["batch"]), f"{row['dense_ms']:.3f}", f"{row['compressed_ms']:.3f}", f"{row['speedup']:.2f}x"]
-                for row in rows
-            ],
-        )
-    )
-    dense_bytes, compressed_bytes = resident_weight_bytes(dense), resident_weight_bytes(compressed)
-    layers = dict(compressed.named_modules())
-    print(
-        render_table(
-            ["layer", "runs as", "dense weight bytes", "resident bytes", "form"],
-            [
-                [
-                    name,
-                    type(layers[name]).__name__,
-                    f"{dense_bytes[name]:,}",
-                    f"{compressed_bytes[name]:,}",
-                    getattr(getattr(layers[name], "weight_form", None), "form", "dense"),
-                ]
-                for name in compressed_bytes
-            ],
-        )
-    )
+    print(bench.format_latency(rows))
+    print(bench.format_residency(dense, compressed))
     if args.layers:
-        every = load_runtime(args.file, args.model, mode="sparse")
+        every = load_runtime(args.file, args.model, mode="sparse", max_decoded_bytes=args.max_decoded_bytes)
         print(f"each layer alone, every weight layer compressed, batch {args.batch[0]}:")
-        print(
-            render_table(
-                ["layer", "form", "dense (us)", "compressed (us)", "speedup"],
-                [
-                    [
-                        row["layer"],
-                        row["form"],
-                        f"{row['dense_us']:.1f}",
-                        f"{row['compressed_us']:.1f}",
-                        f"{row['speedup']:.2f}x",
-                    ]
-                    for row in layer_latency_table(dense, every, shape, args.batch[0], args.repeats)
-                ],
-            )
-        )
+        print(bench.format_layer_latency(bench.layer_latency_table(dense, every, shape, args.batch[0], args.repeats)))
     return 0
 
 
@@ -552,6 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_training_commands(commands)
+    _add_stage_commands(commands)
+    _add_file_commands(commands)
+    _add_pipeline_commands(commands)
+    _add_runtime_commands(commands)
+    _add_other_commands(commands)
+    return parser
+
+
+def _add_training_commands(commands) -> None:
+    """The train and evaluate: checkpoints from data."""
     train = commands.add_parser("train", help="train a model and save a safetensors checkpoint", epilog=EPILOG)
     train.add_argument(
         "--model", default="lenet-300-100", help="registered name (see `deepshrink info`) or package.module:factory"
@@ -572,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
+
+def _add_stage_commands(commands) -> None:
+    """The one command per registered stage, its options from its settings dataclass."""
     from deepshrink.stages import registered_stages
 
     for stage in registered_stages():
@@ -594,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data_options(command)
         command.set_defaults(handler=command_stage, stage=stage.name)
 
+
+def _add_file_commands(commands) -> None:
+    """The decode and inspect: .dcz files."""
     decompress = commands.add_parser("decode", help="decode a .dcz file into a safetensors checkpoint", epilog=EPILOG)
     decompress.add_argument("file", help="the .dcz file")
     decompress.add_argument("--out", required=True, help="safetensors file to write")
@@ -613,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoded_limit(inspect)
     inspect.set_defaults(handler=command_inspect)
 
+
+def _add_pipeline_commands(commands) -> None:
+    """The run: a whole recipe."""
     run = commands.add_parser(
         "run",
         help="the whole pipeline from a YAML recipe: prune, quantize, encode, report (resumable)",
@@ -627,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(run)
     run.set_defaults(handler=command_run)
 
+
+def _add_runtime_commands(commands) -> None:
+    """The predict and bench: models run from their compressed form."""
     mode_help = (
         "auto (sparse where a layer's density is low enough), sparse, dense, or LAYER_GLOB=MODE entries (default: auto)"
     )
@@ -661,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=command_bench)
 
+
+def _add_other_commands(commands) -> None:
+    """The sensitivity, reference and info."""
     sensitivity = commands.add_parser(
         "sensitivity", help="validation accuracy against sparsity for each layer alone (table and plot)", epilog=EPILOG
     )
@@ -688,11 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="versions, data location, cache and registered models", epilog=EPILOG)
     info.add_argument("--data-dir", help="data directory to check")
     info.set_defaults(handler=command_info)
-    return parser
 
 
-# The library's errors name its parameters ("pass model=NAME"); here they are flags.
-_PARAMETER_FLAGS = {"pass model=": "pass --model "}
+_PARAMETER_FLAGS = {"pass model=": "pass --model ", "input shape ": "--input-shape "}
 
 
 def _as_flags(message: str) -> str:

@@ -31,7 +31,27 @@ def save_compressed(
     coder: str = "huffman",
     protect: tuple = (),
 ) -> Path:
-    """Encode `model` (pruned and weight-shared layers compressed, the rest raw) into `path`."""
+    """Encode `model` (pruned and weight-shared layers compressed, the rest raw) into a .dcz file.
+
+    Args:
+        model: pruned and/or weight-shared layers (as the prune and quantize stages leave them)
+            are stored as codebooks and entropy-coded indices; every other tensor raw.
+        path: the file to write, atomically.
+        model_name: the name (or package.module:factory) that rebuilds the architecture.
+        metadata: JSON values stored in the header beside the name, library and fp32 size.
+        index_bits: {layer glob: gap width}; default the paper's 8 (conv) / 5 (fc).
+        layout: "csr", "csc" (relative-index sparse) or "dense" codes.
+        coder: "huffman" or "fixed" (P+Q without entropy coding).
+        protect: input paths that must not be overwritten.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: an unknown layout or coder, a dtype the format does not store, or `path`
+            in `protect`.
+        OutputError: the file cannot be written.
+    """
     header, buffers = encode_model(
         model,
         index_bits=index_bits,
@@ -104,10 +124,24 @@ def load_compressed(
 ) -> tuple[nn.Module, dict]:
     """The model of a .dcz file with its decoded weights (bit-exact), and the file's metadata.
 
-    `model` is the module to load into, a registered name or package.module:factory, or None for
-    the name the file records (a user factory the file names is imported only when passed here:
-    a file must not choose what code we run). Raises FormatError for a malformed file or tensors
-    that do not fit the model, ModelError when no model can be built.
+    Every field is checked before anything is decoded (docs/FORMAT.md, "What a reader checks"),
+    and every tensor against the model's.
+
+    Args:
+        path: the .dcz file.
+        model: the module to load into, a registered name or package.module:factory, or None for
+            the name the file records (a user factory the file names is imported only when passed
+            here: a file must not choose what code we run).
+        max_decoded_bytes: the most bytes the tensors may decode to; default 4,096 times the
+            file's size, within 256 MiB and 16 GiB (see encode/schema.py).
+
+    Returns:
+        (model, metadata): the dense model with plain weights, and the file's metadata.
+
+    Raises:
+        FormatError: a malformed file, one over the decoded-size limit, or tensors that do not
+            fit the model.
+        ModelError: no model can be built.
     """
     loaded, checked = open_compressed(path, max_decoded_bytes)
     metadata = checked.metadata

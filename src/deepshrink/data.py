@@ -51,8 +51,17 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (gzipped or raw) into a numpy array, validating it fully.
 
     Checks the magic number, the type code, the number of dimensions, and that the payload
-    length equals the product of the dimensions: no more and no less. Raises FormatError naming
-    the file on any mismatch, and DataError when the file cannot be opened.
+    length equals the product of the dimensions: no more and no less.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The array, in the file's shape and type.
+
+    Raises:
+        FormatError: any mismatch, naming the file.
+        DataError: the file cannot be opened.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -206,8 +215,22 @@ def load_data(
 ) -> DataSplits:
     """Load an MNIST-format data set with a fixed, seeded train/validation split.
 
-    The default gives Fashion-MNIST's 55,000 / 5,000 / 10,000. `train_subset` keeps only the
-    first N examples of the (shuffled) training split, for quick experiments and tests.
+    Args:
+        data_dir: a directory of IDX files (gzipped or not); default $DEEPSHRINK_DATA, then the
+            installed Fashion-MNIST.
+        validation_size: examples held out of the training files for validation.
+        seed: the seed of the split's shuffle.
+        train_subset: keep only the first N examples of the (shuffled) training split, for
+            quick experiments and tests.
+
+    Returns:
+        DataSplits(train, validation, test, source, fingerprint); the default gives
+        Fashion-MNIST's 55,000 / 5,000 / 10,000.
+
+    Raises:
+        DataError: no data set is found or a file cannot be read.
+        FormatError: an IDX file is malformed.
+        ConfigError: the validation size does not fit the training split.
     """
     files = find_data_files(data_dir)
     train_images, train_labels = _images_and_labels(files["train_images"], files["train_labels"])
@@ -254,6 +277,15 @@ def make_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, seed: in
 
     Indexing an in-memory TensorDataset with a list of indices is one gather instead of
     `batch_size` Python calls, which makes MNIST-sized training several times faster.
+
+    Args:
+        dataset: an in-memory TensorDataset.
+        batch_size: examples per batch (the last batch may be smaller).
+        shuffle: reshuffle every epoch, from `seed`.
+        seed: the seed of the shuffles.
+
+    Returns:
+        A torch DataLoader.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be a positive integer")

@@ -155,7 +155,18 @@ def shipped_recipes() -> list[str]:
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read and validate a YAML recipe file, or a shipped recipe by name ("lenet-5")."""
+    """Read and validate a YAML recipe file, or a shipped recipe by name ("lenet-5").
+
+    Args:
+        path: a YAML file, or the name of a recipe in recipes/ ("lenet-300-100", "quick").
+
+    Returns:
+        The Recipe: model, seed, data options and one settings object per stage present.
+
+    Raises:
+        ConfigError: the file is missing, not valid YAML, or a value is invalid; the message
+            names the line and the key.
+    """
     path = Path(path)
     if not path.exists() and path.suffix == "" and path.name in shipped_recipes():
         path = SHIPPED_RECIPES / f"{path.name}.yaml"

@@ -90,7 +90,25 @@ def reference_model(
     device: str = "auto",
     progress: bool = True,
 ) -> TrainedModel:
-    """Load the cached reference for `name` on `data`, training and caching it if missing."""
+    """The cached reference model for `name` on `data`, trained and cached when missing.
+
+    The cache key is the model's name, its reference training settings and the data's
+    fingerprint, so a change of any of them trains a new reference.
+
+    Args:
+        name: a registered model name.
+        data: the data set (its fingerprint is part of the key).
+        cache_dir: default $DEEPSHRINK_CACHE, then ~/.cache/deepshrink.
+        device: where to train and evaluate.
+        progress: progress bars while training.
+
+    Returns:
+        TrainedModel(model, path, test accuracy, validation accuracy, training seconds, from_cache).
+
+    Raises:
+        ModelError: the name is not registered.
+        CheckpointError: a cached file cannot be read.
+    """
     path = reference_path(name, data, cache_dir)
     test_loader = make_loader(data.test, 1000, shuffle=False)
     if path.exists():
@@ -105,10 +123,27 @@ def reference_model(
             checkpoint.metadata.get("train_seconds", 0.0),
             from_cache=True,
         )
-    config = get_model_spec(name).reference_training
+    return train_and_save(name, data, get_model_spec(name).reference_training, path, device=device, progress=progress)
+
+
+def train_and_save(
+    name: str,
+    data: DataSplits,
+    config: TrainConfig,
+    path: str | os.PathLike,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+) -> TrainedModel:
+    """Train `name` by `config` (see `train_model`), measure it on the validation and test
+    splits, and save it as a checkpoint at `path` with what it was trained on.
+
+    Returns the TrainedModel (model on the CPU). Raises what training and saving raise:
+    ModelError for an unknown model, OutputError when `path` cannot be written.
+    """
     model, seconds = train_model(name, data, config, device=device, progress=progress)
     validation = evaluate(model, make_loader(data.validation, 1000, shuffle=False), device)
-    test = evaluate(model, test_loader, device)
+    test = evaluate(model, make_loader(data.test, 1000, shuffle=False), device)
     save_checkpoint(
         path,
         model.cpu(),
@@ -117,10 +152,11 @@ def reference_model(
             "training": config.to_dict(),
             "data_fingerprint": data.fingerprint,
             "data_source": str(data.source),
+            "train_examples": len(data.train),
             "validation_accuracy": validation.accuracy,
             "test_accuracy": test.accuracy,
             "train_seconds": seconds,
             "torch_version": torch.__version__,
         },
     )
-    return TrainedModel(model, path, test.accuracy, validation.accuracy, seconds, from_cache=False)
+    return TrainedModel(model, Path(path), test.accuracy, validation.accuracy, seconds, from_cache=False)

@@ -161,10 +161,26 @@ def fit(
 ) -> History:
     """Train `model` in place for `config.epochs` epochs and return the per-epoch history.
 
-    criterion(outputs, targets, inputs) returns the loss; the default is cross-entropy. Passing
-    the inputs lets a distillation loss run its teacher on the same batch. `optimizer` defaults
-    to SGD from `config`; pass your own to keep its state across stages. `after_step(model,
-    step)` runs after every optimizer step (mask updates of Dynamic Network Surgery use it).
+    Args:
+        model: the network, moved to `device`.
+        train_loader: batches of (inputs, targets).
+        config: epochs, learning rate and schedule, momentum, weight decay, seed (TrainConfig).
+        validation_loader: measured after every epoch when given.
+        device: "cpu", "cuda", "cuda:N" or "auto".
+        criterion: criterion(outputs, targets, inputs) returns the loss; default cross-entropy.
+            Passing the inputs lets a distillation loss run its teacher on the same batch.
+        optimizer: default SGD from `config`; pass your own to keep its state across stages.
+        after_step: after_step(model, step) runs after every optimizer step (the mask updates
+            of Dynamic Network Surgery use it).
+        progress: a progress bar per epoch and one summary line per epoch.
+        description: the progress bar's label.
+
+    Returns:
+        History: one EpochRecord per epoch (learning rate, training loss and accuracy,
+        validation accuracy, seconds).
+
+    Raises:
+        ConfigError: the device is unknown or unavailable, or the loss diverges (not finite).
     """
     device = resolve_device(device)
     model.to(device)
@@ -237,7 +253,19 @@ def fit(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> Evaluation:
-    """Top-1 accuracy and mean cross-entropy of `model` over `loader`."""
+    """Top-1 accuracy and mean cross-entropy of `model` over `loader`, without gradients.
+
+    Args:
+        model: the network; its training mode is restored afterwards.
+        loader: batches of (inputs, class labels).
+        device: "cpu", "cuda", "cuda:N" or "auto".
+
+    Returns:
+        Evaluation(accuracy, loss, count), summed over every process under torchrun.
+
+    Raises:
+        ConfigError: the loader is empty, or the device is unknown or unavailable.
+    """
     device = resolve_device(device)
     was_training = model.training
     model.to(device).eval()

@@ -31,6 +31,17 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add a model to the registry, so that recipes, checkpoints and files can name it.
+
+    Args:
+        spec: the ModelSpec; its name must be new.
+
+    Returns:
+        `spec`, so that it can be used as an expression.
+
+    Raises:
+        ModelError: a model of that name is already registered.
+    """
     if spec.name in _REGISTRY:
         raise ModelError(f"a model named {spec.name!r} is already registered; choose another name")
     _REGISTRY[spec.name] = spec
@@ -38,6 +49,11 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 def list_models() -> list[ModelSpec]:
+    """The registered models, in registration order.
+
+    Returns:
+        A list of ModelSpec (name, factory, description, reference training settings).
+    """
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
@@ -78,7 +94,20 @@ def resolve_factory(path: str) -> Callable[..., nn.Module]:
 
 
 def build_model(name: str, **config) -> nn.Module:
-    """Build a registered model by name, or a user's model from `package.module:factory`."""
+    """Build a registered model by name, or a user's model from `package.module:factory`.
+
+    Args:
+        name: a registered name (see `list_models`) or "package.module:factory", whose factory
+            is imported and called (so it runs that code: pass only names you trust).
+        **config: keyword arguments for the factory.
+
+    Returns:
+        The new nn.Module, freshly initialised.
+
+    Raises:
+        ModelError: the name is not registered, the factory cannot be imported or called, or it
+            returns something that is not an nn.Module.
+    """
     factory = resolve_factory(name) if is_factory_path(name) else get_model_spec(name).factory
     try:
         model = factory(**config)

@@ -86,7 +86,14 @@ def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def remove_pruning(model: nn.Module) -> nn.Module:
-    """Make pruning permanent: plain weights with exact zeros, no parametrization left."""
+    """Make pruning permanent: plain weights with exact zeros, no parametrization left.
+
+    Args:
+        model: changed in place.
+
+    Returns:
+        `model`.
+    """
     for layer in compressible_layers(model).values():
         if pruning_mask_of(layer) is not None:
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)

@@ -175,7 +175,14 @@ def sharing_of(layer: nn.Module) -> SharedWeights | None:
 
 
 def remove_sharing(model: nn.Module) -> nn.Module:
-    """Make sharing permanent: plain weights holding the codebook values."""
+    """Make sharing permanent: plain weights holding the codebook values (and exact zeros).
+
+    Args:
+        model: changed in place.
+
+    Returns:
+        `model`.
+    """
     for layer in compressible_layers(model).values():
         if sharing_of(layer) is not None:
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)

@@ -98,3 +98,72 @@ def layer_latency_table(
                 }
             )
     return rows
+
+
+def check_input_shape(model: nn.Module, input_shape: tuple[int, ...], name: str | None = None) -> None:
+    """One example of `input_shape` (no batch dimension) goes through `model`; ConfigError if not."""
+    from deepshrink.errors import ConfigError
+
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape)))
+    except (RuntimeError, ValueError, IndexError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"input shape {' '.join(map(str, input_shape))} does not fit model {name or type(model).__name__!r} "
+            f"({first}); give one example's shape without the batch, e.g. 1 28 28"
+        ) from error
+
+
+def format_latency(rows: list[dict]) -> str:
+    """latency_table's rows as a text table."""
+    from deepshrink.tables import render_table
+
+    return render_table(
+        ["batch", "dense (ms)", "compressed (ms)", "speedup"],
+        [
+            [str(row["batch"]), f"{row['dense_ms']:.3f}", f"{row['compressed_ms']:.3f}", f"{row['speedup']:.2f}x"]
+            for row in rows
+        ],
+    )
+
+
+def format_residency(dense: nn.Module, compressed: nn.Module) -> str:
+    """Per weight layer: how `compressed` runs it, and the bytes it keeps against the dense weight's."""
+    from deepshrink.runtime.load import resident_weight_bytes
+    from deepshrink.tables import render_table
+
+    dense_bytes, compressed_bytes = resident_weight_bytes(dense), resident_weight_bytes(compressed)
+    layers = dict(compressed.named_modules())
+    return render_table(
+        ["layer", "runs as", "dense weight bytes", "resident bytes", "form"],
+        [
+            [
+                name,
+                type(layers[name]).__name__,
+                f"{dense_bytes[name]:,}",
+                f"{compressed_bytes[name]:,}",
+                getattr(getattr(layers[name], "weight_form", None), "form", "dense"),
+            ]
+            for name in compressed_bytes
+        ],
+    )
+
+
+def format_layer_latency(rows: list[dict]) -> str:
+    """layer_latency_table's rows as a text table."""
+    from deepshrink.tables import render_table
+
+    return render_table(
+        ["layer", "form", "dense (us)", "compressed (us)", "speedup"],
+        [
+            [
+                row["layer"],
+                row["form"],
+                f"{row['dense_us']:.1f}",
+                f"{row['compressed_us']:.1f}",
+                f"{row['speedup']:.2f}x",
+            ]
+            for row in rows
+        ],
+    )

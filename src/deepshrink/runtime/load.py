@@ -93,13 +93,26 @@ def load_runtime(
 ) -> nn.Module:
     """The model of a .dcz file with its shared Linear / Conv2d layers computing from codebook indices.
 
-    `model` is a module of the right architecture, a registered name or package.module:factory
-    (default: the name the file records; a factory is imported only when passed here). `mode`
-    is "auto" (sparse where it is faster and smaller, see `_sparse_pays`: Linear layers of at
-    least SMALL_LAYER_BYTES whose density is at most `density_limit`), "sparse", "dense",
-    or a {layer glob: mode} mapping. Every field of the file, and every tensor's shape against
-    the model, is checked before anything is decoded (`max_decoded_bytes`: see open_compressed).
-    Returns the model in eval mode on the CPU.
+    Every field of the file, and every tensor's shape against the model, is checked before
+    anything is decoded.
+
+    Args:
+        path: the .dcz file.
+        model: a module of the right architecture, a registered name or package.module:factory
+            (default: the name the file records; a factory is imported only when passed here).
+        mode: "auto" (sparse where it is faster and smaller, see `_sparse_pays`: Linear layers of
+            at least SMALL_LAYER_BYTES whose density is at most `density_limit`), "sparse",
+            "dense", or a {layer glob: mode} mapping.
+        density_limit: the density up to which "auto" runs a Linear layer sparse.
+        max_decoded_bytes: see `load_compressed`.
+
+    Returns:
+        The model in eval mode on the CPU, with CompressedLinear / CompressedConv2d layers.
+
+    Raises:
+        ConfigError: an unknown mode.
+        FormatError: a malformed file, or tensors that do not fit the model.
+        ModelError: no model can be built.
     """
     from deepshrink.layers import compressible_layers
 

@@ -186,7 +186,19 @@ def stage_for(settings) -> Stage:
 
 
 def run_stage(model: nn.Module, settings, context: StageContext) -> StageResult:
-    """Run the stage `settings` belong to on `model` (in place) and return its result."""
+    """Run the stage that `settings` belong to on `model` (in place) and return its result.
+
+    Args:
+        model: the network; the stage changes it in place (the encode stage writes a file).
+        settings: a registered stage's settings (PruneSettings, QuantizeSettings, ...).
+        context: data loaders, seed, device, progress and output path (StageContext).
+
+    Returns:
+        The stage's StageResult: its log, metrics and files.
+
+    Raises:
+        ConfigError: no registered stage takes these settings; what the stage itself raises.
+    """
     return stage_for(settings).handler(model, settings, context)
 
 
