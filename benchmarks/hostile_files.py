@@ -96,23 +96,24 @@ def crafted(valid: bytes, directory: Path) -> tuple[collections.Counter, dict]:
 
 
 def fuzz(valid: bytes, seconds: float, directory: Path) -> dict:
-    from hypothesis import HealthCheck, given, settings
+    """The test suite's hypothesis fuzz target, in batches of 200 examples with a new seed each,
+    until `seconds` have passed."""
+    from hypothesis import HealthCheck, given, seed, settings
 
     outcomes = collections.Counter()
-    deadline = time.perf_counter() + seconds
 
-    @settings(max_examples=10**9, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=hostile.fuzz_strategy())
     def target(case):
-        if time.perf_counter() > deadline:
-            return
         outcomes[hostile.fuzz_case(valid, case, directory)] += 1
 
-    started = time.perf_counter()
-    try:
-        target()
-    except Exception as error:  # hypothesis re-raises the shrunk failing example
-        outcomes[f"FAILED: {type(error).__name__}: {str(error)[:200]}"] += 1
+    started, batch = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        try:
+            seed(batch)(target)()
+        except Exception as error:  # hypothesis re-raises the shrunk failing example
+            outcomes[f"FAILED: {type(error).__name__}: {str(error)[:200]}"] += 1
+        batch += 1
     return {"executions": sum(outcomes.values()), "seconds": time.perf_counter() - started, "outcomes": outcomes}
 
 

@@ -307,29 +307,17 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from deepshrink.data import load_data
-    from deepshrink.pipeline import run
-    from deepshrink.recipe import load_recipe
+    from deepshrink.pipeline import run_recipe
     from deepshrink.report import summary
 
-    recipe = load_recipe(args.recipe)
-    name = args.model or recipe.model
-    if name is None:
-        raise ConfigError(f"{args.recipe}: the recipe names no model; add `model: NAME` or pass --model")
-    data = load_data(args.data_dir, seed=0, train_subset=recipe.data.train_subset)
-    if args.checkpoint:
-        from deepshrink.checkpoint import load_model
-
-        model, _ = load_model(args.checkpoint, name)
-    else:
-        from deepshrink.models import is_factory_path
-        from deepshrink.references import reference_model
-
-        if is_factory_path(name):
-            raise ConfigError(f"--model {name} is your own network: pass its trained weights with --checkpoint FILE")
-        model = reference_model(name, data, device=args.device, progress=not args.quiet).model
-    result = run(
-        model, recipe, data, run_dir=args.run_dir, model_name=name, device=args.device, progress=not args.quiet
+    result = run_recipe(
+        args.recipe,
+        model_name=args.model,
+        checkpoint=args.checkpoint,
+        data_dir=args.data_dir,
+        run_dir=args.run_dir,
+        device=args.device,
+        progress=not args.quiet,
     )
     print(summary(result))
     return 0
@@ -639,7 +627,12 @@ def _add_other_commands(commands) -> None:
     info.set_defaults(handler=command_info)
 
 
-_PARAMETER_FLAGS = {"pass model=": "pass --model ", "input shape ": "--input-shape "}
+_PARAMETER_FLAGS = {
+    "pass model=": "pass --model ",
+    "pass model_name=": "pass --model ",
+    "checkpoint=FILE": "--checkpoint FILE",
+    "input shape ": "--input-shape ",
+}
 
 
 def _as_flags(message: str) -> str:

@@ -239,6 +239,54 @@ class StageOnCheckpoint:
     path: Path
 
 
+def run_recipe(
+    recipe: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    run_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> RunResult:
+    """`run` from names and paths, as `deepshrink run RECIPE` does: the recipe's model (or
+    `model_name`), trained weights from `checkpoint` or the registered model's cached reference,
+    and the data set in `data_dir` (default: the installed one).
+
+    Args:
+        recipe: a YAML file or a shipped recipe's name.
+        model_name: overrides the recipe's model: a registered name or package.module:factory.
+        checkpoint: the trained weights to start from; required for a user's factory.
+        data_dir: an MNIST-format data set (see `load_data`).
+        run_dir, device, progress: as for `run`.
+
+    Returns:
+        The RunResult of `run`.
+
+    Raises:
+        ConfigError: the recipe names no model, or a user's factory comes without a checkpoint;
+        and what `load_recipe`, `load_data`, `load_model`, `reference_model` and `run` raise.
+    """
+    from deepshrink.checkpoint import load_model
+    from deepshrink.data import load_data
+    from deepshrink.models import is_factory_path
+    from deepshrink.recipe import load_recipe
+    from deepshrink.references import reference_model
+
+    loaded = load_recipe(recipe)
+    name = model_name or loaded.model
+    if name is None:
+        raise ConfigError(f"{recipe}: the recipe names no model; add `model: NAME` or pass model_name=NAME")
+    data = load_data(data_dir, seed=0, train_subset=loaded.data.train_subset)
+    if checkpoint is not None:
+        model, _ = load_model(checkpoint, name)
+    elif is_factory_path(name):
+        raise ConfigError(f"model {name} is your own network: pass its trained weights with checkpoint=FILE")
+    else:
+        model = reference_model(name, data, device=device, progress=progress).model
+    return run(model, loaded, data, run_dir=run_dir, model_name=name, device=device, progress=progress)
+
+
 def run_stage_on_checkpoint(
     checkpoint: str | os.PathLike,
     settings,
