@@ -21,7 +21,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,19 +34,7 @@ import hostile  # noqa: E402
 
 from deepshrink.compressed import save_compressed  # noqa: E402
 from deepshrink.errors import DeepshrinkError  # noqa: E402
-
-
-def cpu() -> dict:
-    flags = set()
-    model = platform.processor()
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
-    return {"model": model, "isa": isa, "cores": os.cpu_count(), "load": os.getloadavg()}
+from deepshrink.runtime.bench import machine_description  # noqa: E402
 
 
 def in_memory(cases: dict[str, bytes], directory: Path) -> collections.Counter:
@@ -123,7 +110,7 @@ def main() -> None:
     parser.add_argument("--fuzz-seconds", type=float, default=600)
     parser.add_argument("--out", default="benchmarks/results/hostile_files.json")
     args = parser.parse_args()
-    results = {"cpu": cpu(), "command": " ".join(sys.argv)}
+    results = {"cpu": machine_description(), "command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
         valid = save_compressed(hostile.small_model(), directory / "valid.dcz", model_name=hostile.MODEL).read_bytes()

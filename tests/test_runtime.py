@@ -18,6 +18,7 @@ from deepshrink.prune.masks import sparsity_mask
 from deepshrink.prune.module import apply_masks
 from deepshrink.quantize.shared import share_weights
 from deepshrink.runtime import forms, tiled
+from deepshrink.runtime.choice import BATCH_RANGES, KINDS, fixed_choice, measure_linear, range_of
 from deepshrink.runtime.kernels import codebook_matmul, codebook_matvec, csr_from_layout
 from deepshrink.runtime.load import load_runtime, resident_weight_bytes
 from deepshrink.runtime.modules import CompressedConv2d, CompressedLinear
@@ -287,11 +288,50 @@ def load_compressed_state(path):
     return read_state_dict(path)[0]
 
 
+def assert_fastest_measured(layer: nn.Module) -> bool:
+    """An auto-mode Linear layer runs, in each batch range, the kind measured fastest at load; a
+    plain nn.Linear only where dense was fastest in every range."""
+    if type(layer) is nn.Linear:
+        return True
+    assert isinstance(layer, CompressedLinear)
+    choice = layer.choice
+    assert choice.seconds, "auto mode measures"
+    for plan, (_, batch) in zip(choice.plans, BATCH_RANGES, strict=True):
+        assert choice.seconds[(plan, batch)] == min(choice.seconds[(kind, batch)] for kind in KINDS)
+    assert not choice.all_dense
+    assert (choice.dense is not None) == ("dense" in choice.plans)
+    assert (choice.csr is not None) == ("csr" in choice.plans)
+    return True
+
+
+def test_range_of_follows_the_batch_ranges():
+    for batch in range(1, 200):
+        expected = next(index for index, (largest, _) in enumerate(BATCH_RANGES) if largest is None or batch <= largest)
+        assert range_of(batch) == expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [1, 5, 40])
+def test_every_kind_of_product_computes_the_same_layer(kind, batch):
+    """Whichever product a batch range runs (compressed, torch CSR, dense), the layer's output is
+    the decoded dense layer's, bias included, for every batch range and leading shape."""
+    codes, codebook = random_codes(48, 200, 0.1, 5)
+    csr = csr_from_layout(to_sparse(codes, 5, "csr"), int(np.count_nonzero(codes)))
+    weight = forms.CodebookWeight(*csr, codebook, (48, 200))
+    bias = torch.randn(48)
+    layer = CompressedLinear(weight, bias, fixed_choice(kind, weight))
+    inputs = torch.randn(batch, 3, 200)
+    expected = inputs.double() @ weight.to_dense().double().T + bias.double()
+    with torch.no_grad():
+        assert relative_error(layer(inputs), expected) < RELATIVE
+    assert layer.resident_bytes >= weight.nbytes
+
+
 def test_auto_selection_picks_dense_for_a_dense_layer_and_can_be_overridden(tmp_path):
     torch.manual_seed(0)
     path = compressed_file(tmp_path, ConvNet(), {"fc1": 0.95}, {"conv*": 8, "fc*": 5})
     running = load_runtime(path, ConvNet())
-    assert isinstance(running.fc1, CompressedLinear)  # 5% dense
+    assert_fastest_measured(running.fc1)  # 5% dense: measured; compressed where it was fastest
     assert type(running.fc2) is nn.Linear and type(running.conv1) is nn.Conv2d  # fully dense: dense wins
     forced = load_runtime(path, ConvNet(), mode={"*": "dense", "fc2": "sparse"})
     assert type(forced.fc1) is nn.Linear and isinstance(forced.fc2, CompressedLinear)
@@ -362,8 +402,8 @@ def test_registered_model_loads_by_the_name_in_the_file(tmp_path):
     inputs = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         assert relative_error(running(inputs), decoded(inputs)) < RELATIVE
-    # Auto mode: fc1 (1.6 MB, 10% dense) compressed; conv2 dense, faster than im2col here.
-    assert isinstance(running.fc1, CompressedLinear) and type(running.conv2) is nn.Conv2d
+    # Auto mode: fc1 (1.6 MB, 10% dense) measured; conv2 dense, faster than im2col here.
+    assert_fastest_measured(running.fc1) and type(running.conv2) is nn.Conv2d
     forced = load_runtime(path, mode={"*": "auto", "conv2": "sparse"})
     assert isinstance(forced.conv2, CompressedConv2d)
     with torch.no_grad():
@@ -405,10 +445,11 @@ def test_predict_and_bench_commands(tmp_path):
     for layer in ("fc1", "fc2", "fc3"):
         assert re.search(rf"^{layer}\s+[a-z-]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", bench.stdout, re.M), bench.stdout
     assert re.search(r"^1\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", bench.stdout, re.M)
-    # The form is the documented rule's choice on this CPU (tiled with AVX-512; otherwise the
-    # smaller of grouped and per-entry), not one fixed name: the subprocess sees the same settings.
-    form = load_runtime(path).fc1.weight_form.form
-    assert re.search(rf"^fc1\s+CompressedLinear\s+940,800\s+[\d,]+\s+{form}\s*$", bench.stdout, re.M), bench.stdout
+    # How fc1 runs is measured on this machine at load (compressed in some form, torch's CSR or
+    # dense, per batch range), not one fixed name: the residency table says which.
+    assert re.search(r"^fc1\s+(CompressedLinear|Linear)\s+940,800\s+[\d,]+\s+[a-z/-]+\s*$", bench.stdout, re.M), (
+        bench.stdout
+    )
     bad = run("predict", str(path), "--mode", "fc*=fast")
     assert bad.returncode == 3 and "should be one of auto, sparse, dense" in bad.stderr
 
@@ -466,8 +507,8 @@ def test_a_very_sparse_layer_does_not_take_the_tiled_form():
     assert weight.form == "per-entry" and weight.nbytes == per_entry.nbytes
 
 
-def test_auto_mode_runs_compressed_only_where_it_is_smaller_and_pays():
-    from deepshrink.runtime.load import SMALL_LAYER_BYTES, _sparse_pays
+def test_auto_mode_measures_only_layers_that_are_sparse_and_smaller():
+    from deepshrink.runtime.load import _may_run_compressed
 
     linear = nn.Linear(1, 1)
     tiny = forms.CodebookWeight(
@@ -478,17 +519,16 @@ def test_auto_mode_runs_compressed_only_where_it_is_smaller_and_pays():
         (4, 4),
     )
     assert tiny.density <= 0.35 and tiny.nbytes >= 4 * 4 * 4
-    assert not _sparse_pays(tiny, linear, 0.35)  # not smaller
+    assert not _may_run_compressed(tiny, linear, 0.35)  # not smaller
     codes, codebook = random_codes(200, 800, 0.09, 5)
     csr = csr_from_layout(to_sparse(codes, 4, "csr"), int(np.count_nonzero(codes)))
     large = forms.CodebookWeight(*csr, codebook, (200, 800))
-    assert SMALL_LAYER_BYTES <= 200 * 800 * 4
-    assert _sparse_pays(large, linear, 0.35) and not _sparse_pays(large, linear, 0.05)
-    assert not _sparse_pays(large, nn.Conv2d(8, 200, 10), 0.35)  # convolutions run dense
-    small = forms.CodebookWeight(
-        *csr_from_layout(to_sparse(codes[:50], 4, "csr"), int(np.count_nonzero(codes[:50]))), codebook, (50, 800)
-    )
-    assert small.nbytes < 50 * 800 * 4 < SMALL_LAYER_BYTES and not _sparse_pays(small, linear, 0.35)
+    assert _may_run_compressed(large, linear, 0.35) and not _may_run_compressed(large, linear, 0.05)
+    assert not _may_run_compressed(large, nn.Conv2d(8, 200, 10), 0.35)  # convolutions run dense
+    choice = measure_linear(large)
+    assert len(choice.plans) == len(BATCH_RANGES) and set(choice.plans) <= set(KINDS)
+    if not choice.all_dense:
+        assert_fastest_measured(CompressedLinear(large, None, choice))
 
 
 @pytest.mark.parametrize("index_type", [np.uint16, np.int32])

@@ -167,3 +167,31 @@ def format_layer_latency(rows: list[dict]) -> str:
             for row in rows
         ],
     )
+
+
+def machine_description() -> dict:
+    """What a benchmark row must say about where it ran: the CPU model, its vector instruction
+    sets, which kernels run (the AVX-512 tiled form, or AVX2 and portable code), numba's target
+    and the load average."""
+    import os
+
+    from deepshrink.runtime import tiled
+
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cpu_flags": " ".join(sorted(flag for flag in flags if flag.startswith(("avx", "fma")))),
+        "kernels": "AVX-512 (tiled form on)" if tiled.available() else "AVX2 or portable (tiled form off)",
+        "numba_cpu_name": os.environ.get("NUMBA_CPU_NAME", "host"),
+        "cores": os.cpu_count(),
+        "load": os.getloadavg(),
+    }

@@ -1,8 +1,10 @@
 """Load a .dcz file into a model whose Linear and Conv2d layers run from the compressed form.
 
-Each weight-shared layer goes from its entropy-coded streams straight to codebook CSR; the
-dense float weights are never built for the layers that run sparse. Which layers run sparse is
-decided per layer from density (dense wins when a layer is dense enough), and can be forced.
+Each weight-shared layer goes from its entropy-coded streams straight to codebook CSR; in
+"sparse" mode the dense float weights are never built. In "auto" mode each candidate Linear
+layer is timed at load and runs, per range of batch sizes, whichever of the compressed form,
+torch's CSR product and the dense product was fastest (runtime/choice.py); a layer where dense
+wins everywhere stays a plain nn.Linear. Modes can be set per layer by glob.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from deepshrink.encode.sparse import as_matrix
 from deepshrink.errors import ConfigError, FormatError
 from deepshrink.layers import matching
 from deepshrink.loading import STRUCTURE_KEY, check_tensors_fit, model_for
+from deepshrink.runtime.choice import LinearChoice, measure_linear
 from deepshrink.runtime.forms import CodebookWeight
 from deepshrink.runtime.kernels import csr_from_layout
 from deepshrink.runtime.modules import SPARSE_DENSITY_LIMIT, CompressedConv2d, CompressedLinear
@@ -54,19 +57,12 @@ def _mode_for(name: str, modes: dict[str, str]) -> str:
     return chosen
 
 
-# Auto mode runs a Linear layer dense below this many bytes of dense weight: a compressed layer
-# costs about 12 us a call in Python and numba dispatch before any arithmetic, more than a whole
-# dense product of that size (LeNet-300-100's fc2, 120 KB: 13.8 us compressed against 8.5 us
-# dense at batch 1; its fc1, 940 KB: 15.8 against 25.5 us).
-SMALL_LAYER_BYTES = 256 * 1024
+def _may_run_compressed(weight: CodebookWeight, layer: nn.Module, density_limit: float) -> bool:
+    """Auto mode: whether a layer is worth measuring compressed at all.
 
-
-def _sparse_pays(weight: CodebookWeight, layer: nn.Module, density_limit: float) -> bool:
-    """Auto mode: run compressed where it is faster and smaller.
-
-    - A Linear layer: sparse enough (density at most `density_limit`), its compressed form
-      smaller than the dense float32 weight (index overhead can outgrow a small layer), and a
-      dense weight of at least SMALL_LAYER_BYTES.
+    - A Linear layer: sparse enough (density at most `density_limit`) and its compressed form
+      smaller than the dense float32 weight (index overhead can outgrow a small layer). Which
+      product it then runs for each batch range is measured at load (runtime/choice.py).
     - A convolution never: im2col turns a batch-1 convolution into a product with one column
       per output position, where oneDNN's direct convolution is mostly faster than our kernels
       (benchmarks/conv_speed.py: LeNet-5's conv2 0.72-0.90x, 64->128 3x3 on 14x14 0.49-0.53x,
@@ -74,12 +70,10 @@ def _sparse_pays(weight: CodebookWeight, layer: nn.Module, density_limit: float)
       density, 1.17-1.28x, which depends on an input size not known here). mode="sparse"
       still runs it from the compressed form, for the memory.
     """
-    dense_bytes = weight.shape[0] * weight.shape[1] * 4
     return (
         isinstance(layer, nn.Linear)
         and weight.density <= density_limit
-        and weight.nbytes < dense_bytes
-        and dense_bytes >= SMALL_LAYER_BYTES
+        and weight.nbytes < weight.shape[0] * weight.shape[1] * 4
     )
 
 
@@ -100,10 +94,12 @@ def load_runtime(
         path: the .dcz file.
         model: a module of the right architecture, a registered name or package.module:factory
             (default: the name the file records; a factory is imported only when passed here).
-        mode: "auto" (sparse where it is faster and smaller, see `_sparse_pays`: Linear layers of
-            at least SMALL_LAYER_BYTES whose density is at most `density_limit`), "sparse",
-            "dense", or a {layer glob: mode} mapping.
-        density_limit: the density up to which "auto" runs a Linear layer sparse.
+        mode: "auto": Linear layers whose density is at most `density_limit` and whose
+            compressed form is smaller than the dense weight are timed at load, and each range
+            of batch sizes runs the fastest of the compressed form, torch's CSR product and the
+            dense product (runtime/choice.py); convolutions run dense. "sparse": every shared
+            layer compressed (the least memory). "dense". Or a {layer glob: mode} mapping.
+        density_limit: the density up to which "auto" considers a Linear layer.
         max_decoded_bytes: see `load_compressed`.
 
     Returns:
@@ -127,6 +123,7 @@ def load_runtime(
     layers = compressible_layers(model)
     state: dict[str, torch.Tensor] = {}
     compressed: dict[str, CodebookWeight] = {}
+    choices: dict[str, LinearChoice] = {}
     for record in checked.records:
         name = record["name"]
         try:
@@ -143,10 +140,13 @@ def load_runtime(
         runs_sparse = (
             isinstance(layer, nn.Linear | nn.Conv2d)
             and name.endswith(".weight")
-            and (layer_mode == "sparse" or (layer_mode == "auto" and _sparse_pays(weight, layer, density_limit)))
+            and (layer_mode == "sparse" or (layer_mode == "auto" and _may_run_compressed(weight, layer, density_limit)))
         )
         if runs_sparse and isinstance(layer, nn.Conv2d) and layer.groups != 1:
             runs_sparse = False  # grouped convolutions run dense
+        if runs_sparse and layer_mode == "auto":
+            choices[owner] = measure_linear(weight)  # which product each batch range runs
+            runs_sparse = not choices[owner].all_dense
         if runs_sparse:
             compressed[owner] = weight
         else:
@@ -157,7 +157,7 @@ def load_runtime(
         layer = layers[owner]
         bias = layer.bias.detach() if layer.bias is not None else None
         if isinstance(layer, nn.Linear):
-            replacement = CompressedLinear(weight, bias)
+            replacement = CompressedLinear(weight, bias, choices.get(owner))
         else:
             replacement = CompressedConv2d(weight, bias, layer)
         parent_name, _, child = owner.rpartition(".")
@@ -170,7 +170,9 @@ def resident_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes each weight layer keeps in memory: compressed form or dense parameters."""
     result = {}
     for name, module in model.named_modules():
-        if isinstance(module, CompressedLinear | CompressedConv2d):
+        if isinstance(module, CompressedLinear):
+            result[name] = module.resident_bytes
+        elif isinstance(module, CompressedConv2d):
             result[name] = module.weight_form.nbytes
         elif isinstance(module, nn.Linear | nn.Conv2d | nn.Conv1d | nn.Embedding):
             result[name] = module.weight.numel() * module.weight.element_size()

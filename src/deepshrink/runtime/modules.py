@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional
 
 from deepshrink.errors import ConfigError, ModelError
+from deepshrink.runtime.choice import BATCH_RANGES, LinearChoice, range_of, resident_bytes
 from deepshrink.runtime.forms import CodebookWeight
 
 # Measured (benchmarks/inference_speed.py): at batch 1 the codebook kernel beats dense torch
@@ -36,31 +37,64 @@ def _as_float32_cpu(inputs: torch.Tensor, layer: str) -> np.ndarray:
 class CompressedLinear(nn.Module):
     """y = x W^T + b with W held as codebook indices (a CodebookWeight)."""
 
-    def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None, choice: LinearChoice | None = None) -> None:
         super().__init__()
         self.weight_form = weight
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        self._bias_source: torch.Tensor | None = None
+        self._bias_array: np.ndarray | None = None
+        # Which product each batch range runs (runtime/choice.py); all compressed by default.
+        self.choice = choice or LinearChoice(("compressed",) * len(BATCH_RANGES))
+        self._always_compressed = all(plan == "compressed" for plan in self.choice.plans)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        leading = inputs.shape[:-1]
         if inputs.ndim == 0 or inputs.shape[-1] != self.in_features:
             raise ConfigError(
                 f"CompressedLinear takes inputs whose last dimension is {self.in_features}, not {tuple(inputs.shape)}"
             )
-        flat = _as_float32_cpu(inputs, "CompressedLinear").reshape(-1, self.in_features)
+        if not self._always_compressed:
+            kind = self.choice.plans[range_of(inputs.numel() // self.in_features)]
+            if kind == "dense":  # as a plain nn.Linear would: one call
+                return functional.linear(inputs, self.choice.dense, self.bias)
+            if kind == "csr":
+                return self._csr_product(inputs)
+        flat = _as_float32_cpu(inputs, "CompressedLinear")
+        if flat.ndim != 2:
+            flat = flat.reshape(-1, self.in_features)
         result = np.ascontiguousarray(self.weight_form.product(flat))
         if self.bias is not None:
-            result += self.bias.numpy()  # in numpy: a torch in-place add costs more at batch 1
-        return torch.from_numpy(result).reshape(*leading, self.out_features)
+            result += self._bias_values()  # in numpy: a torch in-place add costs more at batch 1
+        output = torch.from_numpy(result)
+        return output if inputs.ndim == 2 else output.reshape(*inputs.shape[:-1], self.out_features)
+
+    def _csr_product(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The product by torch's CSR form, where the load-time measurement chose it."""
+        flat = inputs.reshape(-1, self.in_features).to(torch.float32)
+        result = (self.choice.csr @ flat.T).T
+        if self.bias is not None:
+            result = result + self.bias
+        return result.reshape(*inputs.shape[:-1], self.out_features)
+
+    def _bias_values(self) -> np.ndarray:
+        """The bias as a numpy view, made again only when the buffer is replaced (`.to()`):
+        converting it on every call cost about a microsecond at batch 1."""
+        if self._bias_source is not self.bias:
+            self._bias_source, self._bias_array = self.bias, self.bias.numpy()
+        return self._bias_array
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"density={self.weight_form.density:.3f}, form={self.weight_form.form}, "
-            f"resident={self.weight_form.nbytes:,} bytes"
+            f"plans={'/'.join(self.choice.plans)}, resident={self.resident_bytes:,} bytes"
         )
+
+    @property
+    def resident_bytes(self) -> int:
+        """The compressed form's bytes and those of any torch form the measured plans keep."""
+        return self.weight_form.nbytes + resident_bytes(self.choice)
 
 
 class CompressedConv2d(nn.Module):

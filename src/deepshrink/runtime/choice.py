@@ -1,0 +1,130 @@
+"""How each compressed Linear layer computes, per range of batch sizes, chosen by measuring.
+
+Which product is fastest depends on the CPU (AVX-512 or not), the layer's shape and density,
+whether its weights fit in cache, and the batch size: on an AVX2 CPU torch's own CSR product
+beat our CSR kernels at batch 8 and 64, and dense GEMV beats any sparse form on small layers,
+where a call's fixed cost dominates. No fixed rule gets all of these right on every machine, so
+`load_runtime` times the candidates on the running machine, once per layer at load:
+
+- "compressed": the layer's CodebookWeight (tiled, grouped or per-entry form: codebook indices);
+- "csr": torch's sparse CSR product on float32 values (torch.sparse_csr_tensor);
+- "dense": torch.nn.functional.linear on the decoded float32 matrix.
+
+Each range of batch sizes (BATCH_RANGES: one example, small batches, large batches) gets the
+fastest candidate at its representative size. A layer whose every range runs dense stays a
+plain nn.Linear. A torch form is built only for the ranges it wins, and its memory is counted in
+the layer's resident bytes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from deepshrink.runtime.bench import median_seconds
+from deepshrink.runtime.forms import CodebookWeight
+
+KINDS = ("compressed", "csr", "dense")
+# (largest batch size of the range, the size measured for it); the last range is unbounded.
+# range_of hard-codes the limits, as it runs on every forward.
+BATCH_RANGES = ((1, 1), (16, 8), (None, 64))
+# Per candidate and batch size: calls timed in each of ROUNDS interleaved rounds, enough to
+# fill about MEASURE_SECONDS of a round (a noisy neighbour then slows every candidate alike).
+ROUNDS = 5
+MEASURE_SECONDS = 0.003
+MAXIMUM_CALLS = 50
+
+
+def range_of(batch: int) -> int:
+    """The index in BATCH_RANGES of a batch size (called on every forward: no loop)."""
+    return 0 if batch <= 1 else 1 if batch <= 16 else 2
+
+
+@dataclass
+class LinearChoice:
+    """The kind each batch range runs (`plans`), the seconds measured per (kind, batch size),
+    and the torch forms the plans need (the others are not kept)."""
+
+    plans: tuple[str, ...]
+    seconds: dict[tuple[str, int], float] = field(default_factory=dict)
+    dense: torch.Tensor | None = None
+    csr: torch.Tensor | None = None
+
+    @property
+    def all_dense(self) -> bool:
+        return all(plan == "dense" for plan in self.plans)
+
+
+def _torch_forms(weight: CodebookWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    dense = weight.to_dense()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": a user cannot act on it
+        warnings.simplefilter("ignore", UserWarning)
+        return dense, dense.to_sparse_csr()
+
+
+def measure_linear(weight: CodebookWeight, kinds: tuple[str, ...] = KINDS) -> LinearChoice:
+    """Time every kind at each range's representative batch size and choose the fastest per
+    range; ties go to the earlier kind in `kinds` (the compressed form first: it is the smallest).
+
+    What is timed is the layer's own forward with that kind everywhere, module call and input
+    conversion included, so the comparison is the one a caller sees.
+    """
+    from deepshrink.runtime.modules import CompressedLinear  # the module uses this one
+
+    dense, csr = _torch_forms(weight)
+    layers = {
+        kind: CompressedLinear(weight, None, LinearChoice((kind,) * len(BATCH_RANGES), dense=dense, csr=csr))
+        for kind in kinds
+    }
+    generator = torch.Generator().manual_seed(0)
+    seconds: dict[tuple[str, int], float] = {}
+    plans = []
+    with torch.no_grad():
+        for _, batch in BATCH_RANGES:
+            inputs = torch.randn(batch, weight.shape[1], generator=generator)
+            calls = {}
+            for kind, layer in layers.items():  # one call each to warm up and size the rounds
+                started = time.perf_counter()
+                layer(inputs)
+                once = max(time.perf_counter() - started, 1e-7)
+                calls[kind] = int(min(max(MEASURE_SECONDS / once, 1), MAXIMUM_CALLS))
+            rounds: dict[str, list[float]] = {kind: [] for kind in kinds}
+            for _ in range(ROUNDS):
+                for kind, layer in layers.items():
+                    rounds[kind].append(median_seconds(lambda layer=layer, x=inputs: layer(x), calls[kind], warmup=0))
+            for kind in kinds:
+                seconds[(kind, batch)] = statistics.median(rounds[kind])
+            plans.append(min(kinds, key=lambda kind: (seconds[(kind, batch)], kinds.index(kind))))
+    return LinearChoice(
+        tuple(plans),
+        seconds,
+        dense=dense if "dense" in plans else None,
+        csr=csr if "csr" in plans else None,
+    )
+
+
+def fixed_choice(kind: str, weight: CodebookWeight) -> LinearChoice:
+    """Every range running `kind` (no measurement)."""
+    if kind == "compressed":
+        return LinearChoice(("compressed",) * len(BATCH_RANGES))
+    dense, csr = _torch_forms(weight)
+    return LinearChoice(
+        (kind,) * len(BATCH_RANGES), dense=dense if kind == "dense" else None, csr=csr if kind == "csr" else None
+    )
+
+
+def resident_bytes(choice: LinearChoice) -> int:
+    """Bytes of the torch forms a choice keeps beside the compressed form."""
+    total = 0
+    if choice.dense is not None:
+        total += choice.dense.numel() * choice.dense.element_size()
+    if choice.csr is not None:
+        total += sum(
+            part.numel() * part.element_size()
+            for part in (choice.csr.crow_indices(), choice.csr.col_indices(), choice.csr.values())
+        )
+    return total
