@@ -197,8 +197,9 @@ def test_tiled_form_wide_layout_holds_six_bit_codes(codes_count):
 
 
 def test_without_avx512_the_csr_forms_run(monkeypatch):
-    """A CPU (or a NUMBA_CPU_NAME / NUMBA_CPU_FEATURES setting) without AVX-512F: auto mode picks a
-    CSR form and never compiles the tiled kernels; asking for the tiled form is a clear error."""
+    """A CPU (or a NUMBA_CPU_NAME / NUMBA_CPU_FEATURES setting) without AVX-512F: auto mode picks the
+    per-entry CSR form (the documented rule: faster than grouped without AVX-512 gathers) and never
+    compiles the tiled kernels; asking for the tiled form is a clear error."""
     monkeypatch.delenv(tiled.AVX512_SWITCH, raising=False)
     monkeypatch.setenv("NUMBA_CPU_NAME", "generic")
     assert not tiled.available()
@@ -210,11 +211,32 @@ def test_without_avx512_the_csr_forms_run(monkeypatch):
     assert not tiled.available()
     monkeypatch.setattr(tiled, "available", lambda: False)
     weight, dense = csr_weight(300, 2000, 0.09, 32, 7)
-    assert weight.form == "grouped"
+    assert weight.form == "per-entry"
     inputs = np.random.default_rng(0).normal(size=(1, 2000)).astype(np.float32)
     assert relative_error(weight.product(inputs), inputs @ dense.T) < RELATIVE
     with pytest.raises(ConfigError, match="AVX-512"):
         csr_weight(30, 200, 0.09, 32, 7, "tiled")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_per_entry_matvec_handles_every_row_length(parallel):
+    """Four partial sums per row, then a remainder: rows of 0 to 9 entries and a long one, against
+    a float64 product."""
+    from deepshrink.runtime.kernels import MATVEC
+
+    generator = np.random.default_rng(3)
+    lengths = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 37, 1]
+    indptr = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    columns = np.concatenate([np.sort(generator.choice(50, length, replace=False)) for length in lengths])
+    codes = generator.integers(1, 16, len(columns)).astype(np.uint8)
+    codebook = generator.normal(size=16).astype(np.float32)
+    vector = generator.normal(size=50).astype(np.float32)
+    out = np.empty(len(lengths), dtype=np.float32)
+    MATVEC[parallel](indptr, columns.astype(np.uint16), codes, codebook, vector, out)
+    dense = np.zeros((len(lengths), 50))
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    dense[rows, columns] = codebook[codes]
+    assert relative_error(out, dense @ vector.astype(np.float64)) < RELATIVE
 
 
 def test_an_unknown_form_is_a_clear_error():
@@ -481,7 +503,7 @@ def test_prefetch_hint_leaves_results_alone_and_rejects_non_arrays():
 def test_the_smaller_form_is_kept_when_not_forced():
     """Grouping pads every (row, code) run to a block: for a small layer with many codes that
     outgrows one code per entry, so it is not chosen; for a large layer with at most 64 codes
-    the tiled form is (grouped without AVX-512); with more codes, grouping."""
+    the tiled form is; with more codes, grouping. Without AVX-512, one code per entry always."""
 
     def forms_of(rows, columns, codes_count):
         return [csr_weight(rows, columns, 0.35, codes_count, 5, form)[0] for form in (None, "grouped", "per-entry")]
@@ -491,10 +513,11 @@ def test_the_smaller_form_is_kept_when_not_forced():
     assert automatic.form == ("tiled" if tiled.available() else "per-entry")
     assert automatic.nbytes <= forms.SIZE_LIMIT * per_entry.nbytes
     automatic, grouped, per_entry = forms_of(300, 2000, 16)
-    assert automatic.form == ("tiled" if tiled.available() else "grouped")
+    assert automatic.form == ("tiled" if tiled.available() else "per-entry")
     assert automatic.nbytes <= forms.SIZE_LIMIT * per_entry.nbytes
     automatic, grouped, per_entry = forms_of(300, 2000, 100)
-    assert automatic.form == "grouped" and grouped.nbytes <= forms.SIZE_LIMIT * per_entry.nbytes
+    assert automatic.form == ("grouped" if tiled.available() else "per-entry")
+    assert grouped.nbytes <= forms.SIZE_LIMIT * per_entry.nbytes
 
 
 @needs_avx512

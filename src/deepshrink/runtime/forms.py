@@ -3,8 +3,10 @@
 All three hold codebook indices, never float weights:
 - "tiled" (tiled.TiledCodes): 16 rows x 32 columns register tiles, no memory gathers; the
   fastest wherever it applies: AVX-512 CPUs and codebooks of at most 64 entries.
-- "grouped": CSR with each row's entries grouped by code, one vector gather per 16 entries.
-- "per-entry": CSR with one code per entry; the smallest for small layers with many codes.
+- "grouped": CSR with each row's entries grouped by code, one vector gather per 16 entries;
+  chosen automatically only on AVX-512 CPUs.
+- "per-entry": CSR with one code per entry; the smallest for small layers with many codes, and
+  the automatic choice on CPUs without AVX-512.
 
 Each form's `product(inputs)` takes float32 inputs of shape (batch, columns) and returns
 (batch, rows).
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from deepshrink.errors import ConfigError
+from deepshrink.runtime import tiled
 from deepshrink.runtime.kernels import (
     BLOCK,
     GROUPED_MAXIMUM_CODES,
@@ -113,12 +116,20 @@ class GroupedCodes:
 
 
 def _automatic_form(indptr, columns, codes, codebook, shape):
-    """The fastest form that applies and is at most SIZE_LIMIT times one code per entry."""
+    """The fastest form that applies and is at most SIZE_LIMIT times one code per entry.
+
+    With AVX-512: tiled, else grouped (16-wide gathers), else per-entry. Without it, per-entry:
+    with four partial sums per row it was at least as fast as grouped on every AlexNet FC shape
+    at batch 1, 8 and 64 (AVX2 code; fc7 at 4% kept, batch 1: 604 against 1,335 us), where
+    8-wide gathers do not pay (BENCHMARKS.md, "Form choice without AVX-512").
+    """
     per_entry = PerEntryCodes(indptr, columns, codes, codebook, shape)
     if TiledCodes.fits(codebook):
-        tiled = TiledCodes(indptr, columns, codes, codebook, shape)
-        if tiled.nbytes <= SIZE_LIMIT * per_entry.nbytes:
-            return tiled
+        tiled_codes = TiledCodes(indptr, columns, codes, codebook, shape)
+        if tiled_codes.nbytes <= SIZE_LIMIT * per_entry.nbytes:
+            return tiled_codes
+    if not tiled.available():
+        return per_entry
     grouped_bytes = grouped_nbytes(indptr, columns, codes, len(codebook), shape[1])
     if len(codebook) <= GROUPED_MAXIMUM_CODES and grouped_bytes <= SIZE_LIMIT * (columns.nbytes + codes.nbytes):
         return GroupedCodes(indptr, columns, codes, codebook, shape)
