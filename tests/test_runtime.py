@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional
 
 from deepshrink.compressed import load_compressed, save_compressed
 from deepshrink.encode import codec
@@ -311,15 +312,17 @@ def load_compressed_state(path):
 
 
 def assert_fastest_measured(layer: nn.Module) -> bool:
-    """An auto-mode Linear layer runs, in each batch range, the kind measured fastest at load; a
-    plain nn.Linear only where dense was fastest in every range."""
-    if type(layer) is nn.Linear:
+    """An auto-mode layer runs, in each batch range, the kind measured fastest at load; a plain
+    nn.Linear / nn.Conv2d only where dense was fastest in every range."""
+    if type(layer) in (nn.Linear, nn.Conv2d):
         return True
-    assert isinstance(layer, CompressedLinear)
+    assert isinstance(layer, CompressedLinear | CompressedConv2d)
     choice = layer.choice
     assert choice.seconds, "auto mode measures"
+    kinds = KINDS if isinstance(layer, CompressedLinear) else ("compressed", "dense")
+    assert {kind for kind, _ in choice.seconds} == set(kinds)
     for plan, (_, batch) in zip(choice.plans, BATCH_RANGES, strict=True):
-        assert choice.seconds[(plan, batch)] == min(choice.seconds[(kind, batch)] for kind in KINDS)
+        assert choice.seconds[(plan, batch)] == min(choice.seconds[(kind, batch)] for kind in kinds)
     assert not choice.all_dense
     assert (choice.dense is not None) == ("dense" in choice.plans)
     assert (choice.csr is not None) == ("csr" in choice.plans)
@@ -347,6 +350,21 @@ def test_every_kind_of_product_computes_the_same_layer(kind, batch):
     with torch.no_grad():
         assert relative_error(layer(inputs), expected) < RELATIVE
     assert layer.resident_bytes >= weight.nbytes
+
+
+@pytest.mark.parametrize("kind", ["compressed", "dense"])
+def test_a_convolution_computes_the_same_by_either_product(kind):
+    like = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+    codes, codebook = random_codes(8, 6 * 9, 0.3, 4)
+    csr = csr_from_layout(to_sparse(codes, 5, "csr"), int(np.count_nonzero(codes)))
+    weight = forms.CodebookWeight(*csr, codebook, (8, 54))
+    layer = CompressedConv2d(weight, like.bias, like, fixed_choice(kind, weight, tuple(like.weight.shape)))
+    inputs = torch.randn(3, 6, 11, 11)
+    expected = functional.conv2d(
+        inputs.double(), weight.to_dense().reshape(like.weight.shape).double(), like.bias.double(), 2, 1
+    )
+    with torch.no_grad():
+        assert relative_error(layer(inputs), expected) < RELATIVE
 
 
 def test_auto_selection_picks_dense_for_a_dense_layer_and_can_be_overridden(tmp_path):
@@ -430,6 +448,16 @@ def test_registered_model_loads_by_the_name_in_the_file(tmp_path):
     assert isinstance(forced.conv2, CompressedConv2d)
     with torch.no_grad():
         assert relative_error(forced(inputs), decoded(inputs)) < RELATIVE
+    # Given the input size, auto mode times the convolutions on it too.
+    measured = load_runtime(path, input_shape=(1, 28, 28))
+    assert type(measured.conv1) is nn.Conv2d  # not pruned: its compressed form is not smaller
+    assert_fastest_measured(measured.conv2)
+    with torch.no_grad():
+        for batch in (1, 5, 20):
+            batch_inputs = torch.randn(batch, 1, 28, 28)
+            assert relative_error(measured(batch_inputs), decoded(batch_inputs)) < RELATIVE
+    with pytest.raises(ConfigError, match="input shape 3 3 does not fit"):
+        load_runtime(path, input_shape=(3, 3))
 
 
 def test_predict_and_bench_commands(tmp_path):

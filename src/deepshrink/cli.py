@@ -341,17 +341,23 @@ def _runtime_modes(values: list[str] | None) -> str | dict[str, str]:
 def command_predict(args: argparse.Namespace) -> int:
     import time
 
+    from deepshrink.compressed import inspect_header
     from deepshrink.data import load_data, make_loader
     from deepshrink.runtime.load import load_runtime
     from deepshrink.train import evaluate
 
     if args.device not in ("auto", "cpu"):
         raise ConfigError(f"--device {args.device}: predict runs the compressed form on the CPU; use --device cpu")
-    model = load_runtime(
-        args.file, args.model, mode=_runtime_modes(args.mode), max_decoded_bytes=args.max_decoded_bytes
-    )
+    inspect_header(args.file, args.max_decoded_bytes)  # a malformed file fails before the data set loads
     data = load_data(args.data_dir)
     split = {"test": data.test, "validation": data.validation}[args.split]
+    model = load_runtime(
+        args.file,
+        args.model,
+        mode=_runtime_modes(args.mode),
+        max_decoded_bytes=args.max_decoded_bytes,
+        input_shape=tuple(split[0][0].shape),  # so that auto mode times convolutions on this size
+    )
     started = time.perf_counter()
     result = evaluate(model, make_loader(split, args.batch_size, shuffle=False), "cpu")
     seconds = time.perf_counter() - started
@@ -367,10 +373,12 @@ def command_bench(args: argparse.Namespace) -> int:
 
     dense, metadata = load_compressed(args.file, args.model, max_decoded_bytes=args.max_decoded_bytes)
     dense.eval()
-    mode = _runtime_modes(args.mode)
-    compressed = load_runtime(args.file, args.model, mode=mode, max_decoded_bytes=args.max_decoded_bytes)
     shape = tuple(args.input_shape)
     bench.check_input_shape(dense, shape, metadata.get("model"))
+    mode = _runtime_modes(args.mode)
+    compressed = load_runtime(
+        args.file, args.model, mode=mode, max_decoded_bytes=args.max_decoded_bytes, input_shape=shape
+    )
     rows = bench.latency_table(dense, compressed, shape, args.batch, repeats=args.repeats)
     print(f"{args.file}: {metadata.get('model')}, input {shape}, median of {args.repeats} runs per batch size")
     print(bench.format_latency(rows))

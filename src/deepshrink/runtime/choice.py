@@ -1,4 +1,4 @@
-"""How each compressed Linear layer computes, per range of batch sizes, chosen by measuring.
+"""How each compressed layer computes, per range of batch sizes, chosen by measuring.
 
 Which product is fastest depends on the CPU (AVX-512 or not), the layer's shape and density,
 whether its weights fit in cache, and the batch size: on an AVX2 CPU torch's own CSR product
@@ -12,8 +12,10 @@ where a call's fixed cost dominates. No fixed rule gets all of these right on ev
 
 Each range of batch sizes (BATCH_RANGES: one example, small batches, large batches) gets the
 fastest candidate at its representative size. A layer whose every range runs dense stays a
-plain nn.Linear. A torch form is built only for the ranges it wins, and its memory is counted in
-the layer's resident bytes.
+plain nn.Linear (nn.Conv2d). A convolution is measured the same way (compressed through im2col against
+torch's dense convolution) when the input size is known (`load_runtime(input_shape=...)`, which
+`bench` and `predict` pass), since which is faster depends on it. A torch form is built only
+for the ranges it wins, and its memory is counted in the layer's resident bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from deepshrink.runtime.bench import median_seconds
 from deepshrink.runtime.forms import CodebookWeight
@@ -45,7 +48,7 @@ def range_of(batch: int) -> int:
 
 
 @dataclass
-class LinearChoice:
+class LayerChoice:
     """The kind each batch range runs (`plans`), the seconds measured per (kind, batch size),
     and the torch forms the plans need (the others are not kept)."""
 
@@ -66,26 +69,16 @@ def _torch_forms(weight: CodebookWeight) -> tuple[torch.Tensor, torch.Tensor]:
         return dense, dense.to_sparse_csr()
 
 
-def measure_linear(weight: CodebookWeight, kinds: tuple[str, ...] = KINDS) -> LinearChoice:
-    """Time every kind at each range's representative batch size and choose the fastest per
-    range; ties go to the earlier kind in `kinds` (the compressed form first: it is the smallest).
-
-    What is timed is the layer's own forward with that kind everywhere, module call and input
-    conversion included, so the comparison is the one a caller sees.
-    """
-    from deepshrink.runtime.modules import CompressedLinear  # the module uses this one
-
-    dense, csr = _torch_forms(weight)
-    layers = {
-        kind: CompressedLinear(weight, None, LinearChoice((kind,) * len(BATCH_RANGES), dense=dense, csr=csr))
-        for kind in kinds
-    }
+def _measure(layers: dict, input_size: tuple[int, ...]) -> LayerChoice:
+    """Time each kind's layer (the same layer with that kind in every range) at each range's
+    representative batch size; the fastest per range wins, ties to the earlier kind."""
+    kinds = tuple(layers)
     generator = torch.Generator().manual_seed(0)
     seconds: dict[tuple[str, int], float] = {}
     plans = []
     with torch.no_grad():
         for _, batch in BATCH_RANGES:
-            inputs = torch.randn(batch, weight.shape[1], generator=generator)
+            inputs = torch.randn(batch, *input_size, generator=generator)
             calls = {}
             for kind, layer in layers.items():  # one call each to warm up and size the rounds
                 started = time.perf_counter()
@@ -99,25 +92,57 @@ def measure_linear(weight: CodebookWeight, kinds: tuple[str, ...] = KINDS) -> Li
             for kind in kinds:
                 seconds[(kind, batch)] = statistics.median(rounds[kind])
             plans.append(min(kinds, key=lambda kind: (seconds[(kind, batch)], kinds.index(kind))))
-    return LinearChoice(
-        tuple(plans),
-        seconds,
-        dense=dense if "dense" in plans else None,
-        csr=csr if "csr" in plans else None,
-    )
+    return LayerChoice(tuple(plans), seconds)
 
 
-def fixed_choice(kind: str, weight: CodebookWeight) -> LinearChoice:
-    """Every range running `kind` (no measurement)."""
-    if kind == "compressed":
-        return LinearChoice(("compressed",) * len(BATCH_RANGES))
+def measure_linear(weight: CodebookWeight, kinds: tuple[str, ...] = KINDS) -> LayerChoice:
+    """Time every kind at each range's representative batch size and choose the fastest per
+    range; ties go to the earlier kind in `kinds` (the compressed form first: it is the smallest).
+
+    What is timed is the layer's own forward with that kind everywhere, module call and input
+    conversion included, so the comparison is the one a caller sees.
+    """
+    from deepshrink.runtime.modules import CompressedLinear  # the module uses this one
+
     dense, csr = _torch_forms(weight)
-    return LinearChoice(
+    layers = {
+        kind: CompressedLinear(weight, None, LayerChoice((kind,) * len(BATCH_RANGES), dense=dense, csr=csr))
+        for kind in kinds
+    }
+    choice = _measure(layers, (weight.shape[1],))
+    choice.dense = dense if "dense" in choice.plans else None
+    choice.csr = csr if "csr" in choice.plans else None
+    return choice
+
+
+def measure_conv(weight: CodebookWeight, like: nn.Conv2d, input_size: tuple[int, int, int]) -> LayerChoice:
+    """The same for a convolution on inputs of `input_size` (channels, height, width): the
+    compressed form through im2col against torch's dense convolution (no CSR convolution)."""
+    from deepshrink.runtime.modules import CompressedConv2d
+
+    dense = weight.to_dense().reshape(like.weight.shape)
+    layers = {
+        kind: CompressedConv2d(weight, None, like, LayerChoice((kind,) * len(BATCH_RANGES), dense=dense))
+        for kind in ("compressed", "dense")
+    }
+    choice = _measure(layers, tuple(input_size))
+    choice.dense = dense if "dense" in choice.plans else None
+    return choice
+
+
+def fixed_choice(kind: str, weight: CodebookWeight, shape: tuple[int, ...] | None = None) -> LayerChoice:
+    """Every range running `kind` (no measurement); `shape` is a convolution's weight shape."""
+    if kind == "compressed":
+        return LayerChoice(("compressed",) * len(BATCH_RANGES))
+    dense, csr = _torch_forms(weight)
+    if shape is not None:
+        dense = dense.reshape(shape)
+    return LayerChoice(
         (kind,) * len(BATCH_RANGES), dense=dense if kind == "dense" else None, csr=csr if kind == "csr" else None
     )
 
 
-def resident_bytes(choice: LinearChoice) -> int:
+def resident_bytes(choice: LayerChoice) -> int:
     """Bytes of the torch forms a choice keeps beside the compressed form."""
     total = 0
     if choice.dense is not None:

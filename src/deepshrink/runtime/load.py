@@ -24,7 +24,7 @@ from deepshrink.encode.sparse import as_matrix
 from deepshrink.errors import ConfigError, FormatError
 from deepshrink.layers import matching
 from deepshrink.loading import STRUCTURE_KEY, check_tensors_fit, model_for
-from deepshrink.runtime.choice import LinearChoice, measure_linear
+from deepshrink.runtime.choice import LayerChoice, measure_conv, measure_linear
 from deepshrink.runtime.forms import CodebookWeight
 from deepshrink.runtime.kernels import csr_from_layout
 from deepshrink.runtime.modules import SPARSE_DENSITY_LIMIT, CompressedConv2d, CompressedLinear
@@ -57,24 +57,52 @@ def _mode_for(name: str, modes: dict[str, str]) -> str:
     return chosen
 
 
-def _may_run_compressed(weight: CodebookWeight, layer: nn.Module, density_limit: float) -> bool:
+def _may_run_compressed(
+    weight: CodebookWeight, layer: nn.Module, density_limit: float, input_sizes: dict[nn.Module, tuple] | None = None
+) -> bool:
     """Auto mode: whether a layer is worth measuring compressed at all.
 
     - A Linear layer: sparse enough (density at most `density_limit`) and its compressed form
       smaller than the dense float32 weight (index overhead can outgrow a small layer). Which
       product it then runs for each batch range is measured at load (runtime/choice.py).
-    - A convolution never: im2col turns a batch-1 convolution into a product with one column
-      per output position, where oneDNN's direct convolution is mostly faster than our kernels
-      (benchmarks/conv_speed.py: LeNet-5's conv2 0.72-0.90x, 64->128 3x3 on 14x14 0.49-0.53x,
-      256->256 on 14x14 0.59-0.79x; ahead only for deep layers on few positions at 10%
-      density, 1.17-1.28x, which depends on an input size not known here). mode="sparse"
-      still runs it from the compressed form, for the memory.
+    - A convolution (groups 1) likewise, but only when its input size is known (`input_sizes`,
+      from load_runtime's `input_shape`): im2col turns a batch-1 convolution into a product
+      with one column per output position, where oneDNN's direct convolution is mostly faster
+      (benchmarks/conv_speed.py: LeNet-5's conv2 0.72-0.90x, 64->128 3x3 on 14x14 0.49-0.53x;
+      ahead only for deep layers on few positions at 10% density, 1.17-1.28x), and which it is
+      depends on that size. Without it convolutions run dense; mode="sparse" still runs them
+      from the compressed form, for the memory.
     """
-    return (
-        isinstance(layer, nn.Linear)
-        and weight.density <= density_limit
-        and weight.nbytes < weight.shape[0] * weight.shape[1] * 4
-    )
+    if isinstance(layer, nn.Conv2d):
+        if input_sizes is None or layer not in input_sizes or layer.groups != 1 or isinstance(layer.padding, str):
+            return False
+    elif not isinstance(layer, nn.Linear):
+        return False
+    return weight.density <= density_limit and weight.nbytes < weight.shape[0] * weight.shape[1] * 4
+
+
+def _convolution_input_sizes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Module, tuple]:
+    """Each Conv2d layer's input size (channels, height, width) in a forward pass of one example
+    of `input_shape` (shapes only: the weights need not be loaded yet)."""
+    sizes: dict[nn.Module, tuple] = {}
+
+    def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:  # None: the output stays
+        sizes.setdefault(module, tuple(inputs[0].shape[1:]))
+
+    hooks = [module.register_forward_hook(record) for module in model.modules() if isinstance(module, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, *input_shape)))
+    except (RuntimeError, ValueError, IndexError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"input shape {' '.join(map(str, input_shape))} does not fit {type(model).__name__} ({first}); "
+            "give one example's shape without the batch, e.g. 1 28 28"
+        ) from error
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sizes
 
 
 def load_runtime(
@@ -84,6 +112,7 @@ def load_runtime(
     mode: str | dict[str, str] = "auto",
     density_limit: float = SPARSE_DENSITY_LIMIT,
     max_decoded_bytes: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> nn.Module:
     """The model of a .dcz file with its shared Linear / Conv2d layers computing from codebook indices.
 
@@ -97,16 +126,19 @@ def load_runtime(
         mode: "auto": Linear layers whose density is at most `density_limit` and whose
             compressed form is smaller than the dense weight are timed at load, and each range
             of batch sizes runs the fastest of the compressed form, torch's CSR product and the
-            dense product (runtime/choice.py); convolutions run dense. "sparse": every shared
+            dense product (runtime/choice.py); convolutions likewise (compressed or dense) when
+            `input_shape` is given, else dense. "sparse": every shared
             layer compressed (the least memory). "dense". Or a {layer glob: mode} mapping.
         density_limit: the density up to which "auto" considers a Linear layer.
         max_decoded_bytes: see `load_compressed`.
+        input_shape: one example's shape (no batch dimension), so that auto mode can time the
+            convolutions on their real input sizes.
 
     Returns:
         The model in eval mode on the CPU, with CompressedLinear / CompressedConv2d layers.
 
     Raises:
-        ConfigError: an unknown mode.
+        ConfigError: an unknown mode, or an input shape the model does not take.
         FormatError: a malformed file, or tensors that do not fit the model.
         ModelError: no model can be built.
     """
@@ -121,9 +153,10 @@ def load_runtime(
     model, _ = model_for(path, model, metadata.get("model"), structure=metadata.get(STRUCTURE_KEY), error=FormatError)
     check_tensors_fit({record["name"]: record["shape"] for record in checked.records}, model, path, FormatError)
     layers = compressible_layers(model)
+    input_sizes = _convolution_input_sizes(model, tuple(input_shape)) if input_shape is not None else None
     state: dict[str, torch.Tensor] = {}
     compressed: dict[str, CodebookWeight] = {}
-    choices: dict[str, LinearChoice] = {}
+    choices: dict[str, LayerChoice] = {}
     for record in checked.records:
         name = record["name"]
         try:
@@ -140,12 +173,19 @@ def load_runtime(
         runs_sparse = (
             isinstance(layer, nn.Linear | nn.Conv2d)
             and name.endswith(".weight")
-            and (layer_mode == "sparse" or (layer_mode == "auto" and _may_run_compressed(weight, layer, density_limit)))
+            and (
+                layer_mode == "sparse"
+                or (layer_mode == "auto" and _may_run_compressed(weight, layer, density_limit, input_sizes))
+            )
         )
         if runs_sparse and isinstance(layer, nn.Conv2d) and layer.groups != 1:
             runs_sparse = False  # grouped convolutions run dense
-        if runs_sparse and layer_mode == "auto":
-            choices[owner] = measure_linear(weight)  # which product each batch range runs
+        if runs_sparse and layer_mode == "auto":  # which product each batch range runs
+            choices[owner] = (
+                measure_conv(weight, layer, input_sizes[layer])
+                if isinstance(layer, nn.Conv2d)
+                else measure_linear(weight)
+            )
             runs_sparse = not choices[owner].all_dense
         if runs_sparse:
             compressed[owner] = weight
@@ -159,7 +199,7 @@ def load_runtime(
         if isinstance(layer, nn.Linear):
             replacement = CompressedLinear(weight, bias, choices.get(owner))
         else:
-            replacement = CompressedConv2d(weight, bias, layer)
+            replacement = CompressedConv2d(weight, bias, layer, choices.get(owner))
         parent_name, _, child = owner.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, replacement)
@@ -170,10 +210,8 @@ def resident_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes each weight layer keeps in memory: compressed form or dense parameters."""
     result = {}
     for name, module in model.named_modules():
-        if isinstance(module, CompressedLinear):
+        if isinstance(module, CompressedLinear | CompressedConv2d):
             result[name] = module.resident_bytes
-        elif isinstance(module, CompressedConv2d):
-            result[name] = module.weight_form.nbytes
         elif isinstance(module, nn.Linear | nn.Conv2d | nn.Conv1d | nn.Embedding):
             result[name] = module.weight.numel() * module.weight.element_size()
     return result

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional
 
 from deepshrink.errors import ConfigError, ModelError
-from deepshrink.runtime.choice import BATCH_RANGES, LinearChoice, range_of, resident_bytes
+from deepshrink.runtime.choice import BATCH_RANGES, LayerChoice, range_of, resident_bytes
 from deepshrink.runtime.forms import CodebookWeight
 
 # Measured (benchmarks/inference_speed.py): at batch 1 the codebook kernel beats dense torch
@@ -37,7 +37,7 @@ def _as_float32_cpu(inputs: torch.Tensor, layer: str) -> np.ndarray:
 class CompressedLinear(nn.Module):
     """y = x W^T + b with W held as codebook indices (a CodebookWeight)."""
 
-    def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None, choice: LinearChoice | None = None) -> None:
+    def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None, choice: LayerChoice | None = None) -> None:
         super().__init__()
         self.weight_form = weight
         self.in_features = weight.shape[1]
@@ -46,7 +46,7 @@ class CompressedLinear(nn.Module):
         self._bias_source: torch.Tensor | None = None
         self._bias_array: np.ndarray | None = None
         # Which product each batch range runs (runtime/choice.py); all compressed by default.
-        self.choice = choice or LinearChoice(("compressed",) * len(BATCH_RANGES))
+        self.choice = choice or LayerChoice(("compressed",) * len(BATCH_RANGES))
         self._always_compressed = all(plan == "compressed" for plan in self.choice.plans)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -100,10 +100,16 @@ class CompressedLinear(nn.Module):
 class CompressedConv2d(nn.Module):
     """A 2-D convolution as im2col followed by the codebook product (groups = 1)."""
 
-    def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None, like: nn.Conv2d) -> None:
+    def __init__(
+        self, weight: CodebookWeight, bias: torch.Tensor | None, like: nn.Conv2d, choice: LayerChoice | None = None
+    ) -> None:
         super().__init__()
         if like.groups != 1 or like.padding_mode != "zeros" or isinstance(like.padding, str):
             raise ModelError("the compressed convolution supports groups=1, zero padding given as numbers")
+        # Which product each batch range runs: compressed through im2col, or torch's dense
+        # convolution where the load-time measurement on the real input size found it faster.
+        self.choice = choice or LayerChoice(("compressed",) * len(BATCH_RANGES))
+        self._always_compressed = all(plan == "compressed" for plan in self.choice.plans)
         self.weight_form = weight
         self.in_channels = like.in_channels
         self.out_channels = like.out_channels
@@ -118,6 +124,8 @@ class CompressedConv2d(nn.Module):
             raise ConfigError(
                 f"CompressedConv2d takes (batch, {self.in_channels}, height, width) inputs, not {tuple(inputs.shape)}"
             )
+        if not self._always_compressed and self.choice.plans[range_of(inputs.shape[0])] == "dense":
+            return functional.conv2d(inputs, self.choice.dense, self.bias, self.stride, self.padding, self.dilation)
         batch, _, height, width = inputs.shape
         columns = functional.unfold(inputs, self.kernel_size, self.dilation, self.padding, self.stride)
         positions = columns.shape[2]
@@ -139,5 +147,10 @@ class CompressedConv2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, density={self.weight_form.density:.3f}, form={self.weight_form.form}, "
-            f"resident={self.weight_form.nbytes:,} bytes"
+            f"plans={'/'.join(self.choice.plans)}, resident={self.resident_bytes:,} bytes"
         )
+
+    @property
+    def resident_bytes(self) -> int:
+        """The compressed form's bytes and those of a dense weight the measured plans keep."""
+        return self.weight_form.nbytes + resident_bytes(self.choice)
