@@ -15,7 +15,7 @@ from deepshrink import cli
 from deepshrink.compressed import load_compressed, read_state_dict, save_compressed
 from deepshrink.encode import container
 from deepshrink.encode.codec import decode_state_dict, encode_model
-from deepshrink.errors import ConfigError, FormatError, OutputError
+from deepshrink.errors import ConfigError, FormatError, ModelError, OutputError
 from deepshrink.files import atomic_output
 from deepshrink.lowrank import apply_structure
 from deepshrink.runtime.forms import CodebookWeight
@@ -187,3 +187,14 @@ def test_a_sparse_convolution_declared_wider_than_the_layer_is_refused(tmp_path)
     for load in (lambda: load_runtime(lied, mode="sparse"), lambda: load_compressed(lied)):
         with pytest.raises(FormatError, match=r"conv2.weight is \[50, 20, 5, 6\], the model's is \[50, 20, 5, 5\]"):
             load()
+
+
+def test_a_file_of_an_unregistered_model_says_to_pass_the_module(tmp_path):
+    """A model saved from Python under its own name: loading by that name alone cannot work,
+    and the error says what can (issue 18's "unknown model")."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    path = save_compressed(model, tmp_path / "mine.dcz", model_name="my-mlp")
+    with pytest.raises(ModelError, match="made from model 'my-mlp', which is not registered here; pass the nn.Module"):
+        load_compressed(path)
+    loaded, _ = load_compressed(path, nn.Sequential(nn.Linear(4, 3)))
+    assert torch.equal(loaded[0].weight, model[0].weight)

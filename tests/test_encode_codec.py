@@ -143,3 +143,27 @@ def test_corrupt_stream_bytes_are_format_errors():
     broken[gaps] = bytes(255 - byte for byte in buffers[gaps])
     with pytest.raises(FormatError):
         decode_state_dict(header, broken)
+
+
+def test_size_totals_are_right_for_a_partly_compressed_model(tmp_path):
+    """Only fc1 pruned and shared: the total row counts kept weights among every tensor, and a
+    separate row among the weight-shared ones (issue 18: 15.0% was shown for the whole file)."""
+    from deepshrink.compressed import inspect_header, save_compressed
+    from deepshrink.encode.sizes import format_size_table, size_report
+
+    torch.manual_seed(0)
+    model = build_model("lenet-300-100")
+    apply_masks(model, {"fc1": sparsity_mask(model.fc1.weight, 0.9)})
+    share_weights(model, {"fc1": 5})
+    rows, totals = size_report(
+        inspect_header(save_compressed(model, tmp_path / "m.dcz", model_name="lenet-300-100"))[0]
+    )
+    kept_fc1 = int(torch.count_nonzero(model.fc1.weight))
+    everything = sum(tensor.numel() for tensor in plain_state_dict(model).values())
+    assert (totals["weights"], totals["kept"]) == (300 * 784, kept_fc1)
+    assert (totals["all_weights"], totals["all_kept"]) == (everything, everything - 300 * 784 + kept_fc1)
+    table = format_size_table(rows, totals)
+    shared_row = next(line for line in table.splitlines() if line.startswith("weight-shared tensors"))
+    total_row = next(line for line in table.splitlines() if line.startswith("total (file)"))
+    assert f"{100 * kept_fc1 / (300 * 784):.1f}%" in shared_row
+    assert f"{everything:,}" in total_row and f"{100 * totals['all_kept'] / everything:.1f}%" in total_row

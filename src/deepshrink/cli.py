@@ -640,6 +640,7 @@ _PARAMETER_FLAGS = {
     "pass model_name=": "pass --model ",
     "checkpoint=FILE": "--checkpoint FILE",
     "input shape ": "--input-shape ",
+    "pass the nn.Module it was made from (model=...), a registered name": "pass --model with a registered name",
 }
 
 

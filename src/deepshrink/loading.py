@@ -57,7 +57,15 @@ def model_for(
                 f"{source}: made from the user factory {name!r}; pass model={name} to confirm that this code may be "
                 "imported"
             )
-        model = build_model(name, **(config or {}))
+        try:
+            model = build_model(name, **(config or {}))
+        except ModelError as problem:
+            if model is not None or is_factory_path(name):
+                raise
+            raise ModelError(
+                f"{source}: the file was made from model {name!r}, which is not registered here; pass the "
+                "nn.Module it was made from (model=...), a registered name or package.module:factory"
+            ) from problem
     try:
         apply_structure(model, structure)
     except ConfigError as problem:

@@ -65,6 +65,7 @@ class RunResult:
     parameter_bytes: int
     stages: list[StageRun]
     report: dict = field(default_factory=dict)
+    data_name: str = "your data"  # the data set's directory name, or "your data" for your loaders
 
     @property
     def ratio(self) -> float:
@@ -221,6 +222,7 @@ def run(
         file_bytes=out.stat().st_size,
         parameter_bytes=parameter_bytes(model),
         stages=stages_run,
+        data_name=Path(data.source).name if isinstance(data, DataSplits) else "your data",
     )
     result.report = write_report(result, recipe, current.cpu(), tradeoff)
     return result

@@ -132,8 +132,12 @@ def size_report(header: dict) -> tuple[list[LayerSize], dict]:
         "file_bytes": file_bytes,
         "fp32_parameter_bytes": parameter_bytes,
         "compression": parameter_bytes / file_bytes,
+        # Among the weight-shared tensors only, and among every tensor in the file (a tensor
+        # stored raw keeps all its values): the two differ for a partly compressed model.
         "weights": sum(row.weights for row in rows if row.weight_bits is not None),
         "kept": sum(row.kept for row in rows if row.weight_bits is not None),
+        "all_weights": sum(row.weights for row in rows),
+        "all_kept": sum(row.kept for row in rows),
     }
     return rows, totals
 
@@ -178,12 +182,20 @@ def format_size_table(rows: list[LayerSize], totals: dict, markdown: bool = Fals
                 f"{row.bytes:,}",
             ]
         )
-    kept = totals["kept"] / max(totals["weights"], 1)
+    if totals["weights"] and totals["weights"] != totals["all_weights"]:
+        body.append(
+            [
+                "weight-shared tensors",
+                f"{totals['weights']:,}",
+                f"{100 * totals['kept'] / totals['weights']:.1f}%",
+                *[""] * 7,
+            ]
+        )
     body.append(
         [
             "total (file)",
-            f"{totals['fp32_parameter_bytes'] // 4:,}",
-            f"{100 * kept:.1f}%",
+            f"{totals['all_weights']:,}",
+            f"{100 * totals['all_kept'] / max(totals['all_weights'], 1):.1f}%",
             "",
             "",
             "",

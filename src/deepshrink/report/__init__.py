@@ -25,7 +25,7 @@ def table1(result, markdown: bool = False) -> str:
     header = ["network", "top-1 error (reference)", "top-1 error (compressed)", "parameters", "compressed", "ratio"]
     rows = [
         [
-            f"{result.model_name} (ours, Fashion-MNIST)",
+            f"{result.model_name} (ours, {result.data_name})",
             f"{100 * (1 - result.reference_accuracy):.2f}%",
             f"{100 * (1 - result.compressed_accuracy):.2f}%",
             f"{result.parameter_bytes / 1000:,.0f} KB",
