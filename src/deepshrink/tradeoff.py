@@ -15,9 +15,9 @@ import copy
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from deepshrink.encode.sizes import encoded_bytes, parameter_bytes, sparse_fp32_bytes
+from deepshrink.progress import progress_bar
 from deepshrink.recipe import EncodeSettings, TradeoffSettings
 from deepshrink.stages import LowrankSettings, PruneSettings, QuantizeSettings, StageContext, run_stage
 from deepshrink.train import evaluate
@@ -53,7 +53,7 @@ def tradeoff_curves(
         + [("quantize", value) for value in settings.bits]
         + [("svd", value) for value in settings.svd_budgets]
     )
-    bar = tqdm(work, desc="Figure 6 sweep", disable=not progress, leave=False)
+    bar = progress_bar(work, desc="Figure 6 sweep", enabled=progress, leave=False)
     epochs, rate = settings.retrain_epochs, settings.learning_rate
     for kind, value in bar:
         model = copy.deepcopy(reference)

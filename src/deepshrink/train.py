@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from deepshrink.errors import ConfigError
+from deepshrink.progress import progress_bar
 
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam")
@@ -207,7 +208,7 @@ def fit(
         started = time.perf_counter()
         loss_sum = correct = seen = 0.0
         learning_rate = optimizer.param_groups[0]["lr"]
-        bar = tqdm(train_loader, desc=f"{description} {epoch}/{config.epochs}", leave=False, disable=not show)
+        bar = progress_bar(train_loader, desc=f"{description} {epoch}/{config.epochs}", leave=False, enabled=show)
         for inputs, targets in bar:
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)

@@ -47,6 +47,7 @@ from deepshrink.lowrank import (
     select_cptv,
     select_pos,
 )
+from deepshrink.progress import progress_bar
 from deepshrink.train import TrainConfig, evaluate, fit
 
 # The relaxation's descents: one metric, or both with all their roundings as candidates.
@@ -220,7 +221,6 @@ class _Relaxation:
 
     def descend(self, loader: Iterable, metric: str, options: RelaxedOptions, progress: bool) -> list[tuple]:
         """The projected descent in `metric`; returns its roundings as (label, ranks, components)."""
-        from tqdm.auto import tqdm
 
         steps = options.steps
         rounding_steps = {
@@ -233,7 +233,9 @@ class _Relaxation:
         prefix = "relaxation step" if metric == "euclidean" else f"relaxation ({metric} metric) step"
         roundings = []
         iterator = iter(loader)
-        bar = tqdm(range(1, steps + 1), desc=f"relaxed rank selection ({metric})", disable=not progress, leave=False)
+        bar = progress_bar(
+            range(1, steps + 1), desc=f"relaxed rank selection ({metric})", enabled=progress, leave=False
+        )
         for step in bar:
             try:
                 images, labels = next(iterator)
@@ -263,13 +265,14 @@ def _fixed_batches(loader: Iterable, count: int) -> list:
 def _finetuned_scores(model, spectra, candidates, selection: Selection, loader, device, progress) -> list[tuple]:
     """(mean accuracy, mean loss, label, ranks, components, accuracy per seed) per candidate; each
     distinct network is fine-tuned once per seed, with the same seeds for all (a paired comparison)."""
-    from tqdm.auto import tqdm
 
     loaders = selection.loaders or (lambda seed: loader)
     config = selection.finetune if selection.finetune is not None else TrainConfig(epochs=1, learning_rate=0.01)
     runs_of: dict[tuple, list[tuple[float, float]]] = {}
     scored = []
-    for label, ranks, components in tqdm(candidates, desc="fine-tune candidates", disable=not progress, leave=False):
+    for label, ranks, components in progress_bar(
+        candidates, desc="fine-tune candidates", enabled=progress, leave=False
+    ):
         key = candidate_key(ranks, components)
         if key not in runs_of:
             runs_of[key] = []

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from deepshrink.errors import ConfigError
 from deepshrink.files import atomic_output
 from deepshrink.layers import select_layers
+from deepshrink.progress import progress_bar
 from deepshrink.prune.masks import sparsity_mask
 from deepshrink.prune.module import original_weight, pruning_mask_of
 from deepshrink.tables import render_table
@@ -70,7 +70,7 @@ def sensitivity_analysis(
     layers = select_layers(model, layer_names)
     result = SensitivityResult(evaluate(model, loader, device).accuracy, list(sparsities))
     total = len(layers) * len(sparsities)
-    bar = tqdm(total=total, desc="sensitivity", leave=False, disable=not progress)
+    bar = progress_bar(total=total, desc="sensitivity", leave=False, enabled=progress)
     for name, layer in layers.items():
         weight = original_weight(layer)
         existing = pruning_mask_of(layer)
