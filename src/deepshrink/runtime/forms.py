@@ -119,9 +119,10 @@ def _automatic_form(indptr, columns, codes, codebook, shape):
     """The fastest form that applies and is at most SIZE_LIMIT times one code per entry.
 
     With AVX-512: tiled, else grouped (16-wide gathers), else per-entry. Without it, per-entry:
-    with four partial sums per row it was at least as fast as grouped on every AlexNet FC shape
-    at batch 1, 8 and 64 (AVX2 code; fc7 at 4% kept, batch 1: 604 against 1,335 us), where
-    8-wide gathers do not pay (BENCHMARKS.md, "Form choice without AVX-512").
+    with four partial sums per row it was as fast as grouped or faster in 17 of 21 cases of
+    benchmarks/form_choice.py (AVX2 code; fc7 at 4% kept, batch 1: 604 against 1,335 us), and
+    slower only on AlexNet's fc6 at 9% (by up to 1.25x) and fc7 at 9%, batch 64 (1.05x): 8-wide
+    gathers rarely pay (BENCHMARKS.md, "Auto mode's measured choice, and the AVX2 path").
     """
     per_entry = PerEntryCodes(indptr, columns, codes, codebook, shape)
     if TiledCodes.fits(codebook):
