@@ -73,7 +73,7 @@ def _record(header: dict, name: str) -> dict:
     return next(record for record in header["tensors"] if record["name"] == name)
 
 
-def _set(header: dict, name: str, path: str, value) -> dict:
+def set_field(header: dict, name: str, path: str, value) -> dict:
     """A copy of `header` with field `path` ("bits", "streams.codes.lanes") of record `name` set."""
     changed = copy.deepcopy(header)
     target = _record(changed, name)
@@ -214,11 +214,11 @@ def crafted_files(data: bytes) -> dict[str, bytes]:
     header, buffers = split(data)
     files = {}
     for path, lie in record_lies(header):
-        files[f"record-{path}={_label(lie)}"] = frame(_set(header, "fc1.weight", path, lie), buffers)
+        files[f"record-{path}={_label(lie)}"] = frame(set_field(header, "fc1.weight", path, lie), buffers)
     other = _record(header, "fc2.bias")["data"]
     for path, lie in [("shape", [100, 3]), ("shape", [299]), ("dtype", "float16"), ("data", 999), ("data", other)]:
-        files[f"raw-{path}={_label(lie)}"] = frame(_set(header, "fc1.bias", path, lie), buffers)
-    files["raw-shape-consistent-transposed"] = frame(_set(header, "fc3.weight", "shape", [100, 10]), buffers)
+        files[f"raw-{path}={_label(lie)}"] = frame(set_field(header, "fc1.bias", path, lie), buffers)
+    files["raw-shape-consistent-transposed"] = frame(set_field(header, "fc3.weight", "shape", [100, 10]), buffers)
     for key, lie in header_lies():
         files[f"header-{key}={_label(lie)}"] = frame({**header, key: lie}, buffers)
     metadata = header.get("metadata", {})
@@ -350,7 +350,7 @@ def fuzz_case(data: bytes, case: tuple[str, str, object], directory: Path) -> st
     header, buffers = split(data)
     record, field, value = case
     try:
-        lied = _set(header, record, field, value)
+        lied = set_field(header, record, field, value)
     except (KeyError, TypeError):
         return "skipped"
     return load_or_refuse(frame(lied, buffers), directory)

@@ -179,8 +179,8 @@ def test_a_sparse_convolution_declared_wider_than_the_layer_is_refused(tmp_path)
     consistent streams and checksums. It is a valid file of another model; not of this one."""
     path = save_compressed(hostile.small_model("lenet-5"), tmp_path / "model.dcz", model_name="lenet-5")
     header, buffers = hostile.split(path.read_bytes())
-    wider = hostile._set(header, "conv2.weight", "shape", [50, 20, 5, 6])
-    wider = hostile._set(wider, "conv2.weight", "matrix", [50, 600])
+    wider = hostile.set_field(header, "conv2.weight", "shape", [50, 20, 5, 6])
+    wider = hostile.set_field(wider, "conv2.weight", "matrix", [50, 600])
     lied = tmp_path / "wider.dcz"
     lied.write_bytes(hostile.frame(wider, buffers))
     assert read_state_dict(lied)[0]["conv2.weight"].shape == (50, 20, 5, 6)

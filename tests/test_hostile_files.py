@@ -126,7 +126,7 @@ def test_a_small_file_cannot_declare_a_huge_tensor(valid, tmp_path):
     before any allocation, and readable when the user raises the limit for a trusted file."""
     header, buffers = hostile.split(valid.read_bytes())
     path = tmp_path / "huge.dcz"
-    path.write_bytes(hostile.frame(hostile._set(header, "fc1.weight", "shape", [1, 2**31]), buffers))
+    path.write_bytes(hostile.frame(hostile.set_field(header, "fc1.weight", "shape", [1, 2**31]), buffers))
     with pytest.raises(FormatError, match="decode to more than"):
         read_state_dict(path)
     small = tmp_path / "small.dcz"

@@ -373,8 +373,7 @@ def command_bench(args: argparse.Namespace) -> int:
 
     dense, metadata = load_compressed(args.file, args.model, max_decoded_bytes=args.max_decoded_bytes)
     dense.eval()
-    shape = tuple(args.input_shape)
-    bench.check_input_shape(dense, shape, metadata.get("model"))
+    shape = tuple(args.input_shape)  # load_runtime checks that the model takes it
     mode = _runtime_modes(args.mode)
     compressed = load_runtime(
         args.file, args.model, mode=mode, max_decoded_bytes=args.max_decoded_bytes, input_shape=shape

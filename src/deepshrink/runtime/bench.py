@@ -100,21 +100,6 @@ def layer_latency_table(
     return rows
 
 
-def check_input_shape(model: nn.Module, input_shape: tuple[int, ...], name: str | None = None) -> None:
-    """One example of `input_shape` (no batch dimension) goes through `model`; ConfigError if not."""
-    from deepshrink.errors import ConfigError
-
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape)))
-    except (RuntimeError, ValueError, IndexError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(
-            f"input shape {' '.join(map(str, input_shape))} does not fit model {name or type(model).__name__!r} "
-            f"({first}); give one example's shape without the batch, e.g. 1 28 28"
-        ) from error
-
-
 def format_latency(rows: list[dict]) -> str:
     """latency_table's rows as a text table."""
     from deepshrink.tables import render_table
