@@ -49,8 +49,8 @@ def main() -> None:
             row = {
                 "density": density,
                 "retraining": "distilled" if distill else "plain",
-                "validation_accuracy": evaluate(model, loaders.validation).accuracy,
-                "test_accuracy": evaluate(model, loaders.test).accuracy,
+                "validation_accuracy": evaluate(model, loaders.validation).metric,
+                "test_accuracy": evaluate(model, loaders.test).metric,
                 "seconds": time.perf_counter() - started,
             }
             results.append(row)

@@ -81,7 +81,7 @@ def main() -> None:
     finetuned: dict[tuple, tuple[float, list[float]]] = {}
     for name in args.models:
         reference = reference_model(name, data, progress=False).model
-        base = evaluate(reference, test).accuracy
+        base = evaluate(reference, test).metric
         spectra = layer_spectra(reference, data.train.tensors[0][:2], "zhang")
         for budget in args.budgets:
             for method in args.methods:
@@ -118,8 +118,8 @@ def main() -> None:
                             TrainConfig(epochs=args.finetune_epochs, learning_rate=0.01, seed=seed),
                             progress=False,
                         )
-                        afters.append(evaluate(tuned, test).accuracy)
-                    finetuned[key] = (evaluate(model, test).accuracy, afters)
+                        afters.append(evaluate(tuned, test).metric)
+                    finetuned[key] = (evaluate(model, test).metric, afters)
                 before, afters = finetuned[key]
                 after = sum(afters) / len(afters)
                 row = {

@@ -115,10 +115,10 @@ def run_one(model_name: str, label: str, seed: int) -> dict:
         "epochs_per_round": epochs,
         "learning_rate": learning_rate,
         "kept_fraction": totals(rows)["kept_fraction"],
-        "reference_validation": history.reference_accuracy,
-        "validation": history.rounds[-1].accuracy_after_retraining,
-        "reference_test": reference.test_accuracy,
-        "test": evaluate(model, make_loader(data.test, 1000, shuffle=False)).accuracy,
+        "reference_validation": history.reference_metric,
+        "validation": history.rounds[-1].metric_after_retraining,
+        "reference_test": reference.test_metric,
+        "test": evaluate(model, make_loader(data.test, 1000, shuffle=False)).metric,
         "seconds": time.perf_counter() - started,
         "table": format_table(rows, markdown=True),
         "state_dict": {name: tensor.clone() for name, tensor in model.state_dict().items()},
@@ -135,7 +135,7 @@ def _surgery(model_name, label, seed, data, reference, criterion, started) -> di
     _, thresholds, fixed_epochs, epochs, learning_rate, distill = GRIDS[model_name][label]
     model = reference.model
     validation = make_loader(data.validation, 1000, shuffle=False)
-    reference_validation = evaluate(model, validation).accuracy
+    reference_validation = evaluate(model, validation).metric
     train = make_loader(data.train, 128, shuffle=True, seed=seed)
     result = dynamic_network_surgery(
         model,
@@ -164,9 +164,9 @@ def _surgery(model_name, label, seed, data, reference, criterion, started) -> di
         "learning_rate": learning_rate,
         "kept_fraction": totals(rows)["kept_fraction"],
         "reference_validation": reference_validation,
-        "validation": evaluate(model, validation).accuracy,
-        "reference_test": reference.test_accuracy,
-        "test": evaluate(model, make_loader(data.test, 1000, shuffle=False)).accuracy,
+        "validation": evaluate(model, validation).metric,
+        "reference_test": reference.test_metric,
+        "test": evaluate(model, make_loader(data.test, 1000, shuffle=False)).metric,
         "seconds": time.perf_counter() - started,
         "table": format_table(rows, markdown=True),
         "state_dict": {name: tensor.clone() for name, tensor in model.state_dict().items()},

@@ -34,13 +34,13 @@ FINETUNE = TrainConfig(epochs=3, learning_rate=1e-4, weight_decay=0.0, optimizer
 
 def share_and_tune(model, data, bits, init, epochs):
     test = make_loader(data.test, 1000, shuffle=False)
-    before = evaluate(model, test).accuracy
+    before = evaluate(model, test).metric
     share_weights(model, bits, init)
-    shared = evaluate(model, test).accuracy
+    shared = evaluate(model, test).metric
     if epochs:
         config = TrainConfig(epochs=epochs, learning_rate=1e-4, weight_decay=0.0, optimizer="adam")
         fit(model, make_loader(data.train, 128, shuffle=True), config, progress=False)
-    return before, shared, evaluate(model, test).accuracy
+    return before, shared, evaluate(model, test).metric
 
 
 def section_pruned(data):
@@ -52,15 +52,15 @@ def section_pruned(data):
     one_epoch = TrainConfig(epochs=1, learning_rate=1e-4, weight_decay=0.0, optimizer="adam", schedule="constant")
     for name, bits in (("lenet-300-100", {"*": 6}), ("lenet-5", None)):
         model, _ = load_model(f"runs/{name}-pruned.safetensors")
-        pruned = evaluate(model, test).accuracy
+        pruned = evaluate(model, test).metric
         share_weights(model, bits, "linear")
         optimizer = torch.optim.Adam(
             [parameter for parameter in model.parameters() if parameter.requires_grad], lr=1e-4
         )
-        epochs = [(0, evaluate(model, validation).accuracy, evaluate(model, test).accuracy)]
+        epochs = [(0, evaluate(model, validation).metric, evaluate(model, test).metric)]
         for epoch in range(1, 4):
             fit(model, train, one_epoch, optimizer=optimizer, progress=False)
-            epochs.append((epoch, evaluate(model, validation).accuracy, evaluate(model, test).accuracy))
+            epochs.append((epoch, evaluate(model, validation).metric, evaluate(model, test).metric))
         chosen = max(epochs, key=lambda row: (row[1], -row[0]))
         rows.append(
             {
@@ -111,7 +111,7 @@ def section_comparators(data):
     config = TrainConfig(epochs=20, learning_rate=0.01, weight_decay=0.0, optimizer="adam")
 
     def record(label, model):
-        accuracy = evaluate(model, test).accuracy
+        accuracy = evaluate(model, test).metric
         rows.append({"method": label, "test_accuracy": accuracy})
         print(f"| {label} | {100 * accuracy:.2f}% |", flush=True)
 

@@ -38,7 +38,7 @@ def accuracy_with(model, masks_or_weights, loader, replace=False):
         for name, value in masks_or_weights.items():
             weight = getattr(trial, name).weight
             weight.copy_(value if replace else weight * value)
-    return evaluate(trial, loader).accuracy
+    return evaluate(trial, loader).metric
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ def main() -> None:
             "model": name,
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
             "multiply_accumulates": sum(statistic.multiply_accumulates for statistic in rows),
-            "test_accuracy": trained.test_accuracy,
-            "validation_accuracy": trained.validation_accuracy,
+            "test_accuracy": trained.test_metric,
+            "validation_accuracy": trained.validation_metric,
             "train_seconds": trained.seconds,
         }
         results.append(row)

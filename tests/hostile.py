@@ -404,7 +404,8 @@ def run_reader(reader: str, path: Path, scratch: Path, data_dir: Path | None = N
         "inspect": ["inspect", str(path)],
         "decode": ["decode", str(path), "--out", str(scratch / "decoded.safetensors")],
         "predict": ["predict", str(path), "--model", MODEL, "--mode", "sparse", "--batch-size", "1000"],
-        "bench": ["bench", str(path), "--model", MODEL, "--mode", "sparse", "--batch", "1", "--repeats", "1"],
+        "bench": ["bench", str(path), "--model", MODEL, "--mode", "sparse", "--batch", "1", "--repeats", "1"]
+        + ["--input-shape", "1", "28", "28"],
     }[reader.removeprefix("cli-")]
     if reader.removeprefix("cli-") == "predict" and data_dir is not None:
         arguments += ["--data-dir", str(data_dir)]

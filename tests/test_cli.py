@@ -49,11 +49,11 @@ def test_tiny_train_then_evaluate_agree(tmp_path):
     out = tmp_path / "tiny.safetensors"
     trained = run_cli("train", "--model", "lenet-300-100", "--epochs", "1", "--train-subset", "2000", "--out", str(out))
     assert trained.returncode == 0, trained.stderr
-    printed = float(re.search(r"test accuracy: ([0-9.]+)", trained.stdout).group(1))
+    printed = float(re.search(r"test top-1 accuracy: ([0-9.]+)", trained.stdout).group(1))
     assert out.is_file() and printed > 0.5
     evaluated = run_cli("evaluate", str(out))
     assert evaluated.returncode == 0, evaluated.stderr
-    assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
+    assert float(re.search(r"test top-1 accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
 
 
 def test_info_lists_models_and_data():
@@ -124,7 +124,7 @@ def test_prune_writes_a_pruned_checkpoint_that_evaluates_as_printed(tiny_checkpo
     assert re.search(r"fc1\s+235,200\s+10\.00%", pruned.stdout)
     printed = float(re.search(r"before, ([0-9.]+) after", pruned.stdout).group(1))
     evaluated = run_cli("evaluate", str(out))
-    assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
+    assert float(re.search(r"test top-1 accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
     assert (tmp_path / "prune.md").is_file() and (tmp_path / "prune.json").is_file()
 
 
@@ -212,7 +212,7 @@ def test_quantize_shares_weights_and_evaluates_as_printed(tiny_checkpoint, tmp_p
         assert distinct <= 16
     printed = float(re.search(r"before, ([0-9.]+) after", result.stdout).group(1))
     evaluated = run_cli("evaluate", str(shared))
-    assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
+    assert float(re.search(r"test top-1 accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
     assert (tmp_path / "codebooks.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -260,7 +260,7 @@ def test_encode_inspect_decode_round_trip(tiny_checkpoint, tmp_path):
     restored = tmp_path / "restored.safetensors"
     assert run_cli("decode", str(packed), "--out", str(restored)).returncode == 0
     evaluated = run_cli("evaluate", str(restored))
-    assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
+    assert float(re.search(r"test top-1 accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
     assert (tmp_path / "encode.md").is_file() and (tmp_path / "distributions.png").is_file()
     assert (tmp_path / "distributions.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -288,7 +288,7 @@ def test_lowrank_writes_a_factored_checkpoint_that_evaluates_as_printed(tiny_che
     assert re.search(r"^fc1\s+300\s+\d+\s+235,200\s+[\d,]+$", result.stdout, re.M)
     printed = float(re.search(r"before, ([0-9.]+) after", result.stdout).group(1))
     evaluated = run_cli("evaluate", str(out))
-    assert float(re.search(r"test accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
+    assert float(re.search(r"test top-1 accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
     again = run_cli("lowrank", str(out), "--out", str(tmp_path / "twice.safetensors"))
     assert again.returncode == 3 and "already factored" in again.stderr
 
@@ -319,8 +319,8 @@ def test_relaxed_lowrank_keeps_the_candidate_with_the_highest_validation_accurac
     log = load_checkpoint(out).metadata["result"]["log"]
     names = {entry["candidate"] for entry in log["candidates"]}
     assert {"POS", "CPTV"} <= names and any(name.startswith("relaxation step") for name in names)
-    assert all(len(entry["accuracy_per_seed"]) == 2 for entry in log["candidates"])
-    best = min(log["candidates"], key=lambda entry: (-entry["accuracy"], entry["loss"]))
+    assert all(len(entry["metric_per_seed"]) == 2 for entry in log["candidates"])
+    best = min(log["candidates"], key=lambda entry: (-entry["metric"], entry["loss"]))
     assert log["ranks"] == best["ranks"]
     assert log["mac_fraction"] <= 0.5
 

@@ -28,13 +28,16 @@ from deepshrink.encode import container
 from deepshrink.models import build_model
 
 # sha256 of the .dcz the quick recipe writes, per CPU kind (model name, AVX-512 or not) and torch.
-# Changed on purpose once since first recorded (497dcf7d / 9bd2e1ab): the prune settings gained
-# `crate` (DNS's threshold, split from `quality`), which the recipe in the file's metadata and its
-# stage key include; every buffer stayed byte-identical (compared on this machine).
+# Changed on purpose three times since first recorded (497dcf7d / 9bd2e1ab), each time compared
+# buffer by buffer on this machine: the prune settings gained `crate` (DNS's threshold, split from
+# `quality`: 3a1dec45 / ef25cd6d; every buffer identical); the metadata gained the task and the
+# input shape, and the stage key covers the task and the BatchNorm policy (412622dc / 66f0f3d5;
+# every buffer identical); format 2.1 stores biases as zstd byte planes where that is smaller
+# (every weight-shared buffer identical; fc1/fc2 biases of LeNet-300-100 and fc1's of LeNet-5 zstd).
 GOLDEN = {
     ("AMD EPYC", True, "2.13.0+cpu"): {
-        "lenet-300-100": "3a1dec4549ee494cbfd2d1dd7c9ddccf890d4bcec23ec1127035c5df3db59eb2",
-        "lenet-5": "ef25cd6d1bce0999a1cc7142a90ab3d102b42bcfe87ec0b33280c053935015e6",
+        "lenet-300-100": "00e460d51d26cdffc2f31905ced164e684e60099ab886562d6d49590de532153",
+        "lenet-5": "1b5bbcb2383b9ab28379d23d2fe2561012be98389b2b51df8b6931a6bc5b7fa2",
     },
 }
 

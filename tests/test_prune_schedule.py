@@ -37,7 +37,7 @@ def test_prune_and_retrain_reaches_the_sparsity_and_keeps_accuracy(small_data, t
     model = build_model("lenet-300-100")
     model.load_state_dict(trained_mlp.state_dict())
     validation = make_loader(small_data.validation, 1000, shuffle=False)
-    before = evaluate(model, validation).accuracy
+    before = evaluate(model, validation).metric
     history = iterative_pruning(
         model,
         make_loader(small_data.train, 64, shuffle=True),
@@ -51,7 +51,7 @@ def test_prune_and_retrain_reaches_the_sparsity_and_keeps_accuracy(small_data, t
     assert int((~masks["fc1"]).sum()) == round(0.9 * 235_200)
     assert int((~masks["fc3"]).sum()) == 500
     assert [record.round for record in history.rounds] == [1, 2]
-    assert history.rounds[-1].accuracy_after_retraining >= before - 0.02
+    assert history.rounds[-1].metric_after_retraining >= before - 0.02
     assert torch.all(model.fc1.weight[~masks["fc1"]] == 0)
 
 
@@ -59,9 +59,9 @@ def test_sensitivity_curve_starts_at_the_baseline_and_leaves_the_model_intact(sm
     validation = make_loader(small_data.validation, 1000, shuffle=False)
     before = {name: tensor.clone() for name, tensor in trained_mlp.state_dict().items()}
     result = sensitivity_analysis(trained_mlp, validation, sparsities=(0.0, 0.5, 0.99), progress=False)
-    assert set(result.accuracy) == {"fc1", "fc2", "fc3"}
-    for accuracies in result.accuracy.values():
-        assert accuracies[0] == result.baseline_accuracy
+    assert set(result.metric) == {"fc1", "fc2", "fc3"}
+    for accuracies in result.metric.values():
+        assert accuracies[0] == result.baseline
         assert accuracies[2] < accuracies[0]
     for name, tensor in trained_mlp.state_dict().items():
         assert torch.equal(tensor, before[name]), name

@@ -80,4 +80,4 @@ def test_surgery_trains_a_sparse_model_and_splices(small_data):
     assert 0.02 < kept < 0.3
     assert result.spliced > 0
     assert torch.all(model[1].weight[~result.masks["1"]] == 0)
-    assert evaluate(model, make_loader(small_data.validation, 1000, shuffle=False)).accuracy > 0.75
+    assert evaluate(model, make_loader(small_data.validation, 1000, shuffle=False)).metric > 0.75

@@ -16,7 +16,7 @@ def test_reference_is_trained_once_then_loaded(tmp_path, small_data, monkeypatch
     second = references.reference_model("lenet-300-100", small_data, cache_dir=tmp_path, device="cpu", progress=False)
     assert not first.from_cache and second.from_cache
     assert first.path == second.path and first.path.is_relative_to(tmp_path)
-    assert second.test_accuracy == first.test_accuracy > 0.5
+    assert second.test_metric == first.test_metric > 0.5
 
 
 def test_cache_key_changes_with_the_training_config(small_data, monkeypatch, tmp_path):

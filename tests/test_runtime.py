@@ -479,7 +479,7 @@ def test_predict_and_bench_commands(tmp_path):
     share_weights(model, {"fc*": 5})
     path = save_compressed(model, tmp_path / "mlp.dcz", model_name="lenet-300-100")
     decoded, _ = load_compressed(path)
-    expected = evaluate(decoded, make_loader(data.test, 1000, shuffle=False)).accuracy
+    expected = evaluate(decoded, make_loader(data.test, 1000, shuffle=False)).metric
 
     def run(*arguments):
         return subprocess.run(
@@ -488,8 +488,8 @@ def test_predict_and_bench_commands(tmp_path):
 
     predicted = run("predict", str(path), "--batch-size", "100")
     assert predicted.returncode == 0, predicted.stderr
-    assert float(re.search(r"test accuracy ([0-9.]+)", predicted.stdout).group(1)) == round(expected, 4)
-    bench = run("bench", str(path), "--batch", "1", "8", "--repeats", "5", "--layers")
+    assert float(re.search(r"test top-1 accuracy ([0-9.]+)", predicted.stdout).group(1)) == round(expected, 4)
+    bench = run("bench", str(path), "--batch", "1", "8", "--repeats", "5", "--layers", "--input-shape", "1", "28", "28")
     assert bench.returncode == 0, bench.stderr
     # --layers: each layer alone, every weight layer compressed (fc3, dense in auto mode, too).
     for layer in ("fc1", "fc2", "fc3"):

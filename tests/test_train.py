@@ -16,7 +16,7 @@ QUICK = TrainConfig(epochs=2, learning_rate=0.05, batch_size=64)
 def test_short_training_on_5k_examples_beats_chance_clearly(small_data):
     """Two epochs on 5,000 examples take LeNet-300-100 from ~10% to well above 70%."""
     model, _ = train_model("lenet-300-100", small_data, QUICK, device="cpu", progress=False)
-    accuracy = evaluate(model, make_loader(small_data.validation, 1000, shuffle=False)).accuracy
+    accuracy = evaluate(model, make_loader(small_data.validation, 1000, shuffle=False)).metric
     assert accuracy > 0.75
 
 
@@ -50,7 +50,7 @@ def test_history_records_every_epoch_and_the_schedule_decays(small_data):
     )
     assert [record.epoch for record in history.epochs] == [1, 2, 3]
     assert history.epochs[0].learning_rate > history.epochs[-1].learning_rate
-    assert all(record.validation_accuracy is not None for record in history.epochs)
+    assert all(record.validation_metric is not None for record in history.epochs)
 
 
 def test_after_step_hook_runs_once_per_step(small_data):

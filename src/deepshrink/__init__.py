@@ -7,15 +7,19 @@ The public API, as the README uses it:
   and the pairs that make a stage permanent: `remove_pruning`, `remove_sharing`;
 - files: `save_compressed` / `load_compressed` (.dcz), `load_runtime` (run from the compressed
   form), `save_checkpoint` / `load_checkpoint` / `load_model` (safetensors);
-- data and training: `load_data`, `make_loader`, `Loaders`, `TrainConfig`, `fit`, `evaluate`;
+- data and training: `load_data` (IDX images), `load_arrays` (.npz / .safetensors arrays),
+  `make_loader`, `Loaders`, `TrainConfig`, `fit`, `evaluate`;
+- tasks: `Task` and `Metric` (the loss, metric and distillation of what the model does), and
+  `fold_batchnorm` (BatchNorm merged into the layer before it);
 - the errors, one hierarchy under DeepshrinkError.
 """
 
 __version__ = "0.1.0"
 
+from deepshrink.batchnorm import fold_batchnorm  # noqa: E402
 from deepshrink.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from deepshrink.compressed import load_compressed, save_compressed  # noqa: E402
-from deepshrink.data import DataSplits, load_data, make_loader, read_idx  # noqa: E402
+from deepshrink.data import DataSplits, load_arrays, load_data, make_loader, read_idx  # noqa: E402
 from deepshrink.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
@@ -46,6 +50,7 @@ from deepshrink.stages import (  # noqa: E402
     quantize,
     run_stage,
 )
+from deepshrink.tasks import Metric, Task  # noqa: E402
 from deepshrink.train import TrainConfig, evaluate, fit  # noqa: E402
 
 
@@ -70,6 +75,7 @@ __all__ = [
     "FormatError",
     "Loaders",
     "LowrankSettings",
+    "Metric",
     "ModelError",
     "PruneSettings",
     "QuantizeSettings",
@@ -77,6 +83,7 @@ __all__ = [
     "RunResult",
     "StageContext",
     "StageResult",
+    "Task",
     "TrainConfig",
     "UnsupportedLayerError",
     "__version__",
@@ -85,8 +92,10 @@ __all__ = [
     "evaluate",
     "factorize_lowrank",
     "fit",
+    "fold_batchnorm",
     "list_models",
     "load_checkpoint",
+    "load_arrays",
     "load_compressed",
     "load_data",
     "load_model",

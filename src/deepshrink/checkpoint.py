@@ -18,7 +18,7 @@ from torch import nn
 
 from deepshrink.errors import CheckpointError, ConfigError
 from deepshrink.files import atomic_output
-from deepshrink.loading import STRUCTURE_KEY, model_for
+from deepshrink.loading import model_for
 
 CHECKPOINT_KIND = "deepshrink-checkpoint-1"
 METADATA_KEY = "deepshrink"
@@ -179,7 +179,7 @@ def load_state_into(model: nn.Module, checkpoint: Checkpoint, source: str | os.P
     from deepshrink.prune.module import restore_pruning
     from deepshrink.quantize.shared import restore_sharing
 
-    model, _ = model_for(source, model, None, structure=checkpoint.metadata.get(STRUCTURE_KEY), error=CheckpointError)
+    model, _ = model_for(source, model, None, metadata=checkpoint.metadata, error=CheckpointError)
     # Place by place, every kind at each, so each layer's parametrizations come back in their saved order.
     places = [
         place for field in ("mask", "codebook") for _, place, _ in parametrization_entries(checkpoint.state_dict, field)

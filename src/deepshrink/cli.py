@@ -66,12 +66,49 @@ def _add_decoded_limit(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _fraction_or_count(text: str) -> float | int:
+    """0.1 (a fraction in (0, 1)) or 500 (a count of examples)."""
+    if text.strip().isdigit():
+        value = int(text)
+    else:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a fraction or a count of examples") from None
+        if not 0 < value < 1:
+            raise argparse.ArgumentTypeError(f"{text} should be a fraction in (0, 1) or a whole count, e.g. 0.1 or 500")
+        return value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} should be at least 1 example")
+    return value
+
+
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--data",
         "--data-dir",
-        help="directory of MNIST-format IDX files (default: $DEEPSHRINK_DATA, then /usr/share/datasets/fashion-mnist)",
+        dest="data",
+        help="an .npz or .safetensors file of arrays x (and y, x_test, y_test), or a directory of MNIST-format IDX "
+        "files (default: $DEEPSHRINK_DATA, then /usr/share/datasets/fashion-mnist)",
+    )
+    parser.add_argument(
+        "--validation",
+        type=_fraction_or_count,
+        help="the validation split: a fraction (0.1) or a count of examples (default: 10%% of an array file, "
+        "5000 IDX images)",
+    )
+    parser.add_argument(
+        "--task",
+        help="what the model does: classification (default), multilabel, multilabel-probabilities, multilabel-f1, "
+        "regression, regression-l1, embedding, embedding-mse, or package.module:function returning a deepshrink.Task",
     )
     parser.add_argument("--device", default="auto", type=_device_name, help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+def _load_data(args: argparse.Namespace, train_subset: int | None = None):
+    from deepshrink.data import load_any
+
+    return load_any(args.data, args.validation, seed=0, train_subset=train_subset)
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -113,33 +150,32 @@ def _write_report(directory: str, stem: str, markdown: str, data: dict, protect:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from deepshrink.data import load_data
     from deepshrink.references import train_and_save
 
     config = _training_config(args)
-    data = load_data(args.data_dir, seed=0, train_subset=args.train_subset)
+    data = _load_data(args, args.train_subset)
     out = Path(args.out or f"runs/{args.model.replace(':', '-')}.safetensors")
-    trained = train_and_save(args.model, data, config, out, device=args.device, progress=not args.quiet)
+    trained = train_and_save(args.model, data, config, out, task=args.task, device=args.device, progress=not args.quiet)
     print(
         f"model: {args.model}  trained {config.epochs} epochs on {len(data.train)} examples in {trained.seconds:.1f}s"
     )
-    print(f"validation accuracy: {trained.validation_accuracy:.4f}")
-    print(f"test accuracy: {trained.test_accuracy:.4f}")
+    print(f"validation {trained.metric_name}: {trained.validation_metric:.4f}")
+    print(f"test {trained.metric_name}: {trained.test_metric:.4f}")
     print(f"checkpoint: {out}")
     return 0
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
     from deepshrink.checkpoint import load_model
-    from deepshrink.data import load_data, make_loader
+    from deepshrink.data import make_loader
     from deepshrink.train import evaluate
 
     model, checkpoint = load_model(args.checkpoint, args.model)
-    data = load_data(args.data_dir)
+    data = _load_data(args)
     split = {"test": data.test, "validation": data.validation}[args.split]
-    result = evaluate(model, make_loader(split, 1000, shuffle=False), args.device)
+    result = evaluate(model, make_loader(split, 1000, shuffle=False), args.device, args.task)
     print(f"model: {args.model or checkpoint.model_name}  split: {args.split} ({result.count} examples)")
-    print(f"{args.split} accuracy: {result.accuracy:.4f}")
+    print(f"{args.split} {result.metric_name}: {result.metric:.4f}")
     print(f"{args.split} loss: {result.loss:.4f}")
     return 0
 
@@ -229,19 +265,20 @@ def _stage_settings(args: argparse.Namespace, settings_class):
 
 def command_stage(args: argparse.Namespace) -> int:
     """Any registered stage on a checkpoint: parse, call the library once, print."""
-    from deepshrink.data import load_data
     from deepshrink.pipeline import run_stage_on_checkpoint
     from deepshrink.stages import stage_named
 
     stage = stage_named(args.stage)
     settings = _stage_settings(args, stage.settings)
-    data = load_data(args.data_dir, train_subset=getattr(args, "train_subset", None))
+    data = _load_data(args, getattr(args, "train_subset", None))
     done = run_stage_on_checkpoint(
         args.checkpoint,
         settings,
         data,
         args.out,
         model=args.model,
+        task=args.task,
+        batchnorm=getattr(args, "batchnorm", "fold"),
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
@@ -249,15 +286,16 @@ def command_stage(args: argparse.Namespace) -> int:
     )
     summary = stage.summarize(done.model, done.result) if stage.summarize else ""
     print(summary)
-    if done.accuracy is None:
-        print(f"test accuracy of the input: {done.reference_accuracy:.4f}")
+    name = done.metric_name
+    if done.metric is None:
+        print(f"test {name} of the input: {done.reference_metric:.4f}")
     elif stage.changes_model:
         print(
-            f"test accuracy: {done.reference_accuracy:.4f} before, {done.accuracy:.4f} after "
-            f"({100 * (done.accuracy - done.reference_accuracy):+.2f} points)"
+            f"test {name}: {done.reference_metric:.4f} before, {done.metric:.4f} after "
+            f"({done.metric - done.reference_metric:+.4f})"
         )
     else:
-        print(f"test accuracy of the decoded file: {done.accuracy:.4f}")
+        print(f"test {name} of the decoded file: {done.metric:.4f}")
     print(f"{'checkpoint' if stage.changes_model else 'file'}: {done.path}")
     if args.report_dir:
         _write_stage_report(args, stage, done, summary)
@@ -268,8 +306,9 @@ def _write_stage_report(args: argparse.Namespace, stage, done, summary: str) -> 
     """STAGE.md and STAGE.json, and the stage's figure, in --report-dir."""
     data = {
         **done.result.to_dict(),
-        "reference_test_accuracy": done.reference_accuracy,
-        "test_accuracy": done.accuracy,
+        "metric": done.metric_name,
+        "reference_test_metric": done.reference_metric,
+        "test_metric": done.metric,
     }
     _write_report(args.report_dir, stage.name, f"```\n{summary}\n```", data, (args.checkpoint,))
     from deepshrink.report import stage_figure
@@ -314,7 +353,9 @@ def command_run(args: argparse.Namespace) -> int:
         args.recipe,
         model_name=args.model,
         checkpoint=args.checkpoint,
-        data_dir=args.data_dir,
+        data=args.data,
+        validation=args.validation,
+        task=args.task,
         run_dir=args.run_dir,
         device=args.device,
         progress=not args.quiet,
@@ -341,15 +382,17 @@ def _runtime_modes(values: list[str] | None) -> str | dict[str, str]:
 def command_predict(args: argparse.Namespace) -> int:
     import time
 
+    import torch
+
     from deepshrink.compressed import inspect_header
-    from deepshrink.data import load_data, make_loader
+    from deepshrink.data import make_loader
     from deepshrink.runtime.load import load_runtime
     from deepshrink.train import evaluate
 
     if args.device not in ("auto", "cpu"):
         raise ConfigError(f"--device {args.device}: predict runs the compressed form on the CPU; use --device cpu")
-    inspect_header(args.file, args.max_decoded_bytes)  # a malformed file fails before the data set loads
-    data = load_data(args.data_dir)
+    _, checked = inspect_header(args.file, args.max_decoded_bytes)  # a malformed file fails before the data loads
+    data = _load_data(args)
     split = {"test": data.test, "validation": data.validation}[args.split]
     model = load_runtime(
         args.file,
@@ -358,11 +401,20 @@ def command_predict(args: argparse.Namespace) -> int:
         max_decoded_bytes=args.max_decoded_bytes,
         input_shape=tuple(split[0][0].shape),  # so that auto mode times convolutions on this size
     )
-    started = time.perf_counter()
-    result = evaluate(model, make_loader(split, args.batch_size, shuffle=False), "cpu")
-    seconds = time.perf_counter() - started
-    print(f"{args.file}: {args.split} accuracy {result.accuracy:.4f} on {result.count} images")
-    print(f"throughput: {result.count / seconds:,.0f} images/s at batch {args.batch_size} ({seconds:.2f} s)")
+    loader = make_loader(split, args.batch_size, shuffle=False)
+    if not data.labelled:  # nothing to score against: time the model on the inputs alone
+        started = time.perf_counter()
+        with torch.no_grad():
+            for (inputs,) in loader:
+                model(inputs)
+        seconds = time.perf_counter() - started
+        print(f"{args.file}: the data has no targets, so no metric; ran {len(split)} {args.split} examples")
+    else:
+        started = time.perf_counter()
+        result = evaluate(model, loader, "cpu", args.task or checked.metadata.get("task"))
+        seconds = time.perf_counter() - started
+        print(f"{args.file}: {args.split} {result.metric_name} {result.metric:.4f} on {result.count} examples")
+    print(f"throughput: {len(split) / seconds:,.0f} examples/s at batch {args.batch_size} ({seconds:.2f} s)")
     return 0
 
 
@@ -373,7 +425,12 @@ def command_bench(args: argparse.Namespace) -> int:
 
     dense, metadata = load_compressed(args.file, args.model, max_decoded_bytes=args.max_decoded_bytes)
     dense.eval()
-    shape = tuple(args.input_shape)  # load_runtime checks that the model takes it
+    recorded = metadata.get("input_shape")
+    if args.input_shape is None and recorded is None:
+        raise ConfigError(
+            f"{args.file} does not record its input shape; pass --input-shape, e.g. --input-shape 1 28 28"
+        )
+    shape = tuple(args.input_shape or recorded)  # load_runtime checks that the model takes it
     mode = _runtime_modes(args.mode)
     compressed = load_runtime(
         args.file, args.model, mode=mode, max_decoded_bytes=args.max_decoded_bytes, input_shape=shape
@@ -391,7 +448,7 @@ def command_bench(args: argparse.Namespace) -> int:
 
 def command_sensitivity(args: argparse.Namespace) -> int:
     from deepshrink.checkpoint import load_model
-    from deepshrink.data import load_data, make_loader
+    from deepshrink.data import make_loader
     from deepshrink.prune.sensitivity import (
         format_sensitivity,
         sensitivity_analysis,
@@ -400,23 +457,24 @@ def command_sensitivity(args: argparse.Namespace) -> int:
     from deepshrink.report.figures import plot_sensitivity
 
     model, checkpoint = load_model(args.checkpoint, args.model)
-    data = load_data(args.data_dir)
+    data = _load_data(args)
     result = sensitivity_analysis(
         model,
         make_loader(data.validation, 1000, shuffle=False),
         args.layers,
         device=args.device,
+        task=args.task,
         progress=not args.quiet,
     )
     print(format_sensitivity(result))
     suggestion = result.suggest(args.max_drop)
-    print(f"largest sparsity per layer within a {100 * args.max_drop:.2f}-point drop (each layer alone):")
+    print(f"largest sparsity per layer within a {args.max_drop:g} drop of {result.metric_name} (each layer alone):")
     print("  " + " ".join(f"--sparsity {name}={value}" for name, value in suggestion.items()))
     out_dir = Path(args.out_dir)
     plot = plot_sensitivity(
         result,
         out_dir / "sensitivity.png",
-        title=f"{args.model or checkpoint.model_name}: accuracy against sparsity per layer",
+        title=f"{args.model or checkpoint.model_name}: {result.metric_name} against sparsity per layer",
     )
     write_sensitivity_json(result, out_dir / "sensitivity.json")
     print(f"plot: {plot}")
@@ -424,15 +482,14 @@ def command_sensitivity(args: argparse.Namespace) -> int:
 
 
 def command_reference(args: argparse.Namespace) -> int:
-    from deepshrink.data import load_data
     from deepshrink.references import reference_model
 
-    data = load_data(args.data_dir)
+    data = _load_data(args)
     reference = reference_model(args.model, data, cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
     origin = "loaded from cache" if reference.from_cache else f"trained in {reference.seconds:.1f}s"
     parameters = sum(parameter.numel() for parameter in reference.model.parameters())
     print(f"reference {args.model} ({parameters:,} parameters), {origin}")
-    print(f"test accuracy: {reference.test_accuracy:.4f}")
+    print(f"test {reference.metric_name}: {reference.test_metric:.4f}")
     print(f"checkpoint: {reference.path}")
     return 0
 
@@ -447,7 +504,7 @@ def command_info(args: argparse.Namespace) -> int:
 
     print(f"deepshrink {__version__}, torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
     try:
-        files = find_data_files(args.data_dir)
+        files = find_data_files(args.data)
         print(f"data: {files['train_images'].parent}")
     except DataError as error:
         print(f"data: not found ({error})")
@@ -491,7 +548,7 @@ def _add_training_commands(commands) -> None:
     train.set_defaults(handler=command_train)
 
     evaluate = commands.add_parser(
-        "evaluate", help="accuracy of a checkpoint on the test or validation split", epilog=EPILOG
+        "evaluate", help="the task's metric of a checkpoint on the test or validation split", epilog=EPILOG
     )
     evaluate.add_argument("checkpoint", help="a .safetensors checkpoint, or a .pt/.pth state_dict")
     evaluate.add_argument(
@@ -518,10 +575,14 @@ def _add_stage_commands(commands) -> None:
         command.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of sampling and shuffling (default 0)")
         if stage.changes_model:
             command.add_argument("--train-subset", type=POSITIVE, help="retrain on the first N training examples only")
-        else:
             command.add_argument(
-                "--no-evaluate", action="store_true", help="skip measuring the decoded file's accuracy"
+                "--batchnorm",
+                choices=("fold", "freeze", "train", "recalibrate"),
+                default="fold",
+                help="BatchNorm while retraining: fold into the layer before (default), freeze, train, recalibrate",
             )
+        else:
+            command.add_argument("--no-evaluate", action="store_true", help="skip measuring the decoded file's metric")
         command.add_argument("--report-dir", help=f"also write {stage.name}.md, {stage.name}.json and a figure here")
         _add_data_options(command)
         command.set_defaults(handler=command_stage, stage=stage.name)
@@ -572,7 +633,7 @@ def _add_runtime_commands(commands) -> None:
         "auto (sparse where a layer's density is low enough), sparse, dense, or LAYER_GLOB=MODE entries (default: auto)"
     )
     predict = commands.add_parser(
-        "predict", help="accuracy and throughput of a .dcz file run from its compressed form", epilog=EPILOG
+        "predict", help="the task's metric and throughput of a .dcz file run from its compressed form", epilog=EPILOG
     )
     predict.add_argument("file", help="the .dcz file")
     predict.add_argument("--model", help="model name or package.module:factory (default: the one the file names)")
@@ -592,7 +653,7 @@ def _add_runtime_commands(commands) -> None:
     bench.add_argument("--batch", type=POSITIVE, nargs="+", default=[1, 8, 64], help="batch sizes (default 1 8 64)")
     bench.add_argument("--repeats", type=POSITIVE, default=100, help="timed calls per batch size (default 100)")
     bench.add_argument(
-        "--input-shape", type=POSITIVE, nargs="+", default=[1, 28, 28], help="one example's shape (default 1 28 28)"
+        "--input-shape", type=POSITIVE, nargs="+", help="one example's shape (default: the one the file records)"
     )
     _add_decoded_limit(bench)
     bench.add_argument(
@@ -606,16 +667,18 @@ def _add_runtime_commands(commands) -> None:
 def _add_other_commands(commands) -> None:
     """The sensitivity, reference and info."""
     sensitivity = commands.add_parser(
-        "sensitivity", help="validation accuracy against sparsity for each layer alone (table and plot)", epilog=EPILOG
+        "sensitivity",
+        help="the validation metric against sparsity for each layer alone (table and plot)",
+        epilog=EPILOG,
     )
     sensitivity.add_argument("checkpoint", help="the trained model's checkpoint")
     sensitivity.add_argument("--model", help="model name or package.module:factory")
     sensitivity.add_argument("--layers", nargs="+", metavar="PATTERN", help="layers to analyse (default: all)")
     sensitivity.add_argument(
         "--max-drop",
-        type=_number(float, 0, 1),
+        type=_number(float, 0),
         default=0.005,
-        help="accuracy drop allowed per layer for the suggestion (default 0.005 = 0.5 points)",
+        help="drop of the metric allowed per layer for the suggestion (default 0.005 = 0.5 points of accuracy)",
     )
     sensitivity.add_argument("--out-dir", default="runs/sensitivity", help="where the PNG and JSON go")
     _add_data_options(sensitivity)
@@ -630,7 +693,7 @@ def _add_other_commands(commands) -> None:
     reference.set_defaults(handler=command_reference)
 
     info = commands.add_parser("info", help="versions, data location, cache and registered models", epilog=EPILOG)
-    info.add_argument("--data-dir", help="data directory to check")
+    info.add_argument("--data", "--data-dir", dest="data", help="data directory to check")
     info.set_defaults(handler=command_info)
 
 

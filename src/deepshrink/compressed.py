@@ -17,7 +17,7 @@ from deepshrink.encode.codec import decode_state_dict, encode_model, verify
 from deepshrink.encode.schema import CheckedHeader, check_header
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import FormatError
-from deepshrink.loading import STRUCTURE_KEY, check_tensors_fit, model_for
+from deepshrink.loading import check_tensors_fit, model_for
 
 
 def save_compressed(
@@ -145,9 +145,7 @@ def load_compressed(
     """
     loaded, checked = open_compressed(path, max_decoded_bytes)
     metadata = checked.metadata
-    built, name = model_for(
-        path, model, metadata.get("model"), structure=metadata.get(STRUCTURE_KEY), error=FormatError
-    )
+    built, name = model_for(path, model, metadata.get("model"), metadata=metadata, error=FormatError)
     check_tensors_fit({record["name"]: record["shape"] for record in checked.records}, built, path, FormatError)
     try:
         state = decode_state_dict(loaded.header, loaded.buffers, checked)

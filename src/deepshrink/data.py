@@ -1,7 +1,11 @@
-"""MNIST-format (IDX) data: a validating reader, data set discovery, splits and loaders.
+"""Data: splits and loaders over in-memory tensors, from MNIST-format (IDX) image files or from
+arrays of any shape.
 
-Any directory holding the four IDX files of an MNIST-style data set works: Fashion-MNIST (the
-default), MNIST, KMNIST, EMNIST-digits. Files may be gzipped or raw.
+- `load_data`: a directory holding the four IDX files of an MNIST-style data set (Fashion-MNIST,
+  the default, MNIST, KMNIST, EMNIST-digits), gzipped or raw, scaled to [0, 1] and standardised.
+- `load_arrays`: an .npz or .safetensors file of arrays `x` and optionally `y`, `x_test`,
+  `y_test`, of any shape and dtype, used as they are (nothing is rescaled unless asked). Without
+  `y` the splits hold inputs only, and the pipeline makes targets from the original model.
 """
 
 from __future__ import annotations
@@ -169,20 +173,38 @@ def find_data_files(data_dir: str | os.PathLike | None = None) -> dict[str, Path
 
 @dataclass(frozen=True)
 class DataSplits:
-    """A data set split into train / validation / test, normalized with train statistics.
+    """A data set split into train / validation / test TensorDatasets of (inputs, targets), or
+    of inputs alone when the data has no targets (`labelled` is False).
 
-    Images are float32 tensors of shape N x 1 x H x W, labels int64. Hyperparameters are chosen
-    on `validation`; `test` is used only to report.
+    Hyperparameters are chosen on `validation`; `test` is used only to report. Data without a
+    test split reports on the validation split, and says so (`test_is_validation`). IDX images
+    are float32 N x 1 x H x W standardised with the training split's `mean` and `std`, labels
+    int64; arrays from `load_arrays` are as given (`mean` 0 and `std` 1 unless scaled).
     """
 
     train: TensorDataset
     validation: TensorDataset
     test: TensorDataset
-    mean: float
-    std: float
-    num_classes: int
     source: Path
     fingerprint: str
+    mean: float = 0.0
+    std: float = 1.0
+    num_classes: int | None = None
+    test_is_validation: bool = False
+
+    @property
+    def labelled(self) -> bool:
+        return len(self.train.tensors) > 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape (no batch dimension), as the model sees it."""
+        return tuple(self.train.tensors[0].shape[1:])
+
+    @property
+    def name(self) -> str:
+        """The data set's name for reports: its directory's or file's name."""
+        return self.source.name if self.source.is_dir() else self.source.stem
 
 
 def _images_and_labels(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -295,3 +317,173 @@ def make_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, seed: in
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
+
+
+# Array files from strangers are read before anything is allocated from them; this is far above
+# any data set that fits the machines we run on, and stops a header from asking for terabytes.
+MAX_ARRAY_BYTES = 1 << 36
+ARRAY_NAMES = ("x", "y", "x_test", "y_test")
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The named arrays of an .npz (never unpickling: object arrays are refused) or .safetensors file."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file; pass an .npz or .safetensors file with arrays x and optionally y")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            arrays = load_file(path)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {}
+                for name in archive.files:
+                    if name in ARRAY_NAMES:
+                        arrays[name] = archive[name]
+        else:
+            raise DataError(f"{path}: unknown data file type {path.suffix!r}; use .npz or .safetensors")
+    except ValueError as error:  # object arrays (pickles) and malformed headers
+        raise FormatError(
+            f"{path}: cannot read the arrays ({error}); save plain numeric arrays, e.g. np.savez"
+        ) from error
+    except (OSError, EOFError) as error:
+        raise FormatError(f"{path}: cannot read the arrays ({error})") from error
+    except Exception as error:  # safetensors raises its own error type for a malformed file
+        if isinstance(error, DataError):
+            raise
+        raise FormatError(f"{path}: not a readable {path.suffix} file ({error})") from error
+    unexpected = sorted(set(arrays) - set(ARRAY_NAMES))
+    if unexpected and path.suffix == ".safetensors":
+        arrays = {name: array for name, array in arrays.items() if name in ARRAY_NAMES}
+    if "x" not in arrays:
+        raise DataError(
+            f"{path}: holds no array named 'x' (found {sorted(arrays) or 'none'}); save the inputs as x, "
+            "e.g. np.savez(path, x=inputs, y=targets)"
+        )
+    for name, array in arrays.items():
+        if array.dtype.kind not in "biuf":
+            raise FormatError(
+                f"{path}: array {name} has dtype {array.dtype}; it should be numeric (bool, int or float)"
+            )
+        if array.ndim < 1 or len(array) == 0:
+            raise DataError(f"{path}: array {name} has shape {array.shape}; it needs at least one example")
+        if array.nbytes > MAX_ARRAY_BYTES:
+            raise DataError(f"{path}: array {name} is {array.nbytes:,} bytes, over the {MAX_ARRAY_BYTES:,}-byte limit")
+    for inputs, targets in (("x", "y"), ("x_test", "y_test")):
+        if targets in arrays and inputs not in arrays:
+            raise DataError(f"{path}: has {targets} but no {inputs}; save the inputs that go with those targets")
+        if targets in arrays and len(arrays[targets]) != len(arrays[inputs]):
+            raise DataError(
+                f"{path}: {inputs} holds {len(arrays[inputs])} examples but {targets} holds {len(arrays[targets])}; "
+                "they must have one target per input"
+            )
+    if ("y" in arrays) != ("y_test" in arrays) and "x_test" in arrays:
+        raise DataError(f"{path}: give targets for both splits (y and y_test) or for neither")
+    if "x_test" in arrays and arrays["x_test"].shape[1:] != arrays["x"].shape[1:]:
+        raise DataError(
+            f"{path}: x examples are {arrays['x'].shape[1:]} but x_test examples are {arrays['x_test'].shape[1:]}; "
+            "they must have the same shape"
+        )
+    return arrays
+
+
+def _as_tensor(array: np.ndarray, name: str) -> torch.Tensor:
+    """Inputs and float targets become float32; integer targets (class labels) int64."""
+    if name.startswith("y") and array.dtype.kind in "iu":
+        return torch.from_numpy(array.astype(np.int64))
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def load_arrays(
+    path: str | os.PathLike,
+    validation: float | int = 0.1,
+    seed: int = 0,
+    scale: float | None = None,
+    train_subset: int | None = None,
+) -> DataSplits:
+    """Splits from an .npz or .safetensors file of arrays: `x` (inputs, any shape after the first,
+    example, dimension, any numeric dtype) and optionally `y` (targets: integer class labels, or
+    floats), `x_test` and `y_test`.
+
+    Args:
+        path: the file. .npz files are read without unpickling.
+        validation: the part of `x` held out for validation: a fraction in (0, 1) or a count of
+            examples (at least 1, and at least 1 left to train on).
+        seed: the seed of the split's shuffle.
+        scale: multiply the inputs by this (e.g. 1/255 for 8-bit pixels); default as given.
+        train_subset: keep only the first N examples of the (shuffled) training split.
+
+    Returns:
+        DataSplits over float32 inputs; without `x_test` the test split is the validation split
+        (`test_is_validation`), without `y` the splits hold inputs only (`labelled` is False).
+
+    Raises:
+        DataError: no `x`, `x` and `y` of different lengths, a split that leaves nothing, a
+            missing file. FormatError: a file that cannot be read, or arrays that are not numeric.
+        ConfigError: `validation`, `scale` or `train_subset` out of range.
+    """
+    path = Path(path)
+    arrays = _read_arrays(path)
+    count = len(arrays["x"])
+    if isinstance(validation, bool) or not isinstance(validation, int | float):
+        raise ConfigError(f"validation={validation!r} should be a fraction in (0, 1) or a count of examples")
+    held = round(validation * count) if isinstance(validation, float) and validation < 1 else int(validation)
+    if isinstance(validation, float) and not 0 < validation < 1:
+        raise ConfigError(f"validation={validation!r} should be a fraction in (0, 1), e.g. 0.1, or a count")
+    if not 1 <= held < count:
+        raise DataError(
+            f"{path}: holding out {validation!r} of {count} examples for validation leaves "
+            f"{max(held, 0)} to validate and {count - max(held, 0)} to train on; each needs at least one. "
+            "Give more examples or a different validation fraction or count"
+        )
+    if scale is not None and not (isinstance(scale, int | float) and np.isfinite(scale) and scale != 0):
+        raise ConfigError(f"scale={scale!r} should be a finite, non-zero number, e.g. 0.00392 (1/255)")
+    if train_subset is not None and train_subset < 1:
+        raise ConfigError(f"train_subset={train_subset} must be a positive number of examples")
+    order = np.random.default_rng(seed).permutation(count)
+    validation_index, train_index = order[:held], order[held:]
+    if train_subset is not None:
+        train_index = train_index[:train_subset]
+    labelled = "y" in arrays
+
+    def split(inputs: np.ndarray, targets: np.ndarray | None) -> TensorDataset:
+        tensors = [_as_tensor(inputs, "x")]
+        if scale is not None:
+            tensors[0] = tensors[0] * float(scale)
+        if targets is not None:
+            tensors.append(_as_tensor(targets, "y"))
+        return TensorDataset(*tensors)
+
+    train = split(arrays["x"][train_index], arrays["y"][train_index] if labelled else None)
+    held_out = split(arrays["x"][validation_index], arrays["y"][validation_index] if labelled else None)
+    has_test = "x_test" in arrays
+    test = split(arrays["x_test"], arrays.get("y_test")) if has_test else held_out
+    targets = arrays.get("y")
+    classes = (
+        int(targets.max()) + 1 if targets is not None and targets.dtype.kind in "iu" and targets.ndim == 1 else None
+    )
+    return DataSplits(
+        train=train,
+        validation=held_out,
+        test=test,
+        source=path,
+        fingerprint=fingerprint_files([path]),
+        num_classes=classes,
+        test_is_validation=not has_test,
+    )
+
+
+def load_any(
+    source: str | os.PathLike | None = None,
+    validation: float | int | None = None,
+    seed: int = 0,
+    train_subset: int | None = None,
+) -> DataSplits:
+    """`load_arrays` for an .npz or .safetensors file, else `load_data` for a directory of IDX
+    files (None: $DEEPSHRINK_DATA, then the installed Fashion-MNIST). `validation` is a fraction
+    or a count; None keeps each loader's default (10% of an array file, 5,000 IDX images)."""
+    if source is not None and Path(source).suffix in (".npz", ".safetensors"):
+        return load_arrays(source, 0.1 if validation is None else validation, seed, train_subset=train_subset)
+    if validation is not None and not (isinstance(validation, int) and not isinstance(validation, bool)):
+        raise ConfigError(f"validation={validation!r}: for IDX data give a count of examples, e.g. 5000")
+    return load_data(source, 5000 if validation is None else validation, seed, train_subset)

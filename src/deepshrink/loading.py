@@ -2,8 +2,10 @@
 module the caller gives.
 
 A file may record its model's name, but a user factory (package.module:factory) named only by
-the file is never imported: importing runs code, so the caller must name it. A low-rank
-factored model's architecture (`lowrank_structure` metadata) is rebuilt before any tensor loads.
+the file is never imported: importing runs code, so the caller must name it. The architecture a
+file's model had when it was written is rebuilt before any tensor loads: BatchNorm folded into
+the layers before it (`batchnorm_folded` metadata), then low-rank factored layers
+(`lowrank_structure`).
 """
 
 from __future__ import annotations
@@ -23,24 +25,29 @@ def model_for(
     model: nn.Module | str | None,
     stored_name: object,
     *,
-    structure: dict | None = None,
+    metadata: dict | None = None,
     config: dict | None = None,
     error: type[Exception] = ModelError,
 ) -> tuple[nn.Module, str]:
     """The module to load `source`'s tensors into, and its name.
 
     `model` is a module of the right architecture (used as given), a registered name or
-    package.module:factory, or None for `stored_name`, the name the file records. `structure`
-    rebuilds factored layers; `config` is passed to the registry's factory. A malformed structure
-    raises `error` (the caller's kind: CheckpointError for checkpoints, FormatError for files).
+    package.module:factory, or None for `stored_name`, the name the file records. The file's
+    `metadata` rebuilds folded BatchNorm and factored layers; `config` is passed to the
+    registry's factory. A malformed structure raises `error` (the caller's kind:
+    CheckpointError for checkpoints, FormatError for files).
     """
+    from deepshrink.batchnorm import FOLDED_KEY, apply_folding
     from deepshrink.lowrank import apply_structure
     from deepshrink.models import build_model, is_factory_path
+
+    metadata = metadata or {}
+    structure = metadata.get(STRUCTURE_KEY)
 
     if isinstance(model, nn.Module):
         name = stored_name if isinstance(stored_name, str) else type(model).__name__
         if _already_factored(model, structure):
-            return model, name
+            return apply_folding(model, metadata.get(FOLDED_KEY), error), name
     else:
         if model is not None and not isinstance(model, str):
             raise ModelError(
@@ -66,6 +73,7 @@ def model_for(
                 f"{source}: the file was made from model {name!r}, which is not registered here; pass the "
                 "nn.Module it was made from (model=...), a registered name or package.module:factory"
             ) from problem
+    apply_folding(model, metadata.get(FOLDED_KEY), error)
     try:
         apply_structure(model, structure)
     except ConfigError as problem:

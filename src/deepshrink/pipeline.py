@@ -14,6 +14,7 @@ file, never on the model in memory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -32,6 +34,7 @@ from deepshrink.layers import compressible_layers
 from deepshrink.loading import STRUCTURE_KEY
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
 from deepshrink.stages import Loaders, StageContext, StageResult, registered_stages, run_stage, stage_metadata
+from deepshrink.tasks import Task, resolve_task
 from deepshrink.train import evaluate, resolve_device
 
 
@@ -54,18 +57,25 @@ class StageRun:
 
 @dataclass
 class RunResult:
-    """What `compress` produced: the file, the accuracies that count, and the report's data."""
+    """What `run` produced: the file, the task's metric before and after (after: of the model
+    decoded from the file) on the test split, and the report's data."""
 
     path: Path
     run_dir: Path
     model_name: str
-    reference_accuracy: float
-    compressed_accuracy: float  # of the model decoded from `path`
+    reference_metric: float
+    compressed_metric: float  # of the model decoded from `path`
     file_bytes: int
     parameter_bytes: int
     stages: list[StageRun]
     report: dict = field(default_factory=dict)
-    data_name: str = "your data"  # the data set's directory name, or "your data" for your loaders
+    data_name: str = "your data"  # the data set's directory or file name, or "your data" for your loaders
+    task: str = "classification"
+    metric_name: str = "top-1 accuracy"
+    higher_is_better: bool = True
+    # "test", or "validation" for data without a test split; "from the original model" marks targets made from it.
+    evaluated_on: str = "test"
+    targets: str = "given"
 
     @property
     def ratio(self) -> float:
@@ -110,6 +120,86 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
+@dataclass
+class _Data:
+    """The run's loaders and what the report and the cache key say about them."""
+
+    loaders: Loaders
+    key: list
+    name: str
+    evaluated_on: str = "test"
+    targets: str = "given"
+    input_shape: tuple[int, ...] | None = None
+
+
+def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Module, task: Task, device) -> _Data:
+    """Loaders over the user's data; inputs without targets get the reference model's outputs
+    made into targets by the task (the label-free path: retraining reproduces the original)."""
+    if isinstance(data, Loaders):
+        return _Data(data, ["user loaders"], "your data")
+    if not isinstance(data, DataSplits):
+        raise ConfigError(
+            "data should be a DataSplits (deepshrink.load_data() or load_arrays()) or Loaders, "
+            f"got {type(data).__name__}"
+        )
+    targets = "given"
+    if not data.labelled:
+        data = with_targets_from(data, reference, task, device)
+        targets = "from the original model"
+    return _Data(
+        Loaders.from_splits(data, recipe.data.test_subset),
+        [data.fingerprint, len(data.train), recipe.data.test_subset],
+        data.name,
+        "validation" if data.test_is_validation else "test",
+        targets,
+        data.input_shape,
+    )
+
+
+@torch.no_grad()
+def with_targets_from(data: DataSplits, model: nn.Module, task: Task, device="cpu") -> DataSplits:
+    """`data` with targets made by `task.targets_from_outputs` from `model`'s outputs, for data
+    that has inputs only."""
+    model = model.to(device).eval()
+
+    def labelled(split: torch.utils.data.TensorDataset) -> torch.utils.data.TensorDataset:
+        inputs = split.tensors[0]
+        outputs = [
+            task.targets_from_outputs(model(inputs[start : start + 1000].to(device))).cpu()
+            for start in range(0, len(inputs), 1000)
+        ]
+        return torch.utils.data.TensorDataset(inputs, torch.cat(outputs))
+
+    validation = labelled(data.validation)
+    test = validation if data.test_is_validation else labelled(data.test)
+    return dataclasses.replace(data, train=labelled(data.train), validation=validation, test=test)
+
+
+def _fold(reference: nn.Module, loaders: Loaders, device) -> list:
+    """Fold the reference's BatchNorm layers into the layers before them, in place, checking on
+    a validation batch that the outputs stay the same; returns the pairs folded."""
+    from deepshrink.batchnorm import fold_batchnorm, foldable_pairs
+
+    pairs = foldable_pairs(reference)
+    if not pairs:
+        return []
+    inputs = next(iter(loaders.validation))[0][:64].to(device)
+    reference.eval()
+    with torch.no_grad():
+        before = reference(inputs)
+        folded = fold_batchnorm(reference, pairs)
+        after = reference(inputs)
+    scale = before.abs().max().clamp_min(1.0)
+    if not torch.allclose(after, before, rtol=1e-4, atol=1e-4 * float(scale)):
+        # A pair that looked foldable in the graph but is not (say, a Linear on a sequence
+        # followed by a BatchNorm over another axis).
+        raise ModelError(
+            "folding BatchNorm into the layers before it changed the model's outputs "
+            f"(largest difference {float((after - before).abs().max()):.3g}); set `batchnorm: freeze` in the recipe"
+        )
+    return folded
+
+
 def run(
     model: nn.Module,
     recipe: Recipe | str | os.PathLike | dict,
@@ -117,6 +207,7 @@ def run(
     *,
     run_dir: str | os.PathLike | None = None,
     model_name: str | None = None,
+    task: Task | str | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> RunResult:
@@ -126,52 +217,65 @@ def run(
     Args:
         model: the trained reference; never modified.
         recipe: a Recipe, a YAML file, a shipped recipe's name ("lenet-5") or a dict.
-        data: a DataSplits (from deepshrink.load_data) or your own loaders
+        data: a DataSplits (from deepshrink.load_data or load_arrays; inputs without targets
+            get targets from the model's own outputs) or your own loaders
             (`deepshrink.Loaders.fixed(train, validation, test)`; cached stages then assume the
             same data on a rerun).
         run_dir: where stage checkpoints, the file and the report go (default runs/MODEL).
         model_name: the name recorded in the file (default: the recipe's model, or the class name).
+        task: the Task, or a built-in name, or package.module:function; default the recipe's
+            `task`, else classification.
         device: "auto", "cpu", "cuda" or "cuda:N".
         progress: progress bars and one line per stage.
 
     Returns:
-        A RunResult: the file, its size against fp32 parameters, and the test accuracy of the
+        A RunResult: the file, its size against fp32 parameters, and the task's metric of the
         reference and of the model decoded from the file.
 
     Raises:
-        ConfigError for a bad recipe or data argument, ModelError for a model with nothing to
-        compress, and the stages' own errors.
+        ConfigError for a bad recipe, task or data argument, ModelError for a model with nothing
+        to compress, and the stages' own errors.
     """
+    from deepshrink.batchnorm import FOLDED_KEY
+
     recipe = _as_recipe(recipe)
     _check_model(model)
+    task = resolve_task(task if task is not None else recipe.task)
     name = model_name or recipe.model or type(model).__name__.lower()
     run_dir = Path(run_dir or Path("runs") / _file_stem(name))
     device = resolve_device(device)
-    layer_names = list(compressible_layers(model))
+    reference = copy.deepcopy(model).to(device).eval()
+    prepared = _prepare_data(data, recipe, reference, task, device)
+    loaders = prepared.loaders
+    reference_metric = evaluate(reference, loaders.test, device, task).metric
+    architecture: dict = {}
+    layer_names = list(compressible_layers(reference))
     if recipe.lowrank is not None:  # a factored layer NAME becomes NAME.0 and NAME.1
         layer_names += [f"{name}.{part}" for name in layer_names for part in (0, 1)]
     recipe.check_layers(layer_names)
-    if isinstance(data, DataSplits):
-        loaders = Loaders.from_splits(data, recipe.data.test_subset)
-        data_key = [data.fingerprint, len(data.train), recipe.data.test_subset]
-    elif isinstance(data, Loaders):
-        loaders, data_key = data, ["user loaders"]
-    else:
-        raise ConfigError(f"data should be a DataSplits (deepshrink.load_data()) or Loaders, got {type(data).__name__}")
-    reference = copy.deepcopy(model).to(device).eval()
-    input_key = _digest(weights_digest(reference), data_key, recipe.seed)
-    reference_accuracy = evaluate(reference, loaders.test, device).accuracy
+    input_key = _digest(weights_digest(reference), prepared.key, recipe.seed, task.name, recipe.batchnorm)
+    retraining = {"train": "train", "recalibrate": "recalibrate"}.get(recipe.batchnorm, "freeze")
     stages_run: list[StageRun] = []
     current = reference
     key = input_key
     out = None
-    structure = None  # set by a stage that changes layers (low-rank), for every later load
     for stage in registered_stages():
         settings = recipe.stages.get(stage.name)
         if settings is None:
             continue
         key = _digest(key, stage.name, recipe.section(stage.name))
-        context = StageContext(loaders, seed=recipe.seed, device=device, progress=progress, teacher=reference)
+        if stage.after_folding and recipe.batchnorm == "fold" and FOLDED_KEY not in architecture:
+            current = copy.deepcopy(reference) if current is reference else current
+            architecture[FOLDED_KEY] = _fold(current, loaders, device)
+        context = StageContext(
+            loaders,
+            seed=recipe.seed,
+            device=device,
+            progress=progress,
+            task=task,
+            batchnorm=retraining,
+            teacher=reference,
+        )
         started = time.perf_counter()
         if stage.changes_model:
             path = run_dir / "stages" / f"{stage.name}-{key[:16]}.safetensors"
@@ -185,10 +289,11 @@ def run(
                 # Stages work on copies: the reference stays untouched for the report and the sweep.
                 current = copy.deepcopy(reference) if current is reference else current
                 result = run_stage(current, settings, context)
-                metadata = stage_metadata(result, settings, key=key, structure=structure)
+                metadata = stage_metadata(result, settings, key=key, architecture=architecture)
                 save_checkpoint(path, current, model_name=name, metadata=metadata)
                 result.save(result_path)
-            structure = result.structure or structure
+            if result.structure:  # set by a stage that changes layers (low-rank), for every later load
+                architecture[STRUCTURE_KEY] = result.structure
         else:  # a stage that writes the run's file
             path = out = run_dir / f"{_file_stem(name)}{stage.output_suffix}"
             cached = stage.written_key is not None and stage.written_key(out) == key
@@ -196,20 +301,27 @@ def run(
                 result = StageResult(stage.name, {"file": out.name}, files=[str(out)])
             else:
                 context.output, context.model_name = out, name
-                context.metadata = {"stage_key": key, "recipe": recipe.to_dict(), STRUCTURE_KEY: structure}
+                context.metadata = {
+                    "stage_key": key,
+                    "recipe": recipe.to_dict(),
+                    "task": task.name,
+                    STRUCTURE_KEY: architecture.get(STRUCTURE_KEY),
+                }
+                context.metadata |= {FOLDED_KEY: architecture[FOLDED_KEY]} if architecture.get(FOLDED_KEY) else {}
+                context.metadata |= {"input_shape": list(prepared.input_shape)} if prepared.input_shape else {}
                 result = run_stage(current, settings, context)
         stages_run.append(StageRun(stage.name, key, cached, time.perf_counter() - started, result))
         _say(progress, f"{stage.name}: {'cached' if cached else 'done'} in {stages_run[-1].seconds:.1f}s ({path.name})")
 
-    # The accuracy that counts: decode the file that was written into a fresh copy of the model.
+    # The metric that counts: decode the file that was written into a fresh copy of the model.
     from deepshrink.compressed import load_compressed
 
     decoded, _ = load_compressed(out, copy.deepcopy(model))
-    compressed_accuracy = evaluate(decoded, loaders.test, device).accuracy
+    compressed_metric = evaluate(decoded, loaders.test, device, task).metric
 
     tradeoff = None
     if recipe.tradeoff is not None:
-        tradeoff = _tradeoff(reference, recipe, loaders, input_key, run_dir, device, progress)
+        tradeoff = _tradeoff(reference, recipe, loaders, input_key, run_dir, device, progress, task, retraining)
 
     from deepshrink.report import write_report
 
@@ -217,12 +329,17 @@ def run(
         path=out,
         run_dir=run_dir,
         model_name=name,
-        reference_accuracy=reference_accuracy,
-        compressed_accuracy=compressed_accuracy,
+        reference_metric=reference_metric,
+        compressed_metric=compressed_metric,
         file_bytes=out.stat().st_size,
         parameter_bytes=parameter_bytes(model),
         stages=stages_run,
-        data_name=Path(data.source).name if isinstance(data, DataSplits) else "your data",
+        data_name=prepared.name,
+        task=task.name,
+        metric_name=task.metric.name,
+        higher_is_better=task.metric.higher_is_better,
+        evaluated_on=prepared.evaluated_on,
+        targets=prepared.targets,
     )
     result.report = write_report(result, recipe, current.cpu(), tradeoff)
     return result
@@ -231,14 +348,15 @@ def run(
 @dataclass
 class StageOnCheckpoint:
     """What `run_stage_on_checkpoint` did: the model after the stage, the stage's result, the
-    test accuracy before and after (after: of the decoded file, for a stage that writes one) and
-    the file written."""
+    task's test metric before and after (after: of the decoded file, for a stage that writes
+    one) and the file written."""
 
     model: nn.Module
     result: StageResult
-    reference_accuracy: float
-    accuracy: float | None
+    reference_metric: float
+    metric: float | None
     path: Path
+    metric_name: str = "top-1 accuracy"
 
 
 def run_recipe(
@@ -246,20 +364,26 @@ def run_recipe(
     *,
     model_name: str | None = None,
     checkpoint: str | os.PathLike | None = None,
-    data_dir: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    validation: float | int | None = None,
+    task: str | None = None,
     run_dir: str | os.PathLike | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> RunResult:
     """`run` from names and paths, as `deepshrink run RECIPE` does: the recipe's model (or
     `model_name`), trained weights from `checkpoint` or the registered model's cached reference,
-    and the data set in `data_dir` (default: the installed one).
+    and the data in `data` (default: the installed data set).
 
     Args:
         recipe: a YAML file or a shipped recipe's name.
         model_name: overrides the recipe's model: a registered name or package.module:factory.
         checkpoint: the trained weights to start from; required for a user's factory.
-        data_dir: an MNIST-format data set (see `load_data`).
+        data: a directory of MNIST-format IDX files (`load_data`), or an .npz or .safetensors
+            file of arrays (`load_arrays`).
+        validation: the validation split: a fraction or a count (default: 5,000 IDX images, or
+            10% of an array file's examples).
+        task: overrides the recipe's task (a built-in name or package.module:function).
         run_dir, device, progress: as for `run`.
 
     Returns:
@@ -270,7 +394,7 @@ def run_recipe(
         and what `load_recipe`, `load_data`, `load_model`, `reference_model` and `run` raise.
     """
     from deepshrink.checkpoint import load_model
-    from deepshrink.data import load_data
+    from deepshrink.data import load_any
     from deepshrink.models import is_factory_path
     from deepshrink.recipe import load_recipe
     from deepshrink.references import reference_model
@@ -279,14 +403,14 @@ def run_recipe(
     name = model_name or loaded.model
     if name is None:
         raise ConfigError(f"{recipe}: the recipe names no model; add `model: NAME` or pass model_name=NAME")
-    data = load_data(data_dir, seed=0, train_subset=loaded.data.train_subset)
+    splits = load_any(data, validation, seed=0, train_subset=loaded.data.train_subset)
     if checkpoint is not None:
         model, _ = load_model(checkpoint, name)
     elif is_factory_path(name):
         raise ConfigError(f"model {name} is your own network: pass its trained weights with checkpoint=FILE")
     else:
-        model = reference_model(name, data, device=device, progress=progress).model
-    return run(model, loaded, data, run_dir=run_dir, model_name=name, device=device, progress=progress)
+        model = reference_model(name, splits, device=device, progress=progress).model
+    return run(model, loaded, splits, run_dir=run_dir, model_name=name, task=task, device=device, progress=progress)
 
 
 def run_stage_on_checkpoint(
@@ -296,6 +420,8 @@ def run_stage_on_checkpoint(
     out: str | os.PathLike,
     *,
     model: nn.Module | str | None = None,
+    task: Task | str | None = None,
+    batchnorm: str = "fold",
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
@@ -304,50 +430,65 @@ def run_stage_on_checkpoint(
     """One stage on a checkpoint, the same stage a recipe section runs (`deepshrink prune`,
     `quantize`, `lowrank`, `encode`): load, run through `run_stage`, write `out` (a checkpoint
     with the same metadata a recipe's stage checkpoint has, or the stage's own file), and
-    measure test accuracy before and after. `model` overrides the model the checkpoint names.
+    measure the task's test metric before and after. `model` overrides the model the checkpoint
+    names; `task` and `batchnorm` are as in a recipe (with "fold", BatchNorm is folded into the
+    layers before it ahead of weight sharing and encoding).
 
     Raises ConfigError for a stage that cannot run again on what it already changed, and the
     loaders' and stage's own errors.
     """
+    from deepshrink.batchnorm import FOLDED_KEY
     from deepshrink.checkpoint import load_model
+    from deepshrink.recipe import BATCHNORM_POLICIES
     from deepshrink.stages import stage_for
 
+    if batchnorm not in BATCHNORM_POLICIES:
+        raise ConfigError(f"batchnorm={batchnorm!r} should be one of {', '.join(BATCHNORM_POLICIES)}")
     stage = stage_for(settings)
+    task = resolve_task(task)
     device = resolve_device(device)
     loaded, source = load_model(checkpoint, model)
     name = model if isinstance(model, str) else source.model_name or type(loaded).__name__.lower()
-    structure = source.metadata.get(STRUCTURE_KEY)
-    if stage.changes_architecture and structure:
+    architecture = {key: source.metadata[key] for key in (STRUCTURE_KEY, FOLDED_KEY) if source.metadata.get(key)}
+    if stage.changes_architecture and architecture.get(STRUCTURE_KEY):
         raise ConfigError(f"{checkpoint} is already factored; start from the unfactored model")
+    loaded.to(device).eval()
+    if not data.labelled:
+        data = with_targets_from(data, loaded, task, device)
     loaders = Loaders.from_splits(data)
-    reference_accuracy = evaluate(loaded, loaders.test, device).accuracy
-    context = StageContext(loaders, seed=seed, device=device, progress=progress)
+    reference_metric = evaluate(loaded, loaders.test, device, task).metric
+    retraining = {"train": "train", "recalibrate": "recalibrate"}.get(batchnorm, "freeze")
+    context = StageContext(loaders, seed=seed, device=device, progress=progress, task=task, batchnorm=retraining)
+    if stage.after_folding and batchnorm == "fold":
+        folded = _fold(loaded, loaders, device)
+        architecture |= {FOLDED_KEY: architecture.get(FOLDED_KEY, []) + folded} if folded else {}
     if stage.changes_model:
         result = run_stage(loaded, settings, context)
-        accuracy = evaluate(loaded, loaders.test, device).accuracy
-        metadata = stage_metadata(result, settings, structure=structure)
-        metadata |= {"reference_test_accuracy": reference_accuracy, "test_accuracy": accuracy}
+        metric = evaluate(loaded, loaders.test, device, task).metric
+        metadata = stage_metadata(result, settings, architecture=architecture)
+        metadata |= {"task": task.name, "reference_test_metric": reference_metric, "test_metric": metric}
         path = save_checkpoint(out, loaded.cpu(), model_name=name, metadata=metadata, protect=(checkpoint,))
-        return StageOnCheckpoint(loaded, result, reference_accuracy, accuracy, Path(path))
+        return StageOnCheckpoint(loaded, result, reference_metric, metric, Path(path), task.metric.name)
     context.output, context.model_name, context.protect = Path(out), name, (checkpoint,)
-    context.metadata = {"source": Path(checkpoint).name, **source.metadata}
+    context.metadata = {"source": Path(checkpoint).name, **source.metadata, **architecture, "task": task.name}
+    context.metadata |= {"input_shape": list(data.input_shape)}
     result = run_stage(loaded, settings, context)
-    accuracy = None
-    if evaluate_output:  # the accuracy that counts: of the model decoded from the written file
+    metric = None
+    if evaluate_output:  # the metric that counts: of the model decoded from the written file
         from deepshrink.compressed import load_compressed
 
         # A module the caller passed is copied: the decoded weights must not land in the model itself.
         target = copy.deepcopy(model) if isinstance(model, nn.Module) else model or name
         decoded, _ = load_compressed(out, target)
-        accuracy = evaluate(decoded, loaders.test, device).accuracy
-    return StageOnCheckpoint(loaded, result, reference_accuracy, accuracy, Path(out))
+        metric = evaluate(decoded, loaders.test, device, task).metric
+    return StageOnCheckpoint(loaded, result, reference_metric, metric, Path(out), task.metric.name)
 
 
 def _file_stem(name: str) -> str:
     return name.replace(":", "-").replace("/", "-")
 
 
-def _tradeoff(reference, recipe, loaders, input_key, run_dir, device, progress) -> dict:
+def _tradeoff(reference, recipe, loaders, input_key, run_dir, device, progress, task, batchnorm) -> dict:
     from deepshrink.files import atomic_output
     from deepshrink.tradeoff import tradeoff_curves
 
@@ -357,7 +498,15 @@ def _tradeoff(reference, recipe, loaders, input_key, run_dir, device, progress) 
         return json.loads(path.read_text())
     _say(progress, "Figure 6 sweep: pruning only, quantization only, both")
     curves = tradeoff_curves(
-        reference, recipe.tradeoff, recipe.encode, loaders, seed=recipe.seed, device=device, progress=progress
+        reference,
+        recipe.tradeoff,
+        recipe.encode,
+        loaders,
+        seed=recipe.seed,
+        device=device,
+        task=task,
+        batchnorm=batchnorm,
+        progress=progress,
     )
     with atomic_output(path) as temporary:
         temporary.write_text(json.dumps(curves, indent=1))

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from deepshrink.errors import ConfigError
-from deepshrink.settings import DistillSettings, between, check_fields, check_value
+from deepshrink.settings import DistillSettings, between, check_fields, check_value, choices
 from deepshrink.stages import EncodeSettings, LowrankSettings, PruneSettings, QuantizeSettings
 
 __all__ = [
@@ -37,6 +37,9 @@ __all__ = [
     "parse_recipe",
     "recipe_from_dict",
 ]
+
+
+BATCHNORM_POLICIES = ("fold", "freeze", "train", "recalibrate")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,17 @@ class Recipe:
 
     model: str | None = None
     seed: int = 0
+    # The task's name (built-in or package.module:function); None is classification, the paper's.
+    task: str | None = None
+    batchnorm: str = field(
+        default="fold",
+        metadata=choices(
+            *BATCHNORM_POLICIES,
+            help="fold: BatchNorm folded into the layer before it where it can be, the rest frozen; freeze: eval "
+            "mode while retraining; train: batch statistics (ordinary training); recalibrate: frozen, then its "
+            "statistics re-estimated after each retraining",
+        ),
+    )
     data: DataSettings = field(default_factory=DataSettings)
     # Stage name -> its settings, for every registered stage the recipe runs.
     stages: dict[str, object] = field(default_factory=dict)
@@ -88,7 +102,15 @@ class Recipe:
 
     def __post_init__(self) -> None:
         from deepshrink.stages import registered_stages
+        from deepshrink.tasks import BUILT_IN
 
+        if self.batchnorm not in BATCHNORM_POLICIES:
+            raise ConfigError(f"batchnorm: {self.batchnorm!r} should be one of {', '.join(BATCHNORM_POLICIES)}")
+        if self.task is not None and ":" not in self.task and self.task not in BUILT_IN:
+            raise ConfigError(
+                f"task: {self.task!r} is not a built-in task ({', '.join(BUILT_IN)}); for your own, give "
+                "package.module:function returning a deepshrink.Task"
+            )
         stages = dict(self.stages)
         for stage in registered_stages():
             if stage.always and stages.get(stage.name) is None:
@@ -114,7 +136,12 @@ class Recipe:
         """The recipe as plain data: its fields, and one entry per registered stage (None when left out)."""
         from deepshrink.stages import registered_stages
 
-        result = {"model": self.model, "seed": self.seed, "data": dataclasses.asdict(self.data)}
+        result = {"model": self.model, "seed": self.seed}
+        # Written only when not the default, so that a file's recorded recipe (and a cached stage's
+        # key) stays what it was before these entries existed.
+        result |= {"task": self.task} if self.task is not None else {}
+        result |= {"batchnorm": self.batchnorm} if self.batchnorm != "fold" else {}
+        result["data"] = dataclasses.asdict(self.data)
         for stage in registered_stages():
             result[stage.name] = self.section(stage.name)
         result["tradeoff"] = self.section("tradeoff")
@@ -146,7 +173,7 @@ class Recipe:
                         )
 
 
-_RECIPE_FIELDS = ("model", "seed", "data", "tradeoff")
+_RECIPE_FIELDS = ("model", "seed", "task", "batchnorm", "data", "tradeoff")
 SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
@@ -200,7 +227,7 @@ def _recipe_sections() -> dict[str, object]:
     from deepshrink.stages import registered_stages
 
     hints = typing.get_type_hints(Recipe)
-    sections = {name: hints[name] for name in ("model", "seed", "data", "tradeoff")}
+    sections = {name: hints[name] for name in _RECIPE_FIELDS}
     for stage in registered_stages():
         sections[stage.name] = stage.settings | None
     return sections
@@ -223,7 +250,8 @@ def _convert(cls, node: yaml.Node, path: str, source: str, locations: dict[str, 
     extra = extra or {}
     if cls is Recipe:  # stage sections come from the registry
         hints = _recipe_sections()
-        fields = {name: dataclasses.field() for name in hints}
+        own = {item.name: item for item in dataclasses.fields(Recipe)}
+        fields = {name: own.get(name, dataclasses.field()) for name in hints}
     else:
         fields = {item.name: item for item in dataclasses.fields(cls) if item.name not in extra}
         hints = typing.get_type_hints(cls)

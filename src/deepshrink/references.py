@@ -19,7 +19,9 @@ from torch import nn
 
 from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from deepshrink.data import DataSplits, make_loader
+from deepshrink.errors import ConfigError
 from deepshrink.models import build_model, get_model_spec
+from deepshrink.tasks import Task, resolve_task
 from deepshrink.train import TrainConfig, evaluate, fit, resolve_device
 
 CACHE_ENVIRONMENT_VARIABLE = "DEEPSHRINK_CACHE"
@@ -38,10 +40,11 @@ def cache_directory(explicit: str | os.PathLike | None = None) -> Path:
 class TrainedModel:
     model: nn.Module
     path: Path
-    test_accuracy: float
-    validation_accuracy: float
+    test_metric: float
+    validation_metric: float
     seconds: float
     from_cache: bool
+    metric_name: str = "top-1 accuracy"
 
 
 def train_model(
@@ -49,6 +52,7 @@ def train_model(
     data: DataSplits,
     config: TrainConfig,
     *,
+    task: Task | str | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> tuple[nn.Module, float]:
@@ -67,6 +71,7 @@ def train_model(
         config,
         validation_loader=make_loader(data.validation, 1000, shuffle=False),
         device=resolve_device(device),
+        task=task,
         progress=progress,
         description=name,
     )
@@ -103,7 +108,7 @@ def reference_model(
         progress: progress bars while training.
 
     Returns:
-        TrainedModel(model, path, test accuracy, validation accuracy, training seconds, from_cache).
+        TrainedModel(model, path, test and validation top-1 accuracy, training seconds, from_cache).
 
     Raises:
         ModelError: the name is not registered.
@@ -118,8 +123,8 @@ def reference_model(
         return TrainedModel(
             model,
             path,
-            test.accuracy,
-            checkpoint.metadata.get("validation_accuracy", float("nan")),
+            test.metric,
+            checkpoint.metadata.get("validation_metric", float("nan")),
             checkpoint.metadata.get("train_seconds", 0.0),
             from_cache=True,
         )
@@ -132,18 +137,23 @@ def train_and_save(
     config: TrainConfig,
     path: str | os.PathLike,
     *,
+    task: Task | str | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> TrainedModel:
-    """Train `name` by `config` (see `train_model`), measure it on the validation and test
-    splits, and save it as a checkpoint at `path` with what it was trained on.
+    """Train `name` by `config` (see `train_model`) for `task` (default classification), measure
+    it on the validation and test splits, and save it as a checkpoint at `path` with what it was
+    trained on. Data without targets cannot train a model from scratch (ConfigError).
 
     Returns the TrainedModel (model on the CPU). Raises what training and saving raise:
     ModelError for an unknown model, OutputError when `path` cannot be written.
     """
-    model, seconds = train_model(name, data, config, device=device, progress=progress)
-    validation = evaluate(model, make_loader(data.validation, 1000, shuffle=False), device)
-    test = evaluate(model, make_loader(data.test, 1000, shuffle=False), device)
+    task = resolve_task(task)
+    if not data.labelled:
+        raise ConfigError(f"{data.source}: has inputs but no targets (y); training a model from scratch needs them")
+    model, seconds = train_model(name, data, config, task=task, device=device, progress=progress)
+    validation = evaluate(model, make_loader(data.validation, 1000, shuffle=False), device, task)
+    test = evaluate(model, make_loader(data.test, 1000, shuffle=False), device, task)
     save_checkpoint(
         path,
         model.cpu(),
@@ -153,10 +163,11 @@ def train_and_save(
             "data_fingerprint": data.fingerprint,
             "data_source": str(data.source),
             "train_examples": len(data.train),
-            "validation_accuracy": validation.accuracy,
-            "test_accuracy": test.accuracy,
+            "task": task.name,
+            "validation_metric": validation.metric,
+            "test_metric": test.metric,
             "train_seconds": seconds,
             "torch_version": torch.__version__,
         },
     )
-    return TrainedModel(model, Path(path), test.accuracy, validation.accuracy, seconds, from_cache=False)
+    return TrainedModel(model, Path(path), test.metric, validation.metric, seconds, False, task.metric.name)

@@ -1,5 +1,5 @@
-"""The paper's Figure 6: accuracy against compression rate for pruning only, quantization only,
-and pruning followed by quantization.
+"""The paper's Figure 6: the task's metric (accuracy, in the paper) against compression rate for
+pruning only, quantization only, and pruning followed by quantization.
 
 Every point starts from the reference and retrains briefly, so the curves compare the methods
 at equal effort. Sizes of quantized models are the bytes of a real .dcz encoding. A model that
@@ -20,6 +20,7 @@ from deepshrink.encode.sizes import encoded_bytes, parameter_bytes, sparse_fp32_
 from deepshrink.progress import progress_bar
 from deepshrink.recipe import EncodeSettings, TradeoffSettings
 from deepshrink.stages import LowrankSettings, PruneSettings, QuantizeSettings, StageContext, run_stage
+from deepshrink.tasks import Task, resolve_task
 from deepshrink.train import evaluate
 
 
@@ -31,22 +32,24 @@ def tradeoff_curves(
     *,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    task: Task | None = None,
+    batchnorm: str = "freeze",
     progress: bool = True,
 ) -> dict:
-    """Points {method, setting, bytes, ratio, accuracy} for the three methods, test accuracy.
+    """Points {method, setting, bytes, ratio, metric} for the three methods and SVD, each with
+    the task's metric on the test split (default classification's top-1 accuracy).
 
     Every point runs the stages themselves (`run_stage`) from a copy of the reference, with
     `settings.retrain_epochs` of retraining at `settings.learning_rate`."""
+    task = resolve_task(task)
     original = parameter_bytes(reference)
-    reference_accuracy = evaluate(reference, loaders.test, device).accuracy
+    reference_metric = evaluate(reference, loaders.test, device, task).metric
     points = []
-    context = StageContext(loaders, seed=seed, device=device, progress=False)
+    context = StageContext(loaders, seed=seed, device=device, progress=False, task=task, batchnorm=batchnorm)
 
     def add(method: str, setting: str, model: nn.Module, size: int) -> None:
-        accuracy = evaluate(model, loaders.test, device).accuracy
-        points.append(
-            {"method": method, "setting": setting, "bytes": size, "ratio": original / size, "accuracy": accuracy}
-        )
+        metric = evaluate(model, loaders.test, device, task).metric
+        points.append({"method": method, "setting": setting, "bytes": size, "ratio": original / size, "metric": metric})
 
     work = (
         [("prune", value) for value in settings.sparsities]
@@ -72,4 +75,9 @@ def tradeoff_curves(
                 model, LowrankSettings(budget=value, method="pos", finetune_epochs=epochs, learning_rate=rate), context
             )
             add("SVD", f"{100 * value:g}% of the MACs", model, parameter_bytes(model))
-    return {"reference_accuracy": reference_accuracy, "parameter_bytes": original, "points": points}
+    return {
+        "metric_name": task.metric.name,
+        "reference_metric": reference_metric,
+        "parameter_bytes": original,
+        "points": points,
+    }

@@ -21,9 +21,15 @@ from tqdm.auto import tqdm
 
 from deepshrink.errors import ConfigError
 from deepshrink.progress import progress_bar
+from deepshrink.tasks import Task, check_value, resolve_task
 
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam")
+# What BatchNorm layers do while a model trains: "train" updates their statistics from each batch
+# (ordinary training); "freeze" keeps them in eval mode, their stored statistics used and kept,
+# which is what retraining a compressed model needs; "recalibrate" also freezes them, then
+# re-estimates the stored statistics over the training data once training ends.
+BATCHNORM_MODES = ("train", "freeze", "recalibrate")
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class TrainConfig:
     schedule: str = "cosine"
     seed: int = 0
     optimizer: str = "sgd"
+    batchnorm: str = "train"
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 0:
@@ -58,6 +65,8 @@ class TrainConfig:
             raise ConfigError(f"schedule={self.schedule!r} should be one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r} should be one of {', '.join(OPTIMIZERS)}")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise ConfigError(f"batchnorm={self.batchnorm!r} should be one of {', '.join(BATCHNORM_MODES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,9 +82,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Evaluation:
-    accuracy: float
+    """A model measured on a data set: the task's metric, the task's mean loss, the examples seen."""
+
+    metric: float
     loss: float
     count: int
+    metric_name: str = "top-1 accuracy"
 
 
 @dataclass
@@ -83,8 +95,8 @@ class EpochRecord:
     epoch: int
     learning_rate: float
     train_loss: float
-    train_accuracy: float
-    validation_accuracy: float | None
+    train_metric: float
+    validation_metric: float | None
     seconds: float
 
 
@@ -154,6 +166,7 @@ def fit(
     *,
     validation_loader: DataLoader | None = None,
     device: str | torch.device = "cpu",
+    task: Task | str | None = None,
     criterion: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     after_step: Callable[[nn.Module, int], None] | None = None,
@@ -168,7 +181,9 @@ def fit(
         config: epochs, learning rate and schedule, momentum, weight decay, seed (TrainConfig).
         validation_loader: measured after every epoch when given.
         device: "cpu", "cuda", "cuda:N" or "auto".
-        criterion: criterion(outputs, targets, inputs) returns the loss; default cross-entropy.
+        task: the Task (or its name) whose loss trains and whose metric is logged; default
+            classification (cross-entropy, top-1 accuracy).
+        criterion: criterion(outputs, targets, inputs) returns the loss instead of the task's.
             Passing the inputs lets a distillation loss run its teacher on the same batch.
         optimizer: default SGD from `config`; pass your own to keep its state across stages.
         after_step: after_step(model, step) runs after every optimizer step (the mask updates
@@ -177,11 +192,12 @@ def fit(
         description: the progress bar's label.
 
     Returns:
-        History: one EpochRecord per epoch (learning rate, training loss and accuracy,
-        validation accuracy, seconds).
+        History: one EpochRecord per epoch (learning rate, training loss and metric,
+        validation metric, seconds).
 
     Raises:
-        ConfigError: the device is unknown or unavailable, or the loss diverges (not finite).
+        ConfigError: the device is unknown or unavailable, the loss diverges (not finite), or
+            the metric is not a finite number.
     """
     device = resolve_device(device)
     model.to(device)
@@ -190,10 +206,11 @@ def fit(
     steps_per_epoch = len(train_loader)
     total_steps = config.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule_factor(config, total_steps))
+    task = resolve_task(task)
     if criterion is None:
 
         def criterion(outputs, targets, inputs):  # noqa: ARG001 - same signature as custom losses
-            return nn.functional.cross_entropy(outputs, targets)
+            return task.loss(outputs, targets)
 
     history = History()
     step = 0
@@ -205,11 +222,15 @@ def fit(
             if hasattr(candidate, "set_epoch"):
                 candidate.set_epoch(epoch)
         model.train()
+        if config.batchnorm != "train":
+            freeze_batchnorm(model)
         started = time.perf_counter()
-        loss_sum = correct = seen = 0.0
+        loss_sum = seen = 0.0
+        sums = None
         learning_rate = optimizer.param_groups[0]["lr"]
         bar = progress_bar(train_loader, desc=f"{description} {epoch}/{config.epochs}", leave=False, enabled=show)
-        for inputs, targets in bar:
+        for batch in bar:
+            inputs, targets = _inputs_and_targets(batch)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             outputs = model(inputs)
@@ -225,60 +246,117 @@ def fit(
             step += 1
             if after_step is not None:
                 after_step(model, step)
-            batch = targets.shape[0]
+            batch = outputs.shape[0]
             loss_sum += loss.item() * batch
-            correct += (outputs.argmax(1) == targets).sum().item()
+            with torch.no_grad():
+                statistics = task.metric.statistics(outputs.detach(), targets).cpu().double()
+            sums = statistics if sums is None else sums + statistics
             seen += batch
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
-        loss_sum, correct, seen = _sum_over_ranks([loss_sum, correct, seen], device)
-        validation_accuracy = None
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        if config.batchnorm == "recalibrate":
+            recalibrate_batchnorm(model, train_loader, device)
+        totals = _sum_over_ranks([loss_sum, seen, *(sums.tolist() if sums is not None else [])], device)
+        loss_sum, seen = totals[0], totals[1]
+        train_metric = task.metric.finish(totals[2:]) if sums is not None else float("nan")
+        validation_metric = None
         if validation_loader is not None:
-            validation_accuracy = evaluate(model, validation_loader, device).accuracy
+            validation_metric = evaluate(model, validation_loader, device, task).metric
         record = EpochRecord(
             epoch=epoch,
             learning_rate=learning_rate,
             train_loss=loss_sum / max(seen, 1),
-            train_accuracy=correct / max(seen, 1),
-            validation_accuracy=validation_accuracy,
+            train_metric=train_metric,
+            validation_metric=validation_metric,
             seconds=time.perf_counter() - started,
         )
         history.epochs.append(record)
         if show:
-            shown = f" val_acc={validation_accuracy:.4f}" if validation_accuracy is not None else ""
+            shown = f" validation {validation_metric:.4f}" if validation_metric is not None else ""
             tqdm.write(
                 f"{description} epoch {epoch}/{config.epochs}: loss={record.train_loss:.4f} "
-                f"acc={record.train_accuracy:.4f}{shown} ({record.seconds:.1f}s)"
+                f"{task.metric.name} {record.train_metric:.4f}{shown} ({record.seconds:.1f}s)"
             )
     return history
 
 
+def _inputs_and_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, list | tuple) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ConfigError(
+        "training and evaluating need batches of (inputs, targets), got "
+        f"{type(batch).__name__}{f' of {len(batch)}' if isinstance(batch, list | tuple) else ''}; for data without "
+        "targets, let deepshrink.run make them from the original model, or add them with pipeline.with_targets_from"
+    )
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm layer of `model` in eval mode: its stored statistics normalise and stay
+    as they are, while its scale and shift still train."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> Evaluation:
-    """Top-1 accuracy and mean cross-entropy of `model` over `loader`, without gradients.
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> None:
+    """Re-estimate every BatchNorm layer's stored mean and variance as the average over `loader`
+    (one pass, no gradients, weights unchanged), for the network as it is now."""
+    layers = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return
+    was_training = model.training
+    saved = [(layer, layer.momentum) for layer in layers]
+    model.eval()
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # None: a cumulative average over every batch seen
+        layer.train()
+    for inputs, _ in loader:
+        model(inputs.to(device))
+    for layer, momentum in saved:
+        layer.momentum = momentum
+    model.train(was_training)
+    if was_training:
+        freeze_batchnorm(model)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu", task: Task | str | None = None
+) -> Evaluation:
+    """The task's metric and mean loss of `model` over `loader`, without gradients.
 
     Args:
         model: the network; its training mode is restored afterwards.
-        loader: batches of (inputs, class labels).
+        loader: batches of (inputs, targets).
         device: "cpu", "cuda", "cuda:N" or "auto".
+        task: the Task or its name; default classification (top-1 accuracy, cross-entropy).
 
     Returns:
-        Evaluation(accuracy, loss, count), summed over every process under torchrun.
+        Evaluation(metric, loss, count, metric_name), summed over every process under torchrun.
 
     Raises:
-        ConfigError: the loader is empty, or the device is unknown or unavailable.
+        ConfigError: the loader is empty, the device is unknown or unavailable, or the metric
+            is not a finite number.
     """
     device = resolve_device(device)
+    task = resolve_task(task)
     was_training = model.training
     model.to(device).eval()
-    loss_sum = correct = count = 0.0
-    for inputs, targets in loader:
+    loss_sum = count = 0.0
+    sums = None
+    for pair in loader:
+        inputs, targets = _inputs_and_targets(pair)
         inputs, targets = inputs.to(device), targets.to(device)
         outputs = model(inputs)
-        loss_sum += nn.functional.cross_entropy(outputs, targets, reduction="sum").item()
-        correct += (outputs.argmax(1) == targets).sum().item()
-        count += targets.shape[0]
-    loss_sum, correct, count = _sum_over_ranks([loss_sum, correct, count], device)
+        batch = outputs.shape[0]
+        loss_sum += task.loss(outputs, targets).item() * batch
+        statistics = task.metric.statistics(outputs, targets).cpu().double()
+        sums = statistics if sums is None else sums + statistics
+        count += batch
     model.train(was_training)
     if count == 0:
         raise ConfigError("cannot evaluate on an empty data loader")
-    return Evaluation(accuracy=correct / count, loss=loss_sum / count, count=int(count))
+    totals = _sum_over_ranks([loss_sum, count, *sums.tolist()], device)
+    metric = check_value(task, task.metric.finish(totals[2:]), f"{int(totals[1])} examples")
+    return Evaluation(metric=metric, loss=totals[0] / totals[1], count=int(totals[1]), metric_name=task.metric.name)

@@ -7,6 +7,7 @@ weights are bit-identical to the model's effective weights (codebook[indices], e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numba
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.encode import huffman
+from deepshrink.encode import huffman, lossless
 from deepshrink.encode.bitio import flush, put_bits
 from deepshrink.encode.schema import CODERS, FORMAT_NAME, CheckedHeader, check_header
 from deepshrink.encode.sparse import SparseLayout, as_matrix, check_entries, from_sparse, to_sparse
@@ -155,10 +156,12 @@ def encode_model(
     coder: str = "huffman",
     metadata: dict | None = None,
 ) -> tuple[dict, list[bytes]]:
-    """Header and buffers for `model`: shared layers compressed, every other tensor raw.
+    """Header and buffers for `model`: shared layers compressed; every other tensor as byte planes
+    under zstd (`lossless.py`), or raw where that is not smaller.
 
     `index_bits` maps layer-name globs to gap widths (default 8 conv / 5 fc). Layers that are
-    pruned but not weight-shared are stored raw: the sparse layout needs code 0 for its fillers.
+    pruned but not weight-shared are stored losslessly: the sparse layout needs code 0 for its
+    fillers.
     """
     if coder not in CODERS:
         raise ConfigError(f"coder={coder!r} should be one of {', '.join(CODERS)}")
@@ -178,13 +181,15 @@ def encode_model(
             raise ConfigError(f"tensor {key!r} has dtype {tensor.dtype}, which the .dcz format does not store")
         tensor = tensor.detach().cpu().contiguous()
         array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
-        buffers.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        packed = lossless.compress(data, array.dtype.itemsize) if data else None
+        buffers.append(data if packed is None else packed)
         records.append(
             {
                 "name": key,
                 "shape": list(tensor.shape),
                 "dtype": TORCH_NAMES[tensor.dtype],
-                "encoding": "raw",
+                "encoding": "raw" if packed is None else "zstd",
                 "data": len(buffers) - 1,
             }
         )
@@ -250,7 +255,11 @@ def decode_record_parts(record: dict, buffers: list[bytes]) -> torch.Tensor | Sh
         return decode_shared_parts(record, buffers)
     shape, dtype = record["shape"], record["dtype"]
     torch_type, numpy_type = DTYPES[dtype]
-    array = np.frombuffer(buffers[record["data"]], dtype=np.dtype(numpy_type).newbyteorder("<")).reshape(shape)
+    item = np.dtype(numpy_type).newbyteorder("<")
+    data = buffers[record["data"]]
+    if record["encoding"] == "zstd":
+        data = lossless.decompress(data, math.prod(shape) * item.itemsize, item.itemsize, record["name"])
+    array = np.frombuffer(data, dtype=item).reshape(shape)
     tensor = torch.from_numpy(array.astype(numpy_type, copy=True))
     return tensor.view(torch_type) if tensor.dtype != torch_type else tensor
 
@@ -287,11 +296,14 @@ def decode_state_dict(
 
 def verify(buffers: list[bytes], checked: CheckedHeader) -> None:
     """Decode every shared record's streams (never its weights) and check what the header
-    declares about them: the entries fit their rows, and the count of non-zero weights.
+    declares about them: the entries fit their rows, and the count of non-zero weights; and
+    decompress every zstd record to its exact size.
 
     For a full check of a file without building its tensors (`inspect`).
     """
     for record in checked.records:
+        if record["encoding"] == "zstd":
+            decode_record_parts(record, buffers)
         if record["encoding"] != "shared":
             continue
         parts = decode_shared_parts(record, buffers)

@@ -19,7 +19,7 @@ from deepshrink.files import atomic_output
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"
 MAJOR_VERSION = 2
-MINOR_VERSION = 0
+MINOR_VERSION = 1  # 2.1: tensors may be stored as zstd byte planes (encoding "zstd")
 READABLE_MAJOR_VERSIONS = (1, 2)  # 1.x: plain JSON header; 2.x: zlib-compressed JSON header
 PREAMBLE = struct.Struct("<8sHHIQ")  # magic, major, minor, header CRC-32, header length
 VERSIONS = struct.Struct("<HH")  # covered by the header checksum, so a flipped minor version is caught

@@ -27,7 +27,7 @@ from deepshrink.errors import FormatError
 FORMAT_NAME = "deepshrink-dcz"
 CODERS = ("huffman", "fixed")
 LAYOUTS = ("dense", "csr", "csc")
-ENCODINGS = ("raw", "shared")
+ENCODINGS = ("raw", "zstd", "shared")
 ITEM_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
 HUFFMAN_LANES = 4
 MAX_ELEMENTS = 1 << 40  # per tensor; also bounds each side of a shape
@@ -216,6 +216,13 @@ def _check_record(record: dict, buffers: _Buffers) -> None:
             raise FormatError(
                 f"{name}: raw data has {length} bytes; shape {shape} of {dtype} needs {elements * ITEM_SIZES[dtype]}"
             )
+    elif encoding == "zstd":
+        # Compressed data is checked for its exact decoded size when it is decoded; here it only
+        # has to exist, belong to this record, and not be larger than the raw bytes it replaces.
+        length = buffers.claim(record.get("data"), name)
+        if not 0 < length < max(elements * ITEM_SIZES[dtype], 1):
+            raw = elements * ITEM_SIZES[dtype]
+            raise FormatError(f"{name}: zstd data has {length} bytes; it should be smaller than the {raw} raw bytes")
     elif encoding == "shared":
         _check_shared(record, name, shape, elements, buffers)
     else:
@@ -241,6 +248,14 @@ def check_metadata(metadata) -> dict:
             raise FormatError(f"metadata lowrank_structure is {_shown(structure)}; expected a scheme and ranks")
         for layer, rank in ranks.items():
             _integer(rank, f"metadata lowrank_structure rank of {layer!r}", 1, MAX_ELEMENTS)
+    folded = metadata.get("batchnorm_folded")
+    if folded is not None and not (
+        isinstance(folded, list)
+        and all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(name, str) for name in pair) for pair in folded
+        )
+    ):
+        raise FormatError(f"metadata batchnorm_folded is {_shown(folded)}; expected a list of [layer, batchnorm] names")
     return metadata
 
 

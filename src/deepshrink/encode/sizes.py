@@ -95,7 +95,7 @@ def size_report(header: dict) -> tuple[list[LayerSize], dict]:
         weights = 1
         for side in shape:
             weights *= side
-        if record["encoding"] == "raw":
+        if record["encoding"] in ("raw", "zstd"):
             rows.append(LayerSize(record["name"], weights, weights, table[record["data"]]["length"]))
             continue
         streams = record["streams"]

@@ -16,7 +16,7 @@ Why each choice (the measurements are in BENCHMARKS.md):
   cost-metric descent").
 - Scores. The linear budget prices every layer as factored and cannot see that a small layer is
   cheaper whole, so candidates are scored on the real network: by the training loss on fixed
-  batches, or (with a validation loader) by mean validation accuracy after fine-tuning each
+  batches, or (with a validation loader) by mean validation metric after fine-tuning each
   candidate as the winner will be, ties to the lower loss. Accuracy, because the loss before
   fine-tuning misjudged which ranks fine-tune best (LeNet-5 at 0.7 of the MACs: 5% less loss,
   0.11 points behind on test). More selection seeds average out shuffles but not the
@@ -48,6 +48,7 @@ from deepshrink.lowrank import (
     select_pos,
 )
 from deepshrink.progress import progress_bar
+from deepshrink.tasks import Task, classification
 from deepshrink.train import TrainConfig, evaluate, fit
 
 # The relaxation's descents: one metric, or both with all their roundings as candidates.
@@ -59,8 +60,8 @@ class Selection:
     """How the candidates are scored: with a `validation` loader, each distinct candidate is
     factorized, fine-tuned by `finetune` (default one epoch of SGD at 0.01) once per seed in
     `seeds` on `loaders(seed)` (default: the descent's loader, for one seed only) with the loss
-    `criterion` (default cross-entropy), and scored by its mean validation accuracy. Without
-    one, by the training loss on fixed batches."""
+    `criterion` (default the task's loss), and scored by its mean validation metric (the task's;
+    ties go to the lower loss). Without one, by the training loss on fixed batches."""
 
     validation: Iterable | None = None
     finetune: TrainConfig | None = None
@@ -83,7 +84,8 @@ class Selection:
 class RelaxedOptions:
     """The descent: `steps` projected gradient steps at `learning_rate` (normalised steps),
     rounded at `rounding_points` evenly spaced steps, in the `projection` metric (PROJECTIONS);
-    `evaluation_batches` fixed batches score by training loss; `selection` (see Selection)."""
+    `evaluation_batches` fixed batches score by training loss; `selection` (see Selection);
+    `task` gives the loss descended and the metric scored (default classification)."""
 
     steps: int = 300
     learning_rate: float = 0.05
@@ -91,6 +93,7 @@ class RelaxedOptions:
     evaluation_batches: int = 8
     projection: str = "euclidean"
     selection: Selection = field(default_factory=Selection)
+    task: Task = field(default_factory=classification)
 
     def __post_init__(self) -> None:
         if self.projection not in PROJECTIONS:
@@ -133,7 +136,7 @@ def select_relaxed(
     """
     options = options or RelaxedOptions()
     _check_budget(budget)
-    relaxation = _Relaxation(model, spectra, budget, device)
+    relaxation = _Relaxation(model, spectra, budget, device, options.task)
     # Taken before the descent, which (with a shuffling loader) draws its batches after these.
     batches = _fixed_batches(loader, options.evaluation_batches)
     candidates = [
@@ -150,9 +153,10 @@ def select_relaxed(
             for label, ranks, components in candidates
         ]
     else:
-        criterion = f"mean validation accuracy after fine-tuning with seeds {list(selection.seeds)}"
-        scored = _finetuned_scores(model, spectra, candidates, selection, loader, device, progress)
-    _, _, label, ranks, components, _ = min(scored, key=lambda entry: (-(entry[0] or 0.0), entry[1]))
+        criterion = f"mean validation {options.task.metric.name} after fine-tuning with seeds {list(selection.seeds)}"
+        scored = _finetuned_scores(model, spectra, candidates, selection, loader, device, progress, options.task)
+    sign = -1.0 if options.task.metric.higher_is_better else 1.0
+    _, _, label, ranks, components, _ = min(scored, key=lambda entry: (sign * (entry[0] or 0.0), entry[1]))
     return RankChoice(
         "relaxed",
         ranks,
@@ -160,8 +164,8 @@ def select_relaxed(
         _dense_total(spectra),
         components=components,
         candidates=[
-            {"candidate": entry[2], "accuracy": entry[0], "loss": entry[1], "ranks": entry[3]}
-            | ({"accuracy_per_seed": entry[5]} if entry[5] is not None else {})
+            {"candidate": entry[2], "metric": entry[0], "loss": entry[1], "ranks": entry[3]}
+            | ({"metric_per_seed": entry[5]} if entry[5] is not None else {})
             for entry in scored
         ],
         criterion=criterion,
@@ -172,8 +176,9 @@ def select_relaxed(
 class _Relaxation:
     """The masked network: its loss as a function of the masks, and the projected descent."""
 
-    def __init__(self, model: nn.Module, spectra: dict[str, LayerSpectrum], budget: float, device) -> None:
+    def __init__(self, model: nn.Module, spectra: dict[str, LayerSpectrum], budget: float, device, task: Task) -> None:
         self.model = model.to(device).eval()
+        self.task = task
         self.spectra, self.device = spectra, device
         self.names = list(spectra)
         self.pieces = [spectra[name].full_rank for name in self.names]
@@ -200,8 +205,8 @@ class _Relaxation:
             weights[f"{name}.weight"] = _unmatricize(
                 (left * (mask * singular)) @ right, spectrum.layer.weight.shape, spectrum.scheme
             )
-        logits = functional_call(self.model, weights, (images.to(self.device),))
-        return nn.functional.cross_entropy(logits, labels.to(self.device))
+        outputs = functional_call(self.model, weights, (images.to(self.device),))
+        return self.task.loss(outputs, labels.to(self.device))
 
     def loss_on(self, batches: list, ranks: dict[str, int | None], components: dict | None) -> float:
         """The mean loss on `batches` of the network a candidate builds."""
@@ -262,8 +267,8 @@ def _fixed_batches(loader: Iterable, count: int) -> list:
     return batches
 
 
-def _finetuned_scores(model, spectra, candidates, selection: Selection, loader, device, progress) -> list[tuple]:
-    """(mean accuracy, mean loss, label, ranks, components, accuracy per seed) per candidate; each
+def _finetuned_scores(model, spectra, candidates, selection: Selection, loader, device, progress, task) -> list[tuple]:
+    """(mean metric, mean loss, label, ranks, components, metric per seed) per candidate; each
     distinct network is fine-tuned once per seed, with the same seeds for all (a paired comparison)."""
 
     loaders = selection.loaders or (lambda seed: loader)
@@ -278,13 +283,21 @@ def _finetuned_scores(model, spectra, candidates, selection: Selection, loader, 
             runs_of[key] = []
             for seed in selection.seeds:
                 candidate = factorize(copy.deepcopy(model), spectra, ranks, components)
-                fit(candidate, loaders(seed), config, device=device, criterion=selection.criterion, progress=False)
-                result = evaluate(candidate, selection.validation, device)
-                runs_of[key].append((result.accuracy, result.loss))
+                fit(
+                    candidate,
+                    loaders(seed),
+                    config,
+                    device=device,
+                    task=task,
+                    criterion=selection.criterion,
+                    progress=False,
+                )
+                result = evaluate(candidate, selection.validation, device, task)
+                runs_of[key].append((result.metric, result.loss))
         runs = runs_of[key]
-        accuracy = sum(run[0] for run in runs) / len(runs)
+        metric = sum(run[0] for run in runs) / len(runs)
         loss = sum(run[1] for run in runs) / len(runs)
-        scored.append((accuracy, loss, label, ranks, components, [run[0] for run in runs]))
+        scored.append((metric, loss, label, ranks, components, [run[0] for run in runs]))
     return scored
 
 

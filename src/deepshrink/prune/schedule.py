@@ -15,6 +15,7 @@ from deepshrink.errors import ConfigError
 from deepshrink.layers import match_per_layer, select_layers
 from deepshrink.prune.masks import global_sparsity_masks, sparsity_mask, std_threshold_mask
 from deepshrink.prune.module import apply_masks, current_masks
+from deepshrink.tasks import Task
 from deepshrink.train import TrainConfig, evaluate, fit
 
 
@@ -23,14 +24,14 @@ class RoundRecord:
     round: int
     targets: dict[str, float]
     kept_fraction: float
-    accuracy_after_pruning: float
-    accuracy_after_retraining: float
+    metric_after_pruning: float
+    metric_after_retraining: float
     seconds: float
 
 
 @dataclass
 class PruningHistory:
-    reference_accuracy: float
+    reference_metric: float
     rounds: list[RoundRecord] = field(default_factory=list)
 
 
@@ -108,33 +109,36 @@ def iterative_pruning(
     rounds: int,
     retrain: TrainConfig,
     device: str | torch.device = "cpu",
+    task: Task | str | None = None,
     criterion: Callable | None = None,
     progress: bool = True,
 ) -> PruningHistory:
     """Prune `model` in place over `rounds` rounds, each pruning by `rule` then retraining.
 
-    Retraining holds the masks for `retrain.epochs` epochs. Validation accuracy is logged after
+    Retraining holds the masks for `retrain.epochs` epochs with the task's loss (or
+    `criterion`). The task's validation metric (default classification's top-1) is logged after
     pruning and after retraining, round by round, with the kept fraction of the pruned layers.
     """
     if rounds < 1:
         raise ConfigError(f"rounds={rounds} should be at least 1")
-    history = PruningHistory(reference_accuracy=evaluate(model, validation_loader, device).accuracy)
+    history = PruningHistory(reference_metric=evaluate(model, validation_loader, device, task).metric)
     for index in range(1, rounds + 1):
         started = time.perf_counter()
         masks = rule(model, index, rounds)
         apply_masks(model, masks)
-        after_pruning = evaluate(model, validation_loader, device).accuracy
+        after_pruning = evaluate(model, validation_loader, device, task).metric
         if retrain.epochs:
             fit(
                 model,
                 train_loader,
                 retrain,
                 device=device,
+                task=task,
                 criterion=criterion,
                 progress=progress,
                 description=f"prune round {index}/{rounds}",
             )
-        after_retraining = evaluate(model, validation_loader, device).accuracy
+        after_retraining = evaluate(model, validation_loader, device, task).metric
         targets = {name: 1.0 - mask.float().mean().item() for name, mask in masks.items()}
         record = RoundRecord(
             index,
@@ -148,6 +152,6 @@ def iterative_pruning(
         if progress:
             tqdm.write(
                 f"round {index}/{rounds}: kept {100 * record.kept_fraction:.2f}% of weights, "
-                f"val acc {after_pruning:.4f} after pruning, {after_retraining:.4f} after retraining"
+                f"validation metric {after_pruning:.4f} after pruning, {after_retraining:.4f} after retraining"
             )
     return history

@@ -127,14 +127,15 @@ def dynamic_network_surgery(
     power: float = 1.0,
     validation_loader: DataLoader | None = None,
     device: str | torch.device = "cpu",
+    task=None,
     criterion=None,
     progress: bool = True,
 ) -> SurgeryResult:
     """Train `model` with DNS on the layers named in `crates` or `sparsities`, then fix the masks.
 
     The result leaves ordinary PruningMask parametrizations, so the usual retraining, the
-    quantization stage and the encoder all take it from there. `criterion` is fit's loss (a
-    DistillationLoss, say); cross-entropy by default.
+    quantization stage and the encoder all take it from there. `task` (default classification)
+    gives the loss and the logged metric; `criterion` replaces the loss (a DistillationLoss, say).
     """
     chosen = dict(crates or {}) if crates else dict(sparsities or {})
     if not chosen or (crates and sparsities):
@@ -166,6 +167,7 @@ def dynamic_network_surgery(
         config,
         validation_loader=validation_loader,
         device=device,
+        task=task,
         criterion=criterion,
         after_step=update_masks,
         progress=progress,

@@ -1,7 +1,9 @@
 """The run report: the paper's Table 1 row and per-layer table (beside the paper's own numbers),
 the stages' logs, and Figures 4-6, as Markdown + JSON + PNG in the run directory.
 
-Sizes come from the written file's header; the compressed accuracy from the decoded file.
+Sizes come from the written file's header; the compressed model's metric from the decoded file.
+The metric is the task's (top-1 accuracy for classification, the paper's setting); the paper's
+rows are shown only for the paper's own networks as classifiers.
 """
 
 from __future__ import annotations
@@ -20,20 +22,48 @@ from deepshrink.report.figures import plot_codebooks, plot_distributions, plot_t
 from deepshrink.tables import render_table
 
 
+def shown(value: float, metric_name: str) -> str:
+    """A metric's value as a reader expects it: accuracies in percent, anything else as a number."""
+    return f"{100 * value:.2f}%" if "accuracy" in metric_name else f"{value:.4f}"
+
+
+def change(result) -> str:
+    """The compressed model's metric against the reference's: in points for an accuracy."""
+    difference = result.compressed_metric - result.reference_metric
+    return f"{100 * difference:+.2f} points" if "accuracy" in result.metric_name else f"{difference:+.4f}"
+
+
+def _paper_row(result):
+    """The paper's own numbers for this network, when it is one of the paper's classifiers."""
+    return PAPER.get(result.model_name) if result.task == "classification" else None
+
+
 def table1(result, markdown: bool = False) -> str:
     """The paper's Table 1 row for this run, with the paper's own row when it has one."""
-    header = ["network", "top-1 error (reference)", "top-1 error (compressed)", "parameters", "compressed", "ratio"]
+    classification = result.task == "classification"
+    name = result.metric_name
+    header = ["network"]
+    header += (
+        ["top-1 error (reference)", "top-1 error (compressed)"]
+        if classification
+        else [f"{name} (reference)", f"{name} (compressed)"]
+    )
+    header += ["parameters", "compressed", "ratio"]
+    values = (
+        [f"{100 * (1 - result.reference_metric):.2f}%", f"{100 * (1 - result.compressed_metric):.2f}%"]
+        if classification
+        else [shown(result.reference_metric, name), shown(result.compressed_metric, name)]
+    )
     rows = [
         [
             f"{result.model_name} (ours, {result.data_name})",
-            f"{100 * (1 - result.reference_accuracy):.2f}%",
-            f"{100 * (1 - result.compressed_accuracy):.2f}%",
+            *values,
             f"{result.parameter_bytes / 1000:,.0f} KB",
             f"{result.file_bytes / 1000:,.1f} KB",
             f"{result.ratio:.1f}x",
         ]
     ]
-    paper = PAPER.get(result.model_name)
+    paper = _paper_row(result)
     if paper is not None:
         rows.append(
             [
@@ -85,8 +115,8 @@ def stage_lines(result) -> list[str]:
         state = "cached" if stage.cached else "ran"
         detail = ""
         metrics = stage.result.metrics
-        if "validation_accuracy" in metrics:
-            detail = f", validation accuracy {100 * metrics['validation_accuracy']:.2f}%"
+        if "validation_metric" in metrics:
+            detail = f", validation {result.metric_name} {shown(metrics['validation_metric'], result.metric_name)}"
         if "kept_fraction" in metrics:
             detail += f", {100 * metrics['kept_fraction']:.2f}% of weights kept"
         lines.append(f"- {stage.name}: {state} in {stage.seconds:.1f} s{detail} (key {stage.key[:12]})")
@@ -115,9 +145,12 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
         f"# deepshrink report: {result.model_name}",
         "",
         f"File `{result.path.name}`: {result.file_bytes:,} bytes, {result.ratio:.1f}x smaller than the "
-        f"{result.parameter_bytes:,} bytes of fp32 parameters. Test accuracy {100 * result.reference_accuracy:.2f}% "
-        f"before, {100 * result.compressed_accuracy:.2f}% decoded from the file "
-        f"({100 * (result.compressed_accuracy - result.reference_accuracy):+.2f} points).",
+        f"{result.parameter_bytes:,} bytes of fp32 parameters. {_measured(result)}",
+        "",
+        f"Task: {result.task}; data: {result.data_name}"
+        + ("; targets made from the original model's outputs (the data has none)" if result.targets != "given" else "")
+        + ("; no test split, so the validation split reports" if result.evaluated_on != "test" else "")
+        + ".",
         "",
         "## Table 1",
         "",
@@ -128,7 +161,7 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
         format_size_table(rows, totals, markdown=True),
         "",
     ]
-    comparison = paper_comparison(result.model_name, rows)
+    comparison = paper_comparison(result.model_name, rows) if _paper_row(result) else None
     if comparison is not None:
         lines += [f"Beside the paper's {PAPER[result.model_name].table} (MNIST):", "", comparison, ""]
     lines += ["## Stages", "", *stage_lines(result), ""]
@@ -136,18 +169,24 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
         "figure4": "Figure 4: centroid initialisation on the weights' CDF, and the codebook before and after "
         "fine-tuning (largest layer)",
         "figure5": "Figure 5: distribution of weight codes and index gaps (largest layer), what Huffman exploits",
-        "figure6": "Figure 6: test accuracy against compression ratio for pruning only, quantization only, "
-        "both, and SVD low-rank, each from the reference with brief retraining",
+        "figure6": f"Figure 6: {result.evaluated_on} {result.metric_name} against compression ratio for pruning "
+        "only, quantization only, both, and SVD low-rank, each from the reference with brief retraining",
     }
     if figures:
         lines += ["## Figures", ""]
         for key, name in figures.items():
             lines += [f"![{key}]({name})", "", captions[key], ""]
     if tradeoff is not None:
-        header = ["method", "setting", "bytes", "ratio", "test accuracy"]
+        header = ["method", "setting", "bytes", "ratio", f"{result.evaluated_on} {result.metric_name}"]
         body = [
-            [p["method"], p["setting"], f"{p['bytes']:,}", f"{p['ratio']:.1f}x", f"{100 * p['accuracy']:.2f}%"]
-            for p in tradeoff["points"]
+            [
+                point["method"],
+                point["setting"],
+                f"{point['bytes']:,}",
+                f"{point['ratio']:.1f}x",
+                shown(point["metric"], result.metric_name),
+            ]
+            for point in tradeoff["points"]
         ]
         lines += ["Figure 6 data:", "", render_table(header, body, markdown=True), ""]
 
@@ -157,8 +196,14 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
         "file_bytes": result.file_bytes,
         "parameter_bytes": result.parameter_bytes,
         "ratio": result.ratio,
-        "reference_test_accuracy": result.reference_accuracy,
-        "compressed_test_accuracy": result.compressed_accuracy,
+        "data": result.data_name,
+        "task": result.task,
+        "metric": result.metric_name,
+        "higher_is_better": result.higher_is_better,
+        "evaluated_on": result.evaluated_on,
+        "targets": result.targets,
+        "reference_metric": result.reference_metric,
+        "compressed_metric": result.compressed_metric,
         "layers": [asdict(row) | {"rate": row.rate, "rate_fixed": row.rate_fixed} for row in rows],
         "totals": totals,
         "stages": [stage.to_dict() for stage in result.stages],
@@ -193,15 +238,24 @@ def summary(result) -> str:
     """What the CLI prints at the end of a run."""
     rows, totals = size_report(inspect_header(result.path)[0])
     parts = [format_size_table(rows, totals), "", table1(result)]
-    comparison = paper_comparison(result.model_name, rows, markdown=False)
+    comparison = paper_comparison(result.model_name, rows, markdown=False) if _paper_row(result) else None
     if comparison is not None:
         parts += ["", comparison]
     parts += [
         "",
         f"file: {result.path} ({result.file_bytes:,} bytes, {result.ratio:.1f}x)",
-        f"test accuracy: {100 * result.reference_accuracy:.2f}% reference, "
-        f"{100 * result.compressed_accuracy:.2f}% decoded from the file "
-        f"({100 * (result.compressed_accuracy - result.reference_accuracy):+.2f} points)",
+        f"{result.evaluated_on} {result.metric_name} ({result.task}, {result.data_name}): "
+        f"{shown(result.reference_metric, result.metric_name)} reference, "
+        f"{shown(result.compressed_metric, result.metric_name)} decoded from the file ({change(result)})",
         f"report: {Path(result.run_dir) / 'report.md'}",
     ]
     return "\n".join(parts)
+
+
+def _measured(result) -> str:
+    """One sentence: the metric before and decoded from the file, on which split."""
+    name = result.metric_name
+    return (
+        f"{result.evaluated_on.capitalize()} {name} {shown(result.reference_metric, name)} before, "
+        f"{shown(result.compressed_metric, name)} decoded from the file ({change(result)})."
+    )

@@ -3,7 +3,7 @@
 - Figure 4 of Han et al. (2016): a layer's codebook on its weight distribution (`plot_codebooks`);
 - Figure 5 of Han et al. (2016): the distributions of weight codes and index gaps that Huffman
   coding exploits (`plot_distributions`);
-- Figure 6 of Han et al. (2016): accuracy against compression ratio per method (`plot_tradeoff`);
+- Figure 6 of Han et al. (2016): the metric against compression ratio per method (`plot_tradeoff`);
 - Figure 5 of Han et al. (2015): each layer's sensitivity to pruning (`plot_sensitivity`).
 """
 
@@ -105,19 +105,22 @@ def plot_distributions(path: str | os.PathLike, out: str | os.PathLike, layer: s
 
 
 def plot_tradeoff(curves: dict, path) -> None:
-    """Accuracy loss against compression ratio, one line per method (Han et al. 2016, Figure 6)."""
+    """The metric's change against compression ratio, one line per method (Han et al. 2016,
+    Figure 6, where the metric is accuracy); accuracies are shown in points."""
     plt = _pyplot()
     import matplotlib.ticker
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    reference = curves["reference_accuracy"]
+    reference = curves["reference_metric"]
+    name = curves.get("metric_name", "top-1 accuracy")
+    scale = 100 if "accuracy" in name else 1
     methods = ["pruning + quantization", "pruning only", "quantization only", "SVD"]
     for method, marker in zip(methods, "osd^", strict=True):
         points = sorted((point for point in curves["points"] if point["method"] == method), key=lambda p: p["ratio"])
         if points:
             axis.plot(
                 [point["ratio"] for point in points],
-                [100 * (point["accuracy"] - reference) for point in points],
+                [scale * (point["metric"] - reference) for point in points],
                 marker=marker,
                 label=method,
             )
@@ -127,24 +130,30 @@ def plot_tradeoff(curves: dict, path) -> None:
     axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
     axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xlabel("compression ratio (fp32 parameter bytes / compressed bytes)")
-    axis.set_ylabel("test accuracy change (points)")
-    axis.set_title("Accuracy against compression (Figure 6)")
+    axis.set_ylabel(f"{name} change" + (" (points)" if scale == 100 else ""))
+    axis.set_title(f"{name.capitalize()} against compression (Figure 6)")
     axis.legend()
     save_figure(figure, path)
 
 
 def plot_sensitivity(result: SensitivityResult, path: str | Path, title: str = "") -> Path:
-    """Accuracy against sparsity, one curve per layer (Han et al. 2015, Figure 5)."""
+    """The task's metric against sparsity, one curve per layer (Han et al. 2015, Figure 5, where
+    the metric is accuracy)."""
     plt = _pyplot()
 
+    scale = 100 if "accuracy" in result.metric_name else 1
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for name, accuracies in result.accuracy.items():
+    for name, values in result.metric.items():
         axes.plot(
-            [100 * s for s in result.sparsities], [100 * a for a in accuracies], marker="o", markersize=3, label=name
+            [100 * sparsity for sparsity in result.sparsities],
+            [scale * value for value in values],
+            marker="o",
+            markersize=3,
+            label=name,
         )
-    axes.axhline(100 * result.baseline_accuracy, color="grey", linestyle="--", linewidth=0.8, label="unpruned")
+    axes.axhline(scale * result.baseline, color="grey", linestyle="--", linewidth=0.8, label="unpruned")
     axes.set_xlabel("parameters pruned away (%)")
-    axes.set_ylabel("validation accuracy (%)")
+    axes.set_ylabel(f"validation {result.metric_name}" + (" (%)" if scale == 100 else ""))
     axes.set_title(title or "Sensitivity of each layer to pruning (no retraining)")
     axes.grid(alpha=0.3)
     axes.legend()

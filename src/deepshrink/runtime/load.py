@@ -23,7 +23,7 @@ from deepshrink.encode.codec import SharedParts, decode_record_parts
 from deepshrink.encode.sparse import as_matrix
 from deepshrink.errors import ConfigError, FormatError
 from deepshrink.layers import matching
-from deepshrink.loading import STRUCTURE_KEY, check_tensors_fit, model_for
+from deepshrink.loading import check_tensors_fit, model_for
 from deepshrink.runtime.choice import LayerChoice, measure_conv, measure_linear
 from deepshrink.runtime.forms import CodebookWeight
 from deepshrink.runtime.kernels import csr_from_layout
@@ -150,7 +150,7 @@ def load_runtime(
             raise ConfigError(f"mode {value!r} for {pattern!r} should be one of {', '.join(MODES)}")
     loaded, checked = open_compressed(path, max_decoded_bytes)
     metadata = checked.metadata
-    model, _ = model_for(path, model, metadata.get("model"), structure=metadata.get(STRUCTURE_KEY), error=FormatError)
+    model, _ = model_for(path, model, metadata.get("model"), metadata=metadata, error=FormatError)
     check_tensors_fit({record["name"]: record["shape"] for record in checked.records}, model, path, FormatError)
     layers = compressible_layers(model)
     input_sizes = _convolution_input_sizes(model, tuple(input_shape)) if input_shape is not None else None

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from deepshrink.data import DataSplits, make_loader
 from deepshrink.errors import ConfigError
+from deepshrink.tasks import Task, classification
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class Loaders:
 class StageContext:
     """What a stage works with besides the model and its settings.
 
+    `task` gives the retraining loss and the metric that chooses and reports (default
+    classification). `batchnorm` is how BatchNorm layers behave while retraining: "freeze" (the
+    default: eval mode, stored statistics kept), "train" or "recalibrate" (see TrainConfig).
     `teacher` is the model distillation retrains against (default: the model as it enters the
     stage). A stage that writes a file writes it to `output`, with `model_name` and `metadata`
     recorded in it and never over a path in `protect`.
@@ -66,6 +70,8 @@ class StageContext:
     seed: int = 0
     device: str | torch.device = "cpu"
     progress: bool = True
+    task: Task = field(default_factory=classification)
+    batchnorm: str = "freeze"
     teacher: nn.Module | None = None
     output: Path | None = None
     model_name: str | None = None
@@ -75,7 +81,7 @@ class StageContext:
 
 @dataclass
 class StageResult:
-    """What a stage did: a log (plain data), its metrics (numbers, e.g. validation accuracy),
+    """What a stage did: a log (plain data), its metrics (numbers, e.g. the validation metric),
     the architecture it left (`structure`, for stages that change layers, such as low-rank), the
     arrays behind its figures (`tensors`) and the files it wrote. Saves and reloads itself."""
 
@@ -136,6 +142,8 @@ class Stage:
     - `always`: it runs with its default settings when a recipe leaves its section out.
     - `changes_architecture`: it replaces layers (its result has a `structure`), so it cannot
       run again on a model it already changed.
+    - `after_folding`: it works on the weights the network applies, so with `batchnorm: fold`
+      BatchNorm is folded into the layers before it first (weight sharing and encoding).
     - `summarize(model, result)`: the table a command prints after running the stage alone.
     """
 
@@ -150,6 +158,7 @@ class Stage:
     written_key: Callable[[Path], str | None] | None = None
     summarize: Callable[[nn.Module, StageResult], str] | None = None
     changes_architecture: bool = False
+    after_folding: bool = False
 
 
 _REGISTRY: dict[str, Stage] = {}
@@ -202,15 +211,19 @@ def run_stage(model: nn.Module, settings, context: StageContext) -> StageResult:
     return stage_for(settings).handler(model, settings, context)
 
 
-def stage_metadata(result: StageResult, settings, *, key: str | None = None, structure: dict | None = None) -> dict:
+def stage_metadata(result: StageResult, settings, *, key: str | None = None, architecture: dict | None = None) -> dict:
     """The metadata a stage's checkpoint carries, the same from a recipe and from a command:
-    the stage, its settings, its result and the architecture every later load must rebuild."""
-    from deepshrink.checkpoint import STRUCTURE_KEY
+    the stage, its settings, its result and the architecture every later load must rebuild
+    (`architecture`: the factored layers and folded BatchNorm of the model entering the stage)."""
+    from deepshrink.batchnorm import FOLDED_KEY
+    from deepshrink.loading import STRUCTURE_KEY
 
-    return {
+    architecture = architecture or {}
+    metadata = {
         "stage": result.stage,
         "key": key,
         "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
         "result": result.to_dict(),
-        STRUCTURE_KEY: result.structure or structure,
+        STRUCTURE_KEY: result.structure or architecture.get(STRUCTURE_KEY),
     }
+    return metadata | ({FOLDED_KEY: architecture[FOLDED_KEY]} if architecture.get(FOLDED_KEY) else {})

@@ -90,6 +90,7 @@ STAGE = register_stage(
         EncodeSettings,
         encode_stage,
         order=40,
+        after_folding=True,
         description="encode a pruned, weight-shared checkpoint into a .dcz file and report its size",
         changes_model=False,
         always=True,

@@ -26,7 +26,7 @@ class LowrankSettings:
             "relaxed",
             help="cptv: one energy fraction for all layers; pos: best product of kept energies; relaxed: masks "
             "optimised on the training loss, its roundings, POS and CPTV each fine-tuned and the highest "
-            "validation accuracy kept",
+            "validation metric kept",
         ),
     )
     scheme: str = field(default="zhang", metadata=choices("zhang", "tai", help="how convolutions are matricized"))
@@ -90,7 +90,7 @@ def factorize_stage(model: nn.Module, settings: LowrankSettings, context: StageC
         if epochs:
             selection = Selection(
                 validation=loaders.validation,
-                finetune=training_config(settings, seed, epochs),
+                finetune=training_config(settings, context, epochs),
                 # The final fine-tuning's batch size, shuffled differently; the same shuffles for every candidate.
                 loaders=lambda selection_seed: loaders.train(settings.batch_size, selection_seed),
                 seeds=tuple(range(seed + 1, seed + 1 + settings.selection_seeds)),
@@ -102,15 +102,15 @@ def factorize_stage(model: nn.Module, settings: LowrankSettings, context: StageC
             spectra,
             settings.budget,
             loaders.train(256, seed + 1),
-            RelaxedOptions(projection=settings.projection, selection=selection),
+            RelaxedOptions(projection=settings.projection, selection=selection, task=context.task),
             device=device,
             progress=context.progress,
         )
     parameters_before = sum(parameter.numel() for parameter in model.parameters())
     factorize(model, spectra, choice.ranks, choice.components)
-    metrics = {"validation_accuracy_after_factorizing": evaluate(model, loaders.validation, device).accuracy}
+    metrics = {"validation_metric_after_factorizing": evaluate(model, loaders.validation, device, context.task).metric}
     fine_tune(model, settings, context, epochs=settings.finetune_epochs, description="fine-tune factors", loss=loss)
-    metrics["validation_accuracy"] = evaluate(model, loaders.validation, device).accuracy
+    metrics["validation_metric"] = evaluate(model, loaders.validation, device, context.task).metric
     log = {
         "method": settings.method,
         "ranks": choice.ranks,
@@ -141,8 +141,8 @@ def summarize(model: nn.Module, result: StageResult) -> str:
         [
             render_table(["layer", "full rank", "rank", "MACs before", "MACs after"], rows),
             f"{result.log['method'].upper()}: {100 * result.log['mac_fraction']:.1f}% of the MACs kept, "
-            f"parameters {before:,} -> {after:,}; validation accuracy "
-            f"{result.metrics['validation_accuracy_after_factorizing']:.4f} right after factorizing",
+            f"parameters {before:,} -> {after:,}; validation metric "
+            f"{result.metrics['validation_metric_after_factorizing']:.4f} right after factorizing",
         ]
     )
 

@@ -99,7 +99,7 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
     from deepshrink.prune.surgery import dynamic_network_surgery
 
     seed, loaders = context.seed, context.loaders
-    retrain = training_config(settings, seed, settings.retrain_epochs)
+    retrain = training_config(settings, context, settings.retrain_epochs)
     # One loader for the whole stage: the fine-tuning after DNS goes on with its shuffles.
     train_loader = loaders.train(settings.batch_size, seed)
     loss = criterion(settings, context, model)
@@ -113,6 +113,7 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
             sparsities=settings.sparsity,
             validation_loader=loaders.validation,
             device=context.device,
+            task=context.task,
             criterion=loss,
             progress=context.progress,
         )
@@ -132,6 +133,7 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
             rounds=settings.rounds,
             retrain=retrain,
             device=context.device,
+            task=context.task,
             criterion=loss,
             progress=context.progress,
         )
@@ -146,7 +148,7 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
         learning_rate=settings.learning_rate / 2,
         loader=train_loader,
     )
-    metrics = {"validation_accuracy": evaluate(model, loaders.validation, context.device).accuracy}
+    metrics = {"validation_metric": evaluate(model, loaders.validation, context.device, context.task).metric}
     rows = layer_statistics(model, next(iter(loaders.validation))[0][:2])
     log["layers"] = as_dicts(rows)
     metrics["kept_fraction"] = totals(rows)["kept_fraction"]

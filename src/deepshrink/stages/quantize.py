@@ -54,7 +54,9 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
     loss = criterion(settings, context, model)
     records = share_weights(model, settings.bits, settings.init, seed=context.seed)
     metrics = {
-        "validation_accuracy_after_sharing": evaluate(model, context.loaders.validation, context.device).accuracy
+        "validation_metric_after_sharing": evaluate(
+            model, context.loaders.validation, context.device, context.task
+        ).metric
     }
     epochs = fine_tune(
         model,
@@ -66,7 +68,7 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
         validate=True,
         optimizer=settings.optimizer,
     )
-    metrics["validation_accuracy"] = evaluate(model, context.loaders.validation, context.device).accuracy
+    metrics["validation_metric"] = evaluate(model, context.loaders.validation, context.device, context.task).metric
     log: dict = {
         "init": settings.init,
         "bits": {name: record.bits for name, record in records.items()},
@@ -117,6 +119,7 @@ STAGE = register_stage(
         QuantizeSettings,
         quantize_stage,
         order=30,
+        after_folding=True,
         description="share weights through per-layer k-means codebooks, then fine-tune the centroids",
         summarize=summarize,
     )

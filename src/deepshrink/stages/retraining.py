@@ -1,5 +1,6 @@
-"""The retraining every stage shares: its loss (cross-entropy, or distillation from a teacher)
-and one fine-tuning call from a stage's settings (epochs, learning rate, decay, batch size)."""
+"""The retraining every stage shares: its loss (the task's, or distillation from a teacher) and
+one fine-tuning call from a stage's settings (epochs, learning rate, decay, batch size) and the
+context's task and BatchNorm handling."""
 
 from __future__ import annotations
 
@@ -12,25 +13,29 @@ from deepshrink.train import EpochRecord, TrainConfig, fit
 
 
 def criterion(settings, context: StageContext, model: nn.Module):
-    """The retraining loss: None (cross-entropy), or distillation from `context.teacher` (default:
-    the model as it enters the stage) when the settings' `distill` asks for it."""
+    """The retraining loss: None (the context's task loss), or distillation from `context.teacher`
+    (default: the model as it enters the stage) when the settings' `distill` asks for it."""
     distill = getattr(settings, "distill", None)
     if distill is None:
         return None
     from deepshrink.distill import DistillationLoss
 
     teacher = context.teacher if context.teacher is not None else model
-    return DistillationLoss(copy.deepcopy(teacher), distill.temperature, distill.alpha)
+    return DistillationLoss(copy.deepcopy(teacher), distill.temperature, distill.alpha, context.task)
 
 
-def training_config(settings, seed: int, epochs: int, learning_rate: float | None = None, **extra) -> TrainConfig:
-    """A stage's retraining config from its settings (learning rate, decay, batch size)."""
+def training_config(
+    settings, context: StageContext, epochs: int, learning_rate: float | None = None, **extra
+) -> TrainConfig:
+    """A stage's retraining config from its settings (learning rate, decay, batch size) and the
+    context's seed and BatchNorm handling."""
     return TrainConfig(
         epochs=epochs,
         learning_rate=settings.learning_rate if learning_rate is None else learning_rate,
         weight_decay=settings.weight_decay,
         batch_size=settings.batch_size,
-        seed=seed,
+        seed=context.seed,
+        batchnorm=context.batchnorm,
         **extra,
     )
 
@@ -49,7 +54,7 @@ def fine_tune(
     **extra,
 ) -> list[EpochRecord]:
     """Retrain `model` for `epochs` with the stage's settings and loss; with `validate`, each
-    epoch's record carries the validation accuracy. `loader` continues a stage's own training
+    epoch's record carries the validation metric. `loader` continues a stage's own training
     loader (its shuffles go on where they were); by default a fresh one is drawn at the
     stage's seed. Returns the epoch records."""
     if not epochs:
@@ -57,9 +62,10 @@ def fine_tune(
     history = fit(
         model,
         loader if loader is not None else context.loaders.train(settings.batch_size, context.seed),
-        training_config(settings, context.seed, epochs, learning_rate, **extra),
+        training_config(settings, context, epochs, learning_rate, **extra),
         validation_loader=context.loaders.validation if validate else None,
         device=context.device,
+        task=context.task,
         criterion=loss,
         progress=context.progress,
         description=description,

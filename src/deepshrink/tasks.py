@@ -1,0 +1,264 @@
+"""Tasks: what "good" means for a model. A task is the loss retraining minimises, the metric that
+chooses and reports (with its name and whether higher is better), the distillation loss that
+matches a teacher's outputs, and how targets are made from a model's own outputs when the data
+has none (the label-free path).
+
+Built in: classification (the paper's setting and the default), multilabel, regression and
+embedding. Any other task is a `Task` built from your own callables, or from the command line
+`--task package.module:function` returning one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deepshrink.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric computed over a whole data set from per-batch sums.
+
+    `statistics(outputs, targets)` returns a 1-D tensor of sums for one batch (for top-1: correct
+    and count); the sums are added over batches and processes, and `finish(sums)` turns them into
+    the value. Sums rather than per-batch means keep F1 and accuracy exact whatever the batch size.
+    """
+
+    name: str
+    higher_is_better: bool
+    statistics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    finish: Callable[[list[float]], float] = lambda sums: sums[0] / sums[1] if sums[1] else math.nan
+
+    def drop(self, reference: float, value: float) -> float:
+        """How much worse `value` is than `reference` (positive is worse), whichever way is better."""
+        return reference - value if self.higher_is_better else value - reference
+
+    def best(self, values: list[float]) -> int:
+        """The index of the best of `values`."""
+        chooser = max if self.higher_is_better else min
+        return chooser(range(len(values)), key=lambda index: values[index])
+
+    @classmethod
+    def batch_mean(cls, name: str, function: Callable, higher_is_better: bool = True) -> Metric:
+        """A metric from your `function(outputs, targets) -> float`, the mean over a batch; the
+        data set's value is the batch values averaged with the batch sizes as weights."""
+
+        def statistics(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            count = outputs.shape[0]
+            return torch.tensor([float(function(outputs, targets)) * count, count], dtype=torch.float64)
+
+        return cls(name, higher_is_better, statistics)
+
+
+@dataclass(frozen=True)
+class Task:
+    """The loss, the metric and the distillation loss of one kind of model.
+
+    - `loss(outputs, targets)`: the retraining loss, a scalar mean over the batch.
+    - `metric`: the Metric that chooses (sensitivity, low-rank candidates) and reports.
+    - `distillation(student_outputs, teacher_outputs, temperature)`: the loss that matches a
+      teacher; only classification uses the temperature.
+    - `targets_from_outputs(outputs)`: targets made from the original model's outputs, used when
+      the data has inputs but no targets (retraining then reproduces the original model).
+    """
+
+    name: str
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    metric: Metric
+    distillation: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    targets_from_outputs: Callable[[torch.Tensor], torch.Tensor]
+
+    def describe(self) -> str:
+        better = "higher" if self.metric.higher_is_better else "lower"
+        return f"{self.name} ({self.metric.name}, {better} is better)"
+
+
+def _top1(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    correct = (outputs.argmax(1) == targets).sum()
+    return torch.stack([correct.double(), torch.tensor(float(targets.shape[0]), dtype=torch.float64)])
+
+
+def _classification_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)) (Hinton et al. 2015), batch mean."""
+    student_log = torch.log_softmax(student / temperature, dim=1)
+    teacher_log = torch.log_softmax(teacher / temperature, dim=1)
+    return nn.functional.kl_div(student_log, teacher_log, reduction="batchmean", log_target=True) * temperature**2
+
+
+def classification() -> Task:
+    """Cross-entropy on logits, top-1 accuracy, Hinton's distillation: the paper's setting."""
+    return Task(
+        "classification",
+        lambda outputs, targets: nn.functional.cross_entropy(outputs, targets),
+        Metric("top-1 accuracy", True, _top1),
+        _classification_distillation,
+        lambda outputs: outputs.argmax(1),
+    )
+
+
+def _probabilities(outputs: torch.Tensor, logits: bool) -> torch.Tensor:
+    return torch.sigmoid(outputs) if logits else outputs
+
+
+def multilabel(logits: bool = True, metric: str = "label accuracy", threshold: float = 0.5) -> Task:
+    """Independent yes/no labels (also binary): binary cross-entropy on logits (or, with
+    `logits=False`, on outputs that are already probabilities), and the metric "label accuracy"
+    (the fraction of labels right at `threshold`) or "f1" (micro-averaged F1). Distillation is
+    binary cross-entropy against the teacher's probabilities."""
+    if metric not in ("label accuracy", "f1"):
+        raise ConfigError(f"multilabel metric={metric!r} should be 'label accuracy' or 'f1'")
+    if not 0 < threshold < 1:
+        raise ConfigError(f"threshold={threshold!r} should be a probability in (0, 1), e.g. 0.5")
+
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = targets.to(outputs.dtype)
+        if logits:
+            return nn.functional.binary_cross_entropy_with_logits(outputs, targets)
+        return nn.functional.binary_cross_entropy(outputs.clamp(1e-7, 1 - 1e-7), targets)
+
+    def statistics(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        predicted = _probabilities(outputs, logits) > threshold
+        actual = targets > 0.5
+        if metric == "f1":
+            true_positive = (predicted & actual).sum()
+            false_positive = (predicted & ~actual).sum()
+            false_negative = (~predicted & actual).sum()
+            return torch.stack([true_positive, false_positive, false_negative]).double()
+        return torch.tensor([float((predicted == actual).sum()), float(actual.numel())], dtype=torch.float64)
+
+    def finish(sums: list[float]) -> float:
+        if metric == "f1":
+            true_positive, false_positive, false_negative = sums
+            denominator = 2 * true_positive + false_positive + false_negative
+            return 2 * true_positive / denominator if denominator else 1.0
+        return sums[0] / sums[1] if sums[1] else math.nan
+
+    def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:  # noqa: ARG001
+        return loss(student, _probabilities(teacher, logits))
+
+    return Task(
+        "multilabel" if logits else "multilabel-probabilities",
+        loss,
+        Metric(metric, True, statistics, finish),
+        distillation,
+        lambda outputs: (_probabilities(outputs, logits) > threshold).to(outputs.dtype),
+    )
+
+
+def regression(loss: str = "mse", tolerance: float | None = None) -> Task:
+    """Real-valued outputs: mean squared (`loss="mse"`) or absolute (`"l1"`) error; the metric is
+    the mean absolute error (lower is better) or, with `tolerance`, the fraction of outputs
+    within +-tolerance of the target. Distillation matches the teacher's outputs by MSE."""
+    if loss not in ("mse", "l1"):
+        raise ConfigError(f"regression loss={loss!r} should be 'mse' or 'l1'")
+    if tolerance is not None and not tolerance > 0:
+        raise ConfigError(f"tolerance={tolerance!r} should be a positive number")
+    function = nn.functional.mse_loss if loss == "mse" else nn.functional.l1_loss
+
+    def statistics(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        error = (outputs - targets.to(outputs.dtype).reshape(outputs.shape)).abs().double()
+        value = (error <= tolerance).sum().double() if tolerance is not None else error.sum()
+        return torch.stack([value, torch.tensor(float(error.numel()), dtype=torch.float64)])
+
+    metric = (
+        Metric("mean absolute error", False, statistics)
+        if tolerance is None
+        else Metric(f"within +-{tolerance:g}", True, statistics)
+    )
+    return Task(
+        "regression" if loss == "mse" else "regression-l1",
+        lambda outputs, targets: function(outputs, targets.to(outputs.dtype).reshape(outputs.shape)),
+        metric,
+        lambda student, teacher, temperature: nn.functional.mse_loss(student, teacher),  # noqa: ARG005
+        lambda outputs: outputs,
+    )
+
+
+def _cosine(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cosine_similarity(outputs.flatten(1), targets.to(outputs.dtype).flatten(1), dim=1)
+
+
+def embedding(loss: str = "cosine") -> Task:
+    """Vector outputs compared with target vectors (usually the original model's own outputs):
+    loss 1 - cosine similarity (`loss="cosine"`, for L2-normalised embeddings) or MSE; the metric
+    is the mean cosine similarity to the targets. Distillation is the same loss against the
+    teacher's outputs, which, unlike softmax distillation, gives normalised embeddings a gradient."""
+    if loss not in ("cosine", "mse"):
+        raise ConfigError(f"embedding loss={loss!r} should be 'cosine' or 'mse'")
+
+    def loss_function(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if loss == "cosine":
+            return (1 - _cosine(outputs, targets)).mean()
+        return nn.functional.mse_loss(outputs, targets.to(outputs.dtype).reshape(outputs.shape))
+
+    def statistics(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        similarity = _cosine(outputs, targets).double()
+        return torch.stack([similarity.sum(), torch.tensor(float(similarity.numel()), dtype=torch.float64)])
+
+    return Task(
+        "embedding" if loss == "cosine" else "embedding-mse",
+        loss_function,
+        Metric("cosine similarity", True, statistics),
+        lambda student, teacher, temperature: loss_function(student, teacher),  # noqa: ARG005
+        lambda outputs: outputs,
+    )
+
+
+BUILT_IN = {
+    "classification": classification,
+    "multilabel": multilabel,
+    "multilabel-probabilities": lambda: multilabel(logits=False),
+    "multilabel-f1": lambda: multilabel(metric="f1"),
+    "regression": regression,
+    "regression-l1": lambda: regression("l1"),
+    "embedding": embedding,
+    "embedding-mse": lambda: embedding("mse"),
+}
+DEFAULT_TASK = "classification"
+
+
+def resolve_task(task: Task | str | None) -> Task:
+    """A Task from a Task, a built-in name, `package.module:function` (called with no arguments,
+    returning a Task), or None for classification, the paper's setting.
+
+    Raises:
+        ConfigError: an unknown name, a function that cannot be imported or returns no Task.
+    """
+    if task is None:
+        return classification()
+    if isinstance(task, Task):
+        return task
+    if not isinstance(task, str):
+        raise ConfigError(f"task should be a Task, a built-in name or package.module:function, not {task!r}")
+    if task in BUILT_IN:
+        return BUILT_IN[task]()
+    if ":" not in task:
+        raise ConfigError(
+            f"task {task!r} is not a built-in task ({', '.join(BUILT_IN)}); for your own, "
+            "pass package.module:function returning a deepshrink.Task"
+        )
+    module_name, _, function_name = task.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"task {task!r}: cannot import {function_name} from {module_name} ({error})") from error
+    made = function()
+    if not isinstance(made, Task):
+        raise ConfigError(f"task {task!r} returned {type(made).__name__}; it should return a deepshrink.Task")
+    return made
+
+
+def check_value(task: Task, value: float, where: str) -> float:
+    """`value` of the task's metric, or a ConfigError when it is not a finite number."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(
+            f"the metric {task.metric.name!r} of task {task.name!r} is {value!r} on {where}; it should be a finite "
+            "number: check the metric function and that the model's outputs and the targets have the shapes it expects"
+        )
+    return float(value)
