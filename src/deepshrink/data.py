@@ -352,9 +352,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         if isinstance(error, DataError):
             raise
         raise FormatError(f"{path}: not a readable {path.suffix} file ({error})") from error
-    unexpected = sorted(set(arrays) - set(ARRAY_NAMES))
-    if unexpected and path.suffix == ".safetensors":
-        arrays = {name: array for name, array in arrays.items() if name in ARRAY_NAMES}
+    arrays = {name: array for name, array in arrays.items() if name in ARRAY_NAMES}
     if "x" not in arrays:
         raise DataError(
             f"{path}: holds no array named 'x' (found {sorted(arrays) or 'none'}); save the inputs as x, "
@@ -427,9 +425,9 @@ def load_arrays(
     count = len(arrays["x"])
     if isinstance(validation, bool) or not isinstance(validation, int | float):
         raise ConfigError(f"validation={validation!r} should be a fraction in (0, 1) or a count of examples")
-    held = round(validation * count) if isinstance(validation, float) and validation < 1 else int(validation)
     if isinstance(validation, float) and not 0 < validation < 1:
         raise ConfigError(f"validation={validation!r} should be a fraction in (0, 1), e.g. 0.1, or a count")
+    held = round(validation * count) if isinstance(validation, float) else validation
     if not 1 <= held < count:
         raise DataError(
             f"{path}: holding out {validation!r} of {count} examples for validation leaves "

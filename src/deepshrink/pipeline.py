@@ -175,6 +175,12 @@ def with_targets_from(data: DataSplits, model: nn.Module, task: Task, device="cp
     return dataclasses.replace(data, train=labelled(data.train), validation=validation, test=test)
 
 
+def _retraining_mode(policy: str) -> str:
+    """How BatchNorm behaves while stages retrain, for a recipe's policy: frozen, unless the
+    policy is to train or recalibrate it (a fold happens later, so until then it is frozen)."""
+    return policy if policy in ("train", "recalibrate") else "freeze"
+
+
 def _fold(reference: nn.Module, loaders: Loaders, device) -> list:
     """Fold the reference's BatchNorm layers into the layers before them, in place, checking on
     a validation batch that the outputs stay the same; returns the pairs folded."""
@@ -254,7 +260,7 @@ def run(
         layer_names += [f"{name}.{part}" for name in layer_names for part in (0, 1)]
     recipe.check_layers(layer_names)
     input_key = _digest(weights_digest(reference), prepared.key, recipe.seed, task.name, recipe.batchnorm)
-    retraining = {"train": "train", "recalibrate": "recalibrate"}.get(recipe.batchnorm, "freeze")
+    retraining = _retraining_mode(recipe.batchnorm)
     stages_run: list[StageRun] = []
     current = reference
     key = input_key
@@ -457,7 +463,7 @@ def run_stage_on_checkpoint(
         data = with_targets_from(data, loaded, task, device)
     loaders = Loaders.from_splits(data)
     reference_metric = evaluate(loaded, loaders.test, device, task).metric
-    retraining = {"train": "train", "recalibrate": "recalibrate"}.get(batchnorm, "freeze")
+    retraining = _retraining_mode(batchnorm)
     context = StageContext(loaders, seed=seed, device=device, progress=progress, task=task, batchnorm=retraining)
     if stage.after_folding and batchnorm == "fold":
         folded = _fold(loaded, loaders, device)
