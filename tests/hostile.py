@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from deepshrink.encode import container
-from deepshrink.layers import select_layers
+from deepshrink.layers import select_weights
 from deepshrink.models import build_model
 from deepshrink.prune.masks import sparsity_mask
 from deepshrink.prune.module import apply_masks
@@ -38,7 +38,7 @@ def small_model(name: str = MODEL, sparsity: float = 0.97, bits: int = 4, seed: 
     does not care)."""
     torch.manual_seed(seed)
     model = build_model(name)
-    masks = {name: sparsity_mask(layer.weight, sparsity) for name, layer in select_layers(model).items()}
+    masks = {name: sparsity_mask(layer.value, sparsity) for name, layer in select_weights(model).items()}
     apply_masks(model, masks)
     share_weights(model, {"*": bits})
     return model

@@ -10,7 +10,7 @@ import torch
 from deepshrink.encode.codec import decode_state_dict, encode_model
 from deepshrink.encode.container import from_bytes, to_bytes
 from deepshrink.errors import FormatError
-from deepshrink.layers import plain_state_dict, select_layers
+from deepshrink.layers import plain_state_dict, select_weights
 from deepshrink.models import build_model
 from deepshrink.prune.masks import sparsity_mask
 from deepshrink.prune.module import apply_masks
@@ -21,7 +21,7 @@ def compressed_model(name: str, sparsity: float = 0.92, bits=None, seed: int = 0
     torch.manual_seed(seed)
     model = build_model(name)
     apply_masks(
-        model, {layer: sparsity_mask(module.weight, sparsity) for layer, module in select_layers(model).items()}
+        model, {layer: sparsity_mask(module.value, sparsity) for layer, module in select_weights(model).items()}
     )
     share_weights(model, bits)
     return model

@@ -168,7 +168,7 @@ def test_bad_recipes_are_clean_cli_errors_before_any_work(trained_checkpoint, tm
 
 
 def test_compress_refuses_what_it_cannot_use(trained, small_data, tmp_path):
-    with pytest.raises(ModelError, match="no Linear"):
+    with pytest.raises(ModelError, match="no layer deepshrink compresses"):
         run(torch.nn.ReLU(), {"model": "x"}, small_data, run_dir=tmp_path)
     with pytest.raises(ConfigError, match="DataSplits"):
         run(trained, {"model": "lenet-300-100"}, [1, 2], run_dir=tmp_path)

@@ -7,17 +7,17 @@ import torch
 from torch import nn
 
 from deepshrink.errors import ConfigError, UnsupportedLayerError
-from deepshrink.layers import parametrization_entries, select_layers
+from deepshrink.layers import parametrization_entries, select_weights
 from deepshrink.models import build_model
 from deepshrink.prune.masks import sparsity_mask
-from deepshrink.prune.module import apply_masks, current_masks, prune_layer, remove_pruning, restore_pruning
+from deepshrink.prune.module import apply_masks, current_masks, prune_weight, remove_pruning, restore_pruning
 
 
 def random_masks(model, sparsity=0.8, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return {
-        name: torch.rand(layer.weight.shape, generator=generator) > sparsity
-        for name, layer in select_layers(model).items()
+        name: torch.rand(layer.value.shape, generator=generator) > sparsity
+        for name, layer in select_weights(model).items()
     }
 
 
@@ -42,10 +42,10 @@ def test_pruned_weights_stay_exactly_zero_through_many_steps(make_optimizer):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(inputs), targets).backward()
         optimizer.step()
-    for name, layer in select_layers(model).items():
-        assert torch.all(layer.weight[~masks[name]] == 0.0), name
-        assert torch.all(layer.parametrizations.weight.original[~masks[name]] == 0.0), name
-        assert torch.any(layer.weight[masks[name]] != 0.0), name
+    for name, layer in select_weights(model).items():
+        assert torch.all(layer.value[~masks[name]] == 0.0), name
+        assert torch.all(layer.original()[~masks[name]] == 0.0), name
+        assert torch.any(layer.value[masks[name]] != 0.0), name
 
 
 def test_gradient_at_masked_positions_is_zero():
@@ -60,19 +60,19 @@ def test_gradient_at_masked_positions_is_zero():
 
 def test_parameter_identity_is_kept_and_remove_gives_the_same_output():
     model = build_model("lenet-5")
-    before = {name: id(layer.weight) for name, layer in select_layers(model).items()}
+    before = {name: id(layer.value) for name, layer in select_weights(model).items()}
     apply_masks(model, random_masks(model))
-    for name, layer in select_layers(model).items():
-        assert id(layer.parametrizations.weight.original) == before[name]
+    for name, layer in select_weights(model).items():
+        assert id(layer.original()) == before[name]
     inputs = torch.randn(4, 1, 28, 28)
     expected = model(inputs)
     masks = {name: mask.clone() for name, mask in current_masks(model).items()}
     remove_pruning(model)
     assert not current_masks(model)
     assert torch.equal(model(inputs), expected)
-    for name, layer in select_layers(model).items():
-        assert isinstance(layer.weight, nn.Parameter) and id(layer.weight) == before[name]
-        assert torch.all(layer.weight[~masks[name]] == 0.0)
+    for name, layer in select_weights(model).items():
+        assert isinstance(layer.value, nn.Parameter) and id(layer.value) == before[name]
+        assert torch.all(layer.value[~masks[name]] == 0.0)
 
 
 def test_state_dict_round_trip_keeps_the_masks():
@@ -91,17 +91,17 @@ def test_masks_are_found_at_any_position_and_restored_only_in_order():
     model = build_model("lenet-300-100")
     apply_masks(model, random_masks(model))
     state = {key.replace("weight.0.mask", "weight.1.mask"): value for key, value in model.state_dict().items()}
-    assert {name for name, position, _ in parametrization_entries(state, "mask") if position == 1} == set(
-        current_masks(model)
-    )
+    assert {key for key, position, _ in parametrization_entries(state, "mask") if position == 1} == {
+        f"{name}.weight" for name in current_masks(model)
+    }
     with pytest.raises(ConfigError, match="parametrization 1 of 'fc1', but 0 are registered"):
         restore_pruning(build_model("lenet-300-100"), state)
 
 
 def test_pruning_again_tightens_the_existing_mask():
     layer = nn.Linear(20, 10)
-    prune_layer(layer, sparsity_mask(layer.weight, 0.5))
-    prune_layer(layer, sparsity_mask(layer.weight, 0.8, current_masks(nn.Sequential(layer))["0"]))
+    prune_weight(layer, sparsity_mask(layer.weight, 0.5))
+    prune_weight(layer, sparsity_mask(layer.weight, 0.8, current_masks(nn.Sequential(layer))["0"]))
     assert len(layer.parametrizations.weight) == 1
     assert int((layer.weight == 0).sum()) == 160
 
@@ -111,7 +111,7 @@ def test_pruning_again_tightens_the_existing_mask():
 )
 def test_every_supported_layer_type_can_be_pruned(layer):
     mask = sparsity_mask(layer.weight, 0.5)
-    prune_layer(layer, mask)
+    prune_weight(layer, mask)
     assert torch.all(layer.weight[~mask] == 0)
     examples = [
         (nn.Linear, torch.randn(2, 6)),
@@ -126,21 +126,24 @@ def test_every_supported_layer_type_can_be_pruned(layer):
 
 def test_layers_are_chosen_by_name_patterns():
     model = build_model("lenet-5")
-    assert list(select_layers(model, ["conv*"])) == ["conv1", "conv2"]
-    assert list(select_layers(model, ["fc2", "conv1"])) == ["conv1", "fc2"]
+    assert list(select_weights(model, ["conv*"])) == ["conv1", "conv2"]
+    assert list(select_weights(model, ["fc2", "conv1"])) == ["conv1", "fc2"]
 
 
 def test_unknown_layer_pattern_is_named():
     with pytest.raises(ConfigError, match="'fc9'.*conv1, conv2, fc1, fc2"):
-        select_layers(build_model("lenet-5"), ["fc9"])
+        select_weights(build_model("lenet-5"), ["fc9"])
 
 
 def test_unsupported_layer_is_named():
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
-    with pytest.raises(UnsupportedLayerError, match="BatchNorm1d"):
-        select_layers(model, ["1"])
+    with pytest.raises(UnsupportedLayerError, match=r"1.weight \(BatchNorm1d.weight\).*stored losslessly"):
+        select_weights(model, ["1"])
+    recurrent = nn.Sequential(nn.LSTM(3, 4))
+    with pytest.raises(UnsupportedLayerError, match=r"0.bias_ih_l0 \(LSTM.bias_ih_l0\)"):
+        select_weights(recurrent, ["0.bias_ih_l0"])
 
 
 def test_mask_of_the_wrong_shape_is_refused():
     with pytest.raises(ConfigError, match="mask shape"):
-        prune_layer(nn.Linear(4, 4), torch.ones(3, 4, dtype=torch.bool))
+        prune_weight(nn.Linear(4, 4), torch.ones(3, 4, dtype=torch.bool))

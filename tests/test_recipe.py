@@ -98,12 +98,12 @@ def test_dicts_are_validated_like_files():
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda path: path.name)
 def test_shipped_recipes_are_valid(path):
-    from deepshrink.layers import compressible_layers
+    from deepshrink.layers import compressible_weights
     from deepshrink.models import build_model
 
     recipe = load_recipe(path)
     model = build_model(recipe.model or "lenet-5")  # a recipe without a model is for any model
-    recipe.check_layers(list(compressible_layers(model)))
+    recipe.check_layers(list(compressible_weights(model)))
 
 
 def test_shipped_recipes_load_by_name():

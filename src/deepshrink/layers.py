@@ -1,28 +1,152 @@
-"""Choosing the layers a stage works on: by name pattern, among the supported layer types."""
+"""The weights a stage can compress, and choosing them by name pattern.
+
+The unit every stage works on is one weight tensor (a `Weight`): the `weight` of a Linear,
+convolution (1-3-D, transposed too) or Embedding, each input-to-hidden and hidden-to-hidden
+matrix of an LSTM, GRU or RNN (every layer and direction), and the input projection of a
+MultiheadAttention (its output projection is a Linear, so a Weight of its own). A module with
+one weight is named by the module ("fc1"); a module with several names each by its parameter
+("lstm.weight_hh_l0", "encoder.layers.0.self_attn.in_proj_weight").
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
 
 from deepshrink.errors import ConfigError, UnsupportedLayerError
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+# Modules whose one compressible tensor is `weight`. _ConvNd covers Conv1d/2d/3d and
+# ConvTranspose1d/2d/3d.
+SINGLE_WEIGHT_MODULES = (nn.Linear, _ConvNd, nn.Embedding, nn.EmbeddingBag)
+SUPPORTED_TYPES = (
+    "Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, EmbeddingBag, LSTM, GRU, RNN and MultiheadAttention"
+)
+
+# An RNN's weight matrices (torch.nn.RNNBase): weight_ih_l0, weight_hh_l1_reverse, ...; its
+# biases and LSTM projections (weight_hr_l*) are left alone.
+_RECURRENT_WEIGHT = re.compile(r"^weight_(ih|hh)_l\d+(_reverse)?$")
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 # The paper's widths, for both the codebook bits and the relative index bits: 8 for
 # convolutions, 5 for fully connected layers (Han et al. 2016, Section 3 and Tables 2-3).
+# Recurrent and attention matrices are fully connected layers, so 5.
 PAPER_CONV_BITS = 8
 PAPER_FC_BITS = 5
 
 
-def paper_default_bits(layer: nn.Module) -> int:
-    """The paper's default width for `layer`: 8 bits for convolutions, 5 for the others."""
-    return PAPER_CONV_BITS if isinstance(layer, nn.Conv1d | nn.Conv2d) else PAPER_FC_BITS
+def _join(module_name: str, tensor: str) -> str:
+    return f"{module_name}.{tensor}" if module_name else tensor
+
+
+@dataclass(frozen=True, eq=False)
+class Weight:
+    """One compressible weight: the parameter `tensor` of `module`, which the model calls `module_name`.
+
+    Every parametrization (pruning mask, weight sharing) is registered on this tensor of this
+    module, so a stage never needs to know which kind of layer holds it.
+    """
+
+    module_name: str
+    module: nn.Module
+    tensor: str = "weight"
+
+    @property
+    def name(self) -> str:
+        """How recipes, stages and reports name it: the module, or the module's parameter when
+        the module holds several weights."""
+        if self.tensor == "weight" and isinstance(self.module, SINGLE_WEIGHT_MODULES):
+            return self.module_name
+        return _join(self.module_name, self.tensor)
+
+    @property
+    def key(self) -> str:
+        """Its key in a plain state_dict (and in a .dcz file)."""
+        return _join(self.module_name, self.tensor)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The weight as the module computes with it (after any parametrization)."""
+        return getattr(self.module, self.tensor)
+
+    @property
+    def is_convolution(self) -> bool:
+        return isinstance(self.module, _ConvNd)
+
+    @property
+    def kind(self) -> str:
+        """The holding module's type, for reports ("Linear", "LSTM", ...)."""
+        return type(self.module).__name__
+
+    def parametrizations(self) -> list[nn.Module]:
+        """The parametrizations registered on this tensor, in order (none: [])."""
+        if not parametrize.is_parametrized(self.module, self.tensor):
+            return []
+        return list(self.module.parametrizations[self.tensor])
+
+    def original(self) -> nn.Parameter:
+        """The trainable Parameter behind the weight, parametrized or not."""
+        if parametrize.is_parametrized(self.module, self.tensor):
+            return self.module.parametrizations[self.tensor].original
+        return getattr(self.module, self.tensor)
+
+    def register(self, parametrization: nn.Module, *, unsafe: bool = False) -> None:
+        parametrize.register_parametrization(self.module, self.tensor, parametrization, unsafe=unsafe)
+
+    def remove_parametrizations(self, *, leave_parametrized: bool = True) -> None:
+        parametrize.remove_parametrizations(self.module, self.tensor, leave_parametrized=leave_parametrized)
+
+
+def as_weight(layer: Weight | nn.Module) -> Weight:
+    """`layer` as a Weight: a Weight as it is; a Linear, convolution or Embedding as its `weight`.
+
+    Raises:
+        UnsupportedLayerError: a module that holds no single compressible weight (an LSTM
+            holds several: choose one with compressible_weights).
+    """
+    if isinstance(layer, Weight):
+        return layer
+    if isinstance(layer, SINGLE_WEIGHT_MODULES):
+        return Weight("", layer, "weight")
+    raise UnsupportedLayerError(
+        f"{type(layer).__name__} is not a layer with one compressible weight; pass a Weight "
+        "(deepshrink.layers.compressible_weights names each of a model's weights)"
+    )
+
+
+def paper_default_bits(weight: Weight) -> int:
+    """The paper's default width for `weight`: 8 bits for convolutions, 5 for the others."""
+    return PAPER_CONV_BITS if weight.is_convolution else PAPER_FC_BITS
+
+
+def _weights_of(module_name: str, module: nn.Module) -> list[Weight]:
+    if isinstance(module, SINGLE_WEIGHT_MODULES):
+        return [Weight(module_name, module, "weight")]
+    if isinstance(module, nn.RNNBase):
+        return [
+            Weight(module_name, module, tensor)
+            for tensor in module._flat_weights_names
+            if _RECURRENT_WEIGHT.match(tensor)
+        ]
+    if isinstance(module, nn.MultiheadAttention):
+        return [
+            Weight(module_name, module, tensor)
+            for tensor in _ATTENTION_WEIGHTS
+            if isinstance(getattr(module, tensor, None), torch.Tensor)
+        ]
+    return []
+
+
+def compressible_weights(model: nn.Module) -> dict[str, Weight]:
+    """Every weight a stage can compress, by name, in the model's module order."""
+    return {weight.name: weight for name, module in model.named_modules() for weight in _weights_of(name, module)}
 
 
 def matching(pattern: str, names: Iterable[str]) -> list[str]:
@@ -30,47 +154,64 @@ def matching(pattern: str, names: Iterable[str]) -> list[str]:
     return [name for name in names if fnmatch.fnmatchcase(name, pattern)]
 
 
-def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear, Conv1d, Conv2d and Embedding layer of `model`, by qualified name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, SUPPORTED_LAYERS)}
+def _pattern_selects(pattern: str, weight: Weight) -> bool:
+    """A pattern names a weight by its own name, its state_dict key ("fc1.weight") or its module
+    ("lstm" selects every matrix of the LSTM)."""
+    return any(fnmatch.fnmatchcase(text, pattern) for text in (weight.name, weight.key, weight.module_name) if text)
 
 
-def select_layers(model: nn.Module, patterns: Iterable[str] | None = None) -> dict[str, nn.Module]:
-    """The supported layers whose names match any of the glob `patterns` (all when None).
+def weights_matching(pattern: str, weights: dict[str, Weight]) -> list[str]:
+    """The names of the weights `pattern` selects, in order."""
+    return [name for name, weight in weights.items() if _pattern_selects(pattern, weight) or name == pattern]
 
-    A pattern that matches no supported layer is an error naming it and the layers there are,
-    since a typo would otherwise silently leave a layer uncompressed.
+
+def _unsupported(model: nn.Module, pattern: str) -> list[str]:
+    """What `pattern` names that holds parameters but no compressible weight: "name (Type)"."""
+    found = []
+    for module_name, module in model.named_modules():
+        for tensor, _ in module.named_parameters(recurse=False):
+            key = _join(module_name, tensor)
+            if fnmatch.fnmatchcase(key, pattern) or (module_name and fnmatch.fnmatchcase(module_name, pattern)):
+                found.append(f"{key} ({type(module).__name__}.{tensor})")
+    return found
+
+
+def select_weights(model: nn.Module, patterns: Iterable[str] | None = None) -> dict[str, Weight]:
+    """The compressible weights any of the glob `patterns` selects (all when None), in model order.
+
+    A pattern that selects nothing is an error: naming the parameters it matches that cannot be
+    compressed and why, or the weights there are, since a typo would otherwise silently leave a
+    layer uncompressed.
     """
-    layers = compressible_layers(model)
+    weights = compressible_weights(model)
     if patterns is None:
-        return layers
-    patterns = list(patterns)
-    all_modules = dict(model.named_modules())
-    selected: dict[str, nn.Module] = {}
-    for pattern in patterns:
-        matches = matching(pattern, layers)
+        return weights
+    selected: set[str] = set()
+    for pattern in list(patterns):
+        matches = weights_matching(pattern, weights)
         if not matches:
-            unsupported = [name for name in matching(pattern, all_modules) if name]
+            unsupported = _unsupported(model, pattern)
             if unsupported:
-                kinds = ", ".join(f"{name} ({type(all_modules[name]).__name__})" for name in unsupported[:5])
-                raise UnsupportedLayerError(
-                    f"layer pattern {pattern!r} matches only unsupported layers: {kinds}; "
-                    "supported types are Linear, Conv1d, Conv2d and Embedding"
+                shown = ", ".join(unsupported[:5]) + (
+                    f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
                 )
-            raise ConfigError(f"layer pattern {pattern!r} matches no layer; the layers are {', '.join(layers)}")
-        for name in matches:
-            selected[name] = layers[name]
-    return {name: selected[name] for name in layers if name in selected}
+                raise UnsupportedLayerError(
+                    f"layer pattern {pattern!r} matches only tensors deepshrink does not compress: {shown}. "
+                    f"It compresses the weight matrices of {SUPPORTED_TYPES}; biases and normalisation "
+                    "parameters are stored losslessly"
+                )
+            raise ConfigError(f"layer pattern {pattern!r} matches no layer; the layers are {', '.join(weights)}")
+        selected.update(matches)
+    return {name: weight for name, weight in weights.items() if name in selected}
 
 
-def match_per_layer(layers: Iterable[str], values: dict[str, float], what: str) -> dict[str, float]:
-    """Resolve {glob pattern: value} into {layer name: value}; a later pattern wins over an earlier one."""
-    layers = list(layers)
+def match_per_layer(weights: dict[str, Weight], values: dict[str, float], what: str) -> dict[str, float]:
+    """Resolve {glob pattern: value} into {weight name: value}; a later pattern wins over an earlier one."""
     resolved: dict[str, float] = {}
     for pattern, value in values.items():
-        matches = matching(pattern, layers)
+        matches = weights_matching(pattern, weights)
         if not matches:
-            raise ConfigError(f"{what} pattern {pattern!r} matches no layer; the layers are {', '.join(layers)}")
+            raise ConfigError(f"{what} pattern {pattern!r} matches no layer; the layers are {', '.join(weights)}")
         for name in matches:
             resolved[name] = value
     return resolved
@@ -98,31 +239,38 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-# A parametrized weight's entries in a state_dict: LAYER.parametrizations.weight.POSITION.FIELD,
-# POSITION being the parametrization's place in the layer's list (torch.nn.utils.parametrize).
-_PARAMETRIZED = re.compile(r"^(?P<layer>.+)\.parametrizations\.weight\.(?P<position>\d+)\.(?P<field>[^.]+)$")
+# A parametrized weight's entries in a state_dict: MODULE.parametrizations.TENSOR.POSITION.FIELD,
+# POSITION being the parametrization's place in the tensor's list (torch.nn.utils.parametrize).
+_PARAMETRIZED = re.compile(
+    r"^(?:(?P<module>.+)\.)?parametrizations\.(?P<tensor>[^.]+)\.(?P<position>\d+)\.(?P<field>[^.]+)$"
+)
 
 
 def parametrization_entries(state_dict, field: str) -> list[tuple[str, int, str]]:
-    """(layer name, position, key prefix) of every parametrization entry named `field` (e.g.
-    "mask", "codebook"), in state_dict order; the prefix + another field name is that
+    """(weight key, position, key prefix) of every parametrization entry named `field` (e.g.
+    "mask", "codebook"), in state_dict order. The weight key is the tensor's plain state_dict key
+    ("fc1.weight", "lstm.weight_hh_l0"); the prefix + another field name is that
     parametrization's other entry."""
     entries = []
     for key in state_dict:
         found = _PARAMETRIZED.match(key)
         if found and found["field"] == field:
-            entries.append((found["layer"], int(found["position"]), key[: -len(field)]))
+            weight_key = _join(found["module"] or "", found["tensor"])
+            entries.append((weight_key, int(found["position"]), key[: -len(field)]))
     return entries
 
 
-def check_position(layer: nn.Module, position: int, name: str) -> None:
-    """A parametrization saved at `position` of `name`'s list is registered there: the ones before
-    it must be restored first."""
-    from torch.nn.utils import parametrize
+def weights_by_key(model: nn.Module) -> dict[str, Weight]:
+    """compressible_weights keyed by each weight's state_dict key."""
+    return {weight.key: weight for weight in compressible_weights(model).values()}
 
-    registered = len(layer.parametrizations.weight) if parametrize.is_parametrized(layer, "weight") else 0
+
+def check_position(weight: Weight, position: int) -> None:
+    """A parametrization saved at `position` of a weight's list is registered there: the ones
+    before it must be restored first."""
+    registered = len(weight.parametrizations())
     if registered != position:
         raise ConfigError(
-            f"the state_dict holds parametrization {position} of {name!r}, but {registered} are registered: "
+            f"the state_dict holds parametrization {position} of {weight.name!r}, but {registered} are registered: "
             "restore them in order (checkpoint.load_state_into does)"
         )

@@ -30,7 +30,7 @@ from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpo
 from deepshrink.data import DataSplits
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import ConfigError, ModelError
-from deepshrink.layers import compressible_layers
+from deepshrink.layers import SUPPORTED_TYPES, compressible_weights
 from deepshrink.loading import STRUCTURE_KEY
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
 from deepshrink.stages import Loaders, StageContext, StageResult, registered_stages, run_stage, stage_metadata
@@ -108,9 +108,10 @@ def weights_digest(model: nn.Module) -> str:
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ModelError(f"run() needs a torch.nn.Module, got {type(model).__name__}")
-    if not compressible_layers(model):
+    if not compressible_weights(model):
         raise ModelError(
-            f"{type(model).__name__} has no Linear, Conv1d, Conv2d or Embedding layer; there is nothing to compress"
+            f"{type(model).__name__} has no layer deepshrink compresses ({SUPPORTED_TYPES}); "
+            "there is nothing to compress"
         )
     parametrized = [name for name, module in model.named_modules() if hasattr(module, "parametrizations")]
     if parametrized:
@@ -255,10 +256,11 @@ def run(
     loaders = prepared.loaders
     reference_metric = evaluate(reference, loaders.test, device, task).metric
     architecture: dict = {}
-    layer_names = list(compressible_layers(reference))
+    weights = compressible_weights(reference)
+    layer_names = list(weights)
     if recipe.lowrank is not None:  # a factored layer NAME becomes NAME.0 and NAME.1
         layer_names += [f"{name}.{part}" for name in layer_names for part in (0, 1)]
-    recipe.check_layers(layer_names)
+    recipe.check_layers(layer_names, [text for weight in weights.values() for text in (weight.key, weight.module_name)])
     input_key = _digest(weights_digest(reference), prepared.key, recipe.seed, task.name, recipe.batchnorm)
     retraining = _retraining_mode(recipe.batchnorm)
     stages_run: list[StageRun] = []

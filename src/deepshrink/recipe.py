@@ -155,8 +155,9 @@ class Recipe:
             path = path.rpartition(".")[0]
         return self.source
 
-    def check_layers(self, layer_names: list[str]) -> None:
-        """Every layer glob in the recipe must match at least one of `layer_names`."""
+    def check_layers(self, layer_names: list[str], aliases: list[str] = ()) -> None:
+        """Every layer glob in the recipe must match at least one of `layer_names` or of
+        `aliases` (other names that select them: state_dict keys, the modules holding them)."""
         from deepshrink.layers import matching
 
         for stage_name, settings in self.stages.items():
@@ -166,7 +167,7 @@ class Recipe:
                     continue
                 path = f"{stage_name}.{item.name}"
                 for pattern in globs:
-                    if not matching(pattern, layer_names):
+                    if not matching(pattern, [*layer_names, *aliases]):
                         raise ConfigError(
                             f"{self.where(f'{path}.{pattern}')}: {path} pattern {pattern!r} matches no layer; "
                             f"the compressible layers are {', '.join(layer_names)}"

@@ -20,7 +20,7 @@ from deepshrink.encode.bitio import flush, put_bits
 from deepshrink.encode.schema import CODERS, FORMAT_NAME, CheckedHeader, check_header
 from deepshrink.encode.sparse import SparseLayout, as_matrix, check_entries, from_sparse, to_sparse
 from deepshrink.errors import ConfigError, FormatError
-from deepshrink.layers import compressible_layers, match_per_layer, paper_default_bits, plain_state_dict
+from deepshrink.layers import Weight, compressible_weights, match_per_layer, paper_default_bits, plain_state_dict
 from deepshrink.quantize.shared import sharing_of
 
 MAX_CODE_LENGTH = 15  # so that code lengths pack two to a byte
@@ -100,7 +100,7 @@ def _encode_stream(symbols: np.ndarray, alphabet: int, coder: str, width: int, b
     }
 
 
-def _shared_record(name: str, layer: nn.Module, index_bits: int, layout: str, coder: str, buffers: list[bytes]):
+def _shared_record(name: str, layer: Weight, index_bits: int, layout: str, coder: str, buffers: list[bytes]):
     sharing = sharing_of(layer)
     bits = int(np.ceil(np.log2(max(len(sharing.full_codebook()), 2))))
     bits = max(bits, 1)
@@ -141,7 +141,7 @@ def full_values(sharing) -> np.ndarray:
     return sharing.full_codebook().detach().cpu().numpy()[sharing.indices.long().cpu().numpy()]
 
 
-def index_widths(layers: dict[str, nn.Module], index_bits: dict[str, int] | None) -> dict[str, int]:
+def index_widths(layers: dict[str, Weight], index_bits: dict[str, int] | None) -> dict[str, int]:
     """Each layer's gap width: the paper's default (8 conv / 5 fc), then the globs in order (later wins)."""
     widths = {name: paper_default_bits(layer) for name, layer in layers.items()}
     widths.update(match_per_layer(layers, index_bits or {}, "index_bits"))
@@ -167,9 +167,9 @@ def encode_model(
         raise ConfigError(f"coder={coder!r} should be one of {', '.join(CODERS)}")
     if layout not in ("csr", "csc", "dense"):
         raise ConfigError(f"layout={layout!r} should be csr, csc or dense")
-    layers = compressible_layers(model)
+    layers = compressible_weights(model)
     widths = index_widths(layers, index_bits)
-    shared = {f"{name}.weight": name for name, layer in layers.items() if sharing_of(layer) is not None}
+    shared = {layer.key: name for name, layer in layers.items() if sharing_of(layer) is not None}
     buffers: list[bytes] = []
     records = []
     for key, tensor in plain_state_dict(model).items():

@@ -46,11 +46,11 @@ def sparse_fp32_bytes(model: nn.Module, settings) -> int:
     (with these EncodeSettings' gap widths), plus the other tensors raw."""
     from deepshrink.encode.codec import index_widths
     from deepshrink.encode.sparse import to_sparse
-    from deepshrink.layers import compressible_layers, plain_state_dict
+    from deepshrink.layers import compressible_weights, plain_state_dict
 
-    layers = compressible_layers(model)
+    layers = compressible_weights(model)
     widths = index_widths(layers, settings.index_bits)
-    weights = {f"{name}.weight": name for name in layers}
+    weights = {layer.key: name for name, layer in layers.items()}
     bits = 0
     for key, tensor in plain_state_dict(model).items():
         if key not in weights:

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from deepshrink.errors import ConfigError, UnsupportedLayerError
-from deepshrink.layers import compressible_layers
 
 SCHEMES = ("zhang", "tai")
 
@@ -130,7 +129,7 @@ def layer_spectra(
         raise ConfigError(f"scheme={scheme!r} should be one of {', '.join(SCHEMES)}")
     chosen = {
         name: layer
-        for name, layer in compressible_layers(model).items()
+        for name, layer in model.named_modules()
         if isinstance(layer, nn.Linear | nn.Conv2d) and (layers is None or name in layers)
     }
     shapes: dict[str, tuple] = {}

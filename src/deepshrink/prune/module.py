@@ -12,10 +12,16 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from deepshrink.errors import ConfigError
-from deepshrink.layers import check_position, compressible_layers, parametrization_entries
+from deepshrink.layers import (
+    Weight,
+    as_weight,
+    check_position,
+    compressible_weights,
+    parametrization_entries,
+    weights_by_key,
+)
 
 
 class PruningMask(nn.Module):
@@ -29,57 +35,47 @@ class PruningMask(nn.Module):
         return weight * self.mask
 
 
-def pruning_mask_of(layer: nn.Module) -> PruningMask | None:
-    """The layer's PruningMask parametrization of `weight`, if it has one."""
-    if not parametrize.is_parametrized(layer, "weight"):
-        return None
-    for parametrization in layer.parametrizations.weight:
-        if isinstance(parametrization, PruningMask):
-            return parametrization
-    return None
+def pruning_mask_of(weight: Weight | nn.Module) -> PruningMask | None:
+    """The weight's PruningMask parametrization, if it has one."""
+    return next((item for item in as_weight(weight).parametrizations() if isinstance(item, PruningMask)), None)
 
 
-def original_weight(layer: nn.Module) -> nn.Parameter:
-    """The trainable Parameter behind `layer.weight`, parametrized or not."""
-    if parametrize.is_parametrized(layer, "weight"):
-        return layer.parametrizations.weight.original
-    return layer.weight
-
-
-def prune_layer(layer: nn.Module, mask: torch.Tensor) -> nn.Module:
-    """Apply (or tighten) a keep-mask on `layer.weight`. Returns the layer."""
-    weight = original_weight(layer)
-    if mask.shape != weight.shape:
+def prune_weight(weight: Weight | nn.Module, mask: torch.Tensor) -> Weight:
+    """Apply (or tighten) a keep-mask on `weight` (a Weight, or a Linear / convolution /
+    Embedding module). Returns it as a Weight."""
+    weight = as_weight(weight)
+    original = weight.original()
+    if mask.shape != original.shape:
         raise ConfigError(
-            f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)} "
-            f"of {type(layer).__name__}"
+            f"mask shape {tuple(mask.shape)} does not match the shape {tuple(original.shape)} of {weight.name!r} "
+            f"({weight.kind}.{weight.tensor})"
         )
-    mask = mask.to(device=weight.device, dtype=torch.bool)
+    mask = mask.to(device=original.device, dtype=torch.bool)
     with torch.no_grad():
-        weight.mul_(mask)
-    existing = pruning_mask_of(layer)
+        original.mul_(mask)
+    existing = pruning_mask_of(weight)
     if existing is not None:
         existing.mask.copy_(mask)
     else:
-        parametrize.register_parametrization(layer, "weight", PruningMask(mask))
-    return layer
+        weight.register(PruningMask(mask))
+    return weight
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Prune each named layer of `model` with its mask."""
-    layers = compressible_layers(model)
+    """Prune each named weight of `model` with its mask."""
+    weights = compressible_weights(model)
     for name, mask in masks.items():
-        if name not in layers:
-            raise ConfigError(f"no prunable layer named {name!r}; the layers are {', '.join(layers)}")
-        prune_layer(layers[name], mask)
+        if name not in weights:
+            raise ConfigError(f"no prunable layer named {name!r}; the layers are {', '.join(weights)}")
+        prune_weight(weights[name], mask)
     return model
 
 
 def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The keep-mask of every pruned layer, by name."""
+    """The keep-mask of every pruned weight, by name."""
     masks = {}
-    for name, layer in compressible_layers(model).items():
-        parametrization = pruning_mask_of(layer)
+    for name, weight in compressible_weights(model).items():
+        parametrization = pruning_mask_of(weight)
         if parametrization is not None:
             masks[name] = parametrization.mask
     return masks
@@ -94,26 +90,35 @@ def remove_pruning(model: nn.Module) -> nn.Module:
     Returns:
         `model`.
     """
-    for layer in compressible_layers(model).values():
-        if pruning_mask_of(layer) is not None:
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    for weight in compressible_weights(model).values():
+        if pruning_mask_of(weight) is not None:
+            weight.remove_parametrizations()
     return model
 
 
 def restore_pruning(model: nn.Module, state_dict: Mapping[str, torch.Tensor], position: int | None = None) -> nn.Module:
     """Register the masks that a pruned model's state_dict holds, so load_state_dict then fits.
 
-    `position` restores only the masks at that place in their layer's parametrization list
-    (checkpoint.load_state_into restores every kind place by place, so the order is the saved one).
-    Raises ConfigError for a mask of a layer the model does not have, or out of order.
+    Args:
+        model: changed in place.
+        state_dict: a pruned model's state_dict.
+        position: restore only the masks at this place in their weight's parametrization list
+            (checkpoint.load_state_into restores every kind place by place, so the order is
+            the saved one); None restores all.
+
+    Returns:
+        `model`.
+
+    Raises:
+        ConfigError: a mask of a weight the model does not have, or one out of order.
     """
-    layers = compressible_layers(model)
-    for name, place, prefix in parametrization_entries(state_dict, "mask"):
+    weights = weights_by_key(model)
+    for key, place, prefix in parametrization_entries(state_dict, "mask"):
         if position is not None and place != position:
             continue
-        if name not in layers:
-            raise ConfigError(f"the state_dict prunes a layer {name!r} that the model does not have")
-        if pruning_mask_of(layers[name]) is None:
-            check_position(layers[name], place, name)
-            parametrize.register_parametrization(layers[name], "weight", PruningMask(state_dict[prefix + "mask"]))
+        if key not in weights:
+            raise ConfigError(f"the state_dict prunes a weight {key!r} that the model does not have")
+        if pruning_mask_of(weights[key]) is None:
+            check_position(weights[key], place)
+            weights[key].register(PruningMask(state_dict[prefix + "mask"]))
     return model

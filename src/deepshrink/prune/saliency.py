@@ -31,7 +31,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
 
 from deepshrink.errors import ConfigError
-from deepshrink.layers import select_layers
+from deepshrink.layers import select_weights
 
 EXACT_HESSIAN_LIMIT = 4096  # parameters; above this an exact Hessian is too big to be practical
 
@@ -70,9 +70,9 @@ def fisher_diagonal(
     The model must be unparametrized: for a pruned model, load `layers.plain_state_dict(model)`
     into a fresh instance first.
     """
-    layers = select_layers(model, layer_names)
+    layers = select_weights(model, layer_names)
     model = model.to(device).eval()
-    key_of = {name: f"{name}.weight" if name else "weight" for name in layers}
+    key_of = {name: layer.key for name, layer in layers.items()}
     names = list(key_of.values())
     parameters = dict(model.named_parameters())
     missing = [name for name in names if name not in parameters]
@@ -159,5 +159,5 @@ def optimal_brain_surgeon(weight: torch.Tensor, inverse_hessian: torch.Tensor, p
 
 def obd_scores(model: nn.Module, fisher: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OBD saliency of every weight of the layers in `fisher`."""
-    layers = select_layers(model, list(fisher))
-    return {name: obd_saliency(layer.weight, fisher[name].to(layer.weight.device)) for name, layer in layers.items()}
+    layers = select_weights(model, list(fisher))
+    return {name: obd_saliency(layer.value, fisher[name].to(layer.value.device)) for name, layer in layers.items()}

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from deepshrink.errors import ConfigError
-from deepshrink.layers import match_per_layer, select_layers
+from deepshrink.layers import match_per_layer, select_weights
 from deepshrink.prune.masks import global_sparsity_masks, sparsity_mask, std_threshold_mask
 from deepshrink.prune.module import apply_masks, current_masks
 from deepshrink.tasks import Task
@@ -57,10 +57,10 @@ def per_layer_sparsity_rule(final: Mapping[str, float]) -> MaskRule:
     """Magnitude pruning per layer, the sparsity of each round from round_sparsities."""
 
     def rule(model: nn.Module, round_index: int, rounds: int) -> dict[str, torch.Tensor]:
-        layers = select_layers(model, list(final))
+        layers = select_weights(model, list(final))
         targets = round_sparsities(match_per_layer(layers, final, "sparsity"), rounds)[round_index - 1]
         existing = current_masks(model)
-        return {name: sparsity_mask(layer.weight, targets[name], existing.get(name)) for name, layer in layers.items()}
+        return {name: sparsity_mask(layer.value, targets[name], existing.get(name)) for name, layer in layers.items()}
 
     return rule
 
@@ -72,11 +72,11 @@ def std_quality_rule(qualities: Mapping[str, float]) -> MaskRule:
     """
 
     def rule(model: nn.Module, round_index: int, rounds: int) -> dict[str, torch.Tensor]:
-        layers = select_layers(model, list(qualities))
+        layers = select_weights(model, list(qualities))
         values = match_per_layer(layers, qualities, "quality")
         existing = current_masks(model)
         return {
-            name: std_threshold_mask(layer.weight, values[name], existing.get(name)) for name, layer in layers.items()
+            name: std_threshold_mask(layer.value, values[name], existing.get(name)) for name, layer in layers.items()
         }
 
     return rule
@@ -86,18 +86,18 @@ def global_sparsity_rule(sparsity: float, layer_patterns: list[str] | None = Non
     """One magnitude threshold across the chosen layers, sparsity rising geometrically per round."""
 
     def rule(model: nn.Module, round_index: int, rounds: int) -> dict[str, torch.Tensor]:
-        layers = select_layers(model, layer_patterns)
+        layers = select_weights(model, layer_patterns)
         target = round_sparsities({"all": sparsity}, rounds)[round_index - 1]["all"]
-        weights = {name: layer.weight for name, layer in layers.items()}
+        weights = {name: layer.value for name, layer in layers.items()}
         return global_sparsity_masks(weights, target, current_masks(model))
 
     return rule
 
 
 def kept_fraction(model: nn.Module, names) -> float:
-    layers = select_layers(model, names)
-    kept = sum(int((layer.weight != 0).sum()) for layer in layers.values())
-    return kept / sum(layer.weight.numel() for layer in layers.values())
+    layers = select_weights(model, names)
+    kept = sum(int((layer.value != 0).sum()) for layer in layers.values())
+    return kept / sum(layer.value.numel() for layer in layers.values())
 
 
 def iterative_pruning(

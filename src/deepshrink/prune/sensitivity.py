@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 
 from deepshrink.errors import ConfigError
 from deepshrink.files import atomic_output
-from deepshrink.layers import select_layers
+from deepshrink.layers import select_weights
 from deepshrink.progress import progress_bar
 from deepshrink.prune.masks import sparsity_mask
-from deepshrink.prune.module import original_weight, pruning_mask_of
+from deepshrink.prune.module import pruning_mask_of
 from deepshrink.tables import render_table
 from deepshrink.tasks import Task, resolve_task
 from deepshrink.train import evaluate
@@ -87,7 +87,7 @@ def sensitivity_analysis(
     mask and is pruned further from there.
     """
     task = resolve_task(task)
-    layers = select_layers(model, layer_names)
+    layers = select_weights(model, layer_names)
     result = SensitivityResult(
         evaluate(model, loader, device, task).metric,
         list(sparsities),
@@ -97,7 +97,7 @@ def sensitivity_analysis(
     total = len(layers) * len(sparsities)
     bar = progress_bar(total=total, desc="sensitivity", leave=False, enabled=progress)
     for name, layer in layers.items():
-        weight = original_weight(layer)
+        weight = layer.original()
         existing = pruning_mask_of(layer)
         current = existing.mask if existing is not None else None
         saved = weight.detach().clone()

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from deepshrink.layers import compressible_layers
+from deepshrink.layers import Weight, compressible_weights
 from deepshrink.tables import render_table
 
 
@@ -30,26 +30,44 @@ class LayerStatistics:
         return self.multiply_accumulates * self.kept_fraction
 
 
+def _vectors(tensor, width: int) -> int:
+    """How many vectors of `width` features `tensor` (or a PackedSequence's data) holds."""
+    data = tensor.data if isinstance(tensor, nn.utils.rnn.PackedSequence) else tensor
+    return data.numel() // max(width, 1)
+
+
+def _weight_macs(weight: Weight, inputs: tuple, output) -> int:
+    """Multiply-accumulates of one forward pass through `weight`, for the whole batch."""
+    module, value = weight.module, weight.value
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        return 0  # a lookup, not arithmetic
+    if isinstance(module, nn.Linear):
+        return value.numel() * _vectors(output, module.out_features)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # each input element meets (out / groups) x kernel
+        return inputs[0].numel() * value[0].numel()
+    if isinstance(module, nn.modules.conv._ConvNd):  # each output element costs (in / groups) x kernel
+        return output.numel() * value[0].numel()
+    if isinstance(module, nn.RNNBase):  # each matrix is applied once per time step of each sequence
+        return value.numel() * _vectors(inputs[0], module.input_size)
+    if isinstance(module, nn.MultiheadAttention):  # the projections apply once per query / key position
+        return value.numel() * _vectors(inputs[0], module.embed_dim)
+    return 0
+
+
 def _multiply_accumulates(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     counts: dict[str, int] = {}
     handles = []
+    by_module: dict[int, list[Weight]] = {}
+    for weight in compressible_weights(model).values():
+        by_module.setdefault(id(weight.module), []).append(weight)
 
-    def hook(name):
-        def record(module, inputs, output):
-            if isinstance(module, nn.Embedding):
-                counts[name] = 0  # a lookup, not arithmetic
-            elif isinstance(module, nn.Linear):
-                counts[name] = module.in_features * module.out_features * (output.numel() // output.shape[-1])
-            else:  # Conv1d / Conv2d: each output element costs (in_channels / groups) x kernel size
-                weight = module.weight
-                per_output = weight.shape[1] * int(torch.tensor(weight.shape[2:]).prod())
-                counts[name] = per_output * output.numel()
-            counts[name] //= max(example_input.shape[0], 1)
+    def record(module, inputs, output):
+        output = output[0] if isinstance(output, tuple) else output
+        for weight in by_module[id(module)]:
+            counts[weight.name] = _weight_macs(weight, inputs, output) // max(example_input.shape[0], 1)
 
-        return record
-
-    for name, layer in compressible_layers(model).items():
-        handles.append(layer.register_forward_hook(hook(name)))
+    for weights in by_module.values():
+        handles.append(weights[0].module.register_forward_hook(record))
     training = model.training
     try:  # in eval mode: a forward pass in training mode would move BatchNorm's statistics
         with torch.no_grad():
@@ -66,12 +84,12 @@ def layer_statistics(model: nn.Module, example_input: torch.Tensor) -> list[Laye
     device = next(model.parameters()).device
     macs = _multiply_accumulates(model, example_input.to(device))
     rows = []
-    for name, layer in compressible_layers(model).items():
-        weight = layer.weight.detach()
+    for name, layer in compressible_weights(model).items():
+        weight = layer.value.detach()
         rows.append(
             LayerStatistics(
                 name=name,
-                kind=type(layer).__name__,
+                kind=layer.kind,
                 weights=weight.numel(),
                 kept=int((weight != 0).sum()),
                 multiply_accumulates=macs.get(name, 0),

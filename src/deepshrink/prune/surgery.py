@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
 from deepshrink.errors import ConfigError
-from deepshrink.layers import match_per_layer, select_layers
-from deepshrink.prune.module import prune_layer
+from deepshrink.layers import Weight, as_weight, match_per_layer, select_weights
+from deepshrink.prune.module import prune_weight
 from deepshrink.train import History, TrainConfig, fit
 
 # Guo et al.'s released code sets a_k and b_k 10% either side of one threshold per layer.
@@ -83,28 +82,28 @@ def layer_threshold(weight: torch.Tensor, crate: float | None = None, sparsity: 
     )
 
 
-def start_surgery(layer: nn.Module, threshold: float) -> SurgeryMask:
-    """Register a SurgeryMask on `layer.weight` with a_k, b_k around `threshold`."""
+def start_surgery(layer: Weight | nn.Module, threshold: float) -> SurgeryMask:
+    """Register a SurgeryMask on the weight `layer` with a_k, b_k around `threshold`."""
+    layer = as_weight(layer)
     low, high = (1 - THRESHOLD_MARGIN) * threshold, (1 + THRESHOLD_MARGIN) * threshold
-    surgery = SurgeryMask(layer.weight.detach().abs() > threshold, low, high)
-    parametrize.register_parametrization(layer, "weight", surgery)
+    surgery = SurgeryMask(layer.value.detach().abs() > threshold, low, high)
+    layer.register(surgery)
     return surgery
 
 
-def surgery_of(layer: nn.Module) -> SurgeryMask | None:
-    if not parametrize.is_parametrized(layer, "weight"):
-        return None
-    return next((item for item in layer.parametrizations.weight if isinstance(item, SurgeryMask)), None)
+def surgery_of(layer: Weight | nn.Module) -> SurgeryMask | None:
+    return next((item for item in as_weight(layer).parametrizations() if isinstance(item, SurgeryMask)), None)
 
 
-def finish_surgery(layer: nn.Module) -> torch.Tensor:
+def finish_surgery(layer: Weight | nn.Module) -> torch.Tensor:
     """Replace the DNS parametrization by a fixed pruning mask; returns that mask."""
+    layer = as_weight(layer)
     surgery = surgery_of(layer)
     if surgery is None:
-        raise ConfigError(f"{type(layer).__name__} has no surgery in progress")
+        raise ConfigError(f"{layer.name or layer.kind!r} has no surgery in progress")
     mask = surgery.mask.clone()
-    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-    prune_layer(layer, mask)
+    layer.remove_parametrizations(leave_parametrized=False)
+    prune_weight(layer, mask)
     return mask
 
 
@@ -140,14 +139,14 @@ def dynamic_network_surgery(
     chosen = dict(crates or {}) if crates else dict(sparsities or {})
     if not chosen or (crates and sparsities):
         raise ConfigError("give per-layer thresholds as either crates or sparsities (one of them, not both)")
-    layers = select_layers(model, list(chosen))
+    layers = select_weights(model, list(chosen))
     values = match_per_layer(layers, chosen, "surgery")
     thresholds, surgeries = {}, {}
     for name, layer in layers.items():
         if crates:
-            thresholds[name] = layer_threshold(layer.weight, crate=values[name])
+            thresholds[name] = layer_threshold(layer.value, crate=values[name])
         else:
-            thresholds[name] = layer_threshold(layer.weight, sparsity=values[name])
+            thresholds[name] = layer_threshold(layer.value, sparsity=values[name])
         surgeries[name] = start_surgery(layer, thresholds[name])
     generator = torch.Generator().manual_seed(config.seed)
     spliced = 0
@@ -158,7 +157,7 @@ def dynamic_network_surgery(
             return
         for name, layer in layers.items():
             before = surgeries[name].mask.clone()
-            surgeries[name].update(layer.parametrizations.weight.original)
+            surgeries[name].update(layer.original())
             spliced += int((~before & surgeries[name].mask).sum())
 
     history = fit(

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from deepshrink.layers import compressible_layers
+from deepshrink.layers import compressible_weights
 from deepshrink.quantize.shared import SharingRecord, distinct_values
 from deepshrink.tables import render_table
 
 
 def sharing_rows(model: nn.Module, records: dict[str, SharingRecord]) -> list[dict]:
     rows = []
-    for name, layer in compressible_layers(model).items():
+    for name, layer in compressible_weights(model).items():
         if name not in records:
             continue
-        weight = layer.weight.detach()
+        weight = layer.value.detach()
         rows.append(
             {
                 "layer": name,

@@ -18,16 +18,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from deepshrink.errors import ConfigError
 from deepshrink.layers import (
+    Weight,
+    as_weight,
     check_position,
-    compressible_layers,
+    compressible_weights,
     match_per_layer,
     paper_default_bits,
     parametrization_entries,
-    select_layers,
+    select_weights,
+    weights_by_key,
 )
 from deepshrink.prune.module import pruning_mask_of
 from deepshrink.quantize.kmeans import kmeans_1d
@@ -100,20 +102,24 @@ class SharingRecord:
 
 
 def share_layer_weights(
-    layer: nn.Module, bits: int, init: str = "linear", *, seed: int = 0, zero_code: bool | None = None
+    layer: Weight | nn.Module, bits: int, init: str = "linear", *, seed: int = 0, zero_code: bool | None = None
 ) -> SharingRecord:
-    """Replace `layer.weight` by a codebook of at most 2^bits values plus indices.
+    """Replace the weight `layer` (a Weight, or a Linear / convolution / Embedding module) by a
+    codebook of at most 2^bits values plus indices.
 
     `zero_code` reserves code 0 for exact zero; the default reserves it when the layer has
     any zero weights (a pruned layer). A pruning parametrization on the layer is folded in:
     its zeros become code 0.
     """
     _check_bits(bits)
-    if parametrize.is_parametrized(layer, "weight"):
+    layer = as_weight(layer)
+    if layer.parametrizations():
         if pruning_mask_of(layer) is None:
-            raise ConfigError(f"{type(layer).__name__}.weight is already parametrized by something other than pruning")
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-    weight = layer.weight.detach()
+            raise ConfigError(
+                f"{layer.name!r} ({layer.kind}.{layer.tensor}) is already parametrized by something other than pruning"
+            )
+        layer.remove_parametrizations()
+    weight = layer.value.detach()
     values = weight.flatten().cpu().numpy()
     nonzero = values != 0
     if zero_code is None:
@@ -137,7 +143,7 @@ def share_layer_weights(
     codebook = torch.from_numpy(centroids.astype(np.float32))
     codes = torch.from_numpy(indices).view(weight.shape).to(index_dtype(bits))
     sharing = SharedWeights(codebook.to(weight.device), codes.to(weight.device), zero_code)
-    parametrize.register_parametrization(layer, "weight", sharing, unsafe=True)
+    layer.register(sharing, unsafe=True)
     if shared.size > SAMPLE_SIZE:
         shared = np.random.default_rng(seed).choice(shared, SAMPLE_SIZE, replace=False)
     return SharingRecord(
@@ -145,7 +151,7 @@ def share_layer_weights(
     )
 
 
-def default_bits(layers: Mapping[str, nn.Module]) -> dict[str, int]:
+def default_bits(layers: Mapping[str, Weight]) -> dict[str, int]:
     """The paper's defaults: 8 bits for convolutions, 5 for fully connected layers."""
     return {name: paper_default_bits(layer) for name, layer in layers.items()}
 
@@ -160,18 +166,17 @@ def share_weights(
     """Share the weights of the layers matched by `bits` ({glob: bits}); all layers at the paper's
     defaults when `bits` is None. Returns what was done to each layer."""
     if bits is None:
-        layers = compressible_layers(model)
+        layers = compressible_weights(model)
         resolved = default_bits(layers)
     else:
-        layers = select_layers(model, list(bits))
+        layers = select_weights(model, list(bits))
         resolved = match_per_layer(layers, dict(bits), "bits")
     return {name: share_layer_weights(layer, int(resolved[name]), init, seed=seed) for name, layer in layers.items()}
 
 
-def sharing_of(layer: nn.Module) -> SharedWeights | None:
-    if not parametrize.is_parametrized(layer, "weight"):
-        return None
-    return next((item for item in layer.parametrizations.weight if isinstance(item, SharedWeights)), None)
+def sharing_of(weight: Weight | nn.Module) -> SharedWeights | None:
+    """The weight's SharedWeights parametrization, if it has one."""
+    return next((item for item in as_weight(weight).parametrizations() if isinstance(item, SharedWeights)), None)
 
 
 def remove_sharing(model: nn.Module) -> nn.Module:
@@ -183,9 +188,9 @@ def remove_sharing(model: nn.Module) -> nn.Module:
     Returns:
         `model`.
     """
-    for layer in compressible_layers(model).values():
-        if sharing_of(layer) is not None:
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    for weight in compressible_weights(model).values():
+        if sharing_of(weight) is not None:
+            weight.remove_parametrizations()
     return model
 
 
@@ -196,21 +201,21 @@ def restore_sharing(model: nn.Module, state_dict: Mapping[str, torch.Tensor], po
     prune.module.restore_pruning). Raises ConfigError for a layer the model does not have, a
     codebook without its indices, or an entry out of order.
     """
-    layers = compressible_layers(model)
-    for name, place, prefix in parametrization_entries(state_dict, "codebook"):
+    weights = weights_by_key(model)
+    for key, place, prefix in parametrization_entries(state_dict, "codebook"):
         if position is not None and place != position:
             continue
-        if name not in layers:
-            raise ConfigError(f"the state_dict shares weights of a layer {name!r} that the model does not have")
+        if key not in weights:
+            raise ConfigError(f"the state_dict shares a weight {key!r} that the model does not have")
         indices, zero_code = state_dict.get(prefix + "indices"), state_dict.get(prefix + "zero_code")
         if indices is None or zero_code is None:
-            raise ConfigError(f"the state_dict has a codebook for {name!r} but no indices or zero_code")
-        if sharing_of(layers[name]) is None:
-            check_position(layers[name], place, name)
+            raise ConfigError(f"the state_dict has a codebook for {key!r} but no indices or zero_code")
+        if sharing_of(weights[key]) is None:
+            check_position(weights[key], place)
             sharing = SharedWeights(state_dict[prefix + "codebook"], indices, bool(zero_code))
-            parametrize.register_parametrization(layers[name], "weight", sharing, unsafe=True)
+            weights[key].register(sharing, unsafe=True)
     return model
 
 
-def distinct_values(layer: nn.Module) -> int:
-    return int(torch.unique(layer.weight.detach()).numel())
+def distinct_values(weight: Weight | nn.Module) -> int:
+    return int(torch.unique(as_weight(weight).value.detach()).numel())

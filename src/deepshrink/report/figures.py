@@ -17,7 +17,7 @@ import numpy as np
 from torch import nn
 
 from deepshrink.errors import FormatError
-from deepshrink.layers import compressible_layers
+from deepshrink.layers import compressible_weights
 from deepshrink.tables import save_figure
 
 if TYPE_CHECKING:
@@ -47,11 +47,11 @@ def plot_codebooks(
 
     from deepshrink.quantize.shared import sharing_of
 
-    layers = compressible_layers(model)
-    name = layer or max(records, key=lambda key: layers[key].weight.numel())
+    layers = compressible_weights(model)
+    name = layer or max(records, key=lambda key: layers[key].value.numel())
     record = records[name]
     sharing = sharing_of(layers[name])
-    tuned = sharing.codebook.detach().cpu().numpy() if sharing is not None else np.unique(layers[name].weight.detach())
+    tuned = sharing.codebook.detach().cpu().numpy() if sharing is not None else np.unique(layers[name].value.detach())
     values = record.sample
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     cdf = np.arange(1, len(values) + 1) / len(values)

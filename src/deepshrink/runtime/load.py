@@ -1,10 +1,14 @@
 """Load a .dcz file into a model whose Linear and Conv2d layers run from the compressed form.
 
-Each weight-shared layer goes from its entropy-coded streams straight to codebook CSR; in
+Each weight-shared Linear / Conv2d goes from its entropy-coded streams straight to codebook CSR; in
 "sparse" mode the dense float weights are never built. In "auto" mode each candidate Linear
 layer is timed at load and runs, per range of batch sizes, whichever of the compressed form,
 torch's CSR product and the dense product was fastest (runtime/choice.py); a layer where dense
 wins everywhere stays a plain nn.Linear. Modes can be set per layer by glob.
+
+Every other weight-shared tensor (recurrent and attention matrices, Conv1d/3d, transposed
+convolutions, embeddings, and the Linear layers inside attention and transformer modules, which
+torch reads as tensors rather than calling) is decoded to its dense values and runs in torch.
 """
 
 from __future__ import annotations
@@ -46,6 +50,32 @@ def _codebook_weight(parts: SharedParts, nonzeros: int) -> CodebookWeight:
         indices = indices.astype(np.uint16 if columns <= 1 << 16 else np.int32)
         codes = codes.astype(np.uint8 if len(parts.codebook) <= 256 else np.uint16)
     return CodebookWeight(indptr, indices, codes, parts.codebook, (rows, columns))
+
+
+# Modules whose forward reads their children's weights as tensors (torch's fused attention and
+# transformer paths) instead of calling them: a Linear inside one must stay an nn.Linear.
+_READS_CHILD_WEIGHTS = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
+
+
+def replaceable_modules(model: nn.Module) -> set[str]:
+    """Names of the Linear / Conv2d modules that the runtime may swap for compressed ones: those
+    that no ancestor reads as tensors."""
+    names = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear | nn.Conv2d) or not name:
+            continue
+        parts = name.split(".")
+        ancestors = (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts)))
+        if not any(isinstance(ancestor, _READS_CHILD_WEIGHTS) for ancestor in ancestors):
+            names.add(name)
+    return names
 
 
 def _mode_for(name: str, modes: dict[str, str]) -> str:
@@ -142,8 +172,6 @@ def load_runtime(
         FormatError: a malformed file, or tensors that do not fit the model.
         ModelError: no model can be built.
     """
-    from deepshrink.layers import compressible_layers
-
     modes = {"*": mode} if isinstance(mode, str) else dict(mode)
     for pattern, value in modes.items():
         if value not in MODES:
@@ -152,7 +180,7 @@ def load_runtime(
     metadata = checked.metadata
     model, _ = model_for(path, model, metadata.get("model"), metadata=metadata, error=FormatError)
     check_tensors_fit({record["name"]: record["shape"] for record in checked.records}, model, path, FormatError)
-    layers = compressible_layers(model)
+    replaceable = replaceable_modules(model)
     input_sizes = _convolution_input_sizes(model, tuple(input_shape)) if input_shape is not None else None
     state: dict[str, torch.Tensor] = {}
     compressed: dict[str, CodebookWeight] = {}
@@ -168,15 +196,11 @@ def load_runtime(
         except (FormatError, ConfigError) as error:
             raise FormatError(f"{path}: {name}: {error}") from error
         owner = name.removesuffix(".weight")
-        layer = layers.get(owner)
+        layer = model.get_submodule(owner) if name.endswith(".weight") and owner in replaceable else None
         layer_mode = _mode_for(owner, modes)
-        runs_sparse = (
-            isinstance(layer, nn.Linear | nn.Conv2d)
-            and name.endswith(".weight")
-            and (
-                layer_mode == "sparse"
-                or (layer_mode == "auto" and _may_run_compressed(weight, layer, density_limit, input_sizes))
-            )
+        runs_sparse = layer is not None and (
+            layer_mode == "sparse"
+            or (layer_mode == "auto" and _may_run_compressed(weight, layer, density_limit, input_sizes))
         )
         if runs_sparse and isinstance(layer, nn.Conv2d) and layer.groups != 1:
             runs_sparse = False  # grouped convolutions run dense
@@ -194,7 +218,7 @@ def load_runtime(
     # Load everything else (biases, dense layers) into the model, then swap the sparse layers in.
     model.load_state_dict(state, strict=False)
     for owner, weight in compressed.items():
-        layer = layers[owner]
+        layer = model.get_submodule(owner)
         bias = layer.bias.detach() if layer.bias is not None else None
         if isinstance(layer, nn.Linear):
             replacement = CompressedLinear(weight, bias, choices.get(owner))
@@ -208,10 +232,13 @@ def load_runtime(
 
 def resident_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes each weight layer keeps in memory: compressed form or dense parameters."""
-    result = {}
-    for name, module in model.named_modules():
-        if isinstance(module, CompressedLinear | CompressedConv2d):
-            result[name] = module.resident_bytes
-        elif isinstance(module, nn.Linear | nn.Conv2d | nn.Conv1d | nn.Embedding):
-            result[name] = module.weight.numel() * module.weight.element_size()
+    from deepshrink.layers import compressible_weights
+
+    result = {
+        name: module.resident_bytes
+        for name, module in model.named_modules()
+        if isinstance(module, CompressedLinear | CompressedConv2d)
+    }
+    for name, weight in compressible_weights(model).items():
+        result[name] = weight.value.numel() * weight.value.element_size()
     return result
