@@ -228,3 +228,40 @@ def test_validation_split_takes_a_fraction_or_a_count(tmp_path):
     assert data.train.tensors[0].dtype == torch.float32 and data.train.tensors[1].dtype == torch.int64
     with pytest.raises(ConfigError, match="validation=1.5 should be a fraction"):
         deepshrink.load_arrays(path, validation=1.5)
+
+
+def test_data_from_a_function_is_checked_and_split_like_a_file(tmp_path, monkeypatch):
+    """`--data package.module:function`: a dict of arrays (token ids stay integers, for an
+    Embedding), or a DataSplits; anything else is a clear error."""
+    (tmp_path / "my_data.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+
+            def tokens():
+                generator = np.random.default_rng(0)
+                return {"x": generator.integers(0, 50, (40, 6)), "y": generator.integers(0, 3, 40)}
+
+            def unequal():
+                return {"x": np.zeros((5, 2)), "y": np.zeros(4)}
+
+            def nothing():
+                return [1, 2]
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from deepshrink.data import load_any
+
+    data = load_any("my_data:tokens", validation=10)
+    assert data.name == "tokens" and data.test_is_validation and data.input_shape == (6,)
+    assert data.train.tensors[0].dtype == torch.int64 and len(data.validation) == 10
+    assert load_any("my_data:tokens", validation=10).fingerprint == data.fingerprint
+    model = nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(24, 3))
+    assert model(data.train.tensors[0][:2]).shape == (2, 3)
+    with pytest.raises(DataError, match="my_data:unequal: x holds 5 examples but y holds 4"):
+        load_any("my_data:unequal")
+    with pytest.raises(DataError, match="returned list; it should return a deepshrink.DataSplits or a dict"):
+        load_any("my_data:nothing")
+    with pytest.raises(ConfigError, match="cannot import missing from my_data"):
+        load_any("my_data:missing")

@@ -56,7 +56,7 @@ def test_left_out_stages_are_skipped():
         ("model: lenet-5\nprune:\n  sparsity: {fc1: 1.5}\n", 3, "prune.sparsity.fc1 is 1.5; it should be below 1.0"),
         ("model: lenet-5\nquantize:\n  bits: {fc1: 5.5}\n", 3, "quantize.bits.fc1 is '5.5'; it should be an int"),
         ("model: lenet-5\nquantize:\n  bits: {fc1: 0}\n", 3, "should be at least 1"),
-        ("model: lenet-5\nprune:\n  rounds: 2\n", 3, "needs exactly one of global_sparsity, quality, sparsity"),
+        ("model: lenet-5\nprune:\n  rounds: 2\n", 2, "needs exactly one of global_sparsity, quality, sparsity"),
         ("model: lenet-5\nprune:\n  global_sparsity: 0.9\n  method: dns\n", 3, "dns does not take global_sparsity"),
         ("model: lenet-5\nprune:\n  quality: {fc1: 1}\n  method: dns\n", 3, "or crate: {LAYER_GLOB: C}"),
         ("model: lenet-5\nprune:\n  crate: {fc1: 1}\n", 3, "magnitude does not take crate"),

@@ -88,8 +88,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "--data",
         "--data-dir",
         dest="data",
-        help="an .npz or .safetensors file of arrays x (and y, x_test, y_test), or a directory of MNIST-format IDX "
-        "files (default: $DEEPSHRINK_DATA, then /usr/share/datasets/fashion-mnist)",
+        help="an .npz or .safetensors file of arrays x (and y, x_test, y_test), package.module:function returning "
+        "such arrays as a dict (or a deepshrink.DataSplits), or a directory of MNIST-format IDX files (default: "
+        "$DEEPSHRINK_DATA, then /usr/share/datasets/fashion-mnist)",
     )
     parser.add_argument(
         "--validation",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,7 +353,16 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         if isinstance(error, DataError):
             raise
         raise FormatError(f"{path}: not a readable {path.suffix} file ({error})") from error
+    return _checked_arrays(arrays, path)
+
+
+def _checked_arrays(arrays: dict, path) -> dict[str, np.ndarray]:
+    """The named arrays (x, y, x_test, y_test), each checked: numeric, non-empty, within the
+    size limit, targets one per input, both splits alike. `path` names their source in errors."""
     arrays = {name: array for name, array in arrays.items() if name in ARRAY_NAMES}
+    if not all(isinstance(array, np.ndarray) for array in arrays.values()):
+        kinds = {name: type(array).__name__ for name, array in arrays.items()}
+        raise DataError(f"{path}: the arrays should be numpy arrays, found {kinds}")
     if "x" not in arrays:
         raise DataError(
             f"{path}: holds no array named 'x' (found {sorted(arrays) or 'none'}); save the inputs as x, "
@@ -386,8 +396,8 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def _as_tensor(array: np.ndarray, name: str) -> torch.Tensor:
-    """Inputs and float targets become float32; integer targets (class labels) int64."""
-    if name.startswith("y") and array.dtype.kind in "iu":
+    """Integer arrays become int64 (class labels, token ids for an Embedding), the others float32."""
+    if array.dtype.kind in "iu":
         return torch.from_numpy(array.astype(np.int64))
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
@@ -412,7 +422,8 @@ def load_arrays(
         train_subset: keep only the first N examples of the (shuffled) training split.
 
     Returns:
-        DataSplits over float32 inputs; without `x_test` the test split is the validation split
+        DataSplits over int64 inputs where `x` holds integers (token ids; `scale` makes them
+        float), else float32; without `x_test` the test split is the validation split
         (`test_is_validation`), without `y` the splits hold inputs only (`labelled` is False).
 
     Raises:
@@ -421,7 +432,21 @@ def load_arrays(
         ConfigError: `validation`, `scale` or `train_subset` out of range.
     """
     path = Path(path)
-    arrays = _read_arrays(path)
+    return splits_from_arrays(
+        _read_arrays(path), path, fingerprint_files([path]), validation, seed, scale, train_subset
+    )
+
+
+def splits_from_arrays(
+    arrays: dict[str, np.ndarray],
+    path: Path,
+    fingerprint: str,
+    validation: float | int = 0.1,
+    seed: int = 0,
+    scale: float | None = None,
+    train_subset: int | None = None,
+) -> DataSplits:
+    """load_arrays for arrays already checked (`_checked_arrays`); `path` names their source."""
     count = len(arrays["x"])
     if isinstance(validation, bool) or not isinstance(validation, int | float):
         raise ConfigError(f"validation={validation!r} should be a fraction in (0, 1) or a count of examples")
@@ -465,9 +490,55 @@ def load_arrays(
         validation=held_out,
         test=test,
         source=path,
-        fingerprint=fingerprint_files([path]),
+        fingerprint=fingerprint,
         num_classes=classes,
         test_is_validation=not has_test,
+    )
+
+
+_FUNCTION_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def load_function_data(
+    source: str, validation: float | int | None = None, seed: int = 0, train_subset: int | None = None
+) -> DataSplits:
+    """The data `package.module:function` gives: called with no arguments, it returns a
+    DataSplits, or a dict of numpy arrays as an .npz file would hold them (x, optionally y,
+    x_test, y_test), which are checked and split as `load_arrays` does.
+
+    Raises:
+        ConfigError: the function cannot be imported. DataError: it returns something else, or
+            arrays that `load_arrays` would refuse.
+    """
+    import importlib
+
+    module_name, _, function_name = source.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(
+            f"data {source!r}: cannot import {function_name} from {module_name} ({error}); is it on PYTHONPATH?"
+        ) from error
+    made = function()
+    if isinstance(made, DataSplits):
+        return made
+    if not isinstance(made, dict):
+        raise DataError(
+            f"data {source!r} returned {type(made).__name__}; it should return a deepshrink.DataSplits or a dict "
+            "of numpy arrays x, y, x_test, y_test (y and the test split optional)"
+        )
+    arrays = _checked_arrays(made, source)
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode() + str(arrays[name].dtype).encode() + str(arrays[name].shape).encode())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return splits_from_arrays(
+        arrays,
+        Path(function_name),
+        digest.hexdigest()[:16],
+        0.1 if validation is None else validation,
+        seed,
+        train_subset=train_subset,
     )
 
 
@@ -477,9 +548,12 @@ def load_any(
     seed: int = 0,
     train_subset: int | None = None,
 ) -> DataSplits:
-    """`load_arrays` for an .npz or .safetensors file, else `load_data` for a directory of IDX
-    files (None: $DEEPSHRINK_DATA, then the installed Fashion-MNIST). `validation` is a fraction
-    or a count; None keeps each loader's default (10% of an array file, 5,000 IDX images)."""
+    """`load_arrays` for an .npz or .safetensors file, `load_function_data` for
+    `package.module:function` (when no such path exists), else `load_data` for a directory of
+    IDX files (None: $DEEPSHRINK_DATA, then the installed Fashion-MNIST). `validation` is a
+    fraction or a count; None keeps each loader's default (10% of arrays, 5,000 IDX images)."""
+    if isinstance(source, str) and _FUNCTION_PATH.match(source) and not Path(source).exists():
+        return load_function_data(source, validation, seed, train_subset)
     if source is not None and Path(source).suffix in (".npz", ".safetensors"):
         return load_arrays(source, 0.1 if validation is None else validation, seed, train_subset=train_subset)
     if validation is not None and not (isinstance(validation, int) and not isinstance(validation, bool)):

@@ -30,8 +30,10 @@ from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpo
 from deepshrink.data import DataSplits
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import ConfigError, ModelError
+from deepshrink.files import atomic_output
 from deepshrink.layers import SUPPORTED_TYPES, compressible_weights
 from deepshrink.loading import STRUCTURE_KEY
+from deepshrink.plan import Plan
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
 from deepshrink.stages import Loaders, StageContext, StageResult, registered_stages, run_stage, stage_metadata
 from deepshrink.tasks import Task, resolve_task
@@ -76,6 +78,7 @@ class RunResult:
     # "test", or "validation" for data without a test split; "from the original model" marks targets made from it.
     evaluated_on: str = "test"
     targets: str = "given"
+    plan: Plan | None = None  # the per-layer settings a recipe's target chose
 
     @property
     def ratio(self) -> float:
@@ -182,6 +185,37 @@ def _retraining_mode(policy: str) -> str:
     return policy if policy in ("train", "recalibrate") else "freeze"
 
 
+def _planned(recipe: Recipe, reference, loaders: Loaders, task, device, input_key, run_dir, progress):
+    """The recipe with its target turned into per-layer settings (plan.py), and the plan; a
+    recipe without a target as it is, and None. The plan is kept in the run directory."""
+    if recipe.target is None:
+        return recipe, None
+    from deepshrink.plan import Plan, plan_settings
+
+    path = Path(run_dir) / "stages" / f"plan-{_digest(input_key, recipe.to_dict())[:16]}.json"
+    if path.exists():
+        plan = Plan.from_dict(json.loads(path.read_text()))
+        _say(progress, f"target: cached ({path.name})")
+    else:
+        _say(progress, "target: measuring each layer's sensitivity on the validation split")
+        plan = plan_settings(
+            reference,
+            loaders.validation,
+            task,
+            recipe.target,
+            prune=recipe.prune is not None,
+            quantize=recipe.quantize is not None,
+            encode_settings=recipe.encode,
+            device=device,
+            seed=recipe.seed,
+            progress=progress,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as temporary:
+            temporary.write_text(json.dumps(plan.to_dict(), indent=2))
+    return recipe.with_plan(plan), plan
+
+
 def _fold(reference: nn.Module, loaders: Loaders, device) -> list:
     """Fold the reference's BatchNorm layers into the layers before them, in place, checking on
     a validation batch that the outputs stay the same; returns the pairs folded."""
@@ -263,6 +297,7 @@ def run(
     recipe.check_layers(layer_names, [text for weight in weights.values() for text in (weight.key, weight.module_name)])
     input_key = _digest(weights_digest(reference), prepared.key, recipe.seed, task.name, recipe.batchnorm)
     retraining = _retraining_mode(recipe.batchnorm)
+    recipe, plan = _planned(recipe, reference, loaders, task, device, input_key, run_dir, progress)
     stages_run: list[StageRun] = []
     current = reference
     key = input_key
@@ -348,6 +383,7 @@ def run(
         higher_is_better=task.metric.higher_is_better,
         evaluated_on=prepared.evaluated_on,
         targets=prepared.targets,
+        plan=plan,
     )
     result.report = write_report(result, recipe, current.cpu(), tradeoff)
     return result

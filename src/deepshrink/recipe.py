@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from deepshrink.errors import ConfigError
+from deepshrink.plan import TargetSettings
 from deepshrink.settings import DistillSettings, between, check_fields, check_value, choices
 from deepshrink.stages import EncodeSettings, LowrankSettings, PruneSettings, QuantizeSettings
 
@@ -96,6 +97,8 @@ class Recipe:
     # Stage name -> its settings, for every registered stage the recipe runs.
     stages: dict[str, object] = field(default_factory=dict)
     tradeoff: TradeoffSettings | None = None
+    # A size or metric target in place of per-layer sparsities and bits (plan.py chooses them).
+    target: TargetSettings | None = None
     # Where each entry came from ("prune.sparsity.fc1" -> "recipe.yaml:12"), for error messages.
     locations: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     source: str = field(default="<recipe>", compare=False, repr=False)
@@ -111,6 +114,27 @@ class Recipe:
                 f"task: {self.task!r} is not a built-in task ({', '.join(BUILT_IN)}); for your own, give "
                 "package.module:function returning a deepshrink.Task"
             )
+        prune, quantize = self.stages.get("prune"), self.stages.get("quantize")
+        if self.target is None and prune is not None and not prune.has_target:
+            raise ConfigError(f"{self.where('prune')}: prune: {prune.missing_target()}")
+        if self.target is not None:
+            chosen = [
+                name
+                for name, given in (
+                    ("prune", prune is not None and prune.has_target),
+                    ("quantize.bits", quantize is not None and quantize.bits is not None),
+                )
+                if given
+            ]
+            if chosen:
+                raise ConfigError(
+                    f"{self.where('target')}: target chooses per-layer sparsity and bits; leave them out of "
+                    f"{' and '.join(chosen)} (or drop the target)"
+                )
+            if prune is None and quantize is None:
+                raise ConfigError(f"{self.where('target')}: target needs a prune or quantize section to choose for")
+            if self.stages.get("lowrank") is not None:
+                raise ConfigError(f"{self.where('target')}: target does not combine with lowrank; leave one out")
         stages = dict(self.stages)
         for stage in registered_stages():
             if stage.always and stages.get(stage.name) is None:
@@ -145,7 +169,20 @@ class Recipe:
         for stage in registered_stages():
             result[stage.name] = self.section(stage.name)
         result["tradeoff"] = self.section("tradeoff")
+        result |= {"target": dataclasses.asdict(self.target)} if self.target is not None else {}
         return result
+
+    def with_plan(self, plan) -> Recipe:
+        """This recipe with a plan's per-layer sparsities and bits in place of its target (a
+        stage the plan leaves with nothing to do is dropped)."""
+        stages = dict(self.stages)
+        if stages.get("prune") is not None:
+            sparsity = plan.sparsity
+            stages["prune"] = dataclasses.replace(stages["prune"], sparsity=sparsity) if sparsity else None
+        if stages.get("quantize") is not None:
+            bits = plan.bits
+            stages["quantize"] = dataclasses.replace(stages["quantize"], bits=bits) if bits else None
+        return dataclasses.replace(self, stages=stages, target=None)
 
     def where(self, path: str) -> str:
         """'recipe.yaml:12' for a dotted entry path, or the nearest enclosing entry's location."""
@@ -174,7 +211,7 @@ class Recipe:
                         )
 
 
-_RECIPE_FIELDS = ("model", "seed", "task", "batchnorm", "data", "tradeoff")
+_RECIPE_FIELDS = ("model", "seed", "task", "batchnorm", "data", "tradeoff", "target")
 SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
@@ -273,6 +310,8 @@ def _convert(cls, node: yaml.Node, path: str, source: str, locations: dict[str, 
     try:  # cross-field checks (__post_init__) report the section's line
         return cls(**values, **extra)
     except ConfigError as error:
+        if str(error).startswith(f"{source}:"):  # it names its own line
+            raise
         raise ConfigError(f"{_line(node, source)}: {what}: {error}") from error
 
 

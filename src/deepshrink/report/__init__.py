@@ -109,6 +109,38 @@ def paper_comparison(model_name: str, rows, markdown: bool = True) -> str | None
     return render_table(header, body, markdown)
 
 
+def plan_lines(result) -> list[str]:
+    """What a recipe's target chose for each layer, and why (plan.py)."""
+    from deepshrink.plan import format_plan
+
+    plan = result.plan
+    if "ratio" in plan.target:
+        goal = f"a file {plan.target['ratio']:g}x smaller than fp32"
+        measured = (
+            f" Without retraining, these settings made a {plan.measured_bytes:,}-byte file; "
+            f"after retraining the file is {result.file_bytes:,} bytes ({result.ratio:.1f}x)."
+        )
+    else:
+        goal = f"{result.metric_name} at most {plan.target['max_metric_drop']:g}% of the reference's worse"
+        measured = (
+            f" Without retraining, the whole changed the validation {result.metric_name} by "
+            f"{-plan.measured_drop:+.4f}; after retraining, the test {result.metric_name} changed by "
+            f"{change(result)} ({result.ratio:.1f}x)."
+        )
+    return [
+        "## Automatic settings",
+        "",
+        f"The recipe's target: {goal}. Each layer was pruned alone to each candidate sparsity and shared "
+        f"alone at each candidate width, and the {result.metric_name} measured on the validation split "
+        "without retraining (the drops below); the settings minimise the summed drop for the size "
+        f"(or the size for the drop). Estimated drop of the whole, before retraining: "
+        f"{plan.estimated_drop:+.4f}.{measured}",
+        "",
+        format_plan(plan, markdown=True),
+        "",
+    ]
+
+
 def stage_lines(result) -> list[str]:
     lines = []
     for stage in result.stages:
@@ -164,6 +196,8 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
     comparison = paper_comparison(result.model_name, rows) if _paper_row(result) else None
     if comparison is not None:
         lines += [f"Beside the paper's {PAPER[result.model_name].table} (MNIST):", "", comparison, ""]
+    if result.plan is not None:
+        lines += plan_lines(result)
     lines += ["## Stages", "", *stage_lines(result), ""]
     captions = {
         "figure4": "Figure 4: centroid initialisation on the weights' CDF, and the codebook before and after "
@@ -210,6 +244,7 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
         "recipe": recipe.to_dict(),
         "figures": figures,
         "tradeoff": tradeoff,
+        "plan": result.plan.to_dict() if result.plan is not None else None,
     }
     with atomic_output(run_dir / "report.md") as temporary:
         temporary.write_text("\n".join(lines))

@@ -81,10 +81,24 @@ class PruneSettings:
                     else "sparsity: {LAYER_GLOB: S} or crate: {LAYER_GLOB: C}"
                 )
             )
-        if len(given) != 1:
-            raise ConfigError(f"needs exactly one of {', '.join(sorted(targets))}; got {', '.join(given) or 'none'}")
+        # None at all is allowed here: a recipe's `target` then chooses per-layer sparsities
+        # (plan.py); run on its own, the stage asks for one (`missing_target`).
+        if len(given) > 1:
+            raise ConfigError(f"needs exactly one of {', '.join(sorted(targets))}; got {', '.join(given)}")
         if self.layers is not None and self.global_sparsity is None:
             raise ConfigError("layers goes with global_sparsity; per-layer targets take sparsity: {LAYER_GLOB: S}")
+
+    @property
+    def has_target(self) -> bool:
+        return any(getattr(self, name) is not None for name in ("sparsity", "quality", "crate", "global_sparsity"))
+
+    def missing_target(self) -> str:
+        """The message for settings that name no sparsity at all."""
+        targets = "global_sparsity, quality, sparsity" if self.method == "magnitude" else "crate, sparsity"
+        return (
+            f"needs exactly one of {targets}; got none (or give the recipe a target: {{ratio: R}} or "
+            "{max_metric_drop: PERCENT}, and per-layer sparsities are chosen for you)"
+        )
 
 
 def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext) -> StageResult:
@@ -98,6 +112,8 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
     from deepshrink.prune.statistics import as_dicts, layer_statistics, totals
     from deepshrink.prune.surgery import dynamic_network_surgery
 
+    if not settings.has_target:
+        raise ConfigError(f"prune: {settings.missing_target()}")
     seed, loaders = context.seed, context.loaders
     retrain = training_config(settings, context, settings.retrain_epochs)
     # One loader for the whole stage: the fine-tuning after DNS goes on with its shuffles.

@@ -1,0 +1,174 @@
+"""Automatic per-layer settings from a recipe's target: the knapsack choice against brute force,
+the size model against the encoder, and whole runs that meet a ratio and a metric budget."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import deepshrink
+from deepshrink.encode.codec import encode_model
+from deepshrink.errors import ConfigError
+from deepshrink.models import build_model
+from deepshrink.plan import CHOICE_STEPS, TargetSettings, choose, option_bytes
+from deepshrink.prune.module import apply_masks
+from deepshrink.quantize.shared import share_weights
+from deepshrink.recipe import parse_recipe
+from deepshrink.train import TrainConfig, fit
+
+
+def random_options(seed: int, layers: int = 4, per_layer: int = 5):
+    generator = np.random.default_rng(seed)
+    options = {}
+    for layer in range(layers):
+        sizes = np.sort(generator.uniform(100, 10_000, per_layer))[::-1]
+        drops = np.sort(generator.exponential(0.01, per_layer))  # smaller options lose more
+        options[f"layer{layer}"] = [
+            (0.1 * index, 4, float(drop), float(size))
+            for index, (drop, size) in enumerate(zip(drops, sizes, strict=True))
+        ]
+    return options
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_choice_is_the_exact_optimum_within_the_budgets_resolution(seed):
+    """Against brute force over every combination: within the budget, and no worse than the
+    best combination that fits a budget smaller by one step per layer (the rounding)."""
+    options = random_options(seed)
+    totals = [
+        (sum(option[3] for option in combination), sum(option[2] for option in combination))
+        for combination in itertools.product(*options.values())
+    ]
+    sizes = [size for size, _ in totals]
+    slack = len(options) / CHOICE_STEPS
+    for budget in np.linspace(min(sizes) / (1 - slack), max(sizes), 9):
+        chosen = choose(options, size_budget=float(budget))
+        size = sum(option[3] for option in chosen.values())
+        drop = sum(option[2] for option in chosen.values())
+        assert size <= budget + 1e-9
+        optimum = min(total_drop for total_size, total_drop in totals if total_size <= budget * (1 - slack))
+        assert drop <= optimum + 1e-12, (drop, optimum)
+    least = min(total_drop for _, total_drop in totals)
+    for budget in (0.0, 0.01, 0.02, 0.04, 0.08):
+        chosen = choose(options, drop_budget=budget)
+        size = sum(option[3] for option in chosen.values())
+        drop = sum(option[2] for option in chosen.values())
+        if budget < least:  # out of reach: the least drop there is
+            assert drop == pytest.approx(least)
+            continue
+        assert drop <= budget + 1e-12
+        optimum = min(total_size for total_size, total_drop in totals if total_drop <= budget * (1 - slack))
+        assert size <= optimum + 1e-9, (size, optimum)
+
+
+def test_a_size_no_option_reaches_is_a_clear_error():
+    with pytest.raises(ConfigError, match="cannot be made smaller than 300 bytes"):
+        choose({"a": [(0.0, 4, 0.0, 200.0)], "b": [(0.0, 4, 0.0, 100.0)]}, size_budget=250.0)
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "bits", "index_bits"), [(0.0, 5, 5), (0.5, 4, 5), (0.9, 5, 5), (0.97, 5, 4), (0.95, 8, 8)]
+)
+def test_the_size_model_matches_the_encoder_laid_out_with_fixed_widths(sparsity, bits, index_bits):
+    """option_bytes against the file's bytes for the layer under the fixed-width coder (what
+    Huffman then improves on), for magnitude-pruned random weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(400, 300, bias=False))
+    if sparsity:
+        weight = model[0].weight
+        apply_masks(model, {"0": weight.abs() > weight.abs().flatten().kthvalue(int(sparsity * weight.numel())).values})
+    share_weights(model, {"0": bits})
+    header, buffers = encode_model(model, index_bits={"0": index_bits}, coder="fixed")
+    record = header["tensors"][0]
+    stored = sum(len(buffers[stream["buffer"]]) for stream in record["streams"].values()) + len(
+        buffers[record["codebook"]]
+    )
+    estimate = option_bytes((300, 400), sparsity, bits, index_bits)
+    assert estimate == pytest.approx(stored, rel=0.01), (estimate, stored)
+
+
+def test_recipes_with_a_target_are_checked():
+    with pytest.raises(ConfigError, match="exactly one of ratio"):
+        TargetSettings(ratio=10, max_metric_drop=1)
+    with pytest.raises(
+        ConfigError, match="r.yaml:3: target chooses per-layer sparsity and bits; leave them out of prune"
+    ):
+        parse_recipe("model: lenet-5\nprune: {sparsity: {fc1: 0.9}}\ntarget: {ratio: 20}\n", "r.yaml")
+    with pytest.raises(ConfigError, match="quantize.bits"):
+        parse_recipe("quantize: {bits: {'*': 5}}\ntarget: {ratio: 20}\n", "r.yaml")
+    with pytest.raises(ConfigError, match="needs a prune or quantize section"):
+        parse_recipe("target: {max_metric_drop: 1}\n", "r.yaml")
+    with pytest.raises(ConfigError, match=r"r.yaml:2: prune: needs exactly one of .* \(or give the recipe a target"):
+        parse_recipe("model: lenet-5\nprune: {rounds: 2}\n", "r.yaml")
+    recipe = parse_recipe("prune: {rounds: 1}\nquantize: {}\ntarget: {ratio: 25}\n", "r.yaml")
+    assert recipe.target.ratio == 25 and recipe.prune.sparsity is None
+
+
+@pytest.fixture(scope="module")
+def reference(small_data):
+    torch.manual_seed(0)
+    model = build_model("lenet-300-100")
+    fit(
+        model,
+        deepshrink.make_loader(small_data.train, 128, shuffle=True, seed=0),
+        TrainConfig(epochs=2),
+        progress=False,
+    )
+    return model.eval()
+
+
+def test_a_ratio_target_is_met_and_the_report_says_what_was_chosen(reference, small_data, tmp_path):
+    recipe = {
+        "seed": 0,
+        "prune": {"rounds": 1, "retrain_epochs": 1},
+        "quantize": {"finetune_epochs": 1},
+        "target": {"ratio": 30},
+    }
+    result = deepshrink.run(reference, recipe, small_data, run_dir=tmp_path, progress=False)
+    assert 30 <= result.ratio <= 34, result.ratio
+    assert result.compressed_metric >= result.reference_metric - 0.03
+    chosen = {layer.name: (layer.sparsity, layer.bits) for layer in result.plan.layers}
+    assert chosen["fc1"][0] > chosen["fc3"][0]  # the largest, least sensitive layer is pruned most
+    written = json.loads((tmp_path / "report.json").read_text())
+    defaults = TargetSettings(ratio=1)
+    assert written["plan"]["target"] == {
+        "ratio": 30.0,
+        "sparsities": defaults.sparsities,
+        "bits": defaults.bits,
+    }
+    assert written["recipe"]["prune"]["sparsity"] == result.plan.sparsity
+    report = (tmp_path / "report.md").read_text()
+    assert "## Automatic settings" in report and "a file 30x smaller than fp32" in report
+    rerun = deepshrink.run(reference, recipe, small_data, run_dir=tmp_path, progress=False)  # cached: same plan
+    assert rerun.plan == result.plan and rerun.path.read_bytes() == result.path.read_bytes()
+
+
+def test_a_metric_budget_is_met(reference, small_data, tmp_path):
+    recipe = {
+        "seed": 0,
+        "prune": {"rounds": 1, "retrain_epochs": 1},
+        "quantize": {},
+        "target": {"max_metric_drop": 1.0},
+    }
+    result = deepshrink.run(reference, recipe, small_data, run_dir=tmp_path, progress=False)
+    # On the validation split the plan sees: the whole compression, before retraining and after.
+    budget = 0.01 * result.plan.reference_metric
+    assert result.plan.estimated_drop <= budget and result.plan.measured_drop <= budget
+    retrained = next(stage for stage in result.stages if stage.name == "quantize").result.metrics["validation_metric"]
+    assert retrained >= result.plan.reference_metric - budget
+    # On the test split, which it does not see, within the budget and the split's noise.
+    assert result.compressed_metric >= result.reference_metric * (1 - 0.015)
+    assert result.ratio > 8  # the budget still buys real compression
+
+
+def test_the_readme_target_recipe_is_valid():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(block for block in readme.split("```yaml\n")[1:] if "target:" in block).split("```")[0]
+    recipe = parse_recipe(block, "README.md")
+    assert recipe.target.ratio == 30 and recipe.prune.sparsity is None and recipe.quantize.bits is None
