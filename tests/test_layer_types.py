@@ -6,6 +6,7 @@ dense model's, from load_compressed and from load_runtime."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -262,3 +263,25 @@ def test_recurrent_model_compresses_through_the_pipeline_within_its_metric(tmp_p
     # Measured: mean absolute error 0.037 before, 0.061 after; 0.28 without the retraining.
     assert result.compressed_metric <= 2 * result.reference_metric, (result.reference_metric, result.compressed_metric)
     assert result.ratio >= 8
+
+
+def test_token_inputs_are_recorded_so_the_runtime_and_bench_feed_integers(tmp_path):
+    """A model over token ids: the file records int64 inputs, load_runtime probes with them, and
+    the bench times integer inputs (float ones would fail in the Embedding)."""
+    from deepshrink.runtime.bench import latency_table
+
+    generator = np.random.default_rng(0)
+    np.savez(tmp_path / "tokens.npz", x=generator.integers(0, 30, (200, 5)), y=generator.integers(0, 2, 200))
+    data = deepshrink.load_arrays(tmp_path / "tokens.npz")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 8), nn.Flatten(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 2))
+    recipe = {"quantize": {"bits": {"*": 4}, "finetune_epochs": 0}}
+    result = deepshrink.run(model, recipe, data, run_dir=tmp_path / "run", progress=False)
+    _, checked = open_compressed(result.path)
+    assert checked.metadata["input_shape"] == [5] and checked.metadata["input_dtype"] == "int64"
+    runtime = deepshrink.load_runtime(result.path, model, input_shape=(5,))
+    decoded, _ = deepshrink.load_compressed(result.path, model)
+    rows = latency_table(decoded, runtime, (5,), batches=(1, 4), repeats=5, input_dtype="int64")
+    assert [row["batch"] for row in rows] == [1, 4]
+    with pytest.raises(ConfigError, match="input_dtype='int8' should be"):
+        deepshrink.load_runtime(result.path, model, input_shape=(5,), input_dtype="int8")

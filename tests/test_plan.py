@@ -141,6 +141,7 @@ def test_a_ratio_target_is_met_and_the_report_says_what_was_chosen(reference, sm
         "ratio": 30.0,
         "sparsities": defaults.sparsities,
         "bits": defaults.bits,
+        "convolution_min_bits": 4,
     }
     assert written["recipe"]["prune"]["sparsity"] == result.plan.sparsity
     report = (tmp_path / "report.md").read_text()

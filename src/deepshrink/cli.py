@@ -401,6 +401,7 @@ def command_predict(args: argparse.Namespace) -> int:
         mode=_runtime_modes(args.mode),
         max_decoded_bytes=args.max_decoded_bytes,
         input_shape=tuple(split[0][0].shape),  # so that auto mode times convolutions on this size
+        input_dtype=str(split[0][0].dtype).removeprefix("torch."),
     )
     loader = make_loader(split, args.batch_size, shuffle=False)
     if not data.labelled:  # nothing to score against: time the model on the inputs alone
@@ -436,14 +437,16 @@ def command_bench(args: argparse.Namespace) -> int:
     compressed = load_runtime(
         args.file, args.model, mode=mode, max_decoded_bytes=args.max_decoded_bytes, input_shape=shape
     )
-    rows = bench.latency_table(dense, compressed, shape, args.batch, repeats=args.repeats)
+    dtype = metadata.get("input_dtype", "float32")
+    rows = bench.latency_table(dense, compressed, shape, args.batch, repeats=args.repeats, input_dtype=dtype)
     print(f"{args.file}: {metadata.get('model')}, input {shape}, median of {args.repeats} runs per batch size")
     print(bench.format_latency(rows))
     print(bench.format_residency(dense, compressed))
     if args.layers:
         every = load_runtime(args.file, args.model, mode="sparse", max_decoded_bytes=args.max_decoded_bytes)
         print(f"each layer alone, every weight layer compressed, batch {args.batch[0]}:")
-        print(bench.format_layer_latency(bench.layer_latency_table(dense, every, shape, args.batch[0], args.repeats)))
+        table = bench.layer_latency_table(dense, every, shape, args.batch[0], args.repeats, input_dtype=dtype)
+        print(bench.format_layer_latency(table))
     return 0
 
 

@@ -203,6 +203,11 @@ class DataSplits:
         return tuple(self.train.tensors[0].shape[1:])
 
     @property
+    def input_dtype(self) -> str:
+        """The inputs' dtype name: "float32", or "int64" for integer inputs (token ids)."""
+        return str(self.train.tensors[0].dtype).removeprefix("torch.")
+
+    @property
     def name(self) -> str:
         """The data set's name for reports: its directory's or file's name."""
         return self.source.name if self.source.is_dir() else self.source.stem

@@ -134,6 +134,18 @@ class _Data:
     evaluated_on: str = "test"
     targets: str = "given"
     input_shape: tuple[int, ...] | None = None
+    input_dtype: str = "float32"
+
+    def metadata(self) -> dict:
+        """What a written file records about the model's inputs, so that bench needs no flags."""
+        return input_metadata(self.input_shape, self.input_dtype)
+
+
+def input_metadata(shape: tuple[int, ...] | None, dtype: str) -> dict:
+    """The input shape, and the dtype where it is not float32 (files of float models keep
+    the bytes they had before the dtype was recorded)."""
+    recorded = {"input_shape": list(shape)} if shape else {}
+    return recorded | ({"input_dtype": dtype} if shape and dtype != "float32" else {})
 
 
 def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Module, task: Task, device) -> _Data:
@@ -157,6 +169,7 @@ def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Modu
         "validation" if data.test_is_validation else "test",
         targets,
         data.input_shape,
+        data.input_dtype,
     )
 
 
@@ -198,6 +211,11 @@ def _planned(recipe: Recipe, reference, loaders: Loaders, task, device, input_ke
         _say(progress, f"target: cached ({path.name})")
     else:
         _say(progress, "target: measuring each layer's sensitivity on the validation split")
+
+        def folded(model: nn.Module) -> nn.Module:  # the pipeline shares weights with BatchNorm folded
+            _fold(model, loaders, device)
+            return model
+
         plan = plan_settings(
             reference,
             loaders.validation,
@@ -209,6 +227,7 @@ def _planned(recipe: Recipe, reference, loaders: Loaders, task, device, input_ke
             device=device,
             seed=recipe.seed,
             progress=progress,
+            before_sharing=folded if recipe.batchnorm == "fold" else None,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as temporary:
@@ -351,7 +370,7 @@ def run(
                     STRUCTURE_KEY: architecture.get(STRUCTURE_KEY),
                 }
                 context.metadata |= {FOLDED_KEY: architecture[FOLDED_KEY]} if architecture.get(FOLDED_KEY) else {}
-                context.metadata |= {"input_shape": list(prepared.input_shape)} if prepared.input_shape else {}
+                context.metadata |= prepared.metadata()
                 result = run_stage(current, settings, context)
         stages_run.append(StageRun(stage.name, key, cached, time.perf_counter() - started, result))
         _say(progress, f"{stage.name}: {'cached' if cached else 'done'} in {stages_run[-1].seconds:.1f}s ({path.name})")
@@ -515,7 +534,7 @@ def run_stage_on_checkpoint(
         return StageOnCheckpoint(loaded, result, reference_metric, metric, Path(path), task.metric.name)
     context.output, context.model_name, context.protect = Path(out), name, (checkpoint,)
     context.metadata = {"source": Path(checkpoint).name, **source.metadata, **architecture, "task": task.name}
-    context.metadata |= {"input_shape": list(data.input_shape)}
+    context.metadata |= input_metadata(data.input_shape, data.input_dtype)
     result = run_stage(loaded, settings, context)
     metric = None
     if evaluate_output:  # the metric that counts: of the model decoded from the written file

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -60,6 +61,11 @@ class TargetSettings:
     bits: list[int] = field(
         default_factory=lambda: [2, 3, 4, 5, 6, 8], metadata=between(1, 16, help="the widths each layer may take")
     )
+    # The paper's Figure 7: convolutions lose accuracy below 4 bits, fully connected layers hold
+    # to 2. Measured without retraining, low widths look cheap, but fine-tuning centroids wins
+    # back less than retraining wins back after pruning (a 1-D CNN at 10x: -2.5% with 2-3-bit
+    # convolutions, +0.3% with 4 bits and pruning).
+    convolution_min_bits: int = field(default=4, metadata=between(1, 16, help="the fewest bits a convolution takes"))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -131,9 +137,14 @@ def measure_sensitivity(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
+    before_sharing: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[float, dict[str, dict[str, dict]]]:
     """The reference metric, and per weight the metric drop at each sparsity and each width,
-    each weight changed alone and restored after. `model` is left as it was."""
+    each weight changed alone and restored after. `model` is left as it was.
+
+    `before_sharing` makes, in place, the model as the pipeline shares it from the model as it
+    prunes it (BatchNorm folded: per-channel scales change what a few bits can hold); widths
+    are measured on a copy made so."""
     from deepshrink.prune.masks import sparsity_mask
     from deepshrink.quantize.shared import share_layer_weights
 
@@ -141,6 +152,8 @@ def measure_sensitivity(
     reference = _evaluate(model, loader, device, task)
     higher = task.metric.higher_is_better
     weights = compressible_weights(model)
+    shared_model = before_sharing(copy.deepcopy(model)) if before_sharing is not None else model
+    shared_weights = compressible_weights(shared_model)
     prunings = [sparsity for sparsity in sparsities if sparsity > 0]
     bar = progress_bar(total=len(weights) * (len(prunings) + len(bits)), desc="sensitivity", enabled=progress)
     result: dict[str, dict[str, dict]] = {}
@@ -158,9 +171,9 @@ def measure_sensitivity(
                 parameter.copy_(saved)
             bar.update(1)
         for width in bits:
-            share_layer_weights(weight, width, seed=seed, zero_code=False)
-            drops["bits"][width] = _drop(reference, _evaluate(model, loader, device, task), higher)
-            weight.remove_parametrizations(leave_parametrized=False)
+            share_layer_weights(shared_weights[name], width, seed=seed, zero_code=False)
+            drops["bits"][width] = _drop(reference, _evaluate(shared_model, loader, device, task), higher)
+            shared_weights[name].remove_parametrizations(leave_parametrized=False)
             bar.update(1)
         result[name] = drops
     bar.close()
@@ -297,8 +310,11 @@ def _fixed_bytes(model: nn.Module, weights: dict[str, Weight]) -> int:
     return total
 
 
-def applied(model: nn.Module, chosen: dict[str, tuple]) -> nn.Module:
-    """A copy of `model` pruned by magnitude and shared as `chosen` says, without retraining."""
+def applied(
+    model: nn.Module, chosen: dict[str, tuple], before_sharing: Callable[[nn.Module], nn.Module] | None = None
+) -> nn.Module:
+    """A copy of `model` pruned by magnitude and shared as `chosen` says, without retraining
+    (`before_sharing` in between, as measure_sensitivity)."""
     from deepshrink.prune.masks import sparsity_mask
     from deepshrink.prune.module import apply_masks
     from deepshrink.quantize.shared import share_weights
@@ -307,17 +323,19 @@ def applied(model: nn.Module, chosen: dict[str, tuple]) -> nn.Module:
     weights = compressible_weights(trial)
     masks = {name: sparsity_mask(weights[name].value, option[0]) for name, option in chosen.items() if option[0] > 0}
     apply_masks(trial, masks)
+    if before_sharing is not None:
+        trial = before_sharing(trial)
     widths = {name: option[1] for name, option in chosen.items() if option[1] != UNSHARED_BITS}
     if widths:
         share_weights(trial, widths)
     return trial
 
 
-def measured_bytes(model: nn.Module, chosen: dict[str, tuple], encode_settings) -> int:
+def measured_bytes(model: nn.Module, chosen: dict[str, tuple], encode_settings, before_sharing=None) -> int:
     """The file size of `model` compressed as `chosen` says, without retraining."""
     from deepshrink.encode.sizes import encoded_bytes
 
-    return encoded_bytes(applied(model, chosen).cpu(), encode_settings)
+    return encoded_bytes(applied(model, chosen, before_sharing).cpu(), encode_settings)
 
 
 def plan_settings(
@@ -332,6 +350,7 @@ def plan_settings(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
+    before_sharing: Callable[[nn.Module], nn.Module] | None = None,
 ) -> Plan:
     """Per-layer sparsity and bits for `model` to meet `target` on `loader` (the validation split).
 
@@ -339,6 +358,8 @@ def plan_settings(
         prune / quantize: whether the recipe prunes and shares; without one, its setting stays
             at none (sparsity 0, or float32 values).
         encode_settings: the recipe's EncodeSettings (index widths), for the size estimate.
+        before_sharing: what the pipeline does to the pruned model before sharing it (folding
+            BatchNorm), in place; see measure_sensitivity.
 
     Raises:
         ConfigError: a target the candidates cannot reach, or nothing to choose.
@@ -351,7 +372,15 @@ def plan_settings(
     sparsities = sorted(set(target.sparsities) | {0.0}) if prune else [0.0]
     widths = sorted(set(target.bits)) if quantize else []
     reference, sensitivity = measure_sensitivity(
-        model, loader, task, sparsities, widths, device=device, seed=seed, progress=progress
+        model,
+        loader,
+        task,
+        sparsities,
+        widths,
+        device=device,
+        seed=seed,
+        progress=progress,
+        before_sharing=before_sharing,
     )
     smoothed = {name: _monotone(drops) for name, drops in sensitivity.items()}
     weights = compressible_weights(model)
@@ -359,13 +388,15 @@ def plan_settings(
     options = {}
     for name, weight in weights.items():
         shape = tuple(weight.value.shape)
+        allowed = [width for width in widths if not weight.is_convolution or width >= target.convolution_min_bits]
         choices = []
         for sparsity in sparsities:
-            for width in widths or [UNSHARED_BITS]:
+            for width in (allowed or widths[-1:]) if widths else [UNSHARED_BITS]:
                 drop = smoothed[name]["sparsity"][sparsity] + smoothed[name]["bits"][width]
                 choices.append((sparsity, width, drop, option_bytes(shape, sparsity, width, index_bits[name])))
         options[name] = choices
-    fixed = _fixed_bytes(model, weights)
+    folded = before_sharing(copy.deepcopy(model)) if before_sharing is not None else model
+    fixed = _fixed_bytes(folded, compressible_weights(folded))
     measured = None
     chosen, measured_drop = None, None
     higher = task.metric.higher_is_better
@@ -381,7 +412,7 @@ def plan_settings(
             previous, chosen = chosen, choose(options, size_budget=budget)
             if chosen == previous:
                 break  # the budget moved too little to change anything
-            measured = measured_bytes(model, chosen, encode_settings)
+            measured = measured_bytes(model, chosen, encode_settings, before_sharing)
             if (1 - 2 * RETRAINING_MARGIN) * goal <= measured <= (1 - RETRAINING_MARGIN) * goal:
                 break
             budget *= (1 - 1.5 * RETRAINING_MARGIN) * goal / measured
@@ -391,7 +422,7 @@ def plan_settings(
             previous, chosen = chosen, choose(options, drop_budget=budget)
             if chosen == previous:
                 break
-            whole = _drop(reference, _evaluate(applied(model, chosen), loader, device, task), higher)
+            whole = _drop(reference, _evaluate(applied(model, chosen, before_sharing), loader, device, task), higher)
             measured_drop = whole
             if whole <= allowed:
                 break

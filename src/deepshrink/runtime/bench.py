@@ -23,15 +23,28 @@ def median_seconds(function: Callable[[], object], repeats: int = 50, warmup: in
     return statistics.median(times)
 
 
+def example_inputs(batch: int, shape: tuple[int, ...], dtype: str = "float32", generator=None) -> torch.Tensor:
+    """Inputs for timing or probing a model: normal noise, or zeros for integer inputs (token
+    ids: 0 is a valid index of every Embedding)."""
+    if dtype.startswith(("int", "uint")):
+        return torch.zeros((batch, *shape), dtype=getattr(torch, dtype))
+    return torch.randn(batch, *shape, generator=generator, dtype=getattr(torch, dtype))
+
+
 def latency_table(
-    dense: nn.Module, compressed: nn.Module, input_shape: tuple[int, ...], batches=(1, 8, 64), repeats: int = 50
+    dense: nn.Module,
+    compressed: nn.Module,
+    input_shape: tuple[int, ...],
+    batches=(1, 8, 64),
+    repeats: int = 50,
+    input_dtype: str = "float32",
 ) -> list[dict]:
     """Per batch size: median milliseconds dense and compressed, alternating so both see the same machine."""
     rows = []
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for batch in batches:
-            inputs = torch.randn(batch, *input_shape, generator=generator)
+            inputs = example_inputs(batch, input_shape, input_dtype, generator)
             dense_times, compressed_times = [], []
             for _ in range(5):  # interleave rounds: a noisy neighbour hurts both, not one
                 for model, times in ((dense, dense_times), (compressed, compressed_times)):
@@ -55,6 +68,7 @@ def layer_latency_table(
     input_shape: tuple[int, ...],
     batch: int = 1,
     repeats: int = 200,
+    input_dtype: str = "float32",
 ) -> list[dict]:
     """Per layer that `compressed` runs from the compressed form: median microseconds of that
     layer alone, dense and compressed, on the input it sees in a forward pass of `dense`."""
@@ -75,7 +89,7 @@ def layer_latency_table(
     ]
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        dense(torch.randn(batch, *input_shape, generator=generator))
+        dense(example_inputs(batch, input_shape, input_dtype, generator))
     for handle in handles:
         handle.remove()
     rows = []

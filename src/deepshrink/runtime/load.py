@@ -28,6 +28,7 @@ from deepshrink.encode.sparse import as_matrix
 from deepshrink.errors import ConfigError, FormatError
 from deepshrink.layers import matching
 from deepshrink.loading import check_tensors_fit, model_for
+from deepshrink.runtime.bench import example_inputs
 from deepshrink.runtime.choice import LayerChoice, measure_conv, measure_linear
 from deepshrink.runtime.forms import CodebookWeight
 from deepshrink.runtime.kernels import csr_from_layout
@@ -111,7 +112,9 @@ def _may_run_compressed(
     return weight.density <= density_limit and weight.nbytes < weight.shape[0] * weight.shape[1] * 4
 
 
-def _convolution_input_sizes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Module, tuple]:
+def _convolution_input_sizes(
+    model: nn.Module, input_shape: tuple[int, ...], input_dtype: str = "float32"
+) -> dict[nn.Module, tuple]:
     """Each Conv2d layer's input size (channels, height, width) in a forward pass of one example
     of `input_shape` (shapes only: the weights need not be loaded yet)."""
     sizes: dict[nn.Module, tuple] = {}
@@ -122,7 +125,7 @@ def _convolution_input_sizes(model: nn.Module, input_shape: tuple[int, ...]) -> 
     hooks = [module.register_forward_hook(record) for module in model.modules() if isinstance(module, nn.Conv2d)]
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros((1, *input_shape)))
+            model.eval()(example_inputs(1, input_shape, input_dtype).zero_())
     except (RuntimeError, ValueError, IndexError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(
@@ -143,6 +146,7 @@ def load_runtime(
     density_limit: float = SPARSE_DENSITY_LIMIT,
     max_decoded_bytes: int | None = None,
     input_shape: tuple[int, ...] | None = None,
+    input_dtype: str | None = None,
 ) -> nn.Module:
     """The model of a .dcz file with its shared Linear / Conv2d layers computing from codebook indices.
 
@@ -163,6 +167,8 @@ def load_runtime(
         max_decoded_bytes: see `load_compressed`.
         input_shape: one example's shape (no batch dimension), so that auto mode can time the
             convolutions on their real input sizes.
+        input_dtype: the inputs' dtype name ("int64" for token ids); default the one the file
+            records, else "float32".
 
     Returns:
         The model in eval mode on the CPU, with CompressedLinear / CompressedConv2d layers.
@@ -181,7 +187,10 @@ def load_runtime(
     model, _ = model_for(path, model, metadata.get("model"), metadata=metadata, error=FormatError)
     check_tensors_fit({record["name"]: record["shape"] for record in checked.records}, model, path, FormatError)
     replaceable = replaceable_modules(model)
-    input_sizes = _convolution_input_sizes(model, tuple(input_shape)) if input_shape is not None else None
+    input_dtype = input_dtype or metadata.get("input_dtype", "float32")
+    if input_dtype not in ("float32", "float64", "int64", "int32"):
+        raise ConfigError(f"input_dtype={input_dtype!r} should be float32, float64, int64 or int32")
+    input_sizes = _convolution_input_sizes(model, tuple(input_shape), input_dtype) if input_shape is not None else None
     state: dict[str, torch.Tensor] = {}
     compressed: dict[str, CodebookWeight] = {}
     choices: dict[str, LayerChoice] = {}
