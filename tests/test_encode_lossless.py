@@ -14,7 +14,9 @@ from torch import nn
 import deepshrink
 from deepshrink.encode import container, lossless
 from deepshrink.errors import FormatError
+from deepshrink.layers import plain_state_dict
 from deepshrink.quantize.shared import share_weights
+from deepshrink.recipe import parse_recipe
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.uint8, np.bool_])
@@ -85,3 +87,29 @@ def test_version_2_0_files_still_read(tmp_path, monkeypatch):
     assert old.read_bytes()[10:12] == b"\0\0"
     decoded, _ = deepshrink.load_compressed(old, nn.Sequential(nn.Linear(8, 4)))
     assert torch.equal(decoded[0].weight, model[0].weight) and torch.equal(decoded[0].bias, model[0].bias)
+
+
+def test_unshared_tensors_as_float16_halve_their_bytes_and_load_as_their_rounded_values(tmp_path):
+    """`unshared: float16`: the shared layer stays bit-exact, every other float tensor comes back
+    as exactly its float16 rounding, in float32, and the file is smaller; values float16 cannot
+    hold are refused by name."""
+    torch.manual_seed(0)
+    model = tone_network().eval()
+    share_weights(model, {"11": 4})
+    plain = plain_state_dict(model)
+    exact = deepshrink.save_compressed(model, tmp_path / "exact.dcz", model_name="tones")
+    half = deepshrink.save_compressed(model, tmp_path / "half.dcz", model_name="tones", unshared="float16")
+    assert half.stat().st_size < 0.7 * exact.stat().st_size
+    loaded, _ = deepshrink.load_compressed(half, tone_network())
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == plain[key].dtype, key
+        if key == "11.weight" or not value.is_floating_point():
+            assert torch.equal(value, plain[key]), key
+        else:
+            assert torch.equal(value, plain[key].half().float()), key
+    model[0].bias.data[0] = 1e6
+    with pytest.raises(deepshrink.ConfigError, match=r"tensor '0.bias' holds 1e\+06, beyond float16's range"):
+        deepshrink.save_compressed(model, tmp_path / "bad.dcz", model_name="tones", unshared="float16")
+    parsed = parse_recipe("quantize: {}\nencode: {unshared: float16}\n")
+    assert parsed.encode.unshared == "float16" and parsed.to_dict()["encode"]["unshared"] == "float16"
+    assert "unshared" not in parse_recipe("quantize: {}\n").to_dict()["encode"]  # the default is not recorded

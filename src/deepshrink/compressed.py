@@ -30,6 +30,7 @@ def save_compressed(
     layout: str = "csr",
     coder: str = "huffman",
     protect: tuple = (),
+    unshared: str = "lossless",
 ) -> Path:
     """Encode `model` (pruned and weight-shared layers compressed, the rest raw) into a .dcz file.
 
@@ -43,6 +44,8 @@ def save_compressed(
         layout: "csr", "csc" (relative-index sparse) or "dense" codes.
         coder: "huffman" or "fixed" (P+Q without entropy coding).
         protect: input paths that must not be overwritten.
+        unshared: the tensors that are not weight-shared: "lossless", or "float16" (their float32
+            values rounded to half precision; the model loads them back as float32).
 
     Returns:
         The path written.
@@ -57,6 +60,7 @@ def save_compressed(
         index_bits=index_bits,
         layout=layout,
         coder=coder,
+        unshared=unshared,
         metadata={
             "model": model_name,
             "library": f"deepshrink {__version__}",

@@ -152,9 +152,17 @@ class Recipe:
         raise AttributeError(f"{type(self).__name__} has no attribute or stage {name!r}")
 
     def section(self, name: str) -> dict | None:
-        """A stage's or section's settings as plain data (for cache keys and reports)."""
+        """A stage's or section's settings as plain data (for cache keys and reports). A field
+        marked `recorded_when_set` appears only when it is not its default, so that adding one
+        leaves earlier recipes' keys, and the files that record them, as they were."""
         value = getattr(self, name)
-        return None if value is None else dataclasses.asdict(value)
+        if value is None:
+            return None
+        data = dataclasses.asdict(value)
+        for item in dataclasses.fields(value):
+            if item.metadata.get("recorded_when_set") and getattr(value, item.name) == item.default:
+                del data[item.name]
+        return data
 
     def to_dict(self) -> dict:
         """The recipe as plain data: its fields, and one entry per registered stage (None when left out)."""

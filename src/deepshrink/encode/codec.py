@@ -155,14 +155,17 @@ def encode_model(
     layout: str = "csr",
     coder: str = "huffman",
     metadata: dict | None = None,
+    unshared: str = "lossless",
 ) -> tuple[dict, list[bytes]]:
     """Header and buffers for `model`: shared layers compressed; every other tensor as byte planes
     under zstd (`lossless.py`), or raw where that is not smaller.
 
     `index_bits` maps layer-name globs to gap widths (default 8 conv / 5 fc). Layers that are
     pruned but not weight-shared are stored losslessly: the sparse layout needs code 0 for its
-    fillers.
+    fillers. `unshared="float16"` stores the float32 tensors that are not shared as float16.
     """
+    if unshared not in ("lossless", "float16"):
+        raise ConfigError(f"unshared={unshared!r} should be lossless or float16")
     if coder not in CODERS:
         raise ConfigError(f"coder={coder!r} should be one of {', '.join(CODERS)}")
     if layout not in ("csr", "csc", "dense"):
@@ -180,6 +183,8 @@ def encode_model(
         if tensor.dtype not in TORCH_NAMES:
             raise ConfigError(f"tensor {key!r} has dtype {tensor.dtype}, which the .dcz format does not store")
         tensor = tensor.detach().cpu().contiguous()
+        if unshared == "float16" and tensor.dtype == torch.float32:
+            tensor = _as_float16(key, tensor)
         array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
         data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
         packed = lossless.compress(data, array.dtype.itemsize) if data else None
@@ -194,6 +199,18 @@ def encode_model(
             }
         )
     return {"format": FORMAT_NAME, "metadata": metadata or {}, "tensors": records}, buffers
+
+
+def _as_float16(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` rounded to float16, refusing values float16 cannot hold (past +-65504)."""
+    half = tensor.to(torch.float16)
+    if bool((torch.isinf(half) & torch.isfinite(tensor)).any()):
+        largest = float(tensor[torch.isfinite(tensor)].abs().max())
+        raise ConfigError(
+            f"tensor {key!r} holds {largest:.6g}, beyond float16's range (65504); store it losslessly "
+            "(unshared: lossless)"
+        )
+    return half
 
 
 def _decode_stream(stream: dict, buffers: list[bytes], coder: str, alphabet: int, what: str) -> np.ndarray:

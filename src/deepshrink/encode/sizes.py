@@ -37,7 +37,13 @@ def encoded_bytes(model: nn.Module, settings) -> int:
     """The size of `model` as a .dcz file with these EncodeSettings, without writing one."""
     from deepshrink.encode.codec import encode_model
 
-    header, buffers = encode_model(model, index_bits=settings.index_bits, layout=settings.layout, coder=settings.coder)
+    header, buffers = encode_model(
+        model,
+        index_bits=settings.index_bits,
+        layout=settings.layout,
+        coder=settings.coder,
+        unshared=settings.unshared,
+    )
     return len(container.to_bytes(header, buffers))
 
 

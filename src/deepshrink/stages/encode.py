@@ -15,6 +15,7 @@ from deepshrink.stages.base import Stage, StageContext, StageResult, register_st
 
 LAYOUTS = ("csr", "csc", "dense")
 CODERS = ("huffman", "fixed")
+UNSHARED = ("lossless", "float16")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,15 @@ class EncodeSettings:
     )
     layout: str = field(default="csr", metadata=choices(*LAYOUTS, help="sparse layout of pruned layers"))
     coder: str = field(default="huffman", metadata=choices(*CODERS, help="huffman (P+Q+H) or fixed-width codes (P+Q)"))
+    unshared: str = field(
+        default="lossless",
+        metadata=choices(
+            *UNSHARED,
+            help="tensors that are not weight-shared (biases, norms, unpruned layers): lossless (zstd byte "
+            "planes) or float16 (half the bytes; about 3 significant digits)",
+        )
+        | {"recorded_when_set": True},
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -49,6 +59,7 @@ def encode_stage(model: nn.Module, settings: EncodeSettings, context: StageConte
         index_bits=settings.index_bits,
         layout=settings.layout,
         coder=settings.coder,
+        unshared=settings.unshared,
         metadata=context.metadata,
         protect=context.protect,
     )
