@@ -265,3 +265,43 @@ def test_data_from_a_function_is_checked_and_split_like_a_file(tmp_path, monkeyp
         load_any("my_data:nothing")
     with pytest.raises(ConfigError, match="cannot import missing from my_data"):
         load_any("my_data:missing")
+
+
+def test_with_no_data_pruning_and_sharing_run_without_retraining_and_say_so(tmp_path):
+    """No data at all: masks in rounds and k-means codebooks, nothing retrained or measured, the
+    report and the command line say so; stages that need data are refused up front."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 5)).eval()
+    recipe = {"prune": {"sparsity": {"*": 0.75}, "rounds": 2}, "quantize": {"bits": {"*": 4}}}
+    result = deepshrink.run(model, recipe, None, run_dir=tmp_path / "python", progress=False)
+    assert result.reference_metric is None and result.compressed_metric is None and result.ratio > 3
+    decoded, _ = deepshrink.load_compressed(result.path, copy.deepcopy(model))
+    for layer, kept in ((decoded[0], 20 * 64 // 4), (decoded[3], 64 * 5 // 4)):
+        assert int((layer.weight != 0).sum()) == kept
+        assert len(torch.unique(layer.weight)) <= 2**4
+    assert torch.equal(decoded[1].running_mean, model[1].running_mean)  # BatchNorm left unfolded
+    report = (tmp_path / "python" / "report.md").read_text()
+    assert "no data was given, so the weights were pruned and shared without retraining" in report
+    assert "Nothing was measured" in report
+    with pytest.raises(ConfigError, match="without data the recipe cannot run target"):
+        deepshrink.run(model, {"prune": {}, "target": {"ratio": 10}}, None, run_dir=tmp_path / "t", progress=False)
+    with pytest.raises(ConfigError, match="method dns trains the model"):
+        deepshrink.run(
+            model, {"prune": {"method": "dns", "sparsity": {"*": 0.5}}}, None, run_dir=tmp_path / "d", progress=False
+        )
+
+    (tmp_path / "nodata.py").write_text(
+        "from torch import nn\n\ndef net():\n"
+        "    return nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 5))\n"
+    )
+    deepshrink.save_checkpoint(tmp_path / "net.safetensors", model, model_name="nodata:net")
+    (tmp_path / "recipe.yaml").write_text("prune: {sparsity: {'*': 0.75}, rounds: 2}\nquantize: {bits: {'*': 4}}\n")
+    command = [sys.executable, "-m", "deepshrink", "--quiet", "run", "recipe.yaml", "--model", "nodata:net"]
+    command += ["--checkpoint", "net.safetensors", "--data", "none", "--run-dir", "cli"]
+    environment = dict(os.environ, PYTHONPATH=str(tmp_path))
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert "Nothing was measured: the run had no data." in ran.stdout
+    from_cli, _ = deepshrink.compressed.read_state_dict(tmp_path / "cli" / "nodata-net.dcz")
+    from_python, _ = deepshrink.compressed.read_state_dict(result.path)
+    assert all(torch.equal(from_cli[key], from_python[key]) for key in from_python)  # the same weights

@@ -90,7 +90,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         dest="data",
         help="an .npz or .safetensors file of arrays x (and y, x_test, y_test), package.module:function returning "
         "such arrays as a dict (or a deepshrink.DataSplits), or a directory of MNIST-format IDX files (default: "
-        "$DEEPSHRINK_DATA, then /usr/share/datasets/fashion-mnist)",
+        "$DEEPSHRINK_DATA, then /usr/share/datasets/fashion-mnist); `run` also takes `none`: prune and share "
+        "without retraining, measuring nothing",
     )
     parser.add_argument(
         "--validation",

@@ -65,8 +65,8 @@ class RunResult:
     path: Path
     run_dir: Path
     model_name: str
-    reference_metric: float
-    compressed_metric: float  # of the model decoded from `path`
+    reference_metric: float | None  # None: run without data
+    compressed_metric: float | None  # of the model decoded from `path`
     file_bytes: int
     parameter_bytes: int
     stages: list[StageRun]
@@ -150,7 +150,16 @@ def input_metadata(shape: tuple[int, ...] | None, dtype: str) -> dict:
 
 def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Module, task: Task, device) -> _Data:
     """Loaders over the user's data; inputs without targets get the reference model's outputs
-    made into targets by the task (the label-free path: retraining reproduces the original)."""
+    made into targets by the task (the label-free path: retraining reproduces the original).
+    No data at all (None): no loaders, and the stages work without retraining."""
+    if data is None:
+        needs = [name for name in ("lowrank", "tradeoff", "target") if getattr(recipe, name) is not None]
+        if needs:
+            raise ConfigError(
+                f"without data the recipe cannot run {', '.join(needs)}: each measures the model on data; "
+                "give data, or leave them out (prune and quantize run without retraining)"
+            )
+        return _Data(None, ["no data"], "no data", evaluated_on="nothing", targets="none")
     if isinstance(data, Loaders):
         return _Data(data, ["user loaders"], "your data")
     if not isinstance(data, DataSplits):
@@ -263,7 +272,7 @@ def _fold(reference: nn.Module, loaders: Loaders, device) -> list:
 def run(
     model: nn.Module,
     recipe: Recipe | str | os.PathLike | dict,
-    data: DataSplits | Loaders,
+    data: DataSplits | Loaders | None,
     *,
     run_dir: str | os.PathLike | None = None,
     model_name: str | None = None,
@@ -280,7 +289,8 @@ def run(
         data: a DataSplits (from deepshrink.load_data or load_arrays; inputs without targets
             get targets from the model's own outputs) or your own loaders
             (`deepshrink.Loaders.fixed(train, validation, test)`; cached stages then assume the
-            same data on a rerun).
+            same data on a rerun), or None: no data, so pruning and sharing run without
+            retraining, nothing is measured, and the report says so.
         run_dir: where stage checkpoints, the file and the report go (default runs/MODEL).
         model_name: the name recorded in the file (default: the recipe's model, or the class name).
         task: the Task, or a built-in name, or package.module:function; default the recipe's
@@ -307,7 +317,7 @@ def run(
     reference = copy.deepcopy(model).to(device).eval()
     prepared = _prepare_data(data, recipe, reference, task, device)
     loaders = prepared.loaders
-    reference_metric = evaluate(reference, loaders.test, device, task).metric
+    reference_metric = evaluate(reference, loaders.test, device, task).metric if loaders is not None else None
     architecture: dict = {}
     weights = compressible_weights(reference)
     layer_names = list(weights)
@@ -326,7 +336,9 @@ def run(
         if settings is None:
             continue
         key = _digest(key, stage.name, recipe.section(stage.name))
-        if stage.after_folding and recipe.batchnorm == "fold" and FOLDED_KEY not in architecture:
+        # Folding checks the outputs on a validation batch: without data, BatchNorm stays as it is.
+        folds = recipe.batchnorm == "fold" and loaders is not None
+        if stage.after_folding and folds and FOLDED_KEY not in architecture:
             current = copy.deepcopy(reference) if current is reference else current
             architecture[FOLDED_KEY] = _fold(current, loaders, device)
         context = StageContext(
@@ -379,7 +391,7 @@ def run(
     from deepshrink.compressed import load_compressed
 
     decoded, _ = load_compressed(out, copy.deepcopy(model))
-    compressed_metric = evaluate(decoded, loaders.test, device, task).metric
+    compressed_metric = evaluate(decoded, loaders.test, device, task).metric if loaders is not None else None
 
     tradeoff = None
     if recipe.tradeoff is not None:
@@ -442,8 +454,9 @@ def run_recipe(
         recipe: a YAML file or a shipped recipe's name.
         model_name: overrides the recipe's model: a registered name or package.module:factory.
         checkpoint: the trained weights to start from; required for a user's factory.
-        data: a directory of MNIST-format IDX files (`load_data`), or an .npz or .safetensors
-            file of arrays (`load_arrays`).
+        data: a directory of MNIST-format IDX files (`load_data`), an .npz or .safetensors
+            file of arrays (`load_arrays`), package.module:function (`load_any`), or "none":
+            no data (pruning and sharing without retraining; needs `checkpoint`).
         validation: the validation split: a fraction or a count (default: 5,000 IDX images, or
             10% of an array file's examples).
         task: overrides the recipe's task (a built-in name or package.module:function).
@@ -466,7 +479,10 @@ def run_recipe(
     name = model_name or loaded.model
     if name is None:
         raise ConfigError(f"{recipe}: the recipe names no model; add `model: NAME` or pass model_name=NAME")
-    splits = load_any(data, validation, seed=0, train_subset=loaded.data.train_subset)
+    no_data = str(data).lower() == "none" if data is not None else False
+    if no_data and checkpoint is None:
+        raise ConfigError("without data there is no reference to train: pass the trained weights with checkpoint=FILE")
+    splits = None if no_data else load_any(data, validation, seed=0, train_subset=loaded.data.train_subset)
     if checkpoint is not None:
         model, _ = load_model(checkpoint, name)
     elif is_factory_path(name):

@@ -79,10 +79,11 @@ def _multiply_accumulates(model: nn.Module, example_input: torch.Tensor) -> dict
     return counts
 
 
-def layer_statistics(model: nn.Module, example_input: torch.Tensor) -> list[LayerStatistics]:
-    """Counts for each supported layer; `example_input` is one batch, used to size the outputs."""
+def layer_statistics(model: nn.Module, example_input: torch.Tensor | None) -> list[LayerStatistics]:
+    """Counts for each supported layer; `example_input` is one batch, used to size the outputs
+    (None: no multiply-accumulates are counted)."""
     device = next(model.parameters()).device
-    macs = _multiply_accumulates(model, example_input.to(device))
+    macs = _multiply_accumulates(model, example_input.to(device)) if example_input is not None else {}
     rows = []
     for name, layer in compressible_weights(model).items():
         weight = layer.value.detach()

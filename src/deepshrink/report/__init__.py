@@ -22,13 +22,18 @@ from deepshrink.report.figures import plot_codebooks, plot_distributions, plot_t
 from deepshrink.tables import render_table
 
 
-def shown(value: float, metric_name: str) -> str:
-    """A metric's value as a reader expects it: accuracies in percent, anything else as a number."""
+def shown(value: float | None, metric_name: str) -> str:
+    """A metric's value as a reader expects it: accuracies in percent, anything else as a number
+    (None, from a run without data: "not measured")."""
+    if value is None:
+        return "not measured"
     return f"{100 * value:.2f}%" if "accuracy" in metric_name else f"{value:.4f}"
 
 
 def change(result) -> str:
     """The compressed model's metric against the reference's: in points for an accuracy."""
+    if result.reference_metric is None:
+        return "no data to measure on"
     difference = result.compressed_metric - result.reference_metric
     return f"{100 * difference:+.2f} points" if "accuracy" in result.metric_name else f"{difference:+.4f}"
 
@@ -51,7 +56,7 @@ def table1(result, markdown: bool = False) -> str:
     header += ["parameters", "compressed", "ratio"]
     values = (
         [f"{100 * (1 - result.reference_metric):.2f}%", f"{100 * (1 - result.compressed_metric):.2f}%"]
-        if classification
+        if classification and result.reference_metric is not None
         else [shown(result.reference_metric, name), shown(result.compressed_metric, name)]
     )
     rows = [
@@ -181,7 +186,13 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
         "",
         f"Task: {result.task}; data: {result.data_name}"
         + ("; targets made from the original model's outputs (the data has none)" if result.targets != "given" else "")
-        + ("; no test split, so the validation split reports" if result.evaluated_on != "test" else "")
+        + ("; no test split, so the validation split reports" if result.evaluated_on == "validation" else "")
+        + (
+            "; no data was given, so the weights were pruned and shared without retraining or "
+            "fine-tuning, BatchNorm was left unfolded, and no metric was measured"
+            if result.evaluated_on == "nothing"
+            else ""
+        )
         + ".",
         "",
         "## Table 1",
@@ -279,7 +290,9 @@ def summary(result) -> str:
     parts += [
         "",
         f"file: {result.path} ({result.file_bytes:,} bytes, {result.ratio:.1f}x)",
-        f"{result.evaluated_on} {result.metric_name} ({result.task}, {result.data_name}): "
+        _measured(result)
+        if result.reference_metric is None
+        else f"{result.evaluated_on} {result.metric_name} ({result.task}, {result.data_name}): "
         f"{shown(result.reference_metric, result.metric_name)} reference, "
         f"{shown(result.compressed_metric, result.metric_name)} decoded from the file ({change(result)})",
         f"report: {Path(result.run_dir) / 'report.md'}",
@@ -289,6 +302,8 @@ def summary(result) -> str:
 
 def _measured(result) -> str:
     """One sentence: the metric before and decoded from the file, on which split."""
+    if result.reference_metric is None:
+        return "Nothing was measured: the run had no data."
     name = result.metric_name
     return (
         f"{result.evaluated_on.capitalize()} {name} {shown(result.reference_metric, name)} before, "

@@ -63,10 +63,11 @@ class StageContext:
     default: eval mode, stored statistics kept), "train" or "recalibrate" (see TrainConfig).
     `teacher` is the model distillation retrains against (default: the model as it enters the
     stage). A stage that writes a file writes it to `output`, with `model_name` and `metadata`
-    recorded in it and never over a path in `protect`.
+    recorded in it and never over a path in `protect`. `loaders` is None when there is no data:
+    a stage then works without retraining and without measuring, and says so, or refuses.
     """
 
-    loaders: Loaders
+    loaders: Loaders | None
     seed: int = 0
     device: str | torch.device = "cpu"
     progress: bool = True

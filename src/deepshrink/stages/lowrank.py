@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from deepshrink.errors import ConfigError
 from deepshrink.settings import DistillSettings, between, check_fields, choices
 from deepshrink.stages.base import Stage, StageContext, StageResult, register_stage
 from deepshrink.stages.retraining import criterion, fine_tune, training_config
@@ -72,6 +73,8 @@ def factorize_stage(model: nn.Module, settings: LowrankSettings, context: StageC
     """Factorize `model` in place at ranks chosen under the MAC budget, then fine-tune."""
     from deepshrink.lowrank import factorize, layer_spectra, select_cptv, select_pos, structure_of
 
+    if context.loaders is None:
+        raise ConfigError("lowrank measures each layer's MACs on an example and fine-tunes: it needs data")
     device = resolve_device(context.device)
     model.to(device)
     loaders, seed = context.loaders, context.seed

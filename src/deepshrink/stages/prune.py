@@ -114,6 +114,8 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
 
     if not settings.has_target:
         raise ConfigError(f"prune: {settings.missing_target()}")
+    if context.loaders is None:
+        return _prune_without_data(model, settings)
     seed, loaders = context.seed, context.loaders
     retrain = training_config(settings, context, settings.retrain_epochs)
     # One loader for the whole stage: the fine-tuning after DNS goes on with its shuffles.
@@ -169,6 +171,27 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
     log["layers"] = as_dicts(rows)
     metrics["kept_fraction"] = totals(rows)["kept_fraction"]
     return StageResult("prune", log, metrics)
+
+
+def _prune_without_data(model: nn.Module, settings: PruneSettings) -> StageResult:
+    """No data: the rule's masks round after round, with no retraining between (and no metric)."""
+    from deepshrink.prune.module import apply_masks
+    from deepshrink.prune.schedule import global_sparsity_rule, per_layer_sparsity_rule, std_quality_rule
+    from deepshrink.prune.statistics import as_dicts, layer_statistics, totals
+
+    if settings.method != "magnitude":
+        raise ConfigError(f"prune: method {settings.method} trains the model; without data, use magnitude pruning")
+    if settings.sparsity is not None:
+        rule = per_layer_sparsity_rule(settings.sparsity)
+    elif settings.quality is not None:
+        rule = std_quality_rule(settings.quality)
+    else:
+        rule = global_sparsity_rule(settings.global_sparsity, settings.layers)
+    for round_index in range(1, settings.rounds + 1):
+        apply_masks(model, rule(model, round_index, settings.rounds))
+    rows = layer_statistics(model, None)
+    log = {"method": settings.method, "without_data": "pruned without retraining: no data was given"}
+    return StageResult("prune", log | {"layers": as_dicts(rows)}, {"kept_fraction": totals(rows)["kept_fraction"]})
 
 
 def summarize(model: nn.Module, result: StageResult) -> str:

@@ -51,8 +51,25 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
     from deepshrink.quantize.report import sharing_rows
     from deepshrink.quantize.shared import share_weights
 
-    loss = criterion(settings, context, model)
     records = share_weights(model, settings.bits, settings.init, seed=context.seed)
+    log: dict = {
+        "init": settings.init,
+        "bits": {name: record.bits for name, record in records.items()},
+        "records": {
+            name: {"bits": record.bits, "zero_code": record.zero_code, "inertia": float(record.inertia)}
+            for name, record in records.items()
+        },
+        "layers": sharing_rows(model, records),
+    }
+    tensors = {
+        f"{name}/{part}": torch.from_numpy(np.asarray(getattr(record, part), dtype=np.float64))
+        for name, record in records.items()
+        for part in RECORD_ARRAYS
+    }
+    if context.loaders is None:
+        log["without_data"] = "shared without fine-tuning the centroids: no data was given"
+        return StageResult("quantize", log, {}, tensors=tensors)
+    loss = criterion(settings, context, model)
     metrics = {
         "validation_metric_after_sharing": evaluate(
             model, context.loaders.validation, context.device, context.task
@@ -69,22 +86,8 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
         optimizer=settings.optimizer,
     )
     metrics["validation_metric"] = evaluate(model, context.loaders.validation, context.device, context.task).metric
-    log: dict = {
-        "init": settings.init,
-        "bits": {name: record.bits for name, record in records.items()},
-        "records": {
-            name: {"bits": record.bits, "zero_code": record.zero_code, "inertia": float(record.inertia)}
-            for name, record in records.items()
-        },
-        "layers": sharing_rows(model, records),
-    }
     if epochs:
         log["epochs"] = [vars(record) for record in epochs]
-    tensors = {
-        f"{name}/{part}": torch.from_numpy(np.asarray(getattr(record, part), dtype=np.float64))
-        for name, record in records.items()
-        for part in RECORD_ARRAYS
-    }
     return StageResult("quantize", log, metrics, tensors=tensors)
 
 
