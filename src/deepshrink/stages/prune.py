@@ -103,12 +103,7 @@ class PruneSettings:
 
 def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext) -> StageResult:
     """Prune `model` in place: magnitude pruning in rounds with retraining, or DNS."""
-    from deepshrink.prune.schedule import (
-        global_sparsity_rule,
-        iterative_pruning,
-        per_layer_sparsity_rule,
-        std_quality_rule,
-    )
+    from deepshrink.prune.schedule import iterative_pruning
     from deepshrink.prune.statistics import as_dicts, layer_statistics, totals
     from deepshrink.prune.surgery import dynamic_network_surgery
 
@@ -137,12 +132,7 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
         )
         log.update(spliced=result.spliced, thresholds=result.thresholds)
     else:
-        if settings.sparsity is not None:
-            rule = per_layer_sparsity_rule(settings.sparsity)
-        elif settings.quality is not None:
-            rule = std_quality_rule(settings.quality)
-        else:
-            rule = global_sparsity_rule(settings.global_sparsity, settings.layers)
+        rule = _mask_rule(settings)
         history = iterative_pruning(
             model,
             train_loader,
@@ -173,20 +163,25 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
     return StageResult("prune", log, metrics)
 
 
+def _mask_rule(settings: PruneSettings):
+    """The magnitude rule the settings name: per-layer sparsity, Han's quality, or one global threshold."""
+    from deepshrink.prune.schedule import global_sparsity_rule, per_layer_sparsity_rule, std_quality_rule
+
+    if settings.sparsity is not None:
+        return per_layer_sparsity_rule(settings.sparsity)
+    if settings.quality is not None:
+        return std_quality_rule(settings.quality)
+    return global_sparsity_rule(settings.global_sparsity, settings.layers)
+
+
 def _prune_without_data(model: nn.Module, settings: PruneSettings) -> StageResult:
     """No data: the rule's masks round after round, with no retraining between (and no metric)."""
     from deepshrink.prune.module import apply_masks
-    from deepshrink.prune.schedule import global_sparsity_rule, per_layer_sparsity_rule, std_quality_rule
     from deepshrink.prune.statistics import as_dicts, layer_statistics, totals
 
     if settings.method != "magnitude":
         raise ConfigError(f"prune: method {settings.method} trains the model; without data, use magnitude pruning")
-    if settings.sparsity is not None:
-        rule = per_layer_sparsity_rule(settings.sparsity)
-    elif settings.quality is not None:
-        rule = std_quality_rule(settings.quality)
-    else:
-        rule = global_sparsity_rule(settings.global_sparsity, settings.layers)
+    rule = _mask_rule(settings)
     for round_index in range(1, settings.rounds + 1):
         apply_masks(model, rule(model, round_index, settings.rounds))
     rows = layer_statistics(model, None)
