@@ -247,6 +247,14 @@ def test_data_from_a_function_is_checked_and_split_like_a_file(tmp_path, monkeyp
 
             def nothing():
                 return [1, 2]
+
+            def loaders():
+                import torch
+                import deepshrink
+
+                dataset = torch.utils.data.TensorDataset(torch.zeros(8, 3), torch.zeros(8, dtype=torch.long))
+                loader = deepshrink.make_loader(dataset, 4, shuffle=False)
+                return deepshrink.Loaders.fixed(loader, loader, loader)
             """
         )
     )
@@ -261,7 +269,8 @@ def test_data_from_a_function_is_checked_and_split_like_a_file(tmp_path, monkeyp
     assert model(data.train.tensors[0][:2]).shape == (2, 3)
     with pytest.raises(DataError, match="my_data:unequal: x holds 5 examples but y holds 4"):
         load_any("my_data:unequal")
-    with pytest.raises(DataError, match="returned list; it should return a deepshrink.DataSplits or a dict"):
+    assert isinstance(load_any("my_data:loaders"), deepshrink.Loaders)  # as they are, for run()
+    with pytest.raises(DataError, match="returned list; it should return a dict of numpy arrays"):
         load_any("my_data:nothing")
     with pytest.raises(ConfigError, match="cannot import missing from my_data"):
         load_any("my_data:missing")

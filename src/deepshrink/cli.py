@@ -108,9 +108,15 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_data(args: argparse.Namespace, train_subset: int | None = None):
-    from deepshrink.data import load_any
+    from deepshrink.data import DataSplits, load_any
 
-    return load_any(args.data, args.validation, seed=0, train_subset=train_subset)
+    data = load_any(args.data, args.validation, seed=0, train_subset=train_subset)
+    if not isinstance(data, DataSplits):
+        raise ConfigError(
+            f"--data {args.data} gives loaders, which `deepshrink run` takes; this command needs arrays: "
+            "return a dict of numpy arrays (x, y, x_test, y_test) or a deepshrink.DataSplits"
+        )
+    return data
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:

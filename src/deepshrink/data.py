@@ -16,6 +16,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,9 @@ from torch.utils.data import (
 )
 
 from deepshrink.errors import ConfigError, DataError, FormatError
+
+if TYPE_CHECKING:
+    from deepshrink.stages.base import Loaders
 
 ENVIRONMENT_VARIABLE = "DEEPSHRINK_DATA"
 DEFAULT_DATA_DIRECTORIES = (Path("/usr/share/datasets/fashion-mnist"),)
@@ -506,10 +510,11 @@ _FUNCTION_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 def load_function_data(
     source: str, validation: float | int | None = None, seed: int = 0, train_subset: int | None = None
-) -> DataSplits:
+) -> DataSplits | Loaders:
     """The data `package.module:function` gives: called with no arguments, it returns a
-    DataSplits, or a dict of numpy arrays as an .npz file would hold them (x, optionally y,
-    x_test, y_test), which are checked and split as `load_arrays` does.
+    DataSplits, a dict of numpy arrays as an .npz file would hold them (x, optionally y,
+    x_test, y_test), which are checked and split as `load_arrays` does, or your own
+    `deepshrink.Loaders` (which the whole pipeline, `deepshrink run`, takes as they are).
 
     Raises:
         ConfigError: the function cannot be imported. DataError: it returns something else, or
@@ -525,12 +530,14 @@ def load_function_data(
             f"data {source!r}: cannot import {function_name} from {module_name} ({error}); is it on PYTHONPATH?"
         ) from error
     made = function()
-    if isinstance(made, DataSplits):
+    from deepshrink.stages.base import Loaders  # the stages import this module
+
+    if isinstance(made, DataSplits | Loaders):
         return made
     if not isinstance(made, dict):
         raise DataError(
-            f"data {source!r} returned {type(made).__name__}; it should return a deepshrink.DataSplits or a dict "
-            "of numpy arrays x, y, x_test, y_test (y and the test split optional)"
+            f"data {source!r} returned {type(made).__name__}; it should return a dict of numpy arrays x, y, "
+            "x_test, y_test (y and the test split optional), a deepshrink.DataSplits or deepshrink.Loaders"
         )
     arrays = _checked_arrays(made, source)
     digest = hashlib.sha256()
@@ -552,7 +559,7 @@ def load_any(
     validation: float | int | None = None,
     seed: int = 0,
     train_subset: int | None = None,
-) -> DataSplits:
+) -> DataSplits | Loaders:
     """`load_arrays` for an .npz or .safetensors file, `load_function_data` for
     `package.module:function` (when no such path exists), else `load_data` for a directory of
     IDX files (None: $DEEPSHRINK_DATA, then the installed Fashion-MNIST). `validation` is a

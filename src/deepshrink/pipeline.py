@@ -485,6 +485,8 @@ def run_recipe(
     splits = None if no_data else load_any(data, validation, seed=0, train_subset=loaded.data.train_subset)
     if checkpoint is not None:
         model, _ = load_model(checkpoint, name)
+    elif not isinstance(splits, DataSplits):
+        raise ConfigError(f"data {data} gives loaders: pass the trained weights with checkpoint=FILE")
     elif is_factory_path(name):
         raise ConfigError(f"model {name} is your own network: pass its trained weights with checkpoint=FILE")
     else:
