@@ -76,3 +76,31 @@ def test_negative_quality_is_named():
 def test_mask_of_the_wrong_shape_is_refused():
     with pytest.raises(ConfigError, match="current_mask"):
         sparsity_mask(torch.ones(4), 0.5, torch.ones(3, dtype=torch.bool))
+
+
+def _sorted_mask(scores, sparsity, current_mask=None):
+    """The sort-based rule the selection replaced: a stable float64 argsort, pruned first."""
+    kept = torch.ones_like(scores, dtype=torch.bool) if current_mask is None else current_mask
+    ranked = scores.flatten().double().clone()
+    ranked[~kept.flatten()] = -float("inf")
+    order = torch.argsort(ranked, stable=True)
+    mask = torch.ones(scores.numel(), dtype=torch.bool)
+    mask[order[: round(sparsity * scores.numel())]] = False
+    return (mask & kept.flatten()).view_as(scores)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_selection_gives_the_sort_based_masks_ties_included(seed):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (37, 53)
+    for scores in (
+        torch.randn(shape, generator=generator).abs(),
+        torch.randint(0, 6, shape, generator=generator).float(),  # many ties
+        torch.randint(0, 3, shape, generator=generator).to(torch.float16),
+    ):
+        current = torch.rand(shape, generator=generator) > 0.3
+        for sparsity in (0.0, 0.2, 0.5, 0.69, 0.9, 0.99):
+            for mask in (None, current):
+                expected = _sorted_mask(scores, sparsity, mask)
+                got = mask_from_scores(scores, sparsity, mask)
+                assert torch.equal(got, expected), (sparsity, scores.dtype, mask is None)

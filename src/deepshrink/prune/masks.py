@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from deepshrink.errors import ConfigError
@@ -50,19 +51,41 @@ def std_threshold_mask(weight: torch.Tensor, quality: float, current_mask: torch
 def mask_from_scores(scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Prune exactly round(sparsity x n) entries: those with the smallest scores.
 
-    Entries already pruned by `current_mask` count first. Ties are broken by position
-    (a stable sort), so the result is deterministic and the count is exact.
+    Entries already pruned by `current_mask` count first. Ties are broken by position (the
+    earlier entry goes first), so the result is deterministic and the count is exact: the
+    same mask a stable sort gives.
+
+    By selection, not sorting: one k-th value among the kept scores, in their own precision,
+    then the ties at it by position. A stable float64 argsort of VGG-16's 138M weights took
+    55 s and 3.7 GB (issue 21); selection is linear in time and needs one copy of the kept
+    scores.
     """
     _check_sparsity(sparsity)
-    kept = _check_mask(scores, current_mask)
     total = scores.numel()
-    prune_count = round(sparsity * total)
-    ranked = scores.detach().flatten().double().clone()
-    ranked[~kept.flatten()] = -math.inf
-    order = torch.argsort(ranked, stable=True)
-    mask = torch.ones(total, dtype=torch.bool, device=scores.device)
-    mask[order[:prune_count]] = False
-    return (mask & kept.flatten()).view_as(scores)
+    pruning = round(sparsity * total)
+    ranked = scores.detach().flatten()
+    if ranked.dtype in (torch.float16, torch.bfloat16):
+        ranked = ranked.float()  # exact, and kthvalue's CPU kernels want it
+    if current_mask is not None:
+        kept = _check_mask(scores, current_mask).flatten()
+        if pruning <= total - int(kept.sum()):  # the mask already prunes as many
+            return kept.clone().view_as(scores)
+        ranked = ranked.masked_fill(~kept, -math.inf)  # what is pruned ranks first
+    if pruning == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = _kth_smallest(ranked, pruning)
+    mask = ranked >= threshold
+    at = (ranked == threshold).nonzero().flatten()
+    mask[at[: pruning - (total - int(torch.count_nonzero(mask)))]] = False
+    return mask.view_as(scores)
+
+
+def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest of `values` (1-based). On the CPU numpy's introselect, about twice as
+    fast as torch.kthvalue at 30-138M values (benchmarks/mask_selection.py)."""
+    if values.device.type == "cpu":
+        return torch.tensor(np.partition(values.numpy(), k - 1)[k - 1], dtype=values.dtype)
+    return torch.kthvalue(values, k).values
 
 
 def sparsity_mask(weight: torch.Tensor, sparsity: float, current_mask: torch.Tensor | None = None) -> torch.Tensor:
