@@ -75,3 +75,17 @@ def test_corrupt_entries_are_format_errors(change, message):
     }
     with pytest.raises(FormatError, match=message):
         from_sparse(SparseLayout(**{**fields, **change}))
+
+
+@pytest.mark.parametrize("layout", ["csr", "csc"])
+def test_weights_written_from_the_entries_equal_the_codebook_of_the_dense_codes(layout):
+    from deepshrink.encode.sparse import values_from_sparse
+
+    generator = np.random.default_rng(3)
+    codes = generator.integers(1, 16, (40, 300)).astype(np.uint8)
+    codes[generator.random(codes.shape) < 0.93] = 0
+    codebook = np.concatenate(([0.0], generator.normal(size=15))).astype(np.float32)
+    sparse = to_sparse(codes, 4, layout)
+    out = np.full(codes.size, np.nan, dtype=np.float32)
+    assert values_from_sparse(sparse, codebook, out) == int(np.count_nonzero(codes))
+    assert np.array_equal(out.reshape(codes.shape), codebook[from_sparse(sparse, codes.shape).astype(np.int64)])

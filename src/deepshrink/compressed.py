@@ -13,7 +13,7 @@ from torch import nn
 
 from deepshrink import __version__
 from deepshrink.encode import container
-from deepshrink.encode.codec import decode_state_dict, encode_model, verify
+from deepshrink.encode.codec import decode_into, decode_state_dict, encode_model, verify
 from deepshrink.encode.schema import CheckedHeader, check_header
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import FormatError
@@ -152,8 +152,15 @@ def load_compressed(
     built, name = model_for(path, model, metadata.get("model"), metadata=metadata, error=FormatError)
     check_tensors_fit({record["name"]: record["shape"] for record in checked.records}, built, path, FormatError)
     try:
-        state = decode_state_dict(loaded.header, loaded.buffers, checked)
+        if isinstance(model, nn.Module):
+            # Your module: decoded aside first, so that a corrupt file leaves it as it was.
+            built.load_state_dict(decode_state_dict(loaded.header, loaded.buffers, checked))
+        else:
+            # A model built here: each tensor decoded straight into its parameter, so the
+            # weights exist once (VGG-16: no second 553 MB state_dict, no int64 indices).
+            targets = built.state_dict(keep_vars=True)
+            for record in checked.records:
+                decode_into(record, loaded.buffers, targets[record["name"]])
     except FormatError as error:
         raise FormatError(f"{path}: {error}") from error
-    built.load_state_dict(state)
     return built, metadata

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -217,13 +217,23 @@ def match_per_layer(weights: dict[str, Weight], values: dict[str, float], what: 
     return resolved
 
 
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def plain_state_dict(model: nn.Module, *, stand_ins: Collection[str] | bool = ()) -> dict[str, torch.Tensor]:
     """The state_dict a model without parametrizations would have, holding the effective values.
 
     `X.parametrizations.weight.original` becomes `X.weight` (the pruned or shared weight as the
     layer computes with it); the parametrizations' own entries are dropped. Never build this by
     deep-copying a model and removing parametrizations from the copy: the copy shares the
     original's dynamically created class, so removing them from one breaks the other.
+
+    Args:
+        model: parametrized or not; left as it is.
+        stand_ins: keys (or True: every parametrized key) whose entry is the stored `original`
+            tensor, of the same shape and dtype, instead of the effective value: for keys and
+            sizes, or weights the caller reads from their codebook, without building a dense
+            weight (VGG-16's shared layers took 1.1 s of a 1.8 s save, built twice).
+
+    Returns:
+        {plain key: tensor}, in state_dict order.
     """
     state = {}
     parametrized_prefix = ".parametrizations."
@@ -234,8 +244,11 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         owner, _, rest = key.partition(parametrized_prefix)
         tensor_name, _, tail = rest.partition(".")
         if tail == "original":
-            module = model.get_submodule(owner)
-            state[f"{owner}.{tensor_name}" if owner else tensor_name] = getattr(module, tensor_name).detach()
+            plain = f"{owner}.{tensor_name}" if owner else tensor_name
+            if stand_ins is True or (stand_ins is not False and plain in stand_ins):
+                state[plain] = value
+            else:
+                state[plain] = getattr(model.get_submodule(owner), tensor_name).detach()
     return state
 
 

@@ -25,7 +25,7 @@ def parameter_bytes(model: nn.Module) -> int:
 
     trainable = {name for name, _ in model.named_parameters()}
     total = 0
-    for key, tensor in plain_state_dict(model).items():
+    for key, tensor in plain_state_dict(model, stand_ins=True).items():  # shapes and dtypes are enough
         owner, _, leaf = key.rpartition(".")
         original = f"{owner}.parametrizations.{leaf}.original" if owner else f"parametrizations.{leaf}.original"
         if tensor.is_floating_point() and (key in trainable or original in trainable):

@@ -118,6 +118,48 @@ def _scatter(gaps, codes, counts, matrix):
 
 
 @numba.njit(cache=True, nogil=True)
+def _scatter_values(gaps, codes, counts, codebook, out, stored_columns, output_columns, transposed):
+    """Write codebook[code] of every entry into the zeroed, flat, row-major `out`; returns how
+    many are non-zero, or -1 if a row's entries run past its end."""
+    position = 0
+    nonzeros = 0
+    for row in range(len(counts)):
+        column = -1
+        for _ in range(counts[row]):
+            column += gaps[position] + 1
+            if column >= stored_columns:
+                return -1
+            value = codebook[codes[position]]
+            if transposed:  # csc: the stored row is the matrix's column
+                out[column * output_columns + row] = value
+            else:
+                out[row * output_columns + column] = value
+            if value != 0:
+                nonzeros += 1
+            position += 1
+    return nonzeros
+
+
+def values_from_sparse(sparse: SparseLayout, codebook: np.ndarray, out: np.ndarray) -> int:
+    """The weights themselves (codebook values, zeros elsewhere) written into `out`, a flat
+    float32 array of the matrix's size, with no dense code matrix in between; returns the count
+    of non-zero weights. Inconsistent entries raise FormatError, as in from_sparse."""
+    rows, columns = sparse.shape
+    stored_rows, stored_columns = (columns, rows) if sparse.layout == "csc" else (rows, columns)
+    if len(sparse.counts) != stored_rows or int(sparse.counts.sum()) != len(sparse.gaps):
+        raise FormatError("entry counts do not add up to the number of stored entries")
+    if len(sparse.codes) != len(sparse.gaps) or out.size != rows * columns:
+        raise FormatError("the entries do not match the tensor's size")
+    out[:] = 0
+    nonzeros = _scatter_values(
+        sparse.gaps, sparse.codes, sparse.counts, codebook, out, stored_columns, columns, sparse.layout == "csc"
+    )
+    if nonzeros < 0:
+        raise FormatError("the gaps of a row run past its end: the sparse layout is corrupt")
+    return nonzeros
+
+
+@numba.njit(cache=True, nogil=True)
 def _rows_overrun(gaps, counts, columns):
     position = 0
     for row in range(len(counts)):
