@@ -103,3 +103,27 @@ def test_lloyd_from_the_optimum_stays_there_and_beats_the_paper_initialisations(
     assert optimal.iterations == 1
     for init in ("linear", "density", "forgy"):
         assert optimal.inertia <= kmeans_1d(values, 32, init).inertia * (1 + 1e-12)
+
+
+def test_the_galloping_search_finds_what_a_binary_search_finds_from_any_hint():
+    from deepshrink.quantize.kmeans import _gallop
+
+    generator = np.random.default_rng(0)
+    values = np.sort(generator.integers(0, 50, 1000).astype(np.float32))  # many duplicates
+    thresholds = np.concatenate((generator.uniform(-5, 55, 300), np.arange(-1, 52), [np.inf, -np.inf]))
+    for threshold in thresholds:
+        expected = int(np.searchsorted(values, threshold, side="left"))
+        for hint in (0, 1, 499, 998, 999, 1000, int(generator.integers(0, 1001))):
+            assert _gallop(values, float(threshold), hint) == expected, (threshold, hint)
+
+
+def test_the_radix_sort_gives_numpys_order():
+    from deepshrink.quantize.kmeans import RADIX_FROM, sort_values
+
+    generator = np.random.default_rng(1)
+    values = generator.laplace(scale=0.01, size=RADIX_FROM + 17).astype(np.float32)
+    values[:1000] = generator.integers(-3, 4, 1000)  # ties, zeros, whole numbers
+    values[1000:1004] = [np.float32(-0.0), np.float32(0.0), np.finfo(np.float32).max, -np.finfo(np.float32).max]
+    values[1004:1006] = [np.finfo(np.float32).tiny, -np.finfo(np.float32).smallest_subnormal]
+    result = sort_values(values)
+    assert result.dtype == np.float32 and np.array_equal(result, np.sort(values))
