@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -136,3 +137,24 @@ def test_centroid_gradient_is_the_float64_sum_and_the_same_every_time():
         gradients.append(sharing.codebook.grad.clone())
     torch.testing.assert_close(gradients[0].double(), expected, rtol=1e-6, atol=1e-6)
     assert all(torch.equal(gradient, gradients[0]) for gradient in gradients)
+
+
+def test_codes_stay_narrow_from_sharing_to_the_encoder(monkeypatch):
+    """uint8 codes up to 8 bits (int16 to 15), into the encoder as uint8 / uint16: no int64 copy."""
+    from deepshrink.encode import codec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    share_weights(model, {"0": 5, "1": 12})
+    assert sharing_of(model[0]).indices.dtype == torch.uint8
+    assert sharing_of(model[1]).indices.dtype == torch.int16
+    seen = []
+    original = codec._encode_stream
+
+    def recording(symbols, *arguments):
+        seen.append(symbols.dtype)
+        return original(symbols, *arguments)
+
+    monkeypatch.setattr(codec, "_encode_stream", recording)
+    codec.encode_model(model, layout="dense")
+    assert seen[:2] == [np.dtype(np.uint8), np.dtype(np.uint16)]

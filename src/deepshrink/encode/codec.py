@@ -105,7 +105,7 @@ def _shared_record(name: str, layer: Weight, index_bits: int, layout: str, coder
     bits = int(np.ceil(np.log2(max(len(sharing.full_codebook()), 2))))
     bits = max(bits, 1)
     zero_code = bool(sharing.zero_code)
-    codes = sharing.indices.detach().cpu().numpy().astype(np.uint16 if bits > 8 else np.uint8)
+    codes = sharing.indices.detach().cpu().numpy().astype(np.uint16 if bits > 8 else np.uint8, copy=False)
     codebook = sharing.codebook.detach().cpu().float().numpy()
     shape = list(sharing.indices.shape)
     buffers.append(codebook.astype("<f4").tobytes())
