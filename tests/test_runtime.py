@@ -389,7 +389,7 @@ def test_running_compressed_never_builds_the_dense_weights(tmp_path, monkeypatch
         raise AssertionError("the dense weights were built")
 
     monkeypatch.setattr(forms.CodebookWeight, "to_dense", forbidden)
-    monkeypatch.setattr(codec, "from_sparse", forbidden)
+    monkeypatch.setattr(codec, "values_from_sparse", forbidden)
     tracemalloc.start()
     running = load_runtime(path, factory, mode="sparse")
     inputs = torch.randn(1, 4096)

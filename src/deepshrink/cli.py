@@ -108,15 +108,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_data(args: argparse.Namespace, train_subset: int | None = None):
-    from deepshrink.data import DataSplits, load_any
+    from deepshrink.data import load_splits
 
-    data = load_any(args.data, args.validation, seed=0, train_subset=train_subset)
-    if not isinstance(data, DataSplits):
-        raise ConfigError(
-            f"--data {args.data} gives loaders, which `deepshrink run` takes; this command needs arrays: "
-            "return a dict of numpy arrays (x, y, x_test, y_test) or a deepshrink.DataSplits"
-        )
-    return data
+    return load_splits(args.data, args.validation, seed=0, train_subset=train_subset)
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -174,15 +168,18 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
-    from deepshrink.checkpoint import load_model
-    from deepshrink.data import make_loader
-    from deepshrink.train import evaluate
+    from deepshrink.file_commands import evaluate_checkpoint
 
-    model, checkpoint = load_model(args.checkpoint, args.model)
-    data = _load_data(args)
-    split = {"test": data.test, "validation": data.validation}[args.split]
-    result = evaluate(model, make_loader(split, 1000, shuffle=False), args.device, args.task)
-    print(f"model: {args.model or checkpoint.model_name}  split: {args.split} ({result.count} examples)")
+    result, name = evaluate_checkpoint(
+        args.checkpoint,
+        args.model,
+        args.data,
+        validation=args.validation,
+        split=args.split,
+        task=args.task,
+        device=args.device,
+    )
+    print(f"model: {name}  split: {args.split} ({result.count} examples)")
     print(f"{args.split} {result.metric_name}: {result.metric:.4f}")
     print(f"{args.split} loss: {result.loss:.4f}")
     return 0
@@ -388,107 +385,74 @@ def _runtime_modes(values: list[str] | None) -> str | dict[str, str]:
 
 
 def command_predict(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from deepshrink.compressed import inspect_header
-    from deepshrink.data import make_loader
-    from deepshrink.runtime.load import load_runtime
-    from deepshrink.train import evaluate
+    from deepshrink.file_commands import predict_file
 
     if args.device not in ("auto", "cpu"):
         raise ConfigError(f"--device {args.device}: predict runs the compressed form on the CPU; use --device cpu")
-    _, checked = inspect_header(args.file, args.max_decoded_bytes)  # a malformed file fails before the data loads
-    data = _load_data(args)
-    split = {"test": data.test, "validation": data.validation}[args.split]
-    model = load_runtime(
+    done = predict_file(
         args.file,
         args.model,
+        args.data,
+        validation=args.validation,
+        split=args.split,
+        batch_size=args.batch_size,
         mode=_runtime_modes(args.mode),
+        task=args.task,
         max_decoded_bytes=args.max_decoded_bytes,
-        input_shape=tuple(split[0][0].shape),  # so that auto mode times convolutions on this size
-        input_dtype=str(split[0][0].dtype).removeprefix("torch."),
     )
-    loader = make_loader(split, args.batch_size, shuffle=False)
-    if not data.labelled:  # nothing to score against: time the model on the inputs alone
-        started = time.perf_counter()
-        with torch.no_grad():
-            for (inputs,) in loader:
-                model(inputs)
-        seconds = time.perf_counter() - started
-        print(f"{args.file}: the data has no targets, so no metric; ran {len(split)} {args.split} examples")
+    if done.evaluation is None:
+        print(f"{args.file}: the data has no targets, so no metric; ran {done.count} {args.split} examples")
     else:
-        started = time.perf_counter()
-        result = evaluate(model, loader, "cpu", args.task or checked.metadata.get("task"))
-        seconds = time.perf_counter() - started
+        result = done.evaluation
         print(f"{args.file}: {args.split} {result.metric_name} {result.metric:.4f} on {result.count} examples")
-    print(f"throughput: {len(split) / seconds:,.0f} examples/s at batch {args.batch_size} ({seconds:.2f} s)")
+    print(f"throughput: {done.throughput:,.0f} examples/s at batch {args.batch_size} ({done.seconds:.2f} s)")
     return 0
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    from deepshrink.compressed import load_compressed
+    from deepshrink.file_commands import bench_file
     from deepshrink.runtime import bench
-    from deepshrink.runtime.load import load_runtime
 
-    dense, metadata = load_compressed(args.file, args.model, max_decoded_bytes=args.max_decoded_bytes)
-    dense.eval()
-    recorded = metadata.get("input_shape")
-    if args.input_shape is None and recorded is None:
-        raise ConfigError(
-            f"{args.file} does not record its input shape; pass --input-shape, e.g. --input-shape 1 28 28"
-        )
-    shape = tuple(args.input_shape or recorded)  # load_runtime checks that the model takes it
-    mode = _runtime_modes(args.mode)
-    compressed = load_runtime(
-        args.file, args.model, mode=mode, max_decoded_bytes=args.max_decoded_bytes, input_shape=shape
+    done = bench_file(
+        args.file,
+        args.model,
+        mode=_runtime_modes(args.mode),
+        batches=tuple(args.batch),
+        repeats=args.repeats,
+        input_shape=tuple(args.input_shape) if args.input_shape else None,
+        layers=args.layers,
+        max_decoded_bytes=args.max_decoded_bytes,
     )
-    dtype = metadata.get("input_dtype", "float32")
-    rows = bench.latency_table(dense, compressed, shape, args.batch, repeats=args.repeats, input_dtype=dtype)
-    print(f"{args.file}: {metadata.get('model')}, input {shape}, median of {args.repeats} runs per batch size")
-    print(bench.format_latency(rows))
-    print(bench.format_residency(dense, compressed))
-    if args.layers:
-        every = load_runtime(args.file, args.model, mode="sparse", max_decoded_bytes=args.max_decoded_bytes)
+    print(f"{args.file}: {done.model_name}, input {done.input_shape}, median of {args.repeats} runs per batch size")
+    print(bench.format_latency(done.rows))
+    print(done.residency)
+    if done.layer_rows is not None:
         print(f"each layer alone, every weight layer compressed, batch {args.batch[0]}:")
-        table = bench.layer_latency_table(dense, every, shape, args.batch[0], args.repeats, input_dtype=dtype)
-        print(bench.format_layer_latency(table))
+        print(bench.format_layer_latency(done.layer_rows))
     return 0
 
 
 def command_sensitivity(args: argparse.Namespace) -> int:
-    from deepshrink.checkpoint import load_model
-    from deepshrink.data import make_loader
-    from deepshrink.prune.sensitivity import (
-        format_sensitivity,
-        sensitivity_analysis,
-        write_sensitivity_json,
-    )
-    from deepshrink.report.figures import plot_sensitivity
+    from deepshrink.file_commands import sensitivity_of_checkpoint
+    from deepshrink.prune.sensitivity import format_sensitivity
 
-    model, checkpoint = load_model(args.checkpoint, args.model)
-    data = _load_data(args)
-    result = sensitivity_analysis(
-        model,
-        make_loader(data.validation, 1000, shuffle=False),
-        args.layers,
-        device=args.device,
+    done = sensitivity_of_checkpoint(
+        args.checkpoint,
+        args.model,
+        args.data,
+        out_dir=args.out_dir,
+        validation=args.validation,
+        layers=args.layers,
         task=args.task,
+        device=args.device,
         progress=not args.quiet,
     )
+    result = done.result
     print(format_sensitivity(result))
     suggestion = result.suggest(args.max_drop)
     print(f"largest sparsity per layer within a {args.max_drop:g} drop of {result.metric_name} (each layer alone):")
     print("  " + " ".join(f"--sparsity {name}={value}" for name, value in suggestion.items()))
-    out_dir = Path(args.out_dir)
-    plot = plot_sensitivity(
-        result,
-        out_dir / "sensitivity.png",
-        title=f"{args.model or checkpoint.model_name}: {result.metric_name} against sparsity per layer",
-    )
-    write_sensitivity_json(result, out_dir / "sensitivity.json")
-    print(f"plot: {plot}")
+    print(f"plot: {done.plot}")
     return 0
 
 

@@ -505,6 +505,26 @@ def splits_from_arrays(
     )
 
 
+def load_splits(
+    source: str | os.PathLike | None = None,
+    validation: float | int | None = None,
+    seed: int = 0,
+    train_subset: int | None = None,
+) -> DataSplits:
+    """`load_any`, for the commands that need the data as splits of arrays.
+
+    Raises:
+        ConfigError: `source` is a function that returns loaders, which only the pipeline takes.
+    """
+    splits = load_any(source, validation, seed, train_subset)
+    if not isinstance(splits, DataSplits):
+        raise ConfigError(
+            f"data {source} gives loaders, which `run` takes; this needs arrays: return a dict of numpy arrays "
+            "(x, y, x_test, y_test) or a deepshrink.DataSplits"
+        )
+    return splits
+
+
 _FUNCTION_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 

@@ -1,0 +1,251 @@
+"""The library behind the commands that measure files: evaluate a checkpoint, predict with and
+bench a .dcz file, and a checkpoint's sensitivity to pruning. Paths, names and options in,
+results out; nothing is printed (cli.py prints), so each is usable from Python as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deepshrink.data import DataSplits, load_splits, make_loader
+from deepshrink.errors import ConfigError
+from deepshrink.train import Evaluation, evaluate
+
+
+def _split(splits: DataSplits, name: str):
+    if name not in ("test", "validation"):
+        raise ConfigError(f"split={name!r} should be test or validation")
+    return splits.test if name == "test" else splits.validation
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    model: str | None = None,
+    data: str | os.PathLike | None = None,
+    *,
+    validation: float | int | None = None,
+    split: str = "test",
+    task: str | None = None,
+    device: str = "auto",
+) -> tuple[Evaluation, str]:
+    """The task's metric and loss of a checkpoint's model on one split of the data.
+
+    Args:
+        checkpoint: a .safetensors checkpoint (deepshrink.save_checkpoint).
+        model: the architecture, a registered name or package.module:factory (default: the one
+            the checkpoint names).
+        data: what `load_any` takes (default: the installed data set).
+        validation: the validation split, a fraction or a count.
+        split: "test" or "validation".
+        task: a built-in task name or package.module:function (default classification).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+
+    Returns:
+        (the Evaluation, the model's name).
+
+    Raises:
+        ConfigError, DataError, CheckpointError, ModelError: from the pieces above.
+    """
+    from deepshrink.checkpoint import load_model
+
+    built, loaded = load_model(checkpoint, model)
+    rows = _split(load_splits(data, validation), split)
+    return evaluate(built, make_loader(rows, 1000, shuffle=False), device, task), model or loaded.model_name
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What `predict_file` measured: the split, how many examples, how long, and the metric
+    (None for data without targets, which is only timed)."""
+
+    split: str
+    count: int
+    seconds: float
+    evaluation: Evaluation | None
+
+    @property
+    def throughput(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else float("inf")
+
+
+def predict_file(
+    path: str | os.PathLike,
+    model: str | None = None,
+    data: str | os.PathLike | None = None,
+    *,
+    validation: float | int | None = None,
+    split: str = "test",
+    batch_size: int = 1,
+    mode: str | dict[str, str] = "auto",
+    task: str | None = None,
+    max_decoded_bytes: int | None = None,
+) -> Prediction:
+    """Run a .dcz file's model from its compressed form (`load_runtime`) over one split, timed.
+
+    Args:
+        path: the .dcz file.
+        model: the architecture (default: the one the file names).
+        data, validation, split: as for `evaluate_checkpoint`.
+        batch_size: examples per call.
+        mode: load_runtime's mode ("auto", "sparse", "dense", or {layer glob: mode}).
+        task: default the task the file records.
+        max_decoded_bytes: see `load_compressed`.
+
+    Returns:
+        A Prediction.
+
+    Raises:
+        FormatError: a malformed file (found before the data is read); ConfigError, DataError.
+    """
+    from deepshrink.compressed import inspect_header
+    from deepshrink.runtime.load import load_runtime
+
+    _, checked = inspect_header(path, max_decoded_bytes)  # a malformed file fails before the data loads
+    splits = load_splits(data, validation)
+    rows = _split(splits, split)
+    example = rows[0][0]
+    runtime = load_runtime(
+        path,
+        model,
+        mode=mode,
+        max_decoded_bytes=max_decoded_bytes,
+        input_shape=tuple(example.shape),  # so that auto mode times convolutions on this size
+        input_dtype=str(example.dtype).removeprefix("torch."),
+    )
+    loader = make_loader(rows, batch_size, shuffle=False)
+    started = time.perf_counter()
+    if not splits.labelled:  # nothing to score against: time the model on the inputs alone
+        with torch.no_grad():
+            for (inputs,) in loader:
+                runtime(inputs)
+        return Prediction(split, len(rows), time.perf_counter() - started, None)
+    result = evaluate(runtime, loader, "cpu", task or checked.metadata.get("task"))
+    return Prediction(split, len(rows), time.perf_counter() - started, result)
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What `bench_file` measured: latency per batch size (dense against compressed), the
+    memory each keeps, and optionally each compressed layer alone."""
+
+    model_name: str | None
+    input_shape: tuple[int, ...]
+    rows: list[dict]
+    residency: str
+    layer_rows: list[dict] | None
+
+
+def bench_file(
+    path: str | os.PathLike,
+    model: str | None = None,
+    *,
+    mode: str | dict[str, str] = "auto",
+    batches: tuple[int, ...] = (1, 8, 64),
+    repeats: int = 100,
+    input_shape: tuple[int, ...] | None = None,
+    layers: bool = False,
+    max_decoded_bytes: int | None = None,
+) -> Bench:
+    """Latency of a .dcz file's model from its compressed form against the dense decoded model,
+    interleaved, per batch size (runtime/bench.py).
+
+    Args:
+        path: the .dcz file.
+        model: the architecture (default: the one the file names).
+        mode: load_runtime's mode.
+        batches: batch sizes to time.
+        repeats: timed calls per batch size.
+        input_shape: one example's shape (default: the one the file records).
+        layers: also time each layer alone, every weight layer compressed, at the first batch size.
+        max_decoded_bytes: see `load_compressed`.
+
+    Returns:
+        A Bench.
+
+    Raises:
+        ConfigError: no input shape given or recorded, or one the model does not take;
+        FormatError: a malformed file.
+    """
+    from deepshrink.compressed import load_compressed
+    from deepshrink.runtime import bench
+    from deepshrink.runtime.load import load_runtime
+
+    dense, metadata = load_compressed(path, model, max_decoded_bytes=max_decoded_bytes)
+    dense.eval()
+    recorded = metadata.get("input_shape")
+    if input_shape is None and recorded is None:
+        raise ConfigError(f"{path} does not record its input shape; pass input_shape (--input-shape), e.g. 1 28 28")
+    shape = tuple(input_shape or recorded)  # load_runtime checks that the model takes it
+    dtype = metadata.get("input_dtype", "float32")
+    compressed = load_runtime(path, model, mode=mode, max_decoded_bytes=max_decoded_bytes, input_shape=shape)
+    rows = bench.latency_table(dense, compressed, shape, batches, repeats=repeats, input_dtype=dtype)
+    layer_rows = None
+    if layers:
+        every = load_runtime(path, model, mode="sparse", max_decoded_bytes=max_decoded_bytes)
+        layer_rows = bench.layer_latency_table(dense, every, shape, batches[0], repeats, input_dtype=dtype)
+    return Bench(metadata.get("model"), shape, rows, bench.format_residency(dense, compressed), layer_rows)
+
+
+@dataclass(frozen=True)
+class SensitivityRun:
+    """A checkpoint's sensitivity and where its plot and JSON were written."""
+
+    result: object  # prune.sensitivity.SensitivityResult
+    plot: Path
+    table: Path
+    model_name: str
+
+
+def sensitivity_of_checkpoint(
+    checkpoint: str | os.PathLike,
+    model: str | None = None,
+    data: str | os.PathLike | None = None,
+    *,
+    out_dir: str | os.PathLike = ".",
+    validation: float | int | None = None,
+    layers: list[str] | None = None,
+    task: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> SensitivityRun:
+    """Each layer pruned alone to a range of sparsities, the task's metric on the validation
+    split each time; the plot and JSON written to `out_dir` (sensitivity.png, sensitivity.json).
+
+    Args:
+        checkpoint, model, data, validation, task, device: as for `evaluate_checkpoint`.
+        out_dir: where the plot and the JSON go.
+        layers: layer globs (default: every compressible weight).
+        progress: a progress bar on a terminal.
+
+    Returns:
+        A SensitivityRun.
+
+    Raises:
+        ConfigError, DataError, CheckpointError, ModelError; OutputError for files that cannot
+        be written.
+    """
+    from deepshrink.checkpoint import load_model
+    from deepshrink.prune.sensitivity import sensitivity_analysis, write_sensitivity_json
+    from deepshrink.report.figures import plot_sensitivity
+
+    built, loaded = load_model(checkpoint, model)
+    splits = load_splits(data, validation)
+    result = sensitivity_analysis(
+        built,
+        make_loader(splits.validation, 1000, shuffle=False),
+        layers,
+        device=device,
+        task=task,
+        progress=progress,
+    )
+    name = model or loaded.model_name
+    out_dir = Path(out_dir)
+    plot = plot_sensitivity(
+        result, out_dir / "sensitivity.png", title=f"{name}: {result.metric_name} against sparsity per layer"
+    )
+    return SensitivityRun(result, Path(plot), write_sensitivity_json(result, out_dir / "sensitivity.json"), name)
