@@ -207,6 +207,49 @@ def _retraining_mode(policy: str) -> str:
     return policy if policy in ("train", "recalibrate") else "freeze"
 
 
+def _check_recipe_layers(recipe: Recipe, reference: nn.Module) -> None:
+    """Every layer glob in the recipe selects something in the model (lowrank's factors count)."""
+    weights = compressible_weights(reference)
+    layer_names = list(weights)
+    if recipe.lowrank is not None:  # a factored layer NAME becomes NAME.0 and NAME.1
+        layer_names += [f"{name}.{part}" for name in layer_names for part in (0, 1)]
+    recipe.check_layers(layer_names, [text for weight in weights.values() for text in (weight.key, weight.module_name)])
+
+
+def _model_stage(
+    stage, settings, context: StageContext, current, reference, key: str, path: Path, name: str, architecture: dict
+):
+    """A stage that changes the model: its cached checkpoint and result when `path` holds them,
+    else run on a copy (the reference stays untouched for the report and the sweep) and saved.
+    Returns (the model after it, its StageResult, whether it was cached)."""
+    result_path = path.with_suffix(".result.safetensors")
+    if path.exists() and result_path.exists():
+        current = load_state_into(copy.deepcopy(reference), load_checkpoint(path), path).to(context.device)
+        return current, StageResult.load(result_path), True
+    _say(context.progress, f"{stage.name}: running")
+    current = copy.deepcopy(reference) if current is reference else current
+    result = run_stage(current, settings, context)
+    metadata = stage_metadata(result, settings, key=key, architecture=architecture)
+    save_checkpoint(path, current, model_name=name, metadata=metadata)
+    result.save(result_path)
+    return current, result, False
+
+
+def _file_metadata(key: str, recipe: Recipe, task: Task, architecture: dict, prepared: _Data) -> dict:
+    """What the run's file records: its cache key, the recipe, the task, the architecture's
+    changes (low-rank structure, folded BatchNorm) and the inputs' shape."""
+    from deepshrink.batchnorm import FOLDED_KEY
+
+    metadata = {
+        "stage_key": key,
+        "recipe": recipe.to_dict(),
+        "task": task.name,
+        STRUCTURE_KEY: architecture.get(STRUCTURE_KEY),
+    }
+    metadata |= {FOLDED_KEY: architecture[FOLDED_KEY]} if architecture.get(FOLDED_KEY) else {}
+    return metadata | prepared.metadata()
+
+
 def _planned(recipe: Recipe, reference, loaders: Loaders, task, device, input_key, run_dir, progress):
     """The recipe with its target turned into per-layer settings (plan.py), and the plan; a
     recipe without a target as it is, and None. The plan is kept in the run directory."""
@@ -319,11 +362,7 @@ def run(
     loaders = prepared.loaders
     reference_metric = evaluate(reference, loaders.test, device, task).metric if loaders is not None else None
     architecture: dict = {}
-    weights = compressible_weights(reference)
-    layer_names = list(weights)
-    if recipe.lowrank is not None:  # a factored layer NAME becomes NAME.0 and NAME.1
-        layer_names += [f"{name}.{part}" for name in layer_names for part in (0, 1)]
-    recipe.check_layers(layer_names, [text for weight in weights.values() for text in (weight.key, weight.module_name)])
+    _check_recipe_layers(recipe, reference)
     input_key = _digest(weights_digest(reference), prepared.key, recipe.seed, task.name, recipe.batchnorm)
     retraining = _retraining_mode(recipe.batchnorm)
     recipe, plan = _planned(recipe, reference, loaders, task, device, input_key, run_dir, progress)
@@ -353,19 +392,9 @@ def run(
         started = time.perf_counter()
         if stage.changes_model:
             path = run_dir / "stages" / f"{stage.name}-{key[:16]}.safetensors"
-            result_path = path.with_suffix(".result.safetensors")
-            cached = path.exists() and result_path.exists()
-            if cached:
-                current = load_state_into(copy.deepcopy(reference), load_checkpoint(path), path).to(device)
-                result = StageResult.load(result_path)
-            else:
-                _say(progress, f"{stage.name}: running")
-                # Stages work on copies: the reference stays untouched for the report and the sweep.
-                current = copy.deepcopy(reference) if current is reference else current
-                result = run_stage(current, settings, context)
-                metadata = stage_metadata(result, settings, key=key, architecture=architecture)
-                save_checkpoint(path, current, model_name=name, metadata=metadata)
-                result.save(result_path)
+            current, result, cached = _model_stage(
+                stage, settings, context, current, reference, key, path, name, architecture
+            )
             if result.structure:  # set by a stage that changes layers (low-rank), for every later load
                 architecture[STRUCTURE_KEY] = result.structure
         else:  # a stage that writes the run's file
@@ -375,14 +404,7 @@ def run(
                 result = StageResult(stage.name, {"file": out.name}, files=[str(out)])
             else:
                 context.output, context.model_name = out, name
-                context.metadata = {
-                    "stage_key": key,
-                    "recipe": recipe.to_dict(),
-                    "task": task.name,
-                    STRUCTURE_KEY: architecture.get(STRUCTURE_KEY),
-                }
-                context.metadata |= {FOLDED_KEY: architecture[FOLDED_KEY]} if architecture.get(FOLDED_KEY) else {}
-                context.metadata |= prepared.metadata()
+                context.metadata = _file_metadata(key, recipe, task, architecture, prepared)
                 result = run_stage(current, settings, context)
         stages_run.append(StageRun(stage.name, key, cached, time.perf_counter() - started, result))
         _say(progress, f"{stage.name}: {'cached' if cached else 'done'} in {stages_run[-1].seconds:.1f}s ({path.name})")
