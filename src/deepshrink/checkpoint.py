@@ -72,7 +72,22 @@ def save_state_dict(
     metadata: dict | None = None,
     protect: tuple[str | os.PathLike, ...] = (),
 ) -> Path:
-    """Write a state_dict as a deepshrink checkpoint, atomically."""
+    """Write a state_dict as a deepshrink checkpoint (safetensors), atomically.
+
+    Args:
+        path: the file to write.
+        state_dict: the tensors, by name.
+        model_name: the registered name or package.module:factory that rebuilds the model.
+        model_config: keyword arguments for that factory.
+        metadata: JSON values kept beside them.
+        protect: input paths that must not be overwritten.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: `path` is one of `protect`. OutputError: the file cannot be written.
+    """
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
     # One metadata key only: safetensors keeps metadata in a hash map whose order varies from
     # run to run, and the same model must always give the same bytes.
@@ -172,8 +187,20 @@ def load_state_into(model: nn.Module, checkpoint: Checkpoint, source: str | os.P
     """Load the checkpoint's tensors into `model`, strictly, with a readable error on mismatch.
 
     A low-rank factored architecture named in the metadata is rebuilt first; pruning masks and
-    shared-weight codebooks in the state_dict are registered next, so a
-    pruned or weight-shared checkpoint loads as such, and keeps its constraints in training.
+    shared-weight codebooks in the state_dict are registered next, so a pruned or weight-shared
+    checkpoint loads as such, and keeps its constraints in training.
+
+    Args:
+        model: a module of the checkpoint's architecture (changed in place, or rebuilt when
+            the metadata names a factored structure).
+        checkpoint: what `load_checkpoint` read.
+        source: the checkpoint's path, for messages.
+
+    Returns:
+        The model with the checkpoint's tensors.
+
+    Raises:
+        CheckpointError: tensors that do not fit the model, or parametrizations out of order.
     """
     from deepshrink.layers import parametrization_entries
     from deepshrink.prune.module import restore_pruning

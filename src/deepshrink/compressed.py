@@ -76,9 +76,19 @@ def open_compressed(
 ) -> tuple[container.Container, CheckedHeader]:
     """Read a .dcz file and check every field (docs/FORMAT.md) before anything is decoded.
 
-    Every reader goes through here. `max_decoded_bytes` replaces the limit on the tensors'
-    decoded size (by default DECODED_PER_FILE_BYTE times the file's size, within a floor and a
-    ceiling: see encode/schema.py). Raises FormatError naming the field.
+    Every reader goes through here.
+
+    Args:
+        path: the .dcz file.
+        max_decoded_bytes: replaces the limit on the tensors' decoded size (by default
+            DECODED_PER_FILE_BYTE times the file's size, within a floor and a ceiling: see
+            encode/schema.py).
+
+    Returns:
+        (the container: header and buffers, the CheckedHeader: records and metadata).
+
+    Raises:
+        FormatError: a field, checksum or size that is wrong, named.
     """
     loaded = container.read(path)
     lengths = [len(buffer) for buffer in loaded.buffers]
@@ -94,10 +104,19 @@ def inspect_header(
 ) -> tuple[dict, CheckedHeader]:
     """The header with its buffer table, every field checked.
 
-    With `header_only` only the preamble and header are read (the buffers' checksums and streams
-    are not verified: for listing a large file quickly). Otherwise the whole file is verified as
-    a loader would, and every stream decoded (but no tensor built), so the numbers it declares
-    (such as each layer's non-zero count) are known to be true.
+    Args:
+        path: the .dcz file.
+        max_decoded_bytes: see `open_compressed`.
+        header_only: read only the preamble and header (the buffers' checksums and streams are
+            not verified: for listing a large file quickly). False verifies the whole file as a
+            loader would and decodes every stream (but builds no tensor), so the numbers it
+            declares (such as each layer's non-zero count) are known to be true.
+
+    Returns:
+        (the header as a dict, the CheckedHeader).
+
+    Raises:
+        FormatError: a malformed header, or (without `header_only`) malformed buffers.
     """
     header = container.read_header(path)
     lengths = [entry["length"] for entry in header["buffers"]]
@@ -115,7 +134,19 @@ def inspect_header(
 
 
 def read_state_dict(path: str | os.PathLike, max_decoded_bytes: int | None = None):
-    """The decoded plain state_dict and the file's metadata."""
+    """The decoded plain state_dict and the file's metadata, without a model.
+
+    Args:
+        path: the .dcz file.
+        max_decoded_bytes: see `open_compressed`.
+
+    Returns:
+        (the state_dict, bit-exact, with tensors as stored: a float16 record stays float16;
+        the metadata).
+
+    Raises:
+        FormatError: a malformed file.
+    """
     loaded, checked = open_compressed(path, max_decoded_bytes)
     try:
         return decode_state_dict(loaded.header, loaded.buffers, checked), checked.metadata

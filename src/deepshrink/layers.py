@@ -179,9 +179,18 @@ def _unsupported(model: nn.Module, pattern: str) -> list[str]:
 def select_weights(model: nn.Module, patterns: Iterable[str] | None = None) -> dict[str, Weight]:
     """The compressible weights any of the glob `patterns` selects (all when None), in model order.
 
-    A pattern that selects nothing is an error: naming the parameters it matches that cannot be
-    compressed and why, or the weights there are, since a typo would otherwise silently leave a
-    layer uncompressed.
+    Args:
+        model: any module.
+        patterns: globs on a weight's name ("fc1", "lstm.weight_hh_l0"), its state_dict key
+            ("fc1.weight") or its module ("lstm": all of its matrices); None for all.
+
+    Returns:
+        {name: Weight}.
+
+    Raises:
+        UnsupportedLayerError: a pattern matches only tensors deepshrink does not compress
+            (named, with their module types). ConfigError: a pattern matches nothing (the
+            weights there are are listed): a typo must not silently leave a layer uncompressed.
     """
     weights = compressible_weights(model)
     if patterns is None:
@@ -206,7 +215,19 @@ def select_weights(model: nn.Module, patterns: Iterable[str] | None = None) -> d
 
 
 def match_per_layer(weights: dict[str, Weight], values: dict[str, float], what: str) -> dict[str, float]:
-    """Resolve {glob pattern: value} into {weight name: value}; a later pattern wins over an earlier one."""
+    """Resolve {glob pattern: value} into {weight name: value}; a later pattern wins over an earlier one.
+
+    Args:
+        weights: {name: Weight}, as compressible_weights gives them.
+        values: {glob: value}, matched as in `select_weights`.
+        what: the setting's name, for the error message.
+
+    Returns:
+        {weight name: value} for every weight some pattern selects.
+
+    Raises:
+        ConfigError: a pattern that matches no weight.
+    """
     resolved: dict[str, float] = {}
     for pattern, value in values.items():
         matches = weights_matching(pattern, weights)
