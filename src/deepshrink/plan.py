@@ -137,14 +137,15 @@ def measure_sensitivity(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
-    before_sharing: Callable[[nn.Module], nn.Module] | None = None,
+    shared_model: nn.Module | None = None,
+    convolution_min_bits: int = 1,
 ) -> tuple[float, dict[str, dict[str, dict]]]:
     """The reference metric, and per weight the metric drop at each sparsity and each width,
     each weight changed alone and restored after. `model` is left as it was.
 
-    `before_sharing` makes, in place, the model as the pipeline shares it from the model as it
-    prunes it (BatchNorm folded: per-channel scales change what a few bits can hold); widths
-    are measured on a copy made so."""
+    `shared_model` is the model as the pipeline shares it (a copy with BatchNorm folded:
+    per-channel scales change what a few bits can hold); widths are measured on it, and only
+    those a weight may take (convolutions: `convolution_min_bits` and up). Default `model`."""
     from deepshrink.prune.masks import sparsity_mask
     from deepshrink.quantize.shared import share_layer_weights
 
@@ -152,10 +153,15 @@ def measure_sensitivity(
     reference = _evaluate(model, loader, device, task)
     higher = task.metric.higher_is_better
     weights = compressible_weights(model)
-    shared_model = before_sharing(copy.deepcopy(model)) if before_sharing is not None else model
+    shared_model = (shared_model if shared_model is not None else model).to(device).eval()
     shared_weights = compressible_weights(shared_model)
     prunings = [sparsity for sparsity in sparsities if sparsity > 0]
-    bar = progress_bar(total=len(weights) * (len(prunings) + len(bits)), desc="sensitivity", enabled=progress)
+    widths = {}
+    for name, weight in weights.items():
+        usable = [width for width in bits if not weight.is_convolution or width >= convolution_min_bits]
+        widths[name] = usable or sorted(bits)[-1:]  # given only narrower candidates, the widest
+    total = sum(len(prunings) + len(widths[name]) for name in weights)
+    bar = progress_bar(total=total, desc="sensitivity", enabled=progress)
     result: dict[str, dict[str, dict]] = {}
     for name, weight in weights.items():
         if weight.parametrizations():
@@ -170,7 +176,7 @@ def measure_sensitivity(
             with torch.no_grad():
                 parameter.copy_(saved)
             bar.update(1)
-        for width in bits:
+        for width in widths[name]:
             share_layer_weights(shared_weights[name], width, seed=seed, zero_code=False)
             drops["bits"][width] = _drop(reference, _evaluate(shared_model, loader, device, task), higher)
             shared_weights[name].remove_parametrizations(leave_parametrized=False)
@@ -371,6 +377,8 @@ def plan_settings(
         raise ConfigError("a target chooses per-layer sparsity and bits: the recipe needs a prune or quantize stage")
     sparsities = sorted(set(target.sparsities) | {0.0}) if prune else [0.0]
     widths = sorted(set(target.bits)) if quantize else []
+    # The model as the pipeline shares it, made once: for the widths' drops and the fixed bytes.
+    folded = before_sharing(copy.deepcopy(model)) if before_sharing is not None else model
     reference, sensitivity = measure_sensitivity(
         model,
         loader,
@@ -380,7 +388,8 @@ def plan_settings(
         device=device,
         seed=seed,
         progress=progress,
-        before_sharing=before_sharing,
+        shared_model=folded,
+        convolution_min_bits=target.convolution_min_bits,
     )
     smoothed = {name: _monotone(drops) for name, drops in sensitivity.items()}
     weights = compressible_weights(model)
@@ -388,14 +397,13 @@ def plan_settings(
     options = {}
     for name, weight in weights.items():
         shape = tuple(weight.value.shape)
-        allowed = [width for width in widths if not weight.is_convolution or width >= target.convolution_min_bits]
+        allowed = [width for width in sensitivity[name]["bits"] if width != UNSHARED_BITS]
         choices = []
         for sparsity in sparsities:
-            for width in (allowed or widths[-1:]) if widths else [UNSHARED_BITS]:
+            for width in allowed or [UNSHARED_BITS]:
                 drop = smoothed[name]["sparsity"][sparsity] + smoothed[name]["bits"][width]
                 choices.append((sparsity, width, drop, option_bytes(shape, sparsity, width, index_bits[name])))
         options[name] = choices
-    folded = before_sharing(copy.deepcopy(model)) if before_sharing is not None else model
     fixed = _fixed_bytes(folded, compressible_weights(folded))
     measured = None
     chosen, measured_drop = None, None
