@@ -8,7 +8,10 @@ kind and in total:
 - encode and decode throughput in MB/s of symbols (one byte per symbol), one core;
 - coded bits per symbol, side information included, against the order-0 entropy;
 - wall time of encoding plus decoding the whole model: the relative-index layout (to_sparse and
-  from_sparse over the dense code tensors) and the entropy coding of its streams.
+  from_sparse over the dense code tensors) and the entropy coding of its streams;
+- the anchor, interleaved stream by stream in the same run: zstd level 1 (the `zstandard`
+  package, one thread) compressing and decompressing the same symbols, one byte each, and the
+  ratio of our throughput to its, each way (issue 21's target: >= 0.5x).
 
     .venv/bin/python benchmarks/encode_speed.py [--scale 1.0]
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
+import zstandard
 
 from deepshrink.encode import huffman
 from deepshrink.encode.sparse import from_sparse, to_sparse
@@ -90,9 +94,13 @@ def main() -> None:
             *huffman.encode_lanes(np.zeros(10, dtype=dtype), np.array([1, 1])), 10, np.array([1, 1]), 15
         )
     results = {"weights": total_weights, "prepare_seconds": prepare, "layout_seconds": layout_seconds}
-    totals = {"symbols": 0, "encode": 0.0, "decode": 0.0, "bits": 0, "side_bits": 0, "entropy": 0.0}
+    empty = {"symbols": 0, "encode": 0.0, "decode": 0.0, "bits": 0, "side_bits": 0, "entropy": 0.0}
+    empty |= {"zstd_encode": 0.0, "zstd_decode": 0.0, "zstd_bits": 0}
+    totals = dict(empty)
+    compressor = zstandard.ZstdCompressor(level=1)
+    decompressor = zstandard.ZstdDecompressor()
     for kind in ("codes", "gaps"):
-        kind_totals = {"symbols": 0, "encode": 0.0, "decode": 0.0, "bits": 0, "side_bits": 0, "entropy": 0.0}
+        kind_totals = dict(empty)
         for stream_kind, symbols, alphabet in streams:
             if stream_kind != kind:
                 continue
@@ -104,6 +112,16 @@ def main() -> None:
             decoded = huffman.decode_lanes(data, lanes, len(symbols), lengths, 15)
             end = time.perf_counter()
             assert np.array_equal(decoded, symbols)
+            raw = symbols.astype(np.uint8).tobytes() if alphabet <= 256 else symbols.tobytes()
+            begin = time.perf_counter()
+            frame = compressor.compress(raw)
+            middle_anchor = time.perf_counter()
+            back = decompressor.decompress(frame)
+            end_anchor = time.perf_counter()
+            assert back == raw
+            kind_totals["zstd_encode"] += middle_anchor - begin
+            kind_totals["zstd_decode"] += end_anchor - middle_anchor
+            kind_totals["zstd_bits"] += 8 * len(frame)
             kind_totals["symbols"] += len(symbols)
             kind_totals["encode"] += middle - begin
             kind_totals["decode"] += end - middle
@@ -121,6 +139,14 @@ def main() -> None:
             f"against entropy {kind_totals['entropy'] / kind_totals['symbols']:.4f}",
             flush=True,
         )
+        print(
+            f"  zstd-1 in the same run: encode {kind_totals['symbols'] / kind_totals['zstd_encode'] / 1e6:.0f} MB/s, "
+            f"decode {kind_totals['symbols'] / kind_totals['zstd_decode'] / 1e6:.0f} MB/s, "
+            f"{kind_totals['zstd_bits'] / kind_totals['symbols']:.4f} bits/symbol; ours "
+            f"{kind_totals['zstd_encode'] / kind_totals['encode']:.2f}x its encode speed, "
+            f"{kind_totals['zstd_decode'] / kind_totals['decode']:.2f}x its decode speed",
+            flush=True,
+        )
     results["total"] = totals
     overhead = (totals["bits"] + totals["side_bits"] - totals["entropy"]) / totals["symbols"]
     seconds = totals["encode"] + totals["decode"]
@@ -128,6 +154,11 @@ def main() -> None:
         f"all streams: {totals['symbols'] / 1e6:.1f}M symbols; encode + decode {seconds:.2f} s; "
         f"coded size exceeds the order-0 entropy by {overhead:.4f} bits/symbol (side information included); "
         f"{total_weights / 1e6:.0f}M weights prepared in {prepare:.0f} s"
+    )
+    print(
+        f"against zstd-1 in the same run, all streams: encode {totals['zstd_encode'] / totals['encode']:.2f}x, "
+        f"decode {totals['zstd_decode'] / totals['decode']:.2f}x its throughput, at "
+        f"{(totals['bits'] + totals['side_bits']) / totals['zstd_bits']:.3f}x its size"
     )
     print(
         f"relative-index layout (to_sparse + from_sparse, all layers): {layout_seconds:.2f} s; "

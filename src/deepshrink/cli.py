@@ -351,21 +351,25 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from deepshrink import distributed
     from deepshrink.pipeline import run_recipe
     from deepshrink.report import summary
 
-    result = run_recipe(
-        args.recipe,
-        model_name=args.model,
-        checkpoint=args.checkpoint,
-        data=args.data,
-        validation=args.validation,
-        task=args.task,
-        run_dir=args.run_dir,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    print(summary(result))
+    # Under torchrun every process runs the recipe on its shard of the data; rank 0 reports.
+    with distributed.process_group_from_environment(args.device):
+        result = run_recipe(
+            args.recipe,
+            model_name=args.model,
+            checkpoint=args.checkpoint,
+            data=args.data,
+            validation=args.validation,
+            task=args.task,
+            run_dir=args.run_dir,
+            device=args.device,
+            progress=not args.quiet,
+        )
+        if distributed.is_main_process():
+            print(summary(result))
     return 0
 
 
@@ -599,7 +603,7 @@ def _add_pipeline_commands(commands) -> None:
         "--checkpoint", help="start from these trained weights (default: the registered model's cached reference)"
     )
     _add_data_options(run)
-    run.set_defaults(handler=command_run)
+    run.set_defaults(handler=command_run, several_processes=True)
 
 
 def _add_runtime_commands(commands) -> None:
@@ -691,11 +695,24 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _check_launcher(args: argparse.Namespace) -> None:
+    """Under torchrun with several processes only `run` (which retrains on all of them) may run:
+    any other command would do the same work N times and race to write the same file."""
+    from deepshrink.distributed import launched_with_several_processes
+
+    if launched_with_several_processes() and not getattr(args, "several_processes", False):
+        raise ConfigError(
+            f"`{args.command}` runs on one process; only `deepshrink run RECIPE` retrains under torchrun "
+            "--nproc-per-node N (run this command without torchrun)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every error is one line on stderr and a distinct exit code (EPILOG);
     the traceback is printed only with --debug."""
     args = build_parser().parse_args(argv)
     try:
+        _check_launcher(args)
         return args.handler(args)
     except KeyboardInterrupt:
         print("deepshrink: interrupted", file=sys.stderr)

@@ -24,11 +24,13 @@ import torch
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
+    DistributedSampler,
     RandomSampler,
     SequentialSampler,
     TensorDataset,
 )
 
+from deepshrink import distributed
 from deepshrink.errors import ConfigError, DataError, FormatError
 
 if TYPE_CHECKING:
@@ -310,9 +312,16 @@ def make_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, seed: in
     Indexing an in-memory TensorDataset with a list of indices is one gather instead of
     `batch_size` Python calls, which makes MNIST-sized training several times faster.
 
+    Under a process group of N processes (torchrun) each rank gets its shard: a
+    `DistributedSampler` of the shuffled examples (the same permutation on every rank, from
+    `seed` and the epoch `fit` sets), or every N-th example from its rank on for an evaluation
+    loader (`evaluate` sums over ranks, so each example counts once). `batch_size` stays the
+    global batch: each rank draws ceil(batch_size / N) of it, so a recipe's learning rate means
+    the same on any number of processes.
+
     Args:
         dataset: an in-memory TensorDataset.
-        batch_size: examples per batch (the last batch may be smaller).
+        batch_size: examples per batch over all ranks (the last batch may be smaller).
         shuffle: reshuffle every epoch, from `seed`.
         seed: the seed of the shuffles.
 
@@ -321,7 +330,14 @@ def make_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, seed: in
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be a positive integer")
-    if shuffle:
+    ranks, rank = distributed.world_size(), distributed.rank()
+    if ranks > 1:
+        batch_size = -(-batch_size // ranks)
+        if shuffle:
+            sampler = DistributedSampler(dataset, num_replicas=ranks, rank=rank, shuffle=True, seed=seed)
+        else:
+            sampler = range(rank, len(dataset), ranks)
+    elif shuffle:
         generator = torch.Generator().manual_seed(seed)
         sampler = RandomSampler(dataset, generator=generator)
     else:

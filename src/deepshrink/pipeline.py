@@ -9,15 +9,24 @@ point leaves the finished stages on disk and no half-written file.
 
 The accuracy reported as "compressed" is measured on the model decoded from the written .dcz
 file, never on the model in memory.
+
+Under a process group (torchrun) every rank runs this same sequence on its shard of the data
+(`deepshrink.distributed`): a cache is used only when every rank finds it, each stage's state is
+checked equal on every rank (rank 0's is broadcast where it is not), only rank 0 writes the
+run directory, and every other rank writes the run's file into a private temporary directory,
+so that each evaluates the file it decoded and the files' bytes are compared across ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from deepshrink import distributed
 from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from deepshrink.data import DataSplits
 from deepshrink.encode.sizes import parameter_bytes
@@ -79,6 +89,7 @@ class RunResult:
     evaluated_on: str = "test"
     targets: str = "given"
     plan: Plan | None = None  # the per-layer settings a recipe's target chose
+    processes: int = 1  # how many processes retrained (torchrun), each on its shard of the data
 
     @property
     def ratio(self) -> float:
@@ -223,15 +234,19 @@ def _model_stage(
     else run on a copy (the reference stays untouched for the report and the sweep) and saved.
     Returns (the model after it, its StageResult, whether it was cached)."""
     result_path = path.with_suffix(".result.safetensors")
-    if path.exists() and result_path.exists():
+    if distributed.all_ranks(path.exists() and result_path.exists()):
         current = load_state_into(copy.deepcopy(reference), load_checkpoint(path), path).to(context.device)
+        distributed.synchronize(current, f"loading the cached {stage.name} stage")
         return current, StageResult.load(result_path), True
     _say(context.progress, f"{stage.name}: running")
     current = copy.deepcopy(reference) if current is reference else current
     result = run_stage(current, settings, context)
-    metadata = stage_metadata(result, settings, key=key, architecture=architecture)
-    save_checkpoint(path, current, model_name=name, metadata=metadata)
-    result.save(result_path)
+    if distributed.synchronize(current, f"the {stage.name} stage"):
+        result.log["processes"] = "the processes' results differed; rank 0's were broadcast to every rank"
+    if distributed.is_main_process():
+        metadata = stage_metadata(result, settings, key=key, architecture=architecture)
+        save_checkpoint(path, current, model_name=name, metadata=metadata)
+        result.save(result_path)
     return current, result, False
 
 
@@ -258,7 +273,7 @@ def _planned(recipe: Recipe, reference, loaders: Loaders, task, device, input_ke
     from deepshrink.plan import Plan, plan_settings
 
     path = Path(run_dir) / "stages" / f"plan-{_digest(input_key, recipe.to_dict())[:16]}.json"
-    if path.exists():
+    if distributed.all_ranks(path.exists()):
         plan = Plan.from_dict(json.loads(path.read_text()))
         _say(progress, f"target: cached ({path.name})")
     else:
@@ -281,9 +296,10 @@ def _planned(recipe: Recipe, reference, loaders: Loaders, task, device, input_ke
             progress=progress,
             before_sharing=folded if recipe.batchnorm == "fold" else None,
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path) as temporary:
-            temporary.write_text(json.dumps(plan.to_dict(), indent=2))
+        if distributed.is_main_process():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(path) as temporary:
+                temporary.write_text(json.dumps(plan.to_dict(), indent=2))
     return recipe.with_plan(plan), plan
 
 
@@ -341,6 +357,11 @@ def run(
         device: "auto", "cpu", "cuda" or "cuda:N".
         progress: progress bars and one line per stage.
 
+    Under an initialised process group (torchrun, or `torch.distributed.init_process_group`)
+    call `run` on every rank with the same arguments: each retrains on its shard of the data
+    (a DataSplits is sharded for you; your own Loaders must shard themselves), and rank 0
+    writes the run directory and the report.
+
     Returns:
         A RunResult: the file, its size against fp32 parameters, and the task's metric of the
         reference and of the model decoded from the file.
@@ -349,10 +370,9 @@ def run(
         ConfigError for a bad recipe, task or data argument, ModelError for a model with nothing
         to compress, and the stages' own errors.
     """
-    from deepshrink.batchnorm import FOLDED_KEY
-
     recipe = _as_recipe(recipe)
     _check_model(model)
+    progress = progress and distributed.is_main_process()
     task = resolve_task(task if task is not None else recipe.task)
     name = model_name or recipe.model or type(model).__name__.lower()
     run_dir = Path(run_dir or Path("runs") / _file_stem(name))
@@ -361,11 +381,84 @@ def run(
     prepared = _prepare_data(data, recipe, reference, task, device)
     loaders = prepared.loaders
     reference_metric = evaluate(reference, loaders.test, device, task).metric if loaders is not None else None
-    architecture: dict = {}
     _check_recipe_layers(recipe, reference)
     input_key = _digest(weights_digest(reference), prepared.key, recipe.seed, task.name, recipe.batchnorm)
     retraining = _retraining_mode(recipe.batchnorm)
     recipe, plan = _planned(recipe, reference, loaders, task, device, input_key, run_dir, progress)
+    context = StageContext(
+        loaders, seed=recipe.seed, device=device, progress=progress, task=task, batchnorm=retraining, teacher=reference
+    )
+    with _file_directory(run_dir) as directory:
+        stages_run, current, out = _run_stages(
+            recipe, reference, context, input_key, name, prepared, run_dir, directory
+        )
+        # The metric that counts: decode the file that was written into a fresh copy of the model.
+        from deepshrink.compressed import load_compressed
+
+        decoded, _ = load_compressed(out, copy.deepcopy(model))
+        compressed_metric = evaluate(decoded, loaders.test, device, task).metric if loaders is not None else None
+        distributed.check_same_bytes(out.read_bytes(), f"files ({out.name})")
+        file_bytes = out.stat().st_size
+
+    tradeoff = None
+    if recipe.tradeoff is not None:
+        tradeoff = _tradeoff(reference, recipe, loaders, input_key, run_dir, device, progress, task, retraining)
+
+    from deepshrink.report import write_report
+
+    result = RunResult(
+        path=run_dir / out.name,
+        run_dir=run_dir,
+        model_name=name,
+        reference_metric=reference_metric,
+        compressed_metric=compressed_metric,
+        file_bytes=file_bytes,
+        parameter_bytes=parameter_bytes(model),
+        stages=stages_run,
+        data_name=prepared.name,
+        task=task.name,
+        metric_name=task.metric.name,
+        higher_is_better=task.metric.higher_is_better,
+        evaluated_on=prepared.evaluated_on,
+        targets=prepared.targets,
+        plan=plan,
+        processes=distributed.world_size(),
+    )
+    if distributed.is_main_process():
+        result.report = write_report(result, recipe, current.cpu(), tradeoff)
+    return result
+
+
+@contextlib.contextmanager
+def _file_directory(run_dir: Path):
+    """Where this process writes the run's file: the run directory on rank 0 (or alone), a
+    private temporary directory, removed afterwards, on every other rank."""
+    if distributed.is_main_process():
+        yield run_dir
+        return
+    private = Path(tempfile.mkdtemp(prefix=f"deepshrink-rank{distributed.rank()}-"))
+    try:
+        yield private
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _run_stages(
+    recipe: Recipe,
+    reference: nn.Module,
+    context: StageContext,
+    input_key: str,
+    name: str,
+    prepared: _Data,
+    run_dir: Path,
+    file_directory: Path,
+) -> tuple[list[StageRun], nn.Module, Path]:
+    """Every registered stage the recipe names, in order, each from its cache when the run
+    directory holds it; the run's file goes to `file_directory`. Returns the stages' runs, the
+    model after the last stage that changes it, and the file written."""
+    from deepshrink.batchnorm import FOLDED_KEY
+
+    architecture: dict = {}
     stages_run: list[StageRun] = []
     current = reference
     key = input_key
@@ -376,19 +469,11 @@ def run(
             continue
         key = _digest(key, stage.name, recipe.section(stage.name))
         # Folding checks the outputs on a validation batch: without data, BatchNorm stays as it is.
-        folds = recipe.batchnorm == "fold" and loaders is not None
+        folds = recipe.batchnorm == "fold" and context.loaders is not None
         if stage.after_folding and folds and FOLDED_KEY not in architecture:
             current = copy.deepcopy(reference) if current is reference else current
-            architecture[FOLDED_KEY] = _fold(current, loaders, device)
-        context = StageContext(
-            loaders,
-            seed=recipe.seed,
-            device=device,
-            progress=progress,
-            task=task,
-            batchnorm=retraining,
-            teacher=reference,
-        )
+            architecture[FOLDED_KEY] = _fold(current, context.loaders, context.device)
+        context = dataclasses.replace(context, output=None, model_name=None, metadata={})
         started = time.perf_counter()
         if stage.changes_model:
             path = run_dir / "stages" / f"{stage.name}-{key[:16]}.safetensors"
@@ -398,48 +483,20 @@ def run(
             if result.structure:  # set by a stage that changes layers (low-rank), for every later load
                 architecture[STRUCTURE_KEY] = result.structure
         else:  # a stage that writes the run's file
-            path = out = run_dir / f"{_file_stem(name)}{stage.output_suffix}"
-            cached = stage.written_key is not None and stage.written_key(out) == key
+            path = out = file_directory / f"{_file_stem(name)}{stage.output_suffix}"
+            cached = distributed.all_ranks(stage.written_key is not None and stage.written_key(out) == key)
             if cached:
                 result = StageResult(stage.name, {"file": out.name}, files=[str(out)])
             else:
                 context.output, context.model_name = out, name
-                context.metadata = _file_metadata(key, recipe, task, architecture, prepared)
+                context.metadata = _file_metadata(key, recipe, context.task, architecture, prepared)
                 result = run_stage(current, settings, context)
         stages_run.append(StageRun(stage.name, key, cached, time.perf_counter() - started, result))
-        _say(progress, f"{stage.name}: {'cached' if cached else 'done'} in {stages_run[-1].seconds:.1f}s ({path.name})")
-
-    # The metric that counts: decode the file that was written into a fresh copy of the model.
-    from deepshrink.compressed import load_compressed
-
-    decoded, _ = load_compressed(out, copy.deepcopy(model))
-    compressed_metric = evaluate(decoded, loaders.test, device, task).metric if loaders is not None else None
-
-    tradeoff = None
-    if recipe.tradeoff is not None:
-        tradeoff = _tradeoff(reference, recipe, loaders, input_key, run_dir, device, progress, task, retraining)
-
-    from deepshrink.report import write_report
-
-    result = RunResult(
-        path=out,
-        run_dir=run_dir,
-        model_name=name,
-        reference_metric=reference_metric,
-        compressed_metric=compressed_metric,
-        file_bytes=out.stat().st_size,
-        parameter_bytes=parameter_bytes(model),
-        stages=stages_run,
-        data_name=prepared.name,
-        task=task.name,
-        metric_name=task.metric.name,
-        higher_is_better=task.metric.higher_is_better,
-        evaluated_on=prepared.evaluated_on,
-        targets=prepared.targets,
-        plan=plan,
-    )
-    result.report = write_report(result, recipe, current.cpu(), tradeoff)
-    return result
+        _say(
+            context.progress,
+            f"{stage.name}: {'cached' if cached else 'done'} in {stages_run[-1].seconds:.1f}s ({path.name})",
+        )
+    return stages_run, current, out
 
 
 @dataclass
@@ -597,7 +654,7 @@ def _tradeoff(reference, recipe, loaders, input_key, run_dir, device, progress, 
 
     key = _digest(input_key, "tradeoff", recipe.section("tradeoff"), recipe.section("encode"))
     path = run_dir / "stages" / f"tradeoff-{key[:16]}.json"
-    if path.exists():
+    if distributed.all_ranks(path.exists()):
         return json.loads(path.read_text())
     _say(progress, "Figure 6 sweep: pruning only, quantization only, both")
     curves = tradeoff_curves(
@@ -611,8 +668,9 @@ def _tradeoff(reference, recipe, loaders, input_key, run_dir, device, progress, 
         batchnorm=batchnorm,
         progress=progress,
     )
-    with atomic_output(path) as temporary:
-        temporary.write_text(json.dumps(curves, indent=1))
+    if distributed.is_main_process():
+        with atomic_output(path) as temporary:
+            temporary.write_text(json.dumps(curves, indent=1))
     return curves
 
 

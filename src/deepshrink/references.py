@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepshrink import distributed
 from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from deepshrink.data import DataSplits, make_loader
 from deepshrink.errors import ConfigError
@@ -116,7 +117,7 @@ def reference_model(
     """
     path = reference_path(name, data, cache_dir)
     test_loader = make_loader(data.test, 1000, shuffle=False)
-    if path.exists():
+    if distributed.all_ranks(path.exists()):  # under torchrun every rank trains, or none
         checkpoint = load_checkpoint(path)
         model = load_state_into(build_model(name), checkpoint, path)
         test = evaluate(model, test_loader, device)
@@ -154,6 +155,8 @@ def train_and_save(
     model, seconds = train_model(name, data, config, task=task, device=device, progress=progress)
     validation = evaluate(model, make_loader(data.validation, 1000, shuffle=False), device, task)
     test = evaluate(model, make_loader(data.test, 1000, shuffle=False), device, task)
+    if not distributed.is_main_process():  # rank 0 writes; every rank holds the same model
+        return TrainedModel(model.cpu(), Path(path), test.metric, validation.metric, seconds, False, task.metric.name)
     save_checkpoint(
         path,
         model.cpu(),

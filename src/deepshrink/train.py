@@ -1,9 +1,9 @@
 """Stage-agnostic training and evaluation loops.
 
 `fit` takes ordinary DataLoaders, a model and a small config, and keeps no global state, so the
-pruning, quantization and distillation stages reuse it for retraining, and it runs unchanged
-under torch.distributed (wrap the model in DistributedDataParallel and give the loader a
-DistributedSampler; metrics are then summed over all ranks).
+pruning, quantization and distillation stages reuse it for retraining. Under a process group
+(torchrun) it trains the model in DistributedDataParallel, on loaders that `make_loader`
+shards, and metrics are summed over all ranks (see `deepshrink.distributed`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import torch.distributed as distributed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from deepshrink import distributed
 from deepshrink.errors import ConfigError
 from deepshrink.progress import progress_bar
 from deepshrink.tasks import Task, check_value, resolve_task
@@ -135,18 +135,6 @@ def _schedule_factor(config: TrainConfig, total_steps: int) -> Callable[[int], f
     return lambda step: 1.0
 
 
-def _is_main_rank() -> bool:
-    return not distributed.is_initialized() or distributed.get_rank() == 0
-
-
-def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    if not distributed.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    distributed.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if config.optimizer == "adam":
@@ -186,6 +174,8 @@ def fit(
         criterion: criterion(outputs, targets, inputs) returns the loss instead of the task's.
             Passing the inputs lets a distillation loss run its teacher on the same batch.
         optimizer: default SGD from `config`; pass your own to keep its state across stages.
+            Under a process group the model trains in DistributedDataParallel (gradients
+            averaged over ranks); give each rank its shard of the data (`make_loader` does).
         after_step: after_step(model, step) runs after every optimizer step (the mask updates
             of Dynamic Network Surgery use it).
         progress: a progress bar per epoch and one summary line per epoch.
@@ -214,14 +204,17 @@ def fit(
 
     history = History()
     step = 0
-    show = progress and _is_main_rank()
+    show = progress and distributed.is_main_process()
+    # The model in DistributedDataParallel under a process group, the model itself alone: the
+    # forward and backward go through it, everything else (hooks, evaluation) sees the model.
+    training_model = distributed.wrap_for_training(model, device)
     for epoch in range(1, config.epochs + 1):
         sampler = getattr(train_loader, "sampler", None)
         batch_sampler_inner = getattr(sampler, "sampler", None)
         for candidate in (sampler, batch_sampler_inner):
             if hasattr(candidate, "set_epoch"):
                 candidate.set_epoch(epoch)
-        model.train()
+        training_model.train()
         if config.batchnorm != "train":
             freeze_batchnorm(model)
         started = time.perf_counter()
@@ -233,7 +226,7 @@ def fit(
             inputs, targets = _inputs_and_targets(batch)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            outputs = model(inputs)
+            outputs = training_model(inputs)
             loss = criterion(outputs, targets, inputs)
             if not torch.isfinite(loss):
                 raise ConfigError(
@@ -255,7 +248,7 @@ def fit(
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         if config.batchnorm == "recalibrate":
             recalibrate_batchnorm(model, train_loader, device)
-        totals = _sum_over_ranks([loss_sum, seen, *(sums.tolist() if sums is not None else [])], device)
+        totals = distributed.sum_values_over_ranks([loss_sum, seen, *(sums.tolist() if sums is not None else [])])
         loss_sum, seen = totals[0], totals[1]
         train_metric = task.metric.finish(totals[2:]) if sums is not None else float("nan")
         validation_metric = None
@@ -313,6 +306,12 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: str | to
         layer.train()
     for inputs, _ in loader:
         model(inputs.to(device))
+    # Under a process group each rank saw its own shard, the same number of batches on each:
+    # the mean of the ranks' averages is the average over all of them.
+    for layer in layers:
+        for statistic in (layer.running_mean, layer.running_var):
+            if statistic is not None:
+                distributed.sum_over_ranks(statistic).div_(distributed.world_size())
     for layer, momentum in saved:
         layer.momentum = momentum
     model.train(was_training)
@@ -357,6 +356,6 @@ def evaluate(
     model.train(was_training)
     if count == 0:
         raise ConfigError("cannot evaluate on an empty data loader")
-    totals = _sum_over_ranks([loss_sum, count, *sums.tolist()], device)
+    totals = distributed.sum_values_over_ranks([loss_sum, count, *sums.tolist()])
     metric = check_value(task, task.metric.finish(totals[2:]), f"{int(totals[1])} examples")
     return Evaluation(metric=metric, loss=totals[0] / totals[1], count=int(totals[1]), metric_name=task.metric.name)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepshrink import distributed
 from deepshrink.errors import ConfigError
 from deepshrink.lowrank import (
     LayerSpectrum,
@@ -222,7 +223,9 @@ class _Relaxation:
             parts.append(part)
         masks = torch.cat(parts)
         with torch.no_grad():
-            return sum(float(self.loss(masks, *batch)) for batch in batches) / len(batches)
+            mean = sum(float(self.loss(masks, *batch)) for batch in batches) / len(batches)
+        # Under a process group each rank holds its own batches: every rank scores by the mean of all.
+        return distributed.sum_values_over_ranks([mean])[0] / distributed.world_size()
 
     def descend(self, loader: Iterable, metric: str, options: RelaxedOptions, progress: bool) -> list[tuple]:
         """The projected descent in `metric`; returns its roundings as (label, ranks, components)."""
@@ -248,6 +251,8 @@ class _Relaxation:
                 iterator = iter(loader)
                 images, labels = next(iterator)
             (gradient,) = torch.autograd.grad(self.loss(masks, images, labels), masks)
+            # Each rank's batch is its shard of the global one: descend on their mean, as DDP would.
+            gradient = distributed.sum_over_ranks(gradient) / distributed.world_size()
             with torch.no_grad():
                 direction = gradient / scale
                 direction /= direction.abs().max().clamp_min(1e-300)

@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
 
+from deepshrink import distributed
 from deepshrink.errors import ConfigError
 from deepshrink.layers import select_weights
 
@@ -102,6 +103,11 @@ def fisher_diagonal(
         seen += len(inputs)
         if seen >= max_examples:
             break
+    # Under a process group each rank read its shard of the loader: the estimate is over them all,
+    # so every rank prunes by the same saliency.
+    seen = int(distributed.sum_values_over_ranks([seen])[0])
+    for name in names:
+        distributed.sum_over_ranks(sums[name])
     if seen == 0:
         raise ConfigError("fisher_diagonal needs at least one example; the loader is empty")
     return {name: sums[key] / seen for name, key in key_of.items()}

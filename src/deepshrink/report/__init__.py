@@ -193,6 +193,12 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
             if result.evaluated_on == "nothing"
             else ""
         )
+        + (
+            f"; retrained on {result.processes} processes (torchrun), each on its shard of the training split, "
+            "with the same masks and codebooks on every one"
+            if result.processes > 1
+            else ""
+        )
         + ".",
         "",
         "## Table 1",
@@ -247,6 +253,7 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
         "higher_is_better": result.higher_is_better,
         "evaluated_on": result.evaluated_on,
         "targets": result.targets,
+        "processes": result.processes,
         "reference_metric": result.reference_metric,
         "compressed_metric": result.compressed_metric,
         "layers": [asdict(row) | {"rate": row.rate, "rate_fixed": row.rate_fixed} for row in rows],
