@@ -9,9 +9,12 @@ canonical codes follow from them, so a file carries one small array per stream.
   at 1. With max_length >= log2(alphabet) this always succeeds. The result costs at most one
   bit per symbol over the entropy (the Huffman bound), and usually far less.
 - Codes are canonical: sorted by (length, symbol), consecutive integers, MSB first.
-- Symbol i goes to lane i mod 4, each lane its own bit string (docs/FORMAT.md). Encoding and
-  decoding are numba loops over 64-bit bit buffers; decoding reads `max_length` bits at a time
-  through a table of 2^max_length (symbol, length) entries, the four lanes in one loop.
+- Symbol i goes to lane i mod 4, each lane its own bit string (docs/FORMAT.md). The four
+  lanes' dependency chains are independent, so one loop over all four lets the processor
+  overlap them. Encoding appends two symbols per lane to a 64-bit accumulator and writes it
+  with one 8-byte big-endian store. Decoding keeps a bit position per lane, loads 8 bytes at
+  it, and looks the next bits up in a table that gives up to three whole code words at once
+  (alphabets of up to 256 symbols; wider ones one symbol per lookup).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import heapq
 import numba
 import numpy as np
 
-from deepshrink.encode.bitio import MAX_WIDTH
+from deepshrink.encode.bitio import load_big_endian, store_big_endian
 from deepshrink.errors import ConfigError, FormatError
 
 DEFAULT_MAX_LENGTH = 16
@@ -193,59 +196,177 @@ def _decode_lanes(data, starts, ends, count, table_symbols, table_lengths, max_l
     return invalid
 
 
+# The grouped decoder's table: every TABLE_BITS-bit prefix (at least the longest code) gives up
+# to three whole code words of one lane, read with one lookup.
+MIN_TABLE_BITS = 13
+GROUP = 3
+# Rounds between the decoder's bounds checks: a lane moves at most GROUP_ROUNDS x MAX_MAX_LENGTH
+# bits between them, which the padding after the data covers.
+GROUP_ROUNDS = 32
+PADDING = GROUP_ROUNDS * MAX_MAX_LENGTH // 8 + 16
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_tables(lengths, codes, table_bits):
+    """For every `table_bits`-bit prefix: `single` = symbol | length << 8 of its first code word
+    (length 0: no code word starts so, a corrupt stream), and `grouped` = up to GROUP symbols
+    (8 bits each) | their total length << 24 | how many << 29 (0: corrupt)."""
+    size = 1 << table_bits
+    single = np.zeros(size, dtype=np.uint16)
+    for symbol in range(len(lengths)):
+        length = lengths[symbol]
+        if length == 0:
+            continue
+        start = codes[symbol] << (table_bits - length)
+        single[start : start + (1 << (table_bits - length))] = symbol | (length << 8)
+    grouped = np.zeros(size, dtype=np.uint32)
+    for prefix in range(size):
+        first = single[prefix]
+        total = first >> 8
+        if total == 0:
+            continue
+        entry = np.uint32(first & 0xFF)
+        count = 1
+        while count < GROUP:
+            following = single[(prefix << total) & (size - 1)]
+            length = following >> 8
+            if length == 0 or total + length > table_bits:
+                break
+            entry |= np.uint32(following & 0xFF) << np.uint32(8 * count)
+            total += length
+            count += 1
+        grouped[prefix] = entry | np.uint32(total << 24) | np.uint32(count << 29)
+    return grouped, single
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
-def _put(accumulator, filled, position, value, width, out):
-    """Append `width` bits of `value` to a lane, branch-free: the 64-bit accumulator is written
-    as 7 bytes every time and the position moves by the whole bytes completed. The bytes past
-    the position are rewritten by the next call (or are the zero-padded last byte)."""
-    accumulator = (accumulator << np.uint64(width)) | np.uint64(value)
-    filled += width
-    top = (accumulator << np.uint64(63 - filled)) << np.uint64(1)  # two shifts: never by 64
-    out[position] = np.uint8(top >> np.uint64(56))
-    out[position + 1] = np.uint8((top >> np.uint64(48)) & np.uint64(0xFF))
-    out[position + 2] = np.uint8((top >> np.uint64(40)) & np.uint64(0xFF))
-    out[position + 3] = np.uint8((top >> np.uint64(32)) & np.uint64(0xFF))
-    out[position + 4] = np.uint8((top >> np.uint64(24)) & np.uint64(0xFF))
-    out[position + 5] = np.uint8((top >> np.uint64(16)) & np.uint64(0xFF))
-    out[position + 6] = np.uint8((top >> np.uint64(8)) & np.uint64(0xFF))
-    position += filled >> 3
-    filled &= 7
-    return accumulator, filled, position
+def _peek(data, bit, shift):
+    """The table index at bit position `bit`: the next 64 - shift bits, MSB first."""
+    return (load_big_endian(data, bit >> 3) << np.uint64(bit & 7)) >> shift
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_lanes_grouped(data, starts, ends, count, grouped, single, table_bits, out, consumed):
+    """Decode `count` symbols (alphabets of up to 256) interleaved over four lanes.
+
+    Each lane is a bit position into `data` (padded by PADDING bytes): one 8-byte load, one
+    table lookup and up to GROUP symbols per step, the four lanes' chains independent, so the
+    processor overlaps them. Lane k writes symbols k, k + 4, ...; a step writes all GROUP slots
+    and advances by the symbols it had, so the main loop runs while every lane has room for
+    GROUP_ROUNDS full steps, and the rest goes symbol by symbol. Positions are checked against
+    the lanes' ends every GROUP_ROUNDS steps. Returns 1 for a corrupt stream; `consumed`
+    receives the bits each lane used.
+    """
+    shift = np.uint64(64 - table_bits)
+    b0, b1, b2, b3 = starts[0], starts[1], starts[2], starts[3]
+    q0, q1, q2, q3 = 0, 1, 2, 3  # the next output index of each lane
+    # One past each lane's last index: lane k holds symbols k, k + 4, ... below `count`.
+    e0, e1, e2, e3 = (count + 3) // 4 * 4, (count + 2) // 4 * 4 + 1, (count + 1) // 4 * 4 + 2, count // 4 * 4 + 3
+    invalid = False
+    while min(min(e0 - q0, e1 - q1), min(e2 - q2, e3 - q3)) > 4 * GROUP * GROUP_ROUNDS:
+        for _ in range(GROUP_ROUNDS):
+            x0 = grouped[_peek(data, b0, shift)]
+            x1 = grouped[_peek(data, b1, shift)]
+            x2 = grouped[_peek(data, b2, shift)]
+            x3 = grouped[_peek(data, b3, shift)]
+            out[q0], out[q0 + 4], out[q0 + 8] = x0, x0 >> 8, x0 >> 16
+            out[q1], out[q1 + 4], out[q1 + 8] = x1, x1 >> 8, x1 >> 16
+            out[q2], out[q2 + 4], out[q2 + 8] = x2, x2 >> 8, x2 >> 16
+            out[q3], out[q3 + 4], out[q3 + 8] = x3, x3 >> 8, x3 >> 16
+            c0, c1, c2, c3 = x0 >> 29, x1 >> 29, x2 >> 29, x3 >> 29
+            invalid |= (c0 == 0) | (c1 == 0) | (c2 == 0) | (c3 == 0)
+            q0, q1, q2, q3 = q0 + 4 * c0, q1 + 4 * c1, q2 + 4 * c2, q3 + 4 * c3
+            b0 += (x0 >> 24) & 31
+            b1 += (x1 >> 24) & 31
+            b2 += (x2 >> 24) & 31
+            b3 += (x3 >> 24) & 31
+        if invalid | (b0 > ends[0]) | (b1 > ends[1]) | (b2 > ends[2]) | (b3 > ends[3]):
+            return 1
+    positions = np.array([b0, b1, b2, b3])
+    nexts = np.array([q0, q1, q2, q3])
+    lane_ends = np.array([e0, e1, e2, e3])
+    for lane in range(4):
+        bit, index = positions[lane], nexts[lane]
+        while index < lane_ends[lane]:
+            entry = single[_peek(data, bit, shift)]
+            if entry >> 8 == 0:
+                return 1
+            out[index] = entry
+            index += 4
+            bit += entry >> 8
+            if bit > ends[lane]:
+                return 1
+        consumed[lane] = bit - starts[lane]
+    return 0
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _flush(accumulator, filled, position, out):
+    """Write a lane's waiting bits: the 64-bit accumulator's top `filled` bits as 8 bytes (one
+    store), then move by the whole bytes completed; the rest is rewritten by the next flush (or
+    is the zero-padded last byte). Returns the new (filled, position)."""
+    store_big_endian(out, position, (accumulator << np.uint64(63 - filled)) << np.uint64(1))  # never by 64
+    return filled & 7, position + (filled >> 3)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _append(accumulator, code, length):
+    return (accumulator << np.uint64(length)) | np.uint64(code)
 
 
 @numba.njit(cache=True, nogil=True)
 def _encode_four_lanes(symbols, codes, lengths, out, starts, bits):
     """Write all four lanes in one pass, lane k from out[starts[k]]; bits[k] gets its bit count.
 
-    Returns False as soon as a symbol lies outside the alphabet or has no code.
+    Two symbols per lane between flushes (7 waiting bits + 2 x MAX_MAX_LENGTH fit 64), so one
+    8-byte store per two symbols. Returns False as soon as a symbol lies outside the alphabet
+    or has no code.
     """
     alphabet = len(lengths)
     a0 = a1 = a2 = a3 = np.uint64(0)
     f0 = f1 = f2 = f3 = 0
     p0, p1, p2, p3 = starts[0], starts[1], starts[2], starts[3]
-    rounds = len(symbols) // 4
+    rounds = len(symbols) // 8
     for index in range(rounds):
-        base = 4 * index
+        base = 8 * index
         s0, s1, s2, s3 = symbols[base], symbols[base + 1], symbols[base + 2], symbols[base + 3]
-        if (s0 >= alphabet) | (s1 >= alphabet) | (s2 >= alphabet) | (s3 >= alphabet):
+        t0, t1, t2, t3 = symbols[base + 4], symbols[base + 5], symbols[base + 6], symbols[base + 7]
+        if (
+            (s0 < 0) | (s0 >= alphabet) | (s1 < 0) | (s1 >= alphabet) | (s2 < 0) | (s2 >= alphabet)
+            | (s3 < 0) | (s3 >= alphabet) | (t0 < 0) | (t0 >= alphabet) | (t1 < 0) | (t1 >= alphabet)
+            | (t2 < 0) | (t2 >= alphabet) | (t3 < 0) | (t3 >= alphabet)
+        ):  # fmt: skip
             return False
         l0, l1, l2, l3 = lengths[s0], lengths[s1], lengths[s2], lengths[s3]
-        if (l0 == 0) | (l1 == 0) | (l2 == 0) | (l3 == 0):
+        m0, m1, m2, m3 = lengths[t0], lengths[t1], lengths[t2], lengths[t3]
+        if (l0 == 0) | (l1 == 0) | (l2 == 0) | (l3 == 0) | (m0 == 0) | (m1 == 0) | (m2 == 0) | (m3 == 0):
             return False
-        a0, f0, p0 = _put(a0, f0, p0, codes[s0], l0, out)
-        a1, f1, p1 = _put(a1, f1, p1, codes[s1], l1, out)
-        a2, f2, p2 = _put(a2, f2, p2, codes[s2], l2, out)
-        a3, f3, p3 = _put(a3, f3, p3, codes[s3], l3, out)
-    for index in range(4 * rounds, len(symbols)):
+        a0 = _append(_append(a0, codes[s0], l0), codes[t0], m0)
+        a1 = _append(_append(a1, codes[s1], l1), codes[t1], m1)
+        a2 = _append(_append(a2, codes[s2], l2), codes[t2], m2)
+        a3 = _append(_append(a3, codes[s3], l3), codes[t3], m3)
+        f0, p0 = _flush(a0, f0 + l0 + m0, p0, out)
+        f1, p1 = _flush(a1, f1 + l1 + m1, p1, out)
+        f2, p2 = _flush(a2, f2 + l2 + m2, p2, out)
+        f3, p3 = _flush(a3, f3 + l3 + m3, p3, out)
+    for index in range(8 * rounds, len(symbols)):
         symbol = symbols[index]
         if symbol < 0 or symbol >= alphabet or lengths[symbol] == 0:
             return False
-        if index % 4 == 0:
-            a0, f0, p0 = _put(a0, f0, p0, codes[symbol], lengths[symbol], out)
-        elif index % 4 == 1:
-            a1, f1, p1 = _put(a1, f1, p1, codes[symbol], lengths[symbol], out)
+        code, length = codes[symbol], lengths[symbol]
+        lane = index & 3
+        if lane == 0:
+            a0 = _append(a0, code, length)
+            f0, p0 = _flush(a0, f0 + length, p0, out)
+        elif lane == 1:
+            a1 = _append(a1, code, length)
+            f1, p1 = _flush(a1, f1 + length, p1, out)
+        elif lane == 2:
+            a2 = _append(a2, code, length)
+            f2, p2 = _flush(a2, f2 + length, p2, out)
         else:
-            a2, f2, p2 = _put(a2, f2, p2, codes[symbol], lengths[symbol], out)
+            a3 = _append(a3, code, length)
+            f3, p3 = _flush(a3, f3 + length, p3, out)
     bits[0] = 8 * (p0 - starts[0]) + f0
     bits[1] = 8 * (p1 - starts[1]) + f1
     bits[2] = 8 * (p2 - starts[2]) + f2
@@ -261,8 +382,9 @@ def encode_lanes(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, list[
     """
     symbols = np.ascontiguousarray(symbols)
     lengths = np.asarray(lengths, dtype=np.int64)
-    if lengths.size and lengths.max() > MAX_WIDTH:
-        raise ConfigError(f"code lengths above {MAX_WIDTH} bits do not fit the bit writer")
+    if lengths.size and lengths.max() > MAX_MAX_LENGTH:
+        raise ConfigError(f"code lengths above {MAX_MAX_LENGTH} bits do not fit the bit writer")
+    # Worst case, and the 8 bytes the last flush writes from its position.
     region = ((len(symbols) + 3) // 4 * int(lengths.max(initial=1)) + 7) // 8 + 8
     out = np.zeros(LANES * region, dtype=np.uint8)
     starts = np.arange(LANES, dtype=np.int64) * region
@@ -292,12 +414,31 @@ def decode_lanes(data: bytes, lane_bits: list[int], count: int, lengths: np.ndar
         raise FormatError(f"{count} symbols cannot fit in lanes of {lane_bits} bits")
     if count > 0 and not np.any(lengths):
         raise FormatError(f"cannot decode {count} symbols with an empty code")
-    table_symbols, table_lengths = decode_table(lengths, max_length)
     ends = np.cumsum(sizes)
     starts = ends - np.asarray(sizes)
     out = np.empty(count, dtype=np.uint8 if len(lengths) <= 256 else np.int32)
     consumed = np.zeros(LANES, dtype=np.int64)
-    invalid = _decode_lanes(
+    if len(lengths) <= 256:
+        check_lengths(lengths, min(max_length, MAX_MAX_LENGTH))
+        table_bits = max(int(lengths.max(initial=1)), MIN_TABLE_BITS)
+        grouped, single = _group_tables(lengths, canonical_codes(lengths), table_bits)
+        padded = np.zeros(len(data) + PADDING, dtype=np.uint8)
+        padded[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+        invalid = _decode_lanes_grouped(
+            padded, 8 * starts, 8 * starts + np.asarray(lane_bits), count, grouped, single, table_bits, out, consumed
+        )
+    else:  # wider symbols (codes or gaps of more than 8 bits): one symbol per lookup
+        invalid = _decode_wide_lanes(lengths, max_length, data, starts, ends, count, out, consumed)
+    if invalid:
+        raise FormatError("the Huffman stream is corrupt: an invalid code word")
+    if consumed.tolist() != list(lane_bits):
+        raise FormatError(f"the Huffman lanes used {consumed.tolist()} bits but declare {lane_bits}")
+    return out
+
+
+def _decode_wide_lanes(lengths, max_length, data, starts, ends, count, out, consumed) -> int:
+    table_symbols, table_lengths = decode_table(lengths, max_length)
+    return _decode_lanes(
         np.frombuffer(data, dtype=np.uint8),
         starts.astype(np.int64),
         ends.astype(np.int64),
@@ -308,8 +449,3 @@ def decode_lanes(data: bytes, lane_bits: list[int], count: int, lengths: np.ndar
         out,
         consumed,
     )
-    if invalid:
-        raise FormatError("the Huffman stream is corrupt: an invalid code word")
-    if consumed.tolist() != list(lane_bits):
-        raise FormatError(f"the Huffman lanes used {consumed.tolist()} bits but declare {lane_bits}")
-    return out
