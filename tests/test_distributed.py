@@ -104,17 +104,12 @@ def test_two_processes_agree_and_match_one_process(reference, small_data, tmp_pa
     assert dcz.read_bytes() == before
 
 
-def test_other_commands_refuse_several_processes(tmp_path):
-    env = os.environ | {"WORLD_SIZE": "2", "RANK": "0"}
-    done = subprocess.run(
-        [sys.executable, "-m", "deepshrink", "inspect", str(tmp_path / "missing.dcz")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert done.returncode == ConfigError.exit_code, done.stderr
-    assert "only `deepshrink run RECIPE` retrains under torchrun" in done.stderr
+def test_other_commands_refuse_several_processes(tmp_path, monkeypatch, capsys):
+    from deepshrink.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["inspect", str(tmp_path / "missing.dcz")]) == ConfigError.exit_code
+    assert "only `deepshrink run RECIPE` retrains under torchrun" in capsys.readouterr().err
 
 
 def _helpers_on_two_ranks(rank: int, address: str, results) -> None:
