@@ -205,9 +205,16 @@ def synchronize(model: nn.Module, what: str) -> bool:
     return True
 
 
-def check_same_bytes(data: bytes, what: str) -> None:
-    """Every rank holds the same `data` (say, the file each wrote); else InternalError naming `what`."""
-    if is_distributed() and not _digests_agree(hashlib.sha256(data).digest()):
+def check_same_file(path: str | os.PathLike, what: str) -> None:
+    """Every rank's file at `path` (each its own copy) holds the same bytes; else InternalError
+    naming `what`. Alone, the file is not read."""
+    if not is_distributed():
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    if not _digests_agree(digest.digest()):
         raise InternalError(f"the processes wrote different {what}; this is a bug in deepshrink")
 
 

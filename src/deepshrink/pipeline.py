@@ -397,7 +397,7 @@ def run(
 
         decoded, _ = load_compressed(out, copy.deepcopy(model))
         compressed_metric = evaluate(decoded, loaders.test, device, task).metric if loaders is not None else None
-        distributed.check_same_bytes(out.read_bytes(), f"files ({out.name})")
+        distributed.check_same_file(out, f"files ({out.name})")
         file_bytes = out.stat().st_size
 
     tradeoff = None
