@@ -161,7 +161,9 @@ def state_digest(model: nn.Module) -> bytes:
     """sha256 of every tensor in `model`'s state_dict (names, dtypes, shapes, bytes)."""
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.digest()
 
