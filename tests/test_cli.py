@@ -1,4 +1,5 @@
-"""The command line, run as a user runs it: in a subprocess."""
+"""The command line, run as a user runs it (in a subprocess) where a command does work; where
+only its parsing and error messages are checked, in this process."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from deepshrink.cli import main
 
 
 def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
@@ -17,6 +20,23 @@ def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
         cwd=cwd,
         timeout=300,
     )
+
+
+@pytest.fixture
+def cli(capsys):
+    """The command line run in this process, for what parsing and errors print: a new interpreter
+    costs seconds per call (importing torch), and the commands that do work run in one above."""
+
+    def call(*arguments: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main(["--quiet", *arguments])
+        except SystemExit as exit_:  # argparse: --help, and usage errors
+            code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(list(arguments), code, captured.out, captured.err)
+
+    return call
 
 
 @pytest.mark.parametrize(
@@ -39,8 +59,8 @@ def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
         ["inspect"],
     ],
 )
-def test_help_explains_every_command(command):
-    result = run_cli(*command, "--help")
+def test_help_explains_every_command(cli, command):
+    result = cli(*command, "--help")
     assert result.returncode == 0
     assert "usage: deepshrink" in result.stdout
 
@@ -73,8 +93,8 @@ def test_info_lists_models_and_data():
         (["train", "--device", "tpu", "--epochs", "1"], 2, "argument --device: 'tpu' is not a device"),
     ],
 )
-def test_bad_input_gives_one_line_and_a_distinct_exit_code(arguments, code, message):
-    result = run_cli(*arguments)
+def test_bad_input_gives_one_line_and_a_distinct_exit_code(cli, arguments, code, message):
+    result = cli(*arguments)
     assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -137,8 +157,8 @@ def test_prune_writes_a_pruned_checkpoint_that_evaluates_as_printed(tiny_checkpo
         (["--sparsity", "fc1=0.5", "--global-sparsity", "0.5"], "exactly one of"),
     ],
 )
-def test_bad_prune_options_are_clean_errors(tiny_checkpoint, tmp_path, arguments, message):
-    result = run_cli(
+def test_bad_prune_options_are_clean_errors(cli, tiny_checkpoint, tmp_path, arguments, message):
+    result = cli(
         "prune",
         str(tiny_checkpoint),
         *arguments,
@@ -217,8 +237,8 @@ def test_quantize_shares_weights_and_evaluates_as_printed(tiny_checkpoint, tmp_p
 
 
 @pytest.mark.parametrize(("bits", "message"), [("fc1=17", "bits=17"), ("fc1=4.5", "whole numbers"), ("fc9=4", "fc9")])
-def test_bad_quantize_bits_are_clean_errors(tiny_checkpoint, tmp_path, bits, message):
-    result = run_cli(
+def test_bad_quantize_bits_are_clean_errors(cli, tiny_checkpoint, tmp_path, bits, message):
+    result = cli(
         "quantize",
         str(tiny_checkpoint),
         "--bits",
@@ -265,8 +285,8 @@ def test_encode_inspect_decode_round_trip(tiny_checkpoint, tmp_path):
     assert (tmp_path / "distributions.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_inspecting_a_file_that_is_not_dcz_is_a_clean_error(tiny_checkpoint):
-    result = run_cli("inspect", str(tiny_checkpoint))
+def test_inspecting_a_file_that_is_not_dcz_is_a_clean_error(cli, tiny_checkpoint):
+    result = cli("inspect", str(tiny_checkpoint))
     assert result.returncode == 5 and "not a .dcz file" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -103,7 +103,14 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer, BatchNorm) module names where the BatchNorm's input is only that layer's output."""
+    """(layer, BatchNorm) module names where the BatchNorm's input is only that layer's output.
+
+    Args:
+        model: the model; traced with torch.fx where it can be, else its nn.Sequential neighbours.
+
+    Returns:
+        The (layer name, BatchNorm name) pairs.
+    """
     traced = _traced_pairs(model)
     return traced if traced is not None else _sequential_pairs(model)
 
@@ -116,9 +123,20 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
-    """Fold each BatchNorm of `pairs` (default: every foldable pair) into the layer before it, in
-    place; the BatchNorm becomes nn.Identity. Outputs in eval mode stay the same (within float
-    rounding). Returns the pairs folded, as recorded in a file's metadata.
+    """Fold each BatchNorm of `pairs` (default: every foldable pair) into the layer before it.
+
+    In place; the BatchNorm becomes nn.Identity. Outputs in eval mode stay the same (within float
+    rounding).
+
+    Args:
+        model: the model, changed in place.
+        pairs: (layer name, BatchNorm name) pairs, default `foldable_pairs(model)`.
+
+    Returns:
+        The pairs folded, as [layer, batchnorm] lists, as recorded in a file's metadata.
+
+    Raises:
+        ConfigError: a pair's kinds or channel counts do not match.
     """
     pairs = foldable_pairs(model) if pairs is None else [tuple(pair) for pair in pairs]
     modules = dict(model.named_modules())
@@ -147,9 +165,22 @@ def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None)
 
 
 def apply_folding(model: nn.Module, pairs: object, error: type[Exception] = ConfigError) -> nn.Module:
-    """Give `model` a folded model's shape from recorded `pairs` (no values: a file's tensors fill
-    them): each BatchNorm becomes nn.Identity, each layer gets a bias. Pairs already folded in
-    `model` are left as they are. Raises `error` naming the pair a model cannot take."""
+    """Give `model` a folded model's shape from recorded `pairs`.
+
+    No values: a file's tensors fill them. Each BatchNorm becomes nn.Identity, each layer gets a
+    bias. Pairs already folded in `model` are left as they are.
+
+    Args:
+        model: the unfolded model, changed in place.
+        pairs: the pairs a file records (validated here: it comes from a file).
+        error: the exception class for pairs `model` cannot take.
+
+    Returns:
+        `model`.
+
+    Raises:
+        error: `pairs` is malformed or names a pair the model cannot take.
+    """
     if not pairs:
         return model
     if not isinstance(pairs, list) or len(pairs) > MAX_PAIRS:

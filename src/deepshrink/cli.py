@@ -152,6 +152,14 @@ def _write_report(directory: str, stem: str, markdown: str, data: dict, protect:
 
 
 def command_train(args: argparse.Namespace) -> int:
+    """`deepshrink train`: train a registered model or factory and save its checkpoint.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0).
+    """
     from deepshrink.references import train_and_save
 
     config = _training_config(args)
@@ -168,6 +176,14 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
+    """`deepshrink evaluate`: a checkpoint's metric on one split.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0).
+    """
     from deepshrink.file_commands import evaluate_checkpoint
 
     result, name = evaluate_checkpoint(
@@ -269,7 +285,14 @@ def _stage_settings(args: argparse.Namespace, settings_class):
 
 
 def command_stage(args: argparse.Namespace) -> int:
-    """Any registered stage on a checkpoint: parse, call the library once, print."""
+    """Any registered stage on a checkpoint: parse, call the library once, print.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0).
+    """
     from deepshrink.pipeline import run_stage_on_checkpoint
     from deepshrink.stages import stage_named
 
@@ -323,6 +346,14 @@ def _write_stage_report(args: argparse.Namespace, stage, done, summary: str) -> 
 
 
 def command_decode(args: argparse.Namespace) -> int:
+    """`deepshrink decode`: a .dcz file's tensors, decoded, as a .safetensors checkpoint.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0).
+    """
     from deepshrink.checkpoint import save_state_dict
     from deepshrink.compressed import read_state_dict
 
@@ -339,6 +370,14 @@ def command_decode(args: argparse.Namespace) -> int:
 
 
 def command_inspect(args: argparse.Namespace) -> int:
+    """`deepshrink inspect`: a .dcz file's per-layer size table, read from its header.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0).
+    """
     from deepshrink.compressed import inspect_header
     from deepshrink.encode.sizes import format_size_table, size_report
 
@@ -351,6 +390,14 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    """`deepshrink run`: a recipe's whole pipeline (under torchrun, on every process).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0).
+    """
     from deepshrink import distributed
     from deepshrink.pipeline import run_recipe
     from deepshrink.report import summary
@@ -389,6 +436,17 @@ def _runtime_modes(values: list[str] | None) -> str | dict[str, str]:
 
 
 def command_predict(args: argparse.Namespace) -> int:
+    """`deepshrink predict`: a .dcz file's model run from its compressed form over one split.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0).
+
+    Raises:
+        ConfigError: a device other than the CPU.
+    """
     from deepshrink.file_commands import predict_file
 
     if args.device not in ("auto", "cpu"):
@@ -414,6 +472,14 @@ def command_predict(args: argparse.Namespace) -> int:
 
 
 def command_bench(args: argparse.Namespace) -> int:
+    """`deepshrink bench`: the compressed form's speed against dense, per layer and batch size.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0).
+    """
     from deepshrink.file_commands import bench_file
     from deepshrink.runtime import bench
 
@@ -437,6 +503,14 @@ def command_bench(args: argparse.Namespace) -> int:
 
 
 def command_sensitivity(args: argparse.Namespace) -> int:
+    """`deepshrink sensitivity`: each layer pruned alone, the plot and table.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0).
+    """
     from deepshrink.file_commands import sensitivity_of_checkpoint
     from deepshrink.prune.sensitivity import format_sensitivity
 
@@ -461,6 +535,14 @@ def command_sensitivity(args: argparse.Namespace) -> int:
 
 
 def command_reference(args: argparse.Namespace) -> int:
+    """`deepshrink reference`: train (or find cached) a registered model's reference.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0).
+    """
     from deepshrink.references import reference_model
 
     data = _load_data(args)
@@ -474,6 +556,14 @@ def command_reference(args: argparse.Namespace) -> int:
 
 
 def command_info(args: argparse.Namespace) -> int:
+    """`deepshrink info`: versions, the data set found, the models and the cache.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0).
+    """
     import torch
 
     from deepshrink.data import find_data_files
@@ -496,6 +586,11 @@ def command_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: global flags, one subcommand per command and registered stage.
+
+    Returns:
+        The argparse parser; each subcommand sets `handler`.
+    """
     parser = _Parser(
         prog="deepshrink",
         description="Deep Compression for PyTorch: prune, share weights, encode, and run compressed models.",
@@ -709,7 +804,14 @@ def _check_launcher(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every error is one line on stderr and a distinct exit code (EPILOG);
-    the traceback is printed only with --debug."""
+    the traceback is printed only with --debug.
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+
+    Returns:
+        The exit code.
+    """
     args = build_parser().parse_args(argv)
     try:
         _check_launcher(args)

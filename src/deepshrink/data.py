@@ -159,6 +159,16 @@ def find_data_files(data_dir: str | os.PathLike | None = None) -> dict[str, Path
     Order: the explicit `data_dir`, else the DEEPSHRINK_DATA environment variable, else the
     default Debian location. An explicit choice that holds no data set is an error: falling
     back to another data set would silently measure the wrong thing.
+
+    Args:
+        data_dir: a directory chosen by the caller.
+
+    Returns:
+        Each file's role -> its path.
+
+    Raises:
+        DataError: no place searched holds the four files, or a place holds several candidates
+            for one of them.
     """
     if data_dir is not None:
         candidates = [(Path(data_dir), "--data-dir")]
@@ -201,6 +211,7 @@ class DataSplits:
 
     @property
     def labelled(self) -> bool:
+        """Whether the splits hold targets as well as inputs."""
         return len(self.train.tensors) > 1
 
     @property
@@ -234,7 +245,14 @@ def _images_and_labels(images_path: Path, labels_path: Path) -> tuple[np.ndarray
 
 
 def fingerprint_files(paths: list[Path]) -> str:
-    """A short content hash of data files, so cached results are tied to the exact data."""
+    """A short content hash of data files, so cached results are tied to the exact data.
+
+    Args:
+        paths: the files, in a fixed order.
+
+    Returns:
+        The first 16 hex digits of their sha256.
+    """
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.read_bytes())
@@ -327,6 +345,9 @@ def make_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, seed: in
 
     Returns:
         A torch DataLoader.
+
+    Raises:
+        ConfigError: `batch_size` is below 1.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be a positive integer")
@@ -471,7 +492,24 @@ def splits_from_arrays(
     scale: float | None = None,
     train_subset: int | None = None,
 ) -> DataSplits:
-    """load_arrays for arrays already checked (`_checked_arrays`); `path` names their source."""
+    """load_arrays for arrays already checked (`_checked_arrays`); `path` names their source.
+
+    Args:
+        arrays: checked arrays x, and optionally y, x_test, y_test.
+        path: their source, named in errors.
+        fingerprint: the data's content hash.
+        validation: the validation split, a fraction in (0, 1) or a count of examples.
+        seed: the seed of the split.
+        scale: multiply the inputs by this (None: as they are).
+        train_subset: keep only this many training examples.
+
+    Returns:
+        The DataSplits.
+
+    Raises:
+        ConfigError: `validation`, `scale` or `train_subset` is out of range.
+        DataError: the arrays are too few to split.
+    """
     count = len(arrays["x"])
     if isinstance(validation, bool) or not isinstance(validation, int | float):
         raise ConfigError(f"validation={validation!r} should be a fraction in (0, 1) or a count of examples")
@@ -529,6 +567,15 @@ def load_splits(
 ) -> DataSplits:
     """`load_any`, for the commands that need the data as splits of arrays.
 
+    Args:
+        source: as for `load_any`.
+        validation: as for `load_any`.
+        seed: the seed of the split.
+        train_subset: keep only this many training examples.
+
+    Returns:
+        The DataSplits.
+
     Raises:
         ConfigError: `source` is a function that returns loaders, which only the pipeline takes.
     """
@@ -547,14 +594,25 @@ _FUNCTION_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 def load_function_data(
     source: str, validation: float | int | None = None, seed: int = 0, train_subset: int | None = None
 ) -> DataSplits | Loaders:
-    """The data `package.module:function` gives: called with no arguments, it returns a
-    DataSplits, a dict of numpy arrays as an .npz file would hold them (x, optionally y,
-    x_test, y_test), which are checked and split as `load_arrays` does, or your own
-    `deepshrink.Loaders` (which the whole pipeline, `deepshrink run`, takes as they are).
+    """The data `package.module:function` gives.
+
+    Called with no arguments, the function returns a DataSplits, a dict of numpy arrays as an
+    .npz file would hold them (x, optionally y, x_test, y_test), which are checked and split as
+    `load_arrays` does, or your own `deepshrink.Loaders` (which the whole pipeline, `deepshrink
+    run`, takes as they are).
+
+    Args:
+        source: "package.module:function".
+        validation: for arrays, the validation split (default 10%).
+        seed: the seed of the split.
+        train_subset: for arrays, keep only this many training examples.
+
+    Returns:
+        A DataSplits, or the function's Loaders.
 
     Raises:
-        ConfigError: the function cannot be imported. DataError: it returns something else, or
-            arrays that `load_arrays` would refuse.
+        ConfigError: the function cannot be imported.
+        DataError: it returns something else, or arrays that `load_arrays` would refuse.
     """
     import importlib
 
@@ -599,7 +657,20 @@ def load_any(
     """`load_arrays` for an .npz or .safetensors file, `load_function_data` for
     `package.module:function` (when no such path exists), else `load_data` for a directory of
     IDX files (None: $DEEPSHRINK_DATA, then the installed Fashion-MNIST). `validation` is a
-    fraction or a count; None keeps each loader's default (10% of arrays, 5,000 IDX images)."""
+    fraction or a count; None keeps each loader's default (10% of arrays, 5,000 IDX images).
+
+    Args:
+        source: a file, a function path, a directory, or None.
+        validation: the validation split, a fraction or a count.
+        seed: the seed of the split.
+        train_subset: keep only this many training examples.
+
+    Returns:
+        A DataSplits, or the Loaders a function returns.
+
+    Raises:
+        ConfigError: a fraction `validation` for IDX data.
+    """
     if isinstance(source, str) and _FUNCTION_PATH.match(source) and not Path(source).exists():
         return load_function_data(source, validation, seed, train_subset)
     if source is not None and Path(source).suffix in (".npz", ".safetensors"):

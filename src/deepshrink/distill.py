@@ -37,6 +37,17 @@ class DistillationLoss:
         self.task = task if task is not None else classification()
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The blended loss of one batch.
+
+        Args:
+            outputs: the student's outputs for `inputs`.
+            targets: the batch's targets.
+            inputs: the batch's inputs, which the teacher sees (without gradients).
+
+        Returns:
+            `alpha` x the task's distillation loss + (1 - `alpha`) x its ordinary loss; the ordinary
+            loss alone when `alpha` is 0 (the teacher is not run).
+        """
         hard = self.task.loss(outputs, targets)
         if self.alpha == 0:
             return hard
@@ -48,5 +59,14 @@ class DistillationLoss:
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch."""
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch.
+
+    Args:
+        student_logits: the student's logits, one row per example.
+        teacher_logits: the teacher's logits, the same shape.
+        temperature: T, which softens both distributions.
+
+    Returns:
+        A scalar tensor.
+    """
     return classification().distillation(student_logits, teacher_logits, temperature)

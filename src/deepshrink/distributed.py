@@ -40,7 +40,11 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 
 
 def is_distributed() -> bool:
-    """A process group of more than one process is initialised."""
+    """A process group of more than one process is initialised.
+
+    Returns:
+        Whether several processes take part.
+    """
     return (
         torch_distributed.is_available()
         and torch_distributed.is_initialized()
@@ -49,22 +53,41 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    """This process's rank (0 without a process group)."""
+    """This process's rank (0 without a process group).
+
+    Returns:
+        The rank, from 0.
+    """
     return torch_distributed.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
-    """The number of processes (1 without a process group)."""
+    """The number of processes (1 without a process group).
+
+    Returns:
+        The number of processes, at least 1.
+    """
     return torch_distributed.get_world_size() if is_distributed() else 1
 
 
 def is_main_process() -> bool:
-    """Rank 0, the one that writes files, prints and reports (always true alone)."""
+    """Rank 0, the one that writes files, prints and reports (always true alone).
+
+    Returns:
+        Whether this process is rank 0.
+    """
     return rank() == 0
 
 
 def launched_with_several_processes() -> bool:
-    """torchrun (or another launcher that sets its variables) started more than one process."""
+    """torchrun (or another launcher that sets its variables) started more than one process.
+
+    Returns:
+        Whether WORLD_SIZE is above 1.
+
+    Raises:
+        ConfigError: WORLD_SIZE is not a whole number.
+    """
     try:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1
     except ValueError:
@@ -77,10 +100,17 @@ def process_group_from_environment(device: str | torch.device = "auto") -> Itera
 
     The backend is NCCL when the run's device is a GPU (each process then uses the GPU its
     LOCAL_RANK names) and gloo otherwise. A group that is already initialised is used as it is;
-    outside a launcher this does nothing. Yields whether several processes take part.
+    outside a launcher this does nothing.
+
+    Args:
+        device: the run's device ("auto", "cpu", "cuda", ...), which chooses the backend.
+
+    Yields:
+        Whether several processes take part.
 
     Raises:
-        ConfigError: a launcher variable is missing or CUDA lacks the GPU LOCAL_RANK names.
+        ConfigError: a launcher variable is missing, torch lacks torch.distributed, or CUDA lacks
+            the GPU LOCAL_RANK names.
     """
     if not launched_with_several_processes() or (
         torch_distributed.is_available() and torch_distributed.is_initialized()
@@ -114,7 +144,14 @@ def process_group_from_environment(device: str | torch.device = "auto") -> Itera
 
 
 def all_ranks(flag: bool) -> bool:
-    """True when `flag` is true on every rank (a cache is used only when every rank has it)."""
+    """True when `flag` is true on every rank (a cache is used only when every rank has it).
+
+    Args:
+        flag: this rank's answer.
+
+    Returns:
+        The answers of all ranks joined by "and" (`flag` itself alone).
+    """
     if not is_distributed():
         return flag
     value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_communication_device())
@@ -124,7 +161,14 @@ def all_ranks(flag: bool) -> bool:
 
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` summed over ranks, in place (float64 on the way, so that the sum does not depend
-    on how the ranks' parts round); returned for chaining."""
+    on how the ranks' parts round); returned for chaining.
+
+    Args:
+        tensor: this rank's part; overwritten with the sum.
+
+    Returns:
+        `tensor`.
+    """
     if not is_distributed():
         return tensor
     total = tensor.detach().to(_communication_device(), torch.float64)
@@ -135,7 +179,14 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def sum_values_over_ranks(values: list[float]) -> list[float]:
-    """Plain numbers (loss sums, counts, a metric's statistics) summed over ranks."""
+    """Plain numbers (loss sums, counts, a metric's statistics) summed over ranks.
+
+    Args:
+        values: this rank's numbers.
+
+    Returns:
+        The sums, in the same order (`values` itself alone).
+    """
     if not is_distributed():
         return values
     return sum_over_ranks(torch.tensor(values, dtype=torch.float64)).tolist()
@@ -148,7 +199,15 @@ def wrap_for_training(model: nn.Module, device: torch.device) -> nn.Module:
     `static_graph`: a weight-shared layer's original weight stays a parameter that its forward
     no longer reads (the codebook and indices make the weight); DDP would otherwise wait for its
     gradient. The graph is the same every step, so DDP learns once which parameters to skip,
-    without `find_unused_parameters`' search of the graph at every step."""
+    without `find_unused_parameters`' search of the graph at every step.
+
+    Args:
+        model: the model to train, already on `device`.
+        device: the device the process trains on.
+
+    Returns:
+        The module to train through.
+    """
     if not is_distributed() or isinstance(model, nn.parallel.DistributedDataParallel):
         return model
     device_ids = None
@@ -158,7 +217,14 @@ def wrap_for_training(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def state_digest(model: nn.Module) -> bytes:
-    """sha256 of every tensor in `model`'s state_dict (names, dtypes, shapes, bytes)."""
+    """sha256 of every tensor in `model`'s state_dict (names, dtypes, shapes, bytes).
+
+    Args:
+        model: the model to hash.
+
+    Returns:
+        The 32-byte digest.
+    """
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
         digest.update(key.encode())
@@ -180,8 +246,15 @@ def synchronize(model: nn.Module, what: str) -> bool:
 
     Each rank hashes its state (parameters and buffers: weights, masks, codes, codebooks); if
     the hashes differ, rank 0's tensors are broadcast byte for byte and the hashes compared
-    again. Returns whether the ranks had to be synchronized (False: they already agreed, as
-    they do when every stage is deterministic). `what` names the state in errors.
+    again.
+
+    Args:
+        model: this rank's model; changed in place when it differs from rank 0's.
+        what: names the state in errors ("the prune stage").
+
+    Returns:
+        Whether the ranks had to be synchronized (False: they already agreed, as they do when
+        every stage is deterministic, and always alone).
 
     Raises:
         InternalError: the ranks' states differ in shape, or still differ after the broadcast.
@@ -209,7 +282,15 @@ def synchronize(model: nn.Module, what: str) -> bool:
 
 def check_same_file(path: str | os.PathLike, what: str) -> None:
     """Every rank's file at `path` (each its own copy) holds the same bytes; else InternalError
-    naming `what`. Alone, the file is not read."""
+    naming `what`. Alone, the file is not read.
+
+    Args:
+        path: this rank's copy of the file.
+        what: names the file in the error.
+
+    Raises:
+        InternalError: the ranks' files differ.
+    """
     if not is_distributed():
         return
     digest = hashlib.sha256()

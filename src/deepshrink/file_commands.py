@@ -70,6 +70,7 @@ class Prediction:
 
     @property
     def throughput(self) -> float:
+        """Examples per second (infinite when no time was measured)."""
         return self.count / self.seconds if self.seconds > 0 else float("inf")
 
 
@@ -90,7 +91,9 @@ def predict_file(
     Args:
         path: the .dcz file.
         model: the architecture (default: the one the file names).
-        data, validation, split: as for `evaluate_checkpoint`.
+        data: what `load_any` takes (default: the installed data set).
+        validation: the validation split, a fraction or a count.
+        split: "test" or "validation".
         batch_size: examples per call.
         mode: load_runtime's mode ("auto", "sparse", "dense", or {layer glob: mode}).
         task: default the task the file records.
@@ -217,9 +220,14 @@ def sensitivity_of_checkpoint(
     split each time; the plot and JSON written to `out_dir` (sensitivity.png, sensitivity.json).
 
     Args:
-        checkpoint, model, data, validation, task, device: as for `evaluate_checkpoint`.
+        checkpoint: a .safetensors checkpoint (deepshrink.save_checkpoint).
+        model: the architecture (default: the one the checkpoint names).
+        data: what `load_any` takes (default: the installed data set).
         out_dir: where the plot and the JSON go.
+        validation: the validation split, a fraction or a count.
         layers: layer globs (default: every compressible weight).
+        task: a built-in task name or package.module:function (default classification).
+        device: "auto", "cpu", "cuda" or "cuda:N".
         progress: a progress bar on a terminal.
 
     Returns:

@@ -28,6 +28,12 @@ def remove_stale_partials(target: Path) -> list[Path]:
 
     Each temporary file names the process that writes it (.NAME.PID.RANDOM.partial); one whose
     process is gone can never be completed. Files of live writers are left alone.
+
+    Args:
+        target: the file whose writers' temporary files are looked for.
+
+    Returns:
+        The temporary files removed.
     """
     removed = []
     for candidate in target.parent.glob(f".{target.name}.*{PARTIAL_SUFFIX}"):
@@ -59,6 +65,17 @@ def atomic_output(path: str | os.PathLike, protect: tuple[str | os.PathLike, ...
     stays intact until the new one is complete. `protect` lists the inputs of the operation:
     writing over one of them is refused, because the user's data must never be lost. Operating
     system errors (a directory, no space, no permission) become OutputError naming the path.
+
+    Args:
+        path: the file to write.
+        protect: input paths that `path` must not be.
+
+    Yields:
+        The temporary path to write to.
+
+    Raises:
+        ConfigError: `path` is one of `protect`.
+        OutputError: `path` is a directory or cannot be written.
     """
     target = Path(path)
     for input_path in protect:

@@ -78,6 +78,7 @@ class Weight:
 
     @property
     def is_convolution(self) -> bool:
+        """Whether the weight belongs to a convolution (of any dimension, transposed or not)."""
         return isinstance(self.module, _ConvNd)
 
     @property
@@ -86,26 +87,52 @@ class Weight:
         return type(self.module).__name__
 
     def parametrizations(self) -> list[nn.Module]:
-        """The parametrizations registered on this tensor, in order (none: [])."""
+        """The parametrizations registered on this tensor, in order (none: []).
+
+        Returns:
+            The parametrization modules.
+        """
         if not parametrize.is_parametrized(self.module, self.tensor):
             return []
         return list(self.module.parametrizations[self.tensor])
 
     def original(self) -> nn.Parameter:
-        """The trainable Parameter behind the weight, parametrized or not."""
+        """The trainable Parameter behind the weight, parametrized or not.
+
+        Returns:
+            The Parameter.
+        """
         if parametrize.is_parametrized(self.module, self.tensor):
             return self.module.parametrizations[self.tensor].original
         return getattr(self.module, self.tensor)
 
     def register(self, parametrization: nn.Module, *, unsafe: bool = False) -> None:
+        """Register a parametrization on this tensor (after any already there).
+
+        Args:
+            parametrization: the module (a PruningMask, SharedWeights, ...).
+            unsafe: skip torch's shape and dtype checks of the parametrization's output.
+        """
         parametrize.register_parametrization(self.module, self.tensor, parametrization, unsafe=unsafe)
 
     def remove_parametrizations(self, *, leave_parametrized: bool = True) -> None:
+        """Remove every parametrization of this tensor.
+
+        Args:
+            leave_parametrized: keep the current (masked, shared) values as the plain weight; else
+                the original weight returns.
+        """
         parametrize.remove_parametrizations(self.module, self.tensor, leave_parametrized=leave_parametrized)
 
 
 def as_weight(layer: Weight | nn.Module) -> Weight:
     """`layer` as a Weight: a Weight as it is; a Linear, convolution or Embedding as its `weight`.
+
+    Args:
+        layer: a Weight or a single-weight module.
+
+    Returns:
+        The Weight.
 
     Raises:
         UnsupportedLayerError: a module that holds no single compressible weight (an LSTM
@@ -122,7 +149,14 @@ def as_weight(layer: Weight | nn.Module) -> Weight:
 
 
 def paper_default_bits(weight: Weight) -> int:
-    """The paper's default width for `weight`: 8 bits for convolutions, 5 for the others."""
+    """The paper's default width for `weight`: 8 bits for convolutions, 5 for the others.
+
+    Args:
+        weight: the weight.
+
+    Returns:
+        The width in bits.
+    """
     return PAPER_CONV_BITS if weight.is_convolution else PAPER_FC_BITS
 
 
@@ -145,12 +179,27 @@ def _weights_of(module_name: str, module: nn.Module) -> list[Weight]:
 
 
 def compressible_weights(model: nn.Module) -> dict[str, Weight]:
-    """Every weight a stage can compress, by name, in the model's module order."""
+    """Every weight a stage can compress, by name, in the model's module order.
+
+    Args:
+        model: any module.
+
+    Returns:
+        {name: Weight}.
+    """
     return {weight.name: weight for name, module in model.named_modules() for weight in _weights_of(name, module)}
 
 
 def matching(pattern: str, names: Iterable[str]) -> list[str]:
-    """The names the glob `pattern` matches, in order; case-sensitive, as layer names are."""
+    """The names the glob `pattern` matches, in order; case-sensitive, as layer names are.
+
+    Args:
+        pattern: an fnmatch glob.
+        names: the names to match.
+
+    Returns:
+        The matching names.
+    """
     return [name for name in names if fnmatch.fnmatchcase(name, pattern)]
 
 
@@ -161,7 +210,15 @@ def _pattern_selects(pattern: str, weight: Weight) -> bool:
 
 
 def weights_matching(pattern: str, weights: dict[str, Weight]) -> list[str]:
-    """The names of the weights `pattern` selects, in order."""
+    """The names of the weights `pattern` selects, in order.
+
+    Args:
+        pattern: a glob on a weight's name, its state_dict key or its module.
+        weights: {name: Weight}, as compressible_weights gives.
+
+    Returns:
+        The names selected.
+    """
     return [name for name, weight in weights.items() if _pattern_selects(pattern, weight) or name == pattern]
 
 
@@ -189,8 +246,9 @@ def select_weights(model: nn.Module, patterns: Iterable[str] | None = None) -> d
 
     Raises:
         UnsupportedLayerError: a pattern matches only tensors deepshrink does not compress
-            (named, with their module types). ConfigError: a pattern matches nothing (the
-            weights there are are listed): a typo must not silently leave a layer uncompressed.
+            (named, with their module types).
+        ConfigError: a pattern matches nothing (the weights there are listed): a typo must not
+            silently leave a layer uncompressed.
     """
     weights = compressible_weights(model)
     if patterns is None:
@@ -284,7 +342,15 @@ def parametrization_entries(state_dict, field: str) -> list[tuple[str, int, str]
     """(weight key, position, key prefix) of every parametrization entry named `field` (e.g.
     "mask", "codebook"), in state_dict order. The weight key is the tensor's plain state_dict key
     ("fc1.weight", "lstm.weight_hh_l0"); the prefix + another field name is that
-    parametrization's other entry."""
+    parametrization's other entry.
+
+    Args:
+        state_dict: a state_dict (or its keys).
+        field: the entry's name.
+
+    Returns:
+        The (weight key, position, key prefix) triples.
+    """
     entries = []
     for key in state_dict:
         found = _PARAMETRIZED.match(key)
@@ -295,13 +361,28 @@ def parametrization_entries(state_dict, field: str) -> list[tuple[str, int, str]
 
 
 def weights_by_key(model: nn.Module) -> dict[str, Weight]:
-    """compressible_weights keyed by each weight's state_dict key."""
+    """compressible_weights keyed by each weight's state_dict key.
+
+    Args:
+        model: any module.
+
+    Returns:
+        {state_dict key: Weight}.
+    """
     return {weight.key: weight for weight in compressible_weights(model).values()}
 
 
 def check_position(weight: Weight, position: int) -> None:
     """A parametrization saved at `position` of a weight's list is registered there: the ones
-    before it must be restored first."""
+    before it must be restored first.
+
+    Args:
+        weight: the weight.
+        position: the parametrization's position in the saved state_dict.
+
+    Raises:
+        ConfigError: another number of parametrizations is registered.
+    """
     registered = len(weight.parametrizations())
     if registered != position:
         raise ConfigError(

@@ -36,6 +36,20 @@ def model_for(
     `metadata` rebuilds folded BatchNorm and factored layers; `config` is passed to the
     registry's factory. A malformed structure raises `error` (the caller's kind:
     CheckpointError for checkpoints, FormatError for files).
+
+    Args:
+        source: the file or checkpoint the tensors come from, named in errors.
+        model: a module, a registered name or package.module:factory, or None.
+        stored_name: the model name the file records.
+        metadata: the file's metadata (folded BatchNorm, factored layers).
+        config: keyword arguments for the registry's factory.
+        error: the exception class for a malformed structure.
+
+    Returns:
+        (module, name): the module ready for the tensors, and its name.
+
+    Raises:
+        ModelError: `model` is neither a module, a name nor None, or a factory named by a file.
     """
     from deepshrink.batchnorm import FOLDED_KEY, apply_folding
     from deepshrink.lowrank import apply_structure
@@ -92,7 +106,17 @@ def _already_factored(model: nn.Module, structure: dict | None) -> bool:
 def check_tensors_fit(declared: dict[str, tuple[int, ...]], model: nn.Module, source, error: type[Exception]) -> None:
     """Every tensor a file declares (name -> shape) is one of `model`'s, with its shape, and none
     is missing: checked before anything is decoded, so a file cannot make us build tensors the
-    model would refuse, or run kernels on a shape that is not the layer's."""
+    model would refuse, or run kernels on a shape that is not the layer's.
+
+    Args:
+        declared: the file's tensors, name -> shape.
+        model: the module they are to be loaded into.
+        source: the file, named in the error.
+        error: the exception class to raise.
+
+    Raises:
+        error: a tensor is missing, unexpected or of another shape.
+    """
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     unexpected = sorted(set(declared) - set(expected))
     missing = sorted(set(expected) - set(declared))

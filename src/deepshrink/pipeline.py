@@ -61,6 +61,11 @@ class StageRun:
     result: StageResult
 
     def to_dict(self) -> dict:
+        """The stage's record in the run's JSON report.
+
+        Returns:
+            {"name", "key", "cached", "seconds", "log", "metrics"}.
+        """
         return {"name": self.name, "key": self.key, "cached": self.cached, "seconds": self.seconds} | {
             "log": self.result.log,
             "metrics": self.result.metrics,
@@ -93,6 +98,7 @@ class RunResult:
 
     @property
     def ratio(self) -> float:
+        """The fp32 parameter bytes over the file's bytes."""
         return self.parameter_bytes / self.file_bytes
 
 
@@ -110,7 +116,14 @@ def _digest(*parts) -> str:
 
 def weights_digest(model: nn.Module) -> str:
     """A content hash of a model's state_dict: the identity of a stage's input (the same hash
-    the ranks of a distributed run compare)."""
+    the ranks of a distributed run compare).
+
+    Args:
+        model: the model.
+
+    Returns:
+        The sha256 in hex.
+    """
     return distributed.state_digest(model).hex()
 
 
@@ -149,7 +162,15 @@ class _Data:
 
 def input_metadata(shape: tuple[int, ...] | None, dtype: str) -> dict:
     """The input shape, and the dtype where it is not float32 (files of float models keep
-    the bytes they had before the dtype was recorded)."""
+    the bytes they had before the dtype was recorded).
+
+    Args:
+        shape: one input example's shape, or None when unknown.
+        dtype: the inputs' dtype name, e.g. "float32" or "int64".
+
+    Returns:
+        The metadata entries (none without a shape).
+    """
     recorded = {"input_shape": list(shape)} if shape else {}
     return recorded | ({"input_dtype": dtype} if shape and dtype != "float32" else {})
 
@@ -191,7 +212,17 @@ def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Modu
 @torch.no_grad()
 def with_targets_from(data: DataSplits, model: nn.Module, task: Task, device="cpu") -> DataSplits:
     """`data` with targets made by `task.targets_from_outputs` from `model`'s outputs, for data
-    that has inputs only."""
+    that has inputs only.
+
+    Args:
+        data: splits with inputs only.
+        model: the trained model whose outputs become the targets.
+        task: the task (its `targets_from_outputs`).
+        device: where to run `model`.
+
+    Returns:
+        New splits with targets.
+    """
     model = model.to(device).eval()
 
     def labelled(split: torch.utils.data.TensorDataset) -> torch.utils.data.TensorDataset:
@@ -534,7 +565,9 @@ def run_recipe(
         validation: the validation split: a fraction or a count (default: 5,000 IDX images, or
             10% of an array file's examples).
         task: overrides the recipe's task (a built-in name or package.module:function).
-        run_dir, device, progress: as for `run`.
+        run_dir: where stage checkpoints, the file and the report go (default runs/MODEL).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        progress: progress bars and one line per stage.
 
     Returns:
         The RunResult of `run`.
@@ -582,15 +615,32 @@ def run_stage_on_checkpoint(
     progress: bool = True,
     evaluate_output: bool = True,
 ) -> StageOnCheckpoint:
-    """One stage on a checkpoint, the same stage a recipe section runs (`deepshrink prune`,
-    `quantize`, `lowrank`, `encode`): load, run through `run_stage`, write `out` (a checkpoint
-    with the same metadata a recipe's stage checkpoint has, or the stage's own file), and
-    measure the task's test metric before and after. `model` overrides the model the checkpoint
-    names; `task` and `batchnorm` are as in a recipe (with "fold", BatchNorm is folded into the
-    layers before it ahead of weight sharing and encoding).
+    """One stage on a checkpoint, the same stage a recipe section runs.
 
-    Raises ConfigError for a stage that cannot run again on what it already changed, and the
-    loaders' and stage's own errors.
+    As `deepshrink prune`, `quantize`, `lowrank` and `encode` do: load, run through
+    `run_stage`, write `out` (a checkpoint with the same metadata a recipe's stage checkpoint
+    has, or the stage's own file), and measure the task's test metric before and after.
+
+    Args:
+        checkpoint: the .safetensors checkpoint to start from.
+        settings: the stage's settings (e.g. a PruneSettings); they choose the stage.
+        data: the data splits.
+        out: the file to write.
+        model: overrides the model the checkpoint names (a module, registered name or factory).
+        task: as in a recipe (default: the checkpoint's, else classification).
+        batchnorm: as in a recipe; with "fold", BatchNorm is folded into the layers before it
+            ahead of weight sharing and encoding.
+        seed: the stage's seed.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        progress: progress bars.
+        evaluate_output: measure the metric after the stage.
+
+    Returns:
+        A StageOnCheckpoint.
+
+    Raises:
+        ConfigError: the stage cannot run again on what it already changed; and the loaders'
+            and the stage's own errors.
     """
     from deepshrink.batchnorm import FOLDED_KEY
     from deepshrink.checkpoint import load_model

@@ -102,17 +102,32 @@ class Plan:
 
     @property
     def sparsity(self) -> dict[str, float]:
+        """{weight name: sparsity} for the weights the plan prunes."""
         return {layer.name: layer.sparsity for layer in self.layers if layer.sparsity > 0}
 
     @property
     def bits(self) -> dict[str, int]:
+        """{weight name: bits} for the weights the plan shares."""
         return {layer.name: layer.bits for layer in self.layers if layer.bits != UNSHARED_BITS}
 
     def to_dict(self) -> dict:
+        """The plan as plain data (plan.json).
+
+        Returns:
+            A dict that `from_dict` reads back.
+        """
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> Plan:
+        """A plan as `to_dict` wrote it.
+
+        Args:
+            values: the dict.
+
+        Returns:
+            The Plan.
+        """
         return cls(**{**values, "layers": [LayerPlan(**layer) for layer in values["layers"]]})
 
 
@@ -145,7 +160,26 @@ def measure_sensitivity(
 
     `shared_model` is the model as the pipeline shares it (a copy with BatchNorm folded:
     per-channel scales change what a few bits can hold); widths are measured on it, and only
-    those a weight may take (convolutions: `convolution_min_bits` and up). Default `model`."""
+    those a weight may take (convolutions: `convolution_min_bits` and up). Default `model`.
+
+    Args:
+        model: the trained model; left as it was.
+        loader: the validation loader.
+        task: the task whose metric is measured.
+        sparsities: the sparsities to try per weight.
+        bits: the widths to try per weight.
+        device: where to evaluate.
+        seed: the seed of k-means.
+        progress: a progress bar.
+        shared_model: the model the widths are measured on (default `model`).
+        convolution_min_bits: the narrowest width a convolution may take.
+
+    Returns:
+        (reference metric, {weight: {"sparsity": {sparsity: drop}, "bits": {bits: drop}}}).
+
+    Raises:
+        ConfigError: `model` is already pruned or shared.
+    """
     from deepshrink.prune.masks import sparsity_mask
     from deepshrink.quantize.shared import share_layer_weights
 
@@ -203,7 +237,17 @@ def _monotone(drops: dict[str, dict]) -> dict[str, dict]:
 
 def option_bytes(shape: tuple[int, ...], sparsity: float, bits: int, index_bits: int) -> float:
     """Bytes of one weight of `shape` pruned to `sparsity` and shared at `bits` (or left as
-    float32 when bits is UNSHARED_BITS), laid out as the encoder does before entropy coding."""
+    float32 when bits is UNSHARED_BITS), laid out as the encoder does before entropy coding.
+
+    Args:
+        shape: the weight's shape.
+        sparsity: the fraction pruned.
+        bits: the code width, or UNSHARED_BITS.
+        index_bits: the relative index's width.
+
+    Returns:
+        The estimated bytes (a float: an expectation).
+    """
     from deepshrink.encode.sparse import as_matrix
 
     rows, columns = as_matrix(tuple(shape))
@@ -247,6 +291,14 @@ def choose(
     holds and at most one step per weight of it goes unspent. (A Lagrangian relaxation, the
     usual shortcut, reaches only the corners of the trade-off's convex hull: on LeNet-300-100
     it jumped from 36 KB straight to 26 KB, one layer's step from 5 to 2 bits.)
+
+    Args:
+        options: per weight, its options (sparsity, bits, drop, bytes).
+        size_budget: the most bytes in all; or
+        drop_budget: the most summed drop.
+
+    Returns:
+        Per weight, the option chosen.
 
     Raises:
         ConfigError: even the smallest options do not fit the size budget.
@@ -320,7 +372,16 @@ def applied(
     model: nn.Module, chosen: dict[str, tuple], before_sharing: Callable[[nn.Module], nn.Module] | None = None
 ) -> nn.Module:
     """A copy of `model` pruned by magnitude and shared as `chosen` says, without retraining
-    (`before_sharing` in between, as measure_sensitivity)."""
+    (`before_sharing` in between, as measure_sensitivity).
+
+    Args:
+        model: the trained model; not changed.
+        chosen: per weight, its option (sparsity, bits, ...).
+        before_sharing: a step between pruning and sharing (folding BatchNorm).
+
+    Returns:
+        The compressed copy.
+    """
     from deepshrink.prune.masks import sparsity_mask
     from deepshrink.prune.module import apply_masks
     from deepshrink.quantize.shared import share_weights
@@ -338,7 +399,17 @@ def applied(
 
 
 def measured_bytes(model: nn.Module, chosen: dict[str, tuple], encode_settings, before_sharing=None) -> int:
-    """The file size of `model` compressed as `chosen` says, without retraining."""
+    """The file size of `model` compressed as `chosen` says, without retraining.
+
+    Args:
+        model: the trained model; not changed.
+        chosen: per weight, its option (sparsity, bits, ...).
+        encode_settings: the recipe's EncodeSettings.
+        before_sharing: a step between pruning and sharing (folding BatchNorm).
+
+    Returns:
+        The .dcz file's size in bytes.
+    """
     from deepshrink.encode.sizes import encoded_bytes
 
     return encoded_bytes(applied(model, chosen, before_sharing).cpu(), encode_settings)
@@ -361,11 +432,21 @@ def plan_settings(
     """Per-layer sparsity and bits for `model` to meet `target` on `loader` (the validation split).
 
     Args:
-        prune / quantize: whether the recipe prunes and shares; without one, its setting stays
-            at none (sparsity 0, or float32 values).
+        model: the trained model; not changed.
+        loader: the validation loader.
+        task: the task whose metric the target's drop is measured in.
+        target: the ratio or the largest metric drop.
+        prune: whether the recipe prunes; without it, sparsity stays 0.
+        quantize: whether the recipe shares; without it, values stay float32.
         encode_settings: the recipe's EncodeSettings (index widths), for the size estimate.
+        device: where to evaluate.
+        seed: the seed of k-means.
+        progress: progress bars.
         before_sharing: what the pipeline does to the pruned model before sharing it (folding
             BatchNorm), in place; see measure_sensitivity.
+
+    Returns:
+        The Plan.
 
     Raises:
         ConfigError: a target the candidates cannot reach, or nothing to choose.
@@ -394,47 +475,37 @@ def plan_settings(
     smoothed = {name: _monotone(drops) for name, drops in sensitivity.items()}
     weights = compressible_weights(model)
     index_bits = index_widths(weights, encode_settings.index_bits)
-    options = {}
-    for name, weight in weights.items():
-        shape = tuple(weight.value.shape)
-        allowed = [width for width in sensitivity[name]["bits"] if width != UNSHARED_BITS]
-        choices = []
-        for sparsity in sparsities:
-            for width in allowed or [UNSHARED_BITS]:
-                drop = smoothed[name]["sparsity"][sparsity] + smoothed[name]["bits"][width]
-                choices.append((sparsity, width, drop, option_bytes(shape, sparsity, width, index_bits[name])))
-        options[name] = choices
+    options = {
+        name: _options(
+            tuple(weight.value.shape),
+            sparsities,
+            [width for width in sensitivity[name]["bits"] if width != UNSHARED_BITS],  # in the order measured
+            smoothed[name],
+            index_bits[name],
+        )
+        for name, weight in weights.items()
+    }
     fixed = _fixed_bytes(folded, compressible_weights(folded))
-    measured = None
-    chosen, measured_drop = None, None
-    higher = task.metric.higher_is_better
+    measured, measured_drop = None, None
     if target.ratio is not None:
         goal = parameter_bytes(model) / target.ratio
-        budget = goal - fixed
-        for _ in range(6):  # estimate, encode, scale the budget by how far the estimate was
-            if budget <= 0:
-                raise ConfigError(
-                    f"ratio {target.ratio} leaves {goal:,.0f} bytes, but the tensors that are not weights "
-                    f"(biases, norms) alone take {fixed:,} bytes: lower the ratio"
-                )
-            previous, chosen = chosen, choose(options, size_budget=budget)
-            if chosen == previous:
-                break  # the budget moved too little to change anything
-            measured = measured_bytes(model, chosen, encode_settings, before_sharing)
-            if (1 - 2 * RETRAINING_MARGIN) * goal <= measured <= (1 - RETRAINING_MARGIN) * goal:
-                break
-            budget *= (1 - 1.5 * RETRAINING_MARGIN) * goal / measured
+        if goal - fixed <= 0:
+            raise ConfigError(
+                f"ratio {target.ratio} leaves {goal:,.0f} bytes, but the tensors that are not weights "
+                f"(biases, norms) alone take {fixed:,} bytes: lower the ratio"
+            )
+        chosen, measured = _calibrated_to_size(
+            options, goal, fixed, lambda chosen: measured_bytes(model, chosen, encode_settings, before_sharing)
+        )
     else:
-        allowed = budget = target.max_metric_drop / 100 * abs(reference)
-        for _ in range(6):  # the drops of layers pruned together need not add up: measure the whole
-            previous, chosen = chosen, choose(options, drop_budget=budget)
-            if chosen == previous:
-                break
-            whole = _drop(reference, _evaluate(applied(model, chosen, before_sharing), loader, device, task), higher)
-            measured_drop = whole
-            if whole <= allowed:
-                break
-            budget *= 0.6 * allowed / whole if whole > 0 else 0.6
+        higher = task.metric.higher_is_better
+        chosen, measured_drop = _calibrated_to_drop(
+            options,
+            target.max_metric_drop / 100 * abs(reference),
+            lambda chosen: _drop(
+                reference, _evaluate(applied(model, chosen, before_sharing), loader, device, task), higher
+            ),
+        )
     layers = [
         LayerPlan(
             name,
@@ -463,8 +534,70 @@ def plan_settings(
     )
 
 
+def _options(
+    shape: tuple[int, ...], sparsities: list[float], widths: list[int], drops: dict[str, dict], index_bits: int
+) -> list[tuple[float, int, float, float]]:
+    """One weight's options (sparsity, bits, estimated drop, estimated bytes): every sparsity with
+    every width in `widths` (none: float32 values). Their order breaks ties in `choose`."""
+    return [
+        (
+            sparsity,
+            width,
+            drops["sparsity"][sparsity] + drops["bits"][width],
+            option_bytes(shape, sparsity, width, index_bits),
+        )
+        for sparsity in sparsities
+        for width in widths or [UNSHARED_BITS]
+    ]
+
+
+def _calibrated_to_size(
+    options: dict, goal: float, fixed: int, measure: Callable[[dict], int]
+) -> tuple[dict, int | None]:
+    """The options chosen for a file of `goal` bytes, and the bytes `measure` found for them.
+
+    The size model is an estimate: choose under a budget, encode, and scale the budget by how
+    far the estimate was, until the file lands between 1 - 2 margins and 1 - 1 margin of the
+    goal (retraining moves it a little) or the choice stops changing.
+    """
+    budget, chosen, measured = goal - fixed, None, None
+    for _ in range(6):  # the budget stays positive: each step scales it by a positive factor
+        previous, chosen = chosen, choose(options, size_budget=budget)
+        if chosen == previous:
+            break  # the budget moved too little to change anything
+        measured = measure(chosen)
+        if (1 - 2 * RETRAINING_MARGIN) * goal <= measured <= (1 - RETRAINING_MARGIN) * goal:
+            break
+        budget *= (1 - 1.5 * RETRAINING_MARGIN) * goal / measured
+    return chosen, measured
+
+
+def _calibrated_to_drop(options: dict, allowed: float, measure: Callable[[dict], float]) -> tuple[dict, float | None]:
+    """The options chosen for a whole metric drop of at most `allowed`, and the drop `measure`
+    found for them: the drops of layers changed together need not add up, so the whole is
+    measured and the summed budget tightened until it holds."""
+    budget, chosen, measured = allowed, None, None
+    for _ in range(6):
+        previous, chosen = chosen, choose(options, drop_budget=budget)
+        if chosen == previous:
+            break
+        measured = measure(chosen)
+        if measured <= allowed:
+            break
+        budget *= 0.6 * allowed / measured if measured > 0 else 0.6
+    return chosen, measured
+
+
 def format_plan(plan: Plan, markdown: bool = False) -> str:
-    """The plan as a table: each weight's choice, its measured drops and estimated bytes."""
+    """The plan as a table: each weight's choice, its measured drops and estimated bytes.
+
+    Args:
+        plan: the plan.
+        markdown: a Markdown table.
+
+    Returns:
+        The table.
+    """
     from deepshrink.tables import render_table
 
     header = ["layer", "weights", "sparsity", "bits", "drop (pruned alone)", "drop (shared alone)", "est. bytes"]

@@ -12,5 +12,14 @@ from tqdm.auto import tqdm
 
 def progress_bar(iterable=None, *, enabled: bool, **options) -> tqdm:
     """tqdm over `iterable`, drawn when `enabled` and the output is a terminal (tqdm's
-    disable=None means: off when not a TTY)."""
+    disable=None means: off when not a TTY).
+
+    Args:
+        iterable: what to iterate over, or None for a bar updated by hand.
+        enabled: whether the caller wants progress shown at all.
+        **options: tqdm's own options (desc, total, unit, ...).
+
+    Returns:
+        The tqdm object.
+    """
     return tqdm(iterable, disable=None if enabled else True, **options)

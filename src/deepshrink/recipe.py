@@ -154,7 +154,14 @@ class Recipe:
     def section(self, name: str) -> dict | None:
         """A stage's or section's settings as plain data (for cache keys and reports). A field
         marked `recorded_when_set` appears only when it is not its default, so that adding one
-        leaves earlier recipes' keys, and the files that record them, as they were."""
+        leaves earlier recipes' keys, and the files that record them, as they were.
+
+        Args:
+            name: a stage name, or "tradeoff".
+
+        Returns:
+            The settings as a dict, or None when the recipe leaves the section out.
+        """
         value = getattr(self, name)
         if value is None:
             return None
@@ -165,7 +172,11 @@ class Recipe:
         return data
 
     def to_dict(self) -> dict:
-        """The recipe as plain data: its fields, and one entry per registered stage (None when left out)."""
+        """The recipe as plain data: its fields, and one entry per registered stage (None when left out).
+
+        Returns:
+            A dict that `recipe_from_dict` reads back.
+        """
         from deepshrink.stages import registered_stages
 
         result = {"model": self.model, "seed": self.seed}
@@ -182,7 +193,14 @@ class Recipe:
 
     def with_plan(self, plan) -> Recipe:
         """This recipe with a plan's per-layer sparsities and bits in place of its target (a
-        stage the plan leaves with nothing to do is dropped)."""
+        stage the plan leaves with nothing to do is dropped).
+
+        Args:
+            plan: a `plan.Plan`, with per-layer `sparsity` and `bits`.
+
+        Returns:
+            A new Recipe without a target.
+        """
         stages = dict(self.stages)
         if stages.get("prune") is not None:
             sparsity = plan.sparsity
@@ -193,7 +211,14 @@ class Recipe:
         return dataclasses.replace(self, stages=stages, target=None)
 
     def where(self, path: str) -> str:
-        """'recipe.yaml:12' for a dotted entry path, or the nearest enclosing entry's location."""
+        """'recipe.yaml:12' for a dotted entry path, or the nearest enclosing entry's location.
+
+        Args:
+            path: a dotted entry path, e.g. "prune.sparsity.fc1".
+
+        Returns:
+            "FILE:LINE", or the recipe's source when no entry encloses `path`.
+        """
         while path:
             if path in self.locations:
                 return self.locations[path]
@@ -202,7 +227,15 @@ class Recipe:
 
     def check_layers(self, layer_names: list[str], aliases: list[str] = ()) -> None:
         """Every layer glob in the recipe must match at least one of `layer_names` or of
-        `aliases` (other names that select them: state_dict keys, the modules holding them)."""
+        `aliases` (other names that select them: state_dict keys, the modules holding them).
+
+        Args:
+            layer_names: the model's compressible weights' names.
+            aliases: other names that select them.
+
+        Raises:
+            ConfigError: a glob matches no layer; the message names its line.
+        """
         from deepshrink.layers import matching
 
         for stage_name, settings in self.stages.items():
@@ -255,7 +288,18 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    """Validate YAML `text` into a Recipe; errors name `source` and the line."""
+    """Validate YAML `text` into a Recipe; errors name `source` and the line.
+
+    Args:
+        text: the YAML.
+        source: the file name, for errors.
+
+    Returns:
+        The Recipe.
+
+    Raises:
+        ConfigError: the YAML is malformed or empty, or a value is unknown, mistyped or out of range.
+    """
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as error:
@@ -280,7 +324,18 @@ def _recipe_sections() -> dict[str, object]:
 
 
 def recipe_from_dict(values: dict, source: str = "<dict>") -> Recipe:
-    """A Recipe from plain Python data, validated exactly like a file."""
+    """A Recipe from plain Python data, validated exactly like a file.
+
+    Args:
+        values: the recipe as YAML would hold it.
+        source: the name errors give.
+
+    Returns:
+        The Recipe.
+
+    Raises:
+        ConfigError: as for `parse_recipe`.
+    """
     return parse_recipe(yaml.safe_dump(values, sort_keys=False), source)
 
 

@@ -29,6 +29,14 @@ CACHE_ENVIRONMENT_VARIABLE = "DEEPSHRINK_CACHE"
 
 
 def cache_directory(explicit: str | os.PathLike | None = None) -> Path:
+    """Where references and downloads are cached.
+
+    Args:
+        explicit: a directory the caller chose, used as given.
+
+    Returns:
+        `explicit`, else $DEEPSHRINK_CACHE, else $XDG_CACHE_HOME/deepshrink (~/.cache/deepshrink).
+    """
     if explicit is not None:
         return Path(explicit)
     if os.environ.get(CACHE_ENVIRONMENT_VARIABLE):
@@ -61,6 +69,20 @@ def train_model(
 
     Returns the model and the wall time. Weight initialisation draws from a forked RNG, so the
     caller's global random state is left as it was.
+
+    Args:
+        name: a registered model name.
+        data: the data splits.
+        config: the training settings (epochs, optimizer, seed, ...).
+        task: the task (default classification).
+        device: where to train.
+        progress: show progress.
+
+    Returns:
+        (model, seconds).
+
+    Raises:
+        ModelError: `name` is not registered.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -80,6 +102,22 @@ def train_model(
 
 
 def reference_path(name: str, data: DataSplits, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the reference model `name` trained on `data` is cached.
+
+    The file name carries a hash of the model, its reference training settings, the data's
+    fingerprint and the model's revision, so a change to any of them trains a new reference.
+
+    Args:
+        name: a registered model name.
+        data: the data splits (their fingerprint).
+        cache_dir: the cache directory (default `cache_directory()`).
+
+    Returns:
+        The checkpoint's path (it may not exist yet).
+
+    Raises:
+        ModelError: `name` is not registered.
+    """
     spec = get_model_spec(name)
     identity = [name, spec.reference_training.to_dict(), data.fingerprint]
     if spec.revision:
@@ -146,8 +184,22 @@ def train_and_save(
     it on the validation and test splits, and save it as a checkpoint at `path` with what it was
     trained on. Data without targets cannot train a model from scratch (ConfigError).
 
-    Returns the TrainedModel (model on the CPU). Raises what training and saving raise:
-    ModelError for an unknown model, OutputError when `path` cannot be written.
+    Args:
+        name: a registered model name.
+        data: the data splits.
+        config: the training settings.
+        path: where to write the checkpoint.
+        task: the task (default classification).
+        device: where to train.
+        progress: show progress.
+
+    Returns:
+        The TrainedModel (model on the CPU).
+
+    Raises:
+        ConfigError: the data have no targets.
+        ModelError: `name` is not registered.
+        OutputError: `path` cannot be written.
     """
     task = resolve_task(task)
     if not data.labelled:

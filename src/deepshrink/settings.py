@@ -15,7 +15,15 @@ from deepshrink.errors import ConfigError
 
 
 def choices(*values: str, help: str = "") -> dict:  # noqa: A002 - the argparse word
-    """Field metadata: the value is one of `values`."""
+    """Field metadata: the value is one of `values`.
+
+    Args:
+        *values: the allowed values.
+        help: the option's help text.
+
+    Returns:
+        The metadata dict for `dataclasses.field(metadata=...)`.
+    """
     return {"choices": values, "help": help}
 
 
@@ -26,19 +34,44 @@ def between(
     open_high: bool = False,
     help: str = "",  # noqa: A002
 ) -> dict:
-    """Field metadata: low <= value <= high (value < high with `open_high`)."""
+    """Field metadata: low <= value <= high (value < high with `open_high`).
+
+    Args:
+        low: the smallest value allowed, or None.
+        high: the largest value allowed, or None.
+        open_high: exclude `high` itself.
+        help: the option's help text.
+
+    Returns:
+        The metadata dict for `dataclasses.field(metadata=...)`.
+    """
     return {"low": low, "high": high, "open_high": open_high, "help": help}
 
 
 def layer_globs(inner: dict | None = None, help: str = "") -> dict:  # noqa: A002
     """Field metadata: a {layer glob: value} mapping (or a list of globs), whose globs a recipe
-    checks against the model's layers before any work; `inner` constrains the values."""
+    checks against the model's layers before any work; `inner` constrains the values.
+
+    Args:
+        inner: metadata (choices, a range) that each value must meet.
+        help: the option's help text.
+
+    Returns:
+        The metadata dict for `dataclasses.field(metadata=...)`.
+    """
     return {**(inner or {}), "layer_globs": True, "help": help or (inner or {}).get("help", "")}
 
 
 def check_fields(settings) -> None:
     """Choices and ranges from the field metadata, for settings built in Python (the YAML reader
-    checks the same before, with the line of each value)."""
+    checks the same before, with the line of each value).
+
+    Args:
+        settings: a settings dataclass instance.
+
+    Raises:
+        ConfigError: a field's value breaks its metadata.
+    """
     for item in dataclasses.fields(settings):
         value = getattr(settings, item.name)
         if value is None or not item.metadata:
@@ -51,7 +84,16 @@ def check_fields(settings) -> None:
 
 
 def check_value(value, metadata, what: str) -> None:
-    """One value against a field's metadata; `what` starts the error message."""
+    """One value against a field's metadata; `what` starts the error message.
+
+    Args:
+        value: the value to check.
+        metadata: the field's metadata (from `choices`, `between` or `layer_globs`).
+        what: the start of the error message ("bits=3").
+
+    Raises:
+        ConfigError: the value is not one of the choices, not a number, or out of range.
+    """
     allowed = metadata.get("choices")
     if allowed and value not in allowed:
         raise ConfigError(f"{what} should be one of {', '.join(allowed)}")

@@ -36,18 +36,42 @@ class Metric:
     finish: Callable[[list[float]], float] = lambda sums: sums[0] / sums[1] if sums[1] else math.nan
 
     def drop(self, reference: float, value: float) -> float:
-        """How much worse `value` is than `reference` (positive is worse), whichever way is better."""
+        """How much worse `value` is than `reference` (positive is worse), whichever way is better.
+
+        Args:
+            reference: the reference model's value.
+            value: the compressed model's value.
+
+        Returns:
+            The drop, in the metric's units.
+        """
         return reference - value if self.higher_is_better else value - reference
 
     def best(self, values: list[float]) -> int:
-        """The index of the best of `values`."""
+        """The index of the best of `values`.
+
+        Args:
+            values: values of this metric.
+
+        Returns:
+            The index of the highest (or, lower being better, the lowest).
+        """
         chooser = max if self.higher_is_better else min
         return chooser(range(len(values)), key=lambda index: values[index])
 
     @classmethod
     def batch_mean(cls, name: str, function: Callable, higher_is_better: bool = True) -> Metric:
         """A metric from your `function(outputs, targets) -> float`, the mean over a batch; the
-        data set's value is the batch values averaged with the batch sizes as weights."""
+        data set's value is the batch values averaged with the batch sizes as weights.
+
+        Args:
+            name: the metric's name in reports.
+            function: function(outputs, targets) -> a float, the batch's mean.
+            higher_is_better: which way is better.
+
+        Returns:
+            The Metric.
+        """
 
         def statistics(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             count = outputs.shape[0]
@@ -75,6 +99,11 @@ class Task:
     targets_from_outputs: Callable[[torch.Tensor], torch.Tensor]
 
     def describe(self) -> str:
+        """One line for reports: the task, its metric and which way is better.
+
+        Returns:
+            E.g. "classification (top-1 accuracy, higher is better)".
+        """
         better = "higher" if self.metric.higher_is_better else "lower"
         return f"{self.name} ({self.metric.name}, {better} is better)"
 
@@ -92,7 +121,11 @@ def _classification_distillation(student: torch.Tensor, teacher: torch.Tensor, t
 
 
 def classification() -> Task:
-    """Cross-entropy on logits, top-1 accuracy, Hinton's distillation: the paper's setting."""
+    """Cross-entropy on logits, top-1 accuracy, Hinton's distillation: the paper's setting.
+
+    Returns:
+        The Task.
+    """
     return Task(
         "classification",
         lambda outputs, targets: nn.functional.cross_entropy(outputs, targets),
@@ -110,7 +143,19 @@ def multilabel(logits: bool = True, metric: str = "label accuracy", threshold: f
     """Independent yes/no labels (also binary): binary cross-entropy on logits (or, with
     `logits=False`, on outputs that are already probabilities), and the metric "label accuracy"
     (the fraction of labels right at `threshold`) or "f1" (micro-averaged F1). Distillation is
-    binary cross-entropy against the teacher's probabilities."""
+    binary cross-entropy against the teacher's probabilities.
+
+    Args:
+        logits: the outputs are logits (else probabilities).
+        metric: "label accuracy" or "f1".
+        threshold: the probability above which a label counts as predicted.
+
+    Returns:
+        The Task.
+
+    Raises:
+        ConfigError: an unknown metric, or a threshold outside (0, 1).
+    """
     if metric not in ("label accuracy", "f1"):
         raise ConfigError(f"multilabel metric={metric!r} should be 'label accuracy' or 'f1'")
     if not 0 < threshold < 1:
@@ -154,7 +199,18 @@ def multilabel(logits: bool = True, metric: str = "label accuracy", threshold: f
 def regression(loss: str = "mse", tolerance: float | None = None) -> Task:
     """Real-valued outputs: mean squared (`loss="mse"`) or absolute (`"l1"`) error; the metric is
     the mean absolute error (lower is better) or, with `tolerance`, the fraction of outputs
-    within +-tolerance of the target. Distillation matches the teacher's outputs by MSE."""
+    within +-tolerance of the target. Distillation matches the teacher's outputs by MSE.
+
+    Args:
+        loss: "mse" or "l1".
+        tolerance: report the fraction within +-tolerance instead of the mean absolute error.
+
+    Returns:
+        The Task.
+
+    Raises:
+        ConfigError: an unknown loss, or a tolerance that is not positive.
+    """
     if loss not in ("mse", "l1"):
         raise ConfigError(f"regression loss={loss!r} should be 'mse' or 'l1'")
     if tolerance is not None and not tolerance > 0:
@@ -188,7 +244,17 @@ def embedding(loss: str = "cosine") -> Task:
     """Vector outputs compared with target vectors (usually the original model's own outputs):
     loss 1 - cosine similarity (`loss="cosine"`, for L2-normalised embeddings) or MSE; the metric
     is the mean cosine similarity to the targets. Distillation is the same loss against the
-    teacher's outputs, which, unlike softmax distillation, gives normalised embeddings a gradient."""
+    teacher's outputs, which, unlike softmax distillation, gives normalised embeddings a gradient.
+
+    Args:
+        loss: "cosine" or "mse".
+
+    Returns:
+        The Task.
+
+    Raises:
+        ConfigError: an unknown loss.
+    """
     if loss not in ("cosine", "mse"):
         raise ConfigError(f"embedding loss={loss!r} should be 'cosine' or 'mse'")
 
@@ -227,6 +293,12 @@ def resolve_task(task: Task | str | None) -> Task:
     """A Task from a Task, a built-in name, `package.module:function` (called with no arguments,
     returning a Task), or None for classification, the paper's setting.
 
+    Args:
+        task: a Task, a built-in name, "package.module:function", or None.
+
+    Returns:
+        The Task.
+
     Raises:
         ConfigError: an unknown name, a function that cannot be imported or returns no Task.
     """
@@ -255,7 +327,19 @@ def resolve_task(task: Task | str | None) -> Task:
 
 
 def check_value(task: Task, value: float, where: str) -> float:
-    """`value` of the task's metric, or a ConfigError when it is not a finite number."""
+    """`value` of the task's metric, or a ConfigError when it is not a finite number.
+
+    Args:
+        task: the task whose metric `value` is.
+        value: the metric's value.
+        where: what it was measured on, for the error.
+
+    Returns:
+        `value` as a float.
+
+    Raises:
+        ConfigError: `value` is not a finite number.
+    """
     if not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(
             f"the metric {task.metric.name!r} of task {task.name!r} is {value!r} on {where}; it should be a finite "

@@ -40,7 +40,22 @@ def tradeoff_curves(
     the task's metric on the test split (default classification's top-1 accuracy).
 
     Every point runs the stages themselves (`run_stage`) from a copy of the reference, with
-    `settings.retrain_epochs` of retraining at `settings.learning_rate`."""
+    `settings.retrain_epochs` of retraining at `settings.learning_rate`.
+
+    Args:
+        reference: the trained model; it is copied, never changed.
+        settings: the sparsities, bit widths and SVD budgets to try, and the retraining.
+        encode: the encoding settings that size each point.
+        loaders: the data loaders (training, validation, test).
+        seed: the seed of every point's retraining.
+        device: where to retrain and evaluate.
+        task: the task (default classification).
+        batchnorm: how BatchNorm layers retrain ("freeze" or "train").
+        progress: show a progress bar.
+
+    Returns:
+        {"metric_name", "reference_metric", "parameter_bytes", "points"}, the points as above.
+    """
     task = resolve_task(task)
     original = parameter_bytes(reference)
     reference_metric = evaluate(reference, loaders.test, device, task).metric

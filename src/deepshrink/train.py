@@ -69,10 +69,26 @@ class TrainConfig:
             raise ConfigError(f"batchnorm={self.batchnorm!r} should be one of {', '.join(BATCHNORM_MODES)}")
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict (for JSON metadata and recipes).
+
+        Returns:
+            {field name: value}.
+        """
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
+        """Settings from a plain dict, as `to_dict` writes it.
+
+        Args:
+            values: {field name: value}; missing fields take their defaults.
+
+        Returns:
+            The TrainConfig.
+
+        Raises:
+            ConfigError: `values` names an unknown option.
+        """
         known = {item.name for item in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -106,11 +122,22 @@ class History:
 
     @property
     def last(self) -> EpochRecord | None:
+        """The last epoch's record, or None before the first epoch."""
         return self.epochs[-1] if self.epochs else None
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """Turn "auto", "cpu", "cuda" or "cuda:N" into a device, checking that it exists."""
+    """Turn "auto", "cpu", "cuda" or "cuda:N" into a device, checking that it exists.
+
+    Args:
+        name: a device, a device name, or None or "auto" (a GPU when there is one).
+
+    Returns:
+        The torch.device.
+
+    Raises:
+        ConfigError: the name is not a device, or names CUDA where there is none.
+    """
     if isinstance(name, torch.device):
         return name
     if name in (None, "auto"):
@@ -136,6 +163,15 @@ def _schedule_factor(config: TrainConfig, total_steps: int) -> Callable[[int], f
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `config` names, over `model`'s trainable parameters.
+
+    Args:
+        model: the model to train.
+        config: the optimizer ("adam" or "sgd"), learning rate, momentum and weight decay.
+
+    Returns:
+        The torch optimizer.
+    """
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if config.optimizer == "adam":
         # Adam scales each parameter's step by its own gradient history, which suits codebooks:
@@ -284,7 +320,11 @@ def _inputs_and_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def freeze_batchnorm(model: nn.Module) -> None:
     """Put every BatchNorm layer of `model` in eval mode: its stored statistics normalise and stay
-    as they are, while its scale and shift still train."""
+    as they are, while its scale and shift still train.
+
+    Args:
+        model: the model, changed in place.
+    """
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
@@ -293,7 +333,13 @@ def freeze_batchnorm(model: nn.Module) -> None:
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> None:
     """Re-estimate every BatchNorm layer's stored mean and variance as the average over `loader`
-    (one pass, no gradients, weights unchanged), for the network as it is now."""
+    (one pass, no gradients, weights unchanged), for the network as it is now.
+
+    Args:
+        model: the model, changed in place; its training mode is restored afterwards.
+        loader: the batches to average over (inputs, targets).
+        device: where `model` lives.
+    """
     layers = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     if not layers:
         return

@@ -15,7 +15,19 @@ MAX_WIDTH = 56  # bits per value that the 64-bit buffer takes with up to 7 bits 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def put_bits(buffer, filled, position, value, width, out):
-    """Append the low `width` bits of `value`; returns the new (buffer, filled, position)."""
+    """Append the low `width` bits of `value`; returns the new (buffer, filled, position).
+
+    Args:
+        buffer: the bits not yet written (uint64).
+        filled: how many of them there are.
+        position: the next byte of `out` to write.
+        value: the bits to append.
+        width: how many bits of `value`.
+        out: the output bytes.
+
+    Returns:
+        (buffer, filled, position) after the write.
+    """
     buffer = (buffer << np.uint64(width)) | np.uint64(value)
     filled += width
     while filled >= 8:
@@ -27,7 +39,17 @@ def put_bits(buffer, filled, position, value, width, out):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def flush(buffer, filled, position, out):
-    """Write the last partial byte, zero-padded; returns the number of bytes written."""
+    """Write the last partial byte, zero-padded; returns the number of bytes written.
+
+    Args:
+        buffer: the bits not yet written.
+        filled: how many of them there are (< 8).
+        position: the next byte of `out` to write.
+        out: the output bytes.
+
+    Returns:
+        The new position: the bytes written in all.
+    """
     if filled > 0:
         out[position] = np.uint8((buffer << np.uint64(8 - filled)) & np.uint64(0xFF))
         position += 1
@@ -55,7 +77,16 @@ def _byte_swap(builder, value):
 def load_big_endian(typing_context, data, index):
     """The 8 bytes data[index : index + 8] as one big-endian uint64: one unaligned load and a
     byte swap. numba's own byte-by-byte form stayed eight loads (LLVM did not merge them), which
-    held the Huffman decoder at half its speed. The caller keeps index + 8 inside `data`."""
+    held the Huffman decoder at half its speed. The caller keeps index + 8 inside `data`.
+
+    Args:
+        typing_context: numba's typing context (the intrinsic protocol).
+        data: a uint8 array.
+        index: the first byte's index.
+
+    Returns:
+        The signature and code generator (numba's intrinsic protocol), or None for other types.
+    """
     if not (_is_byte_array(data) and isinstance(index, types.Integer)):
         return None
 
@@ -70,7 +101,17 @@ def load_big_endian(typing_context, data, index):
 def store_big_endian(typing_context, out, index, value):
     """Write `value` (uint64) to out[index : index + 8], most significant byte first: one byte
     swap and one unaligned store where numba's form was eight byte stores. The caller keeps
-    index + 8 inside `out`."""
+    index + 8 inside `out`.
+
+    Args:
+        typing_context: numba's typing context (the intrinsic protocol).
+        out: a uint8 array.
+        index: the first byte's index.
+        value: the uint64 to write.
+
+    Returns:
+        The signature and code generator (numba's intrinsic protocol), or None for other types.
+    """
     if not (_is_byte_array(out) and isinstance(index, types.Integer) and value == types.uint64):
         return None
 

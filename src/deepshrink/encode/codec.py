@@ -140,7 +140,15 @@ def _shared_record(name: str, layer: Weight, index_bits: int, layout: str, coder
 
 
 def index_widths(layers: dict[str, Weight], index_bits: dict[str, int] | None) -> dict[str, int]:
-    """Each layer's gap width: the paper's default (8 conv / 5 fc), then the globs in order (later wins)."""
+    """Each layer's gap width: the paper's default (8 conv / 5 fc), then the globs in order (later wins).
+
+    Args:
+        layers: {name: Weight}.
+        index_bits: {layer glob: width}, or None.
+
+    Returns:
+        {name: width in bits}.
+    """
     widths = {name: paper_default_bits(layer) for name, layer in layers.items()}
     widths.update(match_per_layer(layers, index_bits or {}, "index_bits"))
     return widths
@@ -161,6 +169,20 @@ def encode_model(
     `index_bits` maps layer-name globs to gap widths (default 8 conv / 5 fc). Layers that are
     pruned but not weight-shared are stored losslessly: the sparse layout needs code 0 for its
     fillers. `unshared="float16"` stores the float32 tensors that are not shared as float16.
+
+    Args:
+        model: the model (pruned and weight-shared layers, and any others).
+        index_bits: {layer glob: gap width}.
+        layout: "csr", "csc" or "dense" (codes without gaps).
+        coder: the entropy coder of the codes and gaps (see CODERS).
+        metadata: JSON-ready metadata to store.
+        unshared: "lossless" or "float16", for the tensors that are not shared.
+
+    Returns:
+        (header, buffers), as `container.to_bytes` takes them.
+
+    Raises:
+        ConfigError: an unknown option, or a tensor whose dtype the format does not store.
     """
     if unshared not in ("lossless", "float16"):
         raise ConfigError(f"unshared={unshared!r} should be lossless or float16")
@@ -240,7 +262,20 @@ class SharedParts:
 
 
 def decode_shared_parts(record: dict, buffers: list[bytes]) -> SharedParts:
-    """Entropy-decode a checked `shared` record (schema.check_header) without building its weights."""
+    """Entropy-decode a checked `shared` record (schema.check_header) without building its weights.
+
+    Args:
+        record: the checked record.
+        buffers: the file's buffers, in order.
+
+    Returns:
+        SharedParts: the codebook (zero first where the record has a zero code), and the codes
+        dense or in the sparse layout.
+
+    Raises:
+        FormatError: a corrupt stream, a non-finite codebook value, a code past the codebook, or
+            entries that do not fit.
+    """
     name, shape, bits = record["name"], tuple(record["shape"]), record["bits"]
     codebook = np.frombuffer(buffers[record["codebook"]], dtype="<f4").astype(np.float32)
     if not np.all(np.isfinite(codebook)):
@@ -269,7 +304,18 @@ def decode_shared_parts(record: dict, buffers: list[bytes]) -> SharedParts:
 
 
 def decode_record_parts(record: dict, buffers: list[bytes]) -> torch.Tensor | SharedParts:
-    """A checked record's raw tensor, or a shared tensor's parts (codebook + codes, never expanded)."""
+    """A checked record's raw tensor, or a shared tensor's parts (codebook + codes, never expanded).
+
+    Args:
+        record: the checked record.
+        buffers: the file's buffers, in order.
+
+    Returns:
+        A tensor, or SharedParts.
+
+    Raises:
+        FormatError: corrupt data.
+    """
     if record["encoding"] == "shared":
         return decode_shared_parts(record, buffers)
     shape, dtype = record["shape"], record["dtype"]
@@ -295,7 +341,16 @@ def decode_into(record: dict, buffers: list[bytes], target: torch.Tensor) -> Non
     """Decode a checked record into `target`, a tensor of its shape (a model's own parameter,
     say). A shared record's weights are written in place when `target` is a contiguous float32
     CPU tensor, with no dense codes or int64 indices in between; otherwise through one copy.
-    Corrupt bytes raise FormatError, possibly after part of `target` was written."""
+    Corrupt bytes raise FormatError, possibly after part of `target` was written.
+
+    Args:
+        record: the checked record.
+        buffers: the file's buffers, in order.
+        target: the tensor to write, of the record's shape.
+
+    Raises:
+        FormatError: corrupt data, or a count of non-zero weights other than the record's.
+    """
     parts = decode_record_parts(record, buffers)
     with torch.no_grad():
         if isinstance(parts, torch.Tensor):
@@ -330,7 +385,19 @@ def _look_up(codes, codebook, out):
 
 
 def check(header: dict, buffers: list[bytes], max_decoded_bytes: int | None = None) -> CheckedHeader:
-    """schema.check_header for a header and buffers held in memory (the file's size: their sum)."""
+    """schema.check_header for a header and buffers held in memory (the file's size: their sum).
+
+    Args:
+        header: the parsed header.
+        buffers: the file's buffers, in order.
+        max_decoded_bytes: the most bytes the tensors may decode to (default: by the size).
+
+    Returns:
+        The CheckedHeader.
+
+    Raises:
+        FormatError: a field is missing, mistyped, inconsistent or over a limit.
+    """
     lengths = [len(buffer) for buffer in buffers]
     return check_header(header, lengths, sum(lengths), max_decoded_bytes)
 
@@ -339,7 +406,19 @@ def decode_state_dict(
     header: dict, buffers: list[bytes], checked: CheckedHeader | None = None
 ) -> dict[str, torch.Tensor]:
     """The plain state_dict a .dcz header and its buffers describe, every field validated
-    (by `checked`, the result of checking them, or here)."""
+    (by `checked`, the result of checking them, or here).
+
+    Args:
+        header: the parsed header.
+        buffers: the file's buffers, in order.
+        checked: the header already checked, or None to check it here.
+
+    Returns:
+        {key: tensor}.
+
+    Raises:
+        FormatError: an invalid header or corrupt data.
+    """
     checked = checked or check(header, buffers)
     return {record["name"]: _decode_record(record, buffers) for record in checked.records}
 
@@ -350,6 +429,13 @@ def verify(buffers: list[bytes], checked: CheckedHeader) -> None:
     decompress every zstd record to its exact size.
 
     For a full check of a file without building its tensors (`inspect`).
+
+    Args:
+        buffers: the file's buffers, in order.
+        checked: the checked header.
+
+    Raises:
+        FormatError: a stream is corrupt, or does not match what the header declares.
     """
     for record in checked.records:
         if record["encoding"] == "zstd":
@@ -369,7 +455,18 @@ def verify(buffers: list[bytes], checked: CheckedHeader) -> None:
 
 
 def stream_histograms(header: dict, buffers: list[bytes]) -> dict[str, dict[str, np.ndarray]]:
-    """Per shared tensor, the symbol counts of its code and gap streams (the paper's Figure 5)."""
+    """Per shared tensor, the symbol counts of its code and gap streams (the paper's Figure 5).
+
+    Args:
+        header: the parsed header.
+        buffers: the file's buffers, in order.
+
+    Returns:
+        {tensor name: {"codes": counts, "gaps": counts (sparse layouts only)}}.
+
+    Raises:
+        FormatError: an invalid header or a corrupt stream.
+    """
     histograms = {}
     for record in check(header, buffers).records:
         if record["encoding"] != "shared":

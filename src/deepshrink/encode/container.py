@@ -47,7 +47,18 @@ class Container:
 
 
 def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
-    """Serialise deterministically: sorted JSON keys, fixed padding, buffers in order."""
+    """Serialise deterministically: sorted JSON keys, fixed padding, buffers in order.
+
+    Args:
+        header: the header, without its buffer table.
+        buffers: the buffers.
+
+    Returns:
+        The whole file.
+
+    Raises:
+        ValueError: the header already holds a buffer table.
+    """
     if "buffers" in header:
         raise ValueError("the header's 'buffers' list is written by the container itself")
     table, offset = [], 0
@@ -67,6 +78,12 @@ def encode_header(header: dict) -> bytes:
 
     Compressed because on small models the header is a tenth of the file: its JSON is
     repetitive (field names, CRCs, lane sizes), and deflate takes it to about a third.
+
+    Args:
+        header: the header with its buffer table.
+
+    Returns:
+        The stored bytes.
     """
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
     encoded = zlib.compress(text, 9)
@@ -98,7 +115,21 @@ def _decode_header(encoded: bytes, major: int, source: str) -> bytes:
 
 
 def write(path: str | os.PathLike, header: dict, buffers: list[bytes], protect=()) -> Path:
-    """Write atomically: a temporary file beside `path`, renamed into place when complete."""
+    """Write atomically: a temporary file beside `path`, renamed into place when complete.
+
+    Args:
+        path: the file to write.
+        header: the header, without its buffer table.
+        buffers: the buffers.
+        protect: input paths that `path` must not be.
+
+    Returns:
+        `path` as a Path.
+
+    Raises:
+        ConfigError: `path` is one of `protect`.
+        OutputError: `path` cannot be written.
+    """
     data = to_bytes(header, buffers)
     with atomic_output(path, protect=protect) as temporary:
         temporary.write_bytes(data)
@@ -106,7 +137,18 @@ def write(path: str | os.PathLike, header: dict, buffers: list[bytes], protect=(
 
 
 def parse_header(data: bytes, source: str = "<bytes>") -> tuple[dict, int]:
-    """Check the preamble and header at the start of `data`; returns (header, data start)."""
+    """Check the preamble and header at the start of `data`; returns (header, data start).
+
+    Args:
+        data: the file's first bytes (at least the preamble and header).
+        source: the file's name, for errors.
+
+    Returns:
+        (header, the offset where the buffers start).
+
+    Raises:
+        FormatError: a wrong magic or version, a bad checksum, or a malformed header.
+    """
     if len(data) < PREAMBLE.size:
         raise FormatError(f"{source}: {len(data)} bytes is too short for a .dcz file ({PREAMBLE.size}-byte preamble)")
     magic, major, minor, header_crc, header_length = PREAMBLE.unpack_from(data)
@@ -144,7 +186,14 @@ def parse_header(data: bytes, source: str = "<bytes>") -> tuple[dict, int]:
 
 
 def json_depth(value) -> int:
-    """How deep parsed JSON nests its arrays and objects, walked without recursion."""
+    """How deep parsed JSON nests its arrays and objects, walked without recursion.
+
+    Args:
+        value: parsed JSON.
+
+    Returns:
+        The depth (0 for a scalar).
+    """
     deepest, pending = 0, [(value, 1)]
     while pending:
         item, depth = pending.pop()
@@ -183,7 +232,18 @@ def _check_table(table: list, data_start: int, file_size: int, source: str) -> l
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> Container:
-    """Parse and validate a whole container held in memory."""
+    """Parse and validate a whole container held in memory.
+
+    Args:
+        data: the whole file.
+        source: the file's name, for errors.
+
+    Returns:
+        The Container: header and buffers.
+
+    Raises:
+        FormatError: anything malformed or corrupt.
+    """
     header, data_start = parse_header(data, source)
     spans = _check_table(header.pop("buffers"), data_start, len(data), source)
     buffers = []
@@ -202,6 +262,15 @@ def read_header(path: str | os.PathLike) -> dict:
     """The header with its buffer table, reading and checking only the preamble and header.
 
     For listing a file's contents without decoding it; the buffers' checksums are not verified.
+
+    Args:
+        path: the .dcz file.
+
+    Returns:
+        The header, its buffer table included.
+
+    Raises:
+        FormatError: the file cannot be read, or its preamble or header is malformed.
     """
     path = Path(path)
     try:
@@ -218,6 +287,17 @@ def read_header(path: str | os.PathLike) -> dict:
 
 
 def read(path: str | os.PathLike) -> Container:
+    """Read and validate a whole .dcz file: preamble, header, and every buffer's checksum.
+
+    Args:
+        path: the .dcz file.
+
+    Returns:
+        The Container: header and buffers.
+
+    Raises:
+        FormatError: the file cannot be read, or is malformed or corrupt.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()

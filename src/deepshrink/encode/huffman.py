@@ -36,6 +36,12 @@ def huffman_lengths(counts: np.ndarray) -> np.ndarray:
 
     A single used symbol gets length 1, so that every symbol costs at least one bit and the
     decoder always advances.
+
+    Args:
+        counts: each symbol's count.
+
+    Returns:
+        int64 code lengths.
     """
     counts = np.asarray(counts, dtype=np.int64)
     lengths = np.zeros(len(counts), dtype=np.int64)
@@ -61,7 +67,18 @@ def huffman_lengths(counts: np.ndarray) -> np.ndarray:
 
 
 def limit_lengths(lengths: np.ndarray, max_length: int) -> np.ndarray:
-    """Rebalance a complete prefix code so that no code is longer than `max_length` (Annex K.3)."""
+    """Rebalance a complete prefix code so that no code is longer than `max_length` (Annex K.3).
+
+    Args:
+        lengths: the complete code's lengths.
+        max_length: the longest code allowed.
+
+    Returns:
+        The new lengths (a copy).
+
+    Raises:
+        ConfigError: `max_length` bits cannot give that many symbols a code.
+    """
     lengths = np.asarray(lengths, dtype=np.int64).copy()
     used = int((lengths > 0).sum())
     if used and (1 << max_length) < used:
@@ -92,14 +109,33 @@ def limit_lengths(lengths: np.ndarray, max_length: int) -> np.ndarray:
 
 
 def code_lengths(counts: np.ndarray, max_length: int = DEFAULT_MAX_LENGTH) -> np.ndarray:
-    """Length-limited Huffman code lengths for `counts` (uint8 array, 0 for unused symbols)."""
+    """Length-limited Huffman code lengths for `counts` (uint8 array, 0 for unused symbols).
+
+    Args:
+        counts: each symbol's count.
+        max_length: the longest code allowed.
+
+    Returns:
+        The lengths.
+
+    Raises:
+        ConfigError: `max_length` is out of range, or too short for the symbols used.
+    """
     if not 1 <= max_length <= MAX_MAX_LENGTH:
         raise ConfigError(f"max_length={max_length} should be between 1 and {MAX_MAX_LENGTH}")
     return limit_lengths(huffman_lengths(counts), max_length).astype(np.uint8)
 
 
 def check_lengths(lengths: np.ndarray, max_length: int = MAX_MAX_LENGTH) -> None:
-    """Raise FormatError unless `lengths` describe a usable prefix code (Kraft sum <= 1)."""
+    """Raise FormatError unless `lengths` describe a usable prefix code (Kraft sum <= 1).
+
+    Args:
+        lengths: the code lengths (from a file).
+        max_length: the longest code allowed.
+
+    Raises:
+        FormatError: a length out of range, or a Kraft sum above 1.
+    """
     lengths = np.asarray(lengths)
     if lengths.size and (lengths.min() < 0 or lengths.max() > max_length):
         raise FormatError(f"Huffman code lengths must be between 0 and {max_length}, got up to {int(lengths.max())}")
@@ -112,7 +148,14 @@ def check_lengths(lengths: np.ndarray, max_length: int = MAX_MAX_LENGTH) -> None
 
 
 def canonical_codes(lengths: np.ndarray) -> np.ndarray:
-    """The canonical code word of each symbol (int64, read MSB first over its length)."""
+    """The canonical code word of each symbol (int64, read MSB first over its length).
+
+    Args:
+        lengths: the code lengths.
+
+    Returns:
+        The code words.
+    """
     lengths = np.asarray(lengths, dtype=np.int64)
     codes = np.zeros(len(lengths), dtype=np.int64)
     order = np.lexsort((np.arange(len(lengths)), lengths))
@@ -134,6 +177,16 @@ def decode_table(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.n
 
     Prefixes that start no code word (an incomplete code) have length 0: reading one is a
     corrupt stream.
+
+    Args:
+        lengths: the code lengths.
+        max_length: the table's index width.
+
+    Returns:
+        (symbols, lengths).
+
+    Raises:
+        FormatError: the lengths describe no prefix code.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     check_lengths(lengths, max_length)
@@ -379,6 +432,16 @@ def encode_lanes(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, list[
 
     One pass: each lane gets a region sized for its worst case (every symbol at the longest code
     length, plus the 7 bytes a write may run ahead), and the lanes are joined afterwards.
+
+    Args:
+        symbols: the symbols.
+        lengths: the code lengths (the code is canonical).
+
+    Returns:
+        (bytes, [bits in each lane]).
+
+    Raises:
+        ConfigError: a code longer than the bit writer takes.
     """
     symbols = np.ascontiguousarray(symbols)
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -398,7 +461,21 @@ def encode_lanes(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, list[
 
 
 def decode_lanes(data: bytes, lane_bits: list[int], count: int, lengths: np.ndarray, max_length: int) -> np.ndarray:
-    """Decode what encode_lanes wrote. Corrupt input raises FormatError, never loops or overreads."""
+    """Decode what encode_lanes wrote. Corrupt input raises FormatError, never loops or overreads.
+
+    Args:
+        data: the lanes' bytes.
+        lane_bits: the bits in each lane.
+        count: how many symbols.
+        lengths: the code lengths.
+        max_length: the longest code allowed.
+
+    Returns:
+        The symbols (uint8 for alphabets up to 256, else int32).
+
+    Raises:
+        FormatError: corrupt lanes, lengths or code words.
+    """
     lengths = np.asarray(lengths, dtype=np.int64)
     if (
         not isinstance(lane_bits, list)

@@ -22,27 +22,64 @@ LEVEL = 19
 
 
 def to_planes(data: bytes, item_size: int) -> bytes:
-    """Byte k of every item, for k = 0 .. item_size - 1 (the identity for 1-byte items)."""
+    """Byte k of every item, for k = 0 .. item_size - 1 (the identity for 1-byte items).
+
+    Args:
+        data: whole items.
+        item_size: bytes per item.
+
+    Returns:
+        The planes, concatenated.
+    """
     if item_size == 1:
         return data
     return np.frombuffer(data, dtype=np.uint8).reshape(-1, item_size).T.tobytes()
 
 
 def from_planes(data: bytes, item_size: int) -> bytes:
-    """The inverse of `to_planes`."""
+    """The inverse of `to_planes`.
+
+    Args:
+        data: the planes.
+        item_size: bytes per item.
+
+    Returns:
+        The items.
+    """
     if item_size == 1:
         return data
     return np.frombuffer(data, dtype=np.uint8).reshape(item_size, -1).T.tobytes()
 
 
 def compress(data: bytes, item_size: int) -> bytes | None:
-    """The zstd-compressed byte planes of `data`, or None when that is not smaller than `data`."""
+    """The zstd-compressed byte planes of `data`, or None when that is not smaller than `data`.
+
+    Args:
+        data: whole items.
+        item_size: bytes per item.
+
+    Returns:
+        The zstd frame, or None.
+    """
     packed = zstandard.ZstdCompressor(level=LEVEL).compress(to_planes(data, item_size))
     return packed if len(packed) < len(data) else None
 
 
 def decompress(packed: bytes, size: int, item_size: int, what: str) -> bytes:
-    """`size` bytes from `compress`'s output; FormatError for a corrupt frame or another size."""
+    """`size` bytes from `compress`'s output; FormatError for a corrupt frame or another size.
+
+    Args:
+        packed: the zstd frame.
+        size: the bytes the record's shape needs.
+        item_size: bytes per item.
+        what: the record, for errors.
+
+    Returns:
+        The items.
+
+    Raises:
+        FormatError: a corrupt frame, or one of another size.
+    """
     try:
         # A frame that declares its size is decompressed into a buffer of that size, whatever
         # max_output_size says: a declared size other than the record's is refused before that.

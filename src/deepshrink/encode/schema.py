@@ -45,7 +45,15 @@ DECODED_CEILING = 16 << 30
 
 
 def decoded_limit(file_size: int, max_decoded_bytes: int | None = None) -> int:
-    """The most bytes a file of `file_size` bytes may decode to (the tensors as dense arrays)."""
+    """The most bytes a file of `file_size` bytes may decode to (the tensors as dense arrays).
+
+    Args:
+        file_size: the file's size.
+        max_decoded_bytes: the caller's limit, which replaces the default.
+
+    Returns:
+        The limit in bytes.
+    """
     if max_decoded_bytes is not None:
         return max_decoded_bytes
     return min(DECODED_CEILING, max(DECODED_FLOOR, DECODED_PER_FILE_BYTE * file_size))
@@ -230,7 +238,17 @@ def _check_record(record: dict, buffers: _Buffers) -> None:
 
 
 def check_metadata(metadata) -> dict:
-    """The metadata object, with the fields the loaders act on checked for type."""
+    """The metadata object, with the fields the loaders act on checked for type.
+
+    Args:
+        metadata: the header's metadata, or None.
+
+    Returns:
+        The metadata ({} for None).
+
+    Raises:
+        FormatError: a field the loaders act on has the wrong type or size.
+    """
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
@@ -266,6 +284,18 @@ def check_header(
 
     `file_size` sets the default decoded-size limit (see `decoded_limit`); `max_decoded_bytes`
     replaces it.
+
+    Args:
+        header: the parsed header.
+        lengths: the buffers' lengths.
+        file_size: the file's size.
+        max_decoded_bytes: the most bytes the tensors may decode to.
+
+    Returns:
+        The CheckedHeader.
+
+    Raises:
+        FormatError: a field is missing, mistyped, inconsistent or over a limit.
     """
     if header.get("format") != FORMAT_NAME:
         raise FormatError(f"header format is {_shown(header.get('format'))}, expected {FORMAT_NAME!r}")

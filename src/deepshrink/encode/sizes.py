@@ -20,7 +20,14 @@ from deepshrink.tables import render_table
 
 def parameter_bytes(model: nn.Module) -> int:
     """4 bytes per floating-point parameter, each weight once: a pruned or shared weight counts as
-    its shape (not as original + mask or codebook); buffers (BatchNorm statistics, masks) do not count."""
+    its shape (not as original + mask or codebook); buffers (BatchNorm statistics, masks) do not count.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The bytes.
+    """
     from deepshrink.layers import plain_state_dict
 
     trainable = {name for name, _ in model.named_parameters()}
@@ -34,7 +41,15 @@ def parameter_bytes(model: nn.Module) -> int:
 
 
 def encoded_bytes(model: nn.Module, settings) -> int:
-    """The size of `model` as a .dcz file with these EncodeSettings, without writing one."""
+    """The size of `model` as a .dcz file with these EncodeSettings, without writing one.
+
+    Args:
+        model: the model.
+        settings: the EncodeSettings.
+
+    Returns:
+        The file's size in bytes.
+    """
     from deepshrink.encode.codec import encode_model
 
     header, buffers = encode_model(
@@ -49,7 +64,15 @@ def encoded_bytes(model: nn.Module, settings) -> int:
 
 def sparse_fp32_bytes(model: nn.Module, settings) -> int:
     """Bytes of a pruned, unquantized model: 32-bit values in the encoder's relative-index layout
-    (with these EncodeSettings' gap widths), plus the other tensors raw."""
+    (with these EncodeSettings' gap widths), plus the other tensors raw.
+
+    Args:
+        model: the pruned model.
+        settings: the EncodeSettings (their gap widths).
+
+    Returns:
+        The bytes.
+    """
     from deepshrink.encode.codec import index_widths
     from deepshrink.encode.sparse import to_sparse
     from deepshrink.layers import compressible_weights, plain_state_dict
@@ -85,15 +108,25 @@ class LayerSize:
 
     @property
     def rate(self) -> float:
+        """The tensor's compression: 32-bit weights over its stored bits."""
         return 32 * self.weights / (8 * self.bytes) if self.bytes else float("inf")
 
     @property
     def rate_fixed(self) -> float | None:
+        """The compression before entropy coding (fixed-width codes and gaps), None for raw tensors."""
         return 32 * self.weights / self.fixed_bits if self.fixed_bits else None
 
 
 def size_report(header: dict) -> tuple[list[LayerSize], dict]:
-    """Per-tensor sizes and totals from a header with its buffer table (container.read_header)."""
+    """Per-tensor sizes and totals from a header with its buffer table (container.read_header).
+
+    Args:
+        header: the header with its buffer table.
+
+    Returns:
+        (rows, totals): a LayerSize per tensor, and {"file_bytes", "fp32_parameter_bytes",
+        "compression", "weights", "kept", "all_weights", "all_kept"}.
+    """
     table = header["buffers"]
     rows = []
     for record in header["tensors"]:
@@ -153,7 +186,16 @@ def _header_bytes(header: dict) -> int:
 
 
 def format_size_table(rows: list[LayerSize], totals: dict, markdown: bool = False) -> str:
-    """The paper's per-layer columns, then the whole file against fp32 parameters."""
+    """The paper's per-layer columns, then the whole file against fp32 parameters.
+
+    Args:
+        rows: from size_report.
+        totals: from size_report.
+        markdown: a Markdown table.
+
+    Returns:
+        The table and a totals line.
+    """
     header = [
         "layer",
         "#weights",

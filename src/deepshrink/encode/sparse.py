@@ -35,11 +35,19 @@ class SparseLayout:
 
     @property
     def fillers(self) -> int:
+        """The filler entries (code 0), which only carry a gap too long for the index."""
         return int(np.count_nonzero(self.codes == 0))
 
 
 def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D view of a weight tensor: (first dimension, product of the rest)."""
+    """The 2-D view of a weight tensor: (first dimension, product of the rest).
+
+    Args:
+        shape: the tensor's shape.
+
+    Returns:
+        (rows, columns).
+    """
     if len(shape) == 0:
         return (1, 1)
     if len(shape) == 1:
@@ -83,7 +91,19 @@ def _fill_entries(matrix, max_gap, gaps, codes):
 
 
 def to_sparse(codes: np.ndarray, index_bits: int, layout: str = "csr") -> SparseLayout:
-    """Encode a tensor of codes (0 = zero) into (gap, code) entries with filler zeros."""
+    """Encode a tensor of codes (0 = zero) into (gap, code) entries with filler zeros.
+
+    Args:
+        codes: the code tensor.
+        index_bits: the gap width, 1 to 16.
+        layout: "csr" (gaps along rows) or "csc" (along columns).
+
+    Returns:
+        The SparseLayout.
+
+    Raises:
+        ConfigError: an unknown layout, or a width outside 1-16.
+    """
     if layout not in LAYOUTS:
         raise ConfigError(f"layout={layout!r} should be one of {', '.join(LAYOUTS)}")
     if not isinstance(index_bits, int) or not 1 <= index_bits <= 16:
@@ -143,7 +163,19 @@ def _scatter_values(gaps, codes, counts, codebook, out, stored_columns, output_c
 def values_from_sparse(sparse: SparseLayout, codebook: np.ndarray, out: np.ndarray) -> int:
     """The weights themselves (codebook values, zeros elsewhere) written into `out`, a flat
     float32 array of the matrix's size, with no dense code matrix in between; returns the count
-    of non-zero weights. Inconsistent entries raise FormatError, as in from_sparse."""
+    of non-zero weights. Inconsistent entries raise FormatError, as in from_sparse.
+
+    Args:
+        sparse: the entries.
+        codebook: code -> value.
+        out: the flat output.
+
+    Returns:
+        The count of non-zero weights.
+
+    Raises:
+        FormatError: the entries do not fit the matrix.
+    """
     rows, columns = sparse.shape
     stored_rows, stored_columns = (columns, rows) if sparse.layout == "csc" else (rows, columns)
     if len(sparse.counts) != stored_rows or int(sparse.counts.sum()) != len(sparse.gaps):
@@ -174,7 +206,14 @@ def _rows_overrun(gaps, counts, columns):
 
 def check_entries(sparse: SparseLayout) -> None:
     """The entries fit the matrix (counts add up, no row's gaps run past its end), without
-    building it; FormatError otherwise."""
+    building it; FormatError otherwise.
+
+    Args:
+        sparse: the entries.
+
+    Raises:
+        FormatError: the entries do not fit the matrix.
+    """
     rows, columns = sparse.shape
     stored_rows, stored_columns = (columns, rows) if sparse.layout == "csc" else (rows, columns)
     if len(sparse.counts) != stored_rows or int(sparse.counts.sum()) != len(sparse.gaps):
@@ -184,7 +223,18 @@ def check_entries(sparse: SparseLayout) -> None:
 
 
 def from_sparse(sparse: SparseLayout, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """The dense code tensor back from its entries; inconsistent entries raise FormatError."""
+    """The dense code tensor back from its entries; inconsistent entries raise FormatError.
+
+    Args:
+        sparse: the entries.
+        shape: the tensor's shape (default: the 2-D matrix).
+
+    Returns:
+        The codes.
+
+    Raises:
+        FormatError: the entries do not fit the matrix.
+    """
     rows, columns = sparse.shape
     stored_rows, stored_columns = (columns, rows) if sparse.layout == "csc" else (rows, columns)
     if len(sparse.counts) != stored_rows:

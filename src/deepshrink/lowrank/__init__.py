@@ -47,6 +47,7 @@ class LayerSpectrum:
 
     @property
     def full_rank(self) -> int:
+        """The number of singular values: min(m, k)."""
         return len(self.singular_values)
 
     @property
@@ -55,17 +56,40 @@ class LayerSpectrum:
         return self.singular_values.double().square().numpy()
 
     def factored_parameters(self, rank: int) -> int:
+        """The two factors' parameters at `rank`.
+
+        Args:
+            rank: the rank.
+
+        Returns:
+            rank x (m + k).
+        """
         rows, columns = self.left.shape[0], self.right.shape[1]
         return rank * (rows + columns)
 
     def factored_macs(self, rank: int) -> int:
+        """The two factors' multiply-accumulates per example at `rank`.
+
+        Args:
+            rank: the rank.
+
+        Returns:
+            The MACs, by the layer's scheme (a 1x1 second factor, or Tai's vertical + horizontal pair).
+        """
         rows, columns = self.left.shape[0], self.right.shape[1]
         if self.scheme == "tai":  # vertical conv: (C*X) per output, horizontal: (Y*N) per output
             return rank * columns * self.first_positions + rank * rows * self.second_positions
         return rank * (rows + columns) * self.first_positions
 
     def macs(self, rank: int | None) -> int:
-        """MACs at `rank`; None (or a rank that saves nothing) means the dense layer."""
+        """MACs at `rank`; None (or a rank that saves nothing) means the dense layer.
+
+        Args:
+            rank: the rank, or None.
+
+        Returns:
+            The MACs per example.
+        """
         if rank is None or self.factored_macs(rank) >= self.dense_macs:
             return self.dense_macs
         return self.factored_macs(rank)
@@ -95,16 +119,35 @@ class RankChoice:
 
     @property
     def mac_fraction(self) -> float:
+        """The share of the dense MACs the chosen ranks keep."""
         return self.macs / self.dense_macs
 
 
 def storage(rows: int, columns: int, rank: int) -> int:
-    """The lecture's storage of a rank-t SVD of an m x k matrix: mt + t + tk."""
+    """The lecture's storage of a rank-t SVD of an m x k matrix: mt + t + tk.
+
+    Args:
+        rows: m.
+        columns: k.
+        rank: t.
+
+    Returns:
+        The values stored.
+    """
     return rows * rank + rank + rank * columns
 
 
 def compression_rate(rows: int, columns: int, rank: int) -> float:
-    """The lecture's compression rate mk / (t (m + k + 1))."""
+    """The lecture's compression rate mk / (t (m + k + 1)).
+
+    Args:
+        rows: m.
+        columns: k.
+        rank: t.
+
+    Returns:
+        The rate.
+    """
     return rows * columns / (rank * (rows + columns + 1))
 
 
@@ -124,7 +167,20 @@ def _matrix(layer: nn.Module, scheme: str) -> torch.Tensor:
 def layer_spectra(
     model: nn.Module, example_input: torch.Tensor, scheme: str = "zhang", layers: list[str] | None = None
 ) -> dict[str, LayerSpectrum]:
-    """SVD of every Linear / Conv2d layer (or those named) with its MAC costs per rank."""
+    """SVD of every Linear / Conv2d layer (or those named) with its MAC costs per rank.
+
+    Args:
+        model: the model.
+        example_input: one batch, to size each layer's outputs.
+        scheme: how convolutions factor: "zhang" (k x k then 1x1) or "tai" (vertical then horizontal).
+        layers: the layers' names (default: all).
+
+    Returns:
+        {layer name: LayerSpectrum}.
+
+    Raises:
+        ConfigError: an unknown scheme.
+    """
     if scheme not in SCHEMES:
         raise ConfigError(f"scheme={scheme!r} should be one of {', '.join(SCHEMES)}")
     chosen = {
@@ -202,7 +258,15 @@ def _normalized(ranks: dict[str, int | None], spectra: dict[str, LayerSpectrum])
 
 
 def cptv_ranks(spectra: dict[str, LayerSpectrum], beta: float) -> dict[str, int | None]:
-    """Per layer, the smallest rank keeping `beta` of the squared singular values."""
+    """Per layer, the smallest rank keeping `beta` of the squared singular values.
+
+    Args:
+        spectra: from layer_spectra.
+        beta: the energy fraction, in [0, 1].
+
+    Returns:
+        {layer name: rank, or None where factoring saves nothing}.
+    """
     ranks = {}
     for name, spectrum in spectra.items():
         cumulative = np.cumsum(spectrum.energy)
@@ -211,7 +275,18 @@ def cptv_ranks(spectra: dict[str, LayerSpectrum], beta: float) -> dict[str, int 
 
 
 def select_cptv(spectra: dict[str, LayerSpectrum], budget: float) -> RankChoice:
-    """CPTV: the largest energy fraction beta, the same in every layer, that meets the MAC budget."""
+    """CPTV: the largest energy fraction beta, the same in every layer, that meets the MAC budget.
+
+    Args:
+        spectra: from layer_spectra.
+        budget: the fraction of the dense MACs allowed, in (0, 1].
+
+    Returns:
+        The RankChoice.
+
+    Raises:
+        ConfigError: `budget` out of range.
+    """
     _check_budget(budget)
     dense = _dense_total(spectra)
     low, high = 0.0, 1.0
@@ -231,6 +306,17 @@ def select_pos(spectra: dict[str, LayerSpectrum], budget: float, resolution: int
     Solved exactly as a multiple-choice knapsack by dynamic programming over the budget in
     `resolution` steps (each layer's cost rounded up, so the budget always holds), rather than
     greedily: a greedy pass cannot weigh a layer's jump from dense to its break-even rank.
+
+    Args:
+        spectra: from layer_spectra.
+        budget: the fraction of the dense MACs allowed, in (0, 1].
+        resolution: the budget's steps.
+
+    Returns:
+        The RankChoice.
+
+    Raises:
+        ConfigError: `budget` out of range, or unreachable even at rank 1 everywhere.
     """
     _check_budget(budget)
     dense = _dense_total(spectra)
@@ -273,7 +359,16 @@ def select_pos(spectra: dict[str, LayerSpectrum], budget: float, resolution: int
 
 
 def factored_modules(layer: nn.Module, rank: int, scheme: str) -> nn.Sequential:
-    """The two layers that replace `layer` at `rank`, with their shapes only (weights unset)."""
+    """The two layers that replace `layer` at `rank`, with their shapes only (weights unset).
+
+    Args:
+        layer: a Linear or Conv2d.
+        rank: the rank.
+        scheme: "zhang" or "tai" for a convolution.
+
+    Returns:
+        The nn.Sequential of the two layers.
+    """
     bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
         return nn.Sequential(
@@ -296,6 +391,14 @@ def factorized_layer(spectrum: LayerSpectrum, rank: int, components=None) -> nn.
     """The two layers replacing `spectrum.layer` at `rank` (singular values split as sqrt into both).
 
     `components` picks which singular triplets to keep (default: the `rank` largest).
+
+    Args:
+        spectrum: the layer's SVD.
+        rank: the rank (ignored when `components` is given).
+        components: the indices of the singular triplets to keep.
+
+    Returns:
+        The nn.Sequential of the two layers, weights set.
     """
     layer = spectrum.layer
     keep = torch.arange(rank) if components is None else torch.as_tensor(components, dtype=torch.long)
@@ -329,12 +432,31 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def structure_of(choice_ranks: dict[str, int | None], scheme: str) -> dict:
-    """The checkpoint / file metadata that lets a loader rebuild the factored architecture."""
+    """The checkpoint / file metadata that lets a loader rebuild the factored architecture.
+
+    Args:
+        choice_ranks: {layer name: rank or None}.
+        scheme: the convolutions' scheme.
+
+    Returns:
+        {"scheme", "ranks"} (the factored layers only).
+    """
     return {"scheme": scheme, "ranks": {name: rank for name, rank in choice_ranks.items() if rank is not None}}
 
 
 def apply_structure(model: nn.Module, structure: dict | None) -> nn.Module:
-    """Rebuild a factored architecture (shapes only) from `structure_of` metadata, in place."""
+    """Rebuild a factored architecture (shapes only) from `structure_of` metadata, in place.
+
+    Args:
+        model: the dense model, changed in place.
+        structure: the metadata, or None.
+
+    Returns:
+        `model`.
+
+    Raises:
+        ConfigError: the metadata is malformed, or names a layer or rank this model cannot take.
+    """
     if not structure:
         return model
     if not isinstance(structure, dict) or structure.get("scheme") not in SCHEMES:
@@ -365,7 +487,17 @@ def factorize(
     ranks: dict[str, int | None],
     components: dict[str, np.ndarray] | None = None,
 ) -> nn.Module:
-    """Replace each layer with a rank in `ranks` by its two factors, in place."""
+    """Replace each layer with a rank in `ranks` by its two factors, in place.
+
+    Args:
+        model: the model, changed in place.
+        spectra: from layer_spectra.
+        ranks: {layer name: rank or None}.
+        components: {layer name: the singular triplets to keep}.
+
+    Returns:
+        `model`.
+    """
     for name, rank in ranks.items():
         if rank is not None:
             _replace(model, name, factorized_layer(spectra[name], rank, (components or {}).get(name)))
@@ -383,4 +515,12 @@ def _unmatricize(matrix: torch.Tensor, shape: torch.Size, scheme: str) -> torch.
 
 
 def parameter_count(model: nn.Module) -> int:
+    """All of the model's parameters, counted.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The count.
+    """
     return sum(parameter.numel() for parameter in model.parameters())

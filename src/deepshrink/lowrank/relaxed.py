@@ -307,7 +307,15 @@ def _finetuned_scores(model, spectra, candidates, selection: Selection, loader, 
 
 
 def candidate_key(ranks: dict[str, int | None], components: dict | None) -> tuple:
-    """Candidates that build the same network get the same key (rounding often repeats one)."""
+    """Candidates that build the same network get the same key (rounding often repeats one).
+
+    Args:
+        ranks: {layer name: rank or None}.
+        components: {layer name: the singular triplets kept}, or None.
+
+    Returns:
+        A hashable key.
+    """
     chosen = components or {}
     return tuple(
         (name, rank, tuple(int(index) for index in chosen[name]) if name in chosen else None)

@@ -58,6 +58,17 @@ def list_models() -> list[ModelSpec]:
 
 
 def get_model_spec(name: str) -> ModelSpec:
+    """The registered model `name`: its factory, reference training and input shape.
+
+    Args:
+        name: a registered model name.
+
+    Returns:
+        The ModelSpec.
+
+    Raises:
+        ModelError: no model has that name.
+    """
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -68,11 +79,30 @@ def get_model_spec(name: str) -> ModelSpec:
 
 
 def is_factory_path(name: str) -> bool:
+    """Whether `name` is a package.module:factory path rather than a registered name.
+
+    Args:
+        name: a model name or a factory path.
+
+    Returns:
+        True for a factory path.
+    """
     return ":" in name
 
 
 def resolve_factory(path: str) -> Callable[..., nn.Module]:
-    """Import `package.module:factory` and return the callable."""
+    """Import `package.module:factory` and return the callable.
+
+    Args:
+        path: "package.module:factory" (the factory may be dotted: Class.method).
+
+    Returns:
+        The callable.
+
+    Raises:
+        ModelError: the path is malformed, the module cannot be imported, or the attribute is
+            missing or not callable.
+    """
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
         raise ModelError(f"model factory {path!r} should look like package.module:factory")

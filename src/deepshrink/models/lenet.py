@@ -16,6 +16,14 @@ class LeNet300100(nn.Module):
         self.fc3 = nn.Linear(100, num_classes)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The network's outputs.
+
+        Args:
+            inputs: a batch whose examples flatten to `in_features` values, e.g. (N, 1, 28, 28).
+
+        Returns:
+            Logits, (N, num_classes).
+        """
         hidden = torch.relu(self.fc1(inputs.flatten(1)))
         hidden = torch.relu(self.fc2(hidden))
         return self.fc3(hidden)
@@ -37,6 +45,14 @@ class LeNet5(nn.Module):
         self.fc2 = nn.Linear(500, num_classes)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The network's outputs.
+
+        Args:
+            inputs: a batch, (N, in_channels, image_size, image_size).
+
+        Returns:
+            Logits, (N, num_classes).
+        """
         hidden = torch.max_pool2d(torch.relu(self.conv1(inputs)), 2)
         hidden = torch.max_pool2d(torch.relu(self.conv2(hidden)), 2)
         hidden = torch.relu(self.fc1(hidden.flatten(1)))

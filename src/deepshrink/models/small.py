@@ -26,6 +26,14 @@ class Fire(nn.Module):
         self.expand3x3 = nn.Conv2d(squeeze, expand3x3, 3, padding=1)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The block's output.
+
+        Args:
+            inputs: a batch of feature maps, (N, C, H, W).
+
+        Returns:
+            The output feature maps.
+        """
         squeezed = torch.relu(self.squeeze(inputs))
         return torch.relu(torch.cat([self.expand1x1(squeezed), self.expand3x3(squeezed)], dim=1))
 
@@ -53,6 +61,14 @@ class SqueezeNet(nn.Module):
         nn.init.normal_(self.conv10.weight, mean=0.0, std=0.01)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The network's outputs.
+
+        Args:
+            inputs: a batch, (N, in_channels, 28, 28).
+
+        Returns:
+            Logits, (N, num_classes).
+        """
         hidden = torch.max_pool2d(torch.relu(self.conv1(inputs)), 2)  # 14x14
         hidden = torch.max_pool2d(self.fire3(self.fire2(hidden)), 2)  # 7x7
         hidden = self.fire5(self.fire4(hidden))
@@ -70,6 +86,14 @@ class DepthwiseSeparable(nn.Module):
         self.pointwise_norm = nn.BatchNorm2d(out_channels)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The block's output.
+
+        Args:
+            inputs: a batch of feature maps, (N, C, H, W).
+
+        Returns:
+            The output feature maps.
+        """
         hidden = torch.relu(self.depthwise_norm(self.depthwise(inputs)))
         return torch.relu(self.pointwise_norm(self.pointwise(hidden)))
 
@@ -90,6 +114,14 @@ class MobileNet(nn.Module):
         self.fc = nn.Linear(256, num_classes)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The network's outputs.
+
+        Args:
+            inputs: a batch, (N, in_channels, 28, 28).
+
+        Returns:
+            Logits, (N, num_classes).
+        """
         hidden = self.blocks(torch.relu(self.norm1(self.conv1(inputs))))
         return self.fc(hidden.mean(dim=(2, 3)))
 
@@ -104,6 +136,14 @@ class FlattenedConv(nn.Module):
         self.horizontal = nn.Conv2d(out_channels, out_channels, (1, kernel_size), groups=out_channels)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The block's output.
+
+        Args:
+            inputs: a batch of feature maps, (N, C, H, W).
+
+        Returns:
+            The output feature maps.
+        """
         return self.horizontal(self.vertical(self.pointwise(inputs)))
 
 
@@ -118,6 +158,14 @@ class FlattenedLeNet5(nn.Module):
         self.fc2 = nn.Linear(500, num_classes)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The network's outputs.
+
+        Args:
+            inputs: a batch, (N, in_channels, 28, 28).
+
+        Returns:
+            Logits, (N, num_classes).
+        """
         hidden = torch.max_pool2d(torch.relu(self.conv1(inputs)), 2)
         hidden = torch.max_pool2d(torch.relu(self.conv2(hidden)), 2)
         return self.fc2(torch.relu(self.fc1(hidden.flatten(1))))

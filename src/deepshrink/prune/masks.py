@@ -37,6 +37,17 @@ def std_threshold_mask(weight: torch.Tensor, quality: float, current_mask: torch
 
     The standard deviation is taken over the weights still kept (all of them on a first pass),
     so that each round of iterative pruning scales with what remains.
+
+    Args:
+        weight: the weight.
+        quality: the threshold in standard deviations.
+        current_mask: the keep-mask so far (None: all kept).
+
+    Returns:
+        The new keep-mask (bool), never keeping what `current_mask` pruned.
+
+    Raises:
+        ConfigError: `quality` is negative or not finite, or `current_mask` has another shape.
     """
     if not (isinstance(quality, int | float) and quality >= 0 and math.isfinite(quality)):
         raise ConfigError(f"quality={quality!r} should be a non-negative number, e.g. 1.0 (threshold = quality x std)")
@@ -59,6 +70,17 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, current_mask: torch.
     then the ties at it by position. A stable float64 argsort of VGG-16's 138M weights took
     55 s and 3.7 GB (issue 21); selection is linear in time and needs one copy of the kept
     scores.
+
+    Args:
+        scores: one score per entry; the lowest are pruned.
+        sparsity: the fraction to prune, in [0, 1).
+        current_mask: the keep-mask so far (None: all kept).
+
+    Returns:
+        The keep-mask (bool).
+
+    Raises:
+        ConfigError: `sparsity` out of range, or `current_mask` of another shape.
     """
     _check_sparsity(sparsity)
     total = scores.numel()
@@ -89,7 +111,19 @@ def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def sparsity_mask(weight: torch.Tensor, sparsity: float, current_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Magnitude pruning to a target sparsity: prune the round(sparsity x n) smallest |w|."""
+    """Magnitude pruning to a target sparsity: prune the round(sparsity x n) smallest |w|.
+
+    Args:
+        weight: the weight.
+        sparsity: the fraction to prune, in [0, 1).
+        current_mask: the keep-mask so far (None: all kept).
+
+    Returns:
+        The keep-mask (bool).
+
+    Raises:
+        ConfigError: `sparsity` out of range, or `current_mask` of another shape.
+    """
     return mask_from_scores(weight.detach().abs(), sparsity, current_mask)
 
 
@@ -98,7 +132,19 @@ def global_sparsity_masks(
     sparsity: float,
     current_masks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One magnitude threshold across several layers, pruning round(sparsity x total) weights."""
+    """One magnitude threshold across several layers, pruning round(sparsity x total) weights.
+
+    Args:
+        weights: {name: weight}.
+        sparsity: the fraction of all of them to prune, in [0, 1).
+        current_masks: {name: keep-mask so far}.
+
+    Returns:
+        {name: keep-mask}.
+
+    Raises:
+        ConfigError: no weights, `sparsity` out of range, or a mask of another shape.
+    """
     _check_sparsity(sparsity)
     if not weights:
         raise ConfigError("global pruning needs at least one layer; the layer patterns matched none")

@@ -32,17 +32,42 @@ class PruningMask(nn.Module):
         self.register_buffer("mask", mask.to(torch.bool).clone())
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight with the pruned entries zeroed.
+
+        Args:
+            weight: the original weight.
+
+        Returns:
+            weight x mask.
+        """
         return weight * self.mask
 
 
 def pruning_mask_of(weight: Weight | nn.Module) -> PruningMask | None:
-    """The weight's PruningMask parametrization, if it has one."""
+    """The weight's PruningMask parametrization, if it has one.
+
+    Args:
+        weight: a Weight or a single-weight module.
+
+    Returns:
+        The PruningMask, or None.
+    """
     return next((item for item in as_weight(weight).parametrizations() if isinstance(item, PruningMask)), None)
 
 
 def prune_weight(weight: Weight | nn.Module, mask: torch.Tensor) -> Weight:
-    """Apply (or tighten) a keep-mask on `weight` (a Weight, or a Linear / convolution /
-    Embedding module). Returns it as a Weight."""
+    """Apply (or tighten) a keep-mask on `weight`.
+
+    Args:
+        weight: a Weight, or a Linear / convolution / Embedding module.
+        mask: the keep-mask, the weight's shape.
+
+    Returns:
+        The weight as a Weight.
+
+    Raises:
+        ConfigError: the mask's shape is not the weight's.
+    """
     weight = as_weight(weight)
     original = weight.original()
     if mask.shape != original.shape:
@@ -62,7 +87,18 @@ def prune_weight(weight: Weight | nn.Module, mask: torch.Tensor) -> Weight:
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Prune each named weight of `model` with its mask."""
+    """Prune each named weight of `model` with its mask.
+
+    Args:
+        model: the model, changed in place.
+        masks: {weight name: keep-mask}.
+
+    Returns:
+        `model`.
+
+    Raises:
+        ConfigError: a name is not one of the model's weights, or a mask has another shape.
+    """
     weights = compressible_weights(model)
     for name, mask in masks.items():
         if name not in weights:
@@ -72,7 +108,14 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
 
 
 def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The keep-mask of every pruned weight, by name."""
+    """The keep-mask of every pruned weight, by name.
+
+    Args:
+        model: the model.
+
+    Returns:
+        {weight name: keep-mask}.
+    """
     masks = {}
     for name, weight in compressible_weights(model).items():
         parametrization = pruning_mask_of(weight)

@@ -38,7 +38,18 @@ EXACT_HESSIAN_LIMIT = 4096  # parameters; above this an exact Hessian is too big
 
 
 def obd_saliency(weight: torch.Tensor, hessian_diagonal: torch.Tensor) -> torch.Tensor:
-    """s_k = h_kk * w_k^2 / 2, elementwise."""
+    """s_k = h_kk * w_k^2 / 2, elementwise.
+
+    Args:
+        weight: the weight.
+        hessian_diagonal: the loss's second derivatives, the weight's shape.
+
+    Returns:
+        The saliencies.
+
+    Raises:
+        ConfigError: the shapes differ.
+    """
     if weight.shape != hessian_diagonal.shape:
         raise ConfigError(
             f"hessian_diagonal shape {tuple(hessian_diagonal.shape)} should match weight shape {tuple(weight.shape)}"
@@ -47,7 +58,18 @@ def obd_saliency(weight: torch.Tensor, hessian_diagonal: torch.Tensor) -> torch.
 
 
 def exact_hessian_diagonal(loss: Callable[[torch.Tensor], torch.Tensor], point: torch.Tensor) -> torch.Tensor:
-    """The exact diagonal of d^2 loss / d point^2, for small parameter tensors."""
+    """The exact diagonal of d^2 loss / d point^2, for small parameter tensors.
+
+    Args:
+        loss: a function of the parameters.
+        point: where to take the derivatives.
+
+    Returns:
+        The diagonal, `point`'s shape.
+
+    Raises:
+        ConfigError: `point` has more than EXACT_HESSIAN_LIMIT entries.
+    """
     if point.numel() > EXACT_HESSIAN_LIMIT:
         raise ConfigError(
             f"exact Hessian of {point.numel()} parameters is too large (limit {EXACT_HESSIAN_LIMIT}); "
@@ -70,6 +92,20 @@ def fisher_diagonal(
 
     The model must be unparametrized: for a pruned model, load `layers.plain_state_dict(model)`
     into a fresh instance first.
+
+    Args:
+        model: an unparametrized model.
+        loader: the batches to average over.
+        layer_names: globs of the layers (default: all).
+        max_examples: stop after this many examples.
+        seed: the seed of the sampled labels.
+        device: where to compute.
+
+    Returns:
+        {layer name: diagonal, the weight's shape}.
+
+    Raises:
+        ConfigError: a chosen weight is parametrized.
     """
     layers = select_weights(model, layer_names)
     model = model.to(device).eval()
@@ -119,6 +155,14 @@ def softmax_layer_hessian(inputs: torch.Tensor, probabilities: torch.Tensor, dam
     With A_n = diag(p_n) - p_n p_n^T: H = (1/N) sum_n A_n (x) x_n x_n^T, indexed by the
     row-major flattening of the weight. `damping` x I is added: the softmax makes H singular
     (adding a constant to every logit changes nothing), and OBS needs an inverse.
+
+    Args:
+        inputs: the layer's inputs, (N, in).
+        probabilities: the softmax outputs, (N, out).
+        damping: added to the diagonal.
+
+    Returns:
+        The (out x in) x (out x in) Hessian, float64.
     """
     count, in_features = inputs.shape
     out_features = probabilities.shape[1]
@@ -137,7 +181,19 @@ class SurgeonResult:
 
 
 def optimal_brain_surgeon(weight: torch.Tensor, inverse_hessian: torch.Tensor, prune_count: int) -> SurgeonResult:
-    """Remove `prune_count` weights one at a time by OBS, compensating the others each time."""
+    """Remove `prune_count` weights one at a time by OBS, compensating the others each time.
+
+    Args:
+        weight: the weight.
+        inverse_hessian: the inverse of the loss's Hessian over the flattened weight.
+        prune_count: how many to remove.
+
+    Returns:
+        The SurgeonResult: compensated weights, mask and predicted loss increase.
+
+    Raises:
+        ConfigError: the Hessian's shape does not fit, or `prune_count` is out of range.
+    """
     flat = weight.detach().flatten().double().clone()
     size = flat.numel()
     if inverse_hessian.shape != (size, size):
@@ -164,6 +220,14 @@ def optimal_brain_surgeon(weight: torch.Tensor, inverse_hessian: torch.Tensor, p
 
 
 def obd_scores(model: nn.Module, fisher: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OBD saliency of every weight of the layers in `fisher`."""
+    """OBD saliency of every weight of the layers in `fisher`.
+
+    Args:
+        model: the model.
+        fisher: {layer name: Hessian diagonal}, from fisher_diagonal.
+
+    Returns:
+        {layer name: saliencies}.
+    """
     layers = select_weights(model, list(fisher))
     return {name: obd_saliency(layer.value, fisher[name].to(layer.value.device)) for name, layer in layers.items()}

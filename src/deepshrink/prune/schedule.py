@@ -40,6 +40,16 @@ def round_sparsities(final: Mapping[str, float], rounds: int) -> list[dict[str, 
 
     Each round then removes the same share of what is left, which keeps the accuracy lost per
     round (and so the retraining needed) roughly even.
+
+    Args:
+        final: {name: final sparsity}.
+        rounds: how many rounds.
+
+    Returns:
+        One {name: sparsity} per round, the last equal to `final`.
+
+    Raises:
+        ConfigError: `rounds` is below 1.
     """
     if rounds < 1:
         raise ConfigError(f"rounds={rounds} should be at least 1")
@@ -54,7 +64,14 @@ MaskRule = Callable[[nn.Module, int, int], dict[str, torch.Tensor]]
 
 
 def per_layer_sparsity_rule(final: Mapping[str, float]) -> MaskRule:
-    """Magnitude pruning per layer, the sparsity of each round from round_sparsities."""
+    """Magnitude pruning per layer, the sparsity of each round from round_sparsities.
+
+    Args:
+        final: {layer glob: final sparsity}.
+
+    Returns:
+        A MaskRule: rule(model, round, rounds) -> {weight name: keep-mask}.
+    """
 
     def rule(model: nn.Module, round_index: int, rounds: int) -> dict[str, torch.Tensor]:
         layers = select_weights(model, list(final))
@@ -69,6 +86,12 @@ def std_quality_rule(qualities: Mapping[str, float]) -> MaskRule:
     """Han's rule each round: keep |w| > quality x std of the weights that remain.
 
     The rule is applied afresh each round to what is left, so more rounds prune more.
+
+    Args:
+        qualities: {layer glob: quality}.
+
+    Returns:
+        A MaskRule: rule(model, round, rounds) -> {weight name: keep-mask}.
     """
 
     def rule(model: nn.Module, round_index: int, rounds: int) -> dict[str, torch.Tensor]:
@@ -83,7 +106,15 @@ def std_quality_rule(qualities: Mapping[str, float]) -> MaskRule:
 
 
 def global_sparsity_rule(sparsity: float, layer_patterns: list[str] | None = None) -> MaskRule:
-    """One magnitude threshold across the chosen layers, sparsity rising geometrically per round."""
+    """One magnitude threshold across the chosen layers, sparsity rising geometrically per round.
+
+    Args:
+        sparsity: the final fraction of the chosen weights pruned.
+        layer_patterns: globs of the layers (default: all).
+
+    Returns:
+        A MaskRule: rule(model, round, rounds) -> {weight name: keep-mask}.
+    """
 
     def rule(model: nn.Module, round_index: int, rounds: int) -> dict[str, torch.Tensor]:
         layers = select_weights(model, layer_patterns)
@@ -95,6 +126,15 @@ def global_sparsity_rule(sparsity: float, layer_patterns: list[str] | None = Non
 
 
 def kept_fraction(model: nn.Module, names) -> float:
+    """The fraction of the named layers' weights that are not zero.
+
+    Args:
+        model: the model.
+        names: layer globs (None: all).
+
+    Returns:
+        The fraction.
+    """
     layers = select_weights(model, names)
     kept = sum(int((layer.value != 0).sum()) for layer in layers.values())
     return kept / sum(layer.value.numel() for layer in layers.values())
@@ -118,6 +158,24 @@ def iterative_pruning(
     Retraining holds the masks for `retrain.epochs` epochs with the task's loss (or
     `criterion`). The task's validation metric (default classification's top-1) is logged after
     pruning and after retraining, round by round, with the kept fraction of the pruned layers.
+
+    Args:
+        model: the model, changed in place.
+        train_loader: the retraining batches.
+        validation_loader: the batches the metric is logged on.
+        rule: the masks of each round.
+        rounds: how many rounds.
+        retrain: the retraining of each round.
+        device: where to train.
+        task: the task (default classification).
+        criterion: a loss in place of the task's.
+        progress: progress bars.
+
+    Returns:
+        The PruningHistory: the reference metric and each round's record.
+
+    Raises:
+        ConfigError: `rounds` is below 1.
     """
     if rounds < 1:
         raise ConfigError(f"rounds={rounds} should be at least 1")

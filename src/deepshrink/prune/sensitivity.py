@@ -46,6 +46,15 @@ class SensitivityResult:
 
         The drops of layers pruned together roughly add up, so a total budget is best split
         among the layers (pass max_drop = budget / number of layers) and then retrained.
+
+        Args:
+            max_drop: the largest drop allowed per layer.
+
+        Returns:
+            {layer name: sparsity} (0.0 where none is within the drop).
+
+        Raises:
+            ConfigError: `max_drop` is negative.
         """
         if not max_drop >= 0:
             raise ConfigError(f"max_drop={max_drop!r} should be a non-negative change of the metric, e.g. 0.005")
@@ -61,6 +70,11 @@ class SensitivityResult:
         return suggestion
 
     def to_dict(self) -> dict:
+        """The result as JSON-ready data (sensitivity.json).
+
+        Returns:
+            {"metric_name", "higher_is_better", "baseline", "sparsities", "metric"}.
+        """
         return {
             "metric_name": self.metric_name,
             "higher_is_better": self.higher_is_better,
@@ -85,6 +99,18 @@ def sensitivity_analysis(
 
     The model is restored after each measurement; a layer that is already pruned keeps its
     mask and is pruned further from there.
+
+    Args:
+        model: the model; restored after each measurement.
+        loader: the batches to measure on.
+        layer_names: globs of the layers (default: all).
+        sparsities: the sparsities to try.
+        device: where to evaluate.
+        task: the task (default classification).
+        progress: a progress bar.
+
+    Returns:
+        The SensitivityResult.
     """
     task = resolve_task(task)
     layers = select_weights(model, layer_names)
@@ -115,6 +141,15 @@ def sensitivity_analysis(
 
 
 def format_sensitivity(result: SensitivityResult, markdown: bool = False) -> str:
+    """The metric per sparsity (rows) and layer (columns).
+
+    Args:
+        result: the analysis.
+        markdown: a Markdown table.
+
+    Returns:
+        The table.
+    """
     header = [f"sparsity ({result.metric_name})", *result.metric]
     rows = [
         [f"{100 * sparsity:.0f}%", *(f"{result.metric[name][index]:.4f}" for name in result.metric)]
@@ -124,6 +159,18 @@ def format_sensitivity(result: SensitivityResult, markdown: bool = False) -> str
 
 
 def write_sensitivity_json(result: SensitivityResult, path: str | Path) -> Path:
+    """Write the analysis as JSON, atomically.
+
+    Args:
+        result: the analysis.
+        path: the file.
+
+    Returns:
+        `path` as a Path.
+
+    Raises:
+        OutputError: `path` cannot be written.
+    """
     with atomic_output(path) as temporary:
         temporary.write_text(json.dumps(result.to_dict(), indent=2))
     return Path(path)

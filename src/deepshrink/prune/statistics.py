@@ -21,12 +21,14 @@ class LayerStatistics:
 
     @property
     def kept_fraction(self) -> float:
+        """The fraction of the weights not zero."""
         return self.kept / self.weights if self.weights else 0.0
 
     @property
     def kept_multiply_accumulates(self) -> float:
         # A multiply-accumulate is skipped exactly when its weight is zero, so the kept share of
         # the work equals the kept share of the weights for Linear and Conv layers alike.
+        """The multiply-accumulates of the weights not zero."""
         return self.multiply_accumulates * self.kept_fraction
 
 
@@ -81,7 +83,15 @@ def _multiply_accumulates(model: nn.Module, example_input: torch.Tensor) -> dict
 
 def layer_statistics(model: nn.Module, example_input: torch.Tensor | None) -> list[LayerStatistics]:
     """Counts for each supported layer; `example_input` is one batch, used to size the outputs
-    (None: no multiply-accumulates are counted)."""
+    (None: no multiply-accumulates are counted).
+
+    Args:
+        model: the model.
+        example_input: one batch, or None.
+
+    Returns:
+        One LayerStatistics per compressible weight.
+    """
     device = next(model.parameters()).device
     macs = _multiply_accumulates(model, example_input.to(device)) if example_input is not None else {}
     rows = []
@@ -100,6 +110,15 @@ def layer_statistics(model: nn.Module, example_input: torch.Tensor | None) -> li
 
 
 def totals(rows: list[LayerStatistics]) -> dict[str, float]:
+    """The whole model's counts from its rows.
+
+    Args:
+        rows: from layer_statistics.
+
+    Returns:
+        {"weights", "kept", "kept_fraction", "compression", "multiply_accumulates",
+        "kept_multiply_accumulates_fraction"}.
+    """
     weights = sum(row.weights for row in rows)
     kept = sum(row.kept for row in rows)
     macs = sum(row.multiply_accumulates for row in rows)
@@ -115,7 +134,15 @@ def totals(rows: list[LayerStatistics]) -> dict[str, float]:
 
 
 def format_table(rows: list[LayerStatistics], markdown: bool = False) -> str:
-    """The Han et al. (2015) table: layer, weights, weights% kept, FLOPs% kept, and a total row."""
+    """The Han et al. (2015) table: layer, weights, weights% kept, FLOPs% kept, and a total row.
+
+    Args:
+        rows: from layer_statistics.
+        markdown: a Markdown table.
+
+    Returns:
+        The table.
+    """
     summary = totals(rows)
     header = ["layer", "weights", "weights% kept", "FLOPs% kept"]
     body = [
@@ -139,10 +166,25 @@ def format_table(rows: list[LayerStatistics], markdown: bool = False) -> str:
 
 
 def as_dicts(rows: list[LayerStatistics]) -> list[dict]:
+    """The rows as JSON-ready dicts (with the kept fraction), for a stage's log.
+
+    Args:
+        rows: from layer_statistics.
+
+    Returns:
+        One dict per row.
+    """
     return [{**asdict(row), "kept_fraction": row.kept_fraction} for row in rows]
 
 
 def from_dicts(rows: list[dict]) -> list[LayerStatistics]:
-    """The rows `as_dicts` wrote (into a stage's log) back as LayerStatistics."""
+    """The rows `as_dicts` wrote (into a stage's log) back as LayerStatistics.
+
+    Args:
+        rows: the dicts.
+
+    Returns:
+        The LayerStatistics.
+    """
     names = {item for item in LayerStatistics.__dataclass_fields__}
     return [LayerStatistics(**{key: value for key, value in row.items() if key in names}) for row in rows]

@@ -48,11 +48,26 @@ class SurgeryMask(nn.Module):
         self.high = high
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight with the masked entries zeroed; gradients reach every entry (straight through).
+
+        Args:
+            weight: the full-precision weight.
+
+        Returns:
+            weight x mask.
+        """
         return _StraightThroughMask.apply(weight, self.mask.to(weight.dtype))
 
     @torch.no_grad()
     def update(self, weight: torch.Tensor) -> int:
-        """Apply h_k to the full-precision weights; returns how many entries changed."""
+        """Apply h_k to the full-precision weights; returns how many entries changed.
+
+        Args:
+            weight: the full-precision weight.
+
+        Returns:
+            How many mask entries changed.
+        """
         magnitude = weight.abs()
         new_mask = torch.where(magnitude < self.low, False, torch.where(magnitude > self.high, True, self.mask))
         changed = int((new_mask != self.mask).sum())
@@ -65,6 +80,17 @@ def layer_threshold(weight: torch.Tensor, crate: float | None = None, sparsity: 
 
     With `crate` (Guo et al.): mean(|w|) + crate * std(|w|). With `sparsity`: the magnitude
     below which that fraction of the weights lies, which is easier to aim at a target.
+
+    Args:
+        weight: the weight.
+        crate: the threshold in standard deviations above the mean magnitude; or
+        sparsity: the fraction below the threshold.
+
+    Returns:
+        The threshold.
+
+    Raises:
+        ConfigError: both or neither of `crate` and `sparsity`, or one out of range.
     """
     magnitude = weight.detach().abs().flatten().double()
     if (crate is None) == (sparsity is None):
@@ -83,7 +109,15 @@ def layer_threshold(weight: torch.Tensor, crate: float | None = None, sparsity: 
 
 
 def start_surgery(layer: Weight | nn.Module, threshold: float) -> SurgeryMask:
-    """Register a SurgeryMask on the weight `layer` with a_k, b_k around `threshold`."""
+    """Register a SurgeryMask on the weight `layer` with a_k, b_k around `threshold`.
+
+    Args:
+        layer: a Weight or a single-weight module.
+        threshold: the layer's threshold.
+
+    Returns:
+        The SurgeryMask.
+    """
     layer = as_weight(layer)
     low, high = (1 - THRESHOLD_MARGIN) * threshold, (1 + THRESHOLD_MARGIN) * threshold
     surgery = SurgeryMask(layer.value.detach().abs() > threshold, low, high)
@@ -92,11 +126,29 @@ def start_surgery(layer: Weight | nn.Module, threshold: float) -> SurgeryMask:
 
 
 def surgery_of(layer: Weight | nn.Module) -> SurgeryMask | None:
+    """The weight's SurgeryMask parametrization, if DNS is in progress on it.
+
+    Args:
+        layer: a Weight or a single-weight module.
+
+    Returns:
+        The SurgeryMask, or None.
+    """
     return next((item for item in as_weight(layer).parametrizations() if isinstance(item, SurgeryMask)), None)
 
 
 def finish_surgery(layer: Weight | nn.Module) -> torch.Tensor:
-    """Replace the DNS parametrization by a fixed pruning mask; returns that mask."""
+    """Replace the DNS parametrization by a fixed pruning mask; returns that mask.
+
+    Args:
+        layer: a Weight or a single-weight module.
+
+    Returns:
+        The keep-mask.
+
+    Raises:
+        ConfigError: no surgery is in progress on it.
+    """
     layer = as_weight(layer)
     surgery = surgery_of(layer)
     if surgery is None:
@@ -135,6 +187,26 @@ def dynamic_network_surgery(
     The result leaves ordinary PruningMask parametrizations, so the usual retraining, the
     quantization stage and the encoder all take it from there. `task` (default classification)
     gives the loss and the logged metric; `criterion` replaces the loss (a DistillationLoss, say).
+
+    Args:
+        model: the model, changed in place.
+        train_loader: the training batches.
+        config: the training (epochs, learning rate, ...).
+        crates: {layer glob: crate}; or
+        sparsities: {layer glob: sparsity}.
+        gamma: with `power`, the probability of a mask update at step t, (1 + gamma t)^-power.
+        power: see `gamma`.
+        validation_loader: the batches the metric is logged on.
+        device: where to train.
+        task: the task.
+        criterion: a loss in place of the task's.
+        progress: progress bars.
+
+    Returns:
+        The SurgeryResult: history, masks, and the entries spliced back.
+
+    Raises:
+        ConfigError: both or neither of `crates` and `sparsities`, or a value out of range.
     """
     chosen = dict(crates or {}) if crates else dict(sparsities or {})
     if not chosen or (crates and sparsities):

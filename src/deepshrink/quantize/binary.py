@@ -21,7 +21,16 @@ from deepshrink.errors import ConfigError
 
 
 def binarize(weights: torch.Tensor, stochastic: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """+1 / -1 values; sign(0) is +1. Stochastic: +1 with probability clip((w + 1) / 2, 0, 1)."""
+    """+1 / -1 values; sign(0) is +1. Stochastic: +1 with probability clip((w + 1) / 2, 0, 1).
+
+    Args:
+        weights: the real-valued weights.
+        stochastic: draw each sign at random (else deterministic sign).
+        generator: the random source of the stochastic draws.
+
+    Returns:
+        The binary values, `weights`' dtype.
+    """
     if not stochastic:
         return torch.where(weights >= 0, 1.0, -1.0).to(weights.dtype)
     probability = ((weights + 1) / 2).clamp(0, 1)
@@ -48,6 +57,14 @@ class BinaryWeights(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, weights: torch.Tensor) -> torch.Tensor:
+        """The binarized weight (stochastic only while training); gradients pass straight through.
+
+        Args:
+            weights: the real-valued weight.
+
+        Returns:
+            +1 / -1 values.
+        """
         stochastic = self.stochastic and self.training
         return _StraightThroughBinarize.apply(weights, stochastic, self.generator)
 
@@ -68,11 +85,31 @@ class SignActivation(nn.Module):
     """sign(r) forward; g_r = g_q * 1(|r| <= 1) backward."""
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """sign(inputs), with the straight-through gradient inside [-1, 1].
+
+        Args:
+            inputs: the activations.
+
+        Returns:
+            +1 / -1 values.
+        """
         return _SignStraightThrough.apply(inputs)
 
 
 def binary_connect(model: nn.Module, stochastic: bool = False, seed: int = 0) -> nn.Module:
-    """Binarize the weights of every Linear and Conv layer of `model` (in place)."""
+    """Binarize the weights of every Linear and Conv layer of `model` (in place).
+
+    Args:
+        model: the model, changed in place.
+        stochastic: stochastic binarization while training.
+        seed: the seed of the stochastic draws.
+
+    Returns:
+        `model`.
+
+    Raises:
+        ConfigError: the model has no Linear or Conv layer.
+    """
     found = False
     for module in model.modules():
         if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
@@ -86,7 +123,12 @@ def binary_connect(model: nn.Module, stochastic: bool = False, seed: int = 0) ->
 
 
 def clip_real_weights(model: nn.Module, step: int = 0) -> None:
-    """After each update, keep the real-valued weights in [-1, 1] (BinaryConnect's clip)."""
+    """After each update, keep the real-valued weights in [-1, 1] (BinaryConnect's clip).
+
+    Args:
+        model: the model, changed in place.
+        step: the optimizer step (the after_step protocol of `fit`; unused).
+    """
     with torch.no_grad():
         for module in model.modules():
             if parametrize.is_parametrized(module, "weight") and any(
@@ -105,6 +147,15 @@ def binary_mlp(
 
     With `binarize_activations` the hidden activations are sign(.) (a binarized network);
     otherwise ReLU (BinaryConnect, which binarizes the weights only).
+
+    Args:
+        hidden: the hidden layers' widths.
+        in_features: the flattened input's size.
+        num_classes: the outputs.
+        binarize_activations: sign activations (BNN) instead of ReLU.
+
+    Returns:
+        The nn.Sequential.
     """
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features

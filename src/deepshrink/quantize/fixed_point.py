@@ -37,18 +37,22 @@ class FixedPointFormat:
 
     @property
     def resolution(self) -> float:
+        """The grid step, 2^-fraction_bits."""
         return 2.0**-self.fraction_bits
 
     @property
     def minimum(self) -> float:
+        """The most negative value, -2^(integer_bits - 1)."""
         return -(2.0 ** (self.integer_bits - 1))
 
     @property
     def maximum(self) -> float:
+        """The largest value, 2^(integer_bits - 1) - resolution."""
         return 2.0 ** (self.integer_bits - 1) - self.resolution
 
     @property
     def word_length(self) -> int:
+        """The bits per value: integer_bits + fraction_bits."""
         return self.integer_bits + self.fraction_bits
 
 
@@ -58,7 +62,20 @@ def quantize_fixed_point(
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Round `values` onto the <IL, FL> grid, saturating at the range limits."""
+    """Round `values` onto the <IL, FL> grid, saturating at the range limits.
+
+    Args:
+        values: the values.
+        number_format: the <IL, FL> format.
+        rounding: "nearest" or "stochastic".
+        generator: the random source of stochastic rounding.
+
+    Returns:
+        The rounded values, `values`' dtype.
+
+    Raises:
+        ConfigError: an unknown rounding.
+    """
     if rounding not in ROUNDINGS:
         raise ConfigError(f"rounding={rounding!r} should be one of {', '.join(ROUNDINGS)}")
     scaled = values.double() / number_format.resolution
@@ -89,5 +106,11 @@ class FixedPointParameters:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, step: int = 0) -> None:
+        """Round every parameter of `model` onto the grid, in place.
+
+        Args:
+            model: the model.
+            step: the optimizer step (the after_step protocol of `fit`; unused).
+        """
         for parameter in model.parameters():
             parameter.copy_(quantize_fixed_point(parameter, self.number_format, self.rounding, self.generator))

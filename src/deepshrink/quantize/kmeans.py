@@ -48,7 +48,20 @@ class KMeansResult:
 
 
 def initial_centroids(sorted_values: np.ndarray, clusters: int, method: str, seed: int = 0) -> np.ndarray:
-    """The starting centroids for `method`, ascending, from already sorted values."""
+    """The starting centroids for `method`, ascending, from already sorted values.
+
+    Args:
+        sorted_values: the values, ascending.
+        clusters: how many centroids.
+        method: "linear", "density", "random" or "optimal".
+        seed: the seed of "random".
+
+    Returns:
+        The centroids, float64.
+
+    Raises:
+        ConfigError: an unknown method.
+    """
     if method not in INITIALIZATIONS:
         raise ConfigError(f"init={method!r} should be one of {', '.join(INITIALIZATIONS)}")
     if method == "optimal":
@@ -86,7 +99,14 @@ def sort_values(values: np.ndarray) -> np.ndarray:
     """`values` sorted ascending, as np.sort gives them (finite values). Large float32 inputs
     go through a three-pass radix sort: 1.56 s for 100M weights where np.sort took 6.07 s on
     this machine (numpy's vectorised sort is not dispatched here), with one 400 MB scratch
-    array as np.sort's copy would be."""
+    array as np.sort's copy would be.
+
+    Args:
+        values: a flat array of finite values.
+
+    Returns:
+        A sorted copy.
+    """
     if values.dtype != np.float32 or values.size < RADIX_FROM:
         return np.sort(values)
     out = np.empty_like(values)
@@ -398,6 +418,20 @@ def kmeans_1d(
     """Cluster 1-D `values` into `clusters` groups by Lloyd's algorithm, run to convergence.
 
     `init` is a method name or an explicit array of starting centroids.
+
+    Args:
+        values: the values (flattened).
+        clusters: k, 1 to MAX_CLUSTERS.
+        init: the initialisation (see `initial_centroids`), or starting centroids.
+        seed: the seed of random initialisation.
+        max_iterations: a bound on Lloyd's iterations.
+
+    Returns:
+        The KMeansResult: centroids, labels, inertia, iterations and starting centroids.
+
+    Raises:
+        ConfigError: `clusters` out of range, no values, non-finite values, or an explicit
+            init of another length.
     """
     values = np.asarray(values)
     if values.ndim != 1:

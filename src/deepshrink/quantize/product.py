@@ -19,7 +19,20 @@ from deepshrink.errors import ConfigError
 
 
 def vector_kmeans(rows: torch.Tensor, clusters: int, seed: int = 0, max_iterations: int = 200):
-    """k-means on row vectors: k-means++ seeding, then Lloyd until assignments stop changing."""
+    """k-means on row vectors: k-means++ seeding, then Lloyd until assignments stop changing.
+
+    Args:
+        rows: the vectors, one per row.
+        clusters: k, at most the number of rows.
+        seed: the seed of the seeding.
+        max_iterations: a bound on Lloyd's iterations.
+
+    Returns:
+        (centroids, labels).
+
+    Raises:
+        ConfigError: `clusters` out of range.
+    """
     rows = rows.detach().double()
     count = rows.shape[0]
     if not 1 <= clusters <= count:
@@ -54,10 +67,16 @@ class ProductQuantized:
     shape: tuple[int, int]
 
     def reconstruct(self) -> torch.Tensor:
+        """The approximated matrix: each sub-vector replaced by its centroid.
+
+        Returns:
+            The (rows, columns) matrix.
+        """
         return torch.cat([codebook[self.codes[:, index]] for index, codebook in enumerate(self.codebooks)], dim=1)
 
     @property
     def compression_rate(self) -> float:
+        """The 32-bit matrix's bits over the codebooks' and codes' bits."""
         rows, columns = self.shape
         clusters, groups = self.codebooks[0].shape[0], len(self.codebooks)
         return 32 * rows * columns / (32 * clusters * columns + math.log2(max(clusters, 2)) * rows * groups)
@@ -70,16 +89,37 @@ class ResidualQuantized:
     shape: tuple[int, int]
 
     def reconstruct(self) -> torch.Tensor:
+        """The approximated matrix: the sum of every stage's centroids.
+
+        Returns:
+            The (rows, columns) matrix.
+        """
         return sum(codebook[codes] for codebook, codes in zip(self.codebooks, self.codes, strict=True))
 
     @property
     def compression_rate(self) -> float:
+        """The 32-bit matrix's bits over the codebooks' and codes' bits."""
         rows, columns = self.shape
         clusters, stages = self.codebooks[0].shape[0], len(self.codebooks)
         return 32 * rows * columns / (stages * math.log2(max(clusters, 2)) * rows + 32 * stages * clusters * columns)
 
 
 def product_quantize(weight: torch.Tensor, subspaces: int, clusters: int, seed: int = 0) -> ProductQuantized:
+    """Product quantization (Gong et al. 2014): the columns cut into `subspaces` groups, each
+    group's row vectors clustered by k-means.
+
+    Args:
+        weight: a 2-D matrix.
+        subspaces: how many column groups; must divide the columns.
+        clusters: centroids per group.
+        seed: the seed of k-means.
+
+    Returns:
+        The ProductQuantized codebooks and codes.
+
+    Raises:
+        ConfigError: not 2-D, or `subspaces` does not divide the columns.
+    """
     if weight.dim() != 2:
         raise ConfigError(f"product quantization takes a 2-D weight matrix, got shape {tuple(weight.shape)}")
     rows, columns = weight.shape
@@ -95,6 +135,20 @@ def product_quantize(weight: torch.Tensor, subspaces: int, clusters: int, seed: 
 
 
 def residual_quantize(weight: torch.Tensor, stages: int, clusters: int, seed: int = 0) -> ResidualQuantized:
+    """Residual quantization: k-means on the rows, then on what is left, `stages` times.
+
+    Args:
+        weight: a 2-D matrix.
+        stages: how many stages.
+        clusters: centroids per stage.
+        seed: the seed of k-means.
+
+    Returns:
+        The ResidualQuantized codebooks and codes.
+
+    Raises:
+        ConfigError: not 2-D, or `stages` below 1.
+    """
     if weight.dim() != 2:
         raise ConfigError(f"residual quantization takes a 2-D weight matrix, got shape {tuple(weight.shape)}")
     if stages < 1:

@@ -10,6 +10,15 @@ from deepshrink.tables import render_table
 
 
 def sharing_rows(model: nn.Module, records: dict[str, SharingRecord]) -> list[dict]:
+    """One row per shared weight: its size, kept fraction, bits, distinct values and k-means inertia.
+
+    Args:
+        model: the shared model.
+        records: {weight name: SharingRecord}.
+
+    Returns:
+        The rows as dicts.
+    """
     rows = []
     for name, layer in compressible_weights(model).items():
         if name not in records:
@@ -30,6 +39,15 @@ def sharing_rows(model: nn.Module, records: dict[str, SharingRecord]) -> list[di
 
 
 def format_sharing_table(rows: list[dict], markdown: bool = False) -> str:
+    """The sharing table: bits and distinct values against the 2^bits limit.
+
+    Args:
+        rows: from sharing_rows.
+        markdown: a Markdown table.
+
+    Returns:
+        The table.
+    """
     header = ["layer", "weights", "weights% kept", "bits", "distinct values", "limit 2^bits"]
     body = [
         [

@@ -72,17 +72,36 @@ class SharedWeights(nn.Module):
         self.register_buffer("zero_code", torch.tensor(bool(zero_code)))
 
     def full_codebook(self) -> torch.Tensor:
-        """Every code's value: with a zero code, entry 0 is a constant 0.0 ahead of the Parameter."""
+        """Every code's value: with a zero code, entry 0 is a constant 0.0 ahead of the Parameter.
+
+        Returns:
+            The codebook, with the zero entry where there is one.
+        """
         if bool(self.zero_code):
             return torch.cat([self.codebook.new_zeros(1), self.codebook])
         return self.codebook
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight drawn from the codebook; each centroid's gradient sums its weights' gradients.
+
+        Args:
+            weight: the original weight (its dtype only).
+
+        Returns:
+            codebook[indices].
+        """
         return _CodebookLookup.apply(self.full_codebook(), self.indices).to(weight.dtype)
 
 
 def index_dtype(bits: int) -> torch.dtype:
-    """The narrowest torch type that holds every code of a `bits`-bit codebook."""
+    """The narrowest torch type that holds every code of a `bits`-bit codebook.
+
+    Args:
+        bits: the codebook's width.
+
+    Returns:
+        uint8, int16 or int32.
+    """
     return torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32
 
 
@@ -115,6 +134,19 @@ def share_layer_weights(
     `zero_code` reserves code 0 for exact zero; the default reserves it when the layer has
     any zero weights (a pruned layer). A pruning parametrization on the layer is folded in:
     its zeros become code 0.
+
+    Args:
+        layer: a Weight or a single-weight module.
+        bits: the codebook's width, 1 to MAX_BITS.
+        init: the k-means initialisation.
+        seed: the seed of k-means.
+        zero_code: reserve code 0 for zero (default: when there are zeros).
+
+    Returns:
+        The SharingRecord.
+
+    Raises:
+        ConfigError: `bits` out of range, or a parametrization other than a pruning mask.
     """
     _check_bits(bits)
     layer = as_weight(layer)
@@ -160,7 +192,14 @@ def share_layer_weights(
 
 
 def default_bits(layers: Mapping[str, Weight]) -> dict[str, int]:
-    """The paper's defaults: 8 bits for convolutions, 5 for fully connected layers."""
+    """The paper's defaults: 8 bits for convolutions, 5 for fully connected layers.
+
+    Args:
+        layers: {name: Weight}.
+
+    Returns:
+        {name: bits}.
+    """
     return {name: paper_default_bits(layer) for name, layer in layers.items()}
 
 
@@ -172,7 +211,20 @@ def share_weights(
     seed: int = 0,
 ) -> dict[str, SharingRecord]:
     """Share the weights of the layers matched by `bits` ({glob: bits}); all layers at the paper's
-    defaults when `bits` is None. Returns what was done to each layer."""
+    defaults when `bits` is None. Returns what was done to each layer.
+
+    Args:
+        model: the model, changed in place.
+        bits: {layer glob: bits}, or None.
+        init: the k-means initialisation.
+        seed: the seed of k-means.
+
+    Returns:
+        {weight name: SharingRecord}.
+
+    Raises:
+        ConfigError: a glob matches nothing, or a width is out of range.
+    """
     if bits is None:
         layers = compressible_weights(model)
         resolved = default_bits(layers)
@@ -183,7 +235,14 @@ def share_weights(
 
 
 def sharing_of(weight: Weight | nn.Module) -> SharedWeights | None:
-    """The weight's SharedWeights parametrization, if it has one."""
+    """The weight's SharedWeights parametrization, if it has one.
+
+    Args:
+        weight: a Weight or a single-weight module.
+
+    Returns:
+        The SharedWeights, or None.
+    """
     return next((item for item in as_weight(weight).parametrizations() if isinstance(item, SharedWeights)), None)
 
 
@@ -205,9 +264,18 @@ def remove_sharing(model: nn.Module) -> nn.Module:
 def restore_sharing(model: nn.Module, state_dict: Mapping[str, torch.Tensor], position: int | None = None) -> nn.Module:
     """Register the sharing that a weight-shared model's state_dict holds, so loading then fits.
 
-    `position` restores only the sharing at that place in its layer's parametrization list (see
-    prune.module.restore_pruning). Raises ConfigError for a layer the model does not have, a
-    codebook without its indices, or an entry out of order.
+    Args:
+        model: the model, changed in place.
+        state_dict: the state_dict to be loaded.
+        position: restore only the sharing at that place in its layer's parametrization list
+            (see prune.module.restore_pruning).
+
+    Returns:
+        `model`.
+
+    Raises:
+        ConfigError: a layer the model does not have, a codebook without its indices, or an
+            entry out of order.
     """
     weights = weights_by_key(model)
     for key, place, prefix in parametrization_entries(state_dict, "codebook"):
@@ -226,4 +294,12 @@ def restore_sharing(model: nn.Module, state_dict: Mapping[str, torch.Tensor], po
 
 
 def distinct_values(weight: Weight | nn.Module) -> int:
+    """How many distinct values the weight holds (at most 2^bits when shared).
+
+    Args:
+        weight: a Weight or a single-weight module.
+
+    Returns:
+        The count.
+    """
     return int(torch.unique(as_weight(weight).value.detach()).numel())

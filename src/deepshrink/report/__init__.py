@@ -24,14 +24,29 @@ from deepshrink.tables import render_table
 
 def shown(value: float | None, metric_name: str) -> str:
     """A metric's value as a reader expects it: accuracies in percent, anything else as a number
-    (None, from a run without data: "not measured")."""
+    (None, from a run without data: "not measured").
+
+    Args:
+        value: the metric's value, or None.
+        metric_name: the metric's name.
+
+    Returns:
+        The text.
+    """
     if value is None:
         return "not measured"
     return f"{100 * value:.2f}%" if "accuracy" in metric_name else f"{value:.4f}"
 
 
 def change(result) -> str:
-    """The compressed model's metric against the reference's: in points for an accuracy."""
+    """The compressed model's metric against the reference's: in points for an accuracy.
+
+    Args:
+        result: the RunResult.
+
+    Returns:
+        E.g. "-0.12 points".
+    """
     if result.reference_metric is None:
         return "no data to measure on"
     difference = result.compressed_metric - result.reference_metric
@@ -44,7 +59,15 @@ def _paper_row(result):
 
 
 def table1(result, markdown: bool = False) -> str:
-    """The paper's Table 1 row for this run, with the paper's own row when it has one."""
+    """The paper's Table 1 row for this run, with the paper's own row when it has one.
+
+    Args:
+        result: the RunResult.
+        markdown: a Markdown table.
+
+    Returns:
+        The table.
+    """
     classification = result.task == "classification"
     name = result.metric_name
     header = ["network"]
@@ -84,7 +107,16 @@ def table1(result, markdown: bool = False) -> str:
 
 
 def paper_comparison(model_name: str, rows, markdown: bool = True) -> str | None:
-    """Our per-layer columns next to the paper's Table 2 / 3 (P+Q+H columns)."""
+    """Our per-layer columns next to the paper's Table 2 / 3 (P+Q+H columns).
+
+    Args:
+        model_name: the model (the paper has LeNet-300-100 and LeNet-5).
+        rows: from size_report.
+        markdown: a Markdown table.
+
+    Returns:
+        The table, or None for a model the paper does not have.
+    """
     paper = PAPER.get(model_name)
     if paper is None:
         return None
@@ -115,7 +147,14 @@ def paper_comparison(model_name: str, rows, markdown: bool = True) -> str | None
 
 
 def plan_lines(result) -> list[str]:
-    """What a recipe's target chose for each layer, and why (plan.py)."""
+    """What a recipe's target chose for each layer, and why (plan.py).
+
+    Args:
+        result: the RunResult.
+
+    Returns:
+        The report's lines.
+    """
     from deepshrink.plan import format_plan
 
     plan = result.plan
@@ -147,6 +186,14 @@ def plan_lines(result) -> list[str]:
 
 
 def stage_lines(result) -> list[str]:
+    """One line per stage: ran or cached, its time, its validation metric and key.
+
+    Args:
+        result: the RunResult.
+
+    Returns:
+        The lines.
+    """
     lines = []
     for stage in result.stages:
         state = "cached" if stage.cached else "ran"
@@ -161,86 +208,24 @@ def stage_lines(result) -> list[str]:
 
 
 def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dict:
-    """RUN_DIR/report.md, report.json and the figures; returns the JSON data."""
-    from deepshrink.stages.quantize import sharing_records
+    """RUN_DIR/report.md, report.json and the figures; returns the JSON data.
 
+    Args:
+        result: the RunResult.
+        recipe: the Recipe run.
+        model: the compressed model (for Figure 4).
+        tradeoff: the Figure 6 curves, or None.
+
+    Returns:
+        The report's JSON data.
+
+    Raises:
+        OutputError: a file cannot be written.
+    """
     run_dir = Path(result.run_dir)
     rows, totals = size_report(inspect_header(result.path)[0])
-    records = {}
-    for stage in result.stages:  # the k-means records behind Figure 4, from the stage that shared weights
-        records.update(sharing_records(stage.result))
-    figures = {}
-    if records:
-        figures["figure4"] = plot_codebooks(model, records, run_dir / "figure4-codebook.png").name
-    if any(row.weight_bits is not None for row in rows):
-        figures["figure5"] = plot_distributions(result.path, run_dir / "figure5-distributions.png").name
-    if tradeoff is not None:
-        plot_tradeoff(tradeoff, run_dir / "figure6-tradeoff.png")
-        figures["figure6"] = "figure6-tradeoff.png"
-
-    lines = [
-        f"# deepshrink report: {result.model_name}",
-        "",
-        f"File `{result.path.name}`: {result.file_bytes:,} bytes, {result.ratio:.1f}x smaller than the "
-        f"{result.parameter_bytes:,} bytes of fp32 parameters. {_measured(result)}",
-        "",
-        f"Task: {result.task}; data: {result.data_name}"
-        + ("; targets made from the original model's outputs (the data has none)" if result.targets != "given" else "")
-        + ("; no test split, so the validation split reports" if result.evaluated_on == "validation" else "")
-        + (
-            "; no data was given, so the weights were pruned and shared without retraining or "
-            "fine-tuning, BatchNorm was left unfolded, and no metric was measured"
-            if result.evaluated_on == "nothing"
-            else ""
-        )
-        + (
-            f"; retrained on {result.processes} processes (torchrun), each on its shard of the training split, "
-            "with the same masks and codebooks on every one"
-            if result.processes > 1
-            else ""
-        )
-        + ".",
-        "",
-        "## Table 1",
-        "",
-        table1(result, markdown=True),
-        "",
-        "## Per layer (the paper's Tables 2-3 columns, from the file's bytes)",
-        "",
-        format_size_table(rows, totals, markdown=True),
-        "",
-    ]
-    comparison = paper_comparison(result.model_name, rows) if _paper_row(result) else None
-    if comparison is not None:
-        lines += [f"Beside the paper's {PAPER[result.model_name].table} (MNIST):", "", comparison, ""]
-    if result.plan is not None:
-        lines += plan_lines(result)
-    lines += ["## Stages", "", *stage_lines(result), ""]
-    captions = {
-        "figure4": "Figure 4: centroid initialisation on the weights' CDF, and the codebook before and after "
-        "fine-tuning (largest layer)",
-        "figure5": "Figure 5: distribution of weight codes and index gaps (largest layer), what Huffman exploits",
-        "figure6": f"Figure 6: {result.evaluated_on} {result.metric_name} against compression ratio for pruning "
-        "only, quantization only, both, and SVD low-rank, each from the reference with brief retraining",
-    }
-    if figures:
-        lines += ["## Figures", ""]
-        for key, name in figures.items():
-            lines += [f"![{key}]({name})", "", captions[key], ""]
-    if tradeoff is not None:
-        header = ["method", "setting", "bytes", "ratio", f"{result.evaluated_on} {result.metric_name}"]
-        body = [
-            [
-                point["method"],
-                point["setting"],
-                f"{point['bytes']:,}",
-                f"{point['ratio']:.1f}x",
-                shown(point["metric"], result.metric_name),
-            ]
-            for point in tradeoff["points"]
-        ]
-        lines += ["Figure 6 data:", "", render_table(header, body, markdown=True), ""]
-
+    figures = _draw_figures(result, model, rows, tradeoff, run_dir)
+    lines = _markdown_lines(result, rows, totals, figures, tradeoff)
     data = {
         "model": result.model_name,
         "file": result.path.name,
@@ -271,9 +256,117 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
     return data
 
 
+def _draw_figures(result, model: nn.Module, rows, tradeoff: dict | None, run_dir: Path) -> dict[str, str]:
+    """The run's figures, drawn into `run_dir`: {"figure4" | "figure5" | "figure6": file name}."""
+    from deepshrink.stages.quantize import sharing_records
+
+    records = {}
+    for stage in result.stages:  # the k-means records behind Figure 4, from the stage that shared weights
+        records.update(sharing_records(stage.result))
+    figures = {}
+    if records:
+        figures["figure4"] = plot_codebooks(model, records, run_dir / "figure4-codebook.png").name
+    if any(row.weight_bits is not None for row in rows):
+        figures["figure5"] = plot_distributions(result.path, run_dir / "figure5-distributions.png").name
+    if tradeoff is not None:
+        plot_tradeoff(tradeoff, run_dir / "figure6-tradeoff.png")
+        figures["figure6"] = "figure6-tradeoff.png"
+    return figures
+
+
+def _setting_sentence(result) -> str:
+    """The task and data, and what about them changed the run (no targets, no test split, no
+    data at all, several processes)."""
+    return (
+        f"Task: {result.task}; data: {result.data_name}"
+        + ("; targets made from the original model's outputs (the data has none)" if result.targets != "given" else "")
+        + ("; no test split, so the validation split reports" if result.evaluated_on == "validation" else "")
+        + (
+            "; no data was given, so the weights were pruned and shared without retraining or "
+            "fine-tuning, BatchNorm was left unfolded, and no metric was measured"
+            if result.evaluated_on == "nothing"
+            else ""
+        )
+        + (
+            f"; retrained on {result.processes} processes (torchrun), each on its shard of the training split, "
+            "with the same masks and codebooks on every one"
+            if result.processes > 1
+            else ""
+        )
+        + "."
+    )
+
+
+def _markdown_lines(result, rows, totals: dict, figures: dict[str, str], tradeoff: dict | None) -> list[str]:
+    """report.md, line by line."""
+    lines = [
+        f"# deepshrink report: {result.model_name}",
+        "",
+        f"File `{result.path.name}`: {result.file_bytes:,} bytes, {result.ratio:.1f}x smaller than the "
+        f"{result.parameter_bytes:,} bytes of fp32 parameters. {_measured(result)}",
+        "",
+        _setting_sentence(result),
+        "",
+        "## Table 1",
+        "",
+        table1(result, markdown=True),
+        "",
+        "## Per layer (the paper's Tables 2-3 columns, from the file's bytes)",
+        "",
+        format_size_table(rows, totals, markdown=True),
+        "",
+    ]
+    comparison = paper_comparison(result.model_name, rows) if _paper_row(result) else None
+    if comparison is not None:
+        lines += [f"Beside the paper's {PAPER[result.model_name].table} (MNIST):", "", comparison, ""]
+    if result.plan is not None:
+        lines += plan_lines(result)
+    lines += ["## Stages", "", *stage_lines(result), ""]
+    return lines + _figure_lines(result, figures, tradeoff)
+
+
+def _figure_lines(result, figures: dict[str, str], tradeoff: dict | None) -> list[str]:
+    """The figures with their captions, and the Figure 6 points as a table."""
+    captions = {
+        "figure4": "Figure 4: centroid initialisation on the weights' CDF, and the codebook before and after "
+        "fine-tuning (largest layer)",
+        "figure5": "Figure 5: distribution of weight codes and index gaps (largest layer), what Huffman exploits",
+        "figure6": f"Figure 6: {result.evaluated_on} {result.metric_name} against compression ratio for pruning "
+        "only, quantization only, both, and SVD low-rank, each from the reference with brief retraining",
+    }
+    lines = []
+    if figures:
+        lines += ["## Figures", ""]
+        for key, name in figures.items():
+            lines += [f"![{key}]({name})", "", captions[key], ""]
+    if tradeoff is not None:
+        header = ["method", "setting", "bytes", "ratio", f"{result.evaluated_on} {result.metric_name}"]
+        body = [
+            [
+                point["method"],
+                point["setting"],
+                f"{point['bytes']:,}",
+                f"{point['ratio']:.1f}x",
+                shown(point["metric"], result.metric_name),
+            ]
+            for point in tradeoff["points"]
+        ]
+        lines += ["Figure 6 data:", "", render_table(header, body, markdown=True), ""]
+    return lines
+
+
 def stage_figure(model: nn.Module, stage_result, directory: Path) -> Path | None:
     """The figure one stage's report gets: the codebooks on the weights (Figure 4) for a stage
-    that shared weights, the code and gap distributions (Figure 5) for one that wrote a file."""
+    that shared weights, the code and gap distributions (Figure 5) for one that wrote a file.
+
+    Args:
+        model: the model after the stage.
+        stage_result: the stage's result.
+        directory: where to write the figure.
+
+    Returns:
+        The figure's path, or None for a stage without one.
+    """
     from deepshrink.stages.quantize import sharing_records
 
     records = sharing_records(stage_result)
@@ -288,7 +381,14 @@ def stage_figure(model: nn.Module, stage_result, directory: Path) -> Path | None
 
 
 def summary(result) -> str:
-    """What the CLI prints at the end of a run."""
+    """What the CLI prints at the end of a run.
+
+    Args:
+        result: the RunResult.
+
+    Returns:
+        The text.
+    """
     rows, totals = size_report(inspect_header(result.path)[0])
     parts = [format_size_table(rows, totals), "", table1(result)]
     comparison = paper_comparison(result.model_name, rows, markdown=False) if _paper_row(result) else None

@@ -42,6 +42,15 @@ def plot_codebooks(
 
     Left: the CDF of the non-zero weights with the initial centroids marked on it.
     Right: the weight distribution with the codebook after k-means and after fine-tuning.
+
+    Args:
+        model: the shared model (its fine-tuned codebooks).
+        records: {weight name: SharingRecord}.
+        path: the PNG to write.
+        layer: the weight to plot (default: the largest).
+
+    Returns:
+        `path` as a Path.
     """
     plt = _pyplot()
 
@@ -80,7 +89,19 @@ def plot_codebooks(
 
 def plot_distributions(path: str | os.PathLike, out: str | os.PathLike, layer: str | None = None) -> Path:
     """Han et al. (2016) Figure 5 for one layer of a .dcz file (the largest by default):
-    how often each weight code and each index gap occurs, which is what Huffman exploits."""
+    how often each weight code and each index gap occurs, which is what Huffman exploits.
+
+    Args:
+        path: the .dcz file.
+        out: the PNG to write.
+        layer: the tensor to plot (default: the one with the most codes).
+
+    Returns:
+        `out` as a Path.
+
+    Raises:
+        FormatError: the file is malformed or holds no weight-shared tensor.
+    """
     plt = _pyplot()
 
     from deepshrink.compressed import open_compressed
@@ -106,7 +127,12 @@ def plot_distributions(path: str | os.PathLike, out: str | os.PathLike, layer: s
 
 def plot_tradeoff(curves: dict, path) -> None:
     """The metric's change against compression ratio, one line per method (Han et al. 2016,
-    Figure 6, where the metric is accuracy); accuracies are shown in points."""
+    Figure 6, where the metric is accuracy); accuracies are shown in points.
+
+    Args:
+        curves: from tradeoff_curves.
+        path: the PNG to write.
+    """
     plt = _pyplot()
     import matplotlib.ticker
 
@@ -138,7 +164,16 @@ def plot_tradeoff(curves: dict, path) -> None:
 
 def plot_sensitivity(result: SensitivityResult, path: str | Path, title: str = "") -> Path:
     """The task's metric against sparsity, one curve per layer (Han et al. 2015, Figure 5, where
-    the metric is accuracy)."""
+    the metric is accuracy).
+
+    Args:
+        result: the analysis.
+        path: the PNG to write.
+        title: the plot's title.
+
+    Returns:
+        `path` as a Path.
+    """
     plt = _pyplot()
 
     scale = 100 if "accuracy" in result.metric_name else 1

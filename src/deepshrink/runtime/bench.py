@@ -12,7 +12,16 @@ from torch import nn
 
 
 def median_seconds(function: Callable[[], object], repeats: int = 50, warmup: int = 5) -> float:
-    """The median wall time of `function` over `repeats` calls, after `warmup` calls."""
+    """The median wall time of `function` over `repeats` calls, after `warmup` calls.
+
+    Args:
+        function: what to time.
+        repeats: timed calls.
+        warmup: untimed calls first.
+
+    Returns:
+        Seconds.
+    """
     for _ in range(warmup):
         function()
     times = []
@@ -25,7 +34,17 @@ def median_seconds(function: Callable[[], object], repeats: int = 50, warmup: in
 
 def example_inputs(batch: int, shape: tuple[int, ...], dtype: str = "float32", generator=None) -> torch.Tensor:
     """Inputs for timing or probing a model: normal noise, or zeros for integer inputs (token
-    ids: 0 is a valid index of every Embedding)."""
+    ids: 0 is a valid index of every Embedding).
+
+    Args:
+        batch: examples.
+        shape: one example's shape.
+        dtype: the inputs' dtype name.
+        generator: the random source.
+
+    Returns:
+        The tensor, (batch, *shape).
+    """
     if dtype.startswith(("int", "uint")):
         return torch.zeros((batch, *shape), dtype=getattr(torch, dtype))
     return torch.randn(batch, *shape, generator=generator, dtype=getattr(torch, dtype))
@@ -39,7 +58,19 @@ def latency_table(
     repeats: int = 50,
     input_dtype: str = "float32",
 ) -> list[dict]:
-    """Per batch size: median milliseconds dense and compressed, alternating so both see the same machine."""
+    """Per batch size: median milliseconds dense and compressed, alternating so both see the same machine.
+
+    Args:
+        dense: the dense model.
+        compressed: the runtime model.
+        input_shape: one example's shape.
+        batches: the batch sizes.
+        repeats: timed calls per batch size.
+        input_dtype: the inputs' dtype name.
+
+    Returns:
+        Rows {"batch", "dense_ms", "compressed_ms", "speedup"}.
+    """
     rows = []
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -71,7 +102,19 @@ def layer_latency_table(
     input_dtype: str = "float32",
 ) -> list[dict]:
     """Per layer that `compressed` runs from the compressed form: median microseconds of that
-    layer alone, dense and compressed, on the input it sees in a forward pass of `dense`."""
+    layer alone, dense and compressed, on the input it sees in a forward pass of `dense`.
+
+    Args:
+        dense: the dense model.
+        compressed: the runtime model.
+        input_shape: one example's shape.
+        batch: the batch size.
+        repeats: timed calls per layer.
+        input_dtype: the inputs' dtype name.
+
+    Returns:
+        Rows {"layer", "form", "dense_us", "compressed_us", "speedup"}.
+    """
     from deepshrink.runtime.modules import CompressedConv2d, CompressedLinear
 
     dense_layers = dict(dense.named_modules())
@@ -115,7 +158,14 @@ def layer_latency_table(
 
 
 def format_latency(rows: list[dict]) -> str:
-    """latency_table's rows as a text table."""
+    """latency_table's rows as a text table.
+
+    Args:
+        rows: from latency_table.
+
+    Returns:
+        The table.
+    """
     from deepshrink.tables import render_table
 
     return render_table(
@@ -128,7 +178,15 @@ def format_latency(rows: list[dict]) -> str:
 
 
 def format_residency(dense: nn.Module, compressed: nn.Module) -> str:
-    """Per weight layer: how `compressed` runs it, and the bytes it keeps against the dense weight's."""
+    """Per weight layer: how `compressed` runs it, and the bytes it keeps against the dense weight's.
+
+    Args:
+        dense: the dense model.
+        compressed: the runtime model.
+
+    Returns:
+        The table.
+    """
     from deepshrink.runtime.load import resident_weight_bytes
     from deepshrink.tables import render_table
 
@@ -150,7 +208,14 @@ def format_residency(dense: nn.Module, compressed: nn.Module) -> str:
 
 
 def format_layer_latency(rows: list[dict]) -> str:
-    """layer_latency_table's rows as a text table."""
+    """layer_latency_table's rows as a text table.
+
+    Args:
+        rows: from layer_latency_table.
+
+    Returns:
+        The table.
+    """
     from deepshrink.tables import render_table
 
     return render_table(
@@ -171,7 +236,11 @@ def format_layer_latency(rows: list[dict]) -> str:
 def machine_description() -> dict:
     """What a benchmark row must say about where it ran: the CPU model, its vector instruction
     sets, which kernels run (the AVX-512 tiled form, or AVX2 and portable code), numba's target
-    and the load average."""
+    and the load average.
+
+    Returns:
+        {"cpu", "cpu_flags", "kernels", "numba_cpu_name", "cores", "load"}.
+    """
     import os
 
     from deepshrink.runtime import tiled

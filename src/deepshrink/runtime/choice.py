@@ -43,7 +43,14 @@ MAXIMUM_CALLS = 50
 
 
 def range_of(batch: int) -> int:
-    """The index in BATCH_RANGES of a batch size (called on every forward: no loop)."""
+    """The index in BATCH_RANGES of a batch size (called on every forward: no loop).
+
+    Args:
+        batch: the batch size.
+
+    Returns:
+        0 (batch 1), 1 (up to 16) or 2 (larger).
+    """
     return 0 if batch <= 1 else 1 if batch <= 16 else 2
 
 
@@ -59,6 +66,7 @@ class LayerChoice:
 
     @property
     def all_dense(self) -> bool:
+        """Whether every batch-size range runs the dense torch form."""
         return all(plan == "dense" for plan in self.plans)
 
 
@@ -101,6 +109,13 @@ def measure_linear(weight: CodebookWeight, kinds: tuple[str, ...] = KINDS) -> La
 
     What is timed is the layer's own forward with that kind everywhere, module call and input
     conversion included, so the comparison is the one a caller sees.
+
+    Args:
+        weight: the compressed weight.
+        kinds: the kinds to time ("compressed", "csr", "dense").
+
+    Returns:
+        The LayerChoice, with the torch forms it chose.
     """
     from deepshrink.runtime.modules import CompressedLinear  # the module uses this one
 
@@ -117,7 +132,16 @@ def measure_linear(weight: CodebookWeight, kinds: tuple[str, ...] = KINDS) -> La
 
 def measure_conv(weight: CodebookWeight, like: nn.Conv2d, input_size: tuple[int, int, int]) -> LayerChoice:
     """The same for a convolution on inputs of `input_size` (channels, height, width): the
-    compressed form through im2col against torch's dense convolution (no CSR convolution)."""
+    compressed form through im2col against torch's dense convolution (no CSR convolution).
+
+    Args:
+        weight: the compressed weight, as a (out, in x kh x kw) matrix.
+        like: the dense convolution (stride, padding, ...).
+        input_size: (channels, height, width).
+
+    Returns:
+        The LayerChoice.
+    """
     from deepshrink.runtime.modules import CompressedConv2d
 
     dense = weight.to_dense().reshape(like.weight.shape)
@@ -131,7 +155,16 @@ def measure_conv(weight: CodebookWeight, like: nn.Conv2d, input_size: tuple[int,
 
 
 def fixed_choice(kind: str, weight: CodebookWeight, shape: tuple[int, ...] | None = None) -> LayerChoice:
-    """Every range running `kind` (no measurement); `shape` is a convolution's weight shape."""
+    """Every range running `kind` (no measurement); `shape` is a convolution's weight shape.
+
+    Args:
+        kind: "compressed", "csr" or "dense".
+        weight: the compressed weight.
+        shape: a convolution's weight shape.
+
+    Returns:
+        The LayerChoice, with the torch form it needs.
+    """
     if kind == "compressed":
         return LayerChoice(("compressed",) * len(BATCH_RANGES))
     dense, csr = _torch_forms(weight)
@@ -143,7 +176,14 @@ def fixed_choice(kind: str, weight: CodebookWeight, shape: tuple[int, ...] | Non
 
 
 def resident_bytes(choice: LayerChoice) -> int:
-    """Bytes of the torch forms a choice keeps beside the compressed form."""
+    """Bytes of the torch forms a choice keeps beside the compressed form.
+
+    Args:
+        choice: the layer's choice.
+
+    Returns:
+        The bytes.
+    """
     total = 0
     if choice.dense is not None:
         total += choice.dense.numel() * choice.dense.element_size()

@@ -70,13 +70,27 @@ class PerEntryCodes:
 
     @property
     def nbytes(self) -> int:
+        """The bytes of the form's arrays."""
         return self.indptr.nbytes + self.columns.nbytes + self.codes.nbytes + self.codebook.nbytes
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, column, code) of every kept weight.
+
+        Returns:
+            Three int64 arrays.
+        """
         rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
         return rows, self.columns.astype(np.int64), self.codes.astype(np.int64)
 
     def product(self, inputs: np.ndarray) -> np.ndarray:
+        """inputs @ W.T.
+
+        Args:
+            inputs: float32, (batch, columns), C-contiguous.
+
+        Returns:
+            (batch, rows) float32.
+        """
         return _columns_major_product(
             codebook_matvec, codebook_matmul, self.indptr, self.columns, self.codes, self.codebook, inputs
         )
@@ -93,9 +107,15 @@ class GroupedCodes:
 
     @property
     def nbytes(self) -> int:
+        """The bytes of the form's arrays."""
         return self.indptr.nbytes + self.columns.nbytes + self.blocks.nbytes + self.codebook.nbytes
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, column, code) of every kept weight, padding left out.
+
+        Returns:
+            Three int64 arrays.
+        """
         rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
         codes = np.repeat(np.tile(np.arange(len(self.codebook)), self.shape[0]), self.blocks.reshape(-1) * BLOCK)
         real = self.columns != self.shape[1]
@@ -103,6 +123,14 @@ class GroupedCodes:
 
     def product(self, inputs: np.ndarray) -> np.ndarray:
         # Padding entries read one zero appended past the last column.
+        """inputs @ W.T.
+
+        Args:
+            inputs: float32, (batch, columns), C-contiguous.
+
+        Returns:
+            (batch, rows) float32.
+        """
         return _columns_major_product(
             grouped_matvec,
             grouped_matmul,
@@ -143,6 +171,16 @@ def check_csr(indptr: np.ndarray, columns: np.ndarray, codes: np.ndarray, codebo
     The kernels index without bounds checks (for speed), so this is where an index that could
     leave its array is stopped: row pointers that start at 0, never decrease and end at the
     entry count, column indices below the column count, codes below the codebook size.
+
+    Args:
+        indptr: the row pointers.
+        columns: the column indices.
+        codes: each entry's code.
+        codebook_size: the codebook's entries.
+        shape: (rows, columns).
+
+    Raises:
+        ConfigError: an index that would leave its array.
     """
     rows, width = shape
     problem = None
@@ -197,10 +235,12 @@ class CodebookWeight:
 
     @property
     def form(self) -> str:
+        """The storage's name: "tiled", "grouped" or "per-entry"."""
         return {TiledCodes: "tiled", GroupedCodes: "grouped", PerEntryCodes: "per-entry"}[type(self.storage)]
 
     @property
     def density(self) -> float:
+        """The fraction of the matrix's entries kept."""
         return self.nonzeros / max(self.shape[0] * self.shape[1], 1)
 
     @property
@@ -209,11 +249,25 @@ class CodebookWeight:
         return self.storage.nbytes
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(row, column, value index into `self.storage.codebook`) of every kept weight."""
+        """(row, column, value index into `self.storage.codebook`) of every kept weight.
+
+        Returns:
+            Three int64 arrays.
+        """
         return self.storage.entries()
 
     def product(self, inputs: np.ndarray) -> np.ndarray:
-        """inputs @ W.T for float32 inputs of shape (batch, columns): (batch, rows)."""
+        """inputs @ W.T for float32 inputs of shape (batch, columns): (batch, rows).
+
+        Args:
+            inputs: the inputs.
+
+        Returns:
+            (batch, rows) float32.
+
+        Raises:
+            ConfigError: inputs of another shape.
+        """
         if inputs.ndim != 2 or inputs.shape[1] != self.shape[1]:
             raise ConfigError(
                 f"the compressed {self.shape[0]} x {self.shape[1]} weight takes inputs of shape (batch, "
@@ -222,7 +276,11 @@ class CodebookWeight:
         return self.storage.product(np.ascontiguousarray(inputs, dtype=np.float32))
 
     def to_dense(self) -> torch.Tensor:
-        """The dense matrix, for the dense path and for tests; the sparse path never calls it."""
+        """The dense matrix, for the dense path and for tests; the sparse path never calls it.
+
+        Returns:
+            The (rows, columns) float32 tensor.
+        """
         dense = np.zeros(self.shape, dtype=np.float32)
         rows, columns, codes = self.entries()
         dense[rows, columns] = self.storage.codebook[codes]

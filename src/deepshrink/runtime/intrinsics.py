@@ -11,7 +11,16 @@ from numba.extending import intrinsic
 def is_c_array(value, ndim: int, dtype=None) -> bool:
     """A C-contiguous numba array type of `ndim` dimensions holding `dtype` (any integer if None).
     The emitted code computes addresses from the data pointer alone, so strided views are refused
-    at typing time rather than read wrongly."""
+    at typing time rather than read wrongly.
+
+    Args:
+        value: a numba type.
+        ndim: the dimensions required.
+        dtype: the element type required, or None for any integer.
+
+    Returns:
+        Whether `value` is such an array type.
+    """
     return (
         isinstance(value, types.Array)
         and value.ndim == ndim
@@ -29,6 +38,15 @@ def prefetch(typing_context, array, index):
     The kernels stream their column indices once per call. On this class of machine the
     hardware prefetcher left that stream waiting on memory: a pure sum over 8 MB of uint16 ran
     2.3x slower with the data out of cache than in it, and 1.0x with this hint 4 KB ahead.
+
+    Args:
+        typing_context: numba's typing context (the intrinsic protocol).
+        array: a C-contiguous array.
+        index: the element to prefetch.
+
+    Returns:
+        The signature and code generator (numba's intrinsic protocol), or None for argument
+        types it does not take.
     """
     if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
         return None
@@ -63,6 +81,17 @@ def gathered_sum(typing_context, vector, columns, start, blocks):
     across blocks instead of across a block's entries, building each gather's indices with one
     insert per entry. The caller guarantees that every index read is inside `columns` and
     every column inside `vector`.
+
+    Args:
+        typing_context: numba's typing context (the intrinsic protocol).
+        vector: float32 inputs.
+        columns: column indices.
+        start: the first index to read.
+        blocks: how many GATHER_WIDTH blocks.
+
+    Returns:
+        The signature and code generator (numba's intrinsic protocol), or None for argument
+        types it does not take.
     """
     if not (
         is_c_array(vector, 1, types.float32)
@@ -202,6 +231,18 @@ def add_rows(typing_context, total, inputs, columns, start, count):
     kept the partial sums in memory: 1.8 ns per entry at batch 8 on AlexNet's fc6, against 0.16 ns
     for a whole batch-1 product. The caller guarantees that every index read is inside `columns`
     and every column inside `inputs`.
+
+    Args:
+        typing_context: numba's typing context (the intrinsic protocol).
+        total: float32 (batch,), added to.
+        inputs: float32 (rows, batch).
+        columns: row indices into `inputs`.
+        start: the first index to read.
+        count: how many.
+
+    Returns:
+        The signature and code generator (numba's intrinsic protocol), or None for argument
+        types it does not take.
     """
     if not _row_arguments_fit(total, inputs, columns, start, count):
         return None
@@ -217,7 +258,22 @@ def add_rows(typing_context, total, inputs, columns, start, count):
 def add_weighted_rows(typing_context, total, inputs, columns, codes, codebook, start, count):
     """total += sum over e of codebook[codes[e]] * inputs[columns[e], :] for e in [start, start +
     count): add_rows for the form that keeps one code per entry. Same guarantees from the caller,
-    and every code inside `codebook`."""
+    and every code inside `codebook`.
+
+    Args:
+        typing_context: numba's typing context (the intrinsic protocol).
+        total: float32 (batch,), added to.
+        inputs: float32 (rows, batch).
+        columns: row indices into `inputs`.
+        codes: each entry's code.
+        codebook: float32 code -> value.
+        start: the first entry.
+        count: how many.
+
+    Returns:
+        The signature and code generator (numba's intrinsic protocol), or None for argument
+        types it does not take.
+    """
     if not (
         _row_arguments_fit(total, inputs, columns, start, count)
         and is_c_array(codes, 1)

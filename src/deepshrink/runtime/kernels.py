@@ -77,7 +77,18 @@ def _transpose_csr(indptr, columns, codes, columns_total, out_indptr, out_column
 
 
 def csr_from_layout(sparse: SparseLayout, nonzeros: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indptr int64, column indices uint16/int32, codes uint8/uint16) of the matrix, no dense step."""
+    """(indptr int64, column indices uint16/int32, codes uint8/uint16) of the matrix, no dense step.
+
+    Args:
+        sparse: the decoded relative-index entries.
+        nonzeros: the count of non-zero weights the record declares.
+
+    Returns:
+        (indptr, columns, codes).
+
+    Raises:
+        FormatError: the entries overrun a row, or their count is not the declared one.
+    """
     major, minor = (sparse.shape[1], sparse.shape[0]) if sparse.layout == "csc" else sparse.shape
     index_type = np.uint16 if minor <= 1 << 16 else np.int32
     code_type = np.uint8 if int(sparse.codes.max(initial=0)) < 256 else np.uint16
@@ -102,7 +113,15 @@ def csr_from_layout(sparse: SparseLayout, nonzeros: int) -> tuple[np.ndarray, np
 def compiled(function, parallel: bool):
     """`function` compiled with or without threads. Small layers run serial: waking a second
     thread costs more than their whole product. The distinct name keeps numba's on-disk
-    caches of the two variants apart."""
+    caches of the two variants apart.
+
+    Args:
+        function: the Python kernel.
+        parallel: compile with numba's prange threads.
+
+    Returns:
+        The compiled dispatcher.
+    """
     function.__qualname__ = f"{function.__name__}_{'parallel' if parallel else 'serial'}"
     return numba.njit(parallel=parallel, fastmath=True, cache=True, nogil=True)(function)
 
@@ -258,7 +277,19 @@ def _grouped_types(indptr, columns, padding: int) -> tuple[np.dtype, np.dtype]:
 
 
 def grouped_nbytes(indptr, columns, codes, groups: int, padding: int) -> int:
-    """Bytes of the padded columns and block counts that group_by_code would build."""
+    """Bytes of the padded columns and block counts that group_by_code would build.
+
+    Args:
+        indptr: the row pointers.
+        columns: the column indices.
+        codes: each entry's code.
+        codebook: code -> value.
+        groups: the codebook's entries.
+        padding: the padding entries' column index.
+
+    Returns:
+        The bytes.
+    """
     index_type, block_type = _grouped_types(indptr, columns, padding)
     length = _padded_length(indptr, codes, groups)
     return length * index_type.itemsize + (len(indptr) - 1) * groups * block_type.itemsize
@@ -269,6 +300,17 @@ def group_by_code(indptr, columns, codes, groups: int, padding: int):
 
     `padding` is the column index padding entries use: one past the last real column, where the
     product appends a zero.
+
+    Args:
+        indptr: the row pointers.
+        columns: the column indices.
+        codes: each entry's code.
+        codebook: code -> value.
+        groups: the codebook's entries.
+        padding: the padding entries' column index.
+
+    Returns:
+        (indptr, blocks, columns).
     """
     index_type, block_type = _grouped_types(indptr, columns, padding)
     out_columns = np.empty(_padded_length(indptr, codes, groups), dtype=index_type)
@@ -285,18 +327,58 @@ GROUPED_MATMUL = {parallel: compiled(_grouped_matmul, parallel) for parallel in 
 
 
 def codebook_matvec(indptr, columns, codes, codebook, vector, out) -> None:
+    """out = W @ vector for the per-entry form, threaded when the layer is large enough to gain.
+
+    Args:
+        indptr: the row pointers.
+        columns: the column indices.
+        codes: each entry's code.
+        codebook: code -> value.
+        vector: float32 (columns,).
+        out: float32 (rows,), written.
+    """
     MATVEC[len(codes) >= PARALLEL_MINIMUM_NONZEROS](indptr, columns, codes, codebook, vector, out)
 
 
 def codebook_matmul(indptr, columns, codes, codebook, inputs, out) -> None:
+    """out = W @ inputs for the per-entry form, threaded when the work is large enough to gain.
+
+    Args:
+        indptr: the row pointers.
+        columns: the column indices.
+        codes: each entry's code.
+        codebook: code -> value.
+        inputs: float32 (columns, batch).
+        out: float32 (rows, batch), written.
+    """
     work = len(codes) * inputs.shape[1]
     MATMUL[work >= PARALLEL_MINIMUM_NONZEROS](indptr, columns, codes, codebook, inputs, out)
 
 
 def grouped_matvec(indptr, counts, columns, codebook, vector, out) -> None:
+    """out = W @ vector for the grouped form, threaded when the layer is large enough to gain.
+
+    Args:
+        indptr: the row pointers.
+        counts: blocks[row, code], each row's blocks of BLOCK entries per code.
+        columns: the padded column indices.
+        codebook: code -> value.
+        vector: float32 (columns + 1,), a zero last for the padding.
+        out: float32 (rows,), written.
+    """
     GROUPED_MATVEC[len(columns) >= PARALLEL_MINIMUM_NONZEROS](indptr, counts, columns, codebook, vector, out)
 
 
 def grouped_matmul(indptr, counts, columns, codebook, inputs, out) -> None:
+    """out = W @ inputs for the grouped form, threaded when the work is large enough to gain.
+
+    Args:
+        indptr: the row pointers.
+        counts: blocks[row, code], each row's blocks of BLOCK entries per code.
+        columns: the padded column indices.
+        codebook: code -> value.
+        inputs: float32 (columns + 1, batch), a zero row last for the padding.
+        out: float32 (rows, batch), written.
+    """
     work = len(columns) * inputs.shape[1]
     GROUPED_MATMUL[work >= PARALLEL_MINIMUM_NONZEROS](indptr, counts, columns, codebook, inputs, out)

@@ -67,7 +67,14 @@ _READS_CHILD_WEIGHTS = (
 
 def replaceable_modules(model: nn.Module) -> set[str]:
     """Names of the Linear / Conv2d modules that the runtime may swap for compressed ones: those
-    that no ancestor reads as tensors."""
+    that no ancestor reads as tensors.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The module names.
+    """
     names = set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear | nn.Conv2d) or not name:
@@ -240,7 +247,14 @@ def load_runtime(
 
 
 def resident_weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes each weight layer keeps in memory: compressed form or dense parameters."""
+    """Bytes each weight layer keeps in memory: compressed form or dense parameters.
+
+    Args:
+        model: a dense or runtime model.
+
+    Returns:
+        {layer name: bytes}.
+    """
     from deepshrink.layers import compressible_weights
 
     result = {

@@ -50,6 +50,17 @@ class CompressedLinear(nn.Module):
         self._always_compressed = all(plan == "compressed" for plan in self.choice.plans)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs @ W.T + bias, by the form chosen for this batch size.
+
+        Args:
+            inputs: (..., in_features).
+
+        Returns:
+            (..., out_features), float32.
+
+        Raises:
+            ConfigError: the last dimension is not in_features.
+        """
         if inputs.ndim == 0 or inputs.shape[-1] != self.in_features:
             raise ConfigError(
                 f"CompressedLinear takes inputs whose last dimension is {self.in_features}, not {tuple(inputs.shape)}"
@@ -85,6 +96,11 @@ class CompressedLinear(nn.Module):
         return self._bias_array
 
     def extra_repr(self) -> str:
+        """The module's line in print(model).
+
+        Returns:
+            Its sizes, density, form, plans and resident bytes.
+        """
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"density={self.weight_form.density:.3f}, form={self.weight_form.form}, "
@@ -120,6 +136,17 @@ class CompressedConv2d(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The convolution, by im2col and the compressed product, or dense where that was chosen.
+
+        Args:
+            inputs: (batch, in_channels, height, width).
+
+        Returns:
+            (batch, out_channels, height', width'), float32.
+
+        Raises:
+            ConfigError: inputs of another shape.
+        """
         if inputs.ndim != 4 or inputs.shape[1] != self.in_channels:
             raise ConfigError(
                 f"CompressedConv2d takes (batch, {self.in_channels}, height, width) inputs, not {tuple(inputs.shape)}"
@@ -144,6 +171,11 @@ class CompressedConv2d(nn.Module):
         return output.reshape(batch, self.out_channels, out_height, out_width)
 
     def extra_repr(self) -> str:
+        """The module's line in print(model).
+
+        Returns:
+            Its sizes, stride, padding, density, form, plans and resident bytes.
+        """
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, density={self.weight_form.density:.3f}, form={self.weight_form.form}, "

@@ -81,7 +81,11 @@ AVX512_SWITCH = "DEEPSHRINK_AVX512"
 
 def available() -> bool:
     """Whether the tiled form may run: the machine numba compiles for has AVX-512F (the permutes
-    are AVX-512 instructions) and DEEPSHRINK_AVX512 does not turn it off."""
+    are AVX-512 instructions) and DEEPSHRINK_AVX512 does not turn it off.
+
+    Returns:
+        True where the tiled form may run.
+    """
     if os.environ.get(AVX512_SWITCH, "").strip().lower() in ("0", "off", "false", "no"):
         return False
     features = os.environ.get("NUMBA_CPU_FEATURES")
@@ -96,7 +100,14 @@ def available() -> bool:
 
 def kernel_table(codebook: np.ndarray) -> tuple[np.ndarray, int, Layout] | None:
     """(the codebook as a float32 table of the smallest layout's size, the code of a zero entry,
-    that layout), or None when no layout holds the codebook with a zero to pad with."""
+    that layout), or None when no layout holds the codebook with a zero to pad with.
+
+    Args:
+        codebook: code -> value.
+
+    Returns:
+        (table, zero code, layout), or None.
+    """
     codebook = np.asarray(codebook, dtype=np.float32)
     zeros = np.flatnonzero(codebook == 0)
     for layout in LAYOUTS:
@@ -221,15 +232,28 @@ class TiledCodes:
 
     @staticmethod
     def fits(codebook: np.ndarray) -> bool:
+        """Whether a codebook can take the tiled form on this machine.
+
+        Args:
+            codebook: code -> value.
+
+        Returns:
+            True when the tiled form is available and a layout holds the codebook.
+        """
         return available() and kernel_table(codebook) is not None
 
     @property
     def nbytes(self) -> int:
+        """The bytes of the form's arrays."""
         arrays = (self.words, self.block_tiles, self.starts, self.order, self.codebook)
         return sum(array.nbytes for array in arrays)
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(row, column, code) of every kept weight, padding left out; codes index `codebook`."""
+        """(row, column, code) of every kept weight, padding left out; codes index `codebook`.
+
+        Returns:
+            Three int64 arrays.
+        """
         capacity = len(self.block_tiles) * LANES * self.layout.steps
         rows, columns, codes = (np.empty(capacity, dtype=np.int64) for _ in range(3))
         found = _unpack(
@@ -248,7 +272,14 @@ class TiledCodes:
         return rows[:found], columns[:found], codes[:found]
 
     def product(self, inputs: np.ndarray) -> np.ndarray:
-        """inputs @ W.T for float32 inputs of shape (batch, columns): (batch, rows)."""
+        """inputs @ W.T for float32 inputs of shape (batch, columns): (batch, rows).
+
+        Args:
+            inputs: float32, (batch, columns), C-contiguous.
+
+        Returns:
+            (batch, rows) float32.
+        """
         batch = inputs.shape[0]
         result = np.empty((batch, self.shape[0]), dtype=np.float32)
         arrays = (self.words, self.block_tiles, self.starts, self.codebook, self.order)

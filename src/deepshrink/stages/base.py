@@ -38,7 +38,15 @@ class Loaders:
     @classmethod
     def from_splits(cls, data: DataSplits, test_subset: int | None = None) -> Loaders:
         """Loaders over deepshrink's own splits (`deepshrink.load_data`), the test split
-        optionally cut to its first `test_subset` examples."""
+        optionally cut to its first `test_subset` examples.
+
+        Args:
+            data: the splits.
+            test_subset: keep only the first this many test examples.
+
+        Returns:
+            The Loaders.
+        """
         test = data.test
         if test_subset is not None:
             test = torch.utils.data.TensorDataset(*(tensor[:test_subset] for tensor in data.test.tensors))
@@ -50,7 +58,16 @@ class Loaders:
 
     @classmethod
     def fixed(cls, train: DataLoader, validation: DataLoader, test: DataLoader) -> Loaders:
-        """Your own loaders; the stages' batch_size settings then do not apply."""
+        """Your own loaders; the stages' batch_size settings then do not apply.
+
+        Args:
+            train: the training loader.
+            validation: the validation loader.
+            test: the test loader.
+
+        Returns:
+            The Loaders.
+        """
         return cls(train=lambda batch_size, seed: train, validation=validation, test=test)
 
 
@@ -94,7 +111,11 @@ class StageResult:
     files: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """Everything but the tensors, as JSON-ready data (for checkpoint metadata and reports)."""
+        """Everything but the tensors, as JSON-ready data (for checkpoint metadata and reports).
+
+        Returns:
+            {"stage", "log", "metrics", "structure", "files"}.
+        """
         return {
             "stage": self.stage,
             "log": self.log,
@@ -105,6 +126,18 @@ class StageResult:
 
     @classmethod
     def from_dict(cls, data: dict, tensors: dict[str, torch.Tensor] | None = None) -> StageResult:
+        """A result from `to_dict`'s data and its tensors.
+
+        Args:
+            data: what `to_dict` returned.
+            tensors: the result's tensors.
+
+        Returns:
+            The StageResult.
+
+        Raises:
+            ConfigError: `data` is not a stage result.
+        """
         if not isinstance(data, dict) or not isinstance(data.get("stage"), str):
             raise ConfigError(f"not a stage result: {str(data)[:80]!r}")
         return cls(
@@ -117,7 +150,15 @@ class StageResult:
         )
 
     def save(self, path: str | os.PathLike, protect: tuple = ()) -> Path:
-        """Write the result as a safetensors file (its tensors) with its data as metadata, atomically."""
+        """Write the result as a safetensors file (its tensors) with its data as metadata, atomically.
+
+        Args:
+            path: the .safetensors file to write.
+            protect: input paths that `path` must not be.
+
+        Returns:
+            `path` as a Path.
+        """
         from deepshrink.checkpoint import save_state_dict
 
         return save_state_dict(
@@ -126,6 +167,18 @@ class StageResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> StageResult:
+        """A result as `save` wrote it.
+
+        Args:
+            path: the .safetensors file.
+
+        Returns:
+            The StageResult.
+
+        Raises:
+            CheckpointError: the file cannot be read.
+            ConfigError: it holds no stage result.
+        """
         from deepshrink.checkpoint import load_checkpoint
 
         checkpoint = load_checkpoint(path)
@@ -166,7 +219,18 @@ _REGISTRY: dict[str, Stage] = {}
 
 
 def register_stage(stage: Stage) -> Stage:
-    """Add a stage to the registry; its name becomes a recipe section and a command."""
+    """Add a stage to the registry; its name becomes a recipe section and a command.
+
+    Args:
+        stage: the Stage (name, settings class, handler, summary, order).
+
+    Returns:
+        `stage`, so that this can decorate.
+
+    Raises:
+        TypeError: the settings are not a dataclass.
+        ValueError: another stage has the name.
+    """
     if not dataclasses.is_dataclass(stage.settings):
         raise TypeError(f"stage {stage.name!r}: settings {stage.settings!r} should be a dataclass")
     if stage.name in _REGISTRY and _REGISTRY[stage.name] != stage:
@@ -176,11 +240,26 @@ def register_stage(stage: Stage) -> Stage:
 
 
 def registered_stages() -> list[Stage]:
-    """Every registered stage, in the order a recipe runs them."""
+    """Every registered stage, in the order a recipe runs them.
+
+    Returns:
+        The Stages, sorted by their order.
+    """
     return sorted(_REGISTRY.values(), key=lambda stage: stage.order)
 
 
 def stage_named(name: str) -> Stage:
+    """The registered stage called `name`.
+
+    Args:
+        name: e.g. "prune".
+
+    Returns:
+        The Stage.
+
+    Raises:
+        ConfigError: no stage has that name.
+    """
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -188,7 +267,17 @@ def stage_named(name: str) -> Stage:
 
 
 def stage_for(settings) -> Stage:
-    """The registered stage whose settings class `settings` is an instance of."""
+    """The registered stage whose settings class `settings` is an instance of.
+
+    Args:
+        settings: an instance of a stage's settings class.
+
+    Returns:
+        The Stage.
+
+    Raises:
+        ConfigError: no registered stage has that settings class.
+    """
     for stage in _REGISTRY.values():
         if type(settings) is stage.settings:
             return stage
@@ -215,7 +304,17 @@ def run_stage(model: nn.Module, settings, context: StageContext) -> StageResult:
 def stage_metadata(result: StageResult, settings, *, key: str | None = None, architecture: dict | None = None) -> dict:
     """The metadata a stage's checkpoint carries, the same from a recipe and from a command:
     the stage, its settings, its result and the architecture every later load must rebuild
-    (`architecture`: the factored layers and folded BatchNorm of the model entering the stage)."""
+    (`architecture`: the factored layers and folded BatchNorm of the model entering the stage).
+
+    Args:
+        result: the stage's result.
+        settings: the stage's settings.
+        key: the cache key of the stage, when it ran from a recipe.
+        architecture: the metadata of the model entering the stage.
+
+    Returns:
+        The metadata dict, JSON-ready.
+    """
     from deepshrink.batchnorm import FOLDED_KEY
     from deepshrink.loading import STRUCTURE_KEY
 

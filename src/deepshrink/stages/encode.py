@@ -45,7 +45,19 @@ class EncodeSettings:
 
 
 def encode_stage(model: nn.Module, settings: EncodeSettings, context: StageContext) -> StageResult:
-    """Write `model` (pruned and weight-shared layers compressed, the rest raw) to `context.output`."""
+    """Write `model` (pruned and weight-shared layers compressed, the rest raw) to `context.output`.
+
+    Args:
+        model: the model, changed in place.
+        settings: the stage's settings.
+        context: the data, seed, device, task and output of the run.
+
+    Returns:
+        The result: the file's name, its size and its compression ratio.
+
+    Raises:
+        ConfigError: the context has no output path or model name.
+    """
     from deepshrink.compressed import inspect_header, save_compressed
     from deepshrink.encode.sizes import size_report
     from deepshrink.errors import ConfigError
@@ -69,7 +81,14 @@ def encode_stage(model: nn.Module, settings: EncodeSettings, context: StageConte
 
 
 def written_key(path: Path) -> str | None:
-    """The cache key a previously written .dcz file records, if it is there and readable."""
+    """The cache key a previously written .dcz file records, if it is there and readable.
+
+    Args:
+        path: the .dcz file.
+
+    Returns:
+        The key, or None when the file is missing, damaged or has none.
+    """
     if not path.exists():
         return None
     from deepshrink.compressed import inspect_header
@@ -82,7 +101,15 @@ def written_key(path: Path) -> str | None:
 
 
 def summarize(model: nn.Module, result: StageResult) -> str:
-    """The paper's per-layer size columns, read back from the written file's header."""
+    """The paper's per-layer size columns, read back from the written file's header.
+
+    Args:
+        model: the model after the stage.
+        result: the stage's result.
+
+    Returns:
+        The text, several lines.
+    """
     from deepshrink.compressed import inspect_header
     from deepshrink.encode.sizes import format_size_table, size_report
 

@@ -70,7 +70,19 @@ class LowrankSettings:
 
 
 def factorize_stage(model: nn.Module, settings: LowrankSettings, context: StageContext) -> StageResult:
-    """Factorize `model` in place at ranks chosen under the MAC budget, then fine-tune."""
+    """Factorize `model` in place at ranks chosen under the MAC budget, then fine-tune.
+
+    Args:
+        model: the model, changed in place.
+        settings: the stage's settings.
+        context: the data, seed, device, task and output of the run.
+
+    Returns:
+        The result: the ranks, the per-layer MACs, and the factored structure.
+
+    Raises:
+        ConfigError: no data was given.
+    """
     from deepshrink.lowrank import factorize, layer_spectra, select_cptv, select_pos, structure_of
 
     if context.loaders is None:
@@ -130,7 +142,15 @@ def factorize_stage(model: nn.Module, settings: LowrankSettings, context: StageC
 
 
 def summarize(model: nn.Module, result: StageResult) -> str:
-    """The per-layer rank table and the MACs and parameters kept."""
+    """The per-layer rank table and the MACs and parameters kept.
+
+    Args:
+        model: the model after the stage.
+        result: the stage's result.
+
+    Returns:
+        The text, several lines.
+    """
     from deepshrink.tables import render_table
 
     rows = [

@@ -90,10 +90,15 @@ class PruneSettings:
 
     @property
     def has_target(self) -> bool:
+        """Whether the settings name a sparsity (or quality, crate or global sparsity)."""
         return any(getattr(self, name) is not None for name in ("sparsity", "quality", "crate", "global_sparsity"))
 
     def missing_target(self) -> str:
-        """The message for settings that name no sparsity at all."""
+        """The message for settings that name no sparsity at all.
+
+        Returns:
+            The message, naming the options this method takes.
+        """
         targets = "global_sparsity, quality, sparsity" if self.method == "magnitude" else "crate, sparsity"
         return (
             f"needs exactly one of {targets}; got none (or give the recipe a target: {{ratio: R}} or "
@@ -102,7 +107,19 @@ class PruneSettings:
 
 
 def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext) -> StageResult:
-    """Prune `model` in place: magnitude pruning in rounds with retraining, or DNS."""
+    """Prune `model` in place: magnitude pruning in rounds with retraining, or DNS.
+
+    Args:
+        model: the model, changed in place.
+        settings: the stage's settings.
+        context: the data, seed, device, task and output of the run.
+
+    Returns:
+        The result: the per-layer weights and FLOPs kept, and the retraining's history.
+
+    Raises:
+        ConfigError: the settings name no sparsity.
+    """
     from deepshrink.prune.schedule import iterative_pruning
     from deepshrink.prune.statistics import as_dicts, layer_statistics, totals
     from deepshrink.prune.surgery import dynamic_network_surgery
@@ -190,7 +207,15 @@ def _prune_without_data(model: nn.Module, settings: PruneSettings) -> StageResul
 
 
 def summarize(model: nn.Module, result: StageResult) -> str:
-    """The paper's per-layer pruning table (weights and FLOPs kept) and the compression by pruning."""
+    """The paper's per-layer pruning table (weights and FLOPs kept) and the compression by pruning.
+
+    Args:
+        model: the model after the stage.
+        result: the stage's result.
+
+    Returns:
+        The text, several lines.
+    """
     from deepshrink.prune.statistics import format_table, from_dicts, totals
 
     rows = from_dicts(result.log["layers"])

@@ -47,7 +47,17 @@ class QuantizeSettings:
 
 
 def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageContext) -> StageResult:
-    """Share `model`'s weights in place through k-means codebooks, then fine-tune the centroids."""
+    """Share `model`'s weights in place through k-means codebooks, then fine-tune the centroids.
+
+    Args:
+        model: the model, changed in place.
+        settings: the stage's settings.
+        context: the data, seed, device, task and output of the run.
+
+    Returns:
+        The result: the per-layer bits and distinct values, the k-means records (as tensors) and
+        the fine-tuning's history.
+    """
     from deepshrink.quantize.report import sharing_rows
     from deepshrink.quantize.shared import share_weights
 
@@ -92,7 +102,14 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
 
 
 def sharing_records(result: StageResult) -> dict:
-    """The per-layer k-means records (SharingRecord) a quantize result carries, for Figure 4."""
+    """The per-layer k-means records (SharingRecord) a quantize result carries, for Figure 4.
+
+    Args:
+        result: a quantize stage's result.
+
+    Returns:
+        {layer name: SharingRecord}.
+    """
     from deepshrink.quantize.shared import SharingRecord
 
     records = {}
@@ -110,7 +127,15 @@ def sharing_records(result: StageResult) -> dict:
 
 
 def summarize(model: nn.Module, result: StageResult) -> str:
-    """The per-layer sharing table: bits, and distinct values against the 2^bits limit."""
+    """The per-layer sharing table: bits, and distinct values against the 2^bits limit.
+
+    Args:
+        model: the model after the stage.
+        result: the stage's result.
+
+    Returns:
+        The text, several lines.
+    """
     from deepshrink.quantize.report import format_sharing_table
 
     return format_sharing_table(result.log["layers"])

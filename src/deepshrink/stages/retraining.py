@@ -14,7 +14,16 @@ from deepshrink.train import EpochRecord, TrainConfig, fit
 
 def criterion(settings, context: StageContext, model: nn.Module):
     """The retraining loss: None (the context's task loss), or distillation from `context.teacher`
-    (default: the model as it enters the stage) when the settings' `distill` asks for it."""
+    (default: the model as it enters the stage) when the settings' `distill` asks for it.
+
+    Args:
+        settings: the stage's settings (their `distill`, if any).
+        context: the run's context (its task and teacher).
+        model: the model entering the stage, the teacher by default.
+
+    Returns:
+        None, or a DistillationLoss.
+    """
     distill = getattr(settings, "distill", None)
     if distill is None:
         return None
@@ -28,7 +37,18 @@ def training_config(
     settings, context: StageContext, epochs: int, learning_rate: float | None = None, **extra
 ) -> TrainConfig:
     """A stage's retraining config from its settings (learning rate, decay, batch size) and the
-    context's seed and BatchNorm handling."""
+    context's seed and BatchNorm handling.
+
+    Args:
+        settings: the stage's settings.
+        context: the run's context.
+        epochs: how many epochs.
+        learning_rate: overrides the settings' learning rate.
+        **extra: more TrainConfig fields.
+
+    Returns:
+        The TrainConfig.
+    """
     return TrainConfig(
         epochs=epochs,
         learning_rate=settings.learning_rate if learning_rate is None else learning_rate,
@@ -53,10 +73,24 @@ def fine_tune(
     loader=None,
     **extra,
 ) -> list[EpochRecord]:
-    """Retrain `model` for `epochs` with the stage's settings and loss; with `validate`, each
-    epoch's record carries the validation metric. `loader` continues a stage's own training
-    loader (its shuffles go on where they were); by default a fresh one is drawn at the
-    stage's seed. Returns the epoch records."""
+    """Retrain `model` for `epochs` with the stage's settings and loss.
+
+    Args:
+        model: the model, changed in place.
+        settings: the stage's settings (learning rate, decay, batch size).
+        context: the run's context.
+        epochs: how many epochs (0: nothing happens).
+        description: the progress bar's label.
+        loss: a loss in place of the task's (e.g. distillation).
+        learning_rate: overrides the settings' learning rate.
+        validate: each epoch's record carries the validation metric.
+        loader: a stage's own training loader to continue (its shuffles go on where they were);
+            by default a fresh one is drawn at the stage's seed.
+        **extra: more TrainConfig fields.
+
+    Returns:
+        The epoch records.
+    """
     if not epochs:
         return []
     history = fit(
