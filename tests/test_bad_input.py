@@ -105,7 +105,7 @@ def test_debug_prints_the_traceback_and_internal_errors_say_so(capsys, monkeypat
     def broken(args):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(cli, "command_inspect", broken)
+    monkeypatch.setattr(cli, "_command_inspect", broken)
     parser = cli.build_parser
     monkeypatch.setattr(
         cli,

@@ -151,15 +151,8 @@ def _write_report(directory: str, stem: str, markdown: str, data: dict, protect:
             temporary.write_text(text)
 
 
-def command_train(args: argparse.Namespace) -> int:
-    """`deepshrink train`: train a registered model or factory and save its checkpoint.
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The exit code (0).
-    """
+def _command_train(args: argparse.Namespace) -> int:
+    """`deepshrink train`: train a registered model or factory and save its checkpoint."""
     from deepshrink.references import train_and_save
 
     config = _training_config(args)
@@ -175,15 +168,8 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_evaluate(args: argparse.Namespace) -> int:
-    """`deepshrink evaluate`: a checkpoint's metric on one split.
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The exit code (0).
-    """
+def _command_evaluate(args: argparse.Namespace) -> int:
+    """`deepshrink evaluate`: a checkpoint's metric on one split."""
     from deepshrink.file_commands import evaluate_checkpoint
 
     result, name = evaluate_checkpoint(
@@ -284,15 +270,8 @@ def _stage_settings(args: argparse.Namespace, settings_class):
     return settings_class(**values)
 
 
-def command_stage(args: argparse.Namespace) -> int:
-    """Any registered stage on a checkpoint: parse, call the library once, print.
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The exit code (0).
-    """
+def _command_stage(args: argparse.Namespace) -> int:
+    """Any registered stage on a checkpoint: parse, call the library once, print."""
     from deepshrink.pipeline import run_stage_on_checkpoint
     from deepshrink.stages import stage_named
 
@@ -345,15 +324,8 @@ def _write_stage_report(args: argparse.Namespace, stage, done, summary: str) -> 
     print(f"report: {args.report_dir}/{stage.name}.md, {stage.name}.json" + (f", {figure.name}" if figure else ""))
 
 
-def command_decode(args: argparse.Namespace) -> int:
-    """`deepshrink decode`: a .dcz file's tensors, decoded, as a .safetensors checkpoint.
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The exit code (0).
-    """
+def _command_decode(args: argparse.Namespace) -> int:
+    """`deepshrink decode`: a .dcz file's tensors, decoded, as a .safetensors checkpoint."""
     from deepshrink.checkpoint import save_state_dict
     from deepshrink.compressed import read_state_dict
 
@@ -369,15 +341,8 @@ def command_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_inspect(args: argparse.Namespace) -> int:
-    """`deepshrink inspect`: a .dcz file's per-layer size table, read from its header.
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The exit code (0).
-    """
+def _command_inspect(args: argparse.Namespace) -> int:
+    """`deepshrink inspect`: a .dcz file's per-layer size table, read from its header."""
     from deepshrink.compressed import inspect_header
     from deepshrink.encode.sizes import format_size_table, size_report
 
@@ -389,15 +354,8 @@ def command_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_run(args: argparse.Namespace) -> int:
-    """`deepshrink run`: a recipe's whole pipeline (under torchrun, on every process).
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The exit code (0).
-    """
+def _command_run(args: argparse.Namespace) -> int:
+    """`deepshrink run`: a recipe's whole pipeline (under torchrun, on every process)."""
     from deepshrink import distributed
     from deepshrink.pipeline import run_recipe
     from deepshrink.report import summary
@@ -435,14 +393,8 @@ def _runtime_modes(values: list[str] | None) -> str | dict[str, str]:
     return modes
 
 
-def command_predict(args: argparse.Namespace) -> int:
+def _command_predict(args: argparse.Namespace) -> int:
     """`deepshrink predict`: a .dcz file's model run from its compressed form over one split.
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The exit code (0).
 
     Raises:
         ConfigError: a device other than the CPU.
@@ -471,15 +423,8 @@ def command_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_bench(args: argparse.Namespace) -> int:
-    """`deepshrink bench`: the compressed form's speed against dense, per layer and batch size.
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The exit code (0).
-    """
+def _command_bench(args: argparse.Namespace) -> int:
+    """`deepshrink bench`: the compressed form's speed against dense, per layer and batch size."""
     from deepshrink.file_commands import bench_file
     from deepshrink.runtime import bench
 
@@ -502,15 +447,8 @@ def command_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_sensitivity(args: argparse.Namespace) -> int:
-    """`deepshrink sensitivity`: each layer pruned alone, the plot and table.
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The exit code (0).
-    """
+def _command_sensitivity(args: argparse.Namespace) -> int:
+    """`deepshrink sensitivity`: each layer pruned alone, the plot and table."""
     from deepshrink.file_commands import sensitivity_of_checkpoint
     from deepshrink.prune.sensitivity import format_sensitivity
 
@@ -534,15 +472,8 @@ def command_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_reference(args: argparse.Namespace) -> int:
-    """`deepshrink reference`: train (or find cached) a registered model's reference.
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The exit code (0).
-    """
+def _command_reference(args: argparse.Namespace) -> int:
+    """`deepshrink reference`: train (or find cached) a registered model's reference."""
     from deepshrink.references import reference_model
 
     data = _load_data(args)
@@ -555,15 +486,8 @@ def command_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_info(args: argparse.Namespace) -> int:
-    """`deepshrink info`: versions, the data set found, the models and the cache.
-
-    Args:
-        args: the parsed command line.
-
-    Returns:
-        The exit code (0).
-    """
+def _command_info(args: argparse.Namespace) -> int:
+    """`deepshrink info`: versions, the data set found, the models and the cache."""
     import torch
 
     from deepshrink.data import find_data_files
@@ -619,7 +543,7 @@ def _add_training_commands(commands) -> None:
     train.add_argument("--out", help="checkpoint path to write (default: runs/MODEL.safetensors)")
     _add_training_options(train)
     _add_data_options(train)
-    train.set_defaults(handler=command_train)
+    train.set_defaults(handler=_command_train)
 
     evaluate = commands.add_parser(
         "evaluate", help="the task's metric of a checkpoint on the test or validation split", epilog=EPILOG
@@ -630,7 +554,7 @@ def _add_training_commands(commands) -> None:
     )
     evaluate.add_argument("--split", choices=("test", "validation"), default="test", help="which split (default: test)")
     _add_data_options(evaluate)
-    evaluate.set_defaults(handler=command_evaluate)
+    evaluate.set_defaults(handler=_command_evaluate)
 
 
 def _add_stage_commands(commands) -> None:
@@ -659,7 +583,7 @@ def _add_stage_commands(commands) -> None:
             command.add_argument("--no-evaluate", action="store_true", help="skip measuring the decoded file's metric")
         command.add_argument("--report-dir", help=f"also write {stage.name}.md, {stage.name}.json and a figure here")
         _add_data_options(command)
-        command.set_defaults(handler=command_stage, stage=stage.name)
+        command.set_defaults(handler=_command_stage, stage=stage.name)
 
 
 def _add_file_commands(commands) -> None:
@@ -668,7 +592,7 @@ def _add_file_commands(commands) -> None:
     decompress.add_argument("file", help="the .dcz file")
     decompress.add_argument("--out", required=True, help="safetensors file to write")
     _add_decoded_limit(decompress)
-    decompress.set_defaults(handler=command_decode)
+    decompress.set_defaults(handler=_command_decode)
 
     inspect = commands.add_parser(
         "inspect", help="the per-layer size table of a .dcz file, read from its header", epilog=EPILOG
@@ -681,7 +605,7 @@ def _add_file_commands(commands) -> None:
         help="read and check the header alone (fast on large files; the streams are not verified)",
     )
     _add_decoded_limit(inspect)
-    inspect.set_defaults(handler=command_inspect)
+    inspect.set_defaults(handler=_command_inspect)
 
 
 def _add_pipeline_commands(commands) -> None:
@@ -698,7 +622,7 @@ def _add_pipeline_commands(commands) -> None:
         "--checkpoint", help="start from these trained weights (default: the registered model's cached reference)"
     )
     _add_data_options(run)
-    run.set_defaults(handler=command_run, several_processes=True)
+    run.set_defaults(handler=_command_run, several_processes=True)
 
 
 def _add_runtime_commands(commands) -> None:
@@ -716,7 +640,7 @@ def _add_runtime_commands(commands) -> None:
     _add_decoded_limit(predict)
     predict.add_argument("--split", choices=("test", "validation"), default="test", help="which split (default test)")
     _add_data_options(predict)
-    predict.set_defaults(handler=command_predict)
+    predict.set_defaults(handler=_command_predict)
 
     bench = commands.add_parser(
         "bench", help="latency at batch 1, 8 and 64: dense against compressed, in the same run", epilog=EPILOG
@@ -735,7 +659,7 @@ def _add_runtime_commands(commands) -> None:
         action="store_true",
         help="also time each weight layer alone, dense against compressed, at the first --batch size",
     )
-    bench.set_defaults(handler=command_bench)
+    bench.set_defaults(handler=_command_bench)
 
 
 def _add_other_commands(commands) -> None:
@@ -756,7 +680,7 @@ def _add_other_commands(commands) -> None:
     )
     sensitivity.add_argument("--out-dir", default="runs/sensitivity", help="where the PNG and JSON go")
     _add_data_options(sensitivity)
-    sensitivity.set_defaults(handler=command_sensitivity)
+    sensitivity.set_defaults(handler=_command_sensitivity)
 
     reference = commands.add_parser(
         "reference", help="the cached reference model for a registered network (trained on first use)", epilog=EPILOG
@@ -764,11 +688,11 @@ def _add_other_commands(commands) -> None:
     reference.add_argument("model", nargs="?", default="lenet-300-100", help="registered model name")
     reference.add_argument("--cache-dir", help="cache directory (default: $DEEPSHRINK_CACHE or ~/.cache/deepshrink)")
     _add_data_options(reference)
-    reference.set_defaults(handler=command_reference)
+    reference.set_defaults(handler=_command_reference)
 
     info = commands.add_parser("info", help="versions, data location, cache and registered models", epilog=EPILOG)
     info.add_argument("--data", "--data-dir", dest="data", help="data directory to check")
-    info.set_defaults(handler=command_info)
+    info.set_defaults(handler=_command_info)
 
 
 _PARAMETER_FLAGS = {

@@ -48,9 +48,11 @@ def encode_stage(model: nn.Module, settings: EncodeSettings, context: StageConte
     """Write `model` (pruned and weight-shared layers compressed, the rest raw) to `context.output`.
 
     Args:
-        model: the model, changed in place.
-        settings: the stage's settings.
-        context: the data, seed, device, task and output of the run.
+        model: the model to write (moved to the CPU).
+        settings: the index widths, the sparse layout, the entropy coder and how tensors that are
+            not shared are stored.
+        context: the output path, the model name, the file's metadata and the inputs not to
+            overwrite.
 
     Returns:
         The result: the file's name, its size and its compression ratio.
@@ -104,11 +106,11 @@ def summarize(model: nn.Module, result: StageResult) -> str:
     """The paper's per-layer size columns, read back from the written file's header.
 
     Args:
-        model: the model after the stage.
-        result: the stage's result.
+        model: the model after the stage (the table comes from `result`).
+        result: the encode stage's result.
 
     Returns:
-        The text, several lines.
+        The per-layer size table, and the file's size against the fp32 parameters.
     """
     from deepshrink.compressed import inspect_header
     from deepshrink.encode.sizes import format_size_table, size_report

@@ -73,9 +73,10 @@ def factorize_stage(model: nn.Module, settings: LowrankSettings, context: StageC
     """Factorize `model` in place at ranks chosen under the MAC budget, then fine-tune.
 
     Args:
-        model: the model, changed in place.
-        settings: the stage's settings.
-        context: the data, seed, device, task and output of the run.
+        model: the model to factorize, in place.
+        settings: the MAC budget, the rank selection method, the convolution scheme and the
+            fine-tuning.
+        context: the loaders (required: MACs are measured on an example), seed, device and task.
 
     Returns:
         The result: the ranks, the per-layer MACs, and the factored structure.
@@ -145,11 +146,11 @@ def summarize(model: nn.Module, result: StageResult) -> str:
     """The per-layer rank table and the MACs and parameters kept.
 
     Args:
-        model: the model after the stage.
-        result: the stage's result.
+        model: the model after the stage (the table comes from `result`).
+        result: the lowrank stage's result.
 
     Returns:
-        The text, several lines.
+        The rank table, and the MACs and parameters kept.
     """
     from deepshrink.tables import render_table
 

@@ -110,9 +110,10 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
     """Prune `model` in place: magnitude pruning in rounds with retraining, or DNS.
 
     Args:
-        model: the model, changed in place.
-        settings: the stage's settings.
-        context: the data, seed, device, task and output of the run.
+        model: the model to prune, in place.
+        settings: the sparsities (or quality, crate, global sparsity), method, rounds and retraining.
+        context: the loaders (None: masks applied round after round without retraining), seed,
+            device and task.
 
     Returns:
         The result: the per-layer weights and FLOPs kept, and the retraining's history.
@@ -210,11 +211,11 @@ def summarize(model: nn.Module, result: StageResult) -> str:
     """The paper's per-layer pruning table (weights and FLOPs kept) and the compression by pruning.
 
     Args:
-        model: the model after the stage.
-        result: the stage's result.
+        model: the model after the stage (the table comes from `result`).
+        result: the prune stage's result.
 
     Returns:
-        The text, several lines.
+        The per-layer table and the compression by pruning.
     """
     from deepshrink.prune.statistics import format_table, from_dicts, totals
 

@@ -50,9 +50,9 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
     """Share `model`'s weights in place through k-means codebooks, then fine-tune the centroids.
 
     Args:
-        model: the model, changed in place.
-        settings: the stage's settings.
-        context: the data, seed, device, task and output of the run.
+        model: the model whose weights are shared, in place.
+        settings: the bits per layer, the k-means initialisation and the centroids' fine-tuning.
+        context: the loaders (None: shared without fine-tuning), seed, device and task.
 
     Returns:
         The result: the per-layer bits and distinct values, the k-means records (as tensors) and
@@ -130,11 +130,11 @@ def summarize(model: nn.Module, result: StageResult) -> str:
     """The per-layer sharing table: bits, and distinct values against the 2^bits limit.
 
     Args:
-        model: the model after the stage.
-        result: the stage's result.
+        model: the model after the stage (the table comes from `result`).
+        result: the quantize stage's result.
 
     Returns:
-        The text, several lines.
+        The per-layer sharing table.
     """
     from deepshrink.quantize.report import format_sharing_table
 
