@@ -118,6 +118,11 @@ class Recipe:
         if self.target is None and prune is not None and not prune.has_target:
             raise ConfigError(f"{self.where('prune')}: prune: {prune.missing_target()}")
         if self.target is not None:
+            if prune is not None and prune.method == "variational":
+                raise ConfigError(
+                    f"{self.where('target')}: a target chooses sparsities for magnitude pruning; method variational "
+                    "learns its own: drop the target (set kl_weight instead) or use method magnitude"
+                )
             chosen = [
                 name
                 for name, given in (

@@ -1,5 +1,6 @@
-"""Stage 1: magnitude pruning in rounds with retraining (Han et al. 2015), or Dynamic Network
-Surgery (Guo et al. 2016); the result is an ordinary pruning mask on each layer."""
+"""Stage 1: magnitude pruning in rounds with retraining (Han et al. 2015), Dynamic Network Surgery
+(Guo et al. 2016) or sparse variational dropout (Molchanov et al. 2017); the result is an
+ordinary pruning mask on each layer."""
 
 from __future__ import annotations
 
@@ -13,20 +14,24 @@ from deepshrink.stages.base import Stage, StageContext, StageResult, register_st
 from deepshrink.stages.retraining import criterion, fine_tune, training_config
 from deepshrink.train import evaluate
 
-PRUNE_METHODS = ("magnitude", "dns")
+PRUNE_METHODS = ("magnitude", "dns", "variational")
+# The settings each method takes its sparsity from (variational learns it: none).
+TARGETS = {"magnitude": ("global_sparsity", "quality", "sparsity"), "dns": ("crate", "sparsity"), "variational": ()}
 
 
 @dataclass(frozen=True)
 class PruneSettings:
     """How much to prune: with method magnitude, exactly one of `sparsity` or `quality`
-    (per-layer globs) or `global_sparsity`; with method dns, `sparsity` or `crate`."""
+    (per-layer globs) or `global_sparsity`; with method dns, `sparsity` or `crate`; method
+    variational learns each weight's dropout rate and prunes where it ends high (no sparsity
+    to give: `kl_weight` and `log_alpha_threshold` set how far it goes)."""
 
     method: str = field(
         default="magnitude",
         metadata=choices(
             *PRUNE_METHODS,
             help="magnitude: prune then retrain with masks held, `rounds` times; dns: Dynamic Network Surgery "
-            "for `retrain_epochs` epochs",
+            "for `retrain_epochs` epochs; variational: sparse variational dropout for `retrain_epochs` epochs",
         ),
     )
     sparsity: dict[str, float] | None = field(
@@ -53,7 +58,10 @@ class PruneSettings:
         ),
     )
     layers: list[str] | None = field(
-        default=None, metadata=layer_globs(help="the layer globs one global threshold spans (default: all)")
+        default=None,
+        metadata=layer_globs(
+            help="the layer globs one global threshold spans, or variational dropout prunes (default: all)"
+        ),
     )
     rounds: int = field(default=6, metadata=between(1, help="prune-retrain rounds"))
     retrain_epochs: int = field(default=8, metadata=between(0, help="retraining epochs per round"))
@@ -64,34 +72,54 @@ class PruneSettings:
         default=0, metadata=between(0, help="then retrain this many epochs with the masks fixed, at half the rate")
     )
     distill: DistillSettings | None = None
+    # Method variational. Written into a recipe's record only when set, so that the keys and
+    # files of the other methods stay as they were.
+    log_alpha_threshold: float = field(
+        default=3.0,
+        metadata=between(
+            -8.0, 8.0, help="method variational: prune the weights whose log alpha ends above this (the paper's 3)"
+        )
+        | {"recorded_when_set": True},
+    )
+    kl_weight: float = field(
+        default=1.0,
+        metadata=between(0.0, help="method variational: the KL term's weight (1: the ELBO's; more prunes more)")
+        | {"recorded_when_set": True},
+    )
+    variational_learning_rate: float = field(
+        default=1e-3,
+        metadata=between(1e-12, help="method variational: Adam's learning rate") | {"recorded_when_set": True},
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
-        targets = {"sparsity", "quality", "global_sparsity"} if self.method == "magnitude" else {"sparsity", "crate"}
+        targets = TARGETS[self.method]
         given = [
             name for name in ("sparsity", "quality", "crate", "global_sparsity") if getattr(self, name) is not None
         ]
         wrong = [name for name in given if name not in targets]
         if wrong:
-            raise ConfigError(
-                f"method: {self.method} does not take {', '.join(wrong)}; it takes "
-                + (
-                    "sparsity: {LAYER_GLOB: S}, quality: {LAYER_GLOB: Q} or global_sparsity: S"
-                    if self.method == "magnitude"
-                    else "sparsity: {LAYER_GLOB: S} or crate: {LAYER_GLOB: C}"
-                )
-            )
+            takes = {
+                "magnitude": "sparsity: {LAYER_GLOB: S}, quality: {LAYER_GLOB: Q} or global_sparsity: S",
+                "dns": "sparsity: {LAYER_GLOB: S} or crate: {LAYER_GLOB: C}",
+                "variational": "none of them: it learns each weight's dropout rate (set kl_weight, "
+                "log_alpha_threshold)",
+            }[self.method]
+            raise ConfigError(f"method: {self.method} does not take {', '.join(wrong)}; it takes {takes}")
         # None at all is allowed here: a recipe's `target` then chooses per-layer sparsities
         # (plan.py); run on its own, the stage asks for one (`missing_target`).
         if len(given) > 1:
             raise ConfigError(f"needs exactly one of {', '.join(sorted(targets))}; got {', '.join(given)}")
-        if self.layers is not None and self.global_sparsity is None:
+        if self.layers is not None and self.global_sparsity is None and self.method != "variational":
             raise ConfigError("layers goes with global_sparsity; per-layer targets take sparsity: {LAYER_GLOB: S}")
 
     @property
     def has_target(self) -> bool:
-        """Whether the settings name a sparsity (or quality, crate or global sparsity)."""
-        return any(getattr(self, name) is not None for name in ("sparsity", "quality", "crate", "global_sparsity"))
+        """Whether the settings say how much to prune (a sparsity, quality, crate or global
+        sparsity; method variational finds its own)."""
+        return self.method == "variational" or any(
+            getattr(self, name) is not None for name in ("sparsity", "quality", "crate", "global_sparsity")
+        )
 
     def missing_target(self) -> str:
         """The message for settings that name no sparsity at all.
@@ -99,7 +127,7 @@ class PruneSettings:
         Returns:
             The message, naming the options this method takes.
         """
-        targets = "global_sparsity, quality, sparsity" if self.method == "magnitude" else "crate, sparsity"
+        targets = ", ".join(TARGETS[self.method])
         return (
             f"needs exactly one of {targets}; got none (or give the recipe a target: {{ratio: R}} or "
             "{max_metric_drop: PERCENT}, and per-layer sparsities are chosen for you)"
@@ -107,7 +135,8 @@ class PruneSettings:
 
 
 def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext) -> StageResult:
-    """Prune `model` in place: magnitude pruning in rounds with retraining, or DNS.
+    """Prune `model` in place: magnitude pruning in rounds with retraining, DNS, or sparse
+    variational dropout.
 
     Args:
         model: the model to prune, in place.
@@ -124,6 +153,7 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
     from deepshrink.prune.schedule import iterative_pruning
     from deepshrink.prune.statistics import as_dicts, layer_statistics, totals
     from deepshrink.prune.surgery import dynamic_network_surgery
+    from deepshrink.prune.variational import variational_dropout
 
     if not settings.has_target:
         raise ConfigError(f"prune: {settings.missing_target()}")
@@ -149,6 +179,23 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
             progress=context.progress,
         )
         log.update(spliced=result.spliced, thresholds=result.thresholds)
+    elif settings.method == "variational":
+        result = variational_dropout(
+            model,
+            train_loader,
+            training_config(
+                settings, context, settings.retrain_epochs, settings.variational_learning_rate, optimizer="adam"
+            ),
+            layers=settings.layers,
+            threshold=settings.log_alpha_threshold,
+            kl_weight=settings.kl_weight,
+            validation_loader=loaders.validation,
+            device=context.device,
+            task=context.task,
+            criterion=loss,
+            progress=context.progress,
+        )
+        log["epochs"] = [vars(record) for record in result.history.epochs]
     else:
         rule = _mask_rule(settings)
         history = iterative_pruning(
