@@ -1,6 +1,8 @@
 """Stage 2: trained quantization. Per-layer k-means weight sharing (the paper's 8 bits for
-convolutions and 5 for fully connected layers unless `bits` says otherwise), then the centroids
-fine-tuned with the task loss. The k-means records (Figure 4) travel in the result's tensors."""
+convolutions and 5 for fully connected layers unless `bits` says otherwise), or soft
+weight-sharing (a Gaussian-mixture prior learned with the weights, Ullrich et al. 2017); then
+the centroids fine-tuned with the task loss. The sharing records (Figure 4) travel in the
+result's tensors."""
 
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepshrink.errors import ConfigError
 from deepshrink.settings import DistillSettings, between, check_fields, choices, layer_globs
 from deepshrink.stages.base import Stage, StageContext, StageResult, register_stage
 from deepshrink.stages.retraining import criterion, fine_tune
 from deepshrink.train import evaluate
 
+METHODS = ("kmeans", "soft")
 INITS = ("linear", "density", "forgy", "optimal")
 OPTIMIZERS = ("sgd", "adam")
 RECORD_ARRAYS = ("initial_centroids", "centroids", "sample")
@@ -22,7 +26,19 @@ RECORD_ARRAYS = ("initial_centroids", "centroids", "sample")
 
 @dataclass(frozen=True)
 class QuantizeSettings:
-    """Per-layer k-means weight sharing; `bits` maps layer globs to bits (default 8 conv / 5 fc)."""
+    """Per-layer k-means weight sharing, `bits` mapping layer globs to bits (default 8 conv / 5
+    fc); or, with method soft, soft weight-sharing over `layers`, whose `components` set the
+    codebook (17: zero and at most 16 values, 5 bits)."""
+
+    method: str = field(
+        default="kmeans",
+        metadata=choices(
+            *METHODS,
+            help="kmeans: the paper's per-layer k-means; soft: retrain `soft_epochs` under a learned "
+            "Gaussian-mixture prior, then share through its means (zero included: it prunes too)",
+        )
+        | {"recorded_when_set": True},
+    )
 
     bits: dict[str, int] | None = field(
         default=None,
@@ -41,17 +57,55 @@ class QuantizeSettings:
     )
     batch_size: int = field(default=128, metadata=between(1, help="fine-tuning batch size"))
     distill: DistillSettings | None = None
+    # Method soft. Written into a recipe's record only when set, so that the keys and files of
+    # k-means sharing stay as they were.
+    layers: list[str] | None = field(
+        default=None,
+        metadata=layer_globs(help="method soft: the layer globs under the mixture prior (default: all)")
+        | {"recorded_when_set": True},
+    )
+    components: int = field(
+        default=17,
+        metadata=between(2, 65536, help="method soft: mixture components, the zero one included")
+        | {"recorded_when_set": True},
+    )
+    tau: float = field(
+        default=5e-3,
+        metadata=between(1e-12, help="method soft: the prior's weight against the task's loss")
+        | {"recorded_when_set": True},
+    )
+    soft_epochs: int = field(
+        default=10,
+        metadata=between(1, help="method soft: retraining epochs under the prior") | {"recorded_when_set": True},
+    )
+    soft_learning_rate: float = field(
+        default=5e-4,
+        metadata=between(1e-12, help="method soft: Adam's learning rate for the weights") | {"recorded_when_set": True},
+    )
+    prior_learning_rate: float = field(
+        default=3e-4,
+        metadata=between(1e-12, help="method soft: Adam's learning rate for the mixture") | {"recorded_when_set": True},
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.method == "soft" and self.bits is not None:
+            raise ConfigError(
+                "quantize method soft takes no bits: its mixture's `components` set the codebook "
+                "(17: zero and 16 values, 5 bits); choose the weights with `layers`"
+            )
+        if self.method == "kmeans" and self.layers is not None:
+            raise ConfigError("layers goes with method soft; k-means sharing takes bits: {LAYER_GLOB: BITS}")
 
 
 def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageContext) -> StageResult:
-    """Share `model`'s weights in place through k-means codebooks, then fine-tune the centroids.
+    """Share `model`'s weights in place through k-means codebooks (or a learned mixture prior's
+    means), then fine-tune the centroids.
 
     Args:
         model: the model whose weights are shared, in place.
-        settings: the bits per layer, the k-means initialisation and the centroids' fine-tuning.
+        settings: the method, the bits per layer and the k-means initialisation (or the mixture),
+            and the centroids' fine-tuning.
         context: the loaders (None: shared without fine-tuning), seed, device and task.
 
     Returns:
@@ -61,9 +115,13 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
     from deepshrink.quantize.report import sharing_rows
     from deepshrink.quantize.shared import share_weights
 
-    records = share_weights(model, settings.bits, settings.init, seed=context.seed)
-    log: dict = {
-        "init": settings.init,
+    log: dict = {}
+    if settings.method == "soft":
+        records = _soft_sharing(model, settings, context, log)
+    else:
+        records = share_weights(model, settings.bits, settings.init, seed=context.seed)
+    log |= {
+        "init": settings.init if settings.method == "kmeans" else "mixture",
         "bits": {name: record.bits for name, record in records.items()},
         "records": {
             name: {"bits": record.bits, "zero_code": record.zero_code, "inertia": float(record.inertia)}
@@ -99,6 +157,32 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
     if epochs:
         log["epochs"] = [vars(record) for record in epochs]
     return StageResult("quantize", log, metrics, tensors=tensors)
+
+
+def _soft_sharing(model: nn.Module, settings: QuantizeSettings, context: StageContext, log: dict) -> dict:
+    """Soft weight-sharing on the settings' layers; its history goes into `log`."""
+    from deepshrink.quantize.soft import soft_weight_sharing
+    from deepshrink.stages.retraining import training_config
+
+    if context.loaders is None:
+        raise ConfigError("quantize method soft retrains the weights under its prior: it needs data")
+    result = soft_weight_sharing(
+        model,
+        context.loaders.train(settings.batch_size, context.seed),
+        training_config(settings, context, settings.soft_epochs, settings.soft_learning_rate, optimizer="adam"),
+        layers=settings.layers,
+        components=settings.components,
+        tau=settings.tau,
+        prior_learning_rate=settings.prior_learning_rate,
+        validation_loader=context.loaders.validation,
+        device=context.device,
+        task=context.task,
+        criterion=criterion(settings, context, model),
+        progress=context.progress,
+    )
+    log["mixture_means"] = result.means.tolist()
+    log["soft_epochs"] = [vars(record) for record in result.history.epochs]
+    return result.records
 
 
 def sharing_records(result: StageResult) -> dict:
