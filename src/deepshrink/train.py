@@ -183,6 +183,37 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     )
 
 
+class RegularizedLoss:
+    """A training loss with a regulariser: criterion(outputs, targets, inputs) (default the
+    task's loss) plus scale(step) x penalty(), for `fit`. Variational dropout's KL and soft
+    weight-sharing's mixture prior are penalties; `scale` carries N and any warm-up."""
+
+    def __init__(
+        self,
+        penalty: Callable[[], torch.Tensor],
+        scale: Callable[[int], float],
+        criterion: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        task: Task | str | None = None,
+    ) -> None:
+        self.penalty, self.scale, self.criterion, self.task = penalty, scale, criterion, resolve_task(task)
+        self.steps = 0
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The loss of one training batch (each call is one step).
+
+        Args:
+            outputs: the model's outputs.
+            targets: the batch's targets.
+            inputs: the batch's inputs (for a criterion that needs them).
+
+        Returns:
+            The scalar loss.
+        """
+        data = self.criterion(outputs, targets, inputs) if self.criterion else self.task.loss(outputs, targets)
+        self.steps += 1
+        return data + self.scale(self.steps) * self.penalty()
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,

@@ -37,7 +37,7 @@ from torch.nn.modules.conv import _ConvNd
 from deepshrink.errors import ConfigError
 from deepshrink.layers import Weight, select_weights
 from deepshrink.prune.module import prune_weight
-from deepshrink.train import History, TrainConfig, fit
+from deepshrink.train import History, RegularizedLoss, TrainConfig, fit
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_LIMIT = 8.0
@@ -220,36 +220,6 @@ def _remove(state: VariationalState) -> None:
         weight.remove_parametrizations(leave_parametrized=False)
 
 
-class VariationalLoss:
-    """The negative ELBO per training example: the task's loss (or another criterion) plus
-    kl_weight x KL / N, the KL's weight rising linearly over the first `warmup_steps` steps."""
-
-    def __init__(
-        self, state: VariationalState, examples: int, kl_weight: float, warmup_steps: int, criterion=None, task=None
-    ) -> None:
-        from deepshrink.tasks import resolve_task
-
-        self.state, self.examples, self.kl_weight = state, examples, kl_weight
-        self.warmup_steps, self.criterion, self.task = warmup_steps, criterion, resolve_task(task)
-        self.steps = 0
-
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """The loss of one training batch.
-
-        Args:
-            outputs: the model's outputs.
-            targets: the batch's targets.
-            inputs: the batch's inputs (for a criterion that needs them).
-
-        Returns:
-            The scalar loss.
-        """
-        data = self.criterion(outputs, targets, inputs) if self.criterion else self.task.loss(outputs, targets)
-        self.steps += 1
-        ramp = min(1.0, self.steps / self.warmup_steps) if self.warmup_steps else 1.0
-        return data + ramp * self.kl_weight * self.state.kl() / self.examples
-
-
 @dataclass
 class VariationalResult:
     """What variational dropout did: its training history and the masks it left."""
@@ -305,7 +275,12 @@ def variational_dropout(
     warmup = config.epochs / 2 if warmup_epochs is None else warmup_epochs
     state = start_variational(model, layers, threshold)
     try:
-        loss = VariationalLoss(state, examples, kl_weight, round(warmup * len(train_loader)), criterion, task)
+        warmup_steps = round(warmup * len(train_loader))
+
+        def scale(step: int) -> float:  # KL / N, its weight rising linearly over the warm-up
+            return (min(1.0, step / warmup_steps) if warmup_steps else 1.0) * kl_weight / examples
+
+        loss = RegularizedLoss(state.kl, scale, criterion, task)
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         optimizer = torch.optim.Adam(trainable, lr=config.learning_rate)
         history = fit(

@@ -9,7 +9,8 @@ exact zeros (pruned), the others share a codebook of at most J - 1 values. The r
 same weight-sharing parametrization that k-means gives, so the encoder and the runtime take it
 unchanged, and centroid fine-tuning can follow.
 
-Our choices (the paper leaves some open):
+The loss is the task's plus tau x (-log p(w) - log p(precisions)) / N. Our choices (the paper
+leaves some open):
 - one mixture over all chosen weights, initialised with its non-zero means evenly spaced over
   the weights' range and every precision from that spacing;
 - Gamma hyperpriors on the precisions (a firm one on the zero component's, so that it stays
@@ -33,7 +34,7 @@ from deepshrink.errors import ConfigError
 from deepshrink.layers import Weight, select_weights
 from deepshrink.prune.module import pruning_mask_of
 from deepshrink.quantize.shared import SAMPLE_SIZE, SharedWeights, SharingRecord, index_dtype
-from deepshrink.train import History, TrainConfig, fit
+from deepshrink.train import History, RegularizedLoss, TrainConfig, fit
 
 ZERO_MIXING = 0.99  # pi_0: the share of the weights the prior expects at zero
 # Gamma(shape, rate) hyperpriors on the precisions: the zero component's mean precision
@@ -168,46 +169,6 @@ class GaussianMixturePrior(nn.Module):
         return np.asarray(merged_means), group
 
 
-class SoftSharingLoss:
-    """The task's loss (or another criterion) plus tau x (-log prior - log hyperprior) / N."""
-
-    def __init__(
-        self,
-        prior: GaussianMixturePrior,
-        weights: dict[str, Weight],
-        examples: int,
-        tau: float,
-        criterion=None,
-        task=None,
-    ) -> None:
-        from deepshrink.tasks import resolve_task
-
-        self.prior, self.weights, self.examples, self.tau = prior, weights, examples, tau
-        self.criterion, self.task = criterion, resolve_task(task)
-
-    def complexity(self) -> torch.Tensor:
-        """-log p(w) - log p(precisions) over every chosen weight.
-
-        Returns:
-            A scalar tensor.
-        """
-        return self.prior(torch.cat([weight.value.reshape(-1) for weight in self.weights.values()]))
-
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """The loss of one training batch.
-
-        Args:
-            outputs: the model's outputs.
-            targets: the batch's targets.
-            inputs: the batch's inputs (for a criterion that needs them).
-
-        Returns:
-            The scalar loss.
-        """
-        data = self.criterion(outputs, targets, inputs) if self.criterion else self.task.loss(outputs, targets)
-        return data + self.tau * self.complexity() / self.examples
-
-
 @dataclass
 class SoftSharingResult:
     """What soft weight-sharing did: the training history, the merged components' means (zero
@@ -270,7 +231,13 @@ def soft_weight_sharing(
     device_now = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
     prior = GaussianMixturePrior(components, float(flat.min()), float(flat.max()), float(flat.std())).to(device_now)
     initial_means = prior.all_means().detach().double().cpu().numpy()
-    loss = SoftSharingLoss(prior, weights, len(train_loader.dataset), tau, criterion, task)
+    examples = len(train_loader.dataset)
+    loss = RegularizedLoss(
+        lambda: prior(torch.cat([weight.value.reshape(-1) for weight in weights.values()])),
+        lambda step: tau / examples,  # noqa: ARG005 - the same weight at every step
+        criterion,
+        task,
+    )
     network = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.Adam(
         [{"params": network, "lr": config.learning_rate}, {"params": prior.parameters(), "lr": prior_learning_rate}]
