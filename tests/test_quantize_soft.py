@@ -15,6 +15,7 @@ from deepshrink.layers import compressible_weights
 from deepshrink.models import build_model
 from deepshrink.quantize.shared import sharing_of
 from deepshrink.quantize.soft import ZERO_MIXING, GaussianMixturePrior
+from deepshrink.recipe import recipe_from_dict
 from deepshrink.stages.quantize import QuantizeSettings
 from deepshrink.train import TrainConfig
 
@@ -70,11 +71,13 @@ def test_close_components_merge_and_those_next_to_zero_join_it():
     assert group.tolist() == [0, 1, 0, 2, 2]
 
 
-def test_settings_refuse_bits_with_the_soft_method():
+def test_settings_refuse_bits_and_a_target_with_the_soft_method():
     with pytest.raises(ConfigError, match="takes no bits"):
         QuantizeSettings(method="soft", bits={"fc1": 4})
     with pytest.raises(ConfigError, match="layers goes with method soft"):
         QuantizeSettings(layers=["fc1"])
+    with pytest.raises(ConfigError, match="method soft learns its codebook"):
+        recipe_from_dict({"model": "lenet-300-100", "quantize": {"method": "soft"}, "target": {"ratio": 30}})
 
 
 def test_soft_sharing_through_the_pipeline_keeps_accuracy_and_the_codebook_limit(

@@ -123,6 +123,11 @@ class Recipe:
                     f"{self.where('target')}: a target chooses sparsities for magnitude pruning; method variational "
                     "learns its own: drop the target (set kl_weight instead) or use method magnitude"
                 )
+            if quantize is not None and quantize.method == "soft":
+                raise ConfigError(
+                    f"{self.where('target')}: a target chooses bits for k-means sharing; method soft learns its "
+                    "codebook: drop the target (set components and tau instead) or use method kmeans"
+                )
             chosen = [
                 name
                 for name, given in (
