@@ -74,6 +74,22 @@ def test_output_noise_has_the_local_reparameterization_distribution(layer):
     finish_variational(state)
 
 
+def test_linears_that_torch_reads_inside_attention_draw_weight_noise_instead():
+    """MultiheadAttention's fused path reads out_proj.weight without calling out_proj: a hook there
+    would never add noise (and the KL alone would prune every weight), so the weights are noisy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Linear(8, 3))
+    state = start_variational(model)
+    by_name = {name: parametrization.on_outputs for name, parametrization in state.parametrizations.items()}
+    assert by_name["1"] and not by_name["0.self_attn.out_proj"] and not by_name["0.linear1"]
+    out_proj = model[0].self_attn.out_proj
+    model.train()
+    assert not torch.equal(out_proj.weight, out_proj.weight)  # a fresh draw at every read
+    inputs = torch.randn(4, 5, 8)
+    assert not torch.equal(model(inputs), model(inputs))
+    finish_variational(state)
+
+
 def test_masks_follow_log_alpha_and_leave_exact_zeros():
     torch.manual_seed(0)
     model = build_model("lenet-300-100")

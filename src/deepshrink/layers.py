@@ -25,6 +25,16 @@ from deepshrink.errors import ConfigError, UnsupportedLayerError
 # Modules whose one compressible tensor is `weight`. _ConvNd covers Conv1d/2d/3d and
 # ConvTranspose1d/2d/3d.
 SINGLE_WEIGHT_MODULES = (nn.Linear, _ConvNd, nn.Embedding, nn.EmbeddingBag)
+# Modules whose forward reads their children's weights as tensors (torch's fused attention and
+# transformer paths) instead of calling them: a child's forward (and its hooks) never runs.
+READS_CHILD_WEIGHTS = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
 SUPPORTED_TYPES = (
     "Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, EmbeddingBag, LSTM, GRU, RNN and MultiheadAttention"
 )
@@ -146,6 +156,22 @@ def as_weight(layer: Weight | nn.Module) -> Weight:
         f"{type(layer).__name__} is not a layer with one compressible weight; pass a Weight "
         "(deepshrink.layers.compressible_weights names each of a model's weights)"
     )
+
+
+def called_by_its_parents(model: nn.Module, module_name: str) -> bool:
+    """Whether the module `module_name` of `model` runs its own forward: no ancestor reads its
+    weights as tensors instead (READS_CHILD_WEIGHTS), so its hooks see every call.
+
+    Args:
+        model: the model.
+        module_name: a submodule's name ("" for the model itself).
+
+    Returns:
+        False inside attention and transformer modules, True elsewhere.
+    """
+    parts = module_name.split(".") if module_name else []
+    ancestors = (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts)))
+    return not any(isinstance(ancestor, READS_CHILD_WEIGHTS) for ancestor in ancestors)
 
 
 def paper_default_bits(weight: Weight) -> int:

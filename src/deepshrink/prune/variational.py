@@ -13,7 +13,8 @@ As in the paper:
 - the local reparameterization trick for Linear and convolution layers: the noise is drawn on
   the layer's outputs, N(x theta^T, x^2 sigma^2^T), independently per example, which has lower
   variance than one weight sample per batch; every other compressible weight (recurrent,
-  attention, embedding, transposed convolution) draws its weights once per forward pass;
+  embedding, transposed convolution, and the Linears inside attention, whose weights torch
+  reads without calling them) draws its weights once per forward pass;
 - the KL approximation -KL ~ k1 sigmoid(k2 + k3 log alpha) - 0.5 log(1 + 1/alpha) - k1, with
   k1 = 0.63576, k2 = 1.87320, k3 = 1.48695, accurate to about 0.01 over all alpha;
 - log alpha clipped to [-8, 8] when it is read, log sigma^2 starting at -10 (alpha ~ 0);
@@ -35,7 +36,7 @@ from torch.nn import functional
 from torch.nn.modules.conv import _ConvNd
 
 from deepshrink.errors import ConfigError
-from deepshrink.layers import Weight, select_weights
+from deepshrink.layers import Weight, called_by_its_parents, select_weights
 from deepshrink.prune.module import prune_weight
 from deepshrink.train import History, RegularizedLoss, TrainConfig, fit
 
@@ -118,9 +119,16 @@ def _output_noise(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tor
     return output + torch.sqrt(variance + VARIANCE_FLOOR) * torch.randn_like(output)
 
 
-def _takes_output_noise(weight: Weight) -> bool:
-    return weight.tensor == "weight" and (
-        isinstance(weight.module, nn.Linear) or (isinstance(weight.module, _ConvNd) and not weight.module.transposed)
+def _takes_output_noise(model: nn.Module, weight: Weight) -> bool:
+    """A Linear's or (non-transposed) convolution's weight whose module runs its own forward, so
+    that the output-noise hook sees every call (inside attention, torch reads the weight itself)."""
+    return (
+        weight.tensor == "weight"
+        and (
+            isinstance(weight.module, nn.Linear)
+            or (isinstance(weight.module, _ConvNd) and not weight.module.transposed)
+        )
+        and called_by_its_parents(model, weight.module_name)
     )
 
 
@@ -186,7 +194,7 @@ def start_variational(
         )
     state = VariationalState(weights, {})
     for name, weight in weights.items():
-        on_outputs = _takes_output_noise(weight)
+        on_outputs = _takes_output_noise(model, weight)
         parametrization = VariationalWeight(weight.original(), threshold, on_outputs)
         weight.register(parametrization)
         state.parametrizations[name] = parametrization

@@ -26,7 +26,7 @@ from deepshrink.compressed import open_compressed
 from deepshrink.encode.codec import SharedParts, decode_record_parts
 from deepshrink.encode.sparse import as_matrix
 from deepshrink.errors import ConfigError, FormatError
-from deepshrink.layers import matching
+from deepshrink.layers import called_by_its_parents, matching
 from deepshrink.loading import check_tensors_fit, model_for
 from deepshrink.runtime.bench import example_inputs
 from deepshrink.runtime.choice import LayerChoice, measure_conv, measure_linear
@@ -53,18 +53,6 @@ def _codebook_weight(parts: SharedParts, nonzeros: int) -> CodebookWeight:
     return CodebookWeight(indptr, indices, codes, parts.codebook, (rows, columns))
 
 
-# Modules whose forward reads their children's weights as tensors (torch's fused attention and
-# transformer paths) instead of calling them: a Linear inside one must stay an nn.Linear.
-_READS_CHILD_WEIGHTS = (
-    nn.MultiheadAttention,
-    nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer,
-    nn.TransformerEncoder,
-    nn.TransformerDecoder,
-    nn.Transformer,
-)
-
-
 def replaceable_modules(model: nn.Module) -> set[str]:
     """Names of the Linear / Conv2d modules that the runtime may swap for compressed ones: those
     that no ancestor reads as tensors.
@@ -75,15 +63,11 @@ def replaceable_modules(model: nn.Module) -> set[str]:
     Returns:
         The module names.
     """
-    names = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear | nn.Conv2d) or not name:
-            continue
-        parts = name.split(".")
-        ancestors = (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts)))
-        if not any(isinstance(ancestor, _READS_CHILD_WEIGHTS) for ancestor in ancestors):
-            names.add(name)
-    return names
+    return {
+        name
+        for name, module in model.named_modules()
+        if name and isinstance(module, nn.Linear | nn.Conv2d) and called_by_its_parents(model, name)
+    }
 
 
 def _mode_for(name: str, modes: dict[str, str]) -> str:
