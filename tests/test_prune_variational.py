@@ -126,6 +126,13 @@ def test_refuses_weights_that_are_already_pruned_and_leaves_an_interrupted_model
     assert not any(weight.parametrizations() for weight in compressible_weights(plain).values())
     assert not plain.fc1._forward_hooks
 
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield torch.randn(784), torch.tensor(0)
+
+    with pytest.raises(ConfigError, match="number of training examples"):
+        variational_dropout(plain, torch.utils.data.DataLoader(Stream()), TrainConfig(epochs=1), progress=False)
+
 
 def test_settings_take_no_sparsity_and_no_target():
     with pytest.raises(ConfigError, match="method: variational does not take sparsity"):

@@ -183,6 +183,28 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     )
 
 
+def training_set_size(loader, what: str) -> int:
+    """N, the number of training examples behind `loader`, for a loss written per example.
+
+    Args:
+        loader: a DataLoader.
+        what: the method that needs N, for the error.
+
+    Returns:
+        len(loader.dataset).
+
+    Raises:
+        ConfigError: the loader's data set has no length (an IterableDataset).
+    """
+    try:
+        return len(loader.dataset)
+    except (TypeError, AttributeError):
+        raise ConfigError(
+            f"{what} weighs its regulariser by the number of training examples; give a DataLoader over a "
+            "data set with a length (not an IterableDataset)"
+        ) from None
+
+
 class RegularizedLoss:
     """A training loss with a regulariser: criterion(outputs, targets, inputs) (default the
     task's loss) plus scale(step) x penalty(), for `fit`. Variational dropout's KL and soft

@@ -38,7 +38,7 @@ from torch.nn.modules.conv import _ConvNd
 from deepshrink.errors import ConfigError
 from deepshrink.layers import Weight, called_by_its_parents, select_weights
 from deepshrink.prune.module import prune_weight
-from deepshrink.train import History, RegularizedLoss, TrainConfig, fit
+from deepshrink.train import History, RegularizedLoss, TrainConfig, fit, training_set_size
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_LIMIT = 8.0
@@ -279,7 +279,7 @@ def variational_dropout(
     """
     if not kl_weight >= 0 or not math.isfinite(kl_weight):
         raise ConfigError(f"kl_weight={kl_weight!r} should be a non-negative number, e.g. 1 (the ELBO's)")
-    examples = len(train_loader.dataset)
+    examples = training_set_size(train_loader, "variational dropout")
     warmup = config.epochs / 2 if warmup_epochs is None else warmup_epochs
     state = start_variational(model, layers, threshold)
     try:

@@ -34,7 +34,7 @@ from deepshrink.errors import ConfigError
 from deepshrink.layers import Weight, select_weights
 from deepshrink.prune.module import pruning_mask_of
 from deepshrink.quantize.shared import SAMPLE_SIZE, SharedWeights, SharingRecord, index_dtype
-from deepshrink.train import History, RegularizedLoss, TrainConfig, fit
+from deepshrink.train import History, RegularizedLoss, TrainConfig, fit, training_set_size
 
 ZERO_MIXING = 0.99  # pi_0: the share of the weights the prior expects at zero
 # Gamma(shape, rate) hyperpriors on the precisions: the zero component's mean precision
@@ -231,7 +231,7 @@ def soft_weight_sharing(
     device_now = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
     prior = GaussianMixturePrior(components, float(flat.min()), float(flat.max()), float(flat.std())).to(device_now)
     initial_means = prior.all_means().detach().double().cpu().numpy()
-    examples = len(train_loader.dataset)
+    examples = training_set_size(train_loader, "soft weight-sharing")
     loss = RegularizedLoss(
         lambda: prior(torch.cat([weight.value.reshape(-1) for weight in weights.values()])),
         lambda step: tau / examples,  # noqa: ARG005 - the same weight at every step
