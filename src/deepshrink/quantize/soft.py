@@ -13,8 +13,10 @@ The loss is the task's plus tau x (-log p(w) - log p(precisions)) / N. Our choic
 leaves some open):
 - one mixture over all chosen weights, initialised with its non-zero means evenly spaced over
   the weights' range and every precision from that spacing;
-- Gamma hyperpriors on the precisions (a firm one on the zero component's, so that it stays
-  narrow, and a weak one on the others, so that no component collapses onto one weight);
+- the zero component starting at a tenth of the weights' spread, the others at half their
+  spacing, and Gamma hyperpriors on the precisions centred there (a firm one on the zero
+  component's, so that it stays narrow, and a weak one on the others, so that no component
+  collapses onto one weight);
 - Adam, with its own learning rate for the mixture;
 - components whose means end within a fraction of their standard deviation of each other are
   merged before the weights are assigned.
@@ -37,10 +39,12 @@ from deepshrink.quantize.shared import SAMPLE_SIZE, SharedWeights, SharingRecord
 from deepshrink.train import History, RegularizedLoss, TrainConfig, fit, training_set_size
 
 ZERO_MIXING = 0.99  # pi_0: the share of the weights the prior expects at zero
-# Gamma(shape, rate) hyperpriors on the precisions: the zero component's mean precision
-# 2500 (std 0.02) held firmly, the others' 250 (std 0.06) held loosely.
-ZERO_PRECISION_PRIOR = (5000.0, 2.0)
-PRECISION_PRIOR = (25.0, 0.1)
+# The shapes of the Gamma hyperpriors on the precisions, each centred on its component's initial
+# precision (so that they follow the weights' scale): the zero component's held firmly, so that it
+# stays narrow and takes only the weights near zero; the others' loosely, so that none collapses
+# onto a single weight.
+ZERO_PRECISION_SHAPE = 5000.0
+PRECISION_SHAPE = 25.0
 MERGE_DISTANCE = 0.5  # in units of the wider component's standard deviation
 CHUNK = 1 << 20  # weights assigned at a time: the (weights x components) densities stay small
 
@@ -67,6 +71,11 @@ class GaussianMixturePrior(nn.Module):
             precisions[0] = -2 * math.log(spread / 10)
         self.log_precisions = nn.Parameter(precisions)
         self.mixing_logits = nn.Parameter(torch.zeros(others))
+        # Gamma(shape, rate) with mean shape / rate at the initial precision.
+        shapes = torch.full((components,), PRECISION_SHAPE)
+        shapes[0] = ZERO_PRECISION_SHAPE
+        self.register_buffer("precision_shapes", shapes)
+        self.register_buffer("precision_rates", shapes / precisions.exp())
 
     def mixing(self) -> torch.Tensor:
         """pi: ZERO_MIXING for component 0, the rest shared by the others' learned logits.
@@ -120,9 +129,7 @@ class GaussianMixturePrior(nn.Module):
         Returns:
             A scalar tensor.
         """
-        shapes = torch.tensor([ZERO_PRECISION_PRIOR[0]] + [PRECISION_PRIOR[0]] * len(self.means))
-        rates = torch.tensor([ZERO_PRECISION_PRIOR[1]] + [PRECISION_PRIOR[1]] * len(self.means))
-        shapes, rates = shapes.to(self.log_precisions), rates.to(self.log_precisions)
+        shapes, rates = self.precision_shapes, self.precision_rates
         return -((shapes - 1) * self.log_precisions - rates * self.log_precisions.exp()).sum()
 
     def forward(self, weights: torch.Tensor) -> torch.Tensor:
