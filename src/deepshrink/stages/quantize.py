@@ -34,8 +34,9 @@ class QuantizeSettings:
         default="kmeans",
         metadata=choices(
             *METHODS,
-            help="kmeans: the paper's per-layer k-means; soft: retrain `soft_epochs` under a learned "
-            "Gaussian-mixture prior, then share through its means (zero included: it prunes too)",
+            help="kmeans: the paper's per-layer k-means; soft (experimental, see BENCHMARKS.md): retrain "
+            "`soft_epochs` under a learned Gaussian-mixture prior, then share through its means (zero "
+            "included: it prunes too)",
         )
         | {"recorded_when_set": True},
     )
