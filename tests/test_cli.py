@@ -1,5 +1,7 @@
-"""The command line, run as a user runs it (in a subprocess) where a command does work; where
-only its parsing and error messages are checked, in this process."""
+"""The command line. Each file a command writes is evaluated again by a new process (`deepshrink
+evaluate` in a subprocess, as a user runs it), so that it stands on its own; the commands that
+make the files, and the checks of parsing and error messages, run in this process (a new
+interpreter costs seconds per call, importing torch)."""
 
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def cli(capsys):
-    """The command line run in this process, for what parsing and errors print: a new interpreter
-    costs seconds per call (importing torch), and the commands that do work run in one above."""
+    """The command line run in this process: `main` with the arguments, its exit code and what it
+    printed (captured), as `run_cli` returns them from a subprocess."""
 
     def call(*arguments: str) -> subprocess.CompletedProcess:
         capsys.readouterr()
@@ -101,14 +103,14 @@ def test_bad_input_gives_one_line_and_a_distinct_exit_code(cli, arguments, code,
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_user_factory_checkpoint_needs_explicit_model(tmp_path):
+def test_user_factory_checkpoint_needs_explicit_model(cli, tmp_path):
     """A checkpoint cannot make us import code it names; the user must pass --model."""
     out = tmp_path / "mine.safetensors"
     trained = run_cli(
         "train", "--model", "deepshrink.models:LeNet300100", "--epochs", "1", "--train-subset", "500", "--out", str(out)
     )
     assert trained.returncode == 0, trained.stderr
-    refused = run_cli("evaluate", str(out))
+    refused = cli("evaluate", str(out))
     assert refused.returncode == 7 and "--model deepshrink.models:LeNet300100" in refused.stderr
     accepted = run_cli("evaluate", str(out), "--model", "deepshrink.models:LeNet300100")
     assert accepted.returncode == 0, accepted.stderr
@@ -173,9 +175,9 @@ def test_bad_prune_options_are_clean_errors(cli, tiny_checkpoint, tmp_path, argu
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_prune_never_overwrites_its_input(tiny_checkpoint):
+def test_prune_never_overwrites_its_input(cli, tiny_checkpoint):
     before = tiny_checkpoint.read_bytes()
-    result = run_cli(
+    result = cli(
         "prune",
         str(tiny_checkpoint),
         "--sparsity",
@@ -191,16 +193,16 @@ def test_prune_never_overwrites_its_input(tiny_checkpoint):
     assert tiny_checkpoint.read_bytes() == before
 
 
-def test_sensitivity_prints_a_table_a_suggestion_and_draws_a_plot(tiny_checkpoint, tmp_path):
-    result = run_cli("sensitivity", str(tiny_checkpoint), "--layers", "fc3", "--out-dir", str(tmp_path))
+def test_sensitivity_prints_a_table_a_suggestion_and_draws_a_plot(cli, tiny_checkpoint, tmp_path):
+    result = cli("sensitivity", str(tiny_checkpoint), "--layers", "fc3", "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "--sparsity fc3=" in result.stdout
     assert (tmp_path / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_quantize_shares_weights_and_evaluates_as_printed(tiny_checkpoint, tmp_path):
+def test_quantize_shares_weights_and_evaluates_as_printed(cli, tiny_checkpoint, tmp_path):
     pruned = tmp_path / "pruned.safetensors"
-    result = run_cli(
+    result = cli(
         "prune",
         str(tiny_checkpoint),
         "--sparsity",
@@ -214,7 +216,7 @@ def test_quantize_shares_weights_and_evaluates_as_printed(tiny_checkpoint, tmp_p
     )
     assert result.returncode == 0, result.stderr
     shared = tmp_path / "shared.safetensors"
-    result = run_cli(
+    result = cli(
         "quantize",
         str(pruned),
         "--bits",
@@ -252,10 +254,10 @@ def test_bad_quantize_bits_are_clean_errors(cli, tiny_checkpoint, tmp_path, bits
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_encode_inspect_decode_round_trip(tiny_checkpoint, tmp_path):
+def test_encode_inspect_decode_round_trip(cli, tiny_checkpoint, tmp_path):
     pruned, shared, packed = (tmp_path / name for name in ("pruned.safetensors", "shared.safetensors", "m.dcz"))
     assert (
-        run_cli(
+        cli(
             "prune",
             str(tiny_checkpoint),
             "--sparsity",
@@ -269,16 +271,16 @@ def test_encode_inspect_decode_round_trip(tiny_checkpoint, tmp_path):
         ).returncode
         == 0
     )
-    assert run_cli("quantize", str(pruned), "--finetune-epochs", "0", "--out", str(shared)).returncode == 0
-    compressed = run_cli("encode", str(shared), "--out", str(packed), "--report-dir", str(tmp_path))
+    assert cli("quantize", str(pruned), "--finetune-epochs", "0", "--out", str(shared)).returncode == 0
+    compressed = cli("encode", str(shared), "--out", str(packed), "--report-dir", str(tmp_path))
     assert compressed.returncode == 0, compressed.stderr
     size = int(re.search(r"\(([\d,]+) bytes", compressed.stdout).group(1).replace(",", ""))
     assert size == packed.stat().st_size
     printed = float(re.search(r"decoded file: ([0-9.]+)", compressed.stdout).group(1))
-    inspected = run_cli("inspect", str(packed))
+    inspected = cli("inspect", str(packed))
     assert inspected.returncode == 0 and "fc1.weight" in inspected.stdout and f"{size:,}" in inspected.stdout
     restored = tmp_path / "restored.safetensors"
-    assert run_cli("decode", str(packed), "--out", str(restored)).returncode == 0
+    assert cli("decode", str(packed), "--out", str(restored)).returncode == 0
     evaluated = run_cli("evaluate", str(restored))
     assert float(re.search(r"test top-1 accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
     assert (tmp_path / "encode.md").is_file() and (tmp_path / "distributions.png").is_file()
@@ -290,9 +292,9 @@ def test_inspecting_a_file_that_is_not_dcz_is_a_clean_error(cli, tiny_checkpoint
     assert result.returncode == 5 and "not a .dcz file" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_lowrank_writes_a_factored_checkpoint_that_evaluates_as_printed(tiny_checkpoint, tmp_path):
+def test_lowrank_writes_a_factored_checkpoint_that_evaluates_as_printed(cli, tiny_checkpoint, tmp_path):
     out = tmp_path / "factored.safetensors"
-    result = run_cli(
+    result = cli(
         "lowrank",
         str(tiny_checkpoint),
         "--budget",
@@ -309,15 +311,15 @@ def test_lowrank_writes_a_factored_checkpoint_that_evaluates_as_printed(tiny_che
     printed = float(re.search(r"before, ([0-9.]+) after", result.stdout).group(1))
     evaluated = run_cli("evaluate", str(out))
     assert float(re.search(r"test top-1 accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
-    again = run_cli("lowrank", str(out), "--out", str(tmp_path / "twice.safetensors"))
+    again = cli("lowrank", str(out), "--out", str(tmp_path / "twice.safetensors"))
     assert again.returncode == 3 and "already factored" in again.stderr
 
 
-def test_relaxed_lowrank_keeps_the_candidate_with_the_highest_validation_accuracy(tiny_checkpoint, tmp_path):
+def test_relaxed_lowrank_keeps_the_candidate_with_the_highest_validation_accuracy(cli, tiny_checkpoint, tmp_path):
     from deepshrink.checkpoint import load_checkpoint
 
     out = tmp_path / "relaxed.safetensors"
-    result = run_cli(
+    result = cli(
         "lowrank",
         str(tiny_checkpoint),
         "--method",
@@ -345,12 +347,12 @@ def test_relaxed_lowrank_keeps_the_candidate_with_the_highest_validation_accurac
     assert log["mac_fraction"] <= 0.5
 
 
-def test_relaxed_lowrank_takes_the_projection(tiny_checkpoint, tmp_path):
+def test_relaxed_lowrank_takes_the_projection(cli, tiny_checkpoint, tmp_path):
     """--projection both: the roundings of both descents compete; 0 selection epochs scores them on the loss."""
     from deepshrink.checkpoint import load_checkpoint
 
     out = tmp_path / "both.safetensors"
-    result = run_cli(
+    result = cli(
         "lowrank",
         str(tiny_checkpoint),
         "--method",
@@ -372,7 +374,7 @@ def test_relaxed_lowrank_takes_the_projection(tiny_checkpoint, tmp_path):
     assert any(name.startswith("relaxation (cost metric) step") for name in names)
     assert any(name.startswith("relaxation step") for name in names)
     assert log["ranks"] == min(log["candidates"], key=lambda entry: entry["loss"])["ranks"]
-    bad = run_cli("lowrank", str(tiny_checkpoint), "--method", "relaxed", "--projection", "l2", "--out", str(out))
+    bad = cli("lowrank", str(tiny_checkpoint), "--method", "relaxed", "--projection", "l2", "--out", str(out))
     assert bad.returncode != 0 and "invalid choice: 'l2'" in bad.stderr
-    none = run_cli("lowrank", str(tiny_checkpoint), "--method", "relaxed", "--selection-seeds", "0", "--out", str(out))
+    none = cli("lowrank", str(tiny_checkpoint), "--method", "relaxed", "--selection-seeds", "0", "--out", str(out))
     assert none.returncode != 0 and "selection_seeds=0" in none.stderr and "Traceback" not in none.stderr
