@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from deepshrink.cli import main
 from deepshrink.data import DataSplits, load_data
 
 
@@ -67,3 +69,20 @@ def write_dataset(directory: Path, prefix: str = "", train: int = 120, test: int
             compress=True,
         )
     return directory
+
+
+@pytest.fixture
+def cli(capsys):
+    """The command line run in this process: `main` with the arguments, its exit code and what it
+    printed (captured), as `run_cli` returns them from a subprocess."""
+
+    def call(*arguments: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main(["--quiet", *arguments])
+        except SystemExit as exit_:  # argparse: --help, and usage errors
+            code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(list(arguments), code, captured.out, captured.err)
+
+    return call

@@ -106,12 +106,7 @@ def test_debug_prints_the_traceback_and_internal_errors_say_so(capsys, monkeypat
         raise KeyError("a bug")
 
     monkeypatch.setattr(cli, "_command_inspect", broken)
-    parser = cli.build_parser
-    monkeypatch.setattr(
-        cli,
-        "build_parser",
-        lambda: _with_handler(parser(), "inspect", broken),
-    )
+    monkeypatch.setattr(cli, "_parser", lambda: _with_handler(cli.build_parser(), "inspect", broken))
     code, errors = run(capsys, "inspect", str(model_file))
     assert code == 70 and "internal error (KeyError" in errors and "--debug" in errors and "Traceback" not in errors
     code, errors = run(capsys, "--debug", "inspect", str(model_file))

@@ -11,8 +11,6 @@ import sys
 
 import pytest
 
-from deepshrink.cli import main
-
 
 def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -22,23 +20,6 @@ def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
         cwd=cwd,
         timeout=300,
     )
-
-
-@pytest.fixture
-def cli(capsys):
-    """The command line run in this process: `main` with the arguments, its exit code and what it
-    printed (captured), as `run_cli` returns them from a subprocess."""
-
-    def call(*arguments: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        try:
-            code = main(["--quiet", *arguments])
-        except SystemExit as exit_:  # argparse: --help, and usage errors
-            code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(list(arguments), code, captured.out, captured.err)
-
-    return call
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,25 +65,22 @@ def test_quick_recipe_writes_the_recorded_bytes(name, small_data, tmp_path):
     assert hashlib.sha256(result.path.read_bytes()).hexdigest() == expected[name]
 
 
-def test_stage_commands_write_the_pipelines_bytes(small_data, tmp_path):
+def test_stage_commands_write_the_pipelines_bytes(small_data, tmp_path, cli):
     model = trained("lenet-300-100", small_data)
     reference = save_checkpoint(tmp_path / "reference.safetensors", model, model_name="lenet-300-100")
     piped = deepshrink.run(model, "quick", small_data, run_dir=tmp_path / "run", progress=False).path
 
-    def cli(*arguments, retrains=True):
+    def stage(*arguments, retrains=True):
         subset = ["--train-subset", "5000"] if retrains else ["--no-evaluate"]
-        done = subprocess.run(
-            [sys.executable, "-m", "deepshrink", "--quiet", *arguments, *subset],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        done = cli(*arguments, *subset)
         assert done.returncode == 0, done.stderr
 
     pruned, shared, encoded = (tmp_path / name for name in ("pruned.safetensors", "shared.safetensors", "cli.dcz"))
-    cli("prune", str(reference), "--out", str(pruned), "--sparsity", "*=0.9", "--rounds", "2", "--retrain-epochs", "1")
-    cli("quantize", str(pruned), "--out", str(shared), "--bits", "*=5", "--finetune-epochs", "1")
-    cli("encode", str(shared), "--out", str(encoded), "--index-bits", "*=5", retrains=False)
+    stage(
+        "prune", str(reference), "--out", str(pruned), "--sparsity", "*=0.9", "--rounds", "2", "--retrain-epochs", "1"
+    )
+    stage("quantize", str(pruned), "--out", str(shared), "--bits", "*=5", "--finetune-epochs", "1")
+    stage("encode", str(shared), "--out", str(encoded), "--index-bits", "*=5", retrains=False)
     assert container.read(encoded).buffers == container.read(piped).buffers
     ours, theirs = read_state_dict(encoded)[0], read_state_dict(piped)[0]
     assert ours.keys() == theirs.keys()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hostile
 import pytest
+from conftest import write_dataset
 from hypothesis import HealthCheck, given, settings
 
 from deepshrink.compressed import read_state_dict, save_compressed
@@ -78,8 +79,10 @@ def test_crafted_files_through_every_reader_in_a_memory_limited_process(valid, t
     (tmp_path / "valid.dcz").write_bytes(valid.read_bytes())
     readers = ",".join([*hostile.READERS[:4], *(f"cli-{name}" for name in ("inspect", "decode", "predict", "bench"))])
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    # predict reads a small data set of the model's input shape: the full one costs a second a file.
+    data_dir = write_dataset(tmp_path / "data", train=5100, test=100)
     finished = subprocess.run(
-        [sys.executable, str(Path(hostile.__file__)), str(tmp_path), readers],
+        [sys.executable, str(Path(hostile.__file__)), str(tmp_path), readers, str(data_dir)],
         capture_output=True,
         text=True,
         timeout=RUNNER_TIMEOUT_SECONDS,

@@ -7,6 +7,7 @@ code per kind (see deepshrink.errors); argparse's own usage errors exit with 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -726,6 +727,14 @@ def _check_launcher(args: argparse.Namespace) -> None:
         )
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """`build_parser`'s parser, built once per process: building it takes about 25 ms (argparse
+    passes every help string through gettext), which a process running many commands (the
+    tests, a notebook calling `main`) would pay each time. Parsing leaves the parser unchanged."""
+    return build_parser()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every error is one line on stderr and a distinct exit code (EPILOG);
     the traceback is printed only with --debug.
@@ -736,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit code.
     """
-    args = build_parser().parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         _check_launcher(args)
         return args.handler(args)
