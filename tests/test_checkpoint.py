@@ -7,9 +7,11 @@ import pickle
 
 import pytest
 import torch
+from torch import nn
 
-from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpoint
+from deepshrink.checkpoint import load_checkpoint, load_model, load_state_into, save_checkpoint
 from deepshrink.errors import CheckpointError, ConfigError
+from deepshrink.loading import parameters_left_uninitialised
 from deepshrink.models import build_model
 
 
@@ -80,3 +82,25 @@ def test_mismatched_model_is_explained(tmp_path):
     path = save_checkpoint(tmp_path / "m.safetensors", build_model("lenet-300-100"), model_name="lenet-300-100")
     with pytest.raises(CheckpointError, match="does not fit model LeNet5"):
         load_state_into(build_model("lenet-5"), load_checkpoint(path), path)
+
+
+def test_models_built_to_receive_a_file_skip_only_their_parameters_initialisation(tmp_path):
+    """Parameters are loaded from the file next, so their initialisation is skipped; a buffer
+    filled by nn.init (which a file may not hold) is still initialised, and the functions come
+    back after the block, even when it raises."""
+    originals = nn.init.normal_, nn.init.kaiming_uniform_
+    parameter, buffer = nn.Parameter(torch.full((4, 4), 7.0)), torch.full((4, 4), 7.0)
+    with parameters_left_uninitialised():
+        nn.init.kaiming_uniform_(parameter)
+        nn.init.normal_(buffer)
+    assert torch.all(parameter == 7) and not torch.all(buffer == 7)
+    with pytest.raises(KeyError), parameters_left_uninitialised():
+        raise KeyError("inside")
+    assert (nn.init.normal_, nn.init.kaiming_uniform_) == originals
+    nn.init.kaiming_uniform_(parameter)
+    assert not torch.all(parameter == 7)
+    # And a checkpoint's model built that way holds exactly the saved tensors.
+    model = build_model("lenet-300-100")
+    path = save_checkpoint(tmp_path / "model.safetensors", model, model_name="lenet-300-100")
+    loaded, _ = load_model(path)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())

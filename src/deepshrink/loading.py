@@ -6,10 +6,16 @@ the file is never imported: importing runs code, so the caller must name it. The
 file's model had when it was written is rebuilt before any tensor loads: BatchNorm folded into
 the layers before it (`batchnorm_folded` metadata), then low-rank factored layers
 (`lowrank_structure`).
+
+The parameters of a model built here are left as allocated, not initialised: every caller loads
+all of them from the file next (a file that lacks one is refused), and initialising VGG-16's
+138M weights only to overwrite them took 1.9 s of a 2.7 s load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 from torch import nn
@@ -18,6 +24,42 @@ from deepshrink.errors import ConfigError, ModelError
 
 # Metadata entry of a low-rank factored model: which layers became two, at which ranks.
 STRUCTURE_KEY = "lowrank_structure"
+
+# The torch.nn.init functions layers call from reset_parameters.
+_INITIALISERS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_", "xavier_uniform_",
+    "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def parameters_left_uninitialised():
+    """Within this block, the torch.nn.init functions leave parameters as they are.
+
+    Only nn.Parameter tensors are skipped: a buffer that a module fills with them (which a file
+    may not hold, if it is not persistent) is initialised as usual. The functions are replaced
+    on the module torch.nn.init for the duration of the block, as Hugging Face's
+    `no_init_weights` does, so a model built in another thread meanwhile skips them too.
+
+    Yields:
+        None.
+    """
+    originals = {name: getattr(nn.init, name) for name in _INITIALISERS}
+
+    def skipping(original):
+        @functools.wraps(original)
+        def initialise(tensor, *args, **kwargs):
+            return tensor if isinstance(tensor, nn.Parameter) else original(tensor, *args, **kwargs)
+
+        return initialise
+
+    for name, original in originals.items():
+        setattr(nn.init, name, skipping(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(nn.init, name, original)
 
 
 def model_for(
@@ -35,7 +77,8 @@ def model_for(
     package.module:factory, or None for `stored_name`, the name the file records. The file's
     `metadata` rebuilds folded BatchNorm and factored layers; `config` is passed to the
     registry's factory. A malformed structure raises `error` (the caller's kind:
-    CheckpointError for checkpoints, FormatError for files).
+    CheckpointError for checkpoints, FormatError for files). A model built here has its
+    parameters left uninitialised: the caller loads every one of them next.
 
     Args:
         source: the file or checkpoint the tensors come from, named in errors.
@@ -79,7 +122,8 @@ def model_for(
                 "imported"
             )
         try:
-            model = build_model(name, **(config or {}))
+            with parameters_left_uninitialised():  # the caller loads every one of them next
+                model = build_model(name, **(config or {}))
         except ModelError as problem:
             if model is not None or is_factory_path(name):
                 raise
