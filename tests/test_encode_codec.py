@@ -34,7 +34,7 @@ def round_trip(model, **options):
 
 
 @pytest.mark.parametrize("name", ["lenet-300-100", "lenet-5"])
-@pytest.mark.parametrize("coder", ["huffman", "fixed"])
+@pytest.mark.parametrize("coder", ["huffman", "ans", "fixed"])
 @pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
 def test_decoding_is_bit_exact(name, coder, layout):
     model = compressed_model(name)
@@ -117,7 +117,8 @@ def mutate(header: dict, name: str, **changes) -> dict:
         ({"bits": 0}, "bits is 0; expected an integer from 1"),
         ({"bits": 2}, "codebook has"),
         ({"codebook": 999}, "refers to buffer"),
-        ({"coder": "ans"}, "unknown coder"),
+        ({"coder": "arithmetic"}, "unknown coder"),
+        ({"coder": "ans"}, "unknown context"),
         ({"layout": "coo"}, "unknown layout"),
         ({"entries": 10**9}, "entries is"),
         ({"streams.codes.symbols": 5}, "codes"),

@@ -97,6 +97,48 @@ def test_optimal_initialisation_reaches_the_exact_optimum(clusters):
     assert kmeans_1d(values, clusters, "optimal").inertia == pytest.approx(optimum, rel=1e-9)
 
 
+def test_optimal_is_exact_on_many_tied_values_and_refuses_more_distinct_values_than_it_can_search():
+    """Ties are grouped: 200,000 weights of 4,001 distinct values get the exact optimum (which a
+    search over runs of values would miss); past OPTIMAL_LIMIT distinct values, a clean error
+    that names `grouped`, which runs at any size and equals `optimal` where both run on single values."""
+    import kmeans1d
+
+    from deepshrink.quantize.kmeans import OPTIMAL_LIMIT
+
+    values = np.round(laplace(200_000, seed=3), 3)
+    assert len(np.unique(values)) <= OPTIMAL_LIMIT
+    labels, centroids = kmeans1d.cluster(values.astype(np.float64), 32)
+    optimum = float(np.sum((values.astype(np.float64) - np.asarray(centroids)[labels]) ** 2))
+    assert kmeans_1d(values, 32, "optimal").inertia == pytest.approx(optimum, rel=1e-9)
+    many = laplace(OPTIMAL_LIMIT + 1000, seed=4)
+    with pytest.raises(ConfigError, match="grouped"):
+        kmeans_1d(many, 32, "optimal")
+    assert kmeans_1d(many, 32, "grouped").inertia <= kmeans_1d(many, 32, "linear").inertia
+    few = laplace(20_000, seed=6)
+    assert kmeans_1d(few, 32, "grouped").inertia == kmeans_1d(few, 32, "optimal").inertia
+
+
+@pytest.mark.parametrize("clusters", [1, 2, 32, 256, 4000])
+def test_labelling_by_table_gives_the_binary_searchs_labels_and_error(clusters):
+    """The float32 labelling (a table over the values' top 16 bits) against the branch-free binary
+    search, on values at the midpoints, ties, signed zeros, subnormals and the extremes."""
+    from deepshrink.quantize.kmeans import _assign, _assign_float32
+
+    generator = np.random.default_rng(clusters)
+    centroids = np.sort(generator.laplace(scale=0.05, size=clusters))
+    values = laplace(200_000, seed=clusters)
+    midpoints = (centroids[:-1] + centroids[1:]) / 2
+    values[: len(midpoints)] = midpoints.astype(np.float32)  # on (or a rounding from) each midpoint
+    values[5000:5010] = [-0.0, 0.0, np.finfo(np.float32).max, -np.finfo(np.float32).max, 1e-45, -1e-45, 3, -3, 1, -1]
+    values[6000:7000] = generator.integers(-2, 3, 1000)
+    dtype = np.uint8 if clusters <= 256 else np.uint16
+    by_table, by_search = np.empty(values.shape, dtype), np.empty(values.shape, dtype)
+    table_error = _assign_float32(values, centroids, by_table)
+    search_error = _assign(values, centroids, by_search)
+    assert np.array_equal(by_table, by_search)
+    assert table_error == pytest.approx(search_error, rel=1e-12)
+
+
 def test_lloyd_from_the_optimum_stays_there_and_beats_the_paper_initialisations():
     values = laplace(20_000, seed=5)
     optimal = kmeans_1d(values, 32, "optimal")

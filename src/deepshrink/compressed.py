@@ -13,7 +13,7 @@ from torch import nn
 
 from deepshrink import __version__
 from deepshrink.encode import container
-from deepshrink.encode.codec import decode_into, decode_state_dict, encode_model, verify
+from deepshrink.encode.codec import decode_into, decode_state_dict, encode_model, minor_version, verify
 from deepshrink.encode.schema import CheckedHeader, check_header
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import FormatError
@@ -42,7 +42,8 @@ def save_compressed(
         metadata: JSON values stored in the header beside the name, library and fp32 size.
         index_bits: {layer glob: gap width}; default the paper's 8 (conv) / 5 (fc).
         layout: "csr", "csc" (relative-index sparse) or "dense" codes.
-        coder: "huffman" or "fixed" (P+Q without entropy coding).
+        coder: "huffman", "ans" (adaptive rANS, experimental: see docs/FORMAT.md) or "fixed"
+            (P+Q without entropy coding).
         protect: input paths that must not be overwritten.
         unshared: the tensors that are not weight-shared: "lossless", or "float16" (their float32
             values rounded to half precision; the model loads them back as float32).
@@ -68,7 +69,7 @@ def save_compressed(
             **(metadata or {}),
         },
     )
-    return container.write(path, header, buffers, protect=protect)
+    return container.write(path, header, buffers, protect=protect, minor_version=minor_version(header))
 
 
 def open_compressed(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.encode import huffman, lossless
+from deepshrink.encode import ans, huffman, lossless
 from deepshrink.encode.bitio import flush, put_bits
 from deepshrink.encode.schema import CODERS, FORMAT_NAME, CheckedHeader, check_header
 from deepshrink.encode.sparse import SparseLayout, as_matrix, check_entries, to_sparse, values_from_sparse
@@ -88,6 +88,10 @@ def _encode_stream(symbols: np.ndarray, alphabet: int, coder: str, width: int, b
         _pack_fixed(symbols.astype(np.int64), width, out)
         buffers.append(out.tobytes())
         return {"buffer": len(buffers) - 1, "symbols": len(symbols), "bits": len(symbols) * width, "width": width}
+    if coder == "ans":
+        context, data = ans.encode_smallest(symbols, alphabet)
+        buffers.append(data)
+        return {"buffer": len(buffers) - 1, "symbols": len(symbols), "bits": 8 * len(data), "context": context}
     lengths = huffman.code_lengths(np.bincount(symbols.astype(np.int64), minlength=alphabet), MAX_CODE_LENGTH)
     data, lanes = huffman.encode_lanes(symbols, lengths)
     buffers += [data, _pack_lengths(lengths)]
@@ -137,6 +141,20 @@ def _shared_record(name: str, layer: Weight, index_bits: int, layout: str, coder
         record.update(layout="dense", entries=int(codes.size), nonzeros=nonzeros)
         record["streams"] = {"codes": _encode_stream(codes.reshape(-1), 1 << bits, coder, bits, buffers)}
     return record
+
+
+def minor_version(header: dict) -> int:
+    """The lowest minor version of format 2 that reads `header`'s records: 2 where a record uses
+    the `ans` coder (since 2.2), else 1 (`zstd` records, since 2.1, are read by every 2.x reader
+    this library has shipped), so that a file needs a newer reader only when it uses something new.
+
+    Args:
+        header: the header encode_model made.
+
+    Returns:
+        The minor version to write.
+    """
+    return 2 if any(record.get("coder") == "ans" for record in header["tensors"]) else 1
 
 
 def index_widths(layers: dict[str, Weight], index_bits: dict[str, int] | None) -> dict[str, int]:
@@ -239,6 +257,11 @@ def _decode_stream(stream: dict, buffers: list[bytes], coder: str, alphabet: int
     if coder == "fixed":
         out = np.empty(stream["symbols"], dtype=np.int64)
         _unpack_fixed(np.frombuffer(data, dtype=np.uint8), stream["width"], out)
+    elif coder == "ans":
+        try:  # uint8 symbols for alphabets up to 256, else uint16
+            out = ans.decode(data, stream["symbols"], alphabet, stream["context"])
+        except FormatError as error:
+            raise FormatError(f"{what} stream: {error}") from error
     else:
         lengths = _unpack_lengths(buffers[stream["lengths"]], alphabet, what)
         try:  # uint8 symbols for alphabets up to 256, else int32: never widened to int64

@@ -19,7 +19,7 @@ from deepshrink.files import atomic_output
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"
 MAJOR_VERSION = 2
-MINOR_VERSION = 1  # 2.1: tensors may be stored as zstd byte planes (encoding "zstd")
+MINOR_VERSION = 2  # 2.1: tensors as zstd byte planes (encoding "zstd"); 2.2: the "ans" coder
 READABLE_MAJOR_VERSIONS = (1, 2)  # 1.x: plain JSON header; 2.x: zlib-compressed JSON header
 PREAMBLE = struct.Struct("<8sHHIQ")  # magic, major, minor, header CRC-32, header length
 VERSIONS = struct.Struct("<HH")  # covered by the header checksum, so a flipped minor version is caught
@@ -46,12 +46,15 @@ class Container:
     buffers: list[bytes]
 
 
-def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
+def to_bytes(header: dict, buffers: list[bytes], minor_version: int | None = None) -> bytes:
     """Serialise deterministically: sorted JSON keys, fixed padding, buffers in order.
 
     Args:
         header: the header, without its buffer table.
         buffers: the buffers.
+        minor_version: the minor version to write (default MINOR_VERSION); a writer gives the
+            lowest that reads what the header holds (`codec.minor_version`), so that older
+            readers read every file that needs nothing newer.
 
     Returns:
         The whole file.
@@ -66,8 +69,9 @@ def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
         table.append({"offset": offset, "length": len(buffer), "crc32": zlib.crc32(buffer)})
         offset += len(buffer) + _padding(len(buffer))
     encoded = encode_header({**header, "buffers": table})
-    checksum = zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(MAJOR_VERSION, MINOR_VERSION)))
-    parts = [PREAMBLE.pack(MAGIC, MAJOR_VERSION, MINOR_VERSION, checksum, len(encoded)), encoded]
+    minor = MINOR_VERSION if minor_version is None else minor_version
+    checksum = zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(MAJOR_VERSION, minor)))
+    parts = [PREAMBLE.pack(MAGIC, MAJOR_VERSION, minor, checksum, len(encoded)), encoded]
     for buffer in buffers:
         parts += [bytes(buffer), b"\0" * _padding(len(buffer))]
     return b"".join(parts)
@@ -114,7 +118,9 @@ def _decode_header(encoded: bytes, major: int, source: str) -> bytes:
     return text
 
 
-def write(path: str | os.PathLike, header: dict, buffers: list[bytes], protect=()) -> Path:
+def write(
+    path: str | os.PathLike, header: dict, buffers: list[bytes], protect=(), minor_version: int | None = None
+) -> Path:
     """Write atomically: a temporary file beside `path`, renamed into place when complete.
 
     Args:
@@ -122,6 +128,7 @@ def write(path: str | os.PathLike, header: dict, buffers: list[bytes], protect=(
         header: the header, without its buffer table.
         buffers: the buffers.
         protect: input paths that `path` must not be.
+        minor_version: see `to_bytes`.
 
     Returns:
         `path` as a Path.
@@ -130,7 +137,7 @@ def write(path: str | os.PathLike, header: dict, buffers: list[bytes], protect=(
         ConfigError: `path` is one of `protect`.
         OutputError: `path` cannot be written.
     """
-    data = to_bytes(header, buffers)
+    data = to_bytes(header, buffers, minor_version)
     with atomic_output(path, protect=protect) as temporary:
         temporary.write_bytes(data)
     return Path(path)

@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from deepshrink.encode import ans
 from deepshrink.encode.sparse import as_matrix
 from deepshrink.errors import FormatError
 
 FORMAT_NAME = "deepshrink-dcz"
-CODERS = ("huffman", "fixed")
+CODERS = ("huffman", "fixed", "ans")  # ans: since 2.2
 LAYOUTS = ("dense", "csr", "csc")
 ENCODINGS = ("raw", "zstd", "shared")
 ITEM_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
@@ -124,6 +125,9 @@ def _check_stream(stream, buffers: _Buffers, coder: str, alphabet: int, symbols:
                 f"{what} stream: {symbols} symbols of {stream_width} bits do not fill its {length} bytes exactly"
             )
         return
+    if coder == "ans":
+        _check_ans_stream(stream, length, bits, alphabet, symbols, what)
+        return
     lanes = stream.get("lanes")
     if not isinstance(lanes, list) or len(lanes) != HUFFMAN_LANES or not all(_is_integer(lane) for lane in lanes):
         raise FormatError(f"{what} stream lanes are {_shown(lanes)}; expected {HUFFMAN_LANES} bit counts")
@@ -137,6 +141,20 @@ def _check_stream(stream, buffers: _Buffers, coder: str, alphabet: int, symbols:
     lengths = buffers.claim(stream.get("lengths"), f"{what} code lengths")
     if 2 * lengths > alphabet + 1:
         raise FormatError(f"{what} code lengths: {2 * lengths} for an alphabet of {alphabet} symbols")
+
+
+def _check_ans_stream(stream: dict, length: int, bits: int, alphabet: int, symbols: int, what: str) -> None:
+    """An ANS stream: a known context model, and a buffer of the state and whole words, no longer
+    than `symbols` symbols can make it (ans.max_stream_bytes), its `bits` exactly its bytes."""
+    context = stream.get("context")
+    if context not in ans.CONTEXTS:
+        raise FormatError(f"{what} stream: unknown context {_shown(context)} (expected {' or '.join(ans.CONTEXTS)})")
+    if length < ans.HEADER_BYTES or (length - ans.HEADER_BYTES) % 4:
+        raise FormatError(f"{what} stream: {length} bytes are not an 8-byte state followed by 4-byte words")
+    if length > ans.max_stream_bytes(symbols, alphabet):
+        raise FormatError(f"{what} stream: {length} bytes, more than {symbols} symbols can take")
+    if bits != 8 * length:
+        raise FormatError(f"{what} stream declares {bits} bits in {length} bytes")
 
 
 def _check_shared(record: dict, name: str, shape: list[int], elements: int, buffers: _Buffers) -> None:
@@ -154,7 +172,7 @@ def _check_shared(record: dict, name: str, shape: list[int], elements: int, buff
         )
     coder = record.get("coder")
     if coder not in CODERS:
-        raise FormatError(f"{name}: unknown coder {_shown(coder)} (expected {' or '.join(CODERS)})")
+        raise FormatError(f"{name}: unknown coder {_shown(coder)} (expected {', '.join(CODERS)})")
     if record.get("matrix") != list(as_matrix(shape)):
         raise FormatError(f"{name}: matrix {_shown(record.get('matrix'))} does not match shape {shape}")
     streams = record.get("streams")

@@ -14,7 +14,7 @@ from deepshrink.settings import between, check_fields, choices, layer_globs
 from deepshrink.stages.base import Stage, StageContext, StageResult, register_stage
 
 LAYOUTS = ("csr", "csc", "dense")
-CODERS = ("huffman", "fixed")
+CODERS = ("huffman", "ans", "fixed")
 UNSHARED = ("lossless", "float16")
 
 
@@ -29,7 +29,12 @@ class EncodeSettings:
         ),
     )
     layout: str = field(default="csr", metadata=choices(*LAYOUTS, help="sparse layout of pruned layers"))
-    coder: str = field(default="huffman", metadata=choices(*CODERS, help="huffman (P+Q+H) or fixed-width codes (P+Q)"))
+    coder: str = field(
+        default="huffman",
+        metadata=choices(
+            *CODERS, help="huffman (P+Q+H), ans (adaptive rANS, experimental, format 2.2) or fixed-width codes (P+Q)"
+        ),
+    )
     unshared: str = field(
         default="lossless",
         metadata=choices(

@@ -19,7 +19,7 @@ from deepshrink.stages.retraining import criterion, fine_tune
 from deepshrink.train import evaluate
 
 METHODS = ("kmeans", "soft")
-INITS = ("linear", "density", "forgy", "optimal")
+INITS = ("linear", "density", "forgy", "optimal", "grouped")
 OPTIMIZERS = ("sgd", "adam")
 RECORD_ARRAYS = ("initial_centroids", "centroids", "sample")
 
