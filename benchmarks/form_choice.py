@@ -1,12 +1,14 @@
-"""Which CSR form to run where the tiled form cannot: per-entry against grouped, on this CPU.
+"""Which form to run on this CPU: tiled (where it applies), per-entry and grouped.
 
 AlexNet's FC shapes at 9% and 4% kept and LeNet-300-100's fc1 at 8%, 5-bit codebooks, random
 masks; both forms built from the same CSR arrays, timed with dense torch in the same run,
 interleaved (five rounds of ten calls, median), at batch 1, 8 and 64. Run it with
-DEEPSHRINK_AVX512=0 NUMBA_CPU_NAME=haswell on an AVX-512 CPU for the AVX2 path. The result
+DEEPSHRINK_AVX512=0 NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f on an AVX-512 CPU for
+the AVX2 path (the CPU name alone keeps the host's AVX-512 features in numba's code). The result
 decides `forms._automatic_form` on CPUs without AVX-512.
 
-    DEEPSHRINK_AVX512=0 NUMBA_CPU_NAME=haswell .venv/bin/python benchmarks/form_choice.py [--threads 1]
+    DEEPSHRINK_AVX512=0 NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f \
+        .venv/bin/python benchmarks/form_choice.py [--threads 1]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.nn import functional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtime_choice import LAYERS, random_weight  # noqa: E402
 
+from deepshrink.runtime import forms  # noqa: E402
 from deepshrink.runtime.bench import machine_description, median_seconds  # noqa: E402
 from deepshrink.runtime.forms import CodebookWeight  # noqa: E402
 
@@ -44,17 +47,18 @@ def main() -> None:
         order = np.lexsort((column_index, row_index))
         indptr = np.concatenate(([0], np.cumsum(np.bincount(row_index, minlength=rows))))
         arrays = (indptr, column_index[order].astype(np.uint16), codes[order].astype(np.uint8))
-        forms = {
+        built_forms = {
             form: CodebookWeight(*arrays, weight.storage.codebook, (rows, columns), form=form)
-            for form in ("per-entry", "grouped")
+            for form in ("tiled", "per-entry", "grouped")
+            if form != "tiled" or forms._tiled_form(weight.storage.codebook) is not None
         }
         dense = weight.to_dense()
         for batch in (1, 8, 64):
             inputs = np.random.default_rng(1).standard_normal((batch, columns)).astype(np.float32)
             tensor = torch.from_numpy(inputs)
-            times = {key: [] for key in (*forms, "dense")}
+            times = {key: [] for key in (*built_forms, "dense")}
             for _ in range(5):
-                for form, built in forms.items():
+                for form, built in built_forms.items():
                     times[form].append(median_seconds(lambda built=built, x=inputs: built.product(x), 10, 1))
                 times["dense"].append(
                     median_seconds(lambda x=tensor, matrix=dense: functional.linear(x, matrix), 10, 1)

@@ -9,7 +9,8 @@ gives it), timed in the same run, interleaved (five rounds, median):
   batch range; runtime/choice.py), so the ratio shows whether the choice is ever slower.
 
 Every row names the CPU model and the instruction set the kernels were built for (AVX-512 or
-AVX2: set DEEPSHRINK_AVX512=0 NUMBA_CPU_NAME=haswell to run the AVX2 path on an AVX-512 CPU),
+AVX2: set DEEPSHRINK_AVX512=0 NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f to run the
+AVX2 path on an AVX-512 CPU; the CPU name alone keeps the host's AVX-512 features in numba's code),
 and the load average. One thread and two.
 
     .venv/bin/python benchmarks/runtime_choice.py [--repeats 20] [--out FILE]

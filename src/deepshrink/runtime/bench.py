@@ -235,15 +235,15 @@ def format_layer_latency(rows: list[dict]) -> str:
 
 def machine_description() -> dict:
     """What a benchmark row must say about where it ran: the CPU model, its vector instruction
-    sets, which kernels run (the AVX-512 tiled form, or AVX2 and portable code), numba's target
-    and the load average.
+    sets, which kernels run (the AVX-512 or AVX2 tiled form, or portable code), numba's target
+    (model and features: the model alone keeps the host's features) and the load average.
 
     Returns:
-        {"cpu", "cpu_flags", "kernels", "numba_cpu_name", "cores", "load"}.
+        {"cpu", "cpu_flags", "kernels", "numba_cpu_name", "numba_cpu_features", "cores", "load"}.
     """
     import os
 
-    from deepshrink.runtime import tiled
+    from deepshrink.runtime import tiled, tiled_avx2
 
     model, flags = "unknown", set()
     try:
@@ -258,8 +258,15 @@ def machine_description() -> dict:
     return {
         "cpu": model,
         "cpu_flags": " ".join(sorted(flag for flag in flags if flag.startswith(("avx", "fma")))),
-        "kernels": "AVX-512 (tiled form on)" if tiled.available() else "AVX2 or portable (tiled form off)",
+        "kernels": (
+            "AVX-512 tiled form"
+            if tiled.available()
+            else "AVX2 tiled form"
+            if tiled_avx2.available()
+            else "portable (no tiled form)"
+        ),
         "numba_cpu_name": os.environ.get("NUMBA_CPU_NAME", "host"),
+        "numba_cpu_features": os.environ.get("NUMBA_CPU_FEATURES", "host"),
         "cores": os.cpu_count(),
         "load": os.getloadavg(),
     }

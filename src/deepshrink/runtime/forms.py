@@ -1,8 +1,9 @@
 """The in-memory forms a compressed weight matrix runs from, and the choice between them.
 
 All three hold codebook indices, never float weights:
-- "tiled" (tiled.TiledCodes): 16 rows x 32 columns register tiles, no memory gathers; the
-  fastest wherever it applies: AVX-512 CPUs and codebooks of at most 64 entries.
+- "tiled": register tiles, no memory gathers; the fastest wherever it applies. On AVX-512 CPUs
+  tiled.TiledCodes (16 rows x 32 columns, codebooks of up to 64 entries), on AVX2 CPUs
+  tiled_avx2.Avx2TiledCodes (8 rows x 8 columns, up to 32 entries).
 - "grouped": CSR with each row's entries grouped by code, one vector gather per 16 entries;
   chosen automatically only on AVX-512 CPUs.
 - "per-entry": CSR with one code per entry; the smallest for small layers with many codes, and
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from deepshrink.errors import ConfigError
-from deepshrink.runtime import tiled
+from deepshrink.runtime import tiled, tiled_avx2
 from deepshrink.runtime.kernels import (
     BLOCK,
     GROUPED_MAXIMUM_CODES,
@@ -30,6 +31,7 @@ from deepshrink.runtime.kernels import (
     grouped_nbytes,
 )
 from deepshrink.runtime.tiled import TiledCodes
+from deepshrink.runtime.tiled_avx2 import Avx2TiledCodes
 
 FORMS = ("tiled", "grouped", "per-entry")
 
@@ -143,19 +145,38 @@ class GroupedCodes:
         )
 
 
+def _tiled_form(codebook):
+    """The tiled form's class for this machine and codebook (AVX-512 first), or None."""
+    for form in (TiledCodes, Avx2TiledCodes):
+        if form.fits(codebook):
+            return form
+    return None
+
+
+def _tiled_storage(tiled_form, indptr, columns, codes, codebook, shape, per_entry=None):
+    """The tiled form's storage; the AVX2 one also holds the per-entry form, for batches."""
+    if tiled_form is Avx2TiledCodes:
+        per_entry = per_entry or PerEntryCodes(indptr, columns, codes, codebook, shape)
+        return Avx2TiledCodes(indptr, columns, codes, codebook, shape, per_entry)
+    return tiled_form(indptr, columns, codes, codebook, shape)
+
+
 def _automatic_form(indptr, columns, codes, codebook, shape):
     """The fastest form that applies and is at most SIZE_LIMIT times one code per entry.
 
-    With AVX-512: tiled, else grouped (16-wide gathers), else per-entry. Without it, per-entry:
-    with four partial sums per row it was as fast as grouped or faster in 17 of 21 cases of
-    benchmarks/form_choice.py (AVX2 code; fc7 at 4% kept, batch 1: 604 against 1,335 us), and
-    slower only on AlexNet's fc6 at 9% (by up to 1.25x) and fc7 at 9%, batch 64 (1.05x): 8-wide
-    gathers rarely pay (BENCHMARKS.md, "Auto mode's measured choice, and the AVX2 path").
+    Tiled first (AVX-512, else AVX2). Then with AVX-512: grouped (16-wide gathers), else
+    per-entry. Without AVX-512, per-entry: LLVM turns the grouped form's gathers into scalar loads
+    on CPUs whose gathers are slow, and per-entry with four partial sums per row was as fast or
+    faster in 17 of 21 cases of benchmarks/form_choice.py (BENCHMARKS.md, "Auto mode's measured
+    choice, and the AVX2 path").
     """
     per_entry = PerEntryCodes(indptr, columns, codes, codebook, shape)
-    if TiledCodes.fits(codebook):
-        tiled_codes = TiledCodes(indptr, columns, codes, codebook, shape)
-        if tiled_codes.nbytes <= SIZE_LIMIT * per_entry.nbytes:
+    tiled_form = _tiled_form(codebook)
+    if tiled_form is not None:
+        tiled_codes = _tiled_storage(tiled_form, indptr, columns, codes, codebook, shape, per_entry)
+        # The AVX2 form also keeps the per-entry arrays for batches; its tiles are what it adds.
+        added = tiled_codes.tiles_nbytes if tiled_form is Avx2TiledCodes else tiled_codes.nbytes
+        if added <= SIZE_LIMIT * per_entry.nbytes:
             return tiled_codes
     if not tiled.available():
         return per_entry
@@ -201,8 +222,8 @@ class CodebookWeight:
 
     `form` None chooses automatically (the fastest that applies and is not far larger than one
     code per entry); a named form is built as asked, and "tiled" where it cannot apply (no
-    AVX-512, or a codebook the registers cannot hold) is a ConfigError. `storage` is the form's
-    object (TiledCodes, GroupedCodes or PerEntryCodes), which holds the indices and runs the
+    AVX-512 or AVX2, or a codebook the registers cannot hold) is a ConfigError. `storage` is the
+    form's object (TiledCodes, Avx2TiledCodes, GroupedCodes or PerEntryCodes), which holds the indices and runs the
     product; `form` is its name.
 
     Raises ConfigError for CSR arrays that leave the matrix or the codebook (see `check_csr`).
@@ -218,12 +239,15 @@ class CodebookWeight:
         if form is None:
             self.storage = _automatic_form(indptr, columns, codes, codebook, shape)
         elif form == "tiled":
-            if not TiledCodes.fits(codebook):
+            tiled_form = _tiled_form(codebook)
+            if tiled_form is None:
+                kernels = "AVX-512" if tiled.available() else "AVX2" if tiled_avx2.available() else "portable"
                 raise ConfigError(
-                    f"the tiled form needs an AVX-512 CPU and at most 64 codebook entries (one zero); "
-                    f"this codebook has {len(codebook)}: use form 'grouped' or 'per-entry'"
+                    f"the tiled form holds at most 64 codebook entries (one zero) with AVX-512 kernels and 32 "
+                    f"with AVX2 ones; this codebook has {len(codebook)} and this machine runs {kernels} "
+                    f"kernels: use form 'grouped' or 'per-entry'"
                 )
-            self.storage = TiledCodes(indptr, columns, codes, codebook, shape)
+            self.storage = _tiled_storage(tiled_form, indptr, columns, codes, codebook, shape)
         elif form == "grouped":
             if len(codebook) > GROUPED_MAXIMUM_CODES:
                 raise ConfigError(f"the grouped form holds at most {GROUPED_MAXIMUM_CODES} codes, not {len(codebook)}")
@@ -236,7 +260,8 @@ class CodebookWeight:
     @property
     def form(self) -> str:
         """The storage's name: "tiled", "grouped" or "per-entry"."""
-        return {TiledCodes: "tiled", GroupedCodes: "grouped", PerEntryCodes: "per-entry"}[type(self.storage)]
+        names = {TiledCodes: "tiled", Avx2TiledCodes: "tiled", GroupedCodes: "grouped", PerEntryCodes: "per-entry"}
+        return names[type(self.storage)]
 
     @property
     def density(self) -> float:

@@ -75,7 +75,8 @@ COLUMN_GROUP = 4
 
 
 # Set to 0 (or off, false, no) to turn the AVX-512 forms off on a CPU that has them: to run and
-# time the other path (with NUMBA_CPU_NAME=haswell for AVX2-only code), as `make test` does.
+# time the other path (with NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f for AVX2-only code: the
+# name alone keeps the host's features), as `make test` does.
 AVX512_SWITCH = "DEEPSHRINK_AVX512"
 
 
@@ -474,39 +475,43 @@ def _tiled_chunk_batched(typing_context, out, inputs, words, block_tiles, starts
 # parallel=True numba turns every array expression and slice assignment into a parallel region
 # of its own, which made a batch-64 product 15x slower.
 @numba.njit(cache=True, nogil=True)
-def _padded_vector(inputs):
-    vector = np.zeros((len(inputs) + TILE - 1) // TILE * TILE, dtype=np.float32)
+def padded_vector(inputs, tile):
+    """`inputs` with zeros after it, to a whole number of tiles of `tile` floats."""
+    vector = np.zeros((len(inputs) + tile - 1) // tile * tile, dtype=np.float32)
     vector[: len(inputs)] = inputs
     return vector
 
 
 @numba.njit(cache=True, nogil=True)
-def _tiled_inputs(inputs, groups):
-    """(tiles, groups * COLUMN_GROUP, TILE): each tile's inputs for every sample, zero-padded."""
+def tiled_inputs(inputs, samples, tile):
+    """(tiles, samples, tile): each tile's inputs for every sample, zero-padded (the samples past
+    the batch too)."""
     batch, width = inputs.shape
-    tiles = (width + TILE - 1) // TILE
-    tiled = np.zeros((tiles, groups * COLUMN_GROUP, TILE), dtype=np.float32)
+    tiles = (width + tile - 1) // tile
+    tiled = np.zeros((tiles, samples, tile), dtype=np.float32)
     for sample in range(batch):  # explicit loops: a slice costs an array view each
-        for tile in range(tiles - 1):
-            for column in range(TILE):
-                tiled[tile, sample, column] = inputs[sample, tile * TILE + column]
-        for column in range((tiles - 1) * TILE, width):
-            tiled[tiles - 1, sample, column - (tiles - 1) * TILE] = inputs[sample, column]
+        for tile_index in range(tiles - 1):
+            for column in range(tile):
+                tiled[tile_index, sample, column] = inputs[sample, tile_index * tile + column]
+        for column in range((tiles - 1) * tile, width):
+            tiled[tiles - 1, sample, column - (tiles - 1) * tile] = inputs[sample, column]
     return tiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _scatter_rows(result, out, order):
-    """result[sample, order[p]] = out[p // LANES, sample, p % LANES]."""
+def scatter_rows(result, out, order):
+    """result[sample, order[p]] = out[p // lanes, sample, p % lanes], lanes = out.shape[2]."""
     rows = len(order)
+    lanes = out.shape[2]
     for sample in range(result.shape[0]):
         for chunk in range(out.shape[0]):
-            for lane in range(min(LANES, rows - chunk * LANES)):
-                result[sample, order[chunk * LANES + lane]] = out[chunk, sample, lane]
+            for lane in range(min(lanes, rows - chunk * lanes)):
+                result[sample, order[chunk * lanes + lane]] = out[chunk, sample, lane]
 
 
 @numba.njit(cache=True, nogil=True)
-def _scatter_vector(result, out, order):
+def scatter_vector(result, out, order):
+    """result[order[p]] = out[p]."""
     for position in range(len(order)):
         result[order[position]] = out[position]
 
@@ -514,11 +519,11 @@ def _scatter_vector(result, out, order):
 def _tiled_matvec(result, inputs, words, block_tiles, starts, table, order):
     """result[order[p]] = product of chunk row p with `inputs` (one sample of `columns` floats)."""
     chunks = len(starts) - 1
-    vector = _padded_vector(inputs)
+    vector = padded_vector(inputs, TILE)
     out = np.empty(chunks * LANES, dtype=np.float32)
     for chunk in numba.prange(chunks):
         _tiled_chunk(out, vector, words, block_tiles, starts, table, chunk)
-    _scatter_vector(result, out, order)
+    scatter_vector(result, out, order)
 
 
 def _tiled_matmul(result, inputs, words, block_tiles, starts, table, order):
@@ -527,13 +532,13 @@ def _tiled_matmul(result, inputs, words, block_tiles, starts, table, order):
     many positions keep both threads busy even where the layer has few chunks."""
     chunks = len(starts) - 1
     groups = (inputs.shape[0] + COLUMN_GROUP - 1) // COLUMN_GROUP
-    tiled = _tiled_inputs(inputs, groups)
+    tiled = tiled_inputs(inputs, groups * COLUMN_GROUP, TILE)
     out = np.empty((chunks, groups * COLUMN_GROUP, LANES), dtype=np.float32)
     for pair in numba.prange(chunks * groups):
         _tiled_chunk_batched(
             out, tiled, words, block_tiles, starts, table, pair // groups, pair % groups * COLUMN_GROUP
         )
-    _scatter_rows(result, out, order)
+    scatter_rows(result, out, order)
 
 
 # numba compiles on first call, so a machine without AVX-512 never compiles these.
