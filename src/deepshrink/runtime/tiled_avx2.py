@@ -18,13 +18,14 @@ each lane, so a single load serves four blocks and no byte-widening instruction 
 compete with the permutes for the same port on Intel CPUs) is needed; each chunk's block count
 is padded to a multiple of four.
 
-Measured against the per-entry CSR kernel on AlexNet's FC shapes (benchmarks/runtime_choice.py,
-BENCHMARKS.md "The AVX2 tiled form"): a tile holds a row's weights in 8 columns, about 0.72 of
-them at 9% density, while the block runs as long as the longest of its 8 rows (about 2 steps),
-so about 36% of the slots are real weights; each block costs about 8 cycles (5 permutes, 3
-blends, an FMA). An 8-entry gather for the code's value (vgatherdps from a table in L1 cache)
-measured no faster than the permutes on an Intel Sapphire Rapids and is much slower on CPUs
-with the Gather Data Sampling mitigation, so the permutes stay.
+Measured (BENCHMARKS.md, "The AVX2 tiled form"): a tile holds a row's weights in 8 columns,
+about 0.72 of them at 9% density, while a block runs as long as the longest of its 8 rows
+(about 2 steps), so about 36% of the slots are real weights; a block takes about 3.3 ns on an
+Intel Xeon (Sapphire Rapids class), half of it the codebook lookup. Looking the code's value up
+with an 8-entry gather (vgatherdps from the table in L1 cache) measured no faster, and gathers
+are slowed further by the Gather Data Sampling mitigation on older Intel CPUs (not measured
+here), so the permutes stay. At batch 1 this form ran 1.2-1.8x faster than the per-entry CSR
+kernel on AlexNet's fc7 and fc8 shapes and about level with it on fc6 and LeNet's fc1.
 
 Only single samples run tiled. Batches run the per-entry CSR kernel, whose arrays this form
 keeps too: a batched tiled kernel (4 samples a chunk, each block's lookup serving all four;
@@ -32,7 +33,7 @@ AVX2's 16 registers hold no more) ran 1.3-3.5x slower than per-entry at batch 8 
 shape measured, since per-entry adds each weight's contribution to a whole vector of samples
 with no padding and no permute.
 
-The kernels are emitted as LLVM IR with x86 AVX2 intrinsics and run where the code numba
+The kernel is emitted as LLVM IR with x86 AVX2 intrinsics and runs where the code numba
 generates has AVX2 and FMA (`available()`), and only where the AVX-512 tiled form does not.
 """
 
@@ -391,7 +392,7 @@ def _chunk(typing_context, out, vector, words, block_tiles, starts, table, chunk
         emit = _Emitter(context, builder, signature, arguments)
         codebook = emit.table()
         zero = ir.Constant(emit.floats, [0.0] * LANES)
-        # Two sums: a block takes about 8 cycles, an FMA's latency is 4.
+        # Two sums: a block (3.3 ns) already takes longer than two FMA latencies.
         sums = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
 
         def body(word, first_block):
