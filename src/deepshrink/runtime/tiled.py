@@ -476,7 +476,15 @@ def _tiled_chunk_batched(typing_context, out, inputs, words, block_tiles, starts
 # of its own, which made a batch-64 product 15x slower.
 @numba.njit(cache=True, nogil=True)
 def padded_vector(inputs, tile):
-    """`inputs` with zeros after it, to a whole number of tiles of `tile` floats."""
+    """`inputs` with zeros after it, to a whole number of tiles of `tile` floats.
+
+    Args:
+        inputs: float32 (columns,).
+        tile: floats per tile.
+
+    Returns:
+        The padded float32 vector.
+    """
     vector = np.zeros((len(inputs) + tile - 1) // tile * tile, dtype=np.float32)
     vector[: len(inputs)] = inputs
     return vector
@@ -485,7 +493,16 @@ def padded_vector(inputs, tile):
 @numba.njit(cache=True, nogil=True)
 def tiled_inputs(inputs, samples, tile):
     """(tiles, samples, tile): each tile's inputs for every sample, zero-padded (the samples past
-    the batch too)."""
+    the batch too).
+
+    Args:
+        inputs: float32 (batch, columns).
+        samples: the samples to lay out, at least the batch.
+        tile: floats per tile.
+
+    Returns:
+        The float32 (tiles, samples, tile) array.
+    """
     batch, width = inputs.shape
     tiles = (width + tile - 1) // tile
     tiled = np.zeros((tiles, samples, tile), dtype=np.float32)
@@ -500,7 +517,13 @@ def tiled_inputs(inputs, samples, tile):
 
 @numba.njit(cache=True, nogil=True)
 def scatter_rows(result, out, order):
-    """result[sample, order[p]] = out[p // lanes, sample, p % lanes], lanes = out.shape[2]."""
+    """result[sample, order[p]] = out[p // lanes, sample, p % lanes], lanes = out.shape[2].
+
+    Args:
+        result: float32 (batch, rows), written.
+        out: float32 (chunks, samples, lanes), the chunks' sums.
+        order: the row of each chunk lane.
+    """
     rows = len(order)
     lanes = out.shape[2]
     for sample in range(result.shape[0]):
@@ -511,7 +534,13 @@ def scatter_rows(result, out, order):
 
 @numba.njit(cache=True, nogil=True)
 def scatter_vector(result, out, order):
-    """result[order[p]] = out[p]."""
+    """result[order[p]] = out[p].
+
+    Args:
+        result: float32 (rows,), written.
+        out: float32, the chunks' sums lane by lane.
+        order: the row of each chunk lane.
+    """
     for position in range(len(order)):
         result[order[position]] = out[position]
 
