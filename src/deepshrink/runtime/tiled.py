@@ -204,6 +204,25 @@ def _unpack(words, block_tiles, starts, order, rows, padding_code, steps, entry_
     return found
 
 
+def chunk_arrays(indptr, rows: int, tiles: int, lanes: int) -> tuple[np.ndarray, np.ndarray, type]:
+    """(the rows in chunk order, an empty array for each chunk's first block, the dtype of the
+    blocks' tile numbers) for a tiled form of `lanes` rows a chunk. Longest rows come first, ties
+    in row order, so that like rows share a chunk and pad less (SELL-C-sigma).
+
+    Args:
+        indptr: the CSR row pointers.
+        rows: the matrix's rows.
+        tiles: its tiles of input columns.
+        lanes: rows per chunk.
+
+    Returns:
+        (order int32, starts int64 of chunks + 1 zeros, uint16 or uint32).
+    """
+    order = np.argsort(-np.diff(indptr), kind="stable").astype(np.int32)
+    starts = np.zeros(-(-rows // lanes) + 1, dtype=np.int64)
+    return order, starts, np.uint16 if tiles <= 1 << 16 else np.uint32
+
+
 class TiledCodes:
     """A weight matrix in the register-tiled form; see the module docstring."""
 
@@ -217,12 +236,8 @@ class TiledCodes:
         self.shape = shape
         rows, width = shape
         self.tiles = max(-(-width // TILE), 1)
-        lengths = np.diff(indptr)
-        # Longest rows first, ties in row order: like rows share a chunk (SELL-C-sigma).
-        self.order = np.argsort(-lengths, kind="stable").astype(np.int32)
-        self.starts = np.zeros(-(-rows // LANES) + 1, dtype=np.int64)
+        self.order, self.starts, tile_type = chunk_arrays(indptr, rows, self.tiles, LANES)
         columns64, codes64 = np.asarray(columns, dtype=np.int64), np.asarray(codes, dtype=np.int64)
-        tile_type = np.uint16 if self.tiles <= 1 << 16 else np.uint32
         layout = self.layout
         arguments = (indptr, columns64, codes64, self.order, self.tiles, self.padding_code, layout.steps)
         arguments += (layout.entry_bits, self.starts)
@@ -309,43 +324,99 @@ def _arguments_fit(out, inputs, out_dimensions, input_dimensions, words, block_t
     )
 
 
-class _Emitter:
-    """What both chunk kernels share: the arrays' data pointers, vector types and intrinsics.
+class KernelEmitter:
+    """What the chunk kernels of every tiled form share: the arrays' data pointers, the chunk
+    index, float and integer vectors of `lanes` lanes, an FMA, and typed loads.
     Arguments: out, inputs, words, block_tiles, starts, table, chunk, ..."""
 
-    def __init__(self, context, builder, signature, arguments) -> None:
+    def __init__(self, context, builder, signature, arguments, lanes: int) -> None:
         self.builder = builder
         self.arrays = [
             context.make_array(array_type)(context, builder, value)
             for array_type, value in zip(signature.args[:6], arguments[:6], strict=True)
         ]
-        # The words' dtype says which layout they hold (see the module docstring).
-        self.layout = NARROW if signature.args[2].dtype == types.uint32 else WIDE
         self.chunk = context.cast(builder, arguments[6], signature.args[6], types.int64)
         self.int64 = ir.IntType(64)
-        self.floats = ir.VectorType(ir.FloatType(), LANES)
-        self.integers = ir.VectorType(ir.IntType(32), LANES)
-        self.permute = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(self.floats, [self.floats, self.integers, self.floats]),
-            "llvm.x86.avx512.vpermi2var.ps.512",
-        )
+        self.floats = ir.VectorType(ir.FloatType(), lanes)
+        self.integers = ir.VectorType(ir.IntType(32), lanes)
         self.fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(self.floats, [self.floats] * 3), f"llvm.fma.v{LANES}f32"
+            builder.module, ir.FunctionType(self.floats, [self.floats] * 3), f"llvm.fma.v{lanes}f32"
         )
 
+    def intrinsic(self, name: str, result, operands):
+        """An LLVM intrinsic's declaration in this module.
+
+        Args:
+            name: the intrinsic, e.g. "llvm.x86.avx2.permps".
+            result: its LLVM result type.
+            operands: its LLVM operand types.
+
+        Returns:
+            The function to call.
+        """
+        return cgutils.get_or_insert_function(self.builder.module, ir.FunctionType(result, operands), name)
+
     def constant(self, value: int):
+        """An int64 constant.
+
+        Args:
+            value: the value.
+
+        Returns:
+            The LLVM constant.
+        """
         return ir.Constant(self.int64, value)
 
     def pointer(self, array_index: int, offset, vector_type):
+        """A pointer to element `offset` of argument `array_index`, as a `vector_type` pointer.
+
+        Args:
+            array_index: which array argument.
+            offset: the element, an int64 value.
+            vector_type: the LLVM type to point at.
+
+        Returns:
+            The pointer.
+        """
         element = self.builder.gep(self.arrays[array_index].data, [offset])
         return self.builder.bitcast(element, vector_type.as_pointer())
 
     def load(self, array_index: int, offset, vector_type):
+        """A `vector_type` loaded from element `offset` of argument `array_index` (4-byte aligned).
+
+        Args:
+            array_index: which array argument.
+            offset: the first element, an int64 value.
+            vector_type: the LLVM type to load.
+
+        Returns:
+            The loaded value.
+        """
         return self.builder.load(self.pointer(array_index, offset, vector_type), align=4)
 
     def scalar(self, array_index: int, offset):
+        """Element `offset` of argument `array_index`.
+
+        Args:
+            array_index: which array argument.
+            offset: the element, an int64 value.
+
+        Returns:
+            The loaded value.
+        """
         return self.builder.load(self.builder.gep(self.arrays[array_index].data, [offset]))
+
+
+class _Emitter(KernelEmitter):
+    """The AVX-512 chunk kernels' emitter: the layout the words' dtype names and vpermi2ps."""
+
+    def __init__(self, context, builder, signature, arguments) -> None:
+        super().__init__(context, builder, signature, arguments, LANES)
+        # The words' dtype says which layout they hold (see the module docstring).
+        self.layout = NARROW if signature.args[2].dtype == types.uint32 else WIDE
+        self.permute = self.intrinsic(
+            "llvm.x86.avx512.vpermi2var.ps.512", self.floats, [self.floats, self.integers, self.floats]
+        )
 
     def table(self):
         """The codebook in registers: two vectors, or four for the wide layout."""

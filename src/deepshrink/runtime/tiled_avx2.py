@@ -50,7 +50,7 @@ from numba.extending import intrinsic
 
 from deepshrink.runtime.intrinsics import is_c_array
 from deepshrink.runtime.kernels import compiled
-from deepshrink.runtime.tiled import padded_vector, scatter_vector
+from deepshrink.runtime.tiled import KernelEmitter, chunk_arrays, padded_vector, scatter_vector
 
 LANES = 8  # rows per chunk: one float32 lane each in a 256-bit register
 TILE = 8  # input columns per tile: one 256-bit register
@@ -223,12 +223,8 @@ class Avx2TiledCodes:
         self.batched = batched
         rows, width = shape
         self.tiles = max(-(-width // TILE), 1)
-        lengths = np.diff(indptr)
-        # Longest rows first, ties in row order: like rows share a chunk (SELL-C-sigma).
-        self.order = np.argsort(-lengths, kind="stable").astype(np.int32)
-        self.starts = np.zeros(-(-rows // LANES) + 1, dtype=np.int64)
+        self.order, self.starts, tile_type = chunk_arrays(indptr, rows, self.tiles, LANES)
         columns64, codes64 = np.asarray(columns, dtype=np.int64), np.asarray(codes, dtype=np.int64)
-        tile_type = np.uint16 if self.tiles <= 1 << 16 else np.uint32
         arguments = (indptr, columns64, codes64, self.order, self.tiles, self.padding_code, self.starts)
         blocks = _pack(*arguments, np.empty(0, dtype=np.uint32), np.empty(0, dtype=tile_type))
         self.words = np.empty(blocks // BLOCKS_PER_WORD * LANES, dtype=np.uint32)
@@ -299,46 +295,16 @@ def _arguments_fit(out, inputs, words, block_tiles, starts, table, chunk) -> boo
     )
 
 
-class _Emitter:
-    """Arrays, vector types and intrinsics of the chunk kernel. Arguments: out, inputs, words,
-    block_tiles, starts, table, chunk."""
+class _Emitter(KernelEmitter):
+    """The AVX2 chunk kernel's emitter: vpermps and vblendvps."""
 
     def __init__(self, context, builder, signature, arguments) -> None:
-        self.builder = builder
-        self.arrays = [
-            context.make_array(array_type)(context, builder, value)
-            for array_type, value in zip(signature.args[:6], arguments[:6], strict=True)
-        ]
-        self.chunk = context.cast(builder, arguments[6], signature.args[6], types.int64)
-        self.int64 = ir.IntType(64)
-        self.floats = ir.VectorType(ir.FloatType(), LANES)
-        self.integers = ir.VectorType(ir.IntType(32), LANES)
-        module = builder.module
-        self.permute = cgutils.get_or_insert_function(
-            module, ir.FunctionType(self.floats, [self.floats, self.integers]), "llvm.x86.avx2.permps"
-        )
-        self.blend = cgutils.get_or_insert_function(
-            module, ir.FunctionType(self.floats, [self.floats] * 3), "llvm.x86.avx.blendv.ps.256"
-        )
-        self.fma = cgutils.get_or_insert_function(
-            module, ir.FunctionType(self.floats, [self.floats] * 3), f"llvm.fma.v{LANES}f32"
-        )
-
-    def constant(self, value: int):
-        return ir.Constant(self.int64, value)
+        super().__init__(context, builder, signature, arguments, LANES)
+        self.permute = self.intrinsic("llvm.x86.avx2.permps", self.floats, [self.floats, self.integers])
+        self.blend = self.intrinsic("llvm.x86.avx.blendv.ps.256", self.floats, [self.floats] * 3)
 
     def lanes(self, value: int):
         return ir.Constant(self.integers, [value] * LANES)
-
-    def pointer(self, array_index: int, offset, vector_type):
-        element = self.builder.gep(self.arrays[array_index].data, [offset])
-        return self.builder.bitcast(element, vector_type.as_pointer())
-
-    def load(self, array_index: int, offset, vector_type):
-        return self.builder.load(self.pointer(array_index, offset, vector_type), align=4)
-
-    def scalar(self, array_index: int, offset):
-        return self.builder.load(self.builder.gep(self.arrays[array_index].data, [offset]))
 
     def table(self):
         """The codebook in four registers."""
