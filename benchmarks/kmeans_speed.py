@@ -7,7 +7,10 @@ Inertia is compared with scikit-learn's KMeans from the same initialisation on s
 exact 1-D optimum (kmeans1d) on subsamples of 65,536 values (k=32 and 256, every initialisation
 including the exact `optimal`) and 1M values (k=256).
 
-    .venv/bin/python benchmarks/kmeans_speed.py [--size 100000000]
+    .venv/bin/python benchmarks/kmeans_speed.py [--size 100000000] [--rounds 1] [--timing-only]
+
+--rounds repeats the timing against the anchor (both k, alternating); --timing-only stops after
+it (the inertia comparisons take minutes).
 """
 
 from __future__ import annotations
@@ -86,13 +89,16 @@ def anchor_kmeans(values: np.ndarray, clusters: int) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=100_000_000)
+    parser.add_argument("--rounds", type=int, default=1, help="timing rounds against the anchor")
+    parser.add_argument("--timing-only", action="store_true", help="stop after the timing against the anchor")
     args = parser.parse_args()
     generator = np.random.default_rng(0)
     values = generator.laplace(scale=0.01, size=args.size).astype(np.float32)
     kmeans_1d(values[:10_000], 32)  # compile
     anchor_kmeans(values[:10_000], 32)
     results = []
-    for clusters in (32, 256):  # the anchor and ours, alternating, in the same process
+    for round_index, clusters in [(r, k) for r in range(args.rounds) for k in (32, 256)]:
+        # the anchor and ours, alternating, in the same process
         anchor_seconds, anchor_iterations = anchor_kmeans(values, clusters)
         started = time.perf_counter()
         ours = kmeans_1d(values, clusters, "linear")
@@ -100,6 +106,7 @@ def main() -> None:
         results.append(
             {
                 "size": args.size,
+                "round": round_index,
                 "clusters": clusters,
                 "anchor_seconds": anchor_seconds,
                 "anchor_iterations": anchor_iterations,
@@ -113,6 +120,11 @@ def main() -> None:
             f"{ours.iterations} iterations ({ours_seconds / anchor_seconds:.2f}x the anchor's time)",
             flush=True,
         )
+    out = Path("benchmarks/results")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.timing_only:
+        (out / "kmeans_speed_timing.json").write_text(json.dumps(results, indent=2))
+        return
     for clusters, init in ((32, "linear"), (256, "linear"), (32, "grouped"), (256, "grouped")):
         started = time.perf_counter()
         result = kmeans_1d(values, clusters, init)
@@ -186,8 +198,6 @@ def main() -> None:
                 f"{optimum:.6g} (+{100 * (ours.inertia / optimum - 1):.2f}%)",
                 flush=True,
             )
-    out = Path("benchmarks/results")
-    out.mkdir(parents=True, exist_ok=True)
     (out / "kmeans_speed.json").write_text(json.dumps(results, indent=2))
 
 
