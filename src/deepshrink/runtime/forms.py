@@ -167,9 +167,9 @@ def _automatic_form(indptr, columns, codes, codebook, shape):
 
     Tiled first (AVX-512, else AVX2). Then with AVX-512: grouped (16-wide gathers), else
     per-entry. Without AVX-512, per-entry: LLVM turns the grouped form's gathers into scalar loads
-    on CPUs whose gathers are slow, and per-entry with four partial sums per row was as fast or
-    faster in 17 of 21 cases of benchmarks/form_choice.py (BENCHMARKS.md, "Auto mode's measured
-    choice, and the AVX2 path").
+    for CPUs whose gathers are slow (haswell), and in AVX2-only code per-entry was faster at
+    batch 8 and 64 on all 14 cases of benchmarks/form_choice.py, while grouped was faster at
+    batch 1 on 4 of 7 (BENCHMARKS.md, "The AVX2 tiled form"), where the tiled form runs instead.
     """
     per_entry = PerEntryCodes(indptr, columns, codes, codebook, shape)
     tiled_form = _tiled_form(codebook)
@@ -224,8 +224,8 @@ class CodebookWeight:
     `form` None chooses automatically (the fastest that applies and is not far larger than one
     code per entry); a named form is built as asked, and "tiled" where it cannot apply (no
     AVX-512 or AVX2, or a codebook the registers cannot hold) is a ConfigError. `storage` is the
-    form's object (TiledCodes, Avx2TiledCodes, GroupedCodes or PerEntryCodes), which holds the indices and runs the
-    product; `form` is its name.
+    form's object (TiledCodes, Avx2TiledCodes, GroupedCodes or PerEntryCodes), which holds the
+    indices and runs the product; `form` is its name.
 
     Raises ConfigError for CSR arrays that leave the matrix or the codebook (see `check_csr`).
     """

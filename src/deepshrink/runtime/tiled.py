@@ -28,7 +28,8 @@ registers and each block's codebook lookups serve all of them. The work is split
 sample group) pairs.
 
 The kernels are emitted as LLVM IR with x86 AVX-512 intrinsics and so run only where the CPU
-has AVX-512F (`available()`); elsewhere the runtime uses the CSR forms.
+has AVX-512F (`available()`); elsewhere the runtime uses the AVX2 tiled form (tiled_avx2.py) or
+the CSR forms.
 """
 
 from __future__ import annotations
