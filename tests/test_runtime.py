@@ -65,8 +65,8 @@ needs_tiled = pytest.mark.skipif(
 
 
 def tiled_bytes(weight) -> int:
-    """What the tiled form adds: all of it with AVX-512; the tiles alone with AVX2, which also
-    keeps the per-entry arrays for batches."""
+    """What the tiled form adds: its tiles (the AVX2 form also keeps the per-entry arrays, for
+    batches); one code per entry's bytes for any other form."""
     return getattr(weight.storage, "tiles_nbytes", weight.nbytes)
 
 

@@ -175,9 +175,8 @@ def _automatic_form(indptr, columns, codes, codebook, shape):
     tiled_form = _tiled_form(codebook)
     if tiled_form is not None:
         tiled_codes = _tiled_storage(tiled_form, indptr, columns, codes, codebook, shape, per_entry)
-        # The AVX2 form also keeps the per-entry arrays for batches; its tiles are what it adds.
-        added = tiled_codes.tiles_nbytes if tiled_form is Avx2TiledCodes else tiled_codes.nbytes
-        if added <= SIZE_LIMIT * per_entry.nbytes:
+        # The tiles are what either form adds (the AVX2 one also keeps the per-entry arrays).
+        if tiled_codes.tiles_nbytes <= SIZE_LIMIT * per_entry.nbytes:
             return tiled_codes
     if not tiled.available():
         return per_entry

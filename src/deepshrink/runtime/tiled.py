@@ -224,7 +224,24 @@ def chunk_arrays(indptr, rows: int, tiles: int, lanes: int) -> tuple[np.ndarray,
     return order, starts, np.uint16 if tiles <= 1 << 16 else np.uint32
 
 
-class TiledCodes:
+class TiledArrays:
+    """What every tiled form holds: block words, each block's tile, each chunk's first block, the
+    rows in chunk order and the codebook table."""
+
+    words: np.ndarray
+    block_tiles: np.ndarray
+    starts: np.ndarray
+    order: np.ndarray
+    codebook: np.ndarray
+
+    @property
+    def tiles_nbytes(self) -> int:
+        """The bytes of the tiled arrays (all a tiled form adds to one code per entry's)."""
+        arrays = (self.words, self.block_tiles, self.starts, self.order, self.codebook)
+        return sum(array.nbytes for array in arrays)
+
+
+class TiledCodes(TiledArrays):
     """A weight matrix in the register-tiled form; see the module docstring."""
 
     def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int]) -> None:
@@ -262,8 +279,7 @@ class TiledCodes:
     @property
     def nbytes(self) -> int:
         """The bytes of the form's arrays."""
-        arrays = (self.words, self.block_tiles, self.starts, self.order, self.codebook)
-        return sum(array.nbytes for array in arrays)
+        return self.tiles_nbytes
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row, column, code) of every kept weight, padding left out; codes index `codebook`.

@@ -50,7 +50,7 @@ from numba.extending import intrinsic
 
 from deepshrink.runtime.intrinsics import is_c_array
 from deepshrink.runtime.kernels import compiled
-from deepshrink.runtime.tiled import KernelEmitter, chunk_arrays, padded_vector, scatter_vector
+from deepshrink.runtime.tiled import KernelEmitter, TiledArrays, chunk_arrays, padded_vector, scatter_vector
 
 LANES = 8  # rows per chunk: one float32 lane each in a 256-bit register
 TILE = 8  # input columns per tile: one 256-bit register
@@ -210,7 +210,7 @@ def _unpack(words, block_tiles, starts, order, rows, padding_code, out_rows, out
     return found
 
 
-class Avx2TiledCodes:
+class Avx2TiledCodes(TiledArrays):
     """A weight matrix in the AVX2 register-tiled form, with the per-entry form (`batched`) for
     batches of more than one sample; see the module docstring."""
 
@@ -242,12 +242,6 @@ class Avx2TiledCodes:
             True when the AVX2 kernels may run and the codebook fits their table.
         """
         return available() and kernel_table(codebook) is not None
-
-    @property
-    def tiles_nbytes(self) -> int:
-        """The bytes of the tiled arrays alone."""
-        arrays = (self.words, self.block_tiles, self.starts, self.order, self.codebook)
-        return sum(array.nbytes for array in arrays)
 
     @property
     def nbytes(self) -> int:
