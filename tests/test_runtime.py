@@ -128,6 +128,10 @@ def test_every_form_on_this_machine_matches_float64_over_random_layers(rows, col
             assert relative_error(weight.product(inputs), expected) < RELATIVE, form
         else:
             assert not np.any(weight.product(inputs)), form
+        if batch == 1:  # the layer's batch-1 entry point, reading the tensor by address
+            bias = generator.normal(size=rows).astype(np.float32)
+            output = CompressedLinear(weight, torch.from_numpy(bias))(torch.from_numpy(inputs))
+            assert relative_error(output, expected + bias) < RELATIVE, form
 
 
 @needs_tiled
@@ -455,6 +459,38 @@ def test_every_kind_of_product_computes_the_same_layer(kind, batch):
     with torch.no_grad():
         assert relative_error(layer(inputs), expected) < RELATIVE
     assert layer.resident_bytes >= weight.nbytes
+
+
+@pytest.mark.parametrize("form", forms.FORMS)
+def test_a_single_sample_runs_one_call_from_the_tensor_and_others_take_the_general_path(form, monkeypatch):
+    """Batch 1 reads a contiguous float32 tensor by address (one numba call, bias added in it);
+    a strided view, another dtype, another leading shape or a tensor that requires a gradient
+    gives the same values by the general path, and an offset into a larger storage is honoured."""
+    if form == "tiled" and forms._tiled_form(np.zeros(32, dtype=np.float32)) is None:
+        pytest.skip("no tiled kernels on this CPU")
+    weight, dense = csr_weight(40, 300, 0.1, 32, 5, form)
+    bias = torch.randn(40)
+    wide = torch.randn(3, 700)
+    for layer_bias in (bias, None):
+        layer = CompressedLinear(weight, layer_bias)
+        expected_bias = 0.0 if layer_bias is None else layer_bias.double().numpy()
+
+        def expected(inputs, expected_bias=expected_bias):
+            return inputs.detach().double().reshape(-1, 300).numpy() @ dense.T + expected_bias
+
+        with monkeypatch.context() as patch:  # the single-sample path never reaches the form's product
+            patch.setattr(weight, "product", lambda inputs: pytest.fail("batch 1 took the general path"))
+            for single in (wide[:1, :300].clone(), wide[1, 17:317].unsqueeze(0)):  # the second: an offset
+                assert single.is_contiguous()
+                assert relative_error(layer(single), expected(single)) < RELATIVE
+        for other in (
+            wide[:1, ::2][:, :300],  # strided
+            wide[:1, :300].double(),
+            wide[:1, :300].reshape(1, 1, 300),
+            wide[:1, :300].clone().requires_grad_(),
+        ):
+            output = layer(other)
+            assert relative_error(output, expected(other).reshape(output.shape)) < RELATIVE
 
 
 @pytest.mark.parametrize("kind", ["compressed", "dense"])

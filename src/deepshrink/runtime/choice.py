@@ -40,6 +40,10 @@ BATCH_RANGES = ((1, 1), (16, 8), (None, 64))
 ROUNDS = 5
 MEASURE_SECONDS = 0.003
 MAXIMUM_CALLS = 50
+# Calls before the one that sizes the rounds. A kernel's first calls in a process load its
+# compiled code and fault in its pages: sized by the first call, the compressed form got one
+# call per round and lost batch 1 to dense in LeNet-300-100's fc1 at 2-4x its real time.
+WARMUP_CALLS = 3
 
 
 def range_of(batch: int) -> int:
@@ -88,7 +92,9 @@ def _measure(layers: dict, input_size: tuple[int, ...]) -> LayerChoice:
         for _, batch in BATCH_RANGES:
             inputs = torch.randn(batch, *input_size, generator=generator)
             calls = {}
-            for kind, layer in layers.items():  # one call each to warm up and size the rounds
+            for kind, layer in layers.items():  # warm up, then size the rounds by one more call
+                for _ in range(WARMUP_CALLS):
+                    layer(inputs)
                 started = time.perf_counter()
                 layer(inputs)
                 once = max(time.perf_counter() - started, 1e-7)

@@ -11,7 +11,8 @@ All three hold codebook indices, never float weights:
   the automatic choice on CPUs without AVX-512 where the AVX2 tiled form does not apply.
 
 Each form's `product(inputs)` takes float32 inputs of shape (batch, columns) and returns
-(batch, rows).
+(batch, rows). Its `vector_call` is the batch-1 entry point (kernels.py, "Batch-1 entry points")
+and the arguments it takes after (result, input address, bias): one numba call per sample.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from deepshrink.runtime import tiled, tiled_avx2
 from deepshrink.runtime.kernels import (
     BLOCK,
     GROUPED_MAXIMUM_CODES,
+    PARALLEL_MINIMUM_NONZEROS,
     codebook_matmul,
     codebook_matvec,
     group_by_code,
     grouped_matmul,
     grouped_matvec,
     grouped_nbytes,
+    grouped_vector,
+    per_entry_vector,
 )
 from deepshrink.runtime.tiled import TiledCodes
 from deepshrink.runtime.tiled_avx2 import Avx2TiledCodes
@@ -98,6 +102,16 @@ class PerEntryCodes:
             codebook_matvec, codebook_matmul, self.indptr, self.columns, self.codes, self.codebook, inputs
         )
 
+    @property
+    def vector_call(self) -> tuple:
+        """The batch-1 entry point and its arguments after (result, address, bias).
+
+        Returns:
+            (per_entry_vector, its arguments).
+        """
+        parallel = len(self.codes) >= PARALLEL_MINIMUM_NONZEROS
+        return per_entry_vector, (parallel, self.indptr, self.columns, self.codes, self.codebook, self.shape[1])
+
 
 class GroupedCodes:
     """CSR with each row's entries sorted by code, each code's run padded to whole blocks
@@ -144,6 +158,16 @@ class GroupedCodes:
             inputs,
             zero_column=True,
         )
+
+    @property
+    def vector_call(self) -> tuple:
+        """The batch-1 entry point and its arguments after (result, address, bias).
+
+        Returns:
+            (grouped_vector, its arguments).
+        """
+        parallel = len(self.columns) >= PARALLEL_MINIMUM_NONZEROS
+        return grouped_vector, (parallel, self.indptr, self.blocks, self.columns, self.codebook, self.shape[1])
 
 
 def _tiled_form(codebook):

@@ -31,7 +31,14 @@ import numpy as np
 
 from deepshrink.encode.sparse import SparseLayout
 from deepshrink.errors import FormatError
-from deepshrink.runtime.intrinsics import GATHER_WIDTH, add_rows, add_weighted_rows, gathered_sum, prefetch
+from deepshrink.runtime.intrinsics import (
+    GATHER_WIDTH,
+    add_rows,
+    add_weighted_rows,
+    float32_at,
+    gathered_sum,
+    prefetch,
+)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -325,6 +332,76 @@ MATVEC = {parallel: compiled(_codebook_matvec, parallel) for parallel in (False,
 MATMUL = {parallel: compiled(_codebook_matmul, parallel) for parallel in (False, True)}
 GROUPED_MATVEC = {parallel: compiled(_grouped_matvec, parallel) for parallel in (False, True)}
 GROUPED_MATMUL = {parallel: compiled(_grouped_matmul, parallel) for parallel in (False, True)}
+
+
+# Batch-1 entry points, one numba call per layer: the input is read from a tensor's address
+# and the bias added in place, so the module's call converts nothing and allocates only its
+# output (CompressedLinear.forward's first branch). Each takes (result (1, rows), input address,
+# bias (rows or 0 floats), parallel, the form's arrays..., columns).
+_MATVEC_SERIAL, _MATVEC_PARALLEL = MATVEC[False], MATVEC[True]
+_GROUPED_MATVEC_SERIAL, _GROUPED_MATVEC_PARALLEL = GROUPED_MATVEC[False], GROUPED_MATVEC[True]
+
+
+@numba.njit(cache=True, nogil=True)
+def add_bias(result, bias):
+    """result += bias, where the layer has one (an empty `bias` adds nothing).
+
+    Args:
+        result: float32 (rows,), updated.
+        bias: float32 (rows,) or (0,).
+    """
+    for row in range(len(bias)):
+        result[row] += bias[row]
+
+
+@numba.njit(cache=True, nogil=True)
+def per_entry_vector(result, address, bias, parallel, indptr, columns, codes, codebook, width):
+    """result[0] = W @ x + bias for the per-entry form, x the `width` floats at `address`.
+
+    Args:
+        result: float32 (1, rows), written.
+        address: the input's address (intrinsics.float32_at).
+        bias: float32 (rows,) or (0,).
+        parallel: run the threaded kernel.
+        indptr: the row pointers.
+        columns: the column indices.
+        codes: each entry's code.
+        codebook: code -> value.
+        width: the input's floats.
+    """
+    vector = numba.carray(float32_at(address), width)
+    if parallel:
+        _MATVEC_PARALLEL(indptr, columns, codes, codebook, vector, result[0])
+    else:
+        _MATVEC_SERIAL(indptr, columns, codes, codebook, vector, result[0])
+    add_bias(result[0], bias)
+
+
+@numba.njit(cache=True, nogil=True)
+def grouped_vector(result, address, bias, parallel, indptr, counts, columns, codebook, width):
+    """result[0] = W @ x + bias for the grouped form, x the `width` floats at `address`.
+
+    Args:
+        result: float32 (1, rows), written.
+        address: the input's address (intrinsics.float32_at).
+        bias: float32 (rows,) or (0,).
+        parallel: run the threaded kernel.
+        indptr: the row pointers.
+        counts: blocks[row, code].
+        columns: the padded column indices.
+        codebook: code -> value.
+        width: the input's floats.
+    """
+    inputs = numba.carray(float32_at(address), width)
+    vector = np.empty(width + 1, dtype=np.float32)  # a zero last, for the padding entries
+    for column in range(width):
+        vector[column] = inputs[column]
+    vector[width] = 0.0
+    if parallel:
+        _GROUPED_MATVEC_PARALLEL(indptr, counts, columns, codebook, vector, result[0])
+    else:
+        _GROUPED_MATVEC_SERIAL(indptr, counts, columns, codebook, vector, result[0])
+    add_bias(result[0], bias)
 
 
 def codebook_matvec(indptr, columns, codes, codebook, vector, out) -> None:

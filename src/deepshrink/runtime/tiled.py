@@ -44,8 +44,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from deepshrink.runtime.intrinsics import is_c_array
-from deepshrink.runtime.kernels import compiled
+from deepshrink.runtime.intrinsics import float32_at, is_c_array
+from deepshrink.runtime.kernels import add_bias, compiled
 
 LANES = 16  # rows per chunk: one float32 lane each in a 512-bit register
 TILE = 32  # input columns per tile: two 512-bit registers of float32
@@ -322,6 +322,16 @@ class TiledCodes(TiledArrays):
             work = len(self.block_tiles) * -(-batch // COLUMN_GROUP)
             TILED_MATMUL[work >= PARALLEL_MINIMUM_BLOCKS](result, inputs, *arrays)
         return result
+
+    @property
+    def vector_call(self) -> tuple:
+        """The batch-1 entry point and its arguments after (result, address, bias).
+
+        Returns:
+            (tiled_vector, its arguments).
+        """
+        arrays = (self.words, self.block_tiles, self.starts, self.codebook, self.order)
+        return tiled_vector, (len(self.block_tiles) >= PARALLEL_MINIMUM_BLOCKS, *arrays, self.shape[1])
 
 
 # Below this many blocks (times the groups of COLUMN_GROUP samples) a product runs on one
@@ -661,3 +671,29 @@ def _tiled_matmul(result, inputs, words, block_tiles, starts, table, order):
 # numba compiles on first call, so a machine without AVX-512 never compiles these.
 TILED_MATVEC = {parallel: compiled(_tiled_matvec, parallel) for parallel in (False, True)}
 TILED_MATMUL = {parallel: compiled(_tiled_matmul, parallel) for parallel in (False, True)}
+_TILED_MATVEC_SERIAL, _TILED_MATVEC_PARALLEL = TILED_MATVEC[False], TILED_MATVEC[True]
+
+
+@numba.njit(cache=True, nogil=True)
+def tiled_vector(result, address, bias, parallel, words, block_tiles, starts, table, order, width):
+    """result[0] = W @ x + bias, x the `width` floats at `address`: the batch-1 entry point
+    (kernels.py, "Batch-1 entry points").
+
+    Args:
+        result: float32 (1, rows), written.
+        address: the input's address (intrinsics.float32_at).
+        bias: float32 (rows,) or (0,).
+        parallel: run the threaded kernel.
+        words: the packed blocks.
+        block_tiles: each block's tile.
+        starts: each chunk's first block.
+        table: the kernel's codebook table.
+        order: the row of each chunk lane.
+        width: the input's floats.
+    """
+    inputs = numba.carray(float32_at(address), width)
+    if parallel:
+        _TILED_MATVEC_PARALLEL(result[0], inputs, words, block_tiles, starts, table, order)
+    else:
+        _TILED_MATVEC_SERIAL(result[0], inputs, words, block_tiles, starts, table, order)
+    add_bias(result[0], bias)

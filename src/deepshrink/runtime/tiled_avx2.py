@@ -48,8 +48,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from deepshrink.runtime.intrinsics import is_c_array
-from deepshrink.runtime.kernels import compiled
+from deepshrink.runtime.intrinsics import float32_at, is_c_array
+from deepshrink.runtime.kernels import add_bias, compiled
 from deepshrink.runtime.tiled import KernelEmitter, TiledArrays, chunk_arrays, padded_vector, scatter_vector
 
 LANES = 8  # rows per chunk: one float32 lane each in a 256-bit register
@@ -276,6 +276,16 @@ class Avx2TiledCodes(TiledArrays):
         MATVEC[len(self.block_tiles) >= PARALLEL_MINIMUM_BLOCKS](result[0], inputs[0], *arrays)
         return result
 
+    @property
+    def vector_call(self) -> tuple:
+        """The batch-1 entry point and its arguments after (result, address, bias).
+
+        Returns:
+            (this module's batch-1 entry point, its arguments).
+        """
+        arrays = (self.words, self.block_tiles, self.starts, self.codebook, self.order)
+        return _vector, (len(self.block_tiles) >= PARALLEL_MINIMUM_BLOCKS, *arrays, self.shape[1])
+
 
 def _arguments_fit(out, inputs, words, block_tiles, starts, table, chunk) -> bool:
     return (
@@ -384,3 +394,17 @@ def _matvec(result, inputs, words, block_tiles, starts, table, order):
 
 # numba compiles on first call, so a machine without AVX2 never compiles it.
 MATVEC = {parallel: compiled(_matvec, parallel) for parallel in (False, True)}
+_MATVEC_SERIAL, _MATVEC_PARALLEL = MATVEC[False], MATVEC[True]
+
+
+# tiled.tiled_vector with this form's kernels: numba caches no function that takes another as
+# an argument, so each form has its own entry point.
+@numba.njit(cache=True, nogil=True)
+def _vector(result, address, bias, parallel, words, block_tiles, starts, table, order, width):
+    """result[0] = W @ x + bias, x the `width` floats at `address` (arguments as tiled.tiled_vector)."""
+    inputs = numba.carray(float32_at(address), width)
+    if parallel:
+        _MATVEC_PARALLEL(result[0], inputs, words, block_tiles, starts, table, order)
+    else:
+        _MATVEC_SERIAL(result[0], inputs, words, block_tiles, starts, table, order)
+    add_bias(result[0], bias)
