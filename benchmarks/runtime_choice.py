@@ -13,7 +13,9 @@ AVX2: set DEEPSHRINK_AVX512=0 NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f
 AVX2 path on an AVX-512 CPU; the CPU name alone keeps the host's AVX-512 features in numba's code),
 and the load average. One thread and two.
 
-    .venv/bin/python benchmarks/runtime_choice.py [--repeats 20] [--out FILE]
+    .venv/bin/python benchmarks/runtime_choice.py [--repeats 20] [--out FILE] [--whole-only]
+
+`--whole-only` times the whole LeNet-300-100 alone (seconds instead of minutes), for repeating it.
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", default="benchmarks/results/runtime_choice.json")
+    parser.add_argument("--whole-only", action="store_true", help="only the whole LeNet-300-100")
     args = parser.parse_args()
     results = {"machine": machine_description(), "command": " ".join(sys.argv), "runs": []}
     print(json.dumps(results["machine"]))
@@ -147,7 +150,7 @@ def main() -> None:
         import numba
 
         numba.set_num_threads(threads)
-        for name, rows, columns, density in LAYERS:
+        for name, rows, columns, density in [] if args.whole_only else LAYERS:
             for row in time_layer(random_weight(rows, columns, density), args.repeats):
                 row |= {"layer": name, "threads": threads, **results["machine"]}
                 results["runs"].append(row)
