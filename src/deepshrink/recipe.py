@@ -58,6 +58,17 @@ class TradeoffSettings:
     )
     retrain_epochs: int = field(default=1, metadata=between(0))
     learning_rate: float = field(default=0.02, metadata=between(1e-12))
+    # Sparse variational dropout's frontier (issue 22): one point per KL weight, each trained
+    # `variational_epochs` epochs from the reference (it learns its sparsity over many epochs,
+    # not one), then shared at `combined_bits`. Off by default: each point costs that training.
+    variational_kl_weights: list[float] = field(
+        default_factory=list,
+        metadata=between(0.0, help="KL weights of sparse variational dropout points, e.g. [0.5, 1, 2]")
+        | {"recorded_when_set": True},
+    )
+    variational_epochs: int = field(
+        default=20, metadata=between(1, help="epochs of each variational point") | {"recorded_when_set": True}
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -177,7 +188,8 @@ class Recipe:
             return None
         data = dataclasses.asdict(value)
         for item in dataclasses.fields(value):
-            if item.metadata.get("recorded_when_set") and getattr(value, item.name) == item.default:
+            default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+            if item.metadata.get("recorded_when_set") and getattr(value, item.name) == default:
                 del data[item.name]
         return data
 

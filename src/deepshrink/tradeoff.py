@@ -1,12 +1,14 @@
 """The paper's Figure 6: the task's metric (accuracy, in the paper) against compression rate for
-pruning only, quantization only, and pruning followed by quantization.
+pruning only, quantization only, and pruning followed by quantization; and, where the recipe
+asks (`variational_kl_weights`), sparse variational dropout alone and followed by quantization.
 
 Every point starts from the reference and retrains briefly, so the curves compare the methods
 at equal effort. Sizes of quantized models are the bytes of a real .dcz encoding. A model that
 is pruned but not quantized has no codebook, so its size is counted as the encoder's own sparse
 layout (relative indices with filler zeros) holding 32-bit values, plus the raw other tensors.
 An SVD point factorizes every layer at POS ranks for a MAC budget; its size is its fp32
-parameters.
+parameters. A variational point trains `variational_epochs` epochs (the method learns its
+sparsity slowly), then retrains like the others.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def tradeoff_curves(
         [("prune", value) for value in settings.sparsities]
         + [("quantize", value) for value in settings.bits]
         + [("svd", value) for value in settings.svd_budgets]
+        + [("variational", value) for value in settings.variational_kl_weights]
     )
     bar = progress_bar(work, desc="Figure 6 sweep", enabled=progress, leave=False)
     epochs, rate = settings.retrain_epochs, settings.learning_rate
@@ -85,6 +88,21 @@ def tradeoff_curves(
         elif kind == "quantize":
             run_stage(model, QuantizeSettings(bits={"*": value}, finetune_epochs=epochs), context)
             add("quantization only", f"{value} bits", model, encoded_bytes(model, encode))
+        elif kind == "variational":
+            # The shipped variational recipes' settings (Adam at 1e-3, log alpha > 3 pruned, the
+            # masks then fixed for `retrain_epochs`), at this KL weight.
+            prune = PruneSettings(
+                method="variational",
+                kl_weight=value,
+                retrain_epochs=settings.variational_epochs,
+                finetune_epochs=epochs,
+                learning_rate=rate,
+            )
+            run_stage(model, prune, context)
+            add("variational dropout only", f"KL weight {value:g}", model, sparse_fp32_bytes(model, encode))
+            run_stage(model, QuantizeSettings(bits={"*": settings.combined_bits}, finetune_epochs=epochs), context)
+            combined = f"KL weight {value:g}, {settings.combined_bits} bits"
+            add("variational dropout + quantization", combined, model, encoded_bytes(model, encode))
         else:
             run_stage(
                 model, LowrankSettings(budget=value, method="pos", finetune_epochs=epochs, learning_rate=rate), context

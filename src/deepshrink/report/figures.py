@@ -140,8 +140,15 @@ def plot_tradeoff(curves: dict, path) -> None:
     reference = curves["reference_metric"]
     name = curves.get("metric_name", "top-1 accuracy")
     scale = 100 if "accuracy" in name else 1
-    methods = ["pruning + quantization", "pruning only", "quantization only", "SVD"]
-    for method, marker in zip(methods, "osd^", strict=True):
+    methods = [
+        "pruning + quantization",
+        "pruning only",
+        "quantization only",
+        "SVD",
+        "variational dropout + quantization",
+        "variational dropout only",
+    ]
+    for method, marker in zip(methods, "osd^v<", strict=True):
         points = sorted((point for point in curves["points"] if point["method"] == method), key=lambda p: p["ratio"])
         if points:
             axis.plot(
