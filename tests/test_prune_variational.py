@@ -170,25 +170,35 @@ def test_variational_pruning_through_the_pipeline_prunes_most_weights_at_little_
     assert result.ratio > 20  # 29.3x when written
 
 
-def test_the_figure_6_sweep_adds_variational_points_only_where_asked(small_data, small_lenet_state, tmp_path):
+def test_the_figure_6_sweep_adds_the_new_methods_only_where_asked(small_data, small_lenet_state, tmp_path):
     """`tradeoff: {variational_kl_weights: [...]}` adds a variational-dropout-only point and one
     shared at `combined_bits` per KL weight, smaller than the first and sized from real
-    encodings; the plot draws them. Left unset, the sweep's record (its cache key) is as before."""
+    encodings, and `soft_taus` a soft weight-sharing point per tau; the plot draws them. Left
+    unset, the sweep's record (its cache key) is as before."""
     from deepshrink.recipe import TradeoffSettings, parse_recipe
     from deepshrink.report.figures import plot_tradeoff
     from deepshrink.stages import EncodeSettings, Loaders
     from deepshrink.tradeoff import tradeoff_curves
 
-    assert "variational_kl_weights" not in parse_recipe("model: lenet-5\ntradeoff: true\n").section("tradeoff")
+    recorded = parse_recipe("model: lenet-5\ntradeoff: true\n").section("tradeoff")
+    assert not {"variational_kl_weights", "variational_epochs", "soft_taus", "soft_epochs"} & set(recorded)
     reference = build_model("lenet-300-100")
     reference.load_state_dict(small_lenet_state)
     loaders = Loaders.from_splits(small_data)
     settings = TradeoffSettings(
-        sparsities=[], bits=[], svd_budgets=[], variational_kl_weights=[0.3], variational_epochs=2, retrain_epochs=1
+        sparsities=[],
+        bits=[],
+        svd_budgets=[],
+        variational_kl_weights=[0.3],
+        variational_epochs=2,
+        soft_taus=[5e-3],
+        soft_epochs=1,
+        retrain_epochs=1,
     )
     curves = tradeoff_curves(reference, settings, EncodeSettings(), loaders, progress=False)
     points = {point["method"]: point for point in curves["points"]}
-    assert set(points) == {"variational dropout only", "variational dropout + quantization"}
+    assert set(points) == {"variational dropout only", "variational dropout + quantization", "soft weight-sharing"}
+    assert points["soft weight-sharing"]["ratio"] > 32 / 5  # at most 17 values: no more than 5 bits a weight
     alone, shared = points["variational dropout only"], points["variational dropout + quantization"]
     assert shared["ratio"] > 3 * alone["ratio"] > 3  # sparse fp32, then 5-bit codes in place of 32-bit values
     assert all(point["metric"] > curves["reference_metric"] - 0.05 for point in points.values()), curves

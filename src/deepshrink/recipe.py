@@ -69,6 +69,16 @@ class TradeoffSettings:
     variational_epochs: int = field(
         default=20, metadata=between(1, help="epochs of each variational point") | {"recorded_when_set": True}
     )
+    # Soft weight-sharing's frontier: one point per prior weight tau (more prunes more), each
+    # `soft_epochs` epochs under the mixture prior from the reference, with its default mixture.
+    soft_taus: list[float] = field(
+        default_factory=list,
+        metadata=between(1e-12, help="taus of soft weight-sharing points, e.g. [0.002, 0.005, 0.02]")
+        | {"recorded_when_set": True},
+    )
+    soft_epochs: int = field(
+        default=10, metadata=between(1, help="epochs of each soft-sharing point") | {"recorded_when_set": True}
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -1,14 +1,15 @@
 """The paper's Figure 6: the task's metric (accuracy, in the paper) against compression rate for
 pruning only, quantization only, and pruning followed by quantization; and, where the recipe
-asks (`variational_kl_weights`), sparse variational dropout alone and followed by quantization.
+asks, sparse variational dropout alone and followed by quantization (`variational_kl_weights`)
+and soft weight-sharing (`soft_taus`).
 
 Every point starts from the reference and retrains briefly, so the curves compare the methods
 at equal effort. Sizes of quantized models are the bytes of a real .dcz encoding. A model that
 is pruned but not quantized has no codebook, so its size is counted as the encoder's own sparse
 layout (relative indices with filler zeros) holding 32-bit values, plus the raw other tensors.
 An SVD point factorizes every layer at POS ranks for a MAC budget; its size is its fp32
-parameters. A variational point trains `variational_epochs` epochs (the method learns its
-sparsity slowly), then retrains like the others.
+parameters. A variational point trains `variational_epochs` epochs and a soft-sharing point
+`soft_epochs` (both methods learn their sparsity slowly), then retrains like the others.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def tradeoff_curves(
         + [("quantize", value) for value in settings.bits]
         + [("svd", value) for value in settings.svd_budgets]
         + [("variational", value) for value in settings.variational_kl_weights]
+        + [("soft", value) for value in settings.soft_taus]
     )
     bar = progress_bar(work, desc="Figure 6 sweep", enabled=progress, leave=False)
     epochs, rate = settings.retrain_epochs, settings.learning_rate
@@ -103,6 +105,12 @@ def tradeoff_curves(
             run_stage(model, QuantizeSettings(bits={"*": settings.combined_bits}, finetune_epochs=epochs), context)
             combined = f"KL weight {value:g}, {settings.combined_bits} bits"
             add("variational dropout + quantization", combined, model, encoded_bytes(model, encode))
+        elif kind == "soft":
+            # Retrained under the mixture prior, then shared through its means (zero included,
+            # so it prunes too), then the centroids fine-tuned like every other point.
+            soft = QuantizeSettings(method="soft", tau=value, soft_epochs=settings.soft_epochs, finetune_epochs=epochs)
+            run_stage(model, soft, context)
+            add("soft weight-sharing", f"tau {value:g}", model, encoded_bytes(model, encode))
         else:
             run_stage(
                 model, LowrankSettings(budget=value, method="pos", finetune_epochs=epochs, learning_rate=rate), context

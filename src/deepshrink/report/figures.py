@@ -147,8 +147,9 @@ def plot_tradeoff(curves: dict, path) -> None:
         "SVD",
         "variational dropout + quantization",
         "variational dropout only",
+        "soft weight-sharing",
     ]
-    for method, marker in zip(methods, "osd^v<", strict=True):
+    for method, marker in zip(methods, "osd^v<P", strict=True):
         points = sorted((point for point in curves["points"] if point["method"] == method), key=lambda p: p["ratio"])
         if points:
             axis.plot(
