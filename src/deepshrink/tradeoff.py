@@ -3,8 +3,8 @@ pruning only, quantization only, and pruning followed by quantization; and, wher
 asks, sparse variational dropout alone and followed by quantization (`variational_kl_weights`)
 and soft weight-sharing (`soft_taus`).
 
-Every point starts from the reference and retrains briefly, so the curves compare the methods
-at equal effort. Sizes of quantized models are the bytes of a real .dcz encoding. A model that
+Every point starts from the reference and retrains briefly, so the paper's methods and SVD are
+compared at equal effort. Sizes of quantized models are the bytes of a real .dcz encoding. A model that
 is pruned but not quantized has no codebook, so its size is counted as the encoder's own sparse
 layout (relative indices with filler zeros) holding 32-bit values, plus the raw other tensors.
 An SVD point factorizes every layer at POS ranks for a MAC budget; its size is its fp32
