@@ -4,7 +4,7 @@ From a model's cached reference (trained first if missing), the Figure 6 sweep o
 shipped recipe (pruning only, quantization only, both, SVD; one epoch of retraining a point)
 plus sparse variational dropout at each KL weight given (VARIATIONAL_EPOCHS epochs from the
 reference, then one epoch with the masks fixed, then the sweep's `combined_bits`) and soft
-weight-sharing at each tau given (10 epochs under the prior, 17 components), all on the
+weight-sharing at each tau given, if any (10 epochs under the prior, 17 components), all on the
 same reference, seed and data, sized from real encodings, measured on the test split. Writes
 results/frontier-MODEL.json and results/frontier-MODEL.png (the report's Figure 6 plot).
 
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--model", default="lenet-300-100")
     parser.add_argument("--kl-weights", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0])
     parser.add_argument("--epochs", type=int, default=VARIATIONAL_EPOCHS)
-    parser.add_argument("--soft-taus", type=float, nargs="*", default=[0.002, 0.005, 0.02])
+    parser.add_argument("--soft-taus", type=float, nargs="*", default=[])
     parser.add_argument("--only-new", action="store_true", help="leave out the paper's methods and SVD")
     parser.add_argument("--out-name", default=None, help="results/NAME.json and .png (default frontier-MODEL)")
     args = parser.parse_args()
