@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import deepshrink
 from deepshrink.errors import ConfigError
@@ -69,6 +71,45 @@ def test_close_components_merge_and_those_next_to_zero_join_it():
     assert means.tolist()[0] == 0.0 and len(means) == 3  # zero, -0.5, and the merged pair near 0.3
     assert means[1] == pytest.approx(-0.5) and 0.3 < means[2] < 0.302
     assert group.tolist() == [0, 1, 0, 2, 2]
+
+
+def test_given_means_start_where_asked_each_half_as_wide_as_its_nearest_gap():
+    prior = GaussianMixturePrior(5, -1.0, 1.0, 0.2, means=[0.3, -0.5, 0.05, 0.9])
+    assert prior.all_means().tolist() == pytest.approx([0.0, -0.5, 0.05, 0.3, 0.9])
+    deviations = prior.log_precisions.detach().double().mul(-0.5).exp()
+    # -0.5: nearest is zero (0.5 away); 0.05: zero (0.05); 0.3: 0.05 (0.25); 0.9: 0.3 (0.6).
+    assert deviations[1:].tolist() == pytest.approx([0.25, 0.025, 0.125, 0.3], rel=1e-5)
+    assert deviations[0].item() == pytest.approx(0.02, rel=1e-5)  # the zero component: a tenth of the spread
+    with pytest.raises(ConfigError, match="3 initial means for 4"):
+        GaussianMixturePrior(5, -1.0, 1.0, 0.2, means=[0.1, 0.2, 0.3])
+
+
+def test_soft_sharing_starts_its_means_at_the_weights_kmeans_centroids(monkeypatch):
+    """The weights not already zero are clustered (an outlier must not stretch the means over
+    an empty range) and the prior starts at those centroids."""
+    from deepshrink.quantize import soft
+    from deepshrink.quantize.kmeans import kmeans_1d
+
+    started = {}
+    original = soft.GaussianMixturePrior.__init__
+
+    def record(self, components, low, high, spread=None, means=None):
+        started["means"] = means
+        original(self, components, low, high, spread, means)
+
+    monkeypatch.setattr(soft.GaussianMixturePrior, "__init__", record)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5))
+    with torch.no_grad():
+        model[0].weight[0, 0] = 5.0  # an outlier far beyond the others
+        model[0].weight[1:4] = 0.0  # already pruned
+    data = torch.utils.data.TensorDataset(torch.randn(64, 40), torch.randint(0, 5, (64,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=32)
+    values = torch.cat([model[0].weight.flatten(), model[2].weight.flatten()]).detach()
+    expected = kmeans_1d(values[values != 0].numpy(), 8, init="density").centroids
+    soft.soft_weight_sharing(model, loader, TrainConfig(epochs=1), components=9, progress=False)
+    assert np.allclose(started["means"], expected)
+    assert np.sum(np.abs(expected) < 0.5) >= 6  # the bulk, not the outlier's range, holds the means
 
 
 def test_settings_refuse_bits_and_a_target_with_the_soft_method():
