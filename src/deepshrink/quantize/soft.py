@@ -11,10 +11,10 @@ unchanged, and centroid fine-tuning can follow.
 
 The loss is the task's plus tau x (-log p(w) - log p(precisions)) / N. Our choices (the paper
 leaves some open):
-- one mixture over all chosen weights, its non-zero means starting at the k-means centroids of
-  the weights not already zero, each precision from half the distance to the nearest other
-  mean or zero (the paper spaces the means evenly over the weights' range, which an outlier
-  stretches: see soft_weight_sharing);
+- one mixture over all chosen weights, initialised with its non-zero means evenly spaced over
+  the weights' range and every precision from that spacing (or at given means: starting at
+  k-means centroids of LeNet-300-100's weights lost 40-52 points where this lost 13-54;
+  BENCHMARKS.md, "The frontier");
 - the zero component starting at a tenth of the weights' spread, the others at half their
   spacing, and Gamma hyperpriors on the precisions centred there (a firm one on the zero
   component's, so that it stays narrow, and a weak one on the others, so that no component
@@ -37,7 +37,6 @@ from torch import nn
 from deepshrink.errors import ConfigError
 from deepshrink.layers import Weight, select_weights
 from deepshrink.prune.module import pruning_mask_of
-from deepshrink.quantize.kmeans import kmeans_1d
 from deepshrink.quantize.shared import SAMPLE_SIZE, SharedWeights, SharingRecord, index_dtype
 from deepshrink.train import History, RegularizedLoss, TrainConfig, fit, training_set_size
 
@@ -271,17 +270,7 @@ def soft_weight_sharing(
     with torch.no_grad():
         flat = torch.cat([weight.value.detach().reshape(-1).cpu() for weight in weights.values()])
     device_now = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
-    # The non-zero means start at k-means centroids of the weights, so that they sit where the
-    # weights are. Spaced evenly over the range instead (the paper's), an outlier-stretched range
-    # left 90% of LeNet-300-100's fc1 within half a spacing of zero, and hard assignment after 10
-    # epochs cost 12.6-53.6 points (BENCHMARKS.md, "The frontier").
-    # Pruned weights (exact zeros) are the zero component's already: the centroids are of the rest.
-    kept = flat[flat != 0].numpy()
-    centroids = kmeans_1d(kept, components - 1, init="density", seed=config.seed).centroids if len(kept) else []
-    means = centroids if len(centroids) == components - 1 and not np.any(centroids == 0) else None
-    prior = GaussianMixturePrior(components, float(flat.min()), float(flat.max()), float(flat.std()), means=means).to(
-        device_now
-    )
+    prior = GaussianMixturePrior(components, float(flat.min()), float(flat.max()), float(flat.std())).to(device_now)
     initial_means = prior.all_means().detach().double().cpu().numpy()
     examples = training_set_size(train_loader, "soft weight-sharing")
     loss = RegularizedLoss(
