@@ -72,17 +72,6 @@ def test_close_components_merge_and_those_next_to_zero_join_it():
     assert group.tolist() == [0, 1, 0, 2, 2]
 
 
-def test_given_means_start_where_asked_each_half_as_wide_as_its_nearest_gap():
-    prior = GaussianMixturePrior(5, -1.0, 1.0, 0.2, means=[0.3, -0.5, 0.05, 0.9])
-    assert prior.all_means().tolist() == pytest.approx([0.0, -0.5, 0.05, 0.3, 0.9])
-    deviations = prior.log_precisions.detach().double().mul(-0.5).exp()
-    # -0.5: nearest is zero (0.5 away); 0.05: zero (0.05); 0.3: 0.05 (0.25); 0.9: 0.3 (0.6).
-    assert deviations[1:].tolist() == pytest.approx([0.25, 0.025, 0.125, 0.3], rel=1e-5)
-    assert deviations[0].item() == pytest.approx(0.02, rel=1e-5)  # the zero component: a tenth of the spread
-    with pytest.raises(ConfigError, match="3 initial means for 4"):
-        GaussianMixturePrior(5, -1.0, 1.0, 0.2, means=[0.1, 0.2, 0.3])
-
-
 def test_soft_sharing_runs_on_a_sequential_model():
     """The prior trains beside the model, not as its child: nn.Sequential calls every child."""
     from deepshrink.quantize import soft

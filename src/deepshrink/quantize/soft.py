@@ -12,9 +12,9 @@ unchanged, and centroid fine-tuning can follow.
 The loss is the task's plus tau x (-log p(w) - log p(precisions)) / N. Our choices (the paper
 leaves some open):
 - one mixture over all chosen weights, initialised with its non-zero means evenly spaced over
-  the weights' range and every precision from that spacing (or at given means: starting at
-  k-means centroids of LeNet-300-100's weights lost 40-52 points where this lost 13-54;
-  BENCHMARKS.md, "The frontier");
+  the weights' range and every precision from that spacing (starting at k-means centroids of
+  LeNet-300-100's weights instead lost 40-52 points where this lost 13-54; BENCHMARKS.md,
+  "The frontier");
 - the zero component starting at a tenth of the weights' spread, the others at half their
   spacing, and Gamma hyperpriors on the precisions centred there (a firm one on the zero
   component's, so that it stays narrow, and a weak one on the others, so that no component
@@ -55,38 +55,20 @@ class GaussianMixturePrior(nn.Module):
     """A mixture of `components` Gaussians over scalar weights; component 0 is fixed at zero with
     mixing proportion ZERO_MIXING, the others' means, precisions and proportions are learned."""
 
-    def __init__(
-        self,
-        components: int,
-        low: float,
-        high: float,
-        spread: float | None = None,
-        means: np.ndarray | None = None,
-    ) -> None:
+    def __init__(self, components: int, low: float, high: float, spread: float | None = None) -> None:
         super().__init__()
         if not isinstance(components, int) or components < 2:
             raise ConfigError(f"components={components!r} should be a whole number of at least 2 (zero and one more)")
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ConfigError(f"the weights' range [{low}, {high}] is empty or not finite; is the model trained?")
         others = components - 1
-        if means is not None:  # given (soft_weight_sharing: k-means centroids of the weights)
-            means = torch.as_tensor(np.sort(np.asarray(means, dtype=np.float64)))
-            if len(means) != others or not torch.isfinite(means).all():
-                raise ConfigError(f"{len(means)} initial means for {others} non-zero components")
-            # Each component's deviation half the distance to its nearest neighbour, zero included.
-            beyond = means.new_tensor([math.inf])
-            nearest = torch.minimum(
-                torch.minimum(torch.cat([beyond, means.diff()]), torch.cat([means.diff(), beyond])), means.abs()
-            )
-            log_precisions = -2 * torch.log(nearest.clamp_min(1e-12) / 2)
-        else:  # evenly spaced over the range, zero excluded (component 0 holds it)
-            means = torch.linspace(low, high, others + 2, dtype=torch.float64)[1:-1] if others > 1 else None
-            if means is None:
-                means = torch.tensor([high if abs(high) > abs(low) else low], dtype=torch.float64)
-            spacing = (high - low) / (others + 1)
-            log_precisions = torch.full((others,), -2 * math.log(spacing / 2), dtype=torch.float64)
+        # Evenly spaced over the range, zero excluded (component 0 holds it).
+        means = torch.linspace(low, high, others + 2, dtype=torch.float64)[1:-1] if others > 1 else None
+        if means is None:
+            means = torch.tensor([high if abs(high) > abs(low) else low], dtype=torch.float64)
+        spacing = (high - low) / (others + 1)
         self.means = nn.Parameter(means.float())
-        precisions = torch.cat([log_precisions[:1], log_precisions]).float()
+        precisions = torch.full((components,), -2 * math.log(spacing / 2))
         if spread is not None and spread > 0:  # the zero component starts narrow: a tenth of the weights' spread
             precisions[0] = -2 * math.log(spread / 10)
         self.log_precisions = nn.Parameter(precisions)
