@@ -1,4 +1,4 @@
-"""Which form to run on this CPU: tiled (where it applies), per-entry and grouped.
+"""Which form to run on this CPU: tiled and blocked (where they apply), per-entry and grouped.
 
 AlexNet's FC shapes at 9% and 4% kept and LeNet-300-100's fc1 at 8%, 5-bit codebooks, random
 masks; both forms built from the same CSR arrays, timed with dense torch in the same run,
@@ -31,6 +31,9 @@ from deepshrink.runtime import forms  # noqa: E402
 from deepshrink.runtime.bench import machine_description, median_seconds  # noqa: E402
 from deepshrink.runtime.forms import CodebookWeight  # noqa: E402
 
+# The forms that need a CPU's vector instructions: built only where they can run.
+VECTOR_FORMS = {"tiled": forms.TiledCodes, "blocked": forms.Avx2BlockedCodes}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,8 +52,8 @@ def main() -> None:
         arrays = (indptr, column_index[order].astype(np.uint16), codes[order].astype(np.uint8))
         built_forms = {
             form: CodebookWeight(*arrays, weight.storage.codebook, (rows, columns), form=form)
-            for form in ("tiled", "per-entry", "grouped")
-            if form != "tiled" or forms._tiled_form(weight.storage.codebook) is not None
+            for form in ("tiled", "blocked", "per-entry", "grouped")
+            if form not in VECTOR_FORMS or VECTOR_FORMS[form].fits(weight.storage.codebook)
         }
         dense = weight.to_dense()
         for batch in (1, 8, 64):

@@ -1,25 +1,30 @@
 """Running AlexNet's fully connected layers from the compressed form, against dense torch.
 
 Synthetic weights with AlexNet's FC shapes and random masks at Han et al.'s densities (fc6 and
-fc7 9%, fc8 25%), 5-bit codebooks. Every candidate computes the same product and is checked
-against the dense result; all are timed in the same run, interleaved, so a noisy neighbour
-slows every candidate alike:
+fc7 9%, fc8 25%; `--density D` puts all three at D instead), 5-bit codebooks. Every candidate
+computes the same product and is checked against the dense result; all are timed in the same
+run, interleaved, so a noisy neighbour slows every candidate alike:
 - dense: torch.nn.functional.linear on the decoded float32 matrix (MKL/oneDNN GEMV);
 - torch CSR: torch.sparse_csr_tensor of float32 values;
 - scipy CSR: scipy.sparse.csr_matrix of float32 values;
-- codebook tiled (ours): 16-row x 32-column register tiles, 10-bit (column in tile, code)
-  entries, inputs and codebook looked up by AVX-512 permutes, no gathers (deepshrink.runtime's
-  default form where it applies);
+- codebook ours: the form auto mode builds on this CPU for single samples: with AVX-512 the
+  tiled form (16-row x 32-column register tiles, 10-bit (column in tile, code) entries, inputs
+  and codebook looked up by permutes, no gathers); with AVX2 the blocked form (8 rows, 8
+  weights of one code a block, one gather of their inputs); the per-entry form elsewhere;
 - codebook grouped: each row's entries grouped by code, uint16 columns + per-row code counts +
   the codebook, one vector gather per 16 entries (the default before the tiled form);
 - codebook per entry: uint8 code + uint16 column per entry, numba.
 
-`--bits 6` runs 6-bit codebooks (the tiled form's wide layout).
+`--bits 6` runs 6-bit codebooks (the tiled form's wide layout). `--threads N` sets torch's and
+numba's threads (default: torch's). For the AVX2 path on an AVX-512 CPU, run it with
+DEEPSHRINK_AVX512=0 NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=-avx512f; dense torch still uses
+the CPU's own instructions then.
 
 Hot: the same copy every call. Cold: rotate through copies whose total is larger than the
 last-level cache, so every call reads its weights from memory.
 
-    .venv/bin/python benchmarks/inference_speed.py [--repeats 30] [--cold-bytes 1.5e9]
+    .venv/bin/python benchmarks/inference_speed.py [--repeats 30] [--cold-bytes 1.5e9] \
+        [--density 0.09] [--threads 1] [--candidates "dense torch" "torch CSR" "codebook ours"]
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numba
 import numpy as np
 import scipy.sparse
 import torch
 from torch.nn import functional
 
 from deepshrink.encode.sparse import to_sparse
+from deepshrink.runtime import blocked_avx2, tiled
+from deepshrink.runtime.bench import machine_description
 from deepshrink.runtime.forms import CodebookWeight
 from deepshrink.runtime.kernels import csr_from_layout
 
@@ -56,11 +64,12 @@ CANDIDATES = (
     "dense torch",
     "torch CSR",
     "scipy CSR",
-    "codebook tiled (ours)",
+    "codebook ours",
     "codebook grouped",
     "codebook per entry",
 )
-FORMS = {"codebook tiled (ours)": "tiled", "codebook grouped": "grouped", "codebook per entry": "per-entry"}
+OURS = "tiled" if tiled.available() else "blocked" if blocked_avx2.available() else "per-entry"
+FORMS = {"codebook ours": OURS, "codebook grouped": "grouped", "codebook per entry": "per-entry"}
 
 
 def build(candidate: str, dense: torch.Tensor, csr, codebook: np.ndarray):
@@ -90,11 +99,13 @@ def traced_resident_bytes(csr, codebook: np.ndarray, shape: tuple[int, int]) -> 
     than summed from its arrays."""
     # Compile the kernels first (the serial and the threaded one, whichever this shape runs):
     # the compiler's memory is not the layer's.
-    CodebookWeight(*csr, codebook, shape, form="tiled").product(np.ones((1, shape[1]), np.float32))
-    copies = [array.copy() for array in csr]
+    CodebookWeight(*csr, codebook, shape, form=OURS).product(np.ones((1, shape[1]), np.float32))
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    weight = CodebookWeight(*copies, codebook, shape, form="tiled")
+    # Copied under tracing: a form may keep the arrays it is given (the blocked form keeps the
+    # per-entry ones, for batches), and those are part of what it holds.
+    copies = [array.copy() for array in csr]
+    weight = CodebookWeight(*copies, codebook, shape, form=OURS)
     del copies
     weight.product(np.ones((1, shape[1]), dtype=np.float32))
     held = tracemalloc.get_traced_memory()[0] - before
@@ -121,14 +132,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round is reported")
     parser.add_argument("--cold-bytes", type=float, default=1.2e9, help="total bytes of rotated copies when cold")
     parser.add_argument("--bits", type=int, default=5, choices=range(2, 9), help="codebook bits (the paper: 5 for FC)")
+    parser.add_argument("--density", type=float, help="every layer's density (default: Han et al.'s)")
+    parser.add_argument("--threads", type=int, help="torch's and numba's threads (default: torch's)")
+    parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
     parser.add_argument("--out", default="benchmarks/results/inference_speed.json")
     args = parser.parse_args()
+    if "dense torch" not in args.candidates:
+        parser.error("the candidates must include dense torch, the baseline")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    results = {"threads": torch.get_num_threads(), "bits": args.bits, "layers": []}
+    results = {
+        "machine": machine_description(),
+        "threads": torch.get_num_threads(),
+        "bits": args.bits,
+        "ours": OURS,
+        "layers": [],
+    }
+    print(json.dumps(results["machine"]), f"ours: {OURS}", flush=True)
     for index, (name, rows, columns, density) in enumerate(ALEXNET_FC):
+        density = args.density or density
         dense, csr, codebook = make_layer(rows, columns, density, index, args.bits)
         traced = traced_resident_bytes(csr, codebook, (rows, columns))
-        built = {candidate: build(candidate, dense, csr, codebook) for candidate in CANDIDATES}
+        built = {candidate: build(candidate, dense, csr, codebook) for candidate in args.candidates}
         layer = {
             "layer": name,
             "shape": [rows, columns],
@@ -170,7 +197,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
     for layer in results["layers"]:
         dense_bytes = layer["candidates"]["dense torch"]["resident_bytes"]
-        ours = layer["candidates"]["codebook tiled (ours)"]["resident_bytes"]
+        ours = layer["candidates"].get("codebook ours", {}).get("resident_bytes")
+        if ours is None:
+            continue
         traced = layer["traced_bytes"]
         print(
             f"{layer['layer']}: resident {ours:,} bytes against {dense_bytes:,} dense (1/{dense_bytes / ours:.1f}); "

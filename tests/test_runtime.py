@@ -20,7 +20,7 @@ from deepshrink.errors import ConfigError, ModelError
 from deepshrink.prune.masks import sparsity_mask
 from deepshrink.prune.module import apply_masks
 from deepshrink.quantize.shared import share_weights
-from deepshrink.runtime import forms, tiled, tiled_avx2
+from deepshrink.runtime import blocked_avx2, forms, tiled
 from deepshrink.runtime.choice import BATCH_RANGES, KINDS, fixed_choice, measure_linear, range_of
 from deepshrink.runtime.kernels import codebook_matmul, codebook_matvec, csr_from_layout
 from deepshrink.runtime.load import load_runtime, resident_weight_bytes
@@ -59,15 +59,33 @@ def test_kernels_match_a_dense_product(layout, rows, columns, density):
 
 
 needs_avx512 = pytest.mark.skipif(not tiled.available(), reason="the AVX-512 tiled form's kernels need AVX-512F")
-needs_tiled = pytest.mark.skipif(
-    not (tiled.available() or tiled_avx2.available()), reason="the tiled form's kernels need AVX-512F or AVX2"
-)
+needs_blocked = pytest.mark.skipif(not blocked_avx2.available(), reason="the blocked form's kernels need AVX2")
+# The vector form auto mode runs on this machine: tiled with AVX-512, blocked with AVX2.
+VECTOR_FORM = "tiled" if tiled.available() else "blocked" if blocked_avx2.available() else None
 
 
-def tiled_bytes(weight) -> int:
-    """What the tiled form adds: its tiles (the AVX2 form also keeps the per-entry arrays, for
-    batches); one code per entry's bytes for any other form."""
-    return getattr(weight.storage, "tiles_nbytes", weight.nbytes)
+def own_bytes(weight) -> int:
+    """What a form adds: its own arrays (the blocked form also keeps the per-entry arrays, for
+    batches)."""
+    return getattr(weight.storage, "own_nbytes", weight.nbytes)
+
+
+needs_vector_form = pytest.mark.skipif(VECTOR_FORM is None, reason="no AVX-512 or AVX2 kernels on this CPU")
+
+
+def vector_form_fits(codebook) -> bool:
+    """Whether auto mode's vector form on this machine holds the codebook."""
+    classes = {"tiled": forms.TiledCodes, "blocked": forms.Avx2BlockedCodes}
+    return VECTOR_FORM is not None and classes[VECTOR_FORM].fits(codebook)
+
+
+def rebuilt(weight, form):
+    """The same weight built again in another form, from its entries."""
+    rows, columns, codes = weight.entries()
+    order = np.lexsort((columns, rows))
+    indptr = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=weight.shape[0]))))
+    csr = (indptr, columns[order].astype(np.uint16), codes[order].astype(np.uint16))
+    return forms.CodebookWeight(*csr, weight.storage.codebook, weight.shape, form=form)
 
 
 def csr_weight(rows, columns, density, codes_count, seed, form=None, zero_code=True):
@@ -90,7 +108,9 @@ def csr_weight(rows, columns, density, codes_count, seed, form=None, zero_code=T
         (32, "per-entry"),
         (300, None),
         (300, "per-entry"),
-        pytest.param(32, "tiled", marks=needs_tiled),
+        pytest.param(32, "tiled", marks=needs_avx512),
+        pytest.param(32, "blocked", marks=needs_blocked),
+        pytest.param(256, "blocked", marks=needs_blocked),
     ],
 )
 def test_every_compressed_form_computes_the_dense_product(codes_count, form):
@@ -114,13 +134,15 @@ def test_every_compressed_form_computes_the_dense_product(codes_count, form):
 )
 def test_every_form_on_this_machine_matches_float64_over_random_layers(rows, columns, density, bits, batch, seed):
     """Random shapes, densities, bit widths and batch sizes, with empty rows and one-entry tiles
-    where chance puts them: each form that applies on this machine (the tiled form its CPU's
-    kernels run, whichever of AVX-512 or AVX2) against a float64 dense product."""
+    where chance puts them: each form that applies on this machine (tiled with AVX-512, blocked
+    with AVX2) against a float64 dense product."""
     codes_count = max(2, 2**bits)
     generator = np.random.default_rng(seed)
     inputs = generator.normal(size=(batch, columns)).astype(np.float32)
     for form in forms.FORMS:
-        if form == "tiled" and forms._tiled_form(np.zeros(codes_count, dtype=np.float32)) is None:
+        if form == "tiled" and not forms.TiledCodes.fits(np.zeros(codes_count, dtype=np.float32)):
+            continue
+        if form == "blocked" and not forms.Avx2BlockedCodes.fits(np.zeros(codes_count, dtype=np.float32)):
             continue
         weight, dense = csr_weight(rows, columns, density, codes_count, seed, form)
         expected = inputs.astype(np.float64) @ dense.T
@@ -134,20 +156,21 @@ def test_every_form_on_this_machine_matches_float64_over_random_layers(rows, col
             assert relative_error(output, expected + bias) < RELATIVE, form
 
 
-@needs_tiled
+@needs_vector_form
 @pytest.mark.parametrize(
     ("rows", "columns", "density", "codes_count"),
     [
         (37, 1000, 0.05, 32),  # rows not a multiple of 16 (or 8): the last chunk has empty lanes
-        (8, 8, 1.0, 32),  # one full AVX2 tile: every step of every lane is a weight
+        (8, 8, 1.0, 2),  # one code, every lane full: no padding at all in the blocked form
         (16, 32, 1.0, 32),  # one full tile: every step of every lane is a weight
         (100, 31, 0.3, 31),  # fewer columns than a tile; 31 entries leave a zero slot for padding
         (1, 33, 0.5, 8),  # one row, a tile of one column
         (5, 7, 0.0, 4),  # no weights at all
     ],
 )
-def test_tiled_form_matches_dense_for_every_shape(rows, columns, density, codes_count):
-    weight, dense = csr_weight(rows, columns, density, codes_count, rows, "tiled")
+def test_vector_form_matches_dense_for_every_shape(rows, columns, density, codes_count):
+    """The vector form this CPU runs (tiled with AVX-512, blocked with AVX2)."""
+    weight, dense = csr_weight(rows, columns, density, codes_count, rows, VECTOR_FORM)
     assert np.array_equal(weight.to_dense().numpy(), dense.astype(np.float32))
     assert len(weight.entries()[0]) == np.count_nonzero(dense)
     generator = np.random.default_rng(1)
@@ -240,73 +263,98 @@ def test_tiled_form_wide_layout_holds_six_bit_codes(codes_count):
         assert relative_error(weight.product(inputs), inputs @ dense.T) < RELATIVE
 
 
-def test_which_tiled_kernels_numba_can_run_follows_its_target(monkeypatch):
+def test_which_vector_kernels_numba_can_run_follows_its_target(monkeypatch):
     """The AVX2 form follows numba's rule for the code it generates: NUMBA_CPU_FEATURES on top of
     NUMBA_CPU_NAME's model, no extensions for the generic model, the host's features otherwise
     (a model name alone does not remove them)."""
     monkeypatch.delenv("NUMBA_CPU_FEATURES", raising=False)
     monkeypatch.setenv("NUMBA_CPU_NAME", "generic")
-    assert not tiled_avx2.available()
+    assert not blocked_avx2.available()
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma")
-    assert tiled_avx2.available()
+    assert blocked_avx2.available()
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2")
-    assert not tiled_avx2.available()
+    assert not blocked_avx2.available()
     monkeypatch.setenv("NUMBA_CPU_NAME", "haswell")
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "-avx512f")
-    assert tiled_avx2.available() and not tiled.available()
+    assert blocked_avx2.available() and not tiled.available()
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "-avx2")
-    assert not tiled_avx2.available()
+    assert not blocked_avx2.available()
     monkeypatch.delenv("NUMBA_CPU_FEATURES")
     import llvmlite.binding
 
     host = llvmlite.binding.get_host_cpu_features()
-    assert tiled_avx2.available() == bool(host.get("avx2", False) and host.get("fma", False))
+    assert blocked_avx2.available() == bool(host.get("avx2", False) and host.get("fma", False))
 
 
-def test_a_codebook_over_32_entries_does_not_take_the_avx2_form():
-    assert tiled_avx2.kernel_table(np.arange(31, dtype=np.float32))[1] == 0
-    assert tiled_avx2.kernel_table(np.arange(1, 32, dtype=np.float32))[1] == 31  # a zero slot added
-    assert tiled_avx2.kernel_table(np.arange(1, 33, dtype=np.float32)) is None  # no slot for padding
-    assert tiled_avx2.kernel_table(np.arange(33, dtype=np.float32)) is None
+@needs_blocked
+def test_a_codebook_over_256_entries_does_not_take_the_blocked_form():
+    """A block's code is one byte; the padding needs no zero entry."""
+    assert forms.Avx2BlockedCodes.fits(np.arange(1, 257, dtype=np.float32))
+    assert not forms.Avx2BlockedCodes.fits(np.arange(257, dtype=np.float32))
+    with pytest.raises(ConfigError, match="at most 256"):
+        csr_weight(10, 40, 0.3, 300, 1, "blocked")
 
 
-@pytest.mark.skipif(not tiled_avx2.available(), reason="the AVX2 tiled form needs AVX2 and FMA")
-def test_the_avx2_form_packs_four_blocks_a_word_and_runs_batches_per_entry():
-    """Block b's entry for lane l is byte b % 4 of word (b // 4) * 8 + l: column in the tile in
-    the low 3 bits, the code above; each chunk has a multiple of four blocks. Batches of more
-    than one sample run the per-entry kernel, with the same result."""
-    rows, columns = 11, 20
-    generator = np.random.default_rng(5)
-    codes = np.where(generator.random((rows, columns)) < 0.4, generator.integers(1, 32, (rows, columns)), 0)
-    codebook = np.concatenate(([0.0], generator.normal(size=31))).astype(np.float32)
-    indptr, indices, entry_codes = csr_from_layout(to_sparse(codes.astype(np.uint16), 5, "csr"), int((codes > 0).sum()))
-    per_entry = forms.PerEntryCodes(indptr, indices, entry_codes, codebook, (rows, columns))
-    storage = tiled_avx2.Avx2TiledCodes(indptr, indices, entry_codes, codebook, (rows, columns), per_entry)
-    assert np.all(np.diff(storage.starts) % tiled_avx2.BLOCKS_PER_WORD == 0)
+def blocked_storage(rows, columns, density, codes_count, seed):
+    """An Avx2BlockedCodes of random codes (no zero code) with its per-entry form, and the codes."""
+    generator = np.random.default_rng(seed)
+    kept = generator.random((rows, columns)) < density
+    codes = np.where(kept, generator.integers(1, codes_count, (rows, columns)), 0)
+    codebook = generator.normal(size=codes_count).astype(np.float32)
+    csr = csr_from_layout(to_sparse(codes.astype(np.uint16), 4, "csr"), int((codes > 0).sum()))
+    per_entry = forms.PerEntryCodes(*csr, codebook, (rows, columns))
+    return blocked_avx2.Avx2BlockedCodes(*csr, codebook, (rows, columns), per_entry), codes
+
+
+@needs_blocked
+def test_the_blocked_form_packs_one_code_a_block_and_runs_batches_per_entry():
+    """Lane l of block b is slots[8 b + l]: its row's weight's input column, or the width for
+    padding; a chunk's blocks run in code order, all of a block's weights of the block's code.
+    The serial and threaded kernels agree; batches of more than one sample run the per-entry
+    kernel, with the same result."""
+    rows, columns = 27, 40
+    storage, codes = blocked_storage(rows, columns, 0.4, 32, 5)
     found = 0
     for chunk in range(len(storage.starts) - 1):
+        chunk_codes = storage.block_codes[storage.starts[chunk] : storage.starts[chunk + 1]]
+        assert np.all(np.diff(chunk_codes.astype(np.int64)) >= 0)
         for block in range(storage.starts[chunk], storage.starts[chunk + 1]):
-            for lane in range(tiled_avx2.LANES):
-                word = int(storage.words[block // 4 * tiled_avx2.LANES + lane])
-                entry = (word >> (8 * (block % 4))) & 0xFF
-                if entry >> 3 == storage.padding_code or chunk * 8 + lane >= rows:
-                    continue
-                row, column = storage.order[chunk * 8 + lane], storage.block_tiles[block] * 8 + (entry & 7)
-                assert codes[row, column] == entry >> 3
-                found += 1
+            for lane in range(blocked_avx2.LANES):
+                column = int(storage.slots[block * blocked_avx2.LANES + lane])
+                if chunk * 8 + lane >= rows:
+                    assert column == columns
+                elif column != columns:
+                    assert codes[storage.order[chunk * 8 + lane], column] == storage.block_codes[block]
+                    found += 1
     assert found == np.count_nonzero(codes)
-    dense = codebook[codes].astype(np.float64)
-    inputs = generator.normal(size=(6, columns)).astype(np.float32)
+    dense = storage.codebook[codes].astype(np.float64)
+    dense[codes == 0] = 0.0
+    inputs = np.random.default_rng(6).normal(size=(6, columns)).astype(np.float32)
     batched = storage.product(inputs)
     single = np.concatenate([storage.product(inputs[sample : sample + 1]) for sample in range(6)])
     assert relative_error(batched, inputs @ dense.T) < RELATIVE
     assert relative_error(single, inputs @ dense.T) < RELATIVE
+    arrays = (storage.slots, storage.block_codes, storage.starts, storage.codebook, storage.order)
+    threaded = np.empty(rows, dtype=np.float32)
+    blocked_avx2.MATVEC[True](threaded, inputs[0], *arrays)
+    assert relative_error(threaded, inputs[0] @ dense.T) < RELATIVE
+
+
+@needs_blocked
+def test_the_blocked_form_takes_inputs_wider_than_sixteen_bits():
+    """Past 65,535 columns the padding column no longer fits a uint16: columns are uint32."""
+    storage, codes = blocked_storage(3, 70_000, 0.01, 16, 2)
+    assert storage.slots.dtype == np.uint32
+    dense = storage.codebook[codes].astype(np.float64)
+    dense[codes == 0] = 0.0
+    inputs = np.random.default_rng(3).normal(size=(1, 70_000)).astype(np.float32)
+    assert relative_error(storage.product(inputs), inputs @ dense.T) < RELATIVE
 
 
 def test_without_a_tiled_form_the_csr_forms_run(monkeypatch):
     """A CPU (or a NUMBA_CPU_NAME / NUMBA_CPU_FEATURES setting) with neither AVX-512F nor AVX2: auto
     mode picks the per-entry CSR form (the documented rule: faster than grouped without AVX-512
-    gathers) and never compiles the tiled kernels; asking for the tiled form is a clear error."""
+    gathers) and never compiles the tiled or blocked kernels; asking for either is a clear error."""
     monkeypatch.delenv(tiled.AVX512_SWITCH, raising=False)
     monkeypatch.setenv("NUMBA_CPU_NAME", "generic")
     assert not tiled.available()
@@ -317,13 +365,14 @@ def test_without_a_tiled_form_the_csr_forms_run(monkeypatch):
     monkeypatch.setenv(tiled.AVX512_SWITCH, "0")  # the project's own switch wins over the CPU
     assert not tiled.available()
     monkeypatch.setattr(tiled, "available", lambda: False)
-    monkeypatch.setattr(tiled_avx2, "available", lambda: False)
+    monkeypatch.setattr(blocked_avx2, "available", lambda: False)
     weight, dense = csr_weight(300, 2000, 0.09, 32, 7)
     assert weight.form == "per-entry"
     inputs = np.random.default_rng(0).normal(size=(1, 2000)).astype(np.float32)
     assert relative_error(weight.product(inputs), inputs @ dense.T) < RELATIVE
-    with pytest.raises(ConfigError, match="runs portable kernels"):
-        csr_weight(30, 200, 0.09, 32, 7, "tiled")
+    for form in ("tiled", "blocked"):
+        with pytest.raises(ConfigError, match="runs portable kernels"):
+            csr_weight(30, 200, 0.09, 32, 7, form)
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -348,7 +397,7 @@ def test_the_per_entry_matvec_handles_every_row_length(parallel):
 
 
 def test_an_unknown_form_is_a_clear_error():
-    with pytest.raises(ConfigError, match="should be one of tiled, grouped, per-entry"):
+    with pytest.raises(ConfigError, match="should be one of tiled, blocked, grouped, per-entry"):
         csr_weight(4, 4, 0.5, 4, 0, "fast")
 
 
@@ -387,12 +436,13 @@ def convnet_file(tmp_path):
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize(
     "conv_bits",
-    [8, pytest.param(5, marks=needs_tiled), pytest.param(6, marks=needs_avx512)],
-    ids=["conv-8-bit-csr", "conv-5-bit-tiled", "conv-6-bit-tiled-wide"],
+    [8, pytest.param(5, marks=needs_vector_form), pytest.param(6, marks=needs_avx512)],
+    ids=["conv-8-bit", "conv-5-bit", "conv-6-bit-tiled-wide"],
 )
 def test_compressed_model_matches_the_decoded_dense_model(tmp_path, batch, conv_bits):
     """Convolutions with stride, padding and dilation through each kind of form: 8-bit codebooks
-    run from CSR, 5- and 6-bit ones from register tiles (narrow and wide layouts)."""
+    run from CSR (or blocked, with AVX2), 5- and 6-bit ones from register tiles (narrow and wide
+    layouts) or blocked."""
     torch.manual_seed(0)
     sparsities = {"conv1": 0.5, "conv2": 0.8, "fc1": 0.95, "fc2": 0.7}
     path = compressed_file(tmp_path, ConvNet(), sparsities, {"conv*": conv_bits, "fc*": 5})
@@ -401,10 +451,15 @@ def test_compressed_model_matches_the_decoded_dense_model(tmp_path, batch, conv_
     running = load_runtime(path, ConvNet(), mode="sparse")
     assert isinstance(running.conv1, CompressedConv2d) and isinstance(running.conv2, CompressedConv2d)
     assert isinstance(running.fc1, CompressedLinear) and isinstance(running.fc2, CompressedLinear)
-    # 256 codes: CSR (one code per entry for this small layer, where grouping is over 2x larger).
-    codebook = running.conv2.weight_form.storage.codebook
-    tiled_fits = forms._tiled_form(codebook) is not None
-    assert running.conv2.weight_form.form == ("tiled" if conv_bits != 8 and tiled_fits else "per-entry")
+    # 256 codes: one code per entry with AVX-512 (grouping is over 2x larger for this small
+    # layer); with AVX2 the blocked form wherever it is not over 2x larger either.
+    weight_form = running.conv2.weight_form
+    if vector_form_fits(weight_form.storage.codebook):
+        vector, per_entry = (rebuilt(weight_form, form) for form in (VECTOR_FORM, "per-entry"))
+        smaller = own_bytes(vector) <= forms.SIZE_LIMIT * per_entry.nbytes
+        assert weight_form.form == (VECTOR_FORM if smaller else "per-entry")
+    else:
+        assert weight_form.form == "per-entry"
     inputs = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         assert relative_error(running(inputs), reference(inputs)) < RELATIVE
@@ -466,8 +521,8 @@ def test_a_single_sample_runs_one_call_from_the_tensor_and_others_take_the_gener
     """Batch 1 reads a contiguous float32 tensor by address (one numba call, bias added in it);
     a strided view, another dtype, another leading shape or a tensor that requires a gradient
     gives the same values by the general path, and an offset into a larger storage is honoured."""
-    if form == "tiled" and forms._tiled_form(np.zeros(32, dtype=np.float32)) is None:
-        pytest.skip("no tiled kernels on this CPU")
+    if not {"tiled": tiled.available, "blocked": blocked_avx2.available}.get(form, lambda: True)():
+        pytest.skip(f"no {form} kernels on this CPU")
     weight, dense = csr_weight(40, 300, 0.1, 32, 5, form)
     bias = torch.randn(40)
     wide = torch.randn(3, 700)
@@ -543,8 +598,8 @@ def test_running_compressed_never_builds_the_dense_weights(tmp_path, monkeypatch
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     dense_bytes = 4096 * 2048 * 4
-    # 9% kept: one code per entry is 13% of the dense bytes; the AVX2 tiled form keeps those
-    # arrays for batches and its tiles for single samples, 24% together.
+    # 9% kept: one code per entry is 13% of the dense bytes; the AVX2 blocked form keeps those
+    # arrays for batches and its blocks for single samples, about 27% together.
     assert before < dense_bytes / 3
     assert peak - before < dense_bytes / 100
     resident = resident_weight_bytes(running)
@@ -672,33 +727,45 @@ def test_prefetch_hint_leaves_results_alone_and_rejects_non_arrays():
 
 
 def test_the_smaller_form_is_kept_when_not_forced():
-    """Grouping pads every (row, code) run to a block: for a small layer with many codes that
-    outgrows one code per entry, so it is not chosen; for a large layer with at most 64 codes
-    the tiled form is (at most 32 with AVX2); with more codes, grouping. Without AVX-512, one
-    code per entry where no tiled form applies."""
+    """Padding can outgrow one code per entry in a small layer with many codes; auto mode then
+    gives up a faster form. The rule: with AVX-512, tiled (up to 64 codes), else grouped, else
+    per entry; with AVX2, blocked, else per entry; each only while its own arrays are at most
+    SIZE_LIMIT times the per-entry form's."""
 
-    def forms_of(rows, columns, codes_count):
-        return [csr_weight(rows, columns, 0.35, codes_count, 5, form)[0] for form in (None, "grouped", "per-entry")]
+    def automatic_and_expected(rows, columns, codes_count):
+        automatic, per_entry = (
+            csr_weight(rows, columns, 0.35, codes_count, 5, form)[0] for form in (None, "per-entry")
+        )
+        limit = forms.SIZE_LIMIT * per_entry.nbytes
+        candidates = []
+        if vector_form_fits(np.zeros(codes_count, dtype=np.float32)):
+            candidates.append(VECTOR_FORM)
+        if tiled.available() and codes_count <= 256:
+            candidates.append("grouped")
+        for form in candidates:
+            if own_bytes(csr_weight(rows, columns, 0.35, codes_count, 5, form)[0]) <= limit:
+                return automatic.form, form
+        return automatic.form, "per-entry"
 
-    automatic, grouped, per_entry = forms_of(32, 16, 64)  # like SqueezeNet's fire2.expand1x1
+    chosen, expected = automatic_and_expected(32, 16, 64)  # like SqueezeNet's fire2.expand1x1
+    assert chosen == expected
+    grouped, per_entry = (csr_weight(32, 16, 0.35, 64, 5, form)[0] for form in ("grouped", "per-entry"))
     assert grouped.nbytes > forms.SIZE_LIMIT * per_entry.nbytes
-    assert automatic.form == ("tiled" if tiled.available() else "per-entry")
-    assert tiled_bytes(automatic) <= forms.SIZE_LIMIT * per_entry.nbytes
-    automatic, grouped, per_entry = forms_of(300, 2000, 16)
-    assert automatic.form == ("tiled" if tiled.available() or tiled_avx2.available() else "per-entry")
-    assert tiled_bytes(automatic) <= forms.SIZE_LIMIT * per_entry.nbytes
-    automatic, grouped, per_entry = forms_of(300, 2000, 100)
-    assert automatic.form == ("grouped" if tiled.available() else "per-entry")
-    assert grouped.nbytes <= forms.SIZE_LIMIT * per_entry.nbytes
+    chosen, expected = automatic_and_expected(300, 2000, 16)
+    assert chosen == expected == (VECTOR_FORM or "per-entry")
+    chosen, expected = automatic_and_expected(300, 2000, 100)
+    assert chosen == expected == {"tiled": "grouped", "blocked": "blocked", None: "per-entry"}[VECTOR_FORM]
 
 
-@needs_tiled
-def test_a_very_sparse_layer_does_not_take_the_tiled_form():
-    """At 0.5% density nearly every (chunk, tile) word is padding: far larger than per entry."""
-    weight, _ = csr_weight(512, 4096, 0.005, 32, 9)
-    tiled_weight, _ = csr_weight(512, 4096, 0.005, 32, 9, "tiled")
-    per_entry, _ = csr_weight(512, 4096, 0.005, 32, 9, "per-entry")
-    assert tiled_bytes(tiled_weight) > forms.SIZE_LIMIT * per_entry.nbytes
+@needs_vector_form
+def test_a_very_sparse_layer_does_not_take_the_vector_form():
+    """At 0.5% density nearly every (chunk, tile) word of the tiled form is padding, and with 256
+    codes nearly every blocked block: far larger than one code per entry."""
+    codes_count = 32 if VECTOR_FORM == "tiled" else 256
+    weight, _ = csr_weight(512, 4096, 0.005, codes_count, 9)
+    vector_weight, _ = csr_weight(512, 4096, 0.005, codes_count, 9, VECTOR_FORM)
+    per_entry, _ = csr_weight(512, 4096, 0.005, codes_count, 9, "per-entry")
+    assert own_bytes(vector_weight) > forms.SIZE_LIMIT * per_entry.nbytes
     assert weight.form == "per-entry" and weight.nbytes == per_entry.nbytes
 
 

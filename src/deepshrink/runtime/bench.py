@@ -235,7 +235,8 @@ def format_layer_latency(rows: list[dict]) -> str:
 
 def machine_description() -> dict:
     """What a benchmark row must say about where it ran: the CPU model, its vector instruction
-    sets, which kernels run (the AVX-512 or AVX2 tiled form, or portable code), numba's target
+    sets, which kernels run (the AVX-512 tiled form, the AVX2 blocked form, or portable code),
+    numba's target
     (model and features: the model alone keeps the host's features) and the load average.
 
     Returns:
@@ -243,7 +244,7 @@ def machine_description() -> dict:
     """
     import os
 
-    from deepshrink.runtime import tiled, tiled_avx2
+    from deepshrink.runtime import blocked_avx2, tiled
 
     model, flags = "unknown", set()
     try:
@@ -261,9 +262,9 @@ def machine_description() -> dict:
         "kernels": (
             "AVX-512 tiled form"
             if tiled.available()
-            else "AVX2 tiled form"
-            if tiled_avx2.available()
-            else "portable (no tiled form)"
+            else "AVX2 blocked form"
+            if blocked_avx2.available()
+            else "portable (per-entry and grouped forms)"
         ),
         "numba_cpu_name": os.environ.get("NUMBA_CPU_NAME", "host"),
         "numba_cpu_features": os.environ.get("NUMBA_CPU_FEATURES", "host"),

@@ -6,7 +6,7 @@ beat our CSR kernels at batch 8 and 64, and dense GEMV beats any sparse form on 
 where a call's fixed cost dominates. No fixed rule gets all of these right on every machine, so
 `load_runtime` times the candidates on the running machine, once per layer at load:
 
-- "compressed": the layer's CodebookWeight (tiled, grouped or per-entry form: codebook indices);
+- "compressed": the layer's CodebookWeight (tiled, blocked, grouped or per-entry form: codebook indices);
 - "csr": torch's sparse CSR product on float32 values (torch.sparse_csr_tensor);
 - "dense": torch.nn.functional.linear on the decoded float32 matrix.
 

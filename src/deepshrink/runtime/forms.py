@@ -1,14 +1,15 @@
 """The in-memory forms a compressed weight matrix runs from, and the choice between them.
 
-All three hold codebook indices, never float weights:
-- "tiled": register tiles, no memory gathers. On AVX-512 CPUs tiled.TiledCodes (16 rows x 32
-  columns, codebooks of up to 64 entries), the fastest wherever it applies; on AVX2 CPUs
-  tiled_avx2.Avx2TiledCodes (8 rows x 8 columns, up to 32 entries; single samples, batches per
-  entry), at batch 1 as fast as per-entry or up to 1.8x faster.
+All four hold codebook indices, never float weights:
+- "tiled": tiled.TiledCodes, register tiles (16 rows x 32 columns, codebooks of up to 64
+  entries), no memory gathers; AVX-512 CPUs only, and the fastest wherever it applies.
+- "blocked": blocked_avx2.Avx2BlockedCodes, 8 rows a chunk, 8 weights of one code a block, one
+  gather of their inputs (up to 256 entries); AVX2 CPUs, single samples (batches run per entry);
+  the automatic choice without AVX-512, at batch 1 1.6-2.6x faster than the per-entry kernel.
 - "grouped": CSR with each row's entries grouped by code, one vector gather per 16 entries;
   chosen automatically only on AVX-512 CPUs.
 - "per-entry": CSR with one code per entry; the smallest for small layers with many codes, and
-  the automatic choice on CPUs without AVX-512 where the AVX2 tiled form does not apply.
+  the automatic choice where neither of the first two applies.
 
 Each form's `product(inputs)` takes float32 inputs of shape (batch, columns) and returns
 (batch, rows). Its `vector_call` is the batch-1 entry point (kernels.py, "Batch-1 entry points")
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from deepshrink.errors import ConfigError
-from deepshrink.runtime import tiled, tiled_avx2
+from deepshrink.runtime import blocked_avx2, tiled
+from deepshrink.runtime.blocked_avx2 import Avx2BlockedCodes
 from deepshrink.runtime.kernels import (
     BLOCK,
     GROUPED_MAXIMUM_CODES,
@@ -36,9 +38,8 @@ from deepshrink.runtime.kernels import (
     per_entry_vector,
 )
 from deepshrink.runtime.tiled import TiledCodes
-from deepshrink.runtime.tiled_avx2 import Avx2TiledCodes
 
-FORMS = ("tiled", "grouped", "per-entry")
+FORMS = ("tiled", "blocked", "grouped", "per-entry")
 
 # A faster form is given up for one code per entry only where it would be this many times
 # larger: the padding of either grows out of proportion in small layers with many codes (a
@@ -170,44 +171,39 @@ class GroupedCodes:
         return grouped_vector, (parallel, self.indptr, self.blocks, self.columns, self.codebook, self.shape[1])
 
 
-def _tiled_form(codebook):
-    """The tiled form's class for this machine and codebook (AVX-512 first), or None."""
-    for form in (TiledCodes, Avx2TiledCodes):
-        if form.fits(codebook):
-            return form
-    return None
-
-
-def _tiled_storage(tiled_form, indptr, columns, codes, codebook, shape, per_entry=None):
-    """The tiled form's storage; the AVX2 one also holds the per-entry form, for batches."""
-    if tiled_form is Avx2TiledCodes:
-        per_entry = per_entry or PerEntryCodes(indptr, columns, codes, codebook, shape)
-        return Avx2TiledCodes(indptr, columns, codes, codebook, shape, per_entry)
-    return tiled_form(indptr, columns, codes, codebook, shape)
-
-
 def _automatic_form(indptr, columns, codes, codebook, shape):
     """The fastest form that applies and is at most SIZE_LIMIT times one code per entry.
 
-    Tiled first (AVX-512, else AVX2). Then with AVX-512: grouped (16-wide gathers), else
-    per-entry. Without AVX-512, per-entry: LLVM turns the grouped form's gathers into scalar loads
-    for CPUs whose gathers are slow (haswell), and in AVX2-only code per-entry was faster at
-    batch 8 and 64 on all 14 cases of benchmarks/form_choice.py, while grouped was faster at
-    batch 1 on 4 of 7 (BENCHMARKS.md, "The AVX2 tiled form"), where the tiled form runs instead.
+    With AVX-512: tiled, else grouped (16-wide gathers), else per-entry. Without it: blocked
+    (AVX2), else per-entry. LLVM turns the grouped form's gathers into scalar loads for CPUs whose
+    gathers are slow (haswell), and in AVX2-only code per-entry was faster than grouped at batch
+    8 and 64 on all 14 cases of benchmarks/form_choice.py (BENCHMARKS.md, "The AVX2 tiled form").
     """
     per_entry = PerEntryCodes(indptr, columns, codes, codebook, shape)
-    tiled_form = _tiled_form(codebook)
-    if tiled_form is not None:
-        tiled_codes = _tiled_storage(tiled_form, indptr, columns, codes, codebook, shape, per_entry)
-        # The tiles are what either form adds (the AVX2 one also keeps the per-entry arrays).
-        if tiled_codes.tiles_nbytes <= SIZE_LIMIT * per_entry.nbytes:
-            return tiled_codes
-    if not tiled.available():
+    if tiled.available():
+        if TiledCodes.fits(codebook):
+            tiled_codes = TiledCodes(indptr, columns, codes, codebook, shape)
+            if tiled_codes.own_nbytes <= SIZE_LIMIT * per_entry.nbytes:
+                return tiled_codes
+        grouped_bytes = grouped_nbytes(indptr, columns, codes, len(codebook), shape[1])
+        if len(codebook) <= GROUPED_MAXIMUM_CODES and grouped_bytes <= SIZE_LIMIT * (columns.nbytes + codes.nbytes):
+            return GroupedCodes(indptr, columns, codes, codebook, shape)
         return per_entry
-    grouped_bytes = grouped_nbytes(indptr, columns, codes, len(codebook), shape[1])
-    if len(codebook) <= GROUPED_MAXIMUM_CODES and grouped_bytes <= SIZE_LIMIT * (columns.nbytes + codes.nbytes):
-        return GroupedCodes(indptr, columns, codes, codebook, shape)
+    if Avx2BlockedCodes.fits(codebook):
+        blocked = Avx2BlockedCodes(indptr, columns, codes, codebook, shape, per_entry)
+        # What the blocked form adds: it keeps the per-entry arrays too, for batches.
+        if blocked.own_nbytes <= SIZE_LIMIT * per_entry.nbytes:
+            return blocked
     return per_entry
+
+
+def machine_kernels() -> str:
+    """Which vector kernels this machine runs, in words.
+
+    Returns:
+        "AVX-512", "AVX2" or "portable".
+    """
+    return "AVX-512" if tiled.available() else "AVX2" if blocked_avx2.available() else "portable"
 
 
 def check_csr(indptr: np.ndarray, columns: np.ndarray, codes: np.ndarray, codebook_size: int, shape) -> None:
@@ -245,9 +241,9 @@ class CodebookWeight:
     """A weight matrix (rows x columns) held as codebook indices in one of FORMS.
 
     `form` None chooses automatically (the fastest that applies and is not far larger than one
-    code per entry); a named form is built as asked, and "tiled" where it cannot apply (no
-    AVX-512 or AVX2, or a codebook the registers cannot hold) is a ConfigError. `storage` is the
-    form's object (TiledCodes, Avx2TiledCodes, GroupedCodes or PerEntryCodes), which holds the
+    code per entry); a named form is built as asked, and "tiled" or "blocked" where it cannot
+    apply (no AVX-512, or no AVX2, or a codebook too large for it) is a ConfigError. `storage` is the
+    form's object (TiledCodes, Avx2BlockedCodes, GroupedCodes or PerEntryCodes), which holds the
     indices and runs the product; `form` is its name.
 
     Raises ConfigError for CSR arrays that leave the matrix or the codebook (see `check_csr`).
@@ -263,15 +259,22 @@ class CodebookWeight:
         if form is None:
             self.storage = _automatic_form(indptr, columns, codes, codebook, shape)
         elif form == "tiled":
-            tiled_form = _tiled_form(codebook)
-            if tiled_form is None:
-                kernels = "AVX-512" if tiled.available() else "AVX2" if tiled_avx2.available() else "portable"
+            if not TiledCodes.fits(codebook):
                 raise ConfigError(
-                    f"the tiled form holds at most 64 codebook entries (one zero) with AVX-512 kernels and 32 "
-                    f"with AVX2 ones; this codebook has {len(codebook)} and this machine runs {kernels} "
+                    f"the tiled form needs AVX-512 kernels and holds at most 64 codebook entries (one of them zero); "
+                    f"this codebook has {len(codebook)} and this machine runs {machine_kernels()} kernels: "
+                    f"use form 'blocked' (AVX2), 'grouped' or 'per-entry'"
+                )
+            self.storage = TiledCodes(indptr, columns, codes, codebook, shape)
+        elif form == "blocked":
+            if not Avx2BlockedCodes.fits(codebook):
+                raise ConfigError(
+                    f"the blocked form needs AVX2 kernels and a codebook of at most {blocked_avx2.MAXIMUM_CODES} "
+                    f"entries; this codebook has {len(codebook)} and this machine runs {machine_kernels()} "
                     f"kernels: use form 'grouped' or 'per-entry'"
                 )
-            self.storage = _tiled_storage(tiled_form, indptr, columns, codes, codebook, shape)
+            per_entry = PerEntryCodes(indptr, columns, codes, codebook, shape)
+            self.storage = Avx2BlockedCodes(indptr, columns, codes, codebook, shape, per_entry)
         elif form == "grouped":
             if len(codebook) > GROUPED_MAXIMUM_CODES:
                 raise ConfigError(f"the grouped form holds at most {GROUPED_MAXIMUM_CODES} codes, not {len(codebook)}")
@@ -283,8 +286,8 @@ class CodebookWeight:
 
     @property
     def form(self) -> str:
-        """The storage's name: "tiled", "grouped" or "per-entry"."""
-        names = {TiledCodes: "tiled", Avx2TiledCodes: "tiled", GroupedCodes: "grouped", PerEntryCodes: "per-entry"}
+        """The storage's name: one of FORMS."""
+        names = {TiledCodes: "tiled", Avx2BlockedCodes: "blocked", GroupedCodes: "grouped", PerEntryCodes: "per-entry"}
         return names[type(self.storage)]
 
     @property

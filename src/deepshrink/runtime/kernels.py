@@ -1,7 +1,7 @@
 """CSR products computed straight from codebook indices (EIE-style), compiled by numba.
 
-These are the forms for codebooks the register-tiled forms cannot hold, for batches on AVX2
-machines (tiled_avx2.py runs single samples only) and for CPUs with neither AVX-512 nor AVX2;
+These are the forms for codebooks the tiled and blocked forms cannot hold, for batches on AVX2
+machines (blocked_avx2.py runs single samples only) and for CPUs with neither AVX-512 nor AVX2;
 where the AVX-512 tiled form (tiled.py) applies, it is several times faster.
 
 A layer is held as CSR: row pointers, column indices (uint16 when the row is short enough) and

@@ -28,8 +28,8 @@ registers and each block's codebook lookups serve all of them. The work is split
 sample group) pairs.
 
 The kernels are emitted as LLVM IR with x86 AVX-512 intrinsics and so run only where the CPU
-has AVX-512F (`available()`); elsewhere the runtime uses the AVX2 tiled form (tiled_avx2.py) or
-the CSR forms.
+has AVX-512F (`available()`); elsewhere the runtime uses the AVX2 code-blocked form
+(blocked_avx2.py) or the CSR forms.
 """
 
 from __future__ import annotations
@@ -224,24 +224,7 @@ def chunk_arrays(indptr, rows: int, tiles: int, lanes: int) -> tuple[np.ndarray,
     return order, starts, np.uint16 if tiles <= 1 << 16 else np.uint32
 
 
-class TiledArrays:
-    """What every tiled form holds: block words, each block's tile, each chunk's first block, the
-    rows in chunk order and the codebook table."""
-
-    words: np.ndarray
-    block_tiles: np.ndarray
-    starts: np.ndarray
-    order: np.ndarray
-    codebook: np.ndarray
-
-    @property
-    def tiles_nbytes(self) -> int:
-        """The bytes of the tiled arrays (all a tiled form adds to one code per entry's)."""
-        arrays = (self.words, self.block_tiles, self.starts, self.order, self.codebook)
-        return sum(array.nbytes for array in arrays)
-
-
-class TiledCodes(TiledArrays):
+class TiledCodes:
     """A weight matrix in the register-tiled form; see the module docstring."""
 
     def __init__(self, indptr, columns, codes, codebook, shape: tuple[int, int]) -> None:
@@ -279,7 +262,12 @@ class TiledCodes(TiledArrays):
     @property
     def nbytes(self) -> int:
         """The bytes of the form's arrays."""
-        return self.tiles_nbytes
+        return sum(array.nbytes for array in (self.words, self.block_tiles, self.starts, self.order, self.codebook))
+
+    @property
+    def own_nbytes(self) -> int:
+        """The bytes of the form's arrays (it keeps no other form's)."""
+        return self.nbytes
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row, column, code) of every kept weight, padding left out; codes index `codebook`.
@@ -354,7 +342,7 @@ def _arguments_fit(out, inputs, out_dimensions, input_dimensions, words, block_t
 class KernelEmitter:
     """What the chunk kernels of every tiled form share: the arrays' data pointers, the chunk
     index, float and integer vectors of `lanes` lanes, an FMA, and typed loads.
-    Arguments: out, inputs, words, block_tiles, starts, table, chunk, ..."""
+    Arguments: six arrays (out, inputs, ...), then the chunk."""
 
     def __init__(self, context, builder, signature, arguments, lanes: int) -> None:
         self.builder = builder
@@ -420,6 +408,22 @@ class KernelEmitter:
             The loaded value.
         """
         return self.builder.load(self.pointer(array_index, offset, vector_type), align=4)
+
+    def broadcast(self, value, vector_type):
+        """`value` in every lane of a `vector_type`.
+
+        Args:
+            value: a scalar LLVM value of the vector's element type.
+            vector_type: the LLVM vector type.
+
+        Returns:
+            The vector.
+        """
+        builder = self.builder
+        undefined = ir.Constant(vector_type, ir.Undefined)
+        first = builder.insert_element(undefined, value, ir.Constant(ir.IntType(32), 0))
+        everywhere = ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), [0] * vector_type.count)
+        return builder.shuffle_vector(first, undefined, everywhere)
 
     def scalar(self, array_index: int, offset):
         """Element `offset` of argument `array_index`.
