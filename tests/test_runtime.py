@@ -793,6 +793,34 @@ def test_auto_mode_measures_only_layers_that_are_sparse_and_smaller():
         assert_fastest_measured(CompressedLinear(large, None, choice))
 
 
+def test_the_two_fastest_kinds_are_timed_again_when_close(monkeypatch):
+    """Within CLOSE of each other, the two fastest kinds get MORE_ROUNDS more rounds each; a
+    kind far behind gets only the first ROUNDS; ties go to the earlier kind."""
+    from collections import Counter
+
+    from deepshrink.runtime import choice
+
+    speeds = {"compressed": 1.05, "csr": 1.0, "dense": 2.0}
+    called, timed = [], Counter()
+    layers = {kind: (lambda inputs, kind=kind: called.append(kind)) for kind in speeds}
+
+    def fake_median_seconds(function, repeats, warmup=0):
+        function()
+        timed[called[-1]] += 1
+        return speeds[called[-1]]
+
+    monkeypatch.setattr(choice, "median_seconds", fake_median_seconds)
+    measured = choice._measure(layers, (4,))
+    ranges = len(BATCH_RANGES)
+    more = choice.ROUNDS + choice.MORE_ROUNDS
+    assert timed == {"compressed": ranges * more, "csr": ranges * more, "dense": ranges * choice.ROUNDS}
+    assert measured.plans == ("csr",) * ranges
+    speeds["compressed"] = 1.2  # not close: no more rounds
+    timed.clear()
+    assert choice._measure(layers, (4,)).plans == ("csr",) * ranges
+    assert set(timed.values()) == {ranges * choice.ROUNDS}
+
+
 @pytest.mark.parametrize("index_type", [np.uint16, np.int32])
 def test_gathered_sum_matches_numpy(index_type):
     import numba

@@ -17,14 +17,16 @@ The codebook is read from memory once per block, so any codebook of up to 256 en
 padding needs no zero entry. The inputs are gathered where they lie: no copy, no padding.
 
 Measured (BENCHMARKS.md, "The code-blocked AVX2 form"), AlexNet's FC shapes at 9% and 4% kept
-with 5-bit codebooks, batch 1, AVX2-only code on an Intel Xeon (Sapphire Rapids class): 0.5-0.8
-ns per kept weight, 1.6-2.6x faster than the register-tiled AVX2 form it replaced (8 rows x 8
-columns, the input and a 32-entry codebook looked up by five vpermps and three blends, 3.3 ns per
-block of which only about 36% of slots held a weight at 9%). Here 61-78% of the slots hold a
-weight (a block runs as long as the longest of its 8 rows' weights with that code). That
-machine's gathers are not slowed by the Gather Data Sampling mitigation, which costs Intel CPUs
-from Skylake to Tiger Lake much of their gather speed; auto mode measures each layer against
-torch's forms at load time (choice.py), so a slow gather there falls back to them.
+with 5-bit codebooks, batch 1, AVX2-only code on an Intel Xeon (Sapphire Rapids class): 0.45-0.75
+ns per kept weight on one thread, 3.6-7.5x faster than dense torch at 9% and 6.3-12x at 4%, and 1.4-4.2x
+faster than the per-entry kernel. A first version (a loop per code) was already 1.6-2.4x faster
+than the register-tiled AVX2 form it replaced (8 rows x 8 columns, the input and a 32-entry
+codebook looked up by five vpermps and three blends, 3.3 ns per block, of whose slots only about
+36% held a weight at 9%). Here 61-78% of the slots hold a weight (a block runs as long as the
+longest of its 8 rows' runs of that code). That machine's gathers are not slowed by the Gather
+Data Sampling mitigation, which costs Intel CPUs from Skylake to Tiger Lake much of their gather
+speed (not measured here); auto mode measures each layer against torch's forms at load time
+(choice.py), so where gathers are slow it falls back to them.
 
 Only single samples run here. Batches run the per-entry CSR kernel, whose arrays this form
 keeps too: per-entry adds each weight's contribution to a whole vector of samples with no

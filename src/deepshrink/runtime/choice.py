@@ -40,6 +40,12 @@ BATCH_RANGES = ((1, 1), (16, 8), (None, 64))
 ROUNDS = 5
 MEASURE_SECONDS = 0.003
 MAXIMUM_CALLS = 50
+# Where the two fastest kinds lie within CLOSE of each other, they are timed again, this many
+# rounds more. A large layer gets one call a round, and five single calls of torch's CSR product
+# and of the per-entry kernel at batch 8 (AVX2 code, AlexNet's fc6-fc8) picked the slower of the
+# two by up to 1.3x in a later timing.
+CLOSE = 1.15
+MORE_ROUNDS = 10
 # Calls before the one that sizes the rounds. A kernel's first calls in a process load its
 # compiled code and fault in its pages: sized by the first call, the compressed form got one
 # call per round and lost batch 1 to dense in LeNet-300-100's fc1 at 2-4x its real time.
@@ -81,6 +87,14 @@ def _torch_forms(weight: CodebookWeight) -> tuple[torch.Tensor, torch.Tensor]:
         return dense, dense.to_sparse_csr()
 
 
+def _time_rounds(layers: dict, inputs: torch.Tensor, calls: dict, rounds: dict, count: int) -> None:
+    """Append to rounds[kind] the median seconds of calls[kind] calls of each layer, in `count`
+    interleaved rounds."""
+    for _ in range(count):
+        for kind, layer in layers.items():
+            rounds[kind].append(median_seconds(lambda layer=layer: layer(inputs), calls[kind], warmup=0))
+
+
 def _measure(layers: dict, input_size: tuple[int, ...]) -> LayerChoice:
     """Time each kind's layer (the same layer with that kind in every range) at each range's
     representative batch size; the fastest per range wins, ties to the earlier kind."""
@@ -100,9 +114,10 @@ def _measure(layers: dict, input_size: tuple[int, ...]) -> LayerChoice:
                 once = max(time.perf_counter() - started, 1e-7)
                 calls[kind] = int(min(max(MEASURE_SECONDS / once, 1), MAXIMUM_CALLS))
             rounds: dict[str, list[float]] = {kind: [] for kind in kinds}
-            for _ in range(ROUNDS):
-                for kind, layer in layers.items():
-                    rounds[kind].append(median_seconds(lambda layer=layer, x=inputs: layer(x), calls[kind], warmup=0))
+            _time_rounds({kind: layers[kind] for kind in kinds}, inputs, calls, rounds, ROUNDS)
+            ranked = sorted(kinds, key=lambda kind: statistics.median(rounds[kind]))
+            if len(ranked) > 1 and statistics.median(rounds[ranked[1]]) < CLOSE * statistics.median(rounds[ranked[0]]):
+                _time_rounds({kind: layers[kind] for kind in ranked[:2]}, inputs, calls, rounds, MORE_ROUNDS)
             for kind in kinds:
                 seconds[(kind, batch)] = statistics.median(rounds[kind])
             plans.append(min(kinds, key=lambda kind: (seconds[(kind, batch)], kinds.index(kind))))

@@ -5,7 +5,7 @@ All four hold codebook indices, never float weights:
   entries), no memory gathers; AVX-512 CPUs only, and the fastest wherever it applies.
 - "blocked": blocked_avx2.Avx2BlockedCodes, 8 rows a chunk, 8 weights of one code a block, one
   gather of their inputs (up to 256 entries); AVX2 CPUs, single samples (batches run per entry);
-  the automatic choice without AVX-512, at batch 1 1.6-2.6x faster than the per-entry kernel.
+  the automatic choice without AVX-512, at batch 1 1.4-4.2x faster than the per-entry kernel.
 - "grouped": CSR with each row's entries grouped by code, one vector gather per 16 entries;
   chosen automatically only on AVX-512 CPUs.
 - "per-entry": CSR with one code per entry; the smallest for small layers with many codes, and
