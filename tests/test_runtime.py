@@ -62,15 +62,13 @@ needs_avx512 = pytest.mark.skipif(not tiled.available(), reason="the AVX-512 til
 needs_blocked = pytest.mark.skipif(not blocked_avx2.available(), reason="the blocked form's kernels need AVX2")
 # The vector form auto mode runs on this machine: tiled with AVX-512, blocked with AVX2.
 VECTOR_FORM = "tiled" if tiled.available() else "blocked" if blocked_avx2.available() else None
+needs_vector_form = pytest.mark.skipif(VECTOR_FORM is None, reason="no AVX-512 or AVX2 kernels on this CPU")
 
 
 def own_bytes(weight) -> int:
     """What a form adds: its own arrays (the blocked form also keeps the per-entry arrays, for
     batches)."""
     return getattr(weight.storage, "own_nbytes", weight.nbytes)
-
-
-needs_vector_form = pytest.mark.skipif(VECTOR_FORM is None, reason="no AVX-512 or AVX2 kernels on this CPU")
 
 
 def vector_form_fits(codebook) -> bool:

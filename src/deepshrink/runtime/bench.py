@@ -236,8 +236,8 @@ def format_layer_latency(rows: list[dict]) -> str:
 def machine_description() -> dict:
     """What a benchmark row must say about where it ran: the CPU model, its vector instruction
     sets, which kernels run (the AVX-512 tiled form, the AVX2 blocked form, or portable code),
-    numba's target
-    (model and features: the model alone keeps the host's features) and the load average.
+    numba's target (model and features: the model alone keeps the host's features) and the load
+    average.
 
     Returns:
         {"cpu", "cpu_flags", "kernels", "numba_cpu_name", "numba_cpu_features", "cores", "load"}.
