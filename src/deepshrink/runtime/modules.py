@@ -88,7 +88,7 @@ class CompressedLinear(nn.Module):
         if not self._always_compressed:
             kind = self.choice.plans[range_of(inputs.numel() // self.in_features)]
             if kind == "dense":  # as a plain nn.Linear would: one call
-                return functional.linear(inputs, self.choice.dense, self.bias)
+                return functional.linear(inputs, self.choice.dense, self._buffers["bias"])
             if kind == "csr":
                 return self._csr_product(inputs)
         flat = _as_float32_cpu(inputs, "CompressedLinear")
@@ -101,12 +101,17 @@ class CompressedLinear(nn.Module):
         return output if inputs.ndim == 2 else output.reshape(*inputs.shape[:-1], self.out_features)
 
     def _csr_product(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The product by torch's CSR form, where the load-time measurement chose it."""
-        flat = inputs.reshape(-1, self.in_features).to(torch.float32)
+        """The product by torch's CSR form, where the load-time measurement chose it. Each torch
+        call costs a few microseconds before any arithmetic, so the reshapes and the conversion
+        are made only where the input needs them."""
+        flat = inputs if inputs.ndim == 2 else inputs.reshape(-1, self.in_features)
+        if flat.dtype is not torch.float32:
+            flat = flat.to(torch.float32)
         result = (self.choice.csr @ flat.T).T
-        if self.bias is not None:
-            result = result + self.bias
-        return result.reshape(*inputs.shape[:-1], self.out_features)
+        bias = self._buffers["bias"]  # not self.bias: nn.Module's __getattr__ took 1-2 us
+        if bias is not None:
+            result = result + bias
+        return result if inputs.ndim == 2 else result.reshape(*inputs.shape[:-1], self.out_features)
 
     def _bias_values(self) -> np.ndarray:
         """The bias as a numpy view (no floats without one), made again only when the buffer is
