@@ -50,7 +50,7 @@ from numba.extending import intrinsic
 
 from deepshrink.runtime.intrinsics import float32_at, is_c_array
 from deepshrink.runtime.kernels import add_bias, compiled
-from deepshrink.runtime.tiled import KernelEmitter, scatter_vector
+from deepshrink.runtime.tiled import KernelEmitter, chunk_arrays, scatter_vector
 
 LANES = 8  # rows per chunk: one float32 lane each in a 256-bit register
 MAXIMUM_CODES = 256  # a block's code is one byte
@@ -196,8 +196,8 @@ class Avx2BlockedCodes:
         self.shape = shape
         self.batched = batched
         rows, width = shape
-        self.order = np.argsort(-np.diff(indptr), kind="stable").astype(np.int32)
-        self.starts = np.zeros(-(-rows // LANES) + 1, dtype=np.int64)
+        # Longest rows first, as the tiled form orders them (one "tile": there are none here).
+        self.order, self.starts, _ = chunk_arrays(indptr, rows, 1, LANES)
         columns64, codes64 = np.asarray(columns, dtype=np.int64), np.asarray(codes, dtype=np.int64)
         arguments = (indptr, columns64, codes64, self.order, len(self.codebook), width, self.starts)
         blocks = _pack(*arguments, np.empty(0, dtype=np.uint8), np.empty(0, dtype=column_type(width)))
