@@ -62,17 +62,14 @@ def _traced_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
     """Pairs from the traced graph, or None when the model cannot be traced symbolically."""
     import torch.fx
 
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - any tracing failure means: use the Sequential rule instead
+    from deepshrink.graph import trace
+
+    traced = trace(model)
+    if traced is None:
         return None
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    modules, calls = dict(model.named_modules()), traced.calls
     pairs = []
-    for node in graph.nodes:
+    for node in traced.graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), BATCHNORMS):
             continue
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):

@@ -15,6 +15,7 @@ from deepshrink.stages.retraining import criterion, fine_tune, training_config
 from deepshrink.train import evaluate
 
 PRUNE_METHODS = ("magnitude", "dns", "variational")
+DEAD_UNITS = ("keep", "clear")
 # The settings each method takes its sparsity from (variational learns it: none).
 TARGETS = {"magnitude": ("global_sparsity", "quality", "sparsity"), "dns": ("crate", "sparsity"), "variational": ()}
 
@@ -72,6 +73,16 @@ class PruneSettings:
         default=0, metadata=between(0, help="then retrain this many epochs with the masks fixed, at half the rate")
     )
     distill: DistillSettings | None = None
+    dead_units: str = field(
+        default="keep",
+        metadata=choices(
+            *DEAD_UNITS,
+            help="at the end, clear: zero the biases of Linear units that nothing reads (folding the "
+            "constant of each unit that reads nothing into the next layer's bias first); exact, and "
+            "smaller files where whole units died (prune/dead_units.py)",
+        )
+        | {"recorded_when_set": True},
+    )
     # Method variational. Written into a recipe's record only when set, so that the keys and
     # files of the other methods stay as they were.
     log_alpha_threshold: float = field(
@@ -221,11 +232,20 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
         learning_rate=settings.learning_rate / 2,
         loader=train_loader,
     )
+    _clear_dead_units(model, settings, log)
     metrics = {"validation_metric": evaluate(model, loaders.validation, context.device, context.task).metric}
     rows = layer_statistics(model, next(iter(loaders.validation))[0][:2])
     log["layers"] = as_dicts(rows)
     metrics["kept_fraction"] = totals(rows)["kept_fraction"]
     return StageResult("prune", log, metrics)
+
+
+def _clear_dead_units(model: nn.Module, settings: PruneSettings, log: dict) -> None:
+    """With `dead_units: clear`, clear the dead units' biases (prune/dead_units.py) and log them."""
+    if settings.dead_units == "clear":
+        from deepshrink.prune.dead_units import clear_dead_units
+
+        log["dead_units"] = [vars(item) for item in clear_dead_units(model)]
 
 
 def _mask_rule(settings: PruneSettings):
@@ -249,8 +269,9 @@ def _prune_without_data(model: nn.Module, settings: PruneSettings) -> StageResul
     rule = _mask_rule(settings)
     for round_index in range(1, settings.rounds + 1):
         apply_masks(model, rule(model, round_index, settings.rounds))
-    rows = layer_statistics(model, None)
     log = {"method": settings.method, "without_data": "pruned without retraining: no data was given"}
+    _clear_dead_units(model, settings, log)
+    rows = layer_statistics(model, None)
     return StageResult("prune", log | {"layers": as_dicts(rows)}, {"kept_fraction": totals(rows)["kept_fraction"]})
 
 
@@ -268,10 +289,16 @@ def summarize(model: nn.Module, result: StageResult) -> str:
 
     rows = from_dicts(result.log["layers"])
     summary = totals(rows)
-    return (
-        f"{format_table(rows)}\n"
-        f"compression by pruning: {summary['compression']:.1f}x ({100 * summary['kept_fraction']:.2f}% kept)"
-    )
+    lines = [
+        format_table(rows),
+        f"compression by pruning: {summary['compression']:.1f}x ({100 * summary['kept_fraction']:.2f}% kept)",
+    ]
+    for item in result.log.get("dead_units", []):
+        lines.append(
+            f"dead units of {item['layer']}: {item['unread']} not read by {item['reader']}, "
+            f"{item['folded']} constant ones folded into its bias; their biases cleared"
+        )
+    return "\n".join(lines)
 
 
 STAGE = register_stage(
