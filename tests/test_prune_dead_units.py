@@ -138,3 +138,17 @@ def test_the_prune_stage_clears_dead_units_when_asked() -> None:
     assert "dead_units" not in results["keep"].log and sum(item["unread"] for item in cleared) > 0
     assert (models["clear"].fc1.bias == 0).sum() > (models["keep"].fc1.bias == 0).sum()
     assert "biases cleared" in summarize(models["clear"], results["clear"])
+
+
+def test_the_report_says_which_biases_were_cleared() -> None:
+    from types import SimpleNamespace
+
+    from deepshrink.report import stage_lines
+    from deepshrink.stages.base import StageResult
+
+    log = {"dead_units": [{"layer": "fc1", "reader": "fc2", "unread": 174, "folded": 2}]}
+    stage = SimpleNamespace(
+        name="prune", cached=False, seconds=1.0, key="0" * 64, result=StageResult("prune", log, {"kept_fraction": 0.03})
+    )
+    (line,) = stage_lines(SimpleNamespace(stages=[stage], metric_name="top-1 accuracy"))
+    assert line.endswith("3.00% of weights kept, biases of dead units cleared (176 of fc1) (key 000000000000)")

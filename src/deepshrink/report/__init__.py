@@ -203,6 +203,10 @@ def stage_lines(result) -> list[str]:
             detail = f", validation {result.metric_name} {shown(metrics['validation_metric'], result.metric_name)}"
         if "kept_fraction" in metrics:
             detail += f", {100 * metrics['kept_fraction']:.2f}% of weights kept"
+        cleared = stage.result.log.get("dead_units", [])
+        if cleared:
+            units = ", ".join(f"{item['unread'] + item['folded']} of {item['layer']}" for item in cleared)
+            detail += f", biases of dead units cleared ({units})"
         lines.append(f"- {stage.name}: {state} in {stage.seconds:.1f} s{detail} (key {stage.key[:12]})")
     return lines
 
