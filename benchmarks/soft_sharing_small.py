@@ -37,10 +37,12 @@ def main() -> None:
             )
         stage = next(stage for stage in result.stages if stage.name == "quantize")
         layers = [(row["layer"], row["bits"], round(row["kept_fraction"], 3)) for row in stage.result.log["layers"]]
+        mixtures = stage.result.log["mixture_means"]
+        means = {name: [round(mean, 4) for mean in values] for name, values in mixtures.items()}
         print(
             f"{section}: reference {result.reference_metric:.4f}, decoded {result.compressed_metric:.4f}, "
             f"{result.ratio:.1f}x; (layer, bits, kept) {layers}; mixture means "
-            f"{[round(mean, 4) for mean in stage.result.log['mixture_means']]}",
+            f"{means}",
             flush=True,
         )
 

@@ -78,12 +78,20 @@ def test_soft_sharing_runs_on_a_sequential_model():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5))
+    with torch.no_grad():
+        model[2].weight.mul_(20)  # a layer with ten times the other's range
+    ranges = {name: float(weight.value.abs().max()) for name, weight in compressible_weights(model).items()}
     data = torch.utils.data.TensorDataset(torch.randn(64, 40), torch.randint(0, 5, (64,)))
     loader = torch.utils.data.DataLoader(data, batch_size=32)
     result = soft.soft_weight_sharing(model, loader, TrainConfig(epochs=1), components=9, progress=False)
     assert [name for name, _ in model.named_children()] == ["0", "1", "2"]
-    for weight in compressible_weights(model).values():
-        assert torch.unique(weight.value).numel() <= len(result.means)
+    for name, weight in compressible_weights(model).items():
+        assert torch.unique(weight.value).numel() <= len(result.means[name]) <= 9
+        # Each layer has its own mixture, spaced over its own range. One mixture over both put
+        # every weight of the small layer into the zero component: means spaced for the large
+        # layer's range lie beyond all of them.
+        assert float(weight.value.abs().max()) <= 1.1 * ranges[name], name
+        assert float((weight.value != 0).double().mean()) >= 0.2 and torch.unique(weight.value).numel() >= 3, name
 
 
 def test_settings_refuse_bits_and_a_target_with_the_soft_method():
@@ -113,7 +121,8 @@ def test_soft_sharing_through_the_pipeline_keeps_accuracy_and_the_codebook_limit
         result.reference_metric,
     )
     stage = next(stage for stage in result.stages if stage.name == "quantize")
-    assert len(stage.result.log["mixture_means"]) <= 9
+    assert stage.result.log["mixture_means"].keys() == {"fc1", "fc2", "fc3"}
+    assert all(len(means) <= 9 for means in stage.result.log["mixture_means"].values())
     decoded, _ = deepshrink.load_compressed(result.path)
     for name, weight in compressible_weights(decoded).items():
         bits = stage.result.log["bits"][name]

@@ -11,10 +11,13 @@ unchanged, and centroid fine-tuning can follow.
 
 The loss is the task's plus tau x (-log p(w) - log p(precisions)) / N. Our choices (the paper
 leaves some open):
-- one mixture over all chosen weights, initialised with its non-zero means evenly spaced over
-  the weights' range and every precision from that spacing (starting at k-means centroids of
-  LeNet-300-100's weights instead lost 40-52 points where this lost 13-54; BENCHMARKS.md,
-  "The frontier");
+- one mixture per weight tensor, as k-means sharing has one codebook per layer, where the paper
+  has one over all layers: a shared mixture spaced over every layer's range put LeNet-300-100's
+  fc1 (standard deviation 0.028) between means 0.093 apart, and its hard assignment lost 13-54
+  points of accuracy; one mixture per layer lost 1.6 points before any fine-tuning
+  (BENCHMARKS.md, "Soft weight-sharing, one mixture per layer");
+- each initialised with its non-zero means evenly spaced over its layer's range and every
+  precision from that spacing;
 - the zero component starting at a tenth of the weights' spread, the others at half their
   spacing, and Gamma hyperpriors on the precisions centred there (a firm one on the zero
   component's, so that it stays narrow, and a weak one on the others, so that no component
@@ -180,24 +183,25 @@ class GaussianMixturePrior(nn.Module):
 
 @dataclass
 class SoftSharingResult:
-    """What soft weight-sharing did: the training history, the merged components' means (zero
-    first) and, per weight, what sharing did to it (its codebook against the mixture's initial
-    means, for Figure 4)."""
+    """What soft weight-sharing did: the training history, per weight its mixture's merged means
+    (zero first), and what sharing did to it (its codebook against the mixture's initial means,
+    for Figure 4)."""
 
     history: History
-    means: np.ndarray
+    means: dict[str, np.ndarray]
     records: dict[str, SharingRecord]
 
 
-class _WithPrior(nn.Module):
-    """The model and the prior as one module for `fit`: both go to its device, and under a process
-    group DistributedDataParallel all-reduces the prior's gradients with the model's. (Held as the
-    model's own child instead, the prior broke nn.Sequential models, which call every child.)"""
+class _WithPriors(nn.Module):
+    """The model and its layers' priors as one module for `fit`: all go to its device, and under a
+    process group DistributedDataParallel all-reduces the priors' gradients with the model's. (Held
+    as the model's own children instead, the priors broke nn.Sequential models, which call every
+    child.)"""
 
-    def __init__(self, model: nn.Module, prior: GaussianMixturePrior) -> None:
+    def __init__(self, model: nn.Module, priors: nn.ModuleList) -> None:
         super().__init__()
         self.model = model
-        self.prior = prior
+        self.priors = priors
 
     def forward(self, *inputs, **keywords):
         return self.model(*inputs, **keywords)
@@ -218,8 +222,8 @@ def soft_weight_sharing(
     criterion=None,
     progress: bool = True,
 ) -> SoftSharingResult:
-    """Retrain `model` under a learned Gaussian-mixture prior, then share each chosen weight's
-    values through the mixture's means (zero for the zero component).
+    """Retrain `model` under learned Gaussian-mixture priors, one per chosen weight, then share
+    each weight's values through its mixture's means (zero for the zero component).
 
     Args:
         model: the trained (possibly pruned) model, changed in place: the chosen weights end
@@ -227,7 +231,7 @@ def soft_weight_sharing(
         train_loader: the training batches; its data set's size is N.
         config: the retraining (epochs, learning rate of the weights, schedule, seed); Adam.
         layers: globs of the weights (default: every compressible weight).
-        components: the mixture's components, the zero one included (17: zero and 16 values,
+        components: each mixture's components, the zero one included (17: zero and 16 values,
             so at most 5 bits per weight).
         tau: the prior's weight against the task's loss.
         prior_learning_rate: Adam's learning rate for the mixture's parameters.
@@ -249,24 +253,31 @@ def soft_weight_sharing(
     for name, weight in weights.items():
         if any(pruning_mask_of(weight) is not item for item in weight.parametrizations()):
             raise ConfigError(f"{name!r} is already shared or parametrized by something other than pruning")
-    with torch.no_grad():
-        flat = torch.cat([weight.value.detach().reshape(-1).cpu() for weight in weights.values()])
     device_now = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
-    prior = GaussianMixturePrior(components, float(flat.min()), float(flat.max()), float(flat.std())).to(device_now)
-    initial_means = prior.all_means().detach().double().cpu().numpy()
+    priors = nn.ModuleList()
+    with torch.no_grad():
+        for weight in weights.values():
+            values = weight.value.detach().reshape(-1).float()
+            low, high, spread = float(values.min()), float(values.max()), float(values.std())
+            priors.append(GaussianMixturePrior(components, low, high, spread).to(device_now))
+    initial_means = [prior.all_means().detach().double().cpu().numpy() for prior in priors]
     examples = training_set_size(train_loader, "soft weight-sharing")
+
+    def complexity() -> torch.Tensor:
+        return sum(prior(weight.value.reshape(-1)) for prior, weight in zip(priors, weights.values(), strict=True))
+
     loss = RegularizedLoss(
-        lambda: prior(torch.cat([weight.value.reshape(-1) for weight in weights.values()])),
+        complexity,
         lambda step: tau / examples,  # noqa: ARG005 - the same weight at every step
         criterion,
         task,
     )
     network = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.Adam(
-        [{"params": network, "lr": config.learning_rate}, {"params": prior.parameters(), "lr": prior_learning_rate}]
+        [{"params": network, "lr": config.learning_rate}, {"params": priors.parameters(), "lr": prior_learning_rate}]
     )
     history = fit(
-        _WithPrior(model, prior),
+        _WithPriors(model, priors),
         train_loader,
         config,
         validation_loader=validation_loader,
@@ -277,11 +288,10 @@ def soft_weight_sharing(
         progress=progress,
         description="soft weight-sharing",
     )
-    means, group = prior.merged()
-    records = {
-        name: _share_by_responsibility(weight, prior, means, group, initial_means, config.seed)
-        for name, weight in weights.items()
-    }
+    means, records = {}, {}
+    for (name, weight), prior, initial in zip(weights.items(), priors, initial_means, strict=True):
+        means[name], group = prior.merged()
+        records[name] = _share_by_responsibility(weight, prior, means[name], group, initial, config.seed)
     return SoftSharingResult(history, means, records)
 
 

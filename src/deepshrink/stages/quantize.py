@@ -181,7 +181,7 @@ def _soft_sharing(model: nn.Module, settings: QuantizeSettings, context: StageCo
         criterion=criterion(settings, context, model),
         progress=context.progress,
     )
-    log["mixture_means"] = result.means.tolist()
+    log["mixture_means"] = {name: means.tolist() for name, means in result.means.items()}
     log["soft_epochs"] = [vars(record) for record in result.history.epochs]
     return result.records
 
