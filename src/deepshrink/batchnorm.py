@@ -36,22 +36,13 @@ def _channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
-def _only_pruned(layer: nn.Module) -> bool:
-    """The layer's weight is its own, or pruned by a mask; a weight drawn from a shared codebook
-    cannot be scaled row by row without leaving the codebook."""
-    from deepshrink.prune.module import PruningMask
-
-    parametrizations = getattr(layer, "parametrizations", None)
-    if parametrizations is None or "weight" not in parametrizations:
-        return True
-    return all(isinstance(item, PruningMask) for item in parametrizations.weight)
-
-
 def _fits(layer: nn.Module, batchnorm: nn.Module) -> bool:
     """A layer and a BatchNorm that can merge: matching kinds and channel counts, a weight that
     is its own or only pruned, and a BatchNorm that normalises with stored statistics (the only
     kind that is affine)."""
-    if not isinstance(layer, FOLDABLE) or not isinstance(batchnorm, BATCHNORMS) or not _only_pruned(layer):
+    from deepshrink.prune.module import only_pruned
+
+    if not isinstance(layer, FOLDABLE) or not isinstance(batchnorm, BATCHNORMS) or not only_pruned(layer):
         return False
     if not batchnorm.track_running_stats or batchnorm.running_mean is None:
         return False

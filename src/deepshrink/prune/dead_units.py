@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from torch import nn
 
-from deepshrink.prune.module import PruningMask, prune_weight, pruning_mask_of
+from deepshrink.prune.module import only_pruned, prune_weight, pruning_mask_of
 
 # Functions of one tensor that act on each element alone: a unit's constant output stays one
 # constant through them. Dropout is the identity in eval mode, where the constant is taken.
@@ -147,13 +147,6 @@ def _apply_chain(chain: list, modules: dict[str, nn.Module], values: torch.Tenso
     return values
 
 
-def _only_pruned(layer: nn.Linear) -> bool:
-    parametrizations = getattr(layer, "parametrizations", None)
-    if parametrizations is None or "weight" not in parametrizations:
-        return True
-    return all(isinstance(item, PruningMask) for item in parametrizations.weight)
-
-
 def _keep_mask(layer: nn.Linear) -> torch.Tensor:
     mask = pruning_mask_of(layer)
     return mask.mask.clone() if mask is not None else torch.ones_like(layer.weight, dtype=torch.bool)
@@ -179,7 +172,7 @@ def clear_dead_units(model: nn.Module) -> list[DeadUnits]:
     done = []
     for pair in _pairs(model):
         layer, reader = modules[pair.layer], modules[pair.reader]
-        if layer.bias is None or not _only_pruned(layer) or not _only_pruned(reader):
+        if layer.bias is None or not only_pruned(layer) or not only_pruned(reader):
             continue
         layer_keep, reader_keep = _keep_mask(layer), _keep_mask(reader)
         inputless = ~(layer_keep & (layer.weight != 0)).any(dim=1)

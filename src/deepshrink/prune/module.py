@@ -55,6 +55,19 @@ def pruning_mask_of(weight: Weight | nn.Module) -> PruningMask | None:
     return next((item for item in as_weight(weight).parametrizations() if isinstance(item, PruningMask)), None)
 
 
+def only_pruned(weight: Weight | nn.Module) -> bool:
+    """Whether the weight is its own or only pruned: a weight drawn from a shared codebook
+    cannot be rescaled or rewritten row by row without leaving the codebook.
+
+    Args:
+        weight: a Weight or a single-weight module.
+
+    Returns:
+        True when every parametrization on it is a PruningMask (or it has none).
+    """
+    return all(isinstance(item, PruningMask) for item in as_weight(weight).parametrizations())
+
+
 def prune_weight(weight: Weight | nn.Module, mask: torch.Tensor) -> Weight:
     """Apply (or tighten) a keep-mask on `weight`.
 
