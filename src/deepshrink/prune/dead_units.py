@@ -175,16 +175,15 @@ def clear_dead_units(model: nn.Module) -> list[DeadUnits]:
         if layer.bias is None or not only_pruned(layer) or not only_pruned(reader):
             continue
         layer_keep, reader_keep = _keep_mask(layer), _keep_mask(reader)
-        inputless = ~(layer_keep & (layer.weight != 0)).any(dim=1)
-        read = (reader_keep & (reader.weight != 0)).any(dim=0)
+        # The weights as the layers compute with them: a pruned entry is already zero.
+        inputless = ~(layer.weight != 0).any(dim=1)
+        read = (reader.weight != 0).any(dim=0)
         folded = inputless & read
         if reader.bias is None:
             folded[:] = False  # nowhere to put the constant: those units stay as they are
         if folded.any():
-            was_training = model.training
-            model.eval()
+            # _apply_chain skips dropout; no other elementwise function depends on the mode.
             constant = _apply_chain(pair.chain, modules, layer.bias.detach().clone()[None])[0]
-            model.train(was_training)
             reader.bias += reader.weight[:, folded] @ constant[folded]
             reader_keep[:, folded] = False
             prune_weight(reader, reader_keep)
