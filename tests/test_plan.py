@@ -15,6 +15,7 @@ from torch import nn
 import deepshrink
 from deepshrink.encode.codec import encode_model
 from deepshrink.errors import ConfigError
+from deepshrink.layers import compressible_weights
 from deepshrink.models import build_model
 from deepshrink.plan import CHOICE_STEPS, TargetSettings, choose, option_bytes
 from deepshrink.prune.module import apply_masks
@@ -107,7 +108,11 @@ def test_recipes_with_a_target_are_checked():
     with pytest.raises(ConfigError, match=r"r.yaml:2: prune: needs exactly one of .* \(or give the recipe a target"):
         parse_recipe("model: lenet-5\nprune: {rounds: 2}\n", "r.yaml")
     recipe = parse_recipe("prune: {rounds: 1}\nquantize: {}\ntarget: {ratio: 25}\n", "r.yaml")
-    assert recipe.target.ratio == 25 and recipe.prune.sparsity is None
+    assert recipe.target.ratio == 25 and recipe.prune.sparsity is None and not recipe.plans_after_pruning
+    with pytest.raises(ConfigError, match="r.yaml:2: method variational learns each layer's sparsity, so a target"):
+        parse_recipe("prune: {method: variational}\ntarget: {ratio: 25}\n", "r.yaml")
+    recipe = parse_recipe("prune: {method: variational}\nquantize: {}\ntarget: {ratio: 25}\n", "r.yaml")
+    assert recipe.plans_after_pruning
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +171,96 @@ def test_a_metric_budget_is_met(reference, small_data, tmp_path):
     # On the test split, which it does not see, within the budget and the split's noise.
     assert result.compressed_metric >= result.reference_metric * (1 - 0.015)
     assert result.ratio > 8  # the budget still buys real compression
+
+
+def test_a_plan_after_pruning_keeps_the_zeros_chooses_only_bits_and_counts_pruning_in_the_budget(reference, small_data):
+    """A model pruned before the plan (as variational dropout leaves it): the plan keeps each
+    layer's zeros, chooses widths only, leaves the pruned model as it was, and a drop budget
+    that pruning alone already spent is a clear error."""
+    from deepshrink.plan import plan_settings
+    from deepshrink.prune.masks import sparsity_mask
+    from deepshrink.recipe import EncodeSettings
+    from deepshrink.tasks import resolve_task
+    from deepshrink.train import evaluate
+
+    pruned = build_model("lenet-300-100")
+    pruned.load_state_dict(reference.state_dict())
+    wanted = {"fc1": 0.95, "fc2": 0.9, "fc3": 0.5}
+    apply_masks(
+        pruned,
+        {name: sparsity_mask(weight.value, wanted[name]) for name, weight in compressible_weights(pruned).items()},
+    )
+    loader = deepshrink.make_loader(small_data.validation, 256, shuffle=False)
+    task = resolve_task(None)
+    inputs = next(iter(loader))[0][:32]
+    before = pruned(inputs).detach()
+    start = evaluate(reference, loader, "cpu", task).metric
+    target = TargetSettings(max_metric_drop=6.0, bits=[2, 3, 4, 6])  # pruning alone costs about 3%
+    plan = plan_settings(
+        pruned,
+        loader,
+        task,
+        target,
+        prune=False,
+        quantize=True,
+        encode_settings=EncodeSettings(),
+        progress=False,
+        reference_metric=start,
+    )
+    assert plan.after_pruning and plan.sparsity == {} and set(plan.bits) == {"fc1", "fc2", "fc3"}
+    assert all(bits in (2, 3, 4, 6) for bits in plan.bits.values())
+    assert {layer.name: layer.sparsity for layer in plan.layers} == pytest.approx(wanted, abs=1e-6)
+    pruned_metric = evaluate(pruned, loader, "cpu", task).metric
+    assert plan.reference_metric == start
+    # What pruning cost is counted once in both drops, and the whole stays in the budget.
+    assert plan.estimated_drop >= start - pruned_metric - 1e-12
+    assert plan.measured_drop <= 0.06 * start + 1e-12
+    assert all(weight.parametrizations() for weight in compressible_weights(pruned).values())
+    assert torch.equal(pruned(inputs).detach(), before)
+    with pytest.raises(
+        ConfigError, match=r"pruning alone already changed the validation top-1 accuracy by .* raise max_metric_drop"
+    ):
+        plan_settings(
+            pruned,
+            loader,
+            task,
+            TargetSettings(max_metric_drop=0.5),
+            prune=False,
+            quantize=True,
+            encode_settings=EncodeSettings(),
+            progress=False,
+            reference_metric=pruned_metric + 0.05,
+        )
+    with pytest.raises(ConfigError, match="'fc1' is already pruned"):
+        plan_settings(
+            pruned, loader, task, target, prune=True, quantize=True, encode_settings=EncodeSettings(), progress=False
+        )
+
+
+def test_a_target_after_variational_dropout_chooses_the_bits_of_the_pruned_network(reference, small_data, tmp_path):
+    recipe = {
+        "seed": 0,
+        "prune": {"method": "variational", "retrain_epochs": 2, "finetune_epochs": 1, "kl_weight": 0.3},
+        "quantize": {"finetune_epochs": 1},
+        "target": {"max_metric_drop": 2.0, "bits": [2, 3, 4, 5, 6]},
+    }
+    result = deepshrink.run(reference, recipe, small_data, run_dir=tmp_path, progress=False)
+    plan = result.plan
+    assert plan.after_pruning and set(plan.bits) == {"fc1", "fc2", "fc3"}
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["recipe"]["prune"]["method"] == "variational" and written["recipe"]["prune"]["sparsity"] is None
+    assert written["recipe"]["quantize"]["bits"] == plan.bits
+    decoded, _ = deepshrink.load_compressed(result.path, build_model("lenet-300-100"))
+    for name, weight in compressible_weights(decoded).items():
+        values = weight.value.detach()
+        layer = next(layer for layer in plan.layers if layer.name == name)
+        # The learned zeros are the plan's sparsities, and each layer holds at most 2^bits values.
+        assert float((values == 0).float().mean()) == pytest.approx(layer.sparsity, abs=1e-6)
+        assert len(torch.unique(values)) <= 2 ** plan.bits[name]
+    assert plan.measured_drop <= 0.02 * plan.reference_metric + 1e-12
+    assert "Pruning learned each layer's sparsity" in (tmp_path / "report.md").read_text()
+    rerun = deepshrink.run(reference, recipe, small_data, run_dir=tmp_path, progress=False)  # cached: same plan
+    assert rerun.plan == plan and rerun.path.read_bytes() == result.path.read_bytes()
 
 
 def test_the_readme_target_recipe_is_valid():

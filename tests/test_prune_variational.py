@@ -134,14 +134,23 @@ def test_refuses_weights_that_are_already_pruned_and_leaves_an_interrupted_model
         variational_dropout(plain, torch.utils.data.DataLoader(Stream()), TrainConfig(epochs=1), progress=False)
 
 
-def test_settings_take_no_sparsity_and_no_target():
+def test_settings_take_no_sparsity_and_a_target_only_for_the_bits():
     with pytest.raises(ConfigError, match="method: variational does not take sparsity"):
         PruneSettings(method="variational", sparsity={"fc1": 0.9})
     assert PruneSettings(method="variational", layers=["fc1"]).has_target
-    with pytest.raises(ConfigError, match="method variational learns its own"):
+    with pytest.raises(ConfigError, match="a target chooses only the bits of k-means sharing after it"):
         recipe_from_dict(
-            {"model": "lenet-300-100", "prune": {"method": "variational"}, "quantize": {}, "target": {"ratio": 30}}
+            {
+                "model": "lenet-300-100",
+                "prune": {"method": "variational"},
+                "quantize": {"method": "soft"},
+                "target": {"ratio": 30},
+            }
         )
+    recipe = recipe_from_dict(
+        {"model": "lenet-300-100", "prune": {"method": "variational"}, "quantize": {}, "target": {"ratio": 30}}
+    )
+    assert recipe.plans_after_pruning  # tests/test_plan.py runs one
 
 
 def test_variational_pruning_through_the_pipeline_prunes_most_weights_at_little_cost(

@@ -10,6 +10,7 @@ one weight is named by the module ("fc1"); a module with several names each by i
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import re
 from collections.abc import Collection, Iterable
@@ -355,6 +356,34 @@ def plain_state_dict(model: nn.Module, *, stand_ins: Collection[str] | bool = ()
             else:
                 state[plain] = getattr(model.get_submodule(owner), tensor_name).detach()
     return state
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` without parametrizations: each parametrized tensor becomes a plain
+    parameter holding its effective value (a pruned weight with its exact zeros, a shared one
+    with its codebook's values). `model` is left as it is.
+
+    Not `remove_parametrizations` on a deep copy: the copy shares the original's dynamically
+    created class, and removing the last parametrization deletes the property from that class,
+    breaking the original. Each copied module is given its plain class back instead.
+
+    Args:
+        model: parametrized or not.
+
+    Returns:
+        The plain copy, on the model's device.
+    """
+    copied = copy.deepcopy(model)
+    for module in list(copied.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+        originals = {name: module.parametrizations[name].original for name in values}
+        del module._modules["parametrizations"]
+        module.__class__ = module.__class__.__bases__[0]  # the class register_parametrization derived from
+        for name, value in values.items():
+            module.register_parameter(name, nn.Parameter(value, requires_grad=originals[name].requires_grad))
+    return copied
 
 
 # A parametrized weight's entries in a state_dict: MODULE.parametrizations.TENSOR.POSITION.FIELD,

@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,9 +292,15 @@ def _file_metadata(key: str, recipe: Recipe, task: Task, architecture: dict, pre
     return metadata | prepared.metadata()
 
 
-def _planned(recipe: Recipe, reference, loaders: Loaders, task, device, input_key, run_dir, progress):
+def _planned(
+    recipe: Recipe, model, loaders: Loaders, task, device, input_key, run_dir, progress, reference=None
+) -> tuple[Recipe, Plan | None]:
     """The recipe with its target turned into per-layer settings (plan.py), and the plan; a
-    recipe without a target as it is, and None. The plan is kept in the run directory."""
+    recipe without a target as it is, and None. The plan is kept in the run directory.
+
+    Planned from the reference `model` before every stage, or, for a recipe whose pruning learns
+    its sparsities (`recipe.plans_after_pruning`), from the pruned `model` before the quantize
+    stage, with the unpruned `reference` for the metric's starting point."""
     if recipe.target is None:
         return recipe, None
     from deepshrink.plan import Plan, plan_settings
@@ -309,18 +316,21 @@ def _planned(recipe: Recipe, reference, loaders: Loaders, task, device, input_ke
             _fold(model, loaders, device)
             return model
 
+        after_pruning = reference is not None
         plan = plan_settings(
-            reference,
+            model,
             loaders.validation,
             task,
             recipe.target,
-            prune=recipe.prune is not None,
+            prune=recipe.prune is not None and not after_pruning,
             quantize=recipe.quantize is not None,
             encode_settings=recipe.encode,
             device=device,
             seed=recipe.seed,
             progress=progress,
-            before_sharing=folded if recipe.batchnorm == "fold" else None,
+            # After pruning the quantize stage's model is already folded.
+            before_sharing=folded if recipe.batchnorm == "fold" and not after_pruning else None,
+            reference_metric=evaluate(reference, loaders.validation, device, task).metric if after_pruning else None,
         )
         if distributed.is_main_process():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -410,14 +420,21 @@ def run(
     _check_recipe_layers(recipe, reference)
     input_key = _digest(weights_digest(reference), prepared.key, recipe.seed, task.name, recipe.batchnorm)
     retraining = _retraining_mode(recipe.batchnorm)
-    recipe, plan = _planned(recipe, reference, loaders, task, device, input_key, run_dir, progress)
+    plan = None
+    if not recipe.plans_after_pruning:
+        recipe, plan = _planned(recipe, reference, loaders, task, device, input_key, run_dir, progress)
+
+    def planned_after_pruning(recipe: Recipe, pruned: nn.Module, key: str):
+        return _planned(recipe, pruned, loaders, task, device, key, run_dir, progress, reference=reference)
+
     context = StageContext(
         loaders, seed=recipe.seed, device=device, progress=progress, task=task, batchnorm=retraining, teacher=reference
     )
     with _file_directory(run_dir) as directory:
-        stages_run, current, out = _run_stages(
-            recipe, reference, context, input_key, name, prepared, run_dir, directory
+        stages_run, current, out, recipe, late_plan = _run_stages(
+            recipe, reference, context, input_key, name, prepared, run_dir, directory, planned_after_pruning
         )
+        plan = plan or late_plan
         # The metric that counts: decode the file that was written into a fresh copy of the model.
         from deepshrink.compressed import load_compressed
 
@@ -478,27 +495,32 @@ def _run_stages(
     prepared: _Data,
     run_dir: Path,
     file_directory: Path,
-) -> tuple[list[StageRun], nn.Module, Path]:
+    planned_after_pruning: Callable[[Recipe, nn.Module, str], tuple[Recipe, Plan | None]],
+) -> tuple[list[StageRun], nn.Module, Path, Recipe, Plan | None]:
     """Every registered stage the recipe names, in order, each from its cache when the run
-    directory holds it; the run's file goes to `file_directory`. Returns the stages' runs, the
-    model after the last stage that changes it, and the file written."""
+    directory holds it; the run's file goes to `file_directory`. A target left for after
+    pruning (`recipe.plans_after_pruning`) is planned by `planned_after_pruning` just before
+    the quantize stage. Returns the stages' runs, the model after the last stage that changes
+    it, the file written, the recipe as planned and the plan made here (or None)."""
     from deepshrink.batchnorm import FOLDED_KEY
 
     architecture: dict = {}
     stages_run: list[StageRun] = []
     current = reference
     key = input_key
-    out = None
+    out = plan = None
     for stage in registered_stages():
-        settings = recipe.stages.get(stage.name)
-        if settings is None:
+        if recipe.stages.get(stage.name) is None:
             continue
-        key = _digest(key, stage.name, recipe.section(stage.name))
         # Folding checks the outputs on a validation batch: without data, BatchNorm stays as it is.
         folds = recipe.batchnorm == "fold" and context.loaders is not None
         if stage.after_folding and folds and FOLDED_KEY not in architecture:
             current = copy.deepcopy(reference) if current is reference else current
             architecture[FOLDED_KEY] = _fold(current, context.loaders, context.device)
+        if stage.name == "quantize" and recipe.plans_after_pruning:  # the bits, on the pruned and folded model
+            recipe, plan = planned_after_pruning(recipe, current, key)
+        settings = recipe.stages[stage.name]
+        key = _digest(key, stage.name, recipe.section(stage.name))
         context = dataclasses.replace(context, output=None, model_name=None, metadata={})
         started = time.perf_counter()
         if stage.changes_model:
@@ -522,7 +544,7 @@ def _run_stages(
             context.progress,
             f"{stage.name}: {'cached' if cached else 'done'} in {stages_run[-1].seconds:.1f}s ({path.name})",
         )
-    return stages_run, current, out
+    return stages_run, current, out, recipe, plan
 
 
 @dataclass

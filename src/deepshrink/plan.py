@@ -99,10 +99,16 @@ class Plan:
     measured_bytes: int | None  # the calibrated file's size without retraining (ratio target)
     measured_drop: float | None  # the whole chosen compression's drop without retraining (metric target)
     sensitivity: dict  # name -> {"sparsity": {s: drop}, "bits": {b: drop}}
+    # Planned after a pruning that learns its own sparsity (variational dropout): the layers'
+    # sparsities are the pruning's, only the bits were chosen, and the drops above count from
+    # the pruned model (the estimated and measured drops include what pruning itself cost).
+    after_pruning: bool = False
 
     @property
     def sparsity(self) -> dict[str, float]:
-        """{weight name: sparsity} for the weights the plan prunes."""
+        """{weight name: sparsity} for the weights the plan prunes (none when it was made after pruning)."""
+        if self.after_pruning:
+            return {}
         return {layer.name: layer.sparsity for layer in self.layers if layer.sparsity > 0}
 
     @property
@@ -372,7 +378,8 @@ def applied(
     model: nn.Module, chosen: dict[str, tuple], before_sharing: Callable[[nn.Module], nn.Module] | None = None
 ) -> nn.Module:
     """A copy of `model` pruned by magnitude and shared as `chosen` says, without retraining
-    (`before_sharing` in between, as measure_sensitivity).
+    (`before_sharing` in between, as measure_sensitivity). A weight already at least as sparse
+    as its option (planned after pruning) keeps its zeros and is not pruned again.
 
     Args:
         model: the trained model; not changed.
@@ -388,7 +395,11 @@ def applied(
 
     trial = copy.deepcopy(model)
     weights = compressible_weights(trial)
-    masks = {name: sparsity_mask(weights[name].value, option[0]) for name, option in chosen.items() if option[0] > 0}
+    masks = {
+        name: sparsity_mask(weights[name].value, option[0])
+        for name, option in chosen.items()
+        if option[0] > _zero_fraction(weights[name])
+    }
     apply_masks(trial, masks)
     if before_sharing is not None:
         trial = before_sharing(trial)
@@ -396,6 +407,12 @@ def applied(
     if widths:
         share_weights(trial, widths)
     return trial
+
+
+def _zero_fraction(weight: Weight) -> float:
+    """The fraction of the weight's values that are exactly zero."""
+    value = weight.value.detach()
+    return float((value == 0).sum()) / max(value.numel(), 1)
 
 
 def measured_bytes(model: nn.Module, chosen: dict[str, tuple], encode_settings, before_sharing=None) -> int:
@@ -428,8 +445,14 @@ def plan_settings(
     seed: int = 0,
     progress: bool = True,
     before_sharing: Callable[[nn.Module], nn.Module] | None = None,
+    reference_metric: float | None = None,
 ) -> Plan:
     """Per-layer sparsity and bits for `model` to meet `target` on `loader` (the validation split).
+
+    `model` may already be pruned (pruning masks) by a method that learns its own sparsity,
+    variational dropout: with `prune` False the plan then keeps each layer's zeros, chooses
+    only the bits, and counts a metric target's drop from `reference_metric`, so that what
+    pruning cost is part of the budget.
 
     Args:
         model: the trained model; not changed.
@@ -444,18 +467,33 @@ def plan_settings(
         progress: progress bars.
         before_sharing: what the pipeline does to the pruned model before sharing it (folding
             BatchNorm), in place; see measure_sensitivity.
+        reference_metric: the unpruned reference's metric on `loader`, for an already pruned
+            `model` (default: `model`'s own).
 
     Returns:
         The Plan.
 
     Raises:
-        ConfigError: a target the candidates cannot reach, or nothing to choose.
+        ConfigError: a target the candidates cannot reach (or one pruning alone already
+            missed), nothing to choose, or a model already shared.
     """
     from deepshrink.encode.codec import index_widths
     from deepshrink.encode.sizes import parameter_bytes
+    from deepshrink.layers import plain_copy
+    from deepshrink.prune.module import only_pruned
 
     if not prune and not quantize:
         raise ConfigError("a target chooses per-layer sparsity and bits: the recipe needs a prune or quantize stage")
+    parametrized = [name for name, weight in compressible_weights(model).items() if weight.parametrizations()]
+    if parametrized:
+        weights = compressible_weights(model)
+        if prune or not all(only_pruned(weights[name]) for name in parametrized):
+            first = parametrized[0]
+            raise ConfigError(
+                f"{first!r} is already {'pruned' if only_pruned(weights[first]) else 'shared'}: a plan chooses "
+                "from the trained reference, or (bits only) from a model pruned and not yet shared"
+            )
+        model = plain_copy(model)  # the zeros stay; each width is tried on the plain weights
     sparsities = sorted(set(target.sparsities) | {0.0}) if prune else [0.0]
     widths = sorted(set(target.bits)) if quantize else []
     # The model as the pipeline shares it, made once: for the widths' drops and the fixed bytes.
@@ -474,11 +512,16 @@ def plan_settings(
     )
     smoothed = {name: _monotone(drops) for name, drops in sensitivity.items()}
     weights = compressible_weights(model)
+    candidates = {name: sparsities for name in weights}
+    if not prune:  # each weight keeps the zeros it has (none, unless pruned before the plan)
+        candidates = {name: [_zero_fraction(weight)] for name, weight in weights.items()}
+        for name, (sparsity,) in candidates.items():
+            smoothed[name]["sparsity"] = {sparsity: 0.0}
     index_bits = index_widths(weights, encode_settings.index_bits)
     options = {
         name: _options(
             tuple(weight.value.shape),
-            sparsities,
+            candidates[name],
             [width for width in sensitivity[name]["bits"] if width != UNSHARED_BITS],  # in the order measured
             smoothed[name],
             index_bits[name],
@@ -497,15 +540,25 @@ def plan_settings(
         chosen, measured = _calibrated_to_size(
             options, goal, fixed, lambda chosen: measured_bytes(model, chosen, encode_settings, before_sharing)
         )
-    else:
-        higher = task.metric.higher_is_better
+    higher = task.metric.higher_is_better
+    counted_from = reference if reference_metric is None else reference_metric
+    spent = _drop(counted_from, reference, higher)  # by pruning before the plan; 0 from the reference
+    if target.ratio is None:
+        allowed = target.max_metric_drop / 100 * abs(counted_from) - spent
+        if allowed < 0:
+            raise ConfigError(
+                f"pruning alone already changed the validation {task.metric.name} by {-spent:+.4f} "
+                f"({counted_from:.4f} to {reference:.4f}), more than max_metric_drop {target.max_metric_drop:g}% "
+                "allows: raise max_metric_drop, or prune less (a lower kl_weight)"
+            )
         chosen, measured_drop = _calibrated_to_drop(
             options,
-            target.max_metric_drop / 100 * abs(reference),
+            allowed,
             lambda chosen: _drop(
                 reference, _evaluate(applied(model, chosen, before_sharing), loader, device, task), higher
             ),
         )
+        measured_drop = None if measured_drop is None else measured_drop + spent
     layers = [
         LayerPlan(
             name,
@@ -520,10 +573,10 @@ def plan_settings(
     ]
     return Plan(
         target={key: value for key, value in asdict(target).items() if value is not None},
-        reference_metric=reference,
+        reference_metric=counted_from,
         metric_name=task.metric.name,
         layers=layers,
-        estimated_drop=sum(option[2] for option in chosen.values()),
+        estimated_drop=spent + sum(option[2] for option in chosen.values()),
         fixed_bytes=fixed,
         measured_bytes=measured,
         measured_drop=measured_drop,
@@ -531,6 +584,7 @@ def plan_settings(
             name: {kind: {str(key): value for key, value in drops.items()} for kind, drops in values.items()}
             for name, values in sensitivity.items()
         },
+        after_pruning=bool(parametrized),
     )
 
 

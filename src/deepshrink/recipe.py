@@ -139,10 +139,11 @@ class Recipe:
         if self.target is None and prune is not None and not prune.has_target:
             raise ConfigError(f"{self.where('prune')}: prune: {prune.missing_target()}")
         if self.target is not None:
-            if prune is not None and prune.method == "variational":
+            if self.plans_after_pruning and (quantize is None or quantize.method != "kmeans"):
                 raise ConfigError(
-                    f"{self.where('target')}: a target chooses sparsities for magnitude pruning; method variational "
-                    "learns its own: drop the target (set kl_weight instead) or use method magnitude"
+                    f"{self.where('target')}: method variational learns each layer's sparsity, so a target "
+                    "chooses only the bits of k-means sharing after it: add `quantize: {}` (method kmeans), "
+                    "or drop the target"
                 )
             if quantize is not None and quantize.method == "soft":
                 raise ConfigError(
@@ -152,7 +153,7 @@ class Recipe:
             chosen = [
                 name
                 for name, given in (
-                    ("prune", prune is not None and prune.has_target),
+                    ("prune", prune is not None and prune.has_target and not self.plans_after_pruning),
                     ("quantize.bits", quantize is not None and quantize.bits is not None),
                 )
                 if given
@@ -223,9 +224,18 @@ class Recipe:
         result |= {"target": dataclasses.asdict(self.target)} if self.target is not None else {}
         return result
 
+    @property
+    def plans_after_pruning(self) -> bool:
+        """Whether the target is planned after the prune stage rather than before every stage:
+        variational dropout learns the sparsities, so only the bits are left to choose, on the
+        pruned weights."""
+        prune = self.stages.get("prune")
+        return self.target is not None and prune is not None and prune.method == "variational"
+
     def with_plan(self, plan) -> Recipe:
         """This recipe with a plan's per-layer sparsities and bits in place of its target (a
-        stage the plan leaves with nothing to do is dropped).
+        stage the plan leaves with nothing to do is dropped; a plan made after pruning leaves
+        the prune stage as it is).
 
         Args:
             plan: a `plan.Plan`, with per-layer `sparsity` and `bits`.
@@ -234,7 +244,7 @@ class Recipe:
             A new Recipe without a target.
         """
         stages = dict(self.stages)
-        if stages.get("prune") is not None:
+        if stages.get("prune") is not None and not plan.after_pruning:
             sparsity = plan.sparsity
             stages["prune"] = dataclasses.replace(stages["prune"], sparsity=sparsity) if sparsity else None
         if stages.get("quantize") is not None:

@@ -171,14 +171,24 @@ def plan_lines(result) -> list[str]:
             f"{-plan.measured_drop:+.4f}; after retraining, the test {result.metric_name} changed by "
             f"{change(result)} ({result.ratio:.1f}x)."
         )
+    if plan.after_pruning:
+        how = (
+            "Pruning learned each layer's sparsity; after it, each layer was shared alone at each candidate "
+            f"width, and the {result.metric_name} measured on the validation split without retraining (the "
+            "drops below, from the pruned model); the widths minimise the summed drop for the size (or the "
+            "size for the drop). Estimated drop of the whole from the reference, pruning's included, before "
+        )
+    else:
+        how = (
+            "Each layer was pruned alone to each candidate sparsity and shared alone at each candidate width, "
+            f"and the {result.metric_name} measured on the validation split without retraining (the drops "
+            "below); the settings minimise the summed drop for the size (or the size for the drop). "
+            "Estimated drop of the whole, before "
+        )
     return [
         "## Automatic settings",
         "",
-        f"The recipe's target: {goal}. Each layer was pruned alone to each candidate sparsity and shared "
-        f"alone at each candidate width, and the {result.metric_name} measured on the validation split "
-        "without retraining (the drops below); the settings minimise the summed drop for the size "
-        f"(or the size for the drop). Estimated drop of the whole, before retraining: "
-        f"{plan.estimated_drop:+.4f}.{measured}",
+        f"The recipe's target: {goal}. {how}retraining: {plan.estimated_drop:+.4f}.{measured}",
         "",
         format_plan(plan, markdown=True),
         "",
