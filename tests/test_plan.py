@@ -263,6 +263,24 @@ def test_a_target_after_variational_dropout_chooses_the_bits_of_the_pruned_netwo
     assert rerun.plan == plan and rerun.path.read_bytes() == result.path.read_bytes()
 
 
+def test_a_ratio_target_after_variational_dropout_counts_the_files_header(reference, small_data, tmp_path):
+    """Without centroid fine-tuning the codes are the plan's own, so the written file is the size
+    the plan measured, header included (the recipe and provenance are hundreds of bytes, a few
+    percent of a small file), and the ratio is met."""
+    recipe = {
+        "seed": 0,
+        "prune": {"method": "variational", "retrain_epochs": 2, "finetune_epochs": 0, "kl_weight": 0.3},
+        "quantize": {"finetune_epochs": 0},
+        "target": {"ratio": 15, "bits": [2, 3, 4, 5, 6]},
+    }
+    result = deepshrink.run(reference, recipe, small_data, run_dir=tmp_path, progress=False)
+    assert result.plan.after_pruning and result.ratio >= 15, result.ratio
+    assert abs(result.file_bytes - result.plan.measured_bytes) <= 0.001 * result.file_bytes, (
+        result.file_bytes,
+        result.plan.measured_bytes,
+    )
+
+
 def test_the_readme_target_recipe_is_valid():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = next(block for block in readme.split("```yaml\n")[1:] if "target:" in block).split("```")[0]

@@ -293,14 +293,15 @@ def _file_metadata(key: str, recipe: Recipe, task: Task, architecture: dict, pre
 
 
 def _planned(
-    recipe: Recipe, model, loaders: Loaders, task, device, input_key, run_dir, progress, reference=None
+    recipe: Recipe, model, loaders: Loaders, task, device, input_key, run_dir, progress, metadata, reference=None
 ) -> tuple[Recipe, Plan | None]:
     """The recipe with its target turned into per-layer settings (plan.py), and the plan; a
     recipe without a target as it is, and None. The plan is kept in the run directory.
 
     Planned from the reference `model` before every stage, or, for a recipe whose pruning learns
     its sparsities (`recipe.plans_after_pruning`), from the pruned `model` before the quantize
-    stage, with the unpruned `reference` for the metric's starting point."""
+    stage, with the unpruned `reference` for the metric's starting point. `metadata` is about
+    what the file's header will record, for the size of a ratio target."""
     if recipe.target is None:
         return recipe, None
     from deepshrink.plan import Plan, plan_settings
@@ -331,6 +332,7 @@ def _planned(
             # After pruning the quantize stage's model is already folded.
             before_sharing=folded if recipe.batchnorm == "fold" and not after_pruning else None,
             reference_metric=evaluate(reference, loaders.validation, device, task).metric if after_pruning else None,
+            file_metadata=metadata,
         )
         if distributed.is_main_process():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -420,12 +422,15 @@ def run(
     _check_recipe_layers(recipe, reference)
     input_key = _digest(weights_digest(reference), prepared.key, recipe.seed, task.name, recipe.batchnorm)
     retraining = _retraining_mode(recipe.batchnorm)
+    # The header the file will have, with a key of the real one's length: hundreds of bytes that
+    # a ratio target on a small model must count.
+    metadata = _file_metadata("0" * len(input_key), recipe, task, {}, prepared)
     plan = None
     if not recipe.plans_after_pruning:
-        recipe, plan = _planned(recipe, reference, loaders, task, device, input_key, run_dir, progress)
+        recipe, plan = _planned(recipe, reference, loaders, task, device, input_key, run_dir, progress, metadata)
 
     def planned_after_pruning(recipe: Recipe, pruned: nn.Module, key: str):
-        return _planned(recipe, pruned, loaders, task, device, key, run_dir, progress, reference=reference)
+        return _planned(recipe, pruned, loaders, task, device, key, run_dir, progress, metadata, reference=reference)
 
     context = StageContext(
         loaders, seed=recipe.seed, device=device, progress=progress, task=task, batchnorm=retraining, teacher=reference

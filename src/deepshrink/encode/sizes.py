@@ -40,12 +40,14 @@ def parameter_bytes(model: nn.Module) -> int:
     return 4 * total
 
 
-def encoded_bytes(model: nn.Module, settings) -> int:
+def encoded_bytes(model: nn.Module, settings, metadata: dict | None = None) -> int:
     """The size of `model` as a .dcz file with these EncodeSettings, without writing one.
 
     Args:
         model: the model.
         settings: the EncodeSettings.
+        metadata: what the file's header records besides the tensors (the pipeline's recipe,
+            stage key and provenance: about 400 bytes compressed, 3% of a 12 KB file).
 
     Returns:
         The file's size in bytes.
@@ -58,6 +60,7 @@ def encoded_bytes(model: nn.Module, settings) -> int:
         layout=settings.layout,
         coder=settings.coder,
         unshared=settings.unshared,
+        metadata=metadata,
     )
     return len(container.to_bytes(header, buffers))
 
