@@ -671,7 +671,7 @@ def format_plan(plan: Plan, markdown: bool = False) -> str:
             f"{layer.weights:,}",
             f"{100 * layer.sparsity:.0f}%",
             "fp32" if layer.bits == UNSHARED_BITS else str(layer.bits),
-            f"{layer.pruning_drop:+.4f}",
+            "(learned)" if plan.after_pruning else f"{layer.pruning_drop:+.4f}",  # in the estimated drop
             f"{layer.sharing_drop:+.4f}",
             f"{layer.estimated_bytes:,.0f}",
         ]
