@@ -505,8 +505,9 @@ def _run_stages(
     """Every registered stage the recipe names, in order, each from its cache when the run
     directory holds it; the run's file goes to `file_directory`. A target left for after
     pruning (`recipe.plans_after_pruning`) is planned by `planned_after_pruning` just before
-    the quantize stage. Returns the stages' runs, the model after the last stage that changes
-    it, the file written, the recipe as planned and the plan made here (or None)."""
+    the stage marked `planned_late` (weight sharing). Returns the stages' runs, the model
+    after the last stage that changes it, the file written, the recipe as planned and the
+    plan made here (or None)."""
     from deepshrink.batchnorm import FOLDED_KEY
 
     architecture: dict = {}
@@ -522,7 +523,7 @@ def _run_stages(
         if stage.after_folding and folds and FOLDED_KEY not in architecture:
             current = copy.deepcopy(reference) if current is reference else current
             architecture[FOLDED_KEY] = _fold(current, context.loaders, context.device)
-        if stage.name == "quantize" and recipe.plans_after_pruning:  # the bits, on the pruned and folded model
+        if stage.planned_late and recipe.plans_after_pruning:  # the bits, on the pruned and folded model
             recipe, plan = planned_after_pruning(recipe, current, key)
         settings = recipe.stages[stage.name]
         key = _digest(key, stage.name, recipe.section(stage.name))

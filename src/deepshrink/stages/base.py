@@ -198,6 +198,9 @@ class Stage:
       run again on a model it already changed.
     - `after_folding`: it works on the weights the network applies, so with `batchnorm: fold`
       BatchNorm is folded into the layers before it first (weight sharing and encoding).
+    - `planned_late`: a recipe's target that must wait for a pruning that learns its sparsities
+      (`Recipe.plans_after_pruning`) is planned just before this stage (weight sharing, whose
+      bits it then chooses).
     - `summarize(model, result)`: the table a command prints after running the stage alone.
     """
 
@@ -213,6 +216,7 @@ class Stage:
     summarize: Callable[[nn.Module, StageResult], str] | None = None
     changes_architecture: bool = False
     after_folding: bool = False
+    planned_late: bool = False
 
 
 _REGISTRY: dict[str, Stage] = {}

@@ -233,6 +233,7 @@ STAGE = register_stage(
         quantize_stage,
         order=30,
         after_folding=True,
+        planned_late=True,
         description="share weights through per-layer k-means codebooks, then fine-tune the centroids",
         summarize=summarize,
     )
