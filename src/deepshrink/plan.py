@@ -491,9 +491,9 @@ def plan_settings(
 
     if not prune and not quantize:
         raise ConfigError("a target chooses per-layer sparsity and bits: the recipe needs a prune or quantize stage")
-    parametrized = [name for name, weight in compressible_weights(model).items() if weight.parametrizations()]
+    weights = compressible_weights(model)
+    parametrized = [name for name, weight in weights.items() if weight.parametrizations()]
     if parametrized:
-        weights = compressible_weights(model)
         if prune or not all(only_pruned(weights[name]) for name in parametrized):
             first = parametrized[0]
             raise ConfigError(
