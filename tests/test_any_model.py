@@ -158,7 +158,7 @@ def odd():
 """
 
 
-def test_array_data_with_odd_shapes_and_no_targets_runs_end_to_end(tmp_path):
+def test_array_data_with_odd_shapes_and_no_targets_runs_end_to_end(cli, tmp_path, monkeypatch):
     (tmp_path / "mynets.py").write_text(textwrap.dedent(MODULE))
     sys.path.insert(0, str(tmp_path))
     try:
@@ -174,23 +174,29 @@ def test_array_data_with_odd_shapes_and_no_targets_runs_end_to_end(tmp_path):
     np.savez(tmp_path / "odd.npz", x=inputs)
     environment = dict(os.environ, PYTHONPATH=str(tmp_path))
 
-    def cli(*arguments):
+    def run_cli(*arguments):
         command = [sys.executable, "-m", "deepshrink", "--quiet", *arguments]
         return subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path)
 
     data = ["--data", "odd.npz", "--validation", "50", "--task", "embedding"]
-    ran = cli("run", "quick", "--model", "mynets:odd", "--checkpoint", "odd.safetensors", "--run-dir", "odd", *data)
+    # The run as a user starts it, in a new process; reading its file back is done in this one.
+    ran = run_cli("run", "quick", "--model", "mynets:odd", "--checkpoint", "odd.safetensors", "--run-dir", "odd", *data)
     assert ran.returncode == 0, ran.stderr
     # Targets are the original model's own outputs, so it agrees with them exactly; the quick
     # recipe (90% pruned, 5 bits, two short rounds on 350 examples) keeps most of the direction.
     assert "validation cosine similarity (embedding, odd): 1.0000 reference, " in ran.stdout
     similarity = float(ran.stdout.split("reference, ")[1].split(" decoded")[0])
     assert similarity > 0.6
-    # No --input-shape: the file records it.
-    bench = cli("bench", "odd/mynets-odd.dcz", "--model", "mynets:odd", "--batch", "1", "--repeats", "2")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        # No --input-shape: the file records it.
+        bench = cli("bench", "odd/mynets-odd.dcz", "--model", "mynets:odd", "--batch", "1", "--repeats", "2")
+        predicted = cli("predict", "odd/mynets-odd.dcz", "--model", "mynets:odd", *data, "--split", "validation")
+    finally:
+        sys.modules.pop("mynets", None)
     assert bench.returncode == 0, bench.stderr
     assert "input (3, 5, 2)" in bench.stdout
-    predicted = cli("predict", "odd/mynets-odd.dcz", "--model", "mynets:odd", *data, "--split", "validation")
     assert predicted.returncode == 0, predicted.stderr
     assert "the data has no targets, so no metric; ran 50 validation examples" in predicted.stdout
 

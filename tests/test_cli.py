@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from deepshrink.cli import main
+
 
 def run_cli(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -48,9 +50,9 @@ def test_help_explains_every_command(cli, command):
     assert "usage: deepshrink" in result.stdout
 
 
-def test_tiny_train_then_evaluate_agree(tmp_path):
+def test_tiny_train_then_evaluate_agree(cli, tmp_path):
     out = tmp_path / "tiny.safetensors"
-    trained = run_cli("train", "--model", "lenet-300-100", "--epochs", "1", "--train-subset", "2000", "--out", str(out))
+    trained = cli("train", "--model", "lenet-300-100", "--epochs", "1", "--train-subset", "2000", "--out", str(out))
     assert trained.returncode == 0, trained.stderr
     printed = float(re.search(r"test top-1 accuracy: ([0-9.]+)", trained.stdout).group(1))
     assert out.is_file() and printed > 0.5
@@ -59,8 +61,8 @@ def test_tiny_train_then_evaluate_agree(tmp_path):
     assert float(re.search(r"test top-1 accuracy: ([0-9.]+)", evaluated.stdout).group(1)) == printed
 
 
-def test_info_lists_models_and_data():
-    result = run_cli("info")
+def test_info_lists_models_and_data(cli):
+    result = cli("info")
     assert result.returncode == 0
     assert "lenet-300-100" in result.stdout and "266,610" in result.stdout and "431,080" in result.stdout
 
@@ -87,7 +89,7 @@ def test_bad_input_gives_one_line_and_a_distinct_exit_code(cli, arguments, code,
 def test_user_factory_checkpoint_needs_explicit_model(cli, tmp_path):
     """A checkpoint cannot make us import code it names; the user must pass --model."""
     out = tmp_path / "mine.safetensors"
-    trained = run_cli(
+    trained = cli(
         "train", "--model", "deepshrink.models:LeNet300100", "--epochs", "1", "--train-subset", "500", "--out", str(out)
     )
     assert trained.returncode == 0, trained.stderr
@@ -100,14 +102,13 @@ def test_user_factory_checkpoint_needs_explicit_model(cli, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
-    trained = run_cli("train", "--epochs", "1", "--train-subset", "3000", "--out", str(out))
-    assert trained.returncode == 0, trained.stderr
+    assert main(["--quiet", "train", "--epochs", "1", "--train-subset", "3000", "--out", str(out)]) == 0
     return out
 
 
-def test_prune_writes_a_pruned_checkpoint_that_evaluates_as_printed(tiny_checkpoint, tmp_path):
+def test_prune_writes_a_pruned_checkpoint_that_evaluates_as_printed(cli, tiny_checkpoint, tmp_path):
     out = tmp_path / "pruned.safetensors"
-    pruned = run_cli(
+    pruned = cli(
         "prune",
         str(tiny_checkpoint),
         "--sparsity",

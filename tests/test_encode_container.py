@@ -10,7 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepshrink.encode.container import MAGIC, MINOR_VERSION, PREAMBLE, from_bytes, read, to_bytes, write
+from deepshrink.encode.container import (
+    MAGIC,
+    MAX_JSON_DEPTH,
+    MINOR_VERSION,
+    PREAMBLE,
+    from_bytes,
+    json_depth,
+    read,
+    to_bytes,
+    write,
+)
 from deepshrink.errors import FormatError
 
 HEADER = {"format": "deepshrink-dcz", "metadata": {"model": "lenet-5"}, "tensors": [{"name": "fc1.weight"}]}
@@ -133,3 +143,34 @@ def test_other_major_version_is_refused():
     struct.pack_into("<H", data, 8, 3)
     with pytest.raises(FormatError, match=rf"version 3\.{MINOR_VERSION} is not readable"):
         from_bytes(bytes(data))
+
+
+def _nesting(value) -> int:
+    """json_depth's reference: the plain recursive definition."""
+    if isinstance(value, dict):
+        return 1 + max(map(_nesting, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_nesting, value), default=0)
+    return 0
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=3),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4),
+    max_leaves=30,
+)
+
+
+@given(JSON)
+def test_json_depth_matches_the_recursive_definition(value):
+    assert json_depth(value) == _nesting(value)
+
+
+def test_a_header_nested_too_deep_is_refused():
+    header = {"buffers": [{"offset": 0, "length": 8, "crc32": zlib.crc32(b"abcdefgh")}]}
+    nested: list = []  # the header object and this list are two levels
+    for _ in range(MAX_JSON_DEPTH - 2):
+        nested = [nested]
+    assert from_bytes(lying({**header, "x": nested})).header == {"x": nested}
+    with pytest.raises(FormatError, match=f"nests {MAX_JSON_DEPTH + 1} levels deep; at most {MAX_JSON_DEPTH}"):
+        from_bytes(lying({**header, "x": [nested]}))

@@ -93,12 +93,13 @@ def test_squeezenet_learns_from_its_initialisation(small_data):
 
     torch.manual_seed(0)
     model = build_model("squeezenet")
-    # Without a validation pass after each epoch (train_model's): three of them took a third of the test.
+    # Two epochs, without a validation pass after each (train_model's), to keep the test short:
+    # He init reaches 57% on validation (63% after three), where the default init stayed at 10%.
     fit(
         model,
         make_loader(small_data.train, 128, shuffle=True, seed=0),
-        TrainConfig(epochs=3, learning_rate=0.05),
+        TrainConfig(epochs=2, learning_rate=0.05),
         progress=False,
     )
     accuracy = evaluate(model, make_loader(small_data.validation, 1000, shuffle=False)).metric
-    assert accuracy > 0.5  # chance is 0.10
+    assert accuracy > 0.4  # chance is 0.10

@@ -158,10 +158,10 @@ def test_an_interrupted_run_leaves_no_partial_file_and_resumes(trained, small_da
         ("prune: {global_sparsity: 0.9}\n", "names no model"),
     ],
 )
-def test_bad_recipes_are_clean_cli_errors_before_any_work(trained_checkpoint, tmp_path, text, message):
+def test_bad_recipes_are_clean_cli_errors_before_any_work(cli, trained_checkpoint, tmp_path, text, message):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
-    result = run_cli("run", str(recipe), "--checkpoint", str(trained_checkpoint), "--run-dir", str(tmp_path / "r"))
+    result = cli("run", str(recipe), "--checkpoint", str(trained_checkpoint), "--run-dir", str(tmp_path / "r"))
     assert result.returncode == 3, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()

@@ -656,11 +656,9 @@ def test_registered_model_loads_by_the_name_in_the_file(tmp_path):
         load_runtime(path, input_shape=(3, 3))
 
 
-def test_predict_and_bench_commands(tmp_path):
+def test_predict_and_bench_commands(cli, tmp_path):
     """`predict` prints the accuracy the dense decoding has; `bench` times both in one run."""
     import re
-    import subprocess
-    import sys
 
     from deepshrink.data import load_data, make_loader
     from deepshrink.models import build_model
@@ -677,15 +675,10 @@ def test_predict_and_bench_commands(tmp_path):
     decoded, _ = load_compressed(path)
     expected = evaluate(decoded, make_loader(data.test, 1000, shuffle=False)).metric
 
-    def run(*arguments):
-        return subprocess.run(
-            [sys.executable, "-m", "deepshrink", "--quiet", *arguments], capture_output=True, text=True, timeout=300
-        )
-
-    predicted = run("predict", str(path), "--batch-size", "100")
+    predicted = cli("predict", str(path), "--batch-size", "100")
     assert predicted.returncode == 0, predicted.stderr
     assert float(re.search(r"test top-1 accuracy ([0-9.]+)", predicted.stdout).group(1)) == round(expected, 4)
-    bench = run("bench", str(path), "--batch", "1", "8", "--repeats", "5", "--layers", "--input-shape", "1", "28", "28")
+    bench = cli("bench", str(path), "--batch", "1", "8", "--repeats", "5", "--layers", "--input-shape", "1", "28", "28")
     assert bench.returncode == 0, bench.stderr
     # --layers: each layer alone, every weight layer compressed (fc3, dense in auto mode, too).
     for layer in ("fc1", "fc2", "fc3"):
@@ -696,7 +689,7 @@ def test_predict_and_bench_commands(tmp_path):
     assert re.search(r"^fc1\s+(CompressedLinear|Linear)\s+940,800\s+[\d,]+\s+[a-z/-]+\s*$", bench.stdout, re.M), (
         bench.stdout
     )
-    bad = run("predict", str(path), "--mode", "fc*=fast")
+    bad = cli("predict", str(path), "--mode", "fc*=fast")
     assert bad.returncode == 3 and "should be one of auto, sparse, dense" in bad.stderr
 
 

@@ -201,13 +201,14 @@ def json_depth(value) -> int:
     Returns:
         The depth (0 for a scalar).
     """
-    deepest, pending = 0, [(value, 1)]
+    # Only containers go on the stack: a header is mostly numbers and strings, and pushing each
+    # of them made this walk a third of the time it takes to read a header.
+    deepest, pending = 0, [(value, 1)] if isinstance(value, (dict, list)) else []
     while pending:
         item, depth = pending.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is not None:
-            deepest = max(deepest, depth)
-            pending.extend((child, depth + 1) for child in children)
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return deepest
 
 
