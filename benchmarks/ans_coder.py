@@ -14,7 +14,7 @@ source and stream kind:
 constriction (a maintained Rust library) is measured only where it is installed
 (`pip install constriction==0.5.0`); it is not a dependency of deepshrink.
 
-    .venv/bin/python benchmarks/ans_coder.py [--files A.dcz B.dcz] [--vgg-scale 1.0]
+    .venv/bin/python benchmarks/ans_coder.py [--files A.dcz B.dcz] [--vgg-scale 1.0] [--ans-before OLD.py]
 """
 
 from __future__ import annotations
@@ -85,8 +85,20 @@ def entropy_bytes(symbols: np.ndarray, alphabet: int) -> float:
     return float(-np.sum(probabilities * np.log2(probabilities)) * len(symbols) / 8)
 
 
-def measure(streams) -> dict:
-    """Totals over the streams, per kind, of every coder's bytes and seconds."""
+def load_module(path: str):
+    """Another version of encode/ans.py (say `git show REV:src/deepshrink/encode/ans.py`), to
+    time its decoder against this one's on the same streams."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ans_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(streams, before=None) -> dict:
+    """Totals over the streams, per kind, of every coder's bytes and seconds (and of the
+    decoder of `before`, another version of the ans module, where given)."""
     try:
         import constriction
     except ImportError:
@@ -118,6 +130,10 @@ def measure(streams) -> dict:
         seconds, decoded = best_seconds(lambda d=data, n=count, a=alphabet, c=context: ans.decode(d, n, a, c))
         assert np.array_equal(decoded, symbols)
         row["ans_decode_s"] = row.get("ans_decode_s", 0.0) + seconds
+        if before is not None:
+            seconds, decoded = best_seconds(lambda d=data, n=count, a=alphabet, c=context: before.decode(d, n, a, c))
+            assert np.array_equal(decoded, symbols)
+            row["ans_before_decode_s"] = row.get("ans_before_decode_s", 0.0) + seconds
 
         if constriction is not None:
             counts = np.bincount(symbols.astype(np.int64), minlength=alphabet).astype(np.float64)
@@ -154,6 +170,8 @@ def print_table(source: str, totals: dict) -> None:
             for coder in ("huffman", "ans", "constriction")
             if f"{coder}_encode_s" in row
         ]
+        if "ans_before_decode_s" in row:
+            speeds.append(f"(ans before: -/{megabytes / row['ans_before_decode_s']:.0f})")
         print(
             f"{kind:6s} {row['symbols']:9,d} {row['entropy_bytes']:12,.0f} {row['huffman_bytes']:12,d} "
             f"{row['ans_bytes']:14,d} ({versus:+.2f}%) {row.get('constriction_bytes', 0):12,d}   {'  '.join(speeds)}"
@@ -164,16 +182,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", nargs="*", default=[], help=".dcz files whose streams to code")
     parser.add_argument("--vgg-scale", type=float, default=1.0, help="fraction of VGG-16's fc rows (0 to skip)")
+    parser.add_argument("--ans-before", help="another version of encode/ans.py whose decoder to time beside this one")
     args = parser.parse_args()
+    before = load_module(args.ans_before) if args.ans_before else None
     numba.set_num_threads(1)
     sources = {path: file_streams(path) for path in args.files}
     if args.vgg_scale > 0:
         sources["VGG-16-shaped (Laplace, Table 5 densities)"] = vgg_streams(args.vgg_scale)
     warm = np.zeros(100, dtype=np.uint8)
-    ans.decode(ans.encode(warm, 32), 100, 32, "none")  # compile before timing
+    for module in (ans, before) if before is not None else (ans,):
+        module.decode(module.encode(warm, 32), 100, 32, "none")  # compile before timing
     results = {"machine": machine_description(), "sources": {}}
     for source, streams in sources.items():
-        totals = measure(streams)
+        totals = measure(streams, before)
         results["sources"][source] = totals
         print_table(source, totals)
     out = Path(__file__).parent / "results" / "ans_coder.json"
