@@ -48,7 +48,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from deepshrink.runtime.intrinsics import float32_at, is_c_array
+from deepshrink.runtime.intrinsics import float32_at, host_cpu_features, is_c_array
 from deepshrink.runtime.kernels import add_bias, compiled
 from deepshrink.runtime.tiled import KernelEmitter, chunk_arrays, scatter_vector
 
@@ -78,9 +78,7 @@ def available() -> bool:
     if features is None:
         if model == "generic":
             return False
-        import llvmlite.binding
-
-        host = llvmlite.binding.get_host_cpu_features()
+        host = host_cpu_features()
         return bool(host.get("avx2", False) and host.get("fma", False))
     listed = [name.strip() for name in features.split(",") if name.strip()]
     added = {name[1:] for name in listed if name.startswith("+")}

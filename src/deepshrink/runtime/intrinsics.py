@@ -1,11 +1,26 @@
-"""LLVM intrinsics that numba does not expose, for the compressed-form kernels."""
+"""LLVM intrinsics that numba does not expose, for the compressed-form kernels, and the host
+CPU's features that decide which of them may run."""
 
 from __future__ import annotations
 
+import functools
+
+import llvmlite.binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+
+@functools.cache
+def host_cpu_features() -> dict[str, bool]:
+    """The features LLVM finds on this machine's CPU, asked once: each kernel form's check asks
+    on every model load, and the query cost about 0.35 ms a time.
+
+    Returns:
+        Feature name (for example "avx512f") to whether the CPU has it.
+    """
+    return dict(llvmlite.binding.get_host_cpu_features())
 
 
 def is_c_array(value, ndim: int, dtype=None) -> bool:

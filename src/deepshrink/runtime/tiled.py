@@ -44,7 +44,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from deepshrink.runtime.intrinsics import float32_at, is_c_array
+from deepshrink.runtime.intrinsics import float32_at, host_cpu_features, is_c_array
 from deepshrink.runtime.kernels import add_bias, compiled
 
 LANES = 16  # rows per chunk: one float32 lane each in a 512-bit register
@@ -95,9 +95,7 @@ def available() -> bool:
         return "+avx512f" in features.split(",")
     if os.environ.get("NUMBA_CPU_NAME", "host") != "host":
         return False  # a named CPU model: do not guess its features
-    import llvmlite.binding
-
-    return bool(llvmlite.binding.get_host_cpu_features().get("avx512f", False))
+    return host_cpu_features().get("avx512f", False)
 
 
 def kernel_table(codebook: np.ndarray) -> tuple[np.ndarray, int, Layout] | None:
