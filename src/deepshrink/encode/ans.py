@@ -117,8 +117,9 @@ def _rebuild(counts, frequencies, starts, table, context, alphabet, scale, limit
         for symbol in range(alphabet):
             # The exact floor of numerator / divisor, by a multiplication: an integer division
             # per symbol was most of a rebuild's time outside the slot table. The numerator stays
-            # below 2^45 (counts below 2^23, spare below 2^18), so the float quotient is off by
-            # at most one, which the two comparisons correct.
+            # below 2^43 (the counts' total below 2^23: the limit, at most 2^22, plus what one
+            # stretch between rebuilds adds; spare below 2^18), so it is exact as a float and the
+            # float quotient is off by at most one, which the two comparisons correct.
             numerator = 2 * counts[base + symbol] * spare + rounding * total
             quotient = np.int64(numerator * inverse)
             if quotient * divisor > numerator:
