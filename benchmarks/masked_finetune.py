@@ -9,6 +9,8 @@ SGD (momentum 0.9, cosine schedule unless `constant`), per JSON settings:
 - `alpha`, `every`, `stop`: the masks move as in RigL (Evci et al., 2020): every `every` steps
   until `stop` of the run, each layer drops a fraction (from `alpha`, cosine-decayed) of its
   smallest kept weights and grows as many where the dense gradient is largest, its count fixed;
+- `rewind`: the kept weights (and every bias) set back to the reference's trained values
+  before retraining, so that variational dropout only chooses the mask;
 - `gmp`: start from the reference instead and prune by magnitude gradually (Zhu & Gupta's cubic
   schedule over that fraction of the run) to the stage's per-layer counts times `scale`;
 - `wd`, `lr`, `epochs`, `smooth` (label smoothing), `shift` (inputs rolled by up to that many
@@ -110,9 +112,14 @@ def main() -> None:
     data = load_data()
     model, masks = pruned_model(sys.argv[2])
     targets = {name: int(int(mask.sum()) * settings.get("scale", 1.0)) for name, mask in masks.items()}
-    if settings.get("gmp"):
+    if settings.get("gmp") or settings.get("rewind"):
         model.load_state_dict(reference_model("lenet-300-100", data, progress=False).model.state_dict())
+    if settings.get("gmp"):
         masks = {name: torch.ones_like(mask) for name, mask in masks.items()}
+    elif settings.get("rewind"):
+        with torch.no_grad():
+            for name in LAYERS:
+                getattr(model, name).weight.mul_(masks[name])
     validation = make_loader(data.validation, 1000, shuffle=False)
     train = make_loader(data.train, 128, shuffle=True, seed=settings.get("seed", 0))
     print("start: validation", accuracy(model, validation), flush=True)

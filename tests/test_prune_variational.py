@@ -114,6 +114,26 @@ def test_masks_follow_log_alpha_and_leave_exact_zeros():
     assert bool((model.fc1.weight[:150] == 0).all())  # exactly zero, not small
 
 
+def test_posterior_std_averages_sigma_over_the_kept_weights_only():
+    torch.manual_seed(0)
+    model = build_model("lenet-300-100")
+    state = start_variational(model, ["fc1", "fc2"], threshold=3.0)
+    theta = compressible_weights(model)["fc1"].original().detach()
+    with torch.no_grad():  # fc1: rows 0-99 pruned (log alpha 5); the kept rows' sigma^2 = e^-6 theta^2
+        log_sigma2 = torch.log(theta**2 + 1e-8) - 6
+        log_sigma2[:100] = torch.log(theta[:100] ** 2 + 1e-8) + 5
+        state.parametrizations["fc1"].log_sigma2.copy_(log_sigma2)
+        state.parametrizations["fc2"].log_sigma2.fill_(-30.0)  # tiny: every fc2 weight kept
+    posterior = state.posterior_std()
+    expected = torch.exp(0.5 * log_sigma2[100:]).double().mean().item()
+    assert posterior["fc1"] == pytest.approx(expected, rel=1e-9)
+    assert posterior["fc2"] == pytest.approx(np.exp(-15.0), rel=1e-6)
+    with torch.no_grad():  # nothing of fc2 kept: no posterior to report for it
+        state.parametrizations["fc2"].log_sigma2.fill_(30.0)
+    assert set(state.posterior_std()) == {"fc1"}
+    finish_variational(state)
+
+
 def test_refuses_weights_that_are_already_pruned_and_leaves_an_interrupted_model_plain():
     model = build_model("lenet-300-100")
     prune_weight(model.fc1, torch.rand(300, 784) > 0.5)
@@ -151,6 +171,26 @@ def test_settings_take_no_sparsity_and_a_target_only_for_the_bits():
         {"model": "lenet-300-100", "prune": {"method": "variational"}, "quantize": {}, "target": {"ratio": 30}}
     )
     assert recipe.plans_after_pruning  # tests/test_plan.py runs one
+    posterior = {"bits_from": "posterior"}
+    with pytest.raises(ConfigError, match="reads the posterior of variational dropout"):
+        recipe_from_dict({"model": "lenet-300-100", "prune": {"sparsity": {"fc1": 0.9}}, "quantize": posterior})
+    with pytest.raises(ConfigError, match="both choose the bits"):
+        recipe_from_dict(
+            {
+                "model": "lenet-300-100",
+                "prune": {"method": "variational"},
+                "quantize": posterior,
+                "target": {"ratio": 30},
+            }
+        )
+    with pytest.raises(ConfigError, match="leave out `bits`"):
+        recipe_from_dict(
+            {"model": "lenet-300-100", "prune": {"method": "variational"}, "quantize": posterior | {"bits": {"fc1": 4}}}
+        )
+    with pytest.raises(ConfigError, match="bits_from"):
+        recipe_from_dict(
+            {"model": "lenet-300-100", "prune": {"method": "variational"}, "quantize": {"bits_from": "sigma"}}
+        )
 
 
 def test_variational_pruning_through_the_pipeline_prunes_most_weights_at_little_cost(
@@ -177,6 +217,24 @@ def test_variational_pruning_through_the_pipeline_prunes_most_weights_at_little_
     for weight in compressible_weights(decoded).values():
         assert torch.unique(weight.value).numel() <= 2**5
     assert result.ratio > 20  # 29.3x when written
+
+    # The same pruned network (the prune stage from the cache, its posterior with it), each
+    # layer's bits chosen from that posterior instead.
+    posterior = stage.result.log["posterior_std"]
+    assert set(posterior) == {"fc1", "fc2", "fc3"} and all(0 < value < 1 for value in posterior.values())
+    recipe["quantize"] = {"bits_from": "posterior", "finetune_epochs": 0}
+    again = deepshrink.run(reference, recipe, small_data, run_dir=tmp_path, model_name="lenet-300-100", progress=False)
+    assert next(stage for stage in again.stages if stage.name == "prune").cached
+    quantize = next(stage for stage in again.stages if stage.name == "quantize").result
+    decoded, _ = deepshrink.load_compressed(again.path)
+    for name, weight in compressible_weights(decoded).items():
+        # Linear initialisation spaces the first centroids from the kept weights' minimum to
+        # their maximum, so the record gives the range the rule saw.
+        start = quantize.tensors[f"{name}/initial_centroids"]
+        bits = quantize.log["bits"][name]
+        assert bits == min(max(int(np.floor(np.log2(float(start.max() - start.min()) / posterior[name]))), 1), 8)
+        assert torch.unique(weight.value).numel() <= 2**bits
+    assert quantize.log["posterior_std"] == posterior
 
 
 def test_the_figure_6_sweep_adds_the_new_methods_only_where_asked(small_data, small_lenet_state, tmp_path):

@@ -527,7 +527,9 @@ def _run_stages(
             recipe, plan = planned_after_pruning(recipe, current, key)
         settings = recipe.stages[stage.name]
         key = _digest(key, stage.name, recipe.section(stage.name))
-        context = dataclasses.replace(context, output=None, model_name=None, metadata={})
+        context = dataclasses.replace(
+            context, output=None, model_name=None, metadata={}, earlier={run.name: run.result for run in stages_run}
+        )
         started = time.perf_counter()
         if stage.changes_model:
             path = run_dir / "stages" / f"{stage.name}-{key[:16]}.safetensors"

@@ -138,6 +138,16 @@ class Recipe:
         prune, quantize = self.stages.get("prune"), self.stages.get("quantize")
         if self.target is None and prune is not None and not prune.has_target:
             raise ConfigError(f"{self.where('prune')}: prune: {prune.missing_target()}")
+        if quantize is not None and quantize.bits_from == "posterior":
+            if prune is None or prune.method != "variational":
+                raise ConfigError(
+                    f"{self.where('quantize.bits_from')}: bits_from: posterior reads the posterior of variational "
+                    "dropout: add `prune: {method: variational, ...}` to this recipe, or give quantize `bits`"
+                )
+            if self.target is not None:
+                raise ConfigError(
+                    f"{self.where('target')}: a target and bits_from: posterior both choose the bits: keep one"
+                )
         if self.target is not None:
             if self.plans_after_pruning and (quantize is None or quantize.method != "kmeans"):
                 raise ConfigError(

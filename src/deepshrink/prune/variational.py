@@ -165,6 +165,22 @@ class VariationalState:
                 for name, parametrization in self.parametrizations.items()
             }
 
+    def posterior_std(self) -> dict[str, float]:
+        """Each weight tensor's mean posterior standard deviation, sigma = exp(log sigma^2 / 2),
+        over the weights its mask keeps: how finely the data pins those weights down, which
+        `quantize.posterior_bits` turns into a codebook width (Louizos et al. 2017, Section 5).
+
+        Returns:
+            {weight name: mean sigma of the kept weights}; a tensor with nothing kept is left out.
+        """
+        masks = self.masks()
+        with torch.no_grad():
+            return {
+                name: float(torch.exp(0.5 * parametrization.log_sigma2[masks[name]]).double().mean())
+                for name, parametrization in self.parametrizations.items()
+                if bool(masks[name].any())
+            }
+
 
 def start_variational(
     model: nn.Module, layers: Iterable[str] | None = None, threshold: float = DEFAULT_THRESHOLD
@@ -230,11 +246,13 @@ def _remove(state: VariationalState) -> None:
 
 @dataclass
 class VariationalResult:
-    """What variational dropout did: its training history and the masks it left."""
+    """What variational dropout did: its training history, the masks it left and the kept
+    weights' mean posterior standard deviation per weight tensor."""
 
     history: History
     masks: dict[str, torch.Tensor]
     kept_fraction: float
+    posterior_std: dict[str, float] = field(default_factory=dict)
 
 
 def variational_dropout(
@@ -272,7 +290,8 @@ def variational_dropout(
         progress: progress bars.
 
     Returns:
-        The VariationalResult: history, masks and the kept fraction of the chosen weights.
+        The VariationalResult: history, masks, the kept fraction of the chosen weights and
+        their posterior standard deviations.
 
     Raises:
         ConfigError: a chosen weight is already pruned or shared, or a setting is out of range.
@@ -306,6 +325,7 @@ def variational_dropout(
     except BaseException:
         _remove(state)  # an interrupted run leaves the model as plain as it came
         raise
+    posterior_std = state.posterior_std()
     masks = finish_variational(state)
     kept = sum(int(mask.sum()) for mask in masks.values()) / max(sum(mask.numel() for mask in masks.values()), 1)
-    return VariationalResult(history, masks, kept)
+    return VariationalResult(history, masks, kept, posterior_std)

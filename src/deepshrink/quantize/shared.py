@@ -12,6 +12,7 @@ that code 0 for its filler zeros.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -201,6 +202,43 @@ def default_bits(layers: Mapping[str, Weight]) -> dict[str, int]:
         {name: bits}.
     """
     return {name: paper_default_bits(layer) for name, layer in layers.items()}
+
+
+# Codebook widths the posterior may choose: 1 bit is the narrowest codebook; past 8 bits a
+# codebook's centroids outnumber what a layer's posterior resolves in any measured case, and the
+# tables grow with 2^bits.
+POSTERIOR_BITS_RANGE = (1, 8)
+
+
+def posterior_bits(layers: Mapping[str, Weight], posterior_std: Mapping[str, float]) -> dict[str, int]:
+    """Each layer's width from its posterior (Louizos et al. 2017, Section 5, for a codebook):
+    the most bits whose evenly spaced codebook over the layer's kept weights, (max - min) /
+    2^bits apart, is no finer than their mean posterior standard deviation, i.e. floor(log2(
+    (max - min) / sigma)) within POSTERIOR_BITS_RANGE. Finer centroids would encode digits the
+    data never pinned down. A layer without a posterior (not under variational dropout) gets the
+    paper's default.
+
+    Args:
+        layers: {name: Weight}, already pruned.
+        posterior_std: {name: the kept weights' mean posterior standard deviation}.
+
+    Returns:
+        {name: bits}.
+    """
+    low, high = POSTERIOR_BITS_RANGE
+    chosen = {}
+    for name, layer in layers.items():
+        sigma = posterior_std.get(name)
+        mask = pruning_mask_of(layer)
+        values = layer.value.detach()
+        kept = values[mask.mask.bool()] if mask is not None else values.flatten()
+        if sigma is None or not sigma > 0 or kept.numel() < 2:
+            chosen[name] = paper_default_bits(layer)
+            continue
+        span = float(kept.max() - kept.min())
+        width = math.floor(math.log2(span / sigma)) if span > 0 else low
+        chosen[name] = min(max(width, low), high)
+    return chosen
 
 
 def share_weights(

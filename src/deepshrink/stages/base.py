@@ -82,6 +82,8 @@ class StageContext:
     stage). A stage that writes a file writes it to `output`, with `model_name` and `metadata`
     recorded in it and never over a path in `protect`. `loaders` is None when there is no data:
     a stage then works without retraining and without measuring, and says so, or refuses.
+    `earlier` holds the results of the stages run before this one in the same run, by stage
+    name (what a stage may build on, such as the posterior variational dropout recorded).
     """
 
     loaders: Loaders | None
@@ -95,6 +97,7 @@ class StageContext:
     model_name: str | None = None
     metadata: dict = field(default_factory=dict)
     protect: tuple = ()
+    earlier: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -207,6 +207,7 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
             progress=context.progress,
         )
         log["epochs"] = [vars(record) for record in result.history.epochs]
+        log["posterior_std"] = result.posterior_std  # for `quantize: {bits_from: posterior}`
     else:
         rule = _mask_rule(settings)
         history = iterative_pruning(

@@ -19,6 +19,7 @@ from deepshrink.stages.retraining import criterion, fine_tune
 from deepshrink.train import evaluate
 
 METHODS = ("kmeans", "soft")
+BITS_FROM = ("settings", "posterior")
 INITS = ("linear", "density", "forgy", "optimal", "grouped")
 OPTIMIZERS = ("sgd", "adam")
 RECORD_ARRAYS = ("initial_centroids", "centroids", "sample")
@@ -46,6 +47,16 @@ class QuantizeSettings:
         metadata=layer_globs(
             between(1, 16), help="bits per weight for LAYER, 1 to 16 (default: 8 for conv, 5 for fc, as in the paper)"
         ),
+    )
+    bits_from: str = field(
+        default="settings",
+        metadata=choices(
+            *BITS_FROM,
+            help="settings: `bits` (or the paper's defaults); posterior: each layer's width from variational "
+            "dropout's posterior in the same run, the widest codebook no finer than the kept weights' mean "
+            "posterior standard deviation (Louizos et al. 2017)",
+        )
+        | {"recorded_when_set": True},
     )
     init: str = field(
         default="linear", metadata=choices(*INITS, help="centroid initialisation (linear: the paper's best)")
@@ -95,6 +106,11 @@ class QuantizeSettings:
                 "quantize method soft takes no bits: its mixture's `components` set the codebook "
                 "(17: zero and 16 values, 5 bits); choose the weights with `layers`"
             )
+        if self.bits_from == "posterior" and (self.method != "kmeans" or self.bits is not None):
+            raise ConfigError(
+                "bits_from: posterior chooses every layer's bits for k-means sharing: leave out `bits` "
+                "(and use method kmeans), or drop bits_from"
+            )
         if self.method == "kmeans" and self.layers is not None:
             raise ConfigError("layers goes with method soft; k-means sharing takes bits: {LAYER_GLOB: BITS}")
 
@@ -120,7 +136,8 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
     if settings.method == "soft":
         records = _soft_sharing(model, settings, context, log)
     else:
-        records = share_weights(model, settings.bits, settings.init, seed=context.seed)
+        bits = _posterior_bits(model, context, log) if settings.bits_from == "posterior" else settings.bits
+        records = share_weights(model, bits, settings.init, seed=context.seed)
     log |= {
         "init": settings.init if settings.method == "kmeans" else "mixture",
         "bits": {name: record.bits for name, record in records.items()},
@@ -158,6 +175,23 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
     if epochs:
         log["epochs"] = [vars(record) for record in epochs]
     return StageResult("quantize", log, metrics, tensors=tensors)
+
+
+def _posterior_bits(model: nn.Module, context: StageContext, log: dict) -> dict[str, int]:
+    """The bits `posterior_bits` chooses from the posterior the prune stage recorded in this run."""
+    from deepshrink.layers import select_weights
+    from deepshrink.quantize.shared import posterior_bits
+
+    earlier = context.earlier.get("prune")
+    posterior = None if earlier is None else earlier.log.get("posterior_std")
+    if posterior is None:
+        raise ConfigError(
+            "quantize: bits_from: posterior needs variational dropout's posterior from the same run: add "
+            "`prune: {method: variational}` before it (a prune stage cached before posteriors were recorded "
+            "lacks it: delete its files under the run directory's stages/), or give `bits` instead"
+        )
+    log["posterior_std"] = dict(posterior)
+    return posterior_bits(select_weights(model, None), posterior)
 
 
 def _soft_sharing(model: nn.Module, settings: QuantizeSettings, context: StageContext, log: dict) -> dict:
@@ -223,7 +257,16 @@ def summarize(model: nn.Module, result: StageResult) -> str:
     """
     from deepshrink.quantize.report import format_sharing_table
 
-    return format_sharing_table(result.log["layers"])
+    table = format_sharing_table(result.log["layers"])
+    posterior = result.log.get("posterior_std")
+    if not posterior:
+        return table
+    chosen = ", ".join(
+        f"{name} {result.log['bits'][name]} (sigma {sigma:.3g})"
+        for name, sigma in posterior.items()
+        if name in result.log["bits"]
+    )
+    return f"{table}\nbits from variational dropout's posterior (mean sigma of the kept weights): {chosen}"
 
 
 STAGE = register_stage(
