@@ -19,6 +19,7 @@ from deepshrink.prune.variational import (
     VariationalWeight,
     finish_variational,
     negative_kl,
+    posterior_resolution,
     start_variational,
     variational_dropout,
 )
@@ -130,8 +131,13 @@ def test_posterior_std_averages_sigma_over_the_kept_weights_only():
     assert posterior["fc2"] == pytest.approx(np.exp(-15.0), rel=1e-6)
     with torch.no_grad():  # nothing of fc2 kept: no posterior to report for it
         state.parametrizations["fc2"].log_sigma2.fill_(30.0)
-    assert set(state.posterior_std()) == {"fc1"}
+    posterior = state.posterior_std()
+    assert set(posterior) == {"fc1"}
     finish_variational(state)
+    with torch.no_grad():  # what the masks hide does not count, however large
+        model.fc1.parametrizations.weight.original[:100] = 1e3
+    resolution = posterior_resolution(model, posterior)
+    assert resolution == {"fc1": {"sigma": posterior["fc1"], "span": float(theta[100:].max() - theta[100:].min())}}
 
 
 def test_refuses_weights_that_are_already_pruned_and_leaves_an_interrupted_model_plain():
@@ -220,21 +226,23 @@ def test_variational_pruning_through_the_pipeline_prunes_most_weights_at_little_
 
     # The same pruned network (the prune stage from the cache, its posterior with it), each
     # layer's bits chosen from that posterior instead.
-    posterior = stage.result.log["posterior_std"]
-    assert set(posterior) == {"fc1", "fc2", "fc3"} and all(0 < value < 1 for value in posterior.values())
+    posterior = stage.result.log["posterior"]
+    assert set(posterior) == {"fc1", "fc2", "fc3"}
+    assert all(0 < entry["sigma"] < entry["span"] < 10 for entry in posterior.values()), posterior
     recipe["quantize"] = {"bits_from": "posterior", "finetune_epochs": 0}
     again = deepshrink.run(reference, recipe, small_data, run_dir=tmp_path, model_name="lenet-300-100", progress=False)
     assert next(stage for stage in again.stages if stage.name == "prune").cached
     quantize = next(stage for stage in again.stages if stage.name == "quantize").result
+    assert quantize.log["posterior"] == posterior
     decoded, _ = deepshrink.load_compressed(again.path)
     for name, weight in compressible_weights(decoded).items():
         # Linear initialisation spaces the first centroids from the kept weights' minimum to
-        # their maximum, so the record gives the range the rule saw.
+        # their maximum: the span the prune stage recorded is the one sharing saw.
         start = quantize.tensors[f"{name}/initial_centroids"]
+        assert float(start.max() - start.min()) == pytest.approx(posterior[name]["span"], rel=1e-6)
         bits = quantize.log["bits"][name]
-        assert bits == min(max(int(np.floor(np.log2(float(start.max() - start.min()) / posterior[name]))), 1), 8)
+        assert bits == min(max(int(np.floor(np.log2(posterior[name]["span"] / posterior[name]["sigma"]))), 1), 8)
         assert torch.unique(weight.value).numel() <= 2**bits
-    assert quantize.log["posterior_std"] == posterior
 
 
 def test_the_figure_6_sweep_adds_the_new_methods_only_where_asked(small_data, small_lenet_state, tmp_path):

@@ -37,7 +37,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from deepshrink.errors import ConfigError
 from deepshrink.layers import Weight, called_by_its_parents, select_weights
-from deepshrink.prune.module import prune_weight
+from deepshrink.prune.module import prune_weight, pruning_mask_of
 from deepshrink.train import History, RegularizedLoss, TrainConfig, fit, training_set_size
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
@@ -167,8 +167,8 @@ class VariationalState:
 
     def posterior_std(self) -> dict[str, float]:
         """Each weight tensor's mean posterior standard deviation, sigma = exp(log sigma^2 / 2),
-        over the weights its mask keeps: how finely the data pins those weights down, which
-        `quantize.posterior_bits` turns into a codebook width (Louizos et al. 2017, Section 5).
+        over the weights its mask keeps: how finely the data pins those weights down
+        (`posterior_resolution` sets it against the weights' span for a codebook width).
 
         Returns:
             {weight name: mean sigma of the kept weights}; a tensor with nothing kept is left out.
@@ -242,6 +242,34 @@ def _remove(state: VariationalState) -> None:
     state.hooks.clear()
     for weight in state.weights.values():
         weight.remove_parametrizations(leave_parametrized=False)
+
+
+def posterior_resolution(model: nn.Module, posterior_std: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The posterior's resolution of each weight tensor as the model now stands: the kept
+    weights' span (max - min) beside their mean posterior standard deviation. Taken where
+    pruning ends, before BatchNorm folding rescales channels, so that the two are in the same
+    units; `quantize.shared.posterior_bits` turns span / sigma into a codebook width.
+
+    Args:
+        model: the pruned model (its weights under pruning masks, or plain).
+        posterior_std: {weight name: mean sigma of its kept weights} (`VariationalResult`).
+
+    Returns:
+        {weight name: {"sigma": ..., "span": ...}} for the tensors with a posterior and at least
+        one kept weight.
+    """
+    resolution = {}
+    weights = select_weights(model, None)
+    for name, sigma in posterior_std.items():
+        weight = weights.get(name)
+        if weight is None:
+            continue
+        mask = pruning_mask_of(weight)
+        values = weight.value.detach()
+        kept = values[mask.mask] if mask is not None else values[values != 0]
+        if kept.numel():
+            resolution[name] = {"sigma": float(sigma), "span": float(kept.max() - kept.min())}
+    return resolution
 
 
 @dataclass

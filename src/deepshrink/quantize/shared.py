@@ -210,17 +210,17 @@ def default_bits(layers: Mapping[str, Weight]) -> dict[str, int]:
 POSTERIOR_BITS_RANGE = (1, 8)
 
 
-def posterior_bits(layers: Mapping[str, Weight], posterior_std: Mapping[str, float]) -> dict[str, int]:
+def posterior_bits(layers: Mapping[str, Weight], posterior: Mapping[str, Mapping[str, float]]) -> dict[str, int]:
     """Each layer's width from its posterior (Louizos et al. 2017, Section 5, for a codebook):
-    the most bits whose evenly spaced codebook over the layer's kept weights, (max - min) /
-    2^bits apart, is no finer than their mean posterior standard deviation, i.e. floor(log2(
-    (max - min) / sigma)) within POSTERIOR_BITS_RANGE. Finer centroids would encode digits the
-    data never pinned down. A layer without a posterior (not under variational dropout) gets the
-    paper's default.
+    the most bits whose evenly spaced codebook over the layer's kept weights, span / 2^bits
+    apart, is no finer than their mean posterior standard deviation sigma, i.e.
+    floor(log2(span / sigma)) within POSTERIOR_BITS_RANGE. Finer centroids would encode digits
+    the data never pinned down. A layer without a posterior (not under variational dropout) gets
+    the paper's default.
 
     Args:
-        layers: {name: Weight}, already pruned.
-        posterior_std: {name: the kept weights' mean posterior standard deviation}.
+        layers: {name: Weight}: the layers to share.
+        posterior: {name: {"sigma": ..., "span": ...}} (`prune.variational.posterior_resolution`).
 
     Returns:
         {name: bits}.
@@ -228,16 +228,13 @@ def posterior_bits(layers: Mapping[str, Weight], posterior_std: Mapping[str, flo
     low, high = POSTERIOR_BITS_RANGE
     chosen = {}
     for name, layer in layers.items():
-        sigma = posterior_std.get(name)
-        mask = pruning_mask_of(layer)
-        values = layer.value.detach()
-        kept = values[mask.mask.bool()] if mask is not None else values.flatten()
-        if sigma is None or not sigma > 0 or kept.numel() < 2:
+        entry = posterior.get(name)
+        if entry is None or not entry["sigma"] > 0:
             chosen[name] = paper_default_bits(layer)
-            continue
-        span = float(kept.max() - kept.min())
-        width = math.floor(math.log2(span / sigma)) if span > 0 else low
-        chosen[name] = min(max(width, low), high)
+        elif not entry["span"] > 0:
+            chosen[name] = low  # one kept value, or all equal
+        else:
+            chosen[name] = min(max(math.floor(math.log2(entry["span"] / entry["sigma"])), low), high)
     return chosen
 
 

@@ -164,7 +164,7 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
     from deepshrink.prune.schedule import iterative_pruning
     from deepshrink.prune.statistics import as_dicts, layer_statistics, totals
     from deepshrink.prune.surgery import dynamic_network_surgery
-    from deepshrink.prune.variational import variational_dropout
+    from deepshrink.prune.variational import posterior_resolution, variational_dropout
 
     if not settings.has_target:
         raise ConfigError(f"prune: {settings.missing_target()}")
@@ -207,7 +207,6 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
             progress=context.progress,
         )
         log["epochs"] = [vars(record) for record in result.history.epochs]
-        log["posterior_std"] = result.posterior_std  # for `quantize: {bits_from: posterior}`
     else:
         rule = _mask_rule(settings)
         history = iterative_pruning(
@@ -234,6 +233,8 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
         loader=train_loader,
     )
     _clear_dead_units(model, settings, log)
+    if settings.method == "variational":  # for `quantize: {bits_from: posterior}`
+        log["posterior"] = posterior_resolution(model, result.posterior_std)
     metrics = {"validation_metric": evaluate(model, loaders.validation, context.device, context.task).metric}
     rows = layer_statistics(model, next(iter(loaders.validation))[0][:2])
     log["layers"] = as_dicts(rows)

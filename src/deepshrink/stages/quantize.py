@@ -183,14 +183,14 @@ def _posterior_bits(model: nn.Module, context: StageContext, log: dict) -> dict[
     from deepshrink.quantize.shared import posterior_bits
 
     earlier = context.earlier.get("prune")
-    posterior = None if earlier is None else earlier.log.get("posterior_std")
+    posterior = None if earlier is None else earlier.log.get("posterior")
     if posterior is None:
         raise ConfigError(
             "quantize: bits_from: posterior needs variational dropout's posterior from the same run: add "
             "`prune: {method: variational}` before it (a prune stage cached before posteriors were recorded "
             "lacks it: delete its files under the run directory's stages/), or give `bits` instead"
         )
-    log["posterior_std"] = dict(posterior)
+    log["posterior"] = dict(posterior)
     return posterior_bits(select_weights(model, None), posterior)
 
 
@@ -258,15 +258,17 @@ def summarize(model: nn.Module, result: StageResult) -> str:
     from deepshrink.quantize.report import format_sharing_table
 
     table = format_sharing_table(result.log["layers"])
-    posterior = result.log.get("posterior_std")
+    posterior = result.log.get("posterior")
     if not posterior:
         return table
     chosen = ", ".join(
-        f"{name} {result.log['bits'][name]} (sigma {sigma:.3g})"
-        for name, sigma in posterior.items()
-        if name in result.log["bits"]
+        f"{name} {result.log['bits'][name]} (span / sigma {entry['span'] / entry['sigma']:.1f})"
+        for name, entry in posterior.items()
+        if name in result.log["bits"] and entry["sigma"] > 0
     )
-    return f"{table}\nbits from variational dropout's posterior (mean sigma of the kept weights): {chosen}"
+    return (
+        f"{table}\nbits from variational dropout's posterior (the kept weights' span over their mean sigma): {chosen}"
+    )
 
 
 STAGE = register_stage(
