@@ -37,7 +37,7 @@ def pruned_lenet(sparsity=0.9):
 
 
 @settings(max_examples=200, deadline=None)
-@given(span=st.floats(0.0, 10.0), sigma=st.floats(1e-6, 20.0))
+@given(span=st.floats(0.0, 1e6), sigma=st.floats(0.0, 20.0, exclude_min=True))
 def test_posterior_bits_give_the_finest_spacing_not_below_sigma(span, sigma):
     """The widths `posterior_bits` picks: codebook spacing span / 2^bits at least the
     posterior's sigma, and one more bit would go below it, except where POSTERIOR_BITS_RANGE
@@ -50,6 +50,7 @@ def test_posterior_bits_give_the_finest_spacing_not_below_sigma(span, sigma):
         assert span / 2**bits >= sigma * (1 - 1e-9)
     if bits < high:
         assert span / 2 ** (bits + 1) < sigma * (1 + 1e-9)
+    assert posterior_bits(select_weights(_lenet(), None), {"fc2": {"sigma": sigma, "span": span}})["fc1"] == 5
     assert {name: chosen[name] for name in ("conv1", "conv2", "fc2")} == {"conv1": 8, "conv2": 8, "fc2": 5}
 
 

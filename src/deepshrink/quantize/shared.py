@@ -231,10 +231,14 @@ def posterior_bits(layers: Mapping[str, Weight], posterior: Mapping[str, Mapping
         entry = posterior.get(name)
         if entry is None or not entry["sigma"] > 0:
             chosen[name] = paper_default_bits(layer)
-        elif not entry["span"] > 0:
-            chosen[name] = low  # one kept value, or all equal
+            continue
+        ratio = entry["span"] / entry["sigma"]
+        if not ratio > 0:  # one kept value, all equal, or a span too small to tell from zero
+            chosen[name] = low
+        elif not math.isfinite(ratio):
+            chosen[name] = high
         else:
-            chosen[name] = min(max(math.floor(math.log2(entry["span"] / entry["sigma"])), low), high)
+            chosen[name] = min(max(math.floor(math.log2(ratio)), low), high)
     return chosen
 
 
