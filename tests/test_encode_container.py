@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepshrink.encode.container import (
+    HEADER_DICTIONARY,
     MAGIC,
     MAX_JSON_DEPTH,
     MINOR_VERSION,
@@ -36,7 +37,9 @@ def test_same_input_same_bytes_and_aligned_buffers():
     data = to_bytes(HEADER, BUFFERS)
     assert data == to_bytes(dict(reversed(list(HEADER.items()))), BUFFERS)
     header_length = struct.unpack_from("<Q", data, 16)[0]
-    table = json.loads(zlib.decompressobj().decompress(data[PREAMBLE.size : PREAMBLE.size + header_length]))["buffers"]
+    # A plain zlib inflater given the preset dictionary reads the header, as in any language.
+    inflater = zlib.decompressobj(zdict=HEADER_DICTIONARY)
+    table = json.loads(inflater.decompress(data[PREAMBLE.size : PREAMBLE.size + header_length]))["buffers"]
     assert all((PREAMBLE.size + header_length + entry["offset"]) % 8 == 0 for entry in table)
 
 
@@ -85,6 +88,52 @@ def lying(header: dict, buffers=(b"abcdefgh",), major: int = 2) -> bytes:
 def framed(encoded: bytes, major: int = 2) -> bytes:
     checksum = zlib.crc32(encoded, zlib.crc32(struct.pack("<HH", major, 0)))
     return PREAMBLE.pack(MAGIC, major, 0, checksum, len(encoded)) + encoded
+
+
+# The preset dictionary is part of format 2.3: files written with it read only with these bytes.
+HEADER_DICTIONARY_ADLER32 = 0x5CAC4C06
+HEADER_DICTIONARY_LENGTH = 15881
+
+
+def test_the_header_dictionary_never_changes():
+    assert (zlib.adler32(HEADER_DICTIONARY), len(HEADER_DICTIONARY)) == (
+        HEADER_DICTIONARY_ADLER32,
+        HEADER_DICTIONARY_LENGTH,
+    ), "a changed header dictionary breaks every 2.3 file: add it as a new one, with a new minor version"
+
+
+def test_the_dictionary_shortens_a_real_header_and_is_named_in_the_stream(tmp_path):
+    """A pruned, weight-shared LeNet-300-100's header (not one the dictionary was made from)
+    deflates to under 70% of its plain-deflate size (63%), and the stream carries zlib's FDICT
+    flag and the dictionary's id, so that any zlib reads it given the dictionary."""
+    import torch
+
+    import deepshrink
+    from deepshrink.layers import select_weights
+    from deepshrink.models import build_model
+    from deepshrink.prune.masks import sparsity_mask
+    from deepshrink.prune.module import apply_masks
+    from deepshrink.quantize.shared import share_weights
+
+    torch.manual_seed(0)
+    model = build_model("lenet-300-100")
+    apply_masks(model, {layer: sparsity_mask(module.value, 0.95) for layer, module in select_weights(model).items()})
+    share_weights(model, None)
+    data = deepshrink.save_compressed(model, tmp_path / "m.dcz", model_name="lenet-300-100").read_bytes()
+    header_length = struct.unpack_from("<Q", data, 16)[0]
+    stored = data[PREAMBLE.size : PREAMBLE.size + header_length].rstrip(b"\0")
+    text = zlib.decompressobj(zdict=HEADER_DICTIONARY).decompress(stored)
+    assert stored[1] & 0x20 and int.from_bytes(stored[2:6], "big") == zlib.adler32(HEADER_DICTIONARY)
+    assert len(stored) < 0.7 * len(zlib.compress(text, 9)), (len(stored), len(zlib.compress(text, 9)))
+    assert struct.unpack_from("<H", data, 10)[0] == MINOR_VERSION == 3
+
+
+def test_a_header_deflated_against_another_dictionary_is_refused():
+    text = json.dumps({"buffers": []}).encode()
+    deflater = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, b'{"buffers":[]} another dictionary')
+    encoded = deflater.compress(text) + deflater.flush()
+    with pytest.raises(FormatError, match=r"preset dictionary 0x[0-9a-f]{8}.*newer deepshrink"):
+        from_bytes(framed(encoded + b"\0" * (-len(encoded) % 8)))
 
 
 def test_version_1_files_with_a_plain_json_header_are_still_read():

@@ -3,6 +3,9 @@ raw, and with a file from a stranger never able to make a frame decode to more t
 
 from __future__ import annotations
 
+import json
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +75,12 @@ def test_a_model_of_mostly_unshared_tensors_is_smaller_than_zstd_of_its_state_di
         assert torch.equal(decoded.state_dict()[name], tensor), name
 
 
+def plain_deflated_header(header: dict) -> bytes:
+    """The stored header as format 2.0-2.2 wrote it: zlib without a preset dictionary."""
+    encoded = zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), 9)
+    return encoded + b"\0" * (-len(encoded) % container.ALIGNMENT)
+
+
 def test_version_2_0_files_still_read(tmp_path, monkeypatch):
     model = nn.Sequential(nn.Linear(8, 4))
     loaded = container.read(deepshrink.save_compressed(model, tmp_path / "m.dcz", model_name="x"))
@@ -81,10 +90,12 @@ def test_version_2_0_files_still_read(tmp_path, monkeypatch):
         record["encoding"] = "raw"
         buffers[record["data"]] = model.state_dict()[record["name"]].detach().numpy().tobytes()
     monkeypatch.setattr(container, "MINOR_VERSION", 0)
+    # and its header deflated without the preset dictionary (which 2.3 added)
+    monkeypatch.setattr(container, "encode_header", plain_deflated_header)
     old = tmp_path / "old.dcz"
     old.write_bytes(container.to_bytes(header, buffers))
     monkeypatch.undo()
-    assert old.read_bytes()[10:12] == b"\0\0"
+    assert old.read_bytes()[10:12] == b"\0\0" and not old.read_bytes()[container.PREAMBLE.size + 1] & 0x20
     decoded, _ = deepshrink.load_compressed(old, nn.Sequential(nn.Linear(8, 4)))
     assert torch.equal(decoded[0].weight, model[0].weight) and torch.equal(decoded[0].bias, model[0].bias)
 
