@@ -168,3 +168,31 @@ def test_size_totals_are_right_for_a_partly_compressed_model(tmp_path):
     total_row = next(line for line in table.splitlines() if line.startswith("total (file)"))
     assert f"{100 * kept_fc1 / (300 * 784):.1f}%" in shared_row
     assert f"{everything:,}" in total_row and f"{100 * totals['all_kept'] / everything:.1f}%" in total_row
+
+
+def test_the_size_table_accounts_for_every_byte_of_a_file_of_either_header_format(tmp_path):
+    """The table's rows and its header row sum to the file's size, for a file written now and for
+    the same content framed as format 2.2 (header deflated without the dictionary), whose header
+    is larger: the size comes from the file, not from re-encoding its header."""
+    import json
+
+    import hostile
+
+    from deepshrink.compressed import file_sizes, save_compressed
+    from deepshrink.encode import container
+    from deepshrink.encode.sizes import format_size_table
+
+    model = compressed_model("lenet-300-100")
+    path = save_compressed(model, tmp_path / "m.dcz", model_name="lenet-300-100")
+    data = path.read_bytes()
+    header, data_start = container.parse_header(data)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    older = tmp_path / "older.dcz"
+    older.write_bytes(hostile.frame_json(text, data[data_start:], major=2, minor=1))
+    assert older.stat().st_size > path.stat().st_size
+    for written in (path, older):
+        rows, totals = file_sizes(written)
+        assert totals["file_bytes"] == written.stat().st_size
+        assert sum(row.bytes for row in rows) + totals["header_bytes"] == written.stat().st_size
+        header_row = next(line for line in format_size_table(rows, totals).splitlines() if line.startswith("header"))
+        assert header_row.split()[-1] == f"{totals['header_bytes']:,}"

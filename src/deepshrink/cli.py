@@ -348,7 +348,7 @@ def _command_inspect(args: argparse.Namespace) -> int:
     from deepshrink.encode.sizes import format_size_table, size_report
 
     header, checked = inspect_header(args.file, args.max_decoded_bytes, header_only=args.header_only)
-    rows, totals = size_report(header)
+    rows, totals = size_report(header, file_bytes=Path(args.file).stat().st_size)
     metadata = checked.metadata
     print(f"{args.file}: model {metadata.get('model')!r}, {metadata.get('library')}")
     print(format_size_table(rows, totals, markdown=args.markdown))

@@ -134,6 +134,23 @@ def inspect_header(
     return header, checked
 
 
+def file_sizes(path: str | os.PathLike) -> tuple[list, dict]:
+    """The per-tensor size table of a written .dcz file and its totals, the file's real size among them.
+
+    Args:
+        path: the .dcz file.
+
+    Returns:
+        (rows, totals) as `encode.sizes.size_report` gives them.
+
+    Raises:
+        FormatError: a malformed header.
+    """
+    from deepshrink.encode.sizes import size_report
+
+    return size_report(inspect_header(path)[0], file_bytes=Path(path).stat().st_size)
+
+
 def read_state_dict(path: str | os.PathLike, max_decoded_bytes: int | None = None):
     """The decoded plain state_dict and the file's metadata, without a model.
 

@@ -120,15 +120,18 @@ class LayerSize:
         return 32 * self.weights / self.fixed_bits if self.fixed_bits else None
 
 
-def size_report(header: dict) -> tuple[list[LayerSize], dict]:
+def size_report(header: dict, file_bytes: int | None = None) -> tuple[list[LayerSize], dict]:
     """Per-tensor sizes and totals from a header with its buffer table (container.read_header).
 
     Args:
         header: the header with its buffer table.
+        file_bytes: the written file's size, where there is one; without it the size is that of
+            the file this version would write (a file of an older format has another header size).
 
     Returns:
-        (rows, totals): a LayerSize per tensor, and {"file_bytes", "fp32_parameter_bytes",
-        "compression", "weights", "kept", "all_weights", "all_kept"}.
+        (rows, totals): a LayerSize per tensor, and {"file_bytes", "header_bytes" (the preamble,
+        header and padding: what no tensor owns), "fp32_parameter_bytes", "compression",
+        "weights", "kept", "all_weights", "all_kept"}.
     """
     table = header["buffers"]
     rows = []
@@ -164,14 +167,16 @@ def size_report(header: dict) -> tuple[list[LayerSize], dict]:
             )
         )
     metadata = header.get("metadata") or {}
-    file_bytes = (
-        container.PREAMBLE.size
-        + _header_bytes(header)
-        + sum(entry["length"] + (-entry["length"] % container.ALIGNMENT) for entry in table)
-    )
+    if file_bytes is None:
+        file_bytes = (
+            container.PREAMBLE.size
+            + _header_bytes(header)
+            + sum(entry["length"] + (-entry["length"] % container.ALIGNMENT) for entry in table)
+        )
     parameter_bytes = metadata.get("fp32_parameter_bytes") or 4 * sum(row.weights for row in rows)
     totals = {
         "file_bytes": file_bytes,
+        "header_bytes": file_bytes - sum(row.bytes for row in rows),
         "fp32_parameter_bytes": parameter_bytes,
         "compression": parameter_bytes / file_bytes,
         # Among the weight-shared tensors only, and among every tensor in the file (a tensor
@@ -242,6 +247,8 @@ def format_size_table(rows: list[LayerSize], totals: dict, markdown: bool = Fals
                 *[""] * 7,
             ]
         )
+    if "header_bytes" in totals:
+        body.append(["header (recipe, records, checksums), padding", *[""] * 8, f"{totals['header_bytes']:,}"])
     body.append(
         [
             "total (file)",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from deepshrink.compressed import inspect_header
-from deepshrink.encode.sizes import format_size_table, size_report
+from deepshrink.compressed import file_sizes
+from deepshrink.encode.sizes import format_size_table
 from deepshrink.files import atomic_output
 from deepshrink.paper import PAPER
 from deepshrink.report.figures import plot_codebooks, plot_distributions, plot_tradeoff
@@ -237,7 +237,7 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
         OutputError: a file cannot be written.
     """
     run_dir = Path(result.run_dir)
-    rows, totals = size_report(inspect_header(result.path)[0])
+    rows, totals = file_sizes(result.path)
     figures = _draw_figures(result, model, rows, tradeoff, run_dir)
     lines = _markdown_lines(result, rows, totals, figures, tradeoff)
     data = {
@@ -388,7 +388,7 @@ def stage_figure(model: nn.Module, stage_result, directory: Path) -> Path | None
         return plot_codebooks(model, records, directory / "codebooks.png")
     written = [Path(path) for path in stage_result.files if str(path).endswith(".dcz")]
     if written:
-        rows, _ = size_report(inspect_header(written[0])[0])
+        rows, _ = file_sizes(written[0])
         if any(row.weight_bits is not None for row in rows):
             return plot_distributions(written[0], directory / "distributions.png")
     return None
@@ -403,7 +403,7 @@ def summary(result) -> str:
     Returns:
         The text.
     """
-    rows, totals = size_report(inspect_header(result.path)[0])
+    rows, totals = file_sizes(result.path)
     parts = [format_size_table(rows, totals), "", table1(result)]
     comparison = paper_comparison(result.model_name, rows, markdown=False) if _paper_row(result) else None
     if comparison is not None:

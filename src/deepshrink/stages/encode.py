@@ -65,8 +65,7 @@ def encode_stage(model: nn.Module, settings: EncodeSettings, context: StageConte
     Raises:
         ConfigError: the context has no output path or model name.
     """
-    from deepshrink.compressed import inspect_header, save_compressed
-    from deepshrink.encode.sizes import size_report
+    from deepshrink.compressed import file_sizes, save_compressed
     from deepshrink.errors import ConfigError
 
     if context.output is None or context.model_name is None:
@@ -82,7 +81,7 @@ def encode_stage(model: nn.Module, settings: EncodeSettings, context: StageConte
         metadata=context.metadata,
         protect=context.protect,
     )
-    _, totals = size_report(inspect_header(path)[0])
+    _, totals = file_sizes(path)
     metrics = {"file_bytes": totals["file_bytes"], "compression": totals["compression"]}
     return StageResult("encode", {"file": Path(path).name}, metrics, files=[str(path)])
 
@@ -117,11 +116,11 @@ def summarize(model: nn.Module, result: StageResult) -> str:
     Returns:
         The per-layer size table, and the file's size against the fp32 parameters.
     """
-    from deepshrink.compressed import inspect_header
-    from deepshrink.encode.sizes import format_size_table, size_report
+    from deepshrink.compressed import file_sizes
+    from deepshrink.encode.sizes import format_size_table
 
     path = result.files[0]
-    rows, totals = size_report(inspect_header(path)[0])
+    rows, totals = file_sizes(path)
     return (
         f"{format_size_table(rows, totals)}\n"
         f"file: {path} ({totals['file_bytes']:,} bytes, {totals['compression']:.1f}x smaller than "
