@@ -248,7 +248,7 @@ def format_size_table(rows: list[LayerSize], totals: dict, markdown: bool = Fals
             ]
         )
     if "header_bytes" in totals:
-        body.append(["header (recipe, records, checksums), padding", *[""] * 8, f"{totals['header_bytes']:,}"])
+        body.append(["header and padding", *[""] * 8, f"{totals['header_bytes']:,}"])
     body.append(
         [
             "total (file)",
