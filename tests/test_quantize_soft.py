@@ -80,7 +80,7 @@ def test_soft_sharing_runs_on_a_sequential_model():
     model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5))
     with torch.no_grad():
         model[2].weight.mul_(20)  # a layer with ten times the other's range
-    ranges = {name: float(weight.value.abs().max()) for name, weight in compressible_weights(model).items()}
+    ranges = {name: float(weight.value.detach().abs().max()) for name, weight in compressible_weights(model).items()}
     data = torch.utils.data.TensorDataset(torch.randn(64, 40), torch.randint(0, 5, (64,)))
     loader = torch.utils.data.DataLoader(data, batch_size=32)
     result = soft.soft_weight_sharing(model, loader, TrainConfig(epochs=1), components=9, progress=False)
@@ -90,7 +90,7 @@ def test_soft_sharing_runs_on_a_sequential_model():
         # Each layer has its own mixture, spaced over its own range. One mixture over both put
         # every weight of the small layer into the zero component: means spaced for the large
         # layer's range lie beyond all of them.
-        assert float(weight.value.abs().max()) <= 1.1 * ranges[name], name
+        assert float(weight.value.detach().abs().max()) <= 1.1 * ranges[name], name
         assert float((weight.value != 0).double().mean()) >= 0.2 and torch.unique(weight.value).numel() >= 3, name
 
 
