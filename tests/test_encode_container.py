@@ -136,6 +136,23 @@ def test_a_header_deflated_against_another_dictionary_is_refused():
         from_bytes(framed(encoded + b"\0" * (-len(encoded) % 8)))
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.booleans())
+def test_a_stream_that_names_our_dictionary_but_holds_garbage_is_refused(body, whole):
+    """A zlib header with FDICT and our dictionary's id, then random deflate data (or a valid
+    stream cut short at a random place): a FormatError, never a crash; the checksum is right, so
+    only the inflating can refuse it."""
+    dictionary_id = zlib.adler32(HEADER_DICTIONARY).to_bytes(4, "big")
+    if whole:  # a real stream over our dictionary, truncated where the random bytes say
+        deflater = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, HEADER_DICTIONARY)
+        stream = deflater.compress(b'{"buffers":[],"format":"deepshrink-dcz"}') + deflater.flush()
+        encoded = stream[: len(body) % len(stream)]
+    else:
+        encoded = b"\x78\xf9" + dictionary_id + body  # 0x78f9: deflate, 32 KB window, FDICT, check bits right
+    with pytest.raises(FormatError):
+        from_bytes(framed(encoded + b"\0" * (-len(encoded) % 8)))
+
+
 def test_version_1_files_with_a_plain_json_header_are_still_read():
     header = {"buffers": [{"offset": 0, "length": 8, "crc32": zlib.crc32(b"abcdefgh")}], "format": "x"}
     for major in (1, 2):
