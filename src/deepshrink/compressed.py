@@ -13,7 +13,7 @@ from torch import nn
 
 from deepshrink import __version__
 from deepshrink.encode import container
-from deepshrink.encode.codec import decode_into, decode_state_dict, encode_model, minor_version, verify
+from deepshrink.encode.codec import decode_into, decode_state_dict, encode_model, verify
 from deepshrink.encode.schema import CheckedHeader, check_header
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import FormatError
@@ -69,7 +69,7 @@ def save_compressed(
             **(metadata or {}),
         },
     )
-    return container.write(path, header, buffers, protect=protect, minor_version=minor_version(header))
+    return container.write(path, header, buffers, protect=protect)
 
 
 def open_compressed(

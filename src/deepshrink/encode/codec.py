@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.encode import ans, container, huffman, lossless
+from deepshrink.encode import ans, huffman, lossless
 from deepshrink.encode.bitio import flush, put_bits
 from deepshrink.encode.schema import CODERS, FORMAT_NAME, CheckedHeader, check_header
 from deepshrink.encode.sparse import SparseLayout, as_matrix, check_entries, to_sparse, values_from_sparse
@@ -141,21 +141,6 @@ def _shared_record(name: str, layer: Weight, index_bits: int, layout: str, coder
         record.update(layout="dense", entries=int(codes.size), nonzeros=nonzeros)
         record["streams"] = {"codes": _encode_stream(codes.reshape(-1), 1 << bits, coder, bits, buffers)}
     return record
-
-
-def minor_version(header: dict) -> int:
-    """The lowest minor version of format 2 that reads a file of `header`, so that a file needs a
-    newer reader only when it uses something new. Every header is now deflated against the preset
-    dictionary, which needs 2.3; the records' own features are older (`ans`, 2.2; `zstd`, 2.1).
-
-    Args:
-        header: the header encode_model made.
-
-    Returns:
-        The minor version to write.
-    """
-    records = 2 if any(record.get("coder") == "ans" for record in header["tensors"]) else 1
-    return max(container.HEADER_DICTIONARY_MINOR_VERSION, records)
 
 
 def index_widths(layers: dict[str, Weight], index_bits: dict[str, int] | None) -> dict[str, int]:

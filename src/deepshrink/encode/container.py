@@ -58,15 +58,16 @@ class Container:
     buffers: list[bytes]
 
 
-def to_bytes(header: dict, buffers: list[bytes], minor_version: int | None = None) -> bytes:
+def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
     """Serialise deterministically: sorted JSON keys, fixed padding, buffers in order.
+
+    Every file is MINOR_VERSION: its header is deflated against HEADER_DICTIONARY, which needs
+    2.3, and no record needs more (a writer records the lowest minor version that reads the file;
+    a later feature would be written at a higher one only where a record uses it).
 
     Args:
         header: the header, without its buffer table.
         buffers: the buffers.
-        minor_version: the minor version to write (default MINOR_VERSION); a writer gives the
-            lowest that reads what the header holds (`codec.minor_version`), so that older
-            readers read every file that needs nothing newer.
 
     Returns:
         The whole file.
@@ -81,9 +82,8 @@ def to_bytes(header: dict, buffers: list[bytes], minor_version: int | None = Non
         table.append({"offset": offset, "length": len(buffer), "crc32": zlib.crc32(buffer)})
         offset += len(buffer) + _padding(len(buffer))
     encoded = encode_header({**header, "buffers": table})
-    minor = MINOR_VERSION if minor_version is None else minor_version
-    checksum = zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(MAJOR_VERSION, minor)))
-    parts = [PREAMBLE.pack(MAGIC, MAJOR_VERSION, minor, checksum, len(encoded)), encoded]
+    checksum = zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(MAJOR_VERSION, MINOR_VERSION)))
+    parts = [PREAMBLE.pack(MAGIC, MAJOR_VERSION, MINOR_VERSION, checksum, len(encoded)), encoded]
     for buffer in buffers:
         parts += [bytes(buffer), b"\0" * _padding(len(buffer))]
     return b"".join(parts)
@@ -139,18 +139,16 @@ def _inflater(encoded: bytes, source: str):
     is_zlib = len(encoded) >= 2 and encoded[0] & 0x0F == 8 and (encoded[0] << 8 | encoded[1]) % 31 == 0
     if not is_zlib or not encoded[1] & ZLIB_PRESET_DICTIONARY_FLAG:
         return zlib.decompressobj()  # which refuses what is not a zlib stream
-    dictionary_id = int.from_bytes(encoded[2:6], "big")
-    if len(encoded) < 6 or dictionary_id != HEADER_DICTIONARY_ID:
+    dictionary_id = int.from_bytes(encoded[2:6], "big") if len(encoded) >= 6 else None
+    if dictionary_id != HEADER_DICTIONARY_ID:
         raise FormatError(
-            f"{source}: the header was deflated against preset dictionary {dictionary_id:#010x}; this version "
+            f"{source}: the header was deflated against preset dictionary {dictionary_id or 0:#010x}; this version "
             f"of deepshrink knows only {HEADER_DICTIONARY_ID:#010x} (format 2.3): read it with a newer deepshrink"
         )
     return zlib.decompressobj(zdict=HEADER_DICTIONARY)
 
 
-def write(
-    path: str | os.PathLike, header: dict, buffers: list[bytes], protect=(), minor_version: int | None = None
-) -> Path:
+def write(path: str | os.PathLike, header: dict, buffers: list[bytes], protect=()) -> Path:
     """Write atomically: a temporary file beside `path`, renamed into place when complete.
 
     Args:
@@ -158,7 +156,6 @@ def write(
         header: the header, without its buffer table.
         buffers: the buffers.
         protect: input paths that `path` must not be.
-        minor_version: see `to_bytes`.
 
     Returns:
         `path` as a Path.
@@ -167,7 +164,7 @@ def write(
         ConfigError: `path` is one of `protect`.
         OutputError: `path` cannot be written.
     """
-    data = to_bytes(header, buffers, minor_version)
+    data = to_bytes(header, buffers)
     with atomic_output(path, protect=protect) as temporary:
         temporary.write_bytes(data)
     return Path(path)

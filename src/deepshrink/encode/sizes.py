@@ -247,8 +247,7 @@ def format_size_table(rows: list[LayerSize], totals: dict, markdown: bool = Fals
                 *[""] * 7,
             ]
         )
-    if "header_bytes" in totals:
-        body.append(["header and padding", *[""] * 8, f"{totals['header_bytes']:,}"])
+    body.append(["header and padding", *[""] * 8, f"{totals['header_bytes']:,}"])
     body.append(
         [
             "total (file)",
