@@ -110,3 +110,14 @@ def test_shipped_recipes_load_by_name():
     assert load_recipe("lenet-300-100").model == "lenet-300-100"
     with pytest.raises(ConfigError, match="shipped recipe: .*lenet-300-100"):
         load_recipe("lenet-301")
+
+
+def test_distill_mixup_is_recorded_only_when_set():
+    """A nested setting added later (distill's mixup) leaves the keys of recipes without it as
+    they were, and changes them when set."""
+    plain = parse_recipe("prune: {sparsity: {fc1: 0.5}, distill: {temperature: 3}}\n").section("prune")
+    assert plain["distill"] == {"temperature": 3.0, "alpha": 0.5}
+    mixed = parse_recipe("prune: {sparsity: {fc1: 0.5}, distill: {temperature: 3, mixup: 1}}\n").section("prune")
+    assert mixed["distill"] == {"temperature": 3.0, "alpha": 0.5, "mixup": 1.0}
+    with pytest.raises(ConfigError, match="mixup"):
+        parse_recipe("prune: {sparsity: {fc1: 0.5}, distill: {mixup: -1}}\n")

@@ -8,6 +8,14 @@ gradient with respect to the student's logits is (softmax(student / T) - softmax
 per example, which T^2 turns into T * (difference of softened probabilities)). Other tasks match
 the teacher's outputs directly (MSE, cosine, or BCE against its probabilities), since a softmax
 over an embedding or a regression output carries almost no signal. alpha = 0 is the task loss.
+
+With `mixup` > 0 the soft term also covers a mixed copy of every batch (Beyer et al. 2022,
+"Knowledge distillation: a good teacher is patient and consistent"): each example blended with
+another of the batch, lambda * x + (1 - lambda) * x', lambda ~ Beta(mixup, mixup) per example.
+The teacher labels those points too, so the student learns the teacher's function between the
+training examples rather than at them alone, which a student with a few percent of the
+teacher's weights overfits otherwise. Blending needs real-valued inputs (not token ids); it
+makes no assumption about their shape, and the hard term stays on the batch itself.
 """
 
 from __future__ import annotations
@@ -23,8 +31,15 @@ class DistillationLoss:
     """A `criterion(outputs, targets, inputs)` for deepshrink.train.fit with a frozen teacher."""
 
     def __init__(
-        self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.5, task: Task | None = None
+        self,
+        teacher: nn.Module,
+        temperature: float = 4.0,
+        alpha: float = 0.5,
+        task: Task | None = None,
+        mixup: float = 0.0,
     ) -> None:
+        if not mixup >= 0:
+            raise ConfigError(f"mixup={mixup!r} should be 0 (off) or a positive Beta concentration, e.g. 1")
         if not temperature > 0:
             raise ConfigError(f"temperature={temperature!r} should be positive, e.g. 4")
         if not 0 <= alpha <= 1:
@@ -35,20 +50,39 @@ class DistillationLoss:
         self.temperature = temperature
         self.alpha = alpha
         self.task = task if task is not None else classification()
+        self.mixup = mixup
+        if mixup > 0 and alpha > 0:
+            # fit appends these rows to each batch; without a soft term they would teach nothing.
+            self.extra_inputs = self._mixed_inputs
+
+    def _mixed_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Each example blended with another of the batch, lambda ~ Beta(mixup, mixup) each."""
+        if not inputs.is_floating_point():
+            raise ConfigError(
+                f"distill mixup={self.mixup} blends inputs, but this model's are {inputs.dtype} "
+                f"(token ids or labels cannot be blended); set distill's mixup to 0"
+            )
+        concentration = torch.tensor(float(self.mixup))
+        weights = torch.distributions.Beta(concentration, concentration).sample((len(inputs),))
+        weights = weights.to(inputs.device, inputs.dtype).view(-1, *([1] * (inputs.dim() - 1)))
+        partners = inputs[torch.randperm(len(inputs), device=inputs.device)]
+        return weights * inputs + (1 - weights) * partners
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """The blended loss of one batch.
 
         Args:
             outputs: the student's outputs for `inputs`.
-            targets: the batch's targets.
+            targets: the batch's targets, one per row of `outputs` or, with mixup, per row of
+                its first part (the mixed rows that follow have none).
             inputs: the batch's inputs, which the teacher sees (without gradients).
 
         Returns:
-            `alpha` x the task's distillation loss + (1 - `alpha`) x its ordinary loss; the ordinary
-            loss alone when `alpha` is 0 (the teacher is not run).
+            `alpha` x the task's distillation loss (over every row) + (1 - `alpha`) x its
+            ordinary loss (over the rows with targets); the ordinary loss alone when `alpha` is 0
+            (the teacher is not run).
         """
-        hard = self.task.loss(outputs, targets)
+        hard = self.task.loss(outputs[: len(targets)], targets)
         if self.alpha == 0:
             return hard
         self.teacher.to(inputs.device)

@@ -195,8 +195,9 @@ class Recipe:
 
     def section(self, name: str) -> dict | None:
         """A stage's or section's settings as plain data (for cache keys and reports). A field
-        marked `recorded_when_set` appears only when it is not its default, so that adding one
-        leaves earlier recipes' keys, and the files that record them, as they were.
+        marked `recorded_when_set` (in nested settings too, such as `distill`) appears only when
+        it is not its default, so that adding one leaves earlier recipes' keys, and the files
+        that record them, as they were.
 
         Args:
             name: a stage name, or "tradeoff".
@@ -207,12 +208,7 @@ class Recipe:
         value = getattr(self, name)
         if value is None:
             return None
-        data = dataclasses.asdict(value)
-        for item in dataclasses.fields(value):
-            default = item.default_factory() if item.default is dataclasses.MISSING else item.default
-            if item.metadata.get("recorded_when_set") and getattr(value, item.name) == default:
-                del data[item.name]
-        return data
+        return _recorded(value)
 
     def to_dict(self) -> dict:
         """The recipe as plain data: its fields, and one entry per registered stage (None when left out).
@@ -481,3 +477,21 @@ def _scalar(hint, metadata, node: yaml.Node, path: str, where: str):
         raise ConfigError(f"{where}: {path} is {raw}; it should be a finite number")
     check_value(raw, metadata, f"{where}: {path} is {raw!r}; it")
     return raw
+
+
+def _recorded(value) -> dict:
+    """Settings as plain data (`dataclasses.asdict`), less the `recorded_when_set` fields left at
+    their defaults, at every level of nesting."""
+    data = dataclasses.asdict(value)
+    _drop_unset(value, data)
+    return data
+
+
+def _drop_unset(value, data: dict) -> None:
+    for item in dataclasses.fields(value):
+        default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+        field_value = getattr(value, item.name)
+        if item.metadata.get("recorded_when_set") and field_value == default:
+            del data[item.name]
+        elif dataclasses.is_dataclass(field_value):
+            _drop_unset(field_value, data[item.name])

@@ -112,6 +112,11 @@ class DistillSettings:
 
     temperature: float = field(default=4.0, metadata=between(1e-6, help="softmax temperature of both models"))
     alpha: float = field(default=0.5, metadata=between(0.0, 1.0, help="weight of the soft-target loss"))
+    mixup: float = field(
+        default=0.0,
+        metadata=between(0.0, help="Beta concentration of the mixed examples the teacher also labels; 0: none")
+        | {"recorded_when_set": True},
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)

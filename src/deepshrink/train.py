@@ -261,7 +261,9 @@ def fit(
         task: the Task (or its name) whose loss trains and whose metric is logged; default
             classification (cross-entropy, top-1 accuracy).
         criterion: criterion(outputs, targets, inputs) returns the loss instead of the task's.
-            Passing the inputs lets a distillation loss run its teacher on the same batch.
+            Passing the inputs lets a distillation loss run its teacher on the same batch. A
+            criterion with an `extra_inputs(inputs)` method gets those rows appended to the
+            batch's inputs and outputs (the targets cover the batch's own rows only).
         optimizer: default SGD from `config`; pass your own to keep its state across stages.
             Under a process group the model trains in DistributedDataParallel (gradients
             averaged over ranks); give each rank its shard of the data (`make_loader` does).
@@ -315,8 +317,15 @@ def fit(
             inputs, targets = _inputs_and_targets(batch)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
+            # A criterion may ask for more inputs than the batch (distillation's mixed examples):
+            # they go through the same forward, after the batch's own rows, and only the criterion
+            # sees their outputs.
+            more_inputs = getattr(criterion, "extra_inputs", None)
+            if more_inputs is not None:
+                inputs = torch.cat([inputs, more_inputs(inputs)])
             outputs = training_model(inputs)
             loss = criterion(outputs, targets, inputs)
+            outputs = outputs[: len(targets)]
             if not torch.isfinite(loss):
                 raise ConfigError(
                     f"training diverged at epoch {epoch} (loss {loss.item()}); lower the learning rate "

@@ -30,7 +30,7 @@ def criterion(settings, context: StageContext, model: nn.Module):
     from deepshrink.distill import DistillationLoss
 
     teacher = context.teacher if context.teacher is not None else model
-    return DistillationLoss(copy.deepcopy(teacher), distill.temperature, distill.alpha, context.task)
+    return DistillationLoss(copy.deepcopy(teacher), distill.temperature, distill.alpha, context.task, distill.mixup)
 
 
 def training_config(
