@@ -15,7 +15,9 @@ another of the batch, lambda * x + (1 - lambda) * x', lambda ~ Beta(mixup, mixup
 The teacher labels those points too, so the student learns the teacher's function between the
 training examples rather than at them alone, which a student with a few percent of the
 teacher's weights overfits otherwise. Blending needs real-valued inputs (not token ids); it
-makes no assumption about their shape, and the hard term stays on the batch itself.
+makes no assumption about their shape, and the hard term stays on the batch itself. The mixed
+rows run in the same forward as the batch, so BatchNorm layers that train (`batchnorm: train`)
+count them in their batch statistics.
 """
 
 from __future__ import annotations
