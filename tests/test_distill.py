@@ -88,7 +88,8 @@ def test_fit_appends_the_mixed_rows_to_the_forward_and_scores_the_batch_alone():
     from deepshrink.train import TrainConfig, fit
 
     class Spy:
-        seen: list = []
+        def __init__(self):
+            self.seen = []
 
         def extra_inputs(self, inputs):
             return torch.full((3, inputs.shape[1]), 100.0)
