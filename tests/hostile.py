@@ -216,7 +216,9 @@ def crafted_files(data: bytes) -> dict[str, bytes]:
     for path, lie in record_lies(header):
         files[f"record-{path}={_label(lie)}"] = frame(set_field(header, "fc1.weight", path, lie), buffers)
     other = _record(header, "fc2.bias")["data"]
-    for path, lie in [("shape", [100, 3]), ("shape", [299]), ("dtype", "float16"), ("data", 999), ("data", other)]:
+    raw_lies = [("shape", [100, 3]), ("shape", [299]), ("dtype", "float16"), ("data", 999), ("data", other)]
+    raw_lies += [("scale", 0.5), ("dtype", "int8")]  # a float32 record given a scale; its bytes read as int8
+    for path, lie in raw_lies:
         files[f"raw-{path}={_label(lie)}"] = frame(set_field(header, "fc1.bias", path, lie), buffers)
     files["raw-shape-consistent-transposed"] = frame(set_field(header, "fc3.weight", "shape", [100, 10]), buffers)
     for key, lie in header_lies():

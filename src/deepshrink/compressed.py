@@ -45,8 +45,9 @@ def save_compressed(
         coder: "huffman", "ans" (adaptive rANS, experimental: see docs/FORMAT.md) or "fixed"
             (P+Q without entropy coding).
         protect: input paths that must not be overwritten.
-        unshared: the tensors that are not weight-shared: "lossless", or "float16" (their float32
-            values rounded to half precision; the model loads them back as float32).
+        unshared: the tensors that are not weight-shared: "lossless", "float16" (their float32
+            values rounded to half precision) or "int8" (levels -127..127 times a per-tensor
+            scale); the model loads them back as float32.
 
     Returns:
         The path written.

@@ -32,8 +32,11 @@ DTYPES = {
     "int64": (torch.int64, np.int64),
     "int32": (torch.int32, np.int32),
     "uint8": (torch.uint8, np.uint8),
+    "int8": (torch.int8, np.int8),  # since 2.4; with a `scale`, float32 values stored in 8 bits
     "bool": (torch.bool, np.bool_),
 }
+UNSHARED = ("lossless", "float16", "int8")
+INT8_LEVELS = 127  # symmetric: -127..127, so that zero (a cleared bias) stays exactly zero
 TORCH_NAMES = {torch_type: name for name, (torch_type, _) in DTYPES.items()}
 
 
@@ -172,7 +175,9 @@ def encode_model(
 
     `index_bits` maps layer-name globs to gap widths (default 8 conv / 5 fc). Layers that are
     pruned but not weight-shared are stored losslessly: the sparse layout needs code 0 for its
-    fillers. `unshared="float16"` stores the float32 tensors that are not shared as float16.
+    fillers. `unshared="float16"` stores the float32 tensors that are not shared as float16;
+    `unshared="int8"` stores float32 parameters as 8-bit levels times a per-tensor scale
+    (docs/FORMAT.md, since 2.4) and float32 buffers (running statistics) as float16.
 
     Args:
         model: the model (pruned and weight-shared layers, and any others).
@@ -180,7 +185,7 @@ def encode_model(
         layout: "csr", "csc" or "dense" (codes without gaps).
         coder: the entropy coder of the codes and gaps (see CODERS).
         metadata: JSON-ready metadata to store.
-        unshared: "lossless" or "float16", for the tensors that are not shared.
+        unshared: "lossless", "float16" or "int8", for the float32 tensors that are not shared.
 
     Returns:
         (header, buffers), as `container.to_bytes` takes them.
@@ -188,8 +193,8 @@ def encode_model(
     Raises:
         ConfigError: an unknown option, or a tensor whose dtype the format does not store.
     """
-    if unshared not in ("lossless", "float16"):
-        raise ConfigError(f"unshared={unshared!r} should be lossless or float16")
+    if unshared not in UNSHARED:
+        raise ConfigError(f"unshared={unshared!r} should be one of {', '.join(UNSHARED)}")
     if coder not in CODERS:
         raise ConfigError(f"coder={coder!r} should be one of {', '.join(CODERS)}")
     if layout not in ("csr", "csc", "dense"):
@@ -197,6 +202,8 @@ def encode_model(
     layers = compressible_weights(model)
     widths = index_widths(layers, index_bits)
     shared = {layer.key: name for name, layer in layers.items() if sharing_of(layer) is not None}
+    # Buffers (BatchNorm's running statistics) are not parameters; under int8 they are float16.
+    statistics = {name for name, _ in model.named_buffers()}
     buffers: list[bytes] = []
     records = []
     for key, tensor in plain_state_dict(model, stand_ins=set(shared)).items():  # shared: from their codes
@@ -207,21 +214,25 @@ def encode_model(
         if tensor.dtype not in TORCH_NAMES:
             raise ConfigError(f"tensor {key!r} has dtype {tensor.dtype}, which the .dcz format does not store")
         tensor = tensor.detach().cpu().contiguous()
+        scale = None
         if unshared == "float16" and tensor.dtype == torch.float32:
             tensor = _as_float16(key, tensor)
+        elif unshared == "int8" and tensor.dtype == torch.float32 and key in statistics:
+            tensor = _as_float16(key, tensor)  # a running variance's small values need relative precision
+        elif unshared == "int8" and tensor.dtype == torch.float32:
+            tensor, scale = _as_int8(key, tensor)
         array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
         data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
         packed = lossless.compress(data, array.dtype.itemsize) if data else None
         buffers.append(data if packed is None else packed)
-        records.append(
-            {
-                "name": key,
-                "shape": list(tensor.shape),
-                "dtype": TORCH_NAMES[tensor.dtype],
-                "encoding": "raw" if packed is None else "zstd",
-                "data": len(buffers) - 1,
-            }
-        )
+        record = {
+            "name": key,
+            "shape": list(tensor.shape),
+            "dtype": TORCH_NAMES[tensor.dtype],
+            "encoding": "raw" if packed is None else "zstd",
+            "data": len(buffers) - 1,
+        }
+        records.append(record if scale is None else {**record, "scale": scale})
     return {"format": FORMAT_NAME, "metadata": metadata or {}, "tensors": records}, buffers
 
 
@@ -235,6 +246,40 @@ def _as_float16(key: str, tensor: torch.Tensor) -> torch.Tensor:
             "(unshared: lossless)"
         )
     return half
+
+
+def _as_int8(key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """`tensor` as int8 levels -127..127 and the scale they are multiplied by: the largest
+    magnitude maps to 127, every value to its nearest level (error at most scale / 2), zero to
+    exactly zero. The scale is a float32, given as the shortest decimal that reads back as it."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise ConfigError(
+            f"tensor {key!r} holds an infinite or NaN value, which 8-bit levels cannot hold; store it "
+            "losslessly (unshared: lossless)"
+        )
+    largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+    scale = np.float32(largest / INT8_LEVELS) if largest > 0 else np.float32(1.0)
+    if scale == 0:  # magnitudes near float32's smallest: no 8-bit level between them and zero
+        scale = np.float32(largest)
+    while float(scale) * INT8_LEVELS > float(np.finfo(np.float32).max):  # as schema.py checks it
+        scale = np.nextafter(scale, np.float32(0))
+    levels = torch.clamp(torch.round(tensor.double() / float(scale)), -INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    text = float(str(scale))
+    return levels, text if np.float32(text) == scale else float(scale)
+
+
+def int8_values(levels: np.ndarray, scale: float) -> np.ndarray:
+    """The float32 values of a record's int8 levels: level x scale, the scale rounded to float32
+    first (docs/FORMAT.md), in float32 arithmetic, so every reader gets the same bits.
+
+    Args:
+        levels: the stored int8 levels.
+        scale: the record's scale.
+
+    Returns:
+        A float32 array of the levels' shape.
+    """
+    return levels.astype(np.float32) * np.float32(scale)
 
 
 def _decode_stream(stream: dict, buffers: list[bytes], coder: str, alphabet: int, what: str) -> np.ndarray:
@@ -334,6 +379,8 @@ def decode_record_parts(record: dict, buffers: list[bytes]) -> torch.Tensor | Sh
     if record["encoding"] == "zstd":
         data = lossless.decompress(data, math.prod(shape) * item.itemsize, item.itemsize, record["name"])
     array = np.frombuffer(data, dtype=item).reshape(shape)
+    if "scale" in record:
+        return torch.from_numpy(int8_values(array, record["scale"]))
     tensor = torch.from_numpy(array.astype(numpy_type, copy=True))
     return tensor.view(torch_type) if tensor.dtype != torch_type else tensor
 

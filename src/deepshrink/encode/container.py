@@ -21,8 +21,10 @@ from deepshrink.files import atomic_output
 MAGIC = b"\x89DCZ\r\n\x1a\n"
 MAJOR_VERSION = 2
 # 2.1: tensors as zstd byte planes (encoding "zstd"); 2.2: the "ans" coder; 2.3: the header
-# deflated against HEADER_DICTIONARY
-MINOR_VERSION = 3
+# deflated against HEADER_DICTIONARY; 2.4: int8 records (with a scale: float32 in 8 bits)
+MINOR_VERSION = 4
+# A writer records the lowest minor version that reads its file: 2.4 only where a record is int8.
+BASE_MINOR_VERSION = 3
 READABLE_MAJOR_VERSIONS = (1, 2)  # 1.x: plain JSON header; 2.x: zlib-compressed JSON header
 PREAMBLE = struct.Struct("<8sHHIQ")  # magic, major, minor, header CRC-32, header length
 VERSIONS = struct.Struct("<HH")  # covered by the header checksum, so a flipped minor version is caught
@@ -61,9 +63,9 @@ class Container:
 def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
     """Serialise deterministically: sorted JSON keys, fixed padding, buffers in order.
 
-    Every file is MINOR_VERSION: its header is deflated against HEADER_DICTIONARY, which needs
-    2.3, and no record needs more (a writer records the lowest minor version that reads the file;
-    a later feature would be written at a higher one only where a record uses it).
+    A file records the lowest minor version that reads it: 2.3 (its header is deflated against
+    HEADER_DICTIONARY), or 2.4 where a record is int8, so that a 2.3 reader reads every file
+    that does not need the newer records (and refuses one that does, naming the dtype).
 
     Args:
         header: the header, without its buffer table.
@@ -82,11 +84,27 @@ def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
         table.append({"offset": offset, "length": len(buffer), "crc32": zlib.crc32(buffer)})
         offset += len(buffer) + _padding(len(buffer))
     encoded = encode_header({**header, "buffers": table})
-    checksum = zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(MAJOR_VERSION, MINOR_VERSION)))
-    parts = [PREAMBLE.pack(MAGIC, MAJOR_VERSION, MINOR_VERSION, checksum, len(encoded)), encoded]
+    minor = minor_version(header)
+    checksum = zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(MAJOR_VERSION, minor)))
+    parts = [PREAMBLE.pack(MAGIC, MAJOR_VERSION, minor, checksum, len(encoded)), encoded]
     for buffer in buffers:
         parts += [bytes(buffer), b"\0" * _padding(len(buffer))]
     return b"".join(parts)
+
+
+def minor_version(header: dict) -> int:
+    """The lowest minor version that reads a file of this header (see `to_bytes`).
+
+    Args:
+        header: the header.
+
+    Returns:
+        BASE_MINOR_VERSION, or MINOR_VERSION where a record is int8.
+    """
+    records = header.get("tensors")
+    records = records if isinstance(records, list) else []  # tests frame headers that lie, too
+    int8 = any(isinstance(record, dict) and record.get("dtype") == "int8" for record in records)
+    return MINOR_VERSION if int8 else BASE_MINOR_VERSION
 
 
 def encode_header(header: dict) -> bytes:

@@ -19,6 +19,7 @@ by the codec as it decodes, within the sizes validated here.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 from deepshrink.encode import ans
@@ -29,7 +30,21 @@ FORMAT_NAME = "deepshrink-dcz"
 CODERS = ("huffman", "fixed", "ans")  # ans: since 2.2
 LAYOUTS = ("dense", "csr", "csc")
 ENCODINGS = ("raw", "zstd", "shared")
-ITEM_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
+ITEM_SIZES = {
+    "float32": 4,
+    "float64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "uint8": 1,
+    "int8": 1,  # since 2.4
+    "bool": 1,
+}
+SCALED_DTYPES = ("int8",)  # a record of these may carry a `scale`: its values are float32 (since 2.4)
+INT8_LEVELS = 127
+FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32 = struct.Struct("<f")
 HUFFMAN_LANES = 4
 MAX_ELEMENTS = 1 << 40  # per tensor; also bounds each side of a shape
 MAX_DIMENSIONS = 16
@@ -228,7 +243,46 @@ def _declared_size(record) -> int:
     dtype = record.get("dtype")
     if not isinstance(dtype, str) or dtype not in ITEM_SIZES:
         raise FormatError(f"{name}: unknown dtype {_shown(dtype)} (expected one of {', '.join(ITEM_SIZES)})")
+    if "scale" in record:
+        _check_scale(record, name, dtype)
+        return elements * ITEM_SIZES["float32"]  # decoded as float32
     return elements * ITEM_SIZES[dtype]
+
+
+def _check_scale(record: dict, name: str, dtype: str) -> None:
+    """An int8 record's scale: a number whose float32 is positive, and whose top level (127 x
+    scale) is a finite float32, so that decoding yields only finite values."""
+    scale = record["scale"]
+    if dtype not in SCALED_DTYPES or record.get("encoding") not in ("raw", "zstd"):
+        raise FormatError(f"{name}: a scale belongs to a raw or zstd record of dtype int8, not {_shown(dtype)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise FormatError(f"{name}: scale is {_shown(scale)}; expected a positive number")
+    # Rounded to float32 as the reader applies it; neither that nor 127 times it (the top
+    # level) may be zero or past float32's range, so that decoding yields only finite values.
+    try:
+        value = float(scale)
+    except OverflowError:
+        value = math.inf
+    single = struct_float32(value) if value > 0 and math.isfinite(value) else 0.0
+    if not (single > 0 and single * INT8_LEVELS <= FLOAT32_MAX):  # exact in float64: 24 + 7 bits
+        raise FormatError(
+            f"{name}: scale is {_shown(scale)}; expected a positive number whose float32 times 127 is finite"
+        )
+
+
+def struct_float32(value: float) -> float:
+    """`value` rounded to the nearest float32 (infinity past its range), as a Python float.
+
+    Args:
+        value: a finite number.
+
+    Returns:
+        The float32's value.
+    """
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+    except OverflowError:
+        return math.inf
 
 
 def _check_record(record: dict, buffers: _Buffers) -> None:

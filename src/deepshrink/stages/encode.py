@@ -15,7 +15,7 @@ from deepshrink.stages.base import Stage, StageContext, StageResult, register_st
 
 LAYOUTS = ("csr", "csc", "dense")
 CODERS = ("huffman", "ans", "fixed")
-UNSHARED = ("lossless", "float16")
+UNSHARED = ("lossless", "float16", "int8")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class EncodeSettings:
         metadata=choices(
             *UNSHARED,
             help="tensors that are not weight-shared (biases, norms, unpruned layers): lossless (zstd byte "
-            "planes) or float16 (half the bytes; about 3 significant digits)",
+            "planes), float16 (half the bytes; about 3 significant digits) or int8 (parameters in a quarter: 255 "
+            "levels times a per-tensor scale, error at most half a level; buffers in float16; format 2.4)",
         )
         | {"recorded_when_set": True},
     )
