@@ -264,8 +264,8 @@ def _as_int8(key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, float]:
     while float(scale) * INT8_LEVELS > float(np.finfo(np.float32).max):  # as schema.py checks it
         scale = np.nextafter(scale, np.float32(0))
     levels = torch.clamp(torch.round(tensor.double() / float(scale)), -INT8_LEVELS, INT8_LEVELS).to(torch.int8)
-    text = float(str(scale))
-    return levels, text if np.float32(text) == scale else float(scale)
+    shortest = float(str(scale))  # numpy prints a float32 as the shortest decimal that reads back as it
+    return levels, shortest if np.float32(shortest) == scale else float(scale)
 
 
 def int8_values(levels: np.ndarray, scale: float) -> np.ndarray:
