@@ -209,6 +209,7 @@ def test_int8_scales_at_the_edges_of_float32(tmp_path):
         ("scale", "0.5", "expected a positive number"),
         ("scale", 1e39, "expected a positive number"),  # past float32
         ("scale", 3e36, "expected a positive number"),  # 127 x scale past float32
+        ("scale", 2.665e36, "expected a positive number"),  # 127 x scale within float32, 128 x past it
         ("scale", 10**400, "expected a positive number"),
         ("dtype", "float32", "a scale belongs to a raw or zstd record of dtype int8"),
         ("encoding", "shared", "a scale belongs to a raw or zstd record of dtype int8"),

@@ -261,7 +261,7 @@ def _as_int8(key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, float]:
     scale = np.float32(largest / INT8_LEVELS) if largest > 0 else np.float32(1.0)
     if scale == 0:  # magnitudes near float32's smallest: no 8-bit level between them and zero
         scale = np.float32(largest)
-    while float(scale) * INT8_LEVELS > float(np.finfo(np.float32).max):  # as schema.py checks it
+    while float(scale) * 128 > float(np.finfo(np.float32).max):  # as schema.py checks it (level -128 too)
         scale = np.nextafter(scale, np.float32(0))
     levels = torch.clamp(torch.round(tensor.double() / float(scale)), -INT8_LEVELS, INT8_LEVELS).to(torch.int8)
     shortest = float(str(scale))  # numpy prints a float32 as the shortest decimal that reads back as it

@@ -42,7 +42,7 @@ ITEM_SIZES = {
     "bool": 1,
 }
 SCALED_DTYPES = ("int8",)  # a record of these may carry a `scale`: its values are float32 (since 2.4)
-INT8_LEVELS = 127
+INT8_MAGNITUDE = 128  # the largest |level| an int8 can hold (-128), whichever levels a writer uses
 FLOAT32_MAX = 3.4028234663852886e38
 _FLOAT32 = struct.Struct("<f")
 HUFFMAN_LANES = 4
@@ -250,35 +250,30 @@ def _declared_size(record) -> int:
 
 
 def _check_scale(record: dict, name: str, dtype: str) -> None:
-    """An int8 record's scale: a number whose float32 is positive, and whose top level (127 x
-    scale) is a finite float32, so that decoding yields only finite values."""
-    scale = record["scale"]
-    if dtype not in SCALED_DTYPES or record.get("encoding") not in ("raw", "zstd"):
-        raise FormatError(f"{name}: a scale belongs to a raw or zstd record of dtype int8, not {_shown(dtype)}")
+    """An int8 record's scale: a number whose float32 is positive, and whose largest level
+    (128 x scale, for the int8 level -128) is a finite float32, so that decoding yields only
+    finite values."""
+    scale, encoding = record["scale"], record.get("encoding")
+    if dtype not in SCALED_DTYPES or encoding not in ("raw", "zstd"):
+        raise FormatError(
+            f"{name}: a scale belongs to a raw or zstd record of dtype int8, not to a "
+            f"{_shown(encoding)} record of {_shown(dtype)}"
+        )
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise FormatError(f"{name}: scale is {_shown(scale)}; expected a positive number")
-    # Rounded to float32 as the reader applies it; neither that nor 127 times it (the top
-    # level) may be zero or past float32's range, so that decoding yields only finite values.
     try:
         value = float(scale)
     except OverflowError:
         value = math.inf
-    single = struct_float32(value) if value > 0 and math.isfinite(value) else 0.0
-    if not (single > 0 and single * INT8_LEVELS <= FLOAT32_MAX):  # exact in float64: 24 + 7 bits
+    single = _float32(value) if value > 0 and math.isfinite(value) else 0.0
+    if not (single > 0 and single * INT8_MAGNITUDE <= FLOAT32_MAX):  # exact in float64: 24 + 8 bits
         raise FormatError(
-            f"{name}: scale is {_shown(scale)}; expected a positive number whose float32 times 127 is finite"
+            f"{name}: scale is {_shown(scale)}; expected a positive number whose float32 times 128 is finite"
         )
 
 
-def struct_float32(value: float) -> float:
-    """`value` rounded to the nearest float32 (infinity past its range), as a Python float.
-
-    Args:
-        value: a finite number.
-
-    Returns:
-        The float32's value.
-    """
+def _float32(value: float) -> float:
+    """`value` rounded to the nearest float32 (infinity past its range), as a Python float."""
     try:
         return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
     except OverflowError:
