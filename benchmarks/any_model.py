@@ -11,7 +11,10 @@ every layer's sparsity and bits), and in the same process:
 - the task's metric of the original and of the model decoded from the file (test split);
 - batch-1 and batch-64 latency of `load_runtime` (auto mode) against the dense decoded model,
   interleaved, median of the repeats;
-- the wall time of the whole run.
+- the wall time of the whole run;
+- (Python way) the run's weight-shared model written with `unshared` lossless, float16 and
+  int8: each file's bytes, the decoded model's metric, and its largest output difference from
+  the lossless file's model on the test inputs.
 
     .venv/bin/python benchmarks/any_model.py [--models cnn lstm transformer] [--ways python cli]
 
@@ -42,6 +45,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from synthetic import tone_network, tone_signals  # noqa: E402
 
 import deepshrink  # noqa: E402
+from deepshrink.compressed import inspect_header  # noqa: E402
 
 # --- (a) 1-D CNN with BatchNorm, multi-label -------------------------------------------------
 
@@ -215,6 +219,38 @@ def latency(model: nn.Module, baseline: nn.Module, example: torch.Tensor, repeat
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def unshared_options(name: str, original: nn.Module, data: dict, run_dir: Path, file: Path, directory: Path) -> dict:
+    """The run's weight-shared model (its quantize stage) written with each way of storing the
+    tensors that are not shared: the file's bytes, the decoded model's test metric, and its
+    largest output difference from the lossless file's model. The shared weights are the same
+    in every file, so only the unshared tensors differ."""
+    factory, _, task, _, _ = MODELS[name]
+    stages = (run_dir / "stages").glob("quantize-*.safetensors")
+    stage = next(path for path in stages if not path.name.endswith(".result.safetensors"))
+    shared, _ = deepshrink.load_model(stage, factory())
+    # The stage may have BatchNorm folded into the layers before it: the run's file says which.
+    folded = inspect_header(file)[0]["metadata"].get("batchnorm_folded")
+    metadata = {"batchnorm_folded": folded} if folded else None
+    inputs = torch.from_numpy(data["x_test"])
+    with torch.no_grad():  # the label-free embedding's targets are the original's outputs
+        targets = torch.from_numpy(data["y_test"]) if "y_test" in data else original.eval()(inputs)
+    loader = deepshrink.make_loader(torch.utils.data.TensorDataset(inputs, targets), 256, shuffle=False)
+    results, outputs = {}, {}
+    for option in ("lossless", "float16", "int8"):
+        path = deepshrink.save_compressed(
+            shared, directory / f"{name}-{option}.dcz", model_name=name, unshared=option, metadata=metadata
+        )
+        decoded, _ = deepshrink.load_compressed(path, factory())
+        with torch.no_grad():
+            outputs[option] = decoded.eval()(inputs)
+        results[option] = {
+            "file_bytes": path.stat().st_size,
+            "metric": deepshrink.evaluate(decoded, loader, task=task).metric,
+            "largest_output_difference": float((outputs[option] - outputs["lossless"]).abs().max()),
+        }
+    return results
+
+
 def measure(name: str, way: str, seed: int, directory: Path) -> dict:
     factory, make_data, task, _, target = MODELS[name]
     data = make_data(seed)
@@ -302,6 +338,9 @@ def measure(name: str, way: str, seed: int, directory: Path) -> dict:
         "latency_batch64_ms": {key: 1000 * value for key, value in timings[64].items()},
         "seconds": seconds,
     }
+    if way == "python":
+        row["unshared"] = unshared_options(name, model, data, run_dir, file, directory)
+        print(f"{name:11s} unshared: " + ", ".join(f"{key} {value}" for key, value in row["unshared"].items()))
     print(
         f"{name:11s} {way:6s} {row['metric']} {row['reference']:.4f} -> {row['compressed']:.4f} "
         f"({row['relative_change_percent']:+.2f}% rel), {file_bytes:,} B = {row['ratio_state_dict']:.1f}x of "
