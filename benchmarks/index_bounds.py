@@ -23,9 +23,9 @@ import sys
 
 import numpy as np
 
-from deepshrink.compressed import open_compressed, read_state_dict
+from deepshrink.compressed import open_compressed
 from deepshrink.encode import ans
-from deepshrink.encode.codec import decode_shared_parts
+from deepshrink.encode.codec import decode_shared_parts, decode_state_dict
 
 
 def log2_binomial(n: int, k: int) -> float:
@@ -90,7 +90,7 @@ def main(paths: list[str]) -> None:
     for path in paths:
         loaded, checked = open_compressed(path)
         lengths = [len(buffer) for buffer in loaded.buffers]
-        state, _ = read_state_dict(path)
+        state = decode_state_dict(loaded.header, loaded.buffers, checked)
         for record in checked.records:
             if record["encoding"] != "shared" or record.get("layout") not in ("csr", "csc"):
                 continue

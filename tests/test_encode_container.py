@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepshrink.encode.container import (
-    BASE_MINOR_VERSION,
     HEADER_DICTIONARY,
+    HEADER_DICTIONARY_MINOR_VERSION,
     MAGIC,
     MAX_JSON_DEPTH,
     PREAMBLE,
@@ -125,7 +125,7 @@ def test_the_dictionary_shortens_a_real_header_and_is_named_in_the_stream(tmp_pa
     text = zlib.decompressobj(zdict=HEADER_DICTIONARY).decompress(stored)
     assert stored[1] & 0x20 and int.from_bytes(stored[2:6], "big") == zlib.adler32(HEADER_DICTIONARY)
     assert len(stored) < 0.7 * len(zlib.compress(text, 9)), (len(stored), len(zlib.compress(text, 9)))
-    assert struct.unpack_from("<H", data, 10)[0] == BASE_MINOR_VERSION == 3  # no int8 record: 2.3 reads it
+    assert struct.unpack_from("<H", data, 10)[0] == HEADER_DICTIONARY_MINOR_VERSION == 3  # no int8 record: 2.3 reads it
 
 
 def test_a_header_deflated_against_another_dictionary_is_refused():
@@ -207,7 +207,7 @@ def test_huge_header_length_is_refused_before_reading():
 def test_other_major_version_is_refused():
     data = bytearray(to_bytes(HEADER, BUFFERS))
     struct.pack_into("<H", data, 8, 3)
-    with pytest.raises(FormatError, match=rf"version 3\.{BASE_MINOR_VERSION} is not readable"):
+    with pytest.raises(FormatError, match=rf"version 3\.{HEADER_DICTIONARY_MINOR_VERSION} is not readable"):
         from_bytes(bytes(data))
 
 

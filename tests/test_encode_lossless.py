@@ -91,7 +91,7 @@ def test_version_2_0_files_still_read(tmp_path, monkeypatch):
     for record in header["tensors"]:  # what a 2.0 writer wrote: every tensor raw
         record["encoding"] = "raw"
         buffers[record["data"]] = model.state_dict()[record["name"]].detach().numpy().tobytes()
-    monkeypatch.setattr(container, "BASE_MINOR_VERSION", 0)
+    monkeypatch.setattr(container, "HEADER_DICTIONARY_MINOR_VERSION", 0)
     # and its header deflated without the preset dictionary (which 2.3 added)
     monkeypatch.setattr(container, "encode_header", plain_deflated_header)
     old = tmp_path / "old.dcz"

@@ -17,7 +17,7 @@ from torch import nn
 
 from deepshrink.encode import ans, huffman, lossless
 from deepshrink.encode.bitio import flush, put_bits
-from deepshrink.encode.schema import CODERS, FORMAT_NAME, CheckedHeader, check_header
+from deepshrink.encode.schema import CODERS, FORMAT_NAME, INT8_MAGNITUDE, CheckedHeader, check_header
 from deepshrink.encode.sparse import SparseLayout, as_matrix, check_entries, to_sparse, values_from_sparse
 from deepshrink.errors import ConfigError, FormatError
 from deepshrink.layers import Weight, compressible_weights, match_per_layer, paper_default_bits, plain_state_dict
@@ -261,7 +261,7 @@ def _as_int8(key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, float]:
     scale = np.float32(largest / INT8_LEVELS) if largest > 0 else np.float32(1.0)
     if scale == 0:  # magnitudes near float32's smallest: no 8-bit level between them and zero
         scale = np.float32(largest)
-    while float(scale) * 128 > float(np.finfo(np.float32).max):  # as schema.py checks it (level -128 too)
+    while float(scale) * INT8_MAGNITUDE > float(np.finfo(np.float32).max):  # as schema.py checks it
         scale = np.nextafter(scale, np.float32(0))
     levels = torch.clamp(torch.round(tensor.double() / float(scale)), -INT8_LEVELS, INT8_LEVELS).to(torch.int8)
     shortest = float(str(scale))  # numpy prints a float32 as the shortest decimal that reads back as it

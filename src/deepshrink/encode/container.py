@@ -23,8 +23,7 @@ MAJOR_VERSION = 2
 # 2.1: tensors as zstd byte planes (encoding "zstd"); 2.2: the "ans" coder; 2.3: the header
 # deflated against HEADER_DICTIONARY; 2.4: int8 records (with a scale: float32 in 8 bits)
 MINOR_VERSION = 4
-# A writer records the lowest minor version that reads its file: 2.4 only where a record is int8.
-BASE_MINOR_VERSION = 3
+INT8_MINOR_VERSION = 4  # the first that reads int8 records; a writer writes it only where a record is int8
 READABLE_MAJOR_VERSIONS = (1, 2)  # 1.x: plain JSON header; 2.x: zlib-compressed JSON header
 PREAMBLE = struct.Struct("<8sHHIQ")  # magic, major, minor, header CRC-32, header length
 VERSIONS = struct.Struct("<HH")  # covered by the header checksum, so a flipped minor version is caught
@@ -99,12 +98,13 @@ def minor_version(header: dict) -> int:
         header: the header.
 
     Returns:
-        BASE_MINOR_VERSION, or MINOR_VERSION where a record is int8.
+        HEADER_DICTIONARY_MINOR_VERSION (every header is deflated against the dictionary), or
+        INT8_MINOR_VERSION where a record is int8.
     """
     records = header.get("tensors")
     records = records if isinstance(records, list) else []  # tests frame headers that lie, too
     int8 = any(isinstance(record, dict) and record.get("dtype") == "int8" for record in records)
-    return MINOR_VERSION if int8 else BASE_MINOR_VERSION
+    return INT8_MINOR_VERSION if int8 else HEADER_DICTIONARY_MINOR_VERSION
 
 
 def encode_header(header: dict) -> bytes:
