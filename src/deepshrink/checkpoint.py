@@ -88,7 +88,7 @@ def save_state_dict(
     Raises:
         ConfigError: `path` is one of `protect`. OutputError: the file cannot be written.
     """
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    tensors = _unshared({name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()})
     # One metadata key only: safetensors keeps metadata in a hash map whose order varies from
     # run to run, and the same model must always give the same bytes.
     header = json.dumps(
@@ -98,6 +98,21 @@ def save_state_dict(
     with atomic_output(path, protect=protect) as temporary:
         save_file(tensors, str(temporary), metadata={METADATA_KEY: header})
     return Path(path)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors with each one that shares memory with an earlier one copied. A tied model's
+    state_dict names one tensor twice, which safetensors refuses to write; each name then holds
+    its own copy of the same values, and loading into the tied model fills the tensor twice."""
+    seen: set[int] = set()
+    result = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and storage in seen:
+            tensor = tensor.clone()
+        seen.add(storage)
+        result[name] = tensor
+    return result
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

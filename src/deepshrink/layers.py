@@ -217,6 +217,54 @@ def compressible_weights(model: nn.Module) -> dict[str, Weight]:
     return {weight.name: weight for name, module in model.named_modules() for weight in _weights_of(name, module)}
 
 
+def tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """The compressible weights that are one Parameter with another name in the model (tied
+    weights: a language model's output layer reading its embedding's matrix).
+
+    Args:
+        model: any module, parametrized or not.
+
+    Returns:
+        {weight name: every parameter name of that tensor, in the model's order}; {} when
+        nothing is tied.
+    """
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    tied = {}
+    for name, weight in compressible_weights(model).items():
+        group = names.get(id(weight.original()), [])
+        if len(group) > 1:
+            tied[name] = group
+    return tied
+
+
+def check_untied(model: nn.Module) -> None:
+    """Refuse a model whose compressible weights are tied to another name.
+
+    A stage registers its mask or codebook on one module's tensor; the other module would go on
+    reading the tensor without it, and the two would part while retraining. So a tied weight is
+    refused before anything runs, with the way to untie it.
+
+    Args:
+        model: the model a stage or run is given.
+
+    Raises:
+        UnsupportedLayerError: a compressible weight is also reached under another name.
+    """
+    tied = tied_weights(model)
+    if tied:
+        group = next(iter(tied.values()))
+        module, _, tensor = group[-1].rpartition(".")
+        raise UnsupportedLayerError(
+            f"{' and '.join(group)} are one tensor (tied weights); deepshrink prunes and shares each layer's "
+            "weight on its own and would break the tie, so it does not compress tied weights. Untie them "
+            f"first, e.g. model.get_submodule({module!r}).{tensor} = "
+            f"torch.nn.Parameter(model.get_parameter({group[0]!r}).detach().clone()): each copy is then "
+            "compressed, and the file loads into the untied model"
+        )
+
+
 def matching(pattern: str, names: Iterable[str]) -> list[str]:
     """The names the glob `pattern` matches, in order; case-sensitive, as layer names are.
 

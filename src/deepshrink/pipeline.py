@@ -42,7 +42,7 @@ from deepshrink.data import DataSplits
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.files import atomic_output
-from deepshrink.layers import SUPPORTED_TYPES, compressible_weights
+from deepshrink.layers import SUPPORTED_TYPES, check_untied, compressible_weights
 from deepshrink.loading import STRUCTURE_KEY
 from deepshrink.plan import Plan
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
@@ -142,6 +142,7 @@ def _check_model(model: nn.Module) -> None:
             f"the model passed to run() is already pruned or shared ({', '.join(parametrized[:3])}); "
             "pass the trained reference, or run single stages with deepshrink.run_stage"
         )
+    check_untied(model)
 
 
 @dataclass

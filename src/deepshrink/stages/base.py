@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from deepshrink.data import DataSplits, make_loader
 from deepshrink.errors import ConfigError
+from deepshrink.layers import check_untied
 from deepshrink.tasks import Task, classification
 
 
@@ -304,8 +305,11 @@ def run_stage(model: nn.Module, settings, context: StageContext) -> StageResult:
 
     Raises:
         ConfigError: no registered stage takes these settings; what the stage itself raises.
+        UnsupportedLayerError: a compressible weight is tied to another name (layers.check_untied).
     """
-    return stage_for(settings).handler(model, settings, context)
+    stage = stage_for(settings)
+    check_untied(model)
+    return stage.handler(model, settings, context)
 
 
 def stage_metadata(result: StageResult, settings, *, key: str | None = None, architecture: dict | None = None) -> dict:
