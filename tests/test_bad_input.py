@@ -193,3 +193,71 @@ def test_a_file_of_an_unregistered_model_says_to_pass_the_module(tmp_path):
         load_compressed(path)
     loaded, _ = load_compressed(path, nn.Sequential(nn.Linear(4, 3)))
     assert torch.equal(loaded[0].weight, model[0].weight)
+
+
+def _small_labelled_data(tmp_path):
+    import deepshrink
+
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(300, 12)).astype(np.float32)
+    np.savez(tmp_path / "small.npz", x=inputs, y=(inputs[:, 0] > 0).astype(np.int64))
+    return deepshrink.load_arrays(tmp_path / "small.npz")
+
+
+SMALL_RECIPE = {"prune": {"sparsity": {"*": 0.5}, "rounds": 1, "retrain_epochs": 1}, "quantize": {"bits": {"*": 4}}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_model_that_is_not_float32_is_refused_with_the_fix(tmp_path, dtype):
+    import deepshrink
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
+    name = str(dtype).removeprefix("torch.")
+    message = rf"0\.weight is {name} \(4 parameter\(s\) are not float32\).*model\.float\(\)"
+    with pytest.raises(ModelError, match=message):
+        deepshrink.run(model.to(dtype), SMALL_RECIPE, _small_labelled_data(tmp_path), run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    result = deepshrink.run(model.float(), SMALL_RECIPE, None, run_dir=tmp_path / "fixed", progress=False)
+    assert result.path.exists()
+
+
+class _SeveralOutputs(nn.Module):
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.hidden = nn.Linear(12, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, inputs):
+        features = torch.relu(self.hidden(inputs))
+        logits = self.head(features)
+        return {"logits": logits, "features": features} if self.as_dict else (logits, features)
+
+
+@pytest.mark.parametrize(
+    ("as_dict", "described"),
+    [
+        (False, r"a tuple of 2 \(Tensor \[\d+, 2\], Tensor \[\d+, 16\]\)"),
+        (True, r"a dict of 2 \('logits': Tensor \[\d+, 2\], 'features': Tensor \[\d+, 16\]\)"),
+    ],
+)
+def test_a_forward_with_several_outputs_is_described_and_a_wrapper_compresses(tmp_path, as_dict, described):
+    import deepshrink
+
+    torch.manual_seed(0)
+    model = _SeveralOutputs(as_dict)
+    data = _small_labelled_data(tmp_path)
+    with pytest.raises(ModelError, match=rf"forward returned {described}, not one tensor.*Wrap the model"):
+        deepshrink.run(model, SMALL_RECIPE, data, run_dir=tmp_path / "r", progress=False)
+
+    class Logits(nn.Module):  # the wrapper the message asks for
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inputs):
+            return self.inner(inputs)["logits" if as_dict else 0]
+
+    result = deepshrink.run(Logits(model), SMALL_RECIPE, data, run_dir=tmp_path / "wrapped", progress=False)
+    assert 0.0 <= result.compressed_metric <= 1.0 and result.path.exists()

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from deepshrink.errors import ConfigError, UnsupportedLayerError
+from deepshrink.errors import ConfigError, ModelError, UnsupportedLayerError
 
 # Modules whose one compressible tensor is `weight`. _ConvNd covers Conv1d/2d/3d and
 # ConvTranspose1d/2d/3d.
@@ -239,18 +239,20 @@ def tied_weights(model: nn.Module) -> dict[str, list[str]]:
     return tied
 
 
-def check_untied(model: nn.Module) -> None:
-    """Refuse a model whose compressible weights are tied to another name.
+def check_weights(model: nn.Module) -> None:
+    """Refuse a model that no stage can work on: a compressible weight tied to another name, or
+    floating parameters that are not float32.
 
     A stage registers its mask or codebook on one module's tensor; the other module would go on
-    reading the tensor without it, and the two would part while retraining. So a tied weight is
-    refused before anything runs, with the way to untie it.
+    reading the tensor without it, and the two would part while retraining. And retraining feeds
+    float32 data through float32 layers. So both are refused before anything runs, with the fix.
 
     Args:
         model: the model a stage or run is given.
 
     Raises:
         UnsupportedLayerError: a compressible weight is also reached under another name.
+        ModelError: a floating parameter is float16, bfloat16 or float64.
     """
     tied = tied_weights(model)
     if tied:
@@ -262,6 +264,18 @@ def check_untied(model: nn.Module) -> None:
             f"first, e.g. model.get_submodule({module!r}).{tensor} = "
             f"torch.nn.Parameter(model.get_parameter({group[0]!r}).detach().clone()): each copy is then "
             "compressed, and the file loads into the untied model"
+        )
+    other = [
+        (name, parameter.dtype)
+        for name, parameter in model.named_parameters()
+        if parameter.is_floating_point() and parameter.dtype != torch.float32
+    ]
+    if other:
+        name, dtype = other[0]
+        raise ModelError(
+            f"{name} is {str(dtype).removeprefix('torch.')} ({len(other)} parameter(s) are not float32); "
+            "deepshrink retrains and compresses float32 models: pass model.float() (exact from float16 and "
+            "bfloat16), and load the file into a float32 model"
         )
 
 

@@ -42,13 +42,13 @@ from deepshrink.data import DataSplits
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.files import atomic_output
-from deepshrink.layers import SUPPORTED_TYPES, check_untied, compressible_weights
+from deepshrink.layers import SUPPORTED_TYPES, check_weights, compressible_weights
 from deepshrink.loading import STRUCTURE_KEY
 from deepshrink.plan import Plan
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
 from deepshrink.stages import Loaders, StageContext, StageResult, registered_stages, run_stage, stage_metadata
 from deepshrink.tasks import Task, resolve_task
-from deepshrink.train import evaluate, resolve_device
+from deepshrink.train import evaluate, one_tensor, resolve_device
 
 
 @dataclass
@@ -142,7 +142,7 @@ def _check_model(model: nn.Module) -> None:
             f"the model passed to run() is already pruned or shared ({', '.join(parametrized[:3])}); "
             "pass the trained reference, or run single stages with deepshrink.run_stage"
         )
-    check_untied(model)
+    check_weights(model)
 
 
 @dataclass
@@ -230,7 +230,7 @@ def with_targets_from(data: DataSplits, model: nn.Module, task: Task, device="cp
     def labelled(split: torch.utils.data.TensorDataset) -> torch.utils.data.TensorDataset:
         inputs = split.tensors[0]
         outputs = [
-            task.targets_from_outputs(model(inputs[start : start + 1000].to(device))).cpu()
+            task.targets_from_outputs(one_tensor(model(inputs[start : start + 1000].to(device)))).cpu()
             for start in range(0, len(inputs), 1000)
         ]
         return torch.utils.data.TensorDataset(inputs, torch.cat(outputs))
@@ -353,9 +353,9 @@ def _fold(reference: nn.Module, loaders: Loaders, device) -> list:
     inputs = next(iter(loaders.validation))[0][:64].to(device)
     reference.eval()
     with torch.no_grad():
-        before = reference(inputs)
+        before = one_tensor(reference(inputs))
         folded = fold_batchnorm(reference, pairs)
-        after = reference(inputs)
+        after = one_tensor(reference(inputs))
     scale = before.abs().max().clamp_min(1.0)
     if not torch.allclose(after, before, rtol=1e-4, atol=1e-4 * float(scale)):
         # A pair that looked foldable in the graph but is not (say, a Linear on a sequence

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from deepshrink import distributed
-from deepshrink.errors import ConfigError
+from deepshrink.errors import ConfigError, ModelError
 from deepshrink.progress import progress_bar
 from deepshrink.tasks import Task, check_value, resolve_task
 
@@ -151,6 +151,40 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device={name!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def one_tensor(outputs) -> torch.Tensor:
+    """A model's outputs as the one tensor a task scores.
+
+    Args:
+        outputs: what the model's forward returned.
+
+    Returns:
+        `outputs`, when it is a tensor.
+
+    Raises:
+        ModelError: anything else (a tuple, a dict of outputs), described.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    raise ModelError(
+        f"the model's forward returned {_described(outputs)}, not one tensor: a task scores one tensor of "
+        "outputs (e.g. the logits). Wrap the model in a module whose forward returns that tensor "
+        "(return model(inputs)[0], or ['logits']), and compress the wrapper"
+    )
+
+
+def _described(outputs, depth: int = 0) -> str:
+    """What a forward returned, in a few words: "a tuple of 2 (Tensor [8, 2], Tensor [8, 32])"."""
+    if isinstance(outputs, torch.Tensor):
+        return f"Tensor {list(outputs.shape)}"
+    if depth < 1 and isinstance(outputs, (tuple, list)):
+        items = ", ".join(_described(item, depth + 1) for item in outputs[:4])
+        return f"a {type(outputs).__name__} of {len(outputs)} ({items}{', ...' if len(outputs) > 4 else ''})"
+    if depth < 1 and isinstance(outputs, dict):
+        items = ", ".join(f"{key!r}: {_described(value, depth + 1)}" for key, value in list(outputs.items())[:4])
+        return f"a {type(outputs).__name__} of {len(outputs)} ({items}{', ...' if len(outputs) > 4 else ''})"
+    return f"a {type(outputs).__name__}"
 
 
 def _schedule_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -323,7 +357,7 @@ def fit(
             more_inputs = getattr(criterion, "extra_inputs", None)
             if more_inputs is not None:
                 inputs = torch.cat([inputs, more_inputs(inputs)])
-            outputs = training_model(inputs)
+            outputs = one_tensor(training_model(inputs))
             loss = criterion(outputs, targets, inputs)
             outputs = outputs[: len(targets)]
             if not torch.isfinite(loss):
@@ -455,7 +489,7 @@ def evaluate(
     for pair in loader:
         inputs, targets = _inputs_and_targets(pair)
         inputs, targets = inputs.to(device), targets.to(device)
-        outputs = model(inputs)
+        outputs = one_tensor(model(inputs))
         batch = outputs.shape[0]
         loss_sum += task.loss(outputs, targets).item() * batch
         statistics = task.metric.statistics(outputs, targets).cpu().double()

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from deepshrink import distributed
 from deepshrink.errors import ConfigError
 from deepshrink.layers import select_weights
+from deepshrink.train import one_tensor
 
 EXACT_HESSIAN_LIMIT = 4096  # parameters; above this an exact Hessian is too big to be practical
 
@@ -129,7 +130,7 @@ def fisher_diagonal(
     for inputs, _ in loader:
         inputs = inputs[: max_examples - seen].to(device)
         with torch.no_grad():
-            probabilities = torch.softmax(model(inputs), dim=1).cpu()
+            probabilities = torch.softmax(one_tensor(model(inputs)), dim=1).cpu()
         sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(device)
         selected = {name: parameters[name].detach() for name in names}
         for chunk in range(0, len(inputs), 256):

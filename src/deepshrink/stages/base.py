@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from deepshrink.data import DataSplits, make_loader
 from deepshrink.errors import ConfigError
-from deepshrink.layers import check_untied
+from deepshrink.layers import check_weights
 from deepshrink.tasks import Task, classification
 
 
@@ -305,10 +305,11 @@ def run_stage(model: nn.Module, settings, context: StageContext) -> StageResult:
 
     Raises:
         ConfigError: no registered stage takes these settings; what the stage itself raises.
-        UnsupportedLayerError: a compressible weight is tied to another name (layers.check_untied).
+        UnsupportedLayerError, ModelError: a weight tied to another name, or parameters that are not
+            float32 (layers.check_weights).
     """
     stage = stage_for(settings)
-    check_untied(model)
+    check_weights(model)
     return stage.handler(model, settings, context)
 
 
