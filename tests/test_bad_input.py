@@ -261,3 +261,27 @@ def test_a_forward_with_several_outputs_is_described_and_a_wrapper_compresses(tm
 
     result = deepshrink.run(Logits(model), SMALL_RECIPE, data, run_dir=tmp_path / "wrapped", progress=False)
     assert 0.0 <= result.compressed_metric <= 1.0 and result.path.exists()
+
+
+def test_a_forward_that_needs_two_inputs_is_named_before_anything_runs(tmp_path):
+    import deepshrink
+
+    class TokensAndMask(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, tokens, mask):
+            return self.head((self.embed(tokens) * mask.unsqueeze(-1)).mean(1))
+
+    with pytest.raises(ModelError, match=r"TokensAndMask.forward needs 2 arguments \(tokens, mask\).*wrap the model"):
+        deepshrink.run(TokensAndMask(), SMALL_RECIPE, _small_labelled_data(tmp_path), run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+    class OptionalMask(TokensAndMask):  # a second argument with a default is not needed
+        def forward(self, tokens, mask=None):
+            return self.head(self.embed(tokens).mean(1))
+
+    result = deepshrink.run(OptionalMask(), SMALL_RECIPE, None, run_dir=tmp_path / "optional", progress=False)
+    assert result.path.exists()

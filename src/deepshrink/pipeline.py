@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -143,6 +144,25 @@ def _check_model(model: nn.Module) -> None:
             "pass the trained reference, or run single stages with deepshrink.run_stage"
         )
     check_weights(model)
+    _check_one_input(model)
+
+
+def _check_one_input(model: nn.Module) -> None:
+    """Every batch reaches the model as one input tensor: a forward that needs more (token ids
+    and an attention mask) is named before anything runs, where it would fail in the first batch."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward without a signature to read: the first batch will tell
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [item.name for item in parameters if item.default is item.empty and item.kind in positional]
+    required += [item.name for item in parameters if item.default is item.empty and item.kind is item.KEYWORD_ONLY]
+    if len(required) > 1:
+        raise ModelError(
+            f"{type(model).__name__}.forward needs {len(required)} arguments ({', '.join(required)}), and each "
+            "batch is one input tensor: wrap the model in a module whose forward takes one tensor and calls it "
+            "(e.g. token ids, with the attention mask made from them), and compress the wrapper"
+        )
 
 
 @dataclass
