@@ -211,11 +211,33 @@ def test_array_data_with_odd_shapes_and_no_targets_runs_end_to_end(cli, tmp_path
         ({"x": np.zeros((4, 2)), "x_test": np.zeros((2, 3))}, DataError, "x_test examples are \\(3,\\)"),
     ],
 )
-def test_bad_array_files_name_the_value_and_the_fix(tmp_path, arrays, error, message):
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_bad_array_files_name_the_value_and_the_fix(tmp_path, arrays, error, message, in_memory):
     path = tmp_path / "data.npz"
     np.savez(path, **arrays)
     with pytest.raises(error, match=message):
-        deepshrink.load_arrays(path)
+        deepshrink.load_arrays(arrays if in_memory else path)
+
+
+def test_arrays_in_memory_split_as_their_file_does(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(40, 3, 2)), "y": rng.integers(0, 3, 40), "x_test": rng.normal(size=(8, 3, 2))}
+    arrays["y_test"] = rng.integers(0, 3, 8)
+    np.savez(tmp_path / "data.npz", **arrays)
+    from_file = deepshrink.load_arrays(tmp_path / "data.npz", validation=10, seed=3)
+    as_tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
+    for given in (arrays, as_tensors):
+        in_memory = deepshrink.load_arrays(given, validation=10, seed=3)
+        for split in ("train", "validation", "test"):
+            for ours, theirs in zip(getattr(in_memory, split).tensors, getattr(from_file, split).tensors, strict=True):
+                assert torch.equal(ours, theirs)
+    # The fingerprint (part of every cached stage's key) follows the contents, not the call.
+    assert deepshrink.load_arrays(as_tensors).fingerprint == deepshrink.load_arrays(arrays).fingerprint
+    changed = dict(arrays, x=arrays["x"].copy())
+    changed["x"][0, 0, 0] += 1e-9
+    assert deepshrink.load_arrays(changed).fingerprint != deepshrink.load_arrays(arrays).fingerprint
+    with pytest.raises(ConfigError, match=r"not a ndarray; pass \{'x': inputs, 'y': targets\}"):
+        deepshrink.load_arrays(arrays["x"])
 
 
 def test_pickled_arrays_are_refused(tmp_path):

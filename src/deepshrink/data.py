@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -449,7 +450,7 @@ def _as_tensor(array: np.ndarray, name: str) -> torch.Tensor:
 
 
 def load_arrays(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Mapping[str, np.ndarray | torch.Tensor],
     validation: float | int = 0.1,
     seed: int = 0,
     scale: float | None = None,
@@ -460,7 +461,8 @@ def load_arrays(
     floats), `x_test` and `y_test`.
 
     Args:
-        path: the file. .npz files are read without unpickling.
+        path: the file (.npz files are read without unpickling), or the arrays themselves:
+            {"x": inputs, "y": targets, ...} of numpy arrays or CPU tensors.
         validation: the part of `x` held out for validation: a fraction in (0, 1) or a count of
             examples (at least 1, and at least 1 left to train on).
         seed: the seed of the split's shuffle.
@@ -477,10 +479,39 @@ def load_arrays(
             missing file. FormatError: a file that cannot be read, or arrays that are not numeric.
         ConfigError: `validation`, `scale` or `train_subset` out of range.
     """
+    if isinstance(path, Mapping):
+        arrays = _checked_arrays(
+            {
+                name: value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+                for name, value in path.items()
+            },
+            IN_MEMORY,
+        )
+        return splits_from_arrays(arrays, IN_MEMORY, _fingerprint_arrays(arrays), validation, seed, scale, train_subset)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(
+            f"load_arrays takes a file or a dict of arrays, not a {type(path).__name__}; pass "
+            "{'x': inputs, 'y': targets} (and optionally 'x_test', 'y_test')"
+        )
     path = Path(path)
     return splits_from_arrays(
         _read_arrays(path), path, fingerprint_files([path]), validation, seed, scale, train_subset
     )
+
+
+# What errors and the report call arrays given to load_arrays in memory.
+IN_MEMORY = Path("<arrays in memory>")
+
+
+def _fingerprint_arrays(arrays: dict[str, np.ndarray]) -> str:
+    """A short content hash of arrays given in memory (names, dtypes, shapes and bytes), as
+    `fingerprint_files` is of files: the same arrays give the same cached stages."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name} {array.dtype.str} {array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()[:16]
 
 
 def splits_from_arrays(
