@@ -169,3 +169,47 @@ def test_a_metric_that_returns_nan_is_an_error_naming_it():
     )
     with pytest.raises(ConfigError, match="the metric 'my score' of task 'mine' is nan"):
         deepshrink.evaluate(torch.nn.Identity(), loader(torch.zeros(4, 2), torch.zeros(4, 2), 2), task=broken)
+
+
+TARGET_MISMATCHES = [
+    ("regression", torch.zeros(40), 2, r"the targets are \[\d+\] for outputs \[\d+, 2\].*one target per output \(2"),
+    ("classification", torch.arange(40) % 5, 2, r"a target is 4, and the model outputs 2 classes \(labels 0\.\.1\)"),
+    ("classification", torch.zeros(40), 2, r"the targets are float32.*use task regression"),
+    ("classification", torch.zeros(40, 3, dtype=torch.long), 2, r"the targets are \[\d+, 3\].*use task multilabel"),
+    ("multilabel", torch.zeros(40, 3), 2, r"the targets are \[\d+, 3\] for outputs \[\d+, 2\].*the same shape"),
+]
+
+
+@pytest.mark.parametrize(("task", "targets", "width", "message"), TARGET_MISMATCHES)
+def test_targets_that_do_not_fit_the_task_are_named_before_anything_runs(tmp_path, task, targets, width, message):
+    from deepshrink.errors import DataError
+
+    inputs = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    data = deepshrink.load_arrays({"x": inputs, "y": targets})
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, width))
+    recipe = {"prune": {"sparsity": {"*": 0.5}, "rounds": 1, "retrain_epochs": 1}}
+    with pytest.raises(DataError, match=rf"task {task}: {message}"):
+        deepshrink.run(model, recipe, data, task=task, run_dir=tmp_path / "r", progress=False)
+    with pytest.raises(DataError, match=message):  # training alone checks them too
+        loader = deepshrink.make_loader(data.train, 8, shuffle=False)
+        deepshrink.fit(model, loader, deepshrink.TrainConfig(epochs=1), task=task, progress=False)
+
+
+def test_a_bad_label_in_a_later_batch_is_named_too_and_fitting_targets_pass():
+    from deepshrink.errors import DataError
+    from deepshrink.tasks import check_targets
+
+    model = torch.nn.Linear(6, 3)
+    labels = torch.arange(64) % 3
+    labels[-1] = 3  # the last batch's last example
+    loader = deepshrink.make_loader(torch.utils.data.TensorDataset(torch.randn(64, 6), labels), 16, shuffle=False)
+    with pytest.raises(DataError, match="a target is 3, and the model outputs 3 classes"):
+        deepshrink.evaluate(model, loader)
+    # What the built-in tasks take: a label per position (outputs [N, C, L]), any shape with one
+    # value per output for regression and embeddings, the same shape for multilabel.
+    check_targets(classification(), torch.zeros(4, 3, 7), torch.zeros(4, 7, dtype=torch.long))
+    check_targets(regression(), torch.zeros(4, 1), torch.zeros(4))
+    check_targets(embedding(), torch.zeros(4, 2, 3), torch.zeros(4, 6))
+    check_targets(multilabel(), torch.zeros(4, 5), torch.ones(4, 5, dtype=torch.long))
+    mine = Task("mine", lambda outputs, targets: outputs.sum(), classification().metric, None, None)
+    check_targets(mine, torch.zeros(2), torch.zeros(9))  # your own task: no check unless it gives one

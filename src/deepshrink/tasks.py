@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deepshrink.errors import ConfigError
+from deepshrink.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,9 @@ class Task:
       teacher; only classification uses the temperature.
     - `targets_from_outputs(outputs)`: targets made from the original model's outputs, used when
       the data has inputs but no targets (retraining then reproduces the original model).
+    - `mismatch(outputs, targets)`: what is wrong with a batch's targets for these outputs (a
+      float label, a class past the model's width, a shape that does not pair up), or None;
+      `check_targets` turns it into a DataError. None: no check (your own tasks, by default).
     """
 
     name: str
@@ -97,6 +100,7 @@ class Task:
     metric: Metric
     distillation: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     targets_from_outputs: Callable[[torch.Tensor], torch.Tensor]
+    mismatch: Callable[[torch.Tensor, torch.Tensor], str | None] | None = None
 
     def describe(self) -> str:
         """One line for reports: the task, its metric and which way is better.
@@ -106,6 +110,76 @@ class Task:
         """
         better = "higher" if self.metric.higher_is_better else "lower"
         return f"{self.name} ({self.metric.name}, {better} is better)"
+
+
+def check_targets(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Refuse a batch whose targets do not fit the task and the model's outputs, before the loss
+    turns it into an error from deep inside torch (or, on a GPU, a device-side assert).
+
+    Args:
+        task: the task (its `mismatch`, if any).
+        outputs: the model's outputs for the batch.
+        targets: the batch's targets.
+
+    Raises:
+        DataError: what does not fit, and the task or data to use instead.
+    """
+    if task.mismatch is None:
+        return
+    problem = task.mismatch(outputs, targets)
+    if problem is not None:
+        raise DataError(f"task {task.name}: {problem}")
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "[" + ", ".join(str(size) for size in tensor.shape) + "]"
+
+
+def _classification_mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+    if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
+        return (
+            f"the targets are {str(targets.dtype).removeprefix('torch.')}, and classification needs integer class "
+            "labels 0..C-1; for real-valued targets use task regression, for several 0/1 labels per example "
+            "task multilabel"
+        )
+    expected = (outputs.shape[0], *outputs.shape[2:])
+    if outputs.dim() < 2 or tuple(targets.shape) != expected:
+        return (
+            f"the targets are {_shape(targets)} for outputs {_shape(outputs)}, and classification needs one class "
+            "label per example (outputs [N, C], targets [N]); for several labels per example use task multilabel"
+        )
+    classes = outputs.shape[1]
+    if targets.numel() and bool(((targets < 0) | (targets >= classes)).any()):
+        low, high = int(targets.min()), int(targets.max())
+        return (
+            f"a target is {low if low < 0 else high}, and the model outputs {classes} classes "
+            f"(labels 0..{classes - 1}); the labels must number the model's outputs from 0"
+        )
+    return None
+
+
+def _same_count_mismatch(kind: str) -> Callable[[torch.Tensor, torch.Tensor], str | None]:
+    """Targets that hold one value per output, in any shape that has as many per example."""
+
+    def mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+        if len(targets) == len(outputs) and targets.numel() == outputs.numel():
+            return None
+        per_example = outputs[0].numel() if len(outputs) else 0
+        return (
+            f"the targets are {_shape(targets)} for outputs {_shape(outputs)}, and {kind} needs one target per "
+            f"output ({per_example} per example)"
+        )
+
+    return mismatch
+
+
+def _multilabel_mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+    if targets.shape == outputs.shape:
+        return None
+    return (
+        f"the targets are {_shape(targets)} for outputs {_shape(outputs)}, and multilabel needs one 0/1 target per "
+        "output (the same shape); for one class label per example use task classification"
+    )
 
 
 def _top1(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -132,6 +206,7 @@ def classification() -> Task:
         Metric("top-1 accuracy", True, _top1),
         _classification_distillation,
         lambda outputs: outputs.argmax(1),
+        _classification_mismatch,
     )
 
 
@@ -193,6 +268,7 @@ def multilabel(logits: bool = True, metric: str = "label accuracy", threshold: f
         Metric(metric, True, statistics, finish),
         distillation,
         lambda outputs: (_probabilities(outputs, logits) > threshold).to(outputs.dtype),
+        _multilabel_mismatch,
     )
 
 
@@ -233,6 +309,7 @@ def regression(loss: str = "mse", tolerance: float | None = None) -> Task:
         metric,
         lambda student, teacher, temperature: nn.functional.mse_loss(student, teacher),  # noqa: ARG005
         lambda outputs: outputs,
+        _same_count_mismatch("regression"),
     )
 
 
@@ -273,6 +350,7 @@ def embedding(loss: str = "cosine") -> Task:
         Metric("cosine similarity", True, statistics),
         lambda student, teacher, temperature: loss_function(student, teacher),  # noqa: ARG005
         lambda outputs: outputs,
+        _same_count_mismatch("embedding"),
     )
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from deepshrink import distributed
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.progress import progress_bar
-from deepshrink.tasks import Task, check_value, resolve_task
+from deepshrink.tasks import Task, check_targets, check_value, resolve_task
 
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam")
@@ -358,6 +358,7 @@ def fit(
             if more_inputs is not None:
                 inputs = torch.cat([inputs, more_inputs(inputs)])
             outputs = one_tensor(training_model(inputs))
+            check_targets(task, outputs[: len(targets)], targets)
             loss = criterion(outputs, targets, inputs)
             outputs = outputs[: len(targets)]
             if not torch.isfinite(loss):
@@ -490,6 +491,7 @@ def evaluate(
         inputs, targets = _inputs_and_targets(pair)
         inputs, targets = inputs.to(device), targets.to(device)
         outputs = one_tensor(model(inputs))
+        check_targets(task, outputs, targets)
         batch = outputs.shape[0]
         loss_sum += task.loss(outputs, targets).item() * batch
         statistics = task.metric.statistics(outputs, targets).cpu().double()
