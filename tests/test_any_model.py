@@ -209,6 +209,8 @@ def test_array_data_with_odd_shapes_and_no_targets_runs_end_to_end(cli, tmp_path
         ({"x": np.array(["a", "b"])}, FormatError, "dtype <U1; it should be numeric"),
         ({"x": np.zeros((1, 2))}, DataError, "leaves 0 to validate and 1 to train on"),
         ({"x": np.zeros((4, 2)), "x_test": np.zeros((2, 3))}, DataError, "x_test examples are \\(3,\\)"),
+        ({"x": np.array([[0.0, 1.0], [2.0, np.nan]] * 2)}, DataError, r"x holds 2 value\(s\) that are not.*x\[1, 1"),
+        ({"x": np.zeros((3, 2)), "y": np.array([0.5, -np.inf, 1.0])}, DataError, r"array y holds 1 value.*y\[1\]"),
     ],
 )
 @pytest.mark.parametrize("in_memory", [False, True])
@@ -217,6 +219,13 @@ def test_bad_array_files_name_the_value_and_the_fix(tmp_path, arrays, error, mes
     np.savez(path, **arrays)
     with pytest.raises(error, match=message):
         deepshrink.load_arrays(arrays if in_memory else path)
+
+
+def test_a_nan_far_into_a_large_array_is_found_where_it_is():
+    inputs = np.zeros((2_000_000, 3), dtype=np.float32)  # checked in blocks of about 1.4 million examples
+    inputs[1_500_000, 2] = np.nan
+    with pytest.raises(DataError, match=r"x holds 1 value\(s\) that are not finite .* x\[1500000, 2\]"):
+        deepshrink.load_arrays({"x": inputs})
 
 
 def test_arrays_in_memory_split_as_their_file_does(tmp_path):

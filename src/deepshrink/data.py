@@ -424,6 +424,7 @@ def _checked_arrays(arrays: dict, path) -> dict[str, np.ndarray]:
             raise DataError(f"{path}: array {name} has shape {array.shape}; it needs at least one example")
         if array.nbytes > MAX_ARRAY_BYTES:
             raise DataError(f"{path}: array {name} is {array.nbytes:,} bytes, over the {MAX_ARRAY_BYTES:,}-byte limit")
+        _check_finite(array, name, path)
     for inputs, targets in (("x", "y"), ("x_test", "y_test")):
         if targets in arrays and inputs not in arrays:
             raise DataError(f"{path}: has {targets} but no {inputs}; save the inputs that go with those targets")
@@ -440,6 +441,25 @@ def _checked_arrays(arrays: dict, path) -> dict[str, np.ndarray]:
             "they must have the same shape"
         )
     return arrays
+
+
+def _check_finite(array: np.ndarray, name: str, path) -> None:
+    """A NaN or infinity in the data would surface much later as a diverged training or a wrong
+    metric; name the first one here. Checked a block of examples at a time, so the check never
+    holds more than a few megabytes beside the array."""
+    if array.dtype.kind != "f":
+        return
+    step = max(1, (1 << 22) // max(1, array[0].size))
+    for start in range(0, len(array), step):
+        finite = np.isfinite(array[start : start + step])
+        if not finite.all():
+            count = sum(int((~np.isfinite(array[other : other + step])).sum()) for other in range(0, len(array), step))
+            where = tuple(int(index) for index in np.argwhere(~finite)[0])
+            where = (where[0] + start, *where[1:])
+            raise DataError(
+                f"{path}: array {name} holds {count:,} value(s) that are not finite (NaN or infinity), the first "
+                f"at {name}[{', '.join(map(str, where))}]; remove or replace them before compressing"
+            )
 
 
 def _as_tensor(array: np.ndarray, name: str) -> torch.Tensor:

@@ -364,7 +364,7 @@ def fit(
             if not torch.isfinite(loss):
                 raise ConfigError(
                     f"training diverged at epoch {epoch} (loss {loss.item()}); lower the learning rate "
-                    f"(learning_rate={config.learning_rate})"
+                    f"(learning_rate={config.learning_rate}), and check that the data holds no NaN or infinity"
                 )
             loss.backward()
             optimizer.step()
