@@ -285,3 +285,30 @@ def test_a_forward_that_needs_two_inputs_is_named_before_anything_runs(tmp_path)
 
     result = deepshrink.run(OptionalMask(), SMALL_RECIPE, None, run_dir=tmp_path / "optional", progress=False)
     assert result.path.exists()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "model", "message"),
+    [
+        (  # images without their channel axis
+            np.zeros((20, 8, 8), dtype=np.float32),
+            lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 2)),
+            r"inputs of shape \[2, 8, 8\] \(float32, the first two examples\), raised RuntimeError: .*channels",
+        ),
+        (  # token ids stored as floats
+            np.ones((20, 5), dtype=np.float32),
+            lambda: nn.Sequential(nn.Embedding(4, 3), nn.Flatten(), nn.Linear(15, 2)),
+            r"inputs of shape \[2, 5\] \(float32, .*raised RuntimeError: .*indices.*integer token ids",
+        ),
+    ],
+)
+def test_data_the_model_cannot_run_on_is_named_with_its_shape(tmp_path, inputs, model, message):
+    import deepshrink
+
+    data = deepshrink.load_arrays({"x": inputs, "y": np.arange(20) % 2})
+    with pytest.raises(ModelError, match=rf"the model cannot run on the data: its forward, given {message}"):
+        deepshrink.run(model(), SMALL_RECIPE, data, run_dir=tmp_path / "r", progress=False)
+    loaders = deepshrink.Loaders.from_splits(data)  # the user's own loaders are checked the same way
+    with pytest.raises(ModelError, match="the model cannot run on the data"):
+        deepshrink.run(model(), SMALL_RECIPE, loaders, run_dir=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
