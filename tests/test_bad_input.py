@@ -312,3 +312,15 @@ def test_data_the_model_cannot_run_on_is_named_with_its_shape(tmp_path, inputs, 
     with pytest.raises(ModelError, match="the model cannot run on the data"):
         deepshrink.run(model(), SMALL_RECIPE, loaders, run_dir=tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_names_data_its_checkpoint_cannot_run_on(tmp_path, capsys):
+    from deepshrink.checkpoint import save_checkpoint
+    from deepshrink.models import build_model
+
+    save_checkpoint(tmp_path / "lenet.safetensors", build_model("lenet-300-100"), model_name="lenet-300-100")
+    np.savez(tmp_path / "wide.npz", x=np.zeros((20, 5), dtype=np.float32), y=np.arange(20) % 10)
+    code, message = run(capsys, "evaluate", str(tmp_path / "lenet.safetensors"), "--data", str(tmp_path / "wide.npz"))
+    assert code == ModelError.exit_code
+    assert "the model cannot run on the data: its forward, given inputs of shape [2, 5]" in message
+    assert "internal error" not in message

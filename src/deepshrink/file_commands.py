@@ -14,7 +14,7 @@ import torch
 
 from deepshrink.data import DataSplits, load_splits, make_loader
 from deepshrink.errors import ConfigError
-from deepshrink.train import Evaluation, evaluate
+from deepshrink.train import Evaluation, check_runs_on, evaluate, resolve_device
 
 
 def _split(splits: DataSplits, name: str):
@@ -55,6 +55,7 @@ def evaluate_checkpoint(
 
     built, loaded = load_model(checkpoint, model)
     rows = _split(load_splits(data, validation), split)
+    check_runs_on(built, rows.tensors[0][:2], resolve_device(device))
     return evaluate(built, make_loader(rows, 1000, shuffle=False), device, task), model or loaded.model_name
 
 

@@ -41,7 +41,7 @@ from deepshrink import distributed
 from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from deepshrink.data import DataSplits
 from deepshrink.encode.sizes import parameter_bytes
-from deepshrink.errors import ConfigError, DeepshrinkError, ModelError
+from deepshrink.errors import ConfigError, ModelError
 from deepshrink.files import atomic_output
 from deepshrink.layers import SUPPORTED_TYPES, check_weights, compressible_weights
 from deepshrink.loading import STRUCTURE_KEY
@@ -49,7 +49,7 @@ from deepshrink.plan import Plan
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
 from deepshrink.stages import Loaders, StageContext, StageResult, registered_stages, run_stage, stage_metadata
 from deepshrink.tasks import Task, resolve_task
-from deepshrink.train import evaluate, one_tensor, resolve_device
+from deepshrink.train import check_runs_on, evaluate, one_tensor, resolve_device
 
 
 @dataclass
@@ -210,14 +210,14 @@ def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Modu
             )
         return _Data(None, ["no data"], "no data", evaluated_on="nothing", targets="none")
     if isinstance(data, Loaders):
-        _check_runs_on(reference, _inputs_of(next(iter(data.validation)))[:2], device)
+        check_runs_on(reference, _inputs_of(next(iter(data.validation)))[:2], device)
         return _Data(data, ["user loaders"], "your data")
     if not isinstance(data, DataSplits):
         raise ConfigError(
             "data should be a DataSplits (deepshrink.load_data() or load_arrays()) or Loaders, "
             f"got {type(data).__name__}"
         )
-    _check_runs_on(reference, data.train.tensors[0][:2], device)
+    check_runs_on(reference, data.train.tensors[0][:2], device)
     targets = "given"
     if not data.labelled:
         data = with_targets_from(data, reference, task, device)
@@ -236,28 +236,6 @@ def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Modu
 def _inputs_of(batch) -> torch.Tensor:
     """A batch's inputs: the first of (inputs, targets), or the batch itself."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-@torch.no_grad()
-def _check_runs_on(model: nn.Module, inputs: torch.Tensor, device) -> None:
-    """The model's first forward, on two of the data's examples: a mismatch between the two (an
-    image without its channel axis, token ids stored as floats) is named with the inputs it got,
-    where it would surface from inside torch in the first evaluation."""
-    was_training = model.training
-    try:
-        model.to(device).eval()(inputs.to(device))
-    except DeepshrinkError:
-        raise
-    except (RuntimeError, TypeError, ValueError, IndexError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(
-            f"the model cannot run on the data: its forward, given inputs of shape {list(inputs.shape)} "
-            f"({str(inputs.dtype).removeprefix('torch.')}, the first two examples), raised {type(error).__name__}: "
-            f"{reason}. Make the data's inputs what the model takes (their shape after the example axis, "
-            "and integer token ids for an Embedding)"
-        ) from error
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from deepshrink import distributed
-from deepshrink.errors import ConfigError, ModelError
+from deepshrink.errors import ConfigError, DeepshrinkError, ModelError
 from deepshrink.progress import progress_bar
 from deepshrink.tasks import Task, check_targets, check_value, resolve_task
 
@@ -151,6 +151,38 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device={name!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
+
+
+@torch.no_grad()
+def check_runs_on(model: nn.Module, inputs: torch.Tensor, device: str | torch.device = "cpu") -> None:
+    """The model's first forward, on a few of the data's examples: a mismatch between the two (an
+    image without its channel axis, token ids stored as floats) is named with the inputs it got,
+    where it would surface from inside torch in the first evaluation.
+
+    Args:
+        model: the model; left in the mode it was in.
+        inputs: the first two examples' inputs.
+        device: where to run it.
+
+    Raises:
+        ModelError: the forward raised; the inputs' shape and dtype and torch's reason.
+        DeepshrinkError: one of ours from inside the forward, as it was.
+    """
+    was_training = model.training
+    try:
+        model.to(device).eval()(inputs.to(device))
+    except DeepshrinkError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(
+            f"the model cannot run on the data: its forward, given inputs of shape {list(inputs.shape)} "
+            f"({str(inputs.dtype).removeprefix('torch.')}, the first two examples), raised {type(error).__name__}: "
+            f"{reason}. Make the data's inputs what the model takes (their shape after the example axis, "
+            "and integer token ids for an Embedding)"
+        ) from error
+    finally:
+        model.train(was_training)
 
 
 def one_tensor(outputs) -> torch.Tensor:
