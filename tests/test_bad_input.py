@@ -324,3 +324,20 @@ def test_evaluate_names_data_its_checkpoint_cannot_run_on(tmp_path, capsys):
     assert code == ModelError.exit_code
     assert "the model cannot run on the data: its forward, given inputs of shape [2, 5]" in message
     assert "internal error" not in message
+
+
+def test_a_weight_norm_parametrization_is_named_with_the_call_that_removes_it(tmp_path):
+    from torch.nn.utils.parametrizations import weight_norm
+
+    import deepshrink
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), weight_norm(nn.Linear(16, 2)))
+    inputs = torch.randn(5, 12)
+    expected = model(inputs).detach()
+    with pytest.raises(ModelError, match=r"2\.weight is computed by a parametrization \(_WeightNorm") as caught:
+        deepshrink.run(model, SMALL_RECIPE, None, run_dir=tmp_path / "r", progress=False)
+    fix = str(caught.value).split(" with ", 1)[1].split(", and load", 1)[0]
+    exec(fix, {"torch": torch, "model": model})  # noqa: S102 - the message's code, not user input
+    assert torch.allclose(model(inputs), expected, atol=1e-6)  # the same function, as a plain weight
+    assert deepshrink.run(model, SMALL_RECIPE, None, run_dir=tmp_path / "plain", progress=False).path.exists()

@@ -137,6 +137,22 @@ def _check_model(model: nn.Module) -> None:
             f"{type(model).__name__} has no layer deepshrink compresses ({SUPPORTED_TYPES}); "
             "there is nothing to compress"
         )
+    foreign = [
+        (f"{name}.{tensor}" if name else tensor, type(parametrization).__name__)
+        for name, module in model.named_modules()
+        for tensor, parametrizations in getattr(module, "parametrizations", {}).items()
+        for parametrization in parametrizations
+        if not type(parametrization).__module__.startswith("deepshrink.")
+    ]
+    if foreign:
+        key, kind = foreign[0]
+        module, _, tensor = key.rpartition(".")
+        raise ModelError(
+            f"{key} is computed by a parametrization ({kind}: weight_norm, spectral_norm or your own), and "
+            "deepshrink compresses plain weights: remove it first, keeping the weight's value, with "
+            f"torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule({module!r}), {tensor!r}), "
+            "and load the file into the model built without it"
+        )
     parametrized = [name for name, module in model.named_modules() if hasattr(module, "parametrizations")]
     if parametrized:
         raise ModelError(
