@@ -213,3 +213,17 @@ def test_a_bad_label_in_a_later_batch_is_named_too_and_fitting_targets_pass():
     check_targets(multilabel(), torch.zeros(4, 5), torch.ones(4, 5, dtype=torch.long))
     mine = Task("mine", lambda outputs, targets: outputs.sum(), classification().metric, None, None)
     check_targets(mine, torch.zeros(2), torch.zeros(9))  # your own task: no check unless it gives one
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int64])
+def test_class_labels_of_any_integer_type_train_and_score_alike(dtype):
+    inputs = torch.randn(48, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(48) % 3
+    results = []
+    for given in (labels, labels.to(dtype)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        loader = deepshrink.make_loader(torch.utils.data.TensorDataset(inputs, given), 8, shuffle=False)
+        deepshrink.fit(model, loader, deepshrink.TrainConfig(epochs=2), progress=False)
+        results.append((model.weight.detach().clone(), deepshrink.evaluate(model, loader).metric))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]

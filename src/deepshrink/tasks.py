@@ -202,7 +202,8 @@ def classification() -> Task:
     """
     return Task(
         "classification",
-        lambda outputs, targets: nn.functional.cross_entropy(outputs, targets),
+        # Labels of any integer type (int32 from a user's loader, say); cross_entropy takes int64.
+        lambda outputs, targets: nn.functional.cross_entropy(outputs, targets.long()),
         Metric("top-1 accuracy", True, _top1),
         _classification_distillation,
         lambda outputs: outputs.argmax(1),
