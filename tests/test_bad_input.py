@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import deepshrink
 from deepshrink import cli
 from deepshrink.compressed import load_compressed, read_state_dict, save_compressed
 from deepshrink.encode import container
@@ -196,8 +197,6 @@ def test_a_file_of_an_unregistered_model_says_to_pass_the_module(tmp_path):
 
 
 def _small_labelled_data(tmp_path):
-    import deepshrink
-
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(300, 12)).astype(np.float32)
     np.savez(tmp_path / "small.npz", x=inputs, y=(inputs[:, 0] > 0).astype(np.int64))
@@ -209,8 +208,6 @@ SMALL_RECIPE = {"prune": {"sparsity": {"*": 0.5}, "rounds": 1, "retrain_epochs":
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_a_model_that_is_not_float32_is_refused_with_the_fix(tmp_path, dtype):
-    import deepshrink
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
     name = str(dtype).removeprefix("torch.")
@@ -243,8 +240,6 @@ class _SeveralOutputs(nn.Module):
     ],
 )
 def test_a_forward_with_several_outputs_is_described_and_a_wrapper_compresses(tmp_path, as_dict, described):
-    import deepshrink
-
     torch.manual_seed(0)
     model = _SeveralOutputs(as_dict)
     data = _small_labelled_data(tmp_path)
@@ -264,8 +259,6 @@ def test_a_forward_with_several_outputs_is_described_and_a_wrapper_compresses(tm
 
 
 def test_a_forward_that_needs_two_inputs_is_named_before_anything_runs(tmp_path):
-    import deepshrink
-
     class TokensAndMask(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -303,8 +296,6 @@ def test_a_forward_that_needs_two_inputs_is_named_before_anything_runs(tmp_path)
     ],
 )
 def test_data_the_model_cannot_run_on_is_named_with_its_shape(tmp_path, inputs, model, message):
-    import deepshrink
-
     data = deepshrink.load_arrays({"x": inputs, "y": np.arange(20) % 2})
     with pytest.raises(ModelError, match=rf"the model cannot run on the data: its forward, given {message}"):
         deepshrink.run(model(), SMALL_RECIPE, data, run_dir=tmp_path / "r", progress=False)
@@ -329,8 +320,6 @@ def test_evaluate_names_data_its_checkpoint_cannot_run_on(tmp_path, capsys):
 def test_a_weight_norm_parametrization_is_named_with_the_call_that_removes_it(tmp_path):
     from torch.nn.utils.parametrizations import weight_norm
 
-    import deepshrink
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), weight_norm(nn.Linear(16, 2)))
     inputs = torch.randn(5, 12)
@@ -341,3 +330,15 @@ def test_a_weight_norm_parametrization_is_named_with_the_call_that_removes_it(tm
     exec(fix, {"torch": torch, "model": model})  # noqa: S102 - the message's code, not user input
     assert torch.allclose(model(inputs), expected, atol=1e-6)  # the same function, as a plain weight
     assert deepshrink.run(model, SMALL_RECIPE, None, run_dir=tmp_path / "plain", progress=False).path.exists()
+
+
+def test_layers_pruned_to_nothing_still_write_a_file_and_a_report(tmp_path):
+    rng = np.random.default_rng(0)
+    data = deepshrink.load_arrays({"x": rng.normal(size=(60, 3)).astype(np.float32), "y": np.arange(60) % 2})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))  # 12 and 8 weights: 1% of each is none
+    recipe = {"prune": {"sparsity": {"*": 0.99}, "rounds": 1}, "quantize": {"bits": {"*": 2}}}
+    result = deepshrink.run(model, recipe, data, run_dir=tmp_path / "r", progress=False)
+    decoded, _ = load_compressed(result.path, nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    assert not decoded[0].weight.any() and not decoded[2].weight.any()
+    assert (tmp_path / "r" / "report.md").exists() and not (tmp_path / "r" / "figure4-codebook.png").exists()

@@ -277,6 +277,8 @@ def _draw_figures(result, model: nn.Module, rows, tradeoff: dict | None, run_dir
     records = {}
     for stage in result.stages:  # the k-means records behind Figure 4, from the stage that shared weights
         records.update(sharing_records(stage.result))
+    # A layer pruned to nothing has no weights to draw (a tiny layer at a high sparsity).
+    records = {name: record for name, record in records.items() if len(record.sample)}
     figures = {}
     if records:
         figures["figure4"] = plot_codebooks(model, records, run_dir / "figure4-codebook.png").name
