@@ -342,3 +342,13 @@ def test_layers_pruned_to_nothing_still_write_a_file_and_a_report(tmp_path):
     decoded, _ = load_compressed(result.path, nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
     assert not decoded[0].weight.any() and not decoded[2].weight.any()
     assert (tmp_path / "r" / "report.md").exists() and not (tmp_path / "r" / "figure4-codebook.png").exists()
+
+
+def test_a_run_directory_that_is_a_file_is_refused_before_retraining(tmp_path):
+    taken = tmp_path / "data.npz"
+    np.savez(taken, x=np.zeros((10, 3), dtype=np.float32))
+    before = taken.read_bytes()
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ConfigError, match=r"run_dir '.*data\.npz' is a file; give a directory"):
+        deepshrink.run(model, SMALL_RECIPE, deepshrink.load_arrays(taken), run_dir=taken, progress=False)
+    assert taken.read_bytes() == before

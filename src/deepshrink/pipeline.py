@@ -458,6 +458,8 @@ def run(
     task = resolve_task(task if task is not None else recipe.task)
     name = model_name or recipe.model or type(model).__name__.lower()
     run_dir = Path(run_dir or Path("runs") / _file_stem(name))
+    if run_dir.exists() and not run_dir.is_dir():  # found now, not after the first stage's retraining
+        raise ConfigError(f"run_dir {str(run_dir)!r} is a file; give a directory (it is made if missing)")
     device = resolve_device(device)
     reference = copy.deepcopy(model).to(device).eval()
     prepared = _prepare_data(data, recipe, reference, task, device)
