@@ -176,7 +176,8 @@ TARGET_MISMATCHES = [
     ("classification", torch.arange(40) % 5, 2, r"a target is 4, and the model outputs 2 classes \(labels 0\.\.1\)"),
     ("classification", torch.zeros(40), 2, r"the targets are float32.*use task regression"),
     ("classification", torch.zeros(40, 3, dtype=torch.long), 2, r"the targets are \[\d+, 3\].*use task multilabel"),
-    ("multilabel", torch.zeros(40, 3), 2, r"the targets are \[\d+, 3\] for outputs \[\d+, 2\].*the same shape"),
+    ("multilabel", torch.zeros(40, 3), 2, r"the targets are \[\d+, 3\] for outputs \[\d+, 2\].*one 0/1 target per"),
+    ("classification", torch.arange(40) % 2, 1, r"the model has one output.*task multilabel"),
 ]
 
 
@@ -227,3 +228,15 @@ def test_class_labels_of_any_integer_type_train_and_score_alike(dtype):
         deepshrink.fit(model, loader, deepshrink.TrainConfig(epochs=2), progress=False)
         results.append((model.weight.detach().clone(), deepshrink.evaluate(model, loader).metric))
     assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+
+
+def test_a_binary_model_with_one_logit_trains_as_multilabel_on_flat_targets():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(200, 3, generator=generator)
+    labels = (inputs[:, 0] > 0).long()  # [N], for outputs [N, 1]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    loader = deepshrink.make_loader(torch.utils.data.TensorDataset(inputs, labels), 20, shuffle=False)
+    config = deepshrink.TrainConfig(epochs=5, learning_rate=0.1)
+    deepshrink.fit(model, loader, config, task="multilabel", progress=False)
+    assert deepshrink.evaluate(model, loader, task="multilabel").metric > 0.9

@@ -151,6 +151,11 @@ def _classification_mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> st
     classes = outputs.shape[1]
     if targets.numel() and bool(((targets < 0) | (targets >= classes)).any()):
         low, high = int(targets.min()), int(targets.max())
+        if classes == 1:
+            return (
+                "the model has one output, and classification needs one per class: a binary classifier with "
+                "one logit is task multilabel (binary cross-entropy, targets 0 or 1)"
+            )
         return (
             f"a target is {low if low < 0 else high}, and the model outputs {classes} classes "
             f"(labels 0..{classes - 1}); the labels must number the model's outputs from 0"
@@ -174,11 +179,11 @@ def _same_count_mismatch(kind: str) -> Callable[[torch.Tensor, torch.Tensor], st
 
 
 def _multilabel_mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
-    if targets.shape == outputs.shape:
+    if len(targets) == len(outputs) and targets.numel() == outputs.numel():
         return None
     return (
         f"the targets are {_shape(targets)} for outputs {_shape(outputs)}, and multilabel needs one 0/1 target per "
-        "output (the same shape); for one class label per example use task classification"
+        "output; for one class label per example use task classification"
     )
 
 
@@ -238,14 +243,14 @@ def multilabel(logits: bool = True, metric: str = "label accuracy", threshold: f
         raise ConfigError(f"threshold={threshold!r} should be a probability in (0, 1), e.g. 0.5")
 
     def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        targets = targets.to(outputs.dtype)
+        targets = targets.to(outputs.dtype).reshape(outputs.shape)  # a binary model's [N, 1] outputs, [N] targets
         if logits:
             return nn.functional.binary_cross_entropy_with_logits(outputs, targets)
         return nn.functional.binary_cross_entropy(outputs.clamp(1e-7, 1 - 1e-7), targets)
 
     def statistics(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         predicted = _probabilities(outputs, logits) > threshold
-        actual = targets > 0.5
+        actual = targets.reshape(outputs.shape) > 0.5
         if metric == "f1":
             true_positive = (predicted & actual).sum()
             false_positive = (predicted & ~actual).sum()
