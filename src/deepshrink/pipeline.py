@@ -449,8 +449,12 @@ def run(
         reference and of the model decoded from the file.
 
     Raises:
-        ConfigError for a bad recipe, task or data argument, ModelError for a model with nothing
-        to compress, and the stages' own errors.
+        ConfigError: a bad recipe, task or data argument, or a run directory that is a file.
+        ModelError: a model with nothing to compress, or one no stage can work on (a foreign
+            parametrization, weights that are not float32, a forward that needs several inputs
+            or returns several outputs, data it cannot run on).
+        UnsupportedLayerError: tied weights.
+        DataError: targets that do not fit the task.
     """
     recipe = _as_recipe(recipe)
     _check_model(model)
