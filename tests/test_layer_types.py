@@ -340,3 +340,34 @@ def test_a_tied_model_saves_as_a_checkpoint_and_loads_back_tied(tmp_path):
     loaded = load_state_into(TiedLanguageModel(), load_checkpoint(tmp_path / "tied.safetensors"), "tied")
     assert loaded.out.weight is loaded.embed.weight
     assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in loaded.state_dict().items())
+
+
+class SameLayerTwice(nn.Module):
+    """One Linear registered under two names and applied twice: not a tie (one module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.again = self.first
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, inputs):
+        return self.head(torch.relu(self.again(torch.relu(self.first(inputs)))))
+
+
+def test_one_layer_under_two_names_compresses_and_resumes_from_its_stages(tmp_path):
+    from deepshrink.layers import tied_weights
+
+    rng = np.random.default_rng(0)
+    data = deepshrink.load_arrays({"x": rng.normal(size=(80, 6)).astype(np.float32), "y": np.arange(80) % 2})
+    torch.manual_seed(0)
+    model = SameLayerTwice()
+    assert tied_weights(model) == {}
+    recipe = {"prune": {"sparsity": {"*": 0.5}, "rounds": 1, "retrain_epochs": 1}, "quantize": {"bits": {"*": 3}}}
+    first = deepshrink.run(model, recipe, data, run_dir=tmp_path / "r", progress=False)
+    again = deepshrink.run(model, recipe, data, run_dir=tmp_path / "r", progress=False)  # every stage cached
+    assert again.path.read_bytes() == first.path.read_bytes()
+    decoded, _ = deepshrink.load_compressed(first.path, SameLayerTwice())
+    assert decoded.first is decoded.again
+    weight = decoded.first.weight
+    assert len(torch.unique(weight)) <= 2**3 and int((weight == 0).sum()) >= 18  # half of 36 pruned, 3 bits

@@ -228,12 +228,15 @@ def tied_weights(model: nn.Module) -> dict[str, list[str]]:
         {weight name: every parameter name of that tensor, in the model's order}; {} when
         nothing is tied.
     """
-    names: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
+    # One module registered under two names (model.b = model.a) is not a tie: a parametrization
+    # registered on it is seen under both. Only distinct modules holding one tensor count.
+    holders: dict[int, dict[int, str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for tensor, parameter in module.named_parameters(recurse=False):
+            holders.setdefault(id(parameter), {}).setdefault(id(module), _join(module_name, tensor))
     tied = {}
     for name, weight in compressible_weights(model).items():
-        group = names.get(id(weight.original()), [])
+        group = list(holders.get(id(weight.original()), {}).values())
         if len(group) > 1:
             tied[name] = group
     return tied
@@ -486,7 +489,15 @@ def weights_by_key(model: nn.Module) -> dict[str, Weight]:
     Returns:
         {state_dict key: Weight}.
     """
-    return {weight.key: weight for weight in compressible_weights(model).values()}
+    weights = {weight.key: weight for weight in compressible_weights(model).values()}
+    # A module registered under two names (model.b = model.a) has its entries under both in a
+    # state_dict; the second name's key is the same Weight, which a restore finds already done.
+    canonical = {(id(weight.module), weight.tensor): weight for weight in weights.values()}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for alias in _weights_of(module_name, module):
+            if alias.key not in weights and (id(module), alias.tensor) in canonical:
+                weights[alias.key] = canonical[(id(module), alias.tensor)]
+    return weights
 
 
 def check_position(weight: Weight, position: int) -> None:
