@@ -352,3 +352,17 @@ def test_a_run_directory_that_is_a_file_is_refused_before_retraining(tmp_path):
     with pytest.raises(ConfigError, match=r"run_dir '.*data\.npz' is a file; give a directory"):
         deepshrink.run(model, SMALL_RECIPE, deepshrink.load_arrays(taken), run_dir=taken, progress=False)
     assert taken.read_bytes() == before
+
+
+def test_batches_of_dicts_are_named_with_their_keys(tmp_path):
+    class Records(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return {"features": torch.full((4,), float(index)), "label": index % 2}
+
+    loader = torch.utils.data.DataLoader(Records(), batch_size=4)
+    model = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match=r"a dict with keys 'features', 'label': give the DataLoader a collate_fn"):
+        deepshrink.run(model, SMALL_RECIPE, deepshrink.Loaders.fixed(loader, loader, loader), run_dir=tmp_path / "r")

@@ -226,7 +226,9 @@ def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Modu
             )
         return _Data(None, ["no data"], "no data", evaluated_on="nothing", targets="none")
     if isinstance(data, Loaders):
-        check_runs_on(reference, _inputs_of(next(iter(data.validation)))[:2], device)
+        inputs = _inputs_of(next(iter(data.validation)))
+        if inputs is not None:  # other batches are named by the first evaluation (`fit`'s batch check)
+            check_runs_on(reference, inputs[:2], device)
         return _Data(data, ["user loaders"], "your data")
     if not isinstance(data, DataSplits):
         raise ConfigError(
@@ -249,9 +251,11 @@ def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Modu
     )
 
 
-def _inputs_of(batch) -> torch.Tensor:
-    """A batch's inputs: the first of (inputs, targets), or the batch itself."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+def _inputs_of(batch) -> torch.Tensor | None:
+    """A batch's inputs, the first of (inputs, targets); None for a batch of another form."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    return None
 
 
 @torch.no_grad()

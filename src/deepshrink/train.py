@@ -440,6 +440,12 @@ def fit(
 def _inputs_and_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, list | tuple) and len(batch) == 2:
         return batch[0], batch[1]
+    if isinstance(batch, dict):
+        raise ConfigError(
+            f"training and evaluating need batches of (inputs, targets), got a dict with keys "
+            f"{', '.join(map(repr, list(batch)[:6]))}: give the DataLoader a collate_fn that returns the inputs "
+            "tensor and the targets tensor as a pair"
+        )
     raise ConfigError(
         "training and evaluating need batches of (inputs, targets), got "
         f"{type(batch).__name__}{f' of {len(batch)}' if isinstance(batch, list | tuple) else ''}; for data without "
