@@ -366,3 +366,14 @@ def test_batches_of_dicts_are_named_with_their_keys(tmp_path):
     model = nn.Sequential(nn.Linear(4, 2))
     with pytest.raises(ConfigError, match=r"a dict with keys 'features', 'label': give the DataLoader a collate_fn"):
         deepshrink.run(model, SMALL_RECIPE, deepshrink.Loaders.fixed(loader, loader, loader), run_dir=tmp_path / "r")
+
+
+def test_predict_names_data_the_file_cannot_run_on_without_blaming_a_flag(tmp_path, capsys):
+    from deepshrink.models import build_model
+
+    path = save_compressed(build_model("lenet-300-100"), tmp_path / "lenet.dcz", model_name="lenet-300-100")
+    np.savez(tmp_path / "wide.npz", x=np.zeros((20, 5), dtype=np.float32), y=np.arange(20) % 10)
+    code, message = run(capsys, "predict", str(path), "--data", str(tmp_path / "wide.npz"))
+    assert code == ModelError.exit_code
+    assert "the model cannot run on the data: its examples are [5] (float32)" in message
+    assert "--input-shape" not in message

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from deepshrink.data import DataSplits, load_splits, make_loader
-from deepshrink.errors import ConfigError
+from deepshrink.errors import ConfigError, ModelError
 from deepshrink.train import Evaluation, check_runs_on, evaluate, resolve_device
 
 
@@ -105,6 +105,7 @@ def predict_file(
 
     Raises:
         FormatError: a malformed file (found before the data is read); ConfigError, DataError.
+        ModelError: the data's examples are not what the model takes.
     """
     from deepshrink.compressed import inspect_header
     from deepshrink.runtime.load import load_runtime
@@ -113,14 +114,24 @@ def predict_file(
     splits = load_splits(data, validation)
     rows = _split(splits, split)
     example = rows[0][0]
-    runtime = load_runtime(
-        path,
-        model,
-        mode=mode,
-        max_decoded_bytes=max_decoded_bytes,
-        input_shape=tuple(example.shape),  # so that auto mode times convolutions on this size
-        input_dtype=str(example.dtype).removeprefix("torch."),
-    )
+    try:
+        runtime = load_runtime(
+            path,
+            model,
+            mode=mode,
+            max_decoded_bytes=max_decoded_bytes,
+            input_shape=tuple(example.shape),  # so that auto mode times convolutions on this size
+            input_dtype=str(example.dtype).removeprefix("torch."),
+        )
+    except ConfigError as error:  # the shape came from the data, not from an --input-shape to correct
+        if not isinstance(error.__cause__, (RuntimeError, ValueError, IndexError)):
+            raise
+        raise ModelError(
+            f"the model cannot run on the data: its examples are {list(example.shape)} "
+            f"({str(example.dtype).removeprefix('torch.')}), and the forward raised "
+            f"{type(error.__cause__).__name__}: {str(error.__cause__).strip().splitlines()[0]}. Give data whose "
+            "examples the model takes"
+        ) from error
     loader = make_loader(rows, batch_size, shuffle=False)
     started = time.perf_counter()
     if not splits.labelled:  # nothing to score against: time the model on the inputs alone
