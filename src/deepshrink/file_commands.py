@@ -104,7 +104,9 @@ def predict_file(
         A Prediction.
 
     Raises:
-        FormatError: a malformed file (found before the data is read); ConfigError, DataError.
+        FormatError: a malformed file (found before the data is read).
+        ConfigError: a bad mode, split or argument (from `load_runtime` and the data).
+        DataError: data that cannot be read or split.
         ModelError: the data's examples are not what the model takes.
     """
     from deepshrink.compressed import inspect_header
