@@ -176,7 +176,7 @@ TARGET_MISMATCHES = [
     ("classification", torch.arange(40) % 5, 2, r"a target is 4, and the model outputs 2 classes \(labels 0\.\.1\)"),
     ("classification", torch.zeros(40), 2, r"the targets are float32.*use task regression"),
     ("classification", torch.zeros(40, 3, dtype=torch.long), 2, r"the targets are \[\d+, 3\].*use task multilabel"),
-    ("multilabel", torch.zeros(40, 3), 2, r"the targets are \[\d+, 3\] for outputs \[\d+, 2\].*one 0/1 target per"),
+    ("multilabel", torch.zeros(40, 3), 2, r"the targets are \[\d+, 3\] for outputs \[\d+, 2\].*use task classific"),
     ("classification", torch.arange(40) % 2, 1, r"the model has one output.*task multilabel"),
 ]
 

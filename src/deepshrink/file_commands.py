@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from deepshrink.data import DataSplits, load_splits, make_loader
-from deepshrink.errors import ConfigError, ModelError
-from deepshrink.train import Evaluation, check_runs_on, evaluate, resolve_device
+from deepshrink.errors import ConfigError
+from deepshrink.train import Evaluation, cannot_run, check_runs_on, evaluate, resolve_device
 
 
 def _split(splits: DataSplits, name: str):
@@ -128,12 +128,8 @@ def predict_file(
     except ConfigError as error:  # the shape came from the data, not from an --input-shape to correct
         if not isinstance(error.__cause__, (RuntimeError, ValueError, IndexError)):
             raise
-        raise ModelError(
-            f"the model cannot run on the data: its examples are {list(example.shape)} "
-            f"({str(example.dtype).removeprefix('torch.')}), and the forward raised "
-            f"{type(error.__cause__).__name__}: {str(error.__cause__).strip().splitlines()[0]}. Give data whose "
-            "examples the model takes"
-        ) from error
+        shape = f"an example of shape {list(example.shape)}"
+        raise cannot_run(shape, example.dtype, "the data's first", error.__cause__) from error
     loader = make_loader(rows, batch_size, shuffle=False)
     started = time.perf_counter()
     if not splits.labelled:  # nothing to score against: time the model on the inputs alone

@@ -150,12 +150,12 @@ def _classification_mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> st
         )
     classes = outputs.shape[1]
     if targets.numel() and bool(((targets < 0) | (targets >= classes)).any()):
-        low, high = int(targets.min()), int(targets.max())
         if classes == 1:
             return (
                 "the model has one output, and classification needs one per class: a binary classifier with "
                 "one logit is task multilabel (binary cross-entropy, targets 0 or 1)"
             )
+        low, high = int(targets.min()), int(targets.max())
         return (
             f"a target is {low if low < 0 else high}, and the model outputs {classes} classes "
             f"(labels 0..{classes - 1}); the labels must number the model's outputs from 0"
@@ -163,8 +163,9 @@ def _classification_mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> st
     return None
 
 
-def _same_count_mismatch(kind: str) -> Callable[[torch.Tensor, torch.Tensor], str | None]:
-    """Targets that hold one value per output, in any shape that has as many per example."""
+def _same_count_mismatch(kind: str, hint: str = "") -> Callable[[torch.Tensor, torch.Tensor], str | None]:
+    """Targets that hold one value per output, in any shape that has as many per example (a
+    binary model's [N, 1] outputs take [N] targets); `hint` follows the message."""
 
     def mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
         if len(targets) == len(outputs) and targets.numel() == outputs.numel():
@@ -172,19 +173,10 @@ def _same_count_mismatch(kind: str) -> Callable[[torch.Tensor, torch.Tensor], st
         per_example = outputs[0].numel() if len(outputs) else 0
         return (
             f"the targets are {_shape(targets)} for outputs {_shape(outputs)}, and {kind} needs one target per "
-            f"output ({per_example} per example)"
+            f"output ({per_example} per example){hint}"
         )
 
     return mismatch
-
-
-def _multilabel_mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
-    if len(targets) == len(outputs) and targets.numel() == outputs.numel():
-        return None
-    return (
-        f"the targets are {_shape(targets)} for outputs {_shape(outputs)}, and multilabel needs one 0/1 target per "
-        "output; for one class label per example use task classification"
-    )
 
 
 def _top1(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -274,7 +266,7 @@ def multilabel(logits: bool = True, metric: str = "label accuracy", threshold: f
         Metric(metric, True, statistics, finish),
         distillation,
         lambda outputs: (_probabilities(outputs, logits) > threshold).to(outputs.dtype),
-        _multilabel_mismatch,
+        _same_count_mismatch("multilabel", "; for one class label per example use task classification"),
     )
 
 

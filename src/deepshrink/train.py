@@ -174,15 +174,30 @@ def check_runs_on(model: nn.Module, inputs: torch.Tensor, device: str | torch.de
     except DeepshrinkError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(
-            f"the model cannot run on the data: its forward, given inputs of shape {list(inputs.shape)} "
-            f"({str(inputs.dtype).removeprefix('torch.')}, the first two examples), raised {type(error).__name__}: "
-            f"{reason}. Make the data's inputs what the model takes (their shape after the example axis, "
-            "and integer token ids for an Embedding)"
-        ) from error
+        shape = f"inputs of shape {list(inputs.shape)}"
+        raise cannot_run(shape, inputs.dtype, "the first two examples", error) from error
     finally:
         model.train(was_training)
+
+
+def cannot_run(what: str, dtype: torch.dtype, which: str, error: Exception) -> ModelError:
+    """The error for data a model cannot run on: what it was given, and torch's reason.
+
+    Args:
+        what: the inputs, e.g. "inputs of shape [2, 20]".
+        dtype: their dtype.
+        which: which of the data they are, e.g. "the first two examples".
+        error: what the forward raised.
+
+    Returns:
+        The ModelError, for the caller to raise from `error`.
+    """
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelError(
+        f"the model cannot run on the data: its forward, given {what} ({str(dtype).removeprefix('torch.')}, "
+        f"{which}), raised {type(error).__name__}: {reason}. Make the data's inputs what the model takes "
+        "(their shape after the example axis, and integer token ids for an Embedding)"
+    )
 
 
 def one_tensor(outputs) -> torch.Tensor:
