@@ -375,5 +375,6 @@ def test_predict_names_data_the_file_cannot_run_on_without_blaming_a_flag(tmp_pa
     np.savez(tmp_path / "wide.npz", x=np.zeros((20, 5), dtype=np.float32), y=np.arange(20) % 10)
     code, message = run(capsys, "predict", str(path), "--data", str(tmp_path / "wide.npz"))
     assert code == ModelError.exit_code
-    assert "the model cannot run on the data: its forward, given an example of shape [5] (float32, the data's first)" in message
+    expected = "the model cannot run on the data: its forward, given an example of shape [5] (float32, the data's"
+    assert expected in message
     assert "--input-shape" not in message
