@@ -97,10 +97,15 @@ def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
         model: the model; traced with torch.fx where it can be, else its nn.Sequential neighbours.
 
     Returns:
-        The (layer name, BatchNorm name) pairs.
+        The (layer name, BatchNorm name) pairs; a layer holding a tied weight is left out (its
+        other holders would be rescaled too).
     """
+    from deepshrink.layers import tied_modules
+
     traced = _traced_pairs(model)
-    return traced if traced is not None else _sequential_pairs(model)
+    pairs = traced if traced is not None else _sequential_pairs(model)
+    tied = tied_modules(model)
+    return [(layer, batchnorm) for layer, batchnorm in pairs if layer not in tied]
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

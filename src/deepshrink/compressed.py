@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from deepshrink import __version__
@@ -210,7 +211,12 @@ def load_compressed(
             # weights exist once (VGG-16: no second 553 MB state_dict, no int64 indices).
             targets = built.state_dict(keep_vars=True)
             for record in checked.records:
-                decode_into(record, loaded.buffers, targets[record["name"]])
+                target = targets[record["name"]]
+                if record["encoding"] != "same":
+                    decode_into(record, loaded.buffers, target)
+                elif target.data_ptr() != targets[record["as"]].data_ptr():  # a model that is not tied
+                    with torch.no_grad():
+                        target.copy_(targets[record["as"]])
     except FormatError as error:
         raise FormatError(f"{path}: {error}") from error
     return built, metadata

@@ -57,25 +57,58 @@ def _join(module_name: str, tensor: str) -> str:
     return f"{module_name}.{tensor}" if module_name else tensor
 
 
+def _weight_name(module_name: str, module: nn.Module, tensor: str) -> str:
+    """A weight's name: the module, or the module's parameter when the module holds several."""
+    if tensor == "weight" and isinstance(module, SINGLE_WEIGHT_MODULES):
+        return module_name
+    return _join(module_name, tensor)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Another module that holds a Weight's tensor as its own parameter (tied weights)."""
+
+    module_name: str
+    module: nn.Module
+    tensor: str
+
+    @property
+    def name(self) -> str:
+        """Its name as a weight of its own would have."""
+        return _weight_name(self.module_name, self.module, self.tensor)
+
+    @property
+    def key(self) -> str:
+        """Its key in a plain state_dict."""
+        return _join(self.module_name, self.tensor)
+
+
 @dataclass(frozen=True, eq=False)
 class Weight:
     """One compressible weight: the parameter `tensor` of `module`, which the model calls `module_name`.
 
     Every parametrization (pruning mask, weight sharing) is registered on this tensor of this
-    module, so a stage never needs to know which kind of layer holds it.
+    module, so a stage never needs to know which kind of layer holds it. Tied weights (a language
+    model's output layer reading its embedding's matrix) are one Weight, held first by `module`
+    and also by each of `aliases`: a parametrization is registered, one instance, on every
+    holder, so all of them compute with the same pruned or shared tensor and train one Parameter.
     """
 
     module_name: str
     module: nn.Module
     tensor: str = "weight"
+    aliases: tuple[Holder, ...] = ()
 
     @property
     def name(self) -> str:
         """How recipes, stages and reports name it: the module, or the module's parameter when
         the module holds several weights."""
-        if self.tensor == "weight" and isinstance(self.module, SINGLE_WEIGHT_MODULES):
-            return self.module_name
-        return _join(self.module_name, self.tensor)
+        return _weight_name(self.module_name, self.module, self.tensor)
+
+    @property
+    def alias_keys(self) -> list[str]:
+        """The state_dict keys of the other holders of a tied weight ([] when untied)."""
+        return [alias.key for alias in self.aliases]
 
     @property
     def key(self) -> str:
@@ -124,16 +157,34 @@ class Weight:
             parametrization: the module (a PruningMask, SharedWeights, ...).
             unsafe: skip torch's shape and dtype checks of the parametrization's output.
         """
-        parametrize.register_parametrization(self.module, self.tensor, parametrization, unsafe=unsafe)
+        # The one instance on every holder of a tied weight: its mask or codebook is theirs too,
+        # and each holder's list keeps the same Parameter as its `original`.
+        for module, tensor in self._holders():
+            parametrize.register_parametrization(module, tensor, parametrization, unsafe=unsafe)
 
     def remove_parametrizations(self, *, leave_parametrized: bool = True) -> None:
-        """Remove every parametrization of this tensor.
+        """Remove every parametrization of this tensor (from every holder of a tied weight).
 
         Args:
             leave_parametrized: keep the current (masked, shared) values as the plain weight; else
                 the original weight returns.
         """
-        parametrize.remove_parametrizations(self.module, self.tensor, leave_parametrized=leave_parametrized)
+        # torch writes the parametrized value into the same Parameter (set_), so the holders
+        # stay tied: the first removal stores it, the others store the same values again.
+        for module, tensor in self._holders():
+            parametrize.remove_parametrizations(module, tensor, leave_parametrized=leave_parametrized)
+
+    def _holders(self) -> list[tuple[nn.Module, str]]:
+        return [(self.module, self.tensor)] + [(alias.module, alias.tensor) for alias in self.aliases]
+
+
+def _identity(module: nn.Module, tensor: str) -> int:
+    """Which tensor a module's `tensor` is, parametrized or not: tied holders give the same."""
+    if parametrize.is_parametrized(module, tensor):
+        parametrizations = module.parametrizations[tensor]
+        # A parametrization over several tensors (weight_norm's g and v) ties nothing we know of.
+        return id(parametrizations.original) if parametrizations.is_tensor else id(parametrizations)
+    return id(getattr(module, tensor))
 
 
 def as_weight(layer: Weight | nn.Module) -> Weight:
@@ -212,9 +263,23 @@ def compressible_weights(model: nn.Module) -> dict[str, Weight]:
         model: any module.
 
     Returns:
-        {name: Weight}.
+        {name: Weight}. Tied weights are one Weight, named by the holder that comes first; the
+        others are its `aliases`.
     """
-    return {weight.name: weight for name, module in model.named_modules() for weight in _weights_of(name, module)}
+    found = [weight for name, module in model.named_modules() for weight in _weights_of(name, module)]
+    holders: dict[int, list[Weight]] = {}
+    for weight in found:
+        holders.setdefault(_identity(weight.module, weight.tensor), []).append(weight)
+    weights = {}
+    for weight in found:
+        group = holders[_identity(weight.module, weight.tensor)]
+        if group[0] is not weight:
+            continue  # an alias of the first holder
+        if len(group) > 1:
+            aliases = tuple(Holder(other.module_name, other.module, other.tensor) for other in group[1:])
+            weight = Weight(weight.module_name, weight.module, weight.tensor, aliases)
+        weights[weight.name] = weight
+    return weights
 
 
 def tied_weights(model: nn.Module) -> dict[str, list[str]]:
@@ -232,42 +297,53 @@ def tied_weights(model: nn.Module) -> dict[str, list[str]]:
     # registered on it is seen under both. Only distinct modules holding one tensor count.
     holders: dict[int, dict[int, str]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, parametrize.ParametrizationList):
+            continue  # its `original` is its owner's tensor, counted below under the owner's key
+        if parametrize.is_parametrized(module):
+            for tensor in module.parametrizations:
+                holders.setdefault(_identity(module, tensor), {}).setdefault(id(module), _join(module_name, tensor))
         for tensor, parameter in module.named_parameters(recurse=False):
             holders.setdefault(id(parameter), {}).setdefault(id(module), _join(module_name, tensor))
     tied = {}
     for name, weight in compressible_weights(model).items():
-        group = list(holders.get(id(weight.original()), {}).values())
+        group = list(holders.get(_identity(weight.module, weight.tensor), {}).values())
         if len(group) > 1:
             tied[name] = group
     return tied
 
 
 def check_weights(model: nn.Module) -> None:
-    """Refuse a model that no stage can work on: a compressible weight tied to another name, or
-    floating parameters that are not float32.
+    """Refuse a model that no stage can work on: a compressible weight tied to a tensor that is
+    not a compressible weight, or floating parameters that are not float32.
 
-    A stage registers its mask or codebook on one module's tensor; the other module would go on
-    reading the tensor without it, and the two would part while retraining. And retraining feeds
+    Tied compressible weights (an Embedding's matrix read by a Linear output layer) are one
+    Weight whose parametrizations sit on every holder. A tie to anything else (a bias, a
+    Bilinear's weight, a custom module's own parameter) would go on computing with the tensor
+    without its mask or codebook, and the two would part while retraining. And retraining feeds
     float32 data through float32 layers. So both are refused before anything runs, with the fix.
 
     Args:
         model: the model a stage or run is given.
 
     Raises:
-        UnsupportedLayerError: a compressible weight is also reached under another name.
+        UnsupportedLayerError: a compressible weight is also held as a tensor deepshrink does not
+            compress.
         ModelError: a floating parameter is float16, bfloat16 or float64.
     """
-    tied = tied_weights(model)
-    if tied:
-        group = next(iter(tied.values()))
-        module, _, tensor = group[-1].rpartition(".")
-        raise UnsupportedLayerError(
-            f"{' and '.join(group)} are one tensor (tied weights); deepshrink prunes and shares each layer's "
-            "weight on its own and would break the tie, so it does not compress tied weights. Untie them "
-            f"first, e.g. model.get_submodule({module!r}).{tensor} = "
-            f"torch.nn.Parameter(model.get_parameter({group[0]!r}).detach().clone()): each copy is then "
-            "compressed, and the file loads into the untied model"
-        )
+    weights = compressible_weights(model)
+    for name, group in tied_weights(model).items():
+        compressed = {weights[name].key, *weights[name].alias_keys}
+        other = [key for key in group if key not in compressed]
+        if other:
+            module, _, tensor = other[0].rpartition(".")
+            kind = type(model.get_submodule(module)).__name__
+            raise UnsupportedLayerError(
+                f"{weights[name].key} is also {other[0]} ({kind}.{tensor}), a tensor deepshrink does not compress; "
+                "the mask and codebook would not reach it, and the two would part while retraining. Untie them "
+                f"first, e.g. model.get_submodule({module!r}).{tensor} = "
+                f"torch.nn.Parameter(model.get_parameter({other[0]!r}).detach().clone()), or read the weight "
+                f"through its layer (ties between {SUPPORTED_TYPES} weights are compressed as one tensor)"
+            )
     other = [
         (name, parameter.dtype)
         for name, parameter in model.named_parameters()
@@ -280,6 +356,25 @@ def check_weights(model: nn.Module) -> None:
             "deepshrink retrains and compresses float32 models: pass model.float() (exact from float16 and "
             "bfloat16), and load the file into a float32 model"
         )
+
+
+def tied_modules(model: nn.Module) -> set[str]:
+    """The names of the modules that hold a tied weight (each holder of each tied tensor):
+    what a rewrite of one layer alone (BatchNorm folding, clearing dead units, low-rank
+    factorization) must leave as it is, since it would change the other holders too.
+
+    Args:
+        model: any module.
+
+    Returns:
+        The module names.
+    """
+    return {
+        holder
+        for weight in compressible_weights(model).values()
+        if weight.aliases
+        for holder in (weight.module_name, *(alias.module_name for alias in weight.aliases))
+    }
 
 
 def matching(pattern: str, names: Iterable[str]) -> list[str]:
@@ -298,7 +393,10 @@ def matching(pattern: str, names: Iterable[str]) -> list[str]:
 def _pattern_selects(pattern: str, weight: Weight) -> bool:
     """A pattern names a weight by its own name, its state_dict key ("fc1.weight") or its module
     ("lstm" selects every matrix of the LSTM)."""
-    return any(fnmatch.fnmatchcase(text, pattern) for text in (weight.name, weight.key, weight.module_name) if text)
+    texts = [weight.name, weight.key, weight.module_name]
+    for alias in weight.aliases:  # a tied weight answers to each holder's names too
+        texts += [alias.name, alias.key, alias.module_name]
+    return any(fnmatch.fnmatchcase(text, pattern) for text in texts if text)
 
 
 def weights_matching(pattern: str, weights: dict[str, Weight]) -> list[str]:
@@ -439,6 +537,8 @@ def plain_copy(model: nn.Module) -> nn.Module:
         The plain copy, on the model's device.
     """
     copied = copy.deepcopy(model)
+    # Tied weights stay tied: every holder of one original gets the one new Parameter.
+    replacements: dict[int, nn.Parameter] = {}
     for module in list(copied.modules()):
         if not parametrize.is_parametrized(module):
             continue
@@ -447,7 +547,10 @@ def plain_copy(model: nn.Module) -> nn.Module:
         del module._modules["parametrizations"]
         module.__class__ = module.__class__.__bases__[0]  # the class register_parametrization derived from
         for name, value in values.items():
-            module.register_parameter(name, nn.Parameter(value, requires_grad=originals[name].requires_grad))
+            original = originals[name]
+            if id(original) not in replacements:
+                replacements[id(original)] = nn.Parameter(value, requires_grad=original.requires_grad)
+            module.register_parameter(name, replacements[id(original)])
     return copied
 
 
@@ -490,6 +593,9 @@ def weights_by_key(model: nn.Module) -> dict[str, Weight]:
         {state_dict key: Weight}.
     """
     weights = {weight.key: weight for weight in compressible_weights(model).values()}
+    # A tied weight's entries are in a state_dict under each holder's key, as one Weight.
+    for weight in list(weights.values()):
+        weights.update(dict.fromkeys(weight.alias_keys, weight))
     # A module registered under two names (model.b = model.a) has its entries under both in a
     # state_dict; the second name's key is the same Weight, which a restore finds already done.
     canonical = {(id(weight.module), weight.tensor): weight for weight in weights.values()}

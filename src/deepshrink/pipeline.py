@@ -457,7 +457,8 @@ def run(
         ModelError: a model with nothing to compress, or one no stage can work on (a foreign
             parametrization, weights that are not float32, a forward that needs several inputs
             or returns several outputs, data it cannot run on).
-        UnsupportedLayerError: tied weights.
+        UnsupportedLayerError: a weight tied to a tensor no stage compresses (ties between
+            compressible weights are compressed as one tensor).
         DataError: targets that do not fit the task.
     """
     recipe = _as_recipe(recipe)

@@ -364,7 +364,7 @@ def _fixed_bytes(model: nn.Module, weights: dict[str, Weight]) -> int:
     """The tensors the plan does not choose for, as the container stores them (zstd byte planes)."""
     from deepshrink.encode import lossless
 
-    chosen = {weight.key for weight in weights.values()}
+    chosen = {key for weight in weights.values() for key in (weight.key, *weight.alias_keys)}  # a tie: stored once
     total = 0
     for key, tensor in plain_state_dict(model).items():
         if key in chosen:

@@ -20,7 +20,14 @@ from deepshrink.encode.bitio import flush, put_bits
 from deepshrink.encode.schema import CODERS, FORMAT_NAME, INT8_MAGNITUDE, CheckedHeader, check_header
 from deepshrink.encode.sparse import SparseLayout, as_matrix, check_entries, to_sparse, values_from_sparse
 from deepshrink.errors import ConfigError, FormatError
-from deepshrink.layers import Weight, compressible_weights, match_per_layer, paper_default_bits, plain_state_dict
+from deepshrink.layers import (
+    Weight,
+    compressible_weights,
+    match_per_layer,
+    paper_default_bits,
+    plain_state_dict,
+    weights_by_key,
+)
 from deepshrink.quantize.shared import sharing_of
 
 MAX_CODE_LENGTH = 15  # so that code lengths pack two to a byte
@@ -201,12 +208,32 @@ def encode_model(
         raise ConfigError(f"layout={layout!r} should be csr, csc or dense")
     layers = compressible_weights(model)
     widths = index_widths(layers, index_bits)
-    shared = {layer.key: name for name, layer in layers.items() if sharing_of(layer) is not None}
+    # Every key a shared weight has: its own, a tied weight's other holders', and a module's
+    # second name (model.b = model.a); each is given its original below, so all but the first
+    # are "same" records.
+    shared = {key: weight.name for key, weight in weights_by_key(model).items() if sharing_of(weight) is not None}
     # Buffers (BatchNorm's running statistics) are not parameters; under int8 they are float16.
     statistics = {name for name, _ in model.named_buffers()}
     buffers: list[bytes] = []
     records = []
+    stored: dict[tuple, str] = {}  # a tensor's identity in memory -> the key it was stored under
     for key, tensor in plain_state_dict(model, stand_ins=set(shared)).items():  # shared: from their codes
+        # One tensor under two keys (tied weights, or one module under two names) is stored once:
+        # the second key is a "same" record (format 2.5). A shared weight's stand-in is its
+        # original Parameter, which every holder of a tied weight has, with its parametrizations.
+        identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and identity in stored:
+            records.append(
+                {
+                    "name": key,
+                    "shape": list(tensor.shape),
+                    "dtype": next(record for record in records if record["name"] == stored[identity])["dtype"],
+                    "encoding": "same",
+                    "as": stored[identity],
+                }
+            )
+            continue
+        stored[identity] = key
         if key in shared:
             name = shared[key]
             records.append(_shared_record(key, layers[name], widths[name], layout, coder, buffers))
@@ -476,7 +503,12 @@ def decode_state_dict(
         FormatError: an invalid header or corrupt data.
     """
     checked = checked or check(header, buffers)
-    return {record["name"]: _decode_record(record, buffers) for record in checked.records}
+    state: dict[str, torch.Tensor] = {}
+    for record in checked.records:
+        # A "same" record is the earlier record's tensor itself, as in the model that was saved.
+        same = record["encoding"] == "same"
+        state[record["name"]] = state[record["as"]] if same else _decode_record(record, buffers)
+    return state
 
 
 def verify(buffers: list[bytes], checked: CheckedHeader) -> None:
@@ -493,7 +525,7 @@ def verify(buffers: list[bytes], checked: CheckedHeader) -> None:
     Raises:
         FormatError: a stream is corrupt, or does not match what the header declares.
     """
-    for record in checked.records:
+    for record in checked.records:  # a "same" record has nothing of its own to decode
         if record["encoding"] == "zstd":
             decode_record_parts(record, buffers)
         if record["encoding"] != "shared":

@@ -21,9 +21,10 @@ from deepshrink.files import atomic_output
 MAGIC = b"\x89DCZ\r\n\x1a\n"
 MAJOR_VERSION = 2
 # 2.1: tensors as zstd byte planes (encoding "zstd"); 2.2: the "ans" coder; 2.3: the header
-# deflated against HEADER_DICTIONARY; 2.4: int8 records (with a scale: float32 in 8 bits)
-MINOR_VERSION = 4
+# deflated against HEADER_DICTIONARY; 2.4: int8 records (with a scale: float32 in 8 bits); 2.5: "same" records
+MINOR_VERSION = 5
 INT8_MINOR_VERSION = 4  # the first that reads int8 records; a writer writes it only where a record is int8
+SAME_MINOR_VERSION = 5  # the first that reads "same" records (one tensor under two names)
 READABLE_MAJOR_VERSIONS = (1, 2)  # 1.x: plain JSON header; 2.x: zlib-compressed JSON header
 PREAMBLE = struct.Struct("<8sHHIQ")  # magic, major, minor, header CRC-32, header length
 VERSIONS = struct.Struct("<HH")  # covered by the header checksum, so a flipped minor version is caught
@@ -63,7 +64,7 @@ def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
     """Serialise deterministically: sorted JSON keys, fixed padding, buffers in order.
 
     A file records the lowest minor version that reads it: 2.3 (its header is deflated against
-    HEADER_DICTIONARY), or 2.4 where a record is int8, so that a 2.3 reader reads every file
+    HEADER_DICTIONARY), 2.4 where a record is int8, or 2.5 where one is "same", so that a 2.3 reader reads every file
     that does not need the newer records (and refuses one that does, naming the dtype).
 
     Args:
@@ -98,13 +99,16 @@ def minor_version(header: dict) -> int:
         header: the header.
 
     Returns:
-        HEADER_DICTIONARY_MINOR_VERSION (every header is deflated against the dictionary), or
-        INT8_MINOR_VERSION where a record is int8.
+        HEADER_DICTIONARY_MINOR_VERSION (every header is deflated against the dictionary),
+        INT8_MINOR_VERSION where a record is int8, SAME_MINOR_VERSION where one is "same".
     """
     records = header.get("tensors")
-    records = records if isinstance(records, list) else []  # tests frame headers that lie, too
-    int8 = any(isinstance(record, dict) and record.get("dtype") == "int8" for record in records)
-    return INT8_MINOR_VERSION if int8 else HEADER_DICTIONARY_MINOR_VERSION
+    records = [record for record in records if isinstance(record, dict)] if isinstance(records, list) else []
+    if any(record.get("encoding") == "same" for record in records):
+        return SAME_MINOR_VERSION
+    if any(record.get("dtype") == "int8" for record in records):
+        return INT8_MINOR_VERSION
+    return HEADER_DICTIONARY_MINOR_VERSION
 
 
 def encode_header(header: dict) -> bytes:

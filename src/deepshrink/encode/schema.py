@@ -29,7 +29,7 @@ from deepshrink.errors import FormatError
 FORMAT_NAME = "deepshrink-dcz"
 CODERS = ("huffman", "fixed", "ans")  # ans: since 2.2
 LAYOUTS = ("dense", "csr", "csc")
-ENCODINGS = ("raw", "zstd", "shared")
+ENCODINGS = ("raw", "zstd", "shared", "same")  # same: since 2.5
 ITEM_SIZES = {
     "float32": 4,
     "float64": 8,
@@ -280,12 +280,33 @@ def _float32(value: float) -> float:
         return math.inf
 
 
-def _check_record(record: dict, buffers: _Buffers) -> None:
-    """Check the encoding of a record whose name, shape and dtype `_declared_size` checked."""
+def _check_same(record: dict, earlier: dict[str, dict]) -> None:
+    """A "same" record names an earlier record that holds data, of its own shape and dtype."""
+    name, source = record["name"], record.get("as")
+    if not isinstance(source, str) or source not in earlier:
+        raise FormatError(f"{name}: 'as' is {_shown(source)}; expected the name of an earlier record")
+    target = earlier[source]
+    if target.get("encoding") == "same":
+        raise FormatError(f"{name}: 'as' names {source!r}, itself a 'same' record; name the record that holds the data")
+    if target["shape"] != record["shape"] or target["dtype"] != record["dtype"]:
+        raise FormatError(
+            f"{name}: shape {record['shape']} and dtype {record['dtype']} differ from {source!r}'s "
+            f"({target['shape']}, {target['dtype']}), which it says it is"
+        )
+    unknown = set(record) - {"name", "shape", "dtype", "encoding", "as"}
+    if unknown:
+        raise FormatError(f"{name}: a 'same' record has no field {sorted(unknown)[0]!r}")
+
+
+def _check_record(record: dict, buffers: _Buffers, earlier: dict[str, dict]) -> None:
+    """Check the encoding of a record whose name, shape and dtype `_declared_size` checked;
+    `earlier` holds the records before it, by name."""
     name, shape, dtype = record["name"], record["shape"], record["dtype"]
     elements = math.prod(shape)
     encoding = record.get("encoding")
-    if encoding == "raw":
+    if encoding == "same":
+        _check_same(record, earlier)
+    elif encoding == "raw":
         length = buffers.claim(record.get("data"), name)
         if length != elements * ITEM_SIZES[dtype]:
             raise FormatError(
@@ -372,20 +393,25 @@ def check_header(
         raise FormatError(f"header tensors is {_shown(records)}; expected a list of records")
     # First every record's declared size against the limit, before any other field is looked at.
     limit = decoded_limit(file_size, max_decoded_bytes)
-    names: set[str] = set()
+    sizes: dict[str, int] = {}
     decoded = 0
     for record in records:
-        decoded += _declared_size(record)
-        if record["name"] in names:
+        size = _declared_size(record)
+        if record.get("encoding") == "same" and record.get("as") in sizes:
+            size = sizes[record["as"]]  # what it decodes to (an int8 record's float32 values, say)
+        decoded += size
+        if record["name"] in sizes:
             raise FormatError(f"tensor {record['name']!r} appears twice")
-        names.add(record["name"])
+        sizes[record["name"]] = size
         if decoded > limit:
             raise FormatError(
                 f"the tensors decode to more than {limit:,} bytes, the limit for a {file_size:,}-byte file "
                 f"(at {record['name']!r}); if the file is trusted, raise max_decoded_bytes (--max-decoded-bytes)"
             )
     buffers = _Buffers(lengths)
+    earlier: dict[str, dict] = {}
     for record in records:
-        _check_record(record, buffers)
+        _check_record(record, buffers, earlier)
+        earlier[record["name"]] = record
     buffers.check_all_claimed()
     return CheckedHeader(records, metadata, decoded)

@@ -83,8 +83,11 @@ def sparse_fp32_bytes(model: nn.Module, settings) -> int:
     layers = compressible_weights(model)
     widths = index_widths(layers, settings.index_bits)
     weights = {layer.key: name for name, layer in layers.items()}
+    aliases = {key for layer in layers.values() for key in layer.alias_keys}  # stored once, as "same"
     bits = 0
     for key, tensor in plain_state_dict(model).items():
+        if key in aliases:
+            continue
         if key not in weights:
             bits += 32 * tensor.numel()
             continue
@@ -108,6 +111,7 @@ class LayerSize:
     index_bits: int | None = None
     index_bits_coded: float | None = None
     fixed_bits: int | None = None  # the P+Q size in bits: entries x (bits + index bits) + codebook + counts
+    same_as: str | None = None  # a tied weight's other name: stored once, under this record's name
 
     @property
     def rate(self) -> float:
@@ -140,6 +144,9 @@ def size_report(header: dict, file_bytes: int | None = None) -> tuple[list[Layer
         weights = 1
         for side in shape:
             weights *= side
+        if record["encoding"] == "same":
+            rows.append(LayerSize(record["name"], weights, weights, 0, same_as=record["as"]))
+            continue
         if record["encoding"] in ("raw", "zstd"):
             rows.append(LayerSize(record["name"], weights, weights, table[record["data"]]["length"]))
             continue
@@ -173,7 +180,8 @@ def size_report(header: dict, file_bytes: int | None = None) -> tuple[list[Layer
             + _header_bytes(header)
             + sum(entry["length"] + (-entry["length"] % container.ALIGNMENT) for entry in table)
         )
-    parameter_bytes = metadata.get("fp32_parameter_bytes") or 4 * sum(row.weights for row in rows)
+    stored = [row for row in rows if row.same_as is None]  # a tensor under two names counts once
+    parameter_bytes = metadata.get("fp32_parameter_bytes") or 4 * sum(row.weights for row in stored)
     totals = {
         "file_bytes": file_bytes,
         "header_bytes": file_bytes - sum(row.bytes for row in rows),
@@ -181,10 +189,10 @@ def size_report(header: dict, file_bytes: int | None = None) -> tuple[list[Layer
         "compression": parameter_bytes / file_bytes,
         # Among the weight-shared tensors only, and among every tensor in the file (a tensor
         # stored raw keeps all its values): the two differ for a partly compressed model.
-        "weights": sum(row.weights for row in rows if row.weight_bits is not None),
-        "kept": sum(row.kept for row in rows if row.weight_bits is not None),
-        "all_weights": sum(row.weights for row in rows),
-        "all_kept": sum(row.kept for row in rows),
+        "weights": sum(row.weights for row in stored if row.weight_bits is not None),
+        "kept": sum(row.kept for row in stored if row.weight_bits is not None),
+        "all_weights": sum(row.weights for row in stored),
+        "all_kept": sum(row.kept for row in stored),
     }
     return rows, totals
 
@@ -224,6 +232,9 @@ def format_size_table(rows: list[LayerSize], totals: dict, markdown: bool = Fals
     for row in rows:
         if row.weight_bits is None and len(rows) > 12 and row.weights < 1000:
             continue  # long models: skip small raw tensors (biases) in the text table; totals keep them
+        if row.same_as is not None:
+            body.append([f"{row.name} (is {row.same_as})", f"{row.weights:,}", *["-"] * 7, "0"])
+            continue
         body.append(
             [
                 row.name,

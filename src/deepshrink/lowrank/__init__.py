@@ -176,17 +176,21 @@ def layer_spectra(
         layers: the layers' names (default: all).
 
     Returns:
-        {layer name: LayerSpectrum}.
+        {layer name: LayerSpectrum}. A layer holding a tied weight is left out: factoring it
+        would give it a matrix of its own, and the tie would be gone.
 
     Raises:
         ConfigError: an unknown scheme.
     """
+    from deepshrink.layers import tied_modules
+
     if scheme not in SCHEMES:
         raise ConfigError(f"scheme={scheme!r} should be one of {', '.join(SCHEMES)}")
+    tied = tied_modules(model)
     chosen = {
         name: layer
         for name, layer in model.named_modules()
-        if isinstance(layer, nn.Linear | nn.Conv2d) and (layers is None or name in layers)
+        if isinstance(layer, nn.Linear | nn.Conv2d) and (layers is None or name in layers) and name not in tied
     }
     shapes: dict[str, tuple] = {}
     handles = [

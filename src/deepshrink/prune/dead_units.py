@@ -107,13 +107,16 @@ def _elementwise(node, source, modules: dict[str, nn.Module]) -> bool:
 
 def _pairs(model: nn.Module) -> list[_Pair]:
     """Linear layers whose output reaches another Linear layer through elementwise functions
-    only and nowhere else, each layer called once."""
+    only and nowhere else, each layer called once, neither holding a tied weight (clearing a
+    row or a column of one would change the tensor's other holders)."""
     from deepshrink.graph import trace
+    from deepshrink.layers import tied_modules
 
     traced = trace(model)
     if traced is None:
         return []  # a model fx cannot trace keeps its biases
     modules, calls = dict(model.named_modules()), traced.calls
+    tied = tied_modules(model)
     pairs = []
     for node in traced.graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Linear):
@@ -122,7 +125,9 @@ def _pairs(model: nn.Module) -> list[_Pair]:
         while len(current.users) == 1:
             user = next(iter(current.users))
             if user.op == "call_module" and isinstance(modules.get(user.target), nn.Linear):
-                if user.args == (current,) and not user.kwargs and calls[node.target] == calls[user.target] == 1:
+                once = calls[node.target] == calls[user.target] == 1
+                untied = node.target not in tied and user.target not in tied
+                if user.args == (current,) and not user.kwargs and once and untied:
                     pairs.append(_Pair(node.target, user.target, chain))
                 break
             if not _elementwise(user, current, modules):

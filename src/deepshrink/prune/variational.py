@@ -119,17 +119,12 @@ def _output_noise(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tor
     return output + torch.sqrt(variance + VARIANCE_FLOOR) * torch.randn_like(output)
 
 
-def _takes_output_noise(model: nn.Module, weight: Weight) -> bool:
-    """A Linear's or (non-transposed) convolution's weight whose module runs its own forward, so
-    that the output-noise hook sees every call (inside attention, torch reads the weight itself)."""
+def _takes_output_noise(model: nn.Module, module_name: str, module: nn.Module) -> bool:
+    """A Linear or (non-transposed) convolution that runs its own forward, so that the
+    output-noise hook on its weight sees every call (inside attention, torch reads the weight itself)."""
     return (
-        weight.tensor == "weight"
-        and (
-            isinstance(weight.module, nn.Linear)
-            or (isinstance(weight.module, _ConvNd) and not weight.module.transposed)
-        )
-        and called_by_its_parents(model, weight.module_name)
-    )
+        isinstance(module, nn.Linear) or (isinstance(module, _ConvNd) and not module.transposed)
+    ) and called_by_its_parents(model, module_name)
 
 
 @dataclass
@@ -210,12 +205,17 @@ def start_variational(
         )
     state = VariationalState(weights, {})
     for name, weight in weights.items():
-        on_outputs = _takes_output_noise(model, weight)
+        # A tied weight takes its noise on the outputs only where every holder can.
+        holders = [(weight.module_name, weight.module)]
+        holders += [(alias.module_name, alias.module) for alias in weight.aliases]
+        on_outputs = weight.tensor == "weight" and all(
+            _takes_output_noise(model, module_name, module) for module_name, module in holders
+        )
         parametrization = VariationalWeight(weight.original(), threshold, on_outputs)
         weight.register(parametrization)
         state.parametrizations[name] = parametrization
         if on_outputs:
-            state.hooks.append(weight.module.register_forward_hook(_output_noise))
+            state.hooks += [module.register_forward_hook(_output_noise) for _, module in holders]
     return state
 
 

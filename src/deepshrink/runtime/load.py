@@ -185,10 +185,16 @@ def load_runtime(
     state: dict[str, torch.Tensor] = {}
     compressed: dict[str, CodebookWeight] = {}
     choices: dict[str, LayerChoice] = {}
+    decoded: dict[str, torch.Tensor | SharedParts] = {}
+    by_name = {record["name"]: record for record in checked.records}
     for record in checked.records:
         name = record["name"]
+        if record["encoding"] == "same":  # one tensor under two names: the earlier record's parts
+            decoded[name] = decoded[record["as"]]
+            record = by_name[record["as"]]
         try:
-            parts = decode_record_parts(record, loaded.buffers)
+            parts = decoded[name] if name in decoded else decode_record_parts(record, loaded.buffers)
+            decoded[name] = parts
             if not isinstance(parts, SharedParts):
                 state[name] = parts
                 continue

@@ -305,8 +305,8 @@ def run_stage(model: nn.Module, settings, context: StageContext) -> StageResult:
 
     Raises:
         ConfigError: no registered stage takes these settings; what the stage itself raises.
-        UnsupportedLayerError, ModelError: a weight tied to another name, or parameters that are not
-            float32 (layers.check_weights).
+        UnsupportedLayerError, ModelError: a weight tied to a tensor no stage compresses, or
+            parameters that are not float32 (layers.check_weights).
     """
     stage = stage_for(settings)
     check_weights(model)
