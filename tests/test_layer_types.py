@@ -1,6 +1,7 @@
 """Every weight deepshrink compresses beyond Linear and Conv2d: recurrent (LSTM, GRU, RNN, every
-layer and direction), attention (MultiheadAttention's input projection, the Linear layers of a
-TransformerEncoder), transposed and 3-D convolutions, EmbeddingBag. Each is pruned, shared,
+layer and direction, and their cells), attention (MultiheadAttention's input projection, the
+Linear layers of a TransformerEncoder), transposed and 3-D convolutions, EmbeddingBag, and the
+own `weight` matrix of modules of other types (GPT-2's Conv1D, Bilinear). Each is pruned, shared,
 written to a .dcz and read back bit-exactly; the compressed model's outputs match the decoded
 dense model's, from load_compressed and from load_runtime."""
 
@@ -77,8 +78,47 @@ class Convolutions(nn.Module):
         return self.head(pooled)
 
 
+class GPT2Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D as written there: a Linear whose weight is stored transposed
+    ([inputs, outputs]) and applied by addmm."""
+
+    def __init__(self, outputs: int, inputs: int) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.weight = nn.Parameter(torch.randn(inputs, outputs) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(outputs))
+
+    def forward(self, values):
+        shape = values.shape[:-1] + (self.outputs,)
+        return torch.addmm(self.bias, values.reshape(-1, values.shape[-1]), self.weight).reshape(shape)
+
+
+class CustomLayers(nn.Module):
+    """Layers of types deepshrink does not know: a GPT-2 Conv1D, a Bilinear, an LSTMCell run
+    for three steps, and a LayerNorm and a learned offset (one-dimensional: not compressed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.project = GPT2Conv1D(12, 6)
+        self.norm = nn.LayerNorm(12)
+        self.offset = nn.Parameter(torch.zeros(12))
+        self.pair = nn.Bilinear(12, 6, 8)
+        self.cell = nn.LSTMCell(8, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, inputs):
+        projected = torch.relu(self.norm(self.project(inputs)) + self.offset)
+        paired = torch.tanh(self.pair(projected, inputs))
+        state = None
+        for _ in range(3):
+            state = self.cell(paired, state)
+        return self.head(state[0])
+
+
 def example(model: nn.Module, batch: int = 5) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
+    if isinstance(model, CustomLayers):
+        return torch.randn(batch, 6, generator=generator)
     if isinstance(model, Recurrent):
         return torch.randn(batch, 7, 6, generator=generator)
     if isinstance(model, Attention):
@@ -117,6 +157,7 @@ EXPECTED_WEIGHTS = {
         "head",
     ],
     Convolutions: ["bag", "up1", "up2", "volume", "head"],
+    CustomLayers: ["project", "pair", "cell.weight_ih", "cell.weight_hh", "head"],
 }
 
 
@@ -202,11 +243,12 @@ def test_selectors_name_modules_parameters_and_state_dict_keys():
 
 
 def test_a_layer_type_without_a_compressible_weight_is_named_as_unsupported():
-    model = nn.Sequential(nn.Bilinear(3, 3, 2), nn.Linear(2, 2))
-    with pytest.raises(UnsupportedLayerError, match=r"0.weight \(Bilinear.weight\)"):
+    model = nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 2), nn.PReLU(2))
+    with pytest.raises(UnsupportedLayerError, match=r"0.weight \(LayerNorm.weight\)"):
         select_weights(model, ["0"])
-    with pytest.raises(UnsupportedLayerError, match="Bilinear"):
-        share_weights(model, {"0*": 4})
+    with pytest.raises(UnsupportedLayerError, match=r"PReLU.*any other module's own `weight`"):
+        share_weights(model, {"2*": 4})
+    assert list(compressible_weights(model)) == ["1"]
 
 
 def test_statistics_count_each_matrix_once_per_step():
@@ -318,3 +360,30 @@ def test_one_layer_under_two_names_compresses_and_resumes_from_its_stages(tmp_pa
     assert decoded.first is decoded.again
     weight = decoded.first.weight
     assert len(torch.unique(weight)) <= 2**3 and int((weight == 0).sum()) >= 18  # half of 36 pruned, 3 bits
+
+
+def test_custom_layers_compress_through_the_pipeline(tmp_path):
+    """A model of layer types deepshrink does not know, retrained on a task it can learn: every
+    matrix pruned and shared, the report's table counting each, the decoded model as good."""
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(600, 6)).astype(np.float32)
+    targets = (inputs[:, 0] > 0).astype(int) + (inputs[:, 1] + inputs[:, 2] > 0)
+    data = deepshrink.load_arrays({"x": inputs, "y": targets, "validation": 100})
+    torch.manual_seed(0)
+    model = CustomLayers()
+    recipe = {
+        "prune": {"sparsity": {"*": 0.5}, "rounds": 2, "retrain_epochs": 3, "learning_rate": 0.05},
+        "quantize": {"bits": {"*": 4}, "finetune_epochs": 1},
+    }
+    result = deepshrink.run(model, recipe, data, run_dir=tmp_path / "run", progress=False)
+    decoded, _ = deepshrink.load_compressed(result.path, CustomLayers())
+    for name, weight in compressible_weights(decoded).items():
+        values = weight.value.detach()
+        assert len(torch.unique(values)) <= 2**4, name
+        assert int((values == 0).sum()) >= values.numel() // 2, name
+    _, checked = open_compressed(result.path)  # the one-dimensional weights are stored as they are
+    encodings = {record["name"]: record["encoding"] for record in checked.records}
+    assert {encodings["offset"], encodings["norm.weight"]} <= {"raw", "zstd"}
+    rows = {row["name"]: row for row in result.report["layers"]}
+    assert rows["project.weight"]["weight_bits"] == 4 and rows["pair.weight"]["weight_bits"] == 4
+    assert result.compressed_metric >= result.reference_metric - 0.1

@@ -77,6 +77,10 @@ def test_a_tied_weight_is_one_weight_answering_to_both_names():
     assert list(select_weights(model, ["out"])) == ["embed"]  # the output layer's name selects the tensor
     assert tied_modules(model) == {"embed", "out"}
     assert tied_weights(model) == {"embed": ["embed.weight", "out.weight"]}
+    from deepshrink.prune.statistics import layer_statistics
+
+    rows = {row.name: row for row in layer_statistics(model, torch.zeros(4, 7, dtype=torch.long))}
+    assert rows["embed"].multiply_accumulates == VOCABULARY * 16  # the output layer's product; lookups are free
 
 
 def test_tied_weights_compress_as_one_tensor_stored_once_and_load_back_tied(trained, tmp_path):
@@ -222,14 +226,15 @@ def test_variational_dropout_draws_output_noise_on_every_holder():
 
 
 class Scaled(nn.Module):
-    """A custom layer that reads another layer's matrix: a holder we do not compress."""
+    """A custom layer that reads another layer's matrix under its own name (`matrix`, not a
+    `weight`): a holder we do not compress."""
 
-    def __init__(self, weight: nn.Parameter) -> None:
+    def __init__(self, matrix: nn.Parameter) -> None:
         super().__init__()
-        self.weight = weight
+        self.matrix = matrix
 
     def forward(self, inputs):
-        return nn.functional.linear(inputs, self.weight) * 0.5
+        return nn.functional.linear(inputs, self.matrix) * 0.5
 
 
 def test_a_tie_to_a_tensor_we_do_not_compress_is_refused_with_a_fix_that_works(tmp_path):
@@ -237,13 +242,13 @@ def test_a_tie_to_a_tensor_we_do_not_compress_is_refused_with_a_fix_that_works(t
     model = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
     model.append(Scaled(model[0].weight))
     recipe = {"prune": {"sparsity": {"*": 0.5}, "rounds": 1}, "quantize": {"bits": {"*": 4}}}
-    with pytest.raises(UnsupportedLayerError, match=r"0\.weight is also 2\.weight \(Scaled\.weight\)") as caught:
+    with pytest.raises(UnsupportedLayerError, match=r"0\.weight is also 2\.matrix \(Scaled\.matrix\)") as caught:
         deepshrink.run(model, recipe, None, run_dir=tmp_path / "refused", progress=False)
-    assert not (tmp_path / "refused").exists() and model[2].weight is model[0].weight
+    assert not (tmp_path / "refused").exists() and model[2].matrix is model[0].weight
 
     fix = str(caught.value).split("e.g. ", 1)[1].split(", or read", 1)[0]
     exec(fix, {"torch": torch, "model": model})  # noqa: S102 - the message's code, not user input
-    assert model[2].weight is not model[0].weight
+    assert model[2].matrix is not model[0].weight
     result = deepshrink.run(model, recipe, None, run_dir=tmp_path / "untied", progress=False)
     assert result.path.exists()
 

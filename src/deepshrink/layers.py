@@ -2,10 +2,12 @@
 
 The unit every stage works on is one weight tensor (a `Weight`): the `weight` of a Linear,
 convolution (1-3-D, transposed too) or Embedding, each input-to-hidden and hidden-to-hidden
-matrix of an LSTM, GRU or RNN (every layer and direction), and the input projection of a
-MultiheadAttention (its output projection is a Linear, so a Weight of its own). A module with
-one weight is named by the module ("fc1"); a module with several names each by its parameter
-("lstm.weight_hh_l0", "encoder.layers.0.self_attn.in_proj_weight").
+matrix of an LSTM, GRU or RNN (every layer and direction) and of their cells, the input
+projection of a MultiheadAttention (its output projection is a Linear, so a Weight of its own),
+and the own `weight` Parameter of two or more dimensions of any other module (a user's layer,
+Hugging Face's Conv1D, a Bilinear): pruning and sharing change values, not what a module does
+with them. A module's `weight` is named by the module ("fc1"); a module with several matrices
+names each by its parameter ("lstm.weight_hh_l0", "encoder.layers.0.self_attn.in_proj_weight").
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ READS_CHILD_WEIGHTS = (
     nn.Transformer,
 )
 SUPPORTED_TYPES = (
-    "Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, EmbeddingBag, LSTM, GRU, RNN and MultiheadAttention"
+    "Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, EmbeddingBag, LSTM, GRU, RNN (and their cells), "
+    "MultiheadAttention, and any other module's own `weight` parameter of two or more dimensions"
 )
 
 # An RNN's weight matrices (torch.nn.RNNBase): weight_ih_l0, weight_hh_l1_reverse, ...; its
@@ -58,8 +61,9 @@ def _join(module_name: str, tensor: str) -> str:
 
 
 def _weight_name(module_name: str, module: nn.Module, tensor: str) -> str:
-    """A weight's name: the module, or the module's parameter when the module holds several."""
-    if tensor == "weight" and isinstance(module, SINGLE_WEIGHT_MODULES):
+    """A weight's name: the module, or the module's parameter when the module holds several
+    (recurrent and attention modules, whose matrices are never called `weight`)."""
+    if tensor == "weight":
         return module_name
     return _join(module_name, tensor)
 
@@ -202,7 +206,9 @@ def as_weight(layer: Weight | nn.Module) -> Weight:
     """
     if isinstance(layer, Weight):
         return layer
-    if isinstance(layer, SINGLE_WEIGHT_MODULES):
+    if isinstance(layer, SINGLE_WEIGHT_MODULES) or (
+        not isinstance(layer, nn.RNNBase | nn.RNNCellBase | nn.MultiheadAttention) and _own_weight(layer)
+    ):
         return Weight("", layer, "weight")
     raise UnsupportedLayerError(
         f"{type(layer).__name__} is not a layer with one compressible weight; pass a Weight "
@@ -238,6 +244,21 @@ def paper_default_bits(weight: Weight) -> int:
     return PAPER_CONV_BITS if weight.is_convolution else PAPER_FC_BITS
 
 
+def _own_weight(module: nn.Module) -> bool:
+    """Whether a module of a type we do not know (a user's own layer, Hugging Face's Conv1D, a
+    Bilinear) holds a floating `weight` Parameter of two or more dimensions: a matrix or kernel
+    it computes with, which pruning and sharing can compress whatever the module does with it.
+    One-dimensional weights (normalisation scales, PReLU slopes) are left alone."""
+    if isinstance(module, parametrize.ParametrizationList):
+        return False
+    if parametrize.is_parametrized(module, "weight"):
+        parametrizations = module.parametrizations["weight"]
+        value = parametrizations.original if parametrizations.is_tensor else None
+    else:
+        value = module._parameters.get("weight")
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.is_floating_point()
+
+
 def _weights_of(module_name: str, module: nn.Module) -> list[Weight]:
     if isinstance(module, SINGLE_WEIGHT_MODULES):
         return [Weight(module_name, module, "weight")]
@@ -247,12 +268,16 @@ def _weights_of(module_name: str, module: nn.Module) -> list[Weight]:
             for tensor in module._flat_weights_names
             if _RECURRENT_WEIGHT.match(tensor)
         ]
+    if isinstance(module, nn.RNNCellBase):  # LSTMCell, GRUCell, RNNCell
+        return [Weight(module_name, module, tensor) for tensor in ("weight_ih", "weight_hh")]
     if isinstance(module, nn.MultiheadAttention):
         return [
             Weight(module_name, module, tensor)
             for tensor in _ATTENTION_WEIGHTS
             if isinstance(getattr(module, tensor, None), torch.Tensor)
         ]
+    if _own_weight(module):
+        return [Weight(module_name, module, "weight")]
     return []
 
 

@@ -49,27 +49,32 @@ def _weight_macs(weight: Weight, inputs: tuple, output) -> int:
         return inputs[0].numel() * value[0].numel()
     if isinstance(module, nn.modules.conv._ConvNd):  # each output element costs (in / groups) x kernel
         return output.numel() * value[0].numel()
-    if isinstance(module, nn.RNNBase):  # each matrix is applied once per time step of each sequence
+    if isinstance(module, nn.RNNBase | nn.RNNCellBase):  # each matrix once per time step of each sequence
         return value.numel() * _vectors(inputs[0], module.input_size)
     if isinstance(module, nn.MultiheadAttention):  # the projections apply once per query / key position
         return value.numel() * _vectors(inputs[0], module.embed_dim)
-    return 0
+    return 0  # a module of a type we do not know: its arithmetic is not counted
 
 
 def _multiply_accumulates(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     counts: dict[str, int] = {}
     handles = []
-    by_module: dict[int, list[Weight]] = {}
+    # Each module that holds a weight, with the weights it holds there: a tied weight's
+    # arithmetic is counted in every holder (an output layer reading an embedding's matrix).
+    by_module: dict[int, tuple[nn.Module, list[tuple[str, Weight]]]] = {}
     for weight in compressible_weights(model).values():
-        by_module.setdefault(id(weight.module), []).append(weight)
+        holders = [weight] + [Weight(alias.module_name, alias.module, alias.tensor) for alias in weight.aliases]
+        for holder in holders:
+            by_module.setdefault(id(holder.module), (holder.module, []))[1].append((weight.name, holder))
 
     def record(module, inputs, output):
         output = output[0] if isinstance(output, tuple) else output
-        for weight in by_module[id(module)]:
-            counts[weight.name] = _weight_macs(weight, inputs, output) // max(example_input.shape[0], 1)
+        for name, holder in by_module[id(module)][1]:
+            macs = _weight_macs(holder, inputs, output) // max(example_input.shape[0], 1)
+            counts[name] = counts.get(name, 0) + macs
 
-    for weights in by_module.values():
-        handles.append(weights[0].module.register_forward_hook(record))
+    for module, _ in by_module.values():
+        handles.append(module.register_forward_hook(record))
     training = model.training
     try:  # in eval mode: a forward pass in training mode would move BatchNorm's statistics
         with torch.no_grad():
