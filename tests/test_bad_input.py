@@ -219,45 +219,6 @@ def test_a_model_that_is_not_float32_is_refused_with_the_fix(tmp_path, dtype):
     assert result.path.exists()
 
 
-class _SeveralOutputs(nn.Module):
-    def __init__(self, as_dict: bool) -> None:
-        super().__init__()
-        self.as_dict = as_dict
-        self.hidden = nn.Linear(12, 16)
-        self.head = nn.Linear(16, 2)
-
-    def forward(self, inputs):
-        features = torch.relu(self.hidden(inputs))
-        logits = self.head(features)
-        return {"logits": logits, "features": features} if self.as_dict else (logits, features)
-
-
-@pytest.mark.parametrize(
-    ("as_dict", "described"),
-    [
-        (False, r"a tuple of 2 \(Tensor \[\d+, 2\], Tensor \[\d+, 16\]\)"),
-        (True, r"a dict of 2 \('logits': Tensor \[\d+, 2\], 'features': Tensor \[\d+, 16\]\)"),
-    ],
-)
-def test_a_forward_with_several_outputs_is_described_and_a_wrapper_compresses(tmp_path, as_dict, described):
-    torch.manual_seed(0)
-    model = _SeveralOutputs(as_dict)
-    data = _small_labelled_data(tmp_path)
-    with pytest.raises(ModelError, match=rf"forward returned {described}, not one tensor.*Wrap the model"):
-        deepshrink.run(model, SMALL_RECIPE, data, run_dir=tmp_path / "r", progress=False)
-
-    class Logits(nn.Module):  # the wrapper the message asks for
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, inputs):
-            return self.inner(inputs)["logits" if as_dict else 0]
-
-    result = deepshrink.run(Logits(model), SMALL_RECIPE, data, run_dir=tmp_path / "wrapped", progress=False)
-    assert 0.0 <= result.compressed_metric <= 1.0 and result.path.exists()
-
-
 def test_a_forward_that_needs_two_inputs_is_named_before_anything_runs(tmp_path):
     class TokensAndMask(nn.Module):
         def __init__(self) -> None:

@@ -84,6 +84,14 @@ def _fraction_or_count(text: str) -> float | int:
     return value
 
 
+def _add_output_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output",
+        help="for a model whose forward returns several outputs: the one the task scores, a dict key (logits, as "
+        "Hugging Face models return) or a tuple index (0)",
+    )
+
+
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
@@ -180,6 +188,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
         validation=args.validation,
         split=args.split,
         task=args.task,
+        output=args.output,
         device=args.device,
     )
     print(f"model: {name}  split: {args.split} ({result.count} examples)")
@@ -286,6 +295,7 @@ def _command_stage(args: argparse.Namespace) -> int:
         args.out,
         model=args.model,
         task=args.task,
+        output=args.output,
         batchnorm=getattr(args, "batchnorm", "fold"),
         seed=args.seed,
         device=args.device,
@@ -370,6 +380,7 @@ def _command_run(args: argparse.Namespace) -> int:
             data=args.data,
             validation=args.validation,
             task=args.task,
+            output=args.output,
             run_dir=args.run_dir,
             device=args.device,
             progress=not args.quiet,
@@ -413,6 +424,7 @@ def _command_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         mode=_runtime_modes(args.mode),
         task=args.task,
+        output=args.output,
         max_decoded_bytes=args.max_decoded_bytes,
     )
     if done.evaluation is None:
@@ -461,6 +473,7 @@ def _command_sensitivity(args: argparse.Namespace) -> int:
         validation=args.validation,
         layers=args.layers,
         task=args.task,
+        output=args.output,
         device=args.device,
         progress=not args.quiet,
     )
@@ -555,6 +568,7 @@ def _add_training_commands(commands) -> None:
     )
     evaluate.add_argument("--split", choices=("test", "validation"), default="test", help="which split (default: test)")
     _add_data_options(evaluate)
+    _add_output_option(evaluate)
     evaluate.set_defaults(handler=_command_evaluate)
 
 
@@ -584,6 +598,7 @@ def _add_stage_commands(commands) -> None:
             command.add_argument("--no-evaluate", action="store_true", help="skip measuring the decoded file's metric")
         command.add_argument("--report-dir", help=f"also write {stage.name}.md, {stage.name}.json and a figure here")
         _add_data_options(command)
+        _add_output_option(command)
         command.set_defaults(handler=_command_stage, stage=stage.name)
 
 
@@ -623,6 +638,7 @@ def _add_pipeline_commands(commands) -> None:
         "--checkpoint", help="start from these trained weights (default: the registered model's cached reference)"
     )
     _add_data_options(run)
+    _add_output_option(run)
     run.set_defaults(handler=_command_run, several_processes=True)
 
 
@@ -641,6 +657,7 @@ def _add_runtime_commands(commands) -> None:
     _add_decoded_limit(predict)
     predict.add_argument("--split", choices=("test", "validation"), default="test", help="which split (default test)")
     _add_data_options(predict)
+    _add_output_option(predict)
     predict.set_defaults(handler=_command_predict)
 
     bench = commands.add_parser(
@@ -681,6 +698,7 @@ def _add_other_commands(commands) -> None:
     )
     sensitivity.add_argument("--out-dir", default="runs/sensitivity", help="where the PNG and JSON go")
     _add_data_options(sensitivity)
+    _add_output_option(sensitivity)
     sensitivity.set_defaults(handler=_command_sensitivity)
 
     reference = commands.add_parser(

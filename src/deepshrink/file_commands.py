@@ -14,7 +14,15 @@ import torch
 
 from deepshrink.data import DataSplits, load_splits, make_loader
 from deepshrink.errors import ConfigError
-from deepshrink.train import Evaluation, cannot_run, check_runs_on, evaluate, resolve_device
+from deepshrink.train import (
+    OUTPUT_KEY,
+    Evaluation,
+    cannot_run,
+    check_runs_on,
+    evaluate,
+    resolve_device,
+    select_output,
+)
 
 
 def _split(splits: DataSplits, name: str):
@@ -31,6 +39,7 @@ def evaluate_checkpoint(
     validation: float | int | None = None,
     split: str = "test",
     task: str | None = None,
+    output: str | None = None,
     device: str = "auto",
 ) -> tuple[Evaluation, str]:
     """The task's metric and loss of a checkpoint's model on one split of the data.
@@ -43,6 +52,7 @@ def evaluate_checkpoint(
         validation: the validation split, a fraction or a count.
         split: "test" or "validation".
         task: a built-in task name or package.module:function (default classification).
+        output: which of several outputs the task scores (a dict key, a tuple index).
         device: "auto", "cpu", "cuda" or "cuda:N".
 
     Returns:
@@ -54,6 +64,7 @@ def evaluate_checkpoint(
     from deepshrink.checkpoint import load_model
 
     built, loaded = load_model(checkpoint, model)
+    select_output(built, output)
     rows = _split(load_splits(data, validation), split)
     check_runs_on(built, rows.tensors[0][:2], resolve_device(device))
     return evaluate(built, make_loader(rows, 1000, shuffle=False), device, task), model or loaded.model_name
@@ -85,6 +96,7 @@ def predict_file(
     batch_size: int = 1,
     mode: str | dict[str, str] = "auto",
     task: str | None = None,
+    output: str | None = None,
     max_decoded_bytes: int | None = None,
 ) -> Prediction:
     """Run a .dcz file's model from its compressed form (`load_runtime`) over one split, timed.
@@ -98,6 +110,7 @@ def predict_file(
         batch_size: examples per call.
         mode: load_runtime's mode ("auto", "sparse", "dense", or {layer glob: mode}).
         task: default the task the file records.
+        output: which of several outputs the task scores; default the one the file records.
         max_decoded_bytes: see `load_compressed`.
 
     Returns:
@@ -130,6 +143,7 @@ def predict_file(
             raise
         shape = f"an example of shape {list(example.shape)}"
         raise cannot_run(shape, example.dtype, "the data's first", error.__cause__) from error
+    select_output(runtime, output or checked.metadata.get(OUTPUT_KEY))
     loader = make_loader(rows, batch_size, shuffle=False)
     started = time.perf_counter()
     if not splits.labelled:  # nothing to score against: time the model on the inputs alone
@@ -223,6 +237,7 @@ def sensitivity_of_checkpoint(
     validation: float | int | None = None,
     layers: list[str] | None = None,
     task: str | None = None,
+    output: str | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> SensitivityRun:
@@ -237,6 +252,7 @@ def sensitivity_of_checkpoint(
         validation: the validation split, a fraction or a count.
         layers: layer globs (default: every compressible weight).
         task: a built-in task name or package.module:function (default classification).
+        output: which of several outputs the task scores (a dict key, a tuple index).
         device: "auto", "cpu", "cuda" or "cuda:N".
         progress: a progress bar on a terminal.
 
@@ -252,6 +268,7 @@ def sensitivity_of_checkpoint(
     from deepshrink.report.figures import plot_sensitivity
 
     built, loaded = load_model(checkpoint, model)
+    select_output(built, output)
     splits = load_splits(data, validation)
     result = sensitivity_analysis(
         built,

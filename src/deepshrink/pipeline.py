@@ -49,7 +49,7 @@ from deepshrink.plan import Plan
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
 from deepshrink.stages import Loaders, StageContext, StageResult, registered_stages, run_stage, stage_metadata
 from deepshrink.tasks import Task, resolve_task
-from deepshrink.train import check_runs_on, evaluate, one_tensor, resolve_device
+from deepshrink.train import OUTPUT_KEY, check_runs_on, evaluate, one_tensor, resolve_device, select_output
 
 
 @dataclass
@@ -337,6 +337,7 @@ def _file_metadata(key: str, recipe: Recipe, task: Task, architecture: dict, pre
         STRUCTURE_KEY: architecture.get(STRUCTURE_KEY),
     }
     metadata |= {FOLDED_KEY: architecture[FOLDED_KEY]} if architecture.get(FOLDED_KEY) else {}
+    metadata |= {OUTPUT_KEY: recipe.output} if recipe.output is not None else {}
     return metadata | prepared.metadata()
 
 
@@ -470,7 +471,8 @@ def run(
     if run_dir.exists() and not run_dir.is_dir():  # found now, not after the first stage's retraining
         raise ConfigError(f"run_dir {str(run_dir)!r} is a file; give a directory (it is made if missing)")
     device = resolve_device(device)
-    reference = copy.deepcopy(model).to(device).eval()
+    # A model that returns several outputs gives the one the recipe names, in every copy made of it.
+    reference = select_output(copy.deepcopy(model).to(device).eval(), recipe.output)
     prepared = _prepare_data(data, recipe, reference, task, device)
     loaders = prepared.loaders
     reference_metric = evaluate(reference, loaders.test, device, task).metric if loaders is not None else None
@@ -498,7 +500,7 @@ def run(
         # The metric that counts: decode the file that was written into a fresh copy of the model.
         from deepshrink.compressed import load_compressed
 
-        decoded, _ = load_compressed(out, copy.deepcopy(model))
+        decoded = select_output(load_compressed(out, copy.deepcopy(model))[0], recipe.output)
         compressed_metric = evaluate(decoded, loaders.test, device, task).metric if loaders is not None else None
         distributed.check_same_file(out, f"files ({out.name})")
         file_bytes = out.stat().st_size
@@ -632,6 +634,7 @@ def run_recipe(
     data: str | os.PathLike | None = None,
     validation: float | int | None = None,
     task: str | None = None,
+    output: str | None = None,
     run_dir: str | os.PathLike | None = None,
     device: str = "auto",
     progress: bool = True,
@@ -650,6 +653,7 @@ def run_recipe(
         validation: the validation split: a fraction or a count (default: 5,000 IDX images, or
             10% of an array file's examples).
         task: overrides the recipe's task (a built-in name or package.module:function).
+        output: overrides the recipe's `output` (which of several outputs the task scores).
         run_dir: where stage checkpoints, the file and the report go (default runs/MODEL).
         device: "auto", "cpu", "cuda" or "cuda:N".
         progress: progress bars and one line per stage.
@@ -668,6 +672,7 @@ def run_recipe(
     from deepshrink.references import reference_model
 
     loaded = load_recipe(recipe)
+    loaded = dataclasses.replace(loaded, output=output) if output is not None else loaded
     name = model_name or loaded.model
     if name is None:
         raise ConfigError(f"{recipe}: the recipe names no model; add `model: NAME` or pass model_name=NAME")
@@ -694,6 +699,7 @@ def run_stage_on_checkpoint(
     *,
     model: nn.Module | str | None = None,
     task: Task | str | None = None,
+    output: str | None = None,
     batchnorm: str = "fold",
     seed: int = 0,
     device: str = "auto",
@@ -713,6 +719,8 @@ def run_stage_on_checkpoint(
         out: the file to write.
         model: overrides the model the checkpoint names (a module, registered name or factory).
         task: as in a recipe (default: the checkpoint's, else classification).
+        output: as in a recipe: which of several outputs the task scores (the model is given
+            `train.select_output`'s hook, and a written file records it).
         batchnorm: as in a recipe; with "fold", BatchNorm is folded into the layers before it
             ahead of weight sharing and encoding.
         seed: the stage's seed.
@@ -738,6 +746,7 @@ def run_stage_on_checkpoint(
     task = resolve_task(task)
     device = resolve_device(device)
     loaded, source = load_model(checkpoint, model)
+    select_output(loaded, output)
     name = model if isinstance(model, str) else source.model_name or type(loaded).__name__.lower()
     architecture = {key: source.metadata[key] for key in (STRUCTURE_KEY, FOLDED_KEY) if source.metadata.get(key)}
     if stage.changes_architecture and architecture.get(STRUCTURE_KEY):
@@ -762,6 +771,7 @@ def run_stage_on_checkpoint(
     context.output, context.model_name, context.protect = Path(out), name, (checkpoint,)
     context.metadata = {"source": Path(checkpoint).name, **source.metadata, **architecture, "task": task.name}
     context.metadata |= input_metadata(data.input_shape, data.input_dtype)
+    context.metadata |= {OUTPUT_KEY: output} if output is not None else {}
     result = run_stage(loaded, settings, context)
     metric = None
     if evaluate_output:  # the metric that counts: of the model decoded from the written file
@@ -769,7 +779,7 @@ def run_stage_on_checkpoint(
 
         # A module the caller passed is copied: the decoded weights must not land in the model itself.
         target = copy.deepcopy(model) if isinstance(model, nn.Module) else model or name
-        decoded, _ = load_compressed(out, target)
+        decoded = select_output(load_compressed(out, target)[0], output)
         metric = evaluate(decoded, loaders.test, device, task).metric
     return StageOnCheckpoint(loaded, result, reference_metric, metric, Path(out), task.metric.name)
 

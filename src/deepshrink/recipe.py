@@ -105,6 +105,9 @@ class Recipe:
     seed: int = 0
     # The task's name (built-in or package.module:function); None is classification, the paper's.
     task: str | None = None
+    # Which of the forward's outputs the task scores, for a model that returns several (a dict's
+    # key such as Hugging Face's "logits", a tuple's index such as "0"); None: it returns one tensor.
+    output: str | None = None
     batchnorm: str = field(
         default="fold",
         metadata=choices(
@@ -222,6 +225,7 @@ class Recipe:
         # Written only when not the default, so that a file's recorded recipe (and a cached stage's
         # key) stays what it was before these entries existed.
         result |= {"task": self.task} if self.task is not None else {}
+        result |= {"output": self.output} if self.output is not None else {}
         result |= {"batchnorm": self.batchnorm} if self.batchnorm != "fold" else {}
         result["data"] = dataclasses.asdict(self.data)
         for stage in registered_stages():
@@ -300,7 +304,7 @@ class Recipe:
                         )
 
 
-_RECIPE_FIELDS = ("model", "seed", "task", "batchnorm", "data", "tradeoff", "target")
+_RECIPE_FIELDS = ("model", "seed", "task", "output", "batchnorm", "data", "tradeoff", "target")
 SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
@@ -470,6 +474,8 @@ def _scalar(hint, metadata, node: yaml.Node, path: str, where: str):
             raw = float(raw)
     if hint is float and isinstance(raw, int) and not isinstance(raw, bool):
         raw = float(raw)
+    if hint is str and isinstance(raw, int) and not isinstance(raw, bool):
+        raw = node.value  # "output: 0", a tuple's index, is the text "0"
     if not isinstance(raw, hint) or (hint is int and isinstance(raw, bool)):
         article = "an" if hint is int else "a"
         raise ConfigError(f"{where}: {path} is {node.value!r}; it should be {article} {hint.__name__}")

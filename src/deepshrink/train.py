@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -216,9 +216,87 @@ def one_tensor(outputs) -> torch.Tensor:
         return outputs
     raise ModelError(
         f"the model's forward returned {_described(outputs)}, not one tensor: a task scores one tensor of "
-        "outputs (e.g. the logits). Wrap the model in a module whose forward returns that tensor "
-        "(return model(inputs)[0], or ['logits']), and compress the wrapper"
+        f"outputs (e.g. the logits). Name it in the recipe (`output: {_output_example(outputs)}`; on the command "
+        f"line --output {_output_example(outputs)}), or wrap the model in a module whose forward returns that tensor"
     )
+
+
+def _output_example(outputs) -> str:
+    """What `output` would pick the first tensor of what a forward returned."""
+    if isinstance(outputs, Mapping):
+        key = next((key for key, value in outputs.items() if isinstance(value, torch.Tensor)), None)
+        return key if isinstance(key, str) else "KEY"
+    if isinstance(outputs, (tuple, list)):
+        return "0"
+    return "ATTRIBUTE"
+
+
+# The .dcz metadata entry that records which output the file's task scores (`select_output`).
+OUTPUT_KEY = "output"
+
+
+@dataclass(frozen=True)
+class OutputSelector:
+    """A forward hook that makes a model return the one tensor `output` names of what its
+    forward returns: a key of a dict (Hugging Face's ModelOutput is one), an index of a tuple or
+    list ("0"), or an attribute."""
+
+    output: str
+
+    def __call__(self, module: nn.Module, inputs: tuple, outputs):
+        """The tensor `output` names, as torch's forward hook replaces a forward's result.
+
+        Args:
+            module: the model.
+            inputs: its forward's inputs.
+            outputs: what its forward returned.
+
+        Returns:
+            The named tensor.
+
+        Raises:
+            ModelError: the forward returned one tensor already, or nothing by that name, or
+                something other than a tensor there.
+        """
+        if isinstance(outputs, torch.Tensor):
+            raise ModelError(
+                f"output: {self.output!r} picks from what the model's forward returns, but it returned one "
+                f"tensor {list(outputs.shape)}: leave `output` out"
+            )
+        if isinstance(outputs, Mapping) and self.output in outputs:
+            chosen = outputs[self.output]
+        elif isinstance(outputs, (tuple, list)) and self.output.lstrip("-").isdigit():
+            index = int(self.output)
+            if not -len(outputs) <= index < len(outputs):
+                raise ModelError(f"output: {self.output} is past the end of {_described(outputs)}")
+            chosen = outputs[index]
+        elif not isinstance(outputs, Mapping) and hasattr(outputs, self.output):
+            chosen = getattr(outputs, self.output)
+        else:
+            raise ModelError(
+                f"output: {self.output!r} is not in what the model's forward returned: {_described(outputs)}"
+            )
+        if not isinstance(chosen, torch.Tensor):
+            raise ModelError(f"output: {self.output!r} is {_described(chosen)}; it should name one tensor")
+        return chosen
+
+
+def select_output(model: nn.Module, output: str | None) -> nn.Module:
+    """Make `model` return the one tensor `output` names of what its forward returns (see
+    OutputSelector), by a forward hook, so that every stage, the teacher, and the copies made
+    of it (deepcopy keeps hooks) see that tensor. None leaves the model as it is; a model that
+    already selects is not given a second hook.
+
+    Args:
+        model: the model, given the hook in place.
+        output: a dict key, a tuple index ("0") or an attribute; None for none.
+
+    Returns:
+        `model`.
+    """
+    if output is not None and not any(isinstance(hook, OutputSelector) for hook in model._forward_hooks.values()):
+        model.register_forward_hook(OutputSelector(output))
+    return model
 
 
 def _described(outputs, depth: int = 0) -> str:

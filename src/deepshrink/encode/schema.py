@@ -341,7 +341,7 @@ def check_metadata(metadata) -> dict:
         return {}
     if not isinstance(metadata, dict):
         raise FormatError(f"metadata is {_shown(metadata)}; expected a JSON object")
-    for key in ("model", "library"):
+    for key in ("model", "library", "output"):
         if metadata.get(key) is not None and not isinstance(metadata[key], str):
             raise FormatError(f"metadata {key} is {_shown(metadata[key])}; expected a string")
     size = metadata.get("fp32_parameter_bytes")
