@@ -339,3 +339,56 @@ def test_predict_names_data_the_file_cannot_run_on_without_blaming_a_flag(tmp_pa
     expected = "the model cannot run on the data: its forward, given an example of shape [5] (float32, the data's"
     assert expected in message
     assert "--input-shape" not in message
+
+
+def _small_network() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+@pytest.mark.parametrize("wrapper", ["compile", "data_parallel"])
+def test_a_wrapped_model_is_compressed_as_the_model_inside(tmp_path, wrapper):
+    """torch.compile and DataParallel put `_orig_mod.` or `module.` in front of every key; the
+    file holds the model's own keys, so it loads into the plain model, as the model inside does."""
+    data = _small_labelled_data(tmp_path)
+    plain = deepshrink.run(_small_network(), SMALL_RECIPE, data, run_dir=tmp_path / "plain", progress=False)
+    wrapped = torch.compile(_small_network()) if wrapper == "compile" else nn.DataParallel(_small_network())
+    result = deepshrink.run(wrapped, SMALL_RECIPE, data, run_dir=tmp_path / "wrapped", progress=False)
+    assert result.path.read_bytes() == plain.path.read_bytes() and result.model_name == "sequential"
+    decoded, _ = load_compressed(result.path, _small_network())
+    assert torch.equal(decoded[0].weight, load_compressed(plain.path, _small_network())[0][0].weight)
+
+
+def test_a_lazy_model_not_yet_called_is_refused_with_the_fix(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 2))
+    data = _small_labelled_data(tmp_path)
+    with pytest.raises(ModelError, match=r"0\.weight is not initialised yet \(LazyLinear.*model\(inputs\[:1\]\)"):
+        deepshrink.run(model, SMALL_RECIPE, data, run_dir=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+    model(data.train.tensors[0][:1])  # the fix
+    assert deepshrink.run(model, SMALL_RECIPE, data, run_dir=tmp_path / "fixed", progress=False).path.exists()
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_an_old_style_weight_norm_is_refused_with_the_call_that_removes_it(tmp_path, norm):
+    model = _small_network()
+    getattr(nn.utils, norm)(model[0])
+    data = _small_labelled_data(tmp_path)
+    with pytest.raises(ModelError, match=rf"0 computes its weight with torch\.nn\.utils\.{norm}") as caught:
+        deepshrink.run(model, SMALL_RECIPE, data, run_dir=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+    fix = str(caught.value).split("value, with ", 1)[1].split(", and load", 1)[0]
+    exec(fix, {"torch": torch, "model": model})  # noqa: S102 - the message's code, not user input
+    assert deepshrink.run(model, SMALL_RECIPE, data, run_dir=tmp_path / "fixed", progress=False).path.exists()
+
+
+def test_a_module_whose_own_load_hooks_refuse_the_file_is_one_line(tmp_path):
+    """torch's remove_spectral_norm alone leaves a hook that asks for weight_orig: loading the
+    file into such a module is a ModelError saying so, not a torch traceback."""
+    path = deepshrink.run(_small_network(), SMALL_RECIPE, None, run_dir=tmp_path / "r", progress=False).path
+    model = _small_network()
+    nn.utils.spectral_norm(model[0])
+    nn.utils.remove_spectral_norm(model[0])
+    with pytest.raises(ModelError, match=r"Sequential\.load_state_dict refused the file's tensors.*weight_orig"):
+        load_compressed(path, model)

@@ -17,7 +17,7 @@ from deepshrink.encode import container
 from deepshrink.encode.codec import decode_into, decode_state_dict, encode_model, verify
 from deepshrink.encode.schema import CheckedHeader, check_header
 from deepshrink.encode.sizes import parameter_bytes
-from deepshrink.errors import FormatError
+from deepshrink.errors import FormatError, ModelError
 from deepshrink.loading import check_tensors_fit, model_for
 
 
@@ -196,7 +196,8 @@ def load_compressed(
     Raises:
         FormatError: a malformed file, one over the decoded-size limit, or tensors that do not
             fit the model.
-        ModelError: no model can be built.
+        ModelError: no model can be built, or your module's load_state_dict (its own load
+            hooks) refuses tensors that fit it.
     """
     loaded, checked = open_compressed(path, max_decoded_bytes)
     metadata = checked.metadata
@@ -205,7 +206,14 @@ def load_compressed(
     try:
         if isinstance(model, nn.Module):
             # Your module: decoded aside first, so that a corrupt file leaves it as it was.
-            built.load_state_dict(decode_state_dict(loaded.header, loaded.buffers, checked))
+            state = decode_state_dict(loaded.header, loaded.buffers, checked)
+            try:
+                built.load_state_dict(state)
+            except RuntimeError as error:  # the keys and shapes fit (checked): the module's own load hooks refused
+                raise ModelError(
+                    f"{path}: {type(built).__name__}.load_state_dict refused the file's tensors, whose names and "
+                    f"shapes fit it: {' '.join(str(error).split())}"
+                ) from error
         else:
             # A model built here: each tensor decoded straight into its parameter, so the
             # weights exist once (VGG-16: no second 553 MB state_dict, no int64 indices).

@@ -353,8 +353,16 @@ def check_weights(model: nn.Module) -> None:
     Raises:
         UnsupportedLayerError: a compressible weight is also held as a tensor deepshrink does not
             compress.
-        ModelError: a floating parameter is float16, bfloat16 or float64.
+        ModelError: a parameter of a lazy module is not initialised yet, or a floating parameter
+            is float16, bfloat16 or float64.
     """
+    lazy = [name for name, parameter in model.named_parameters() if nn.parameter.is_lazy(parameter)]
+    if lazy:
+        module = lazy[0].rpartition(".")[0]
+        raise ModelError(
+            f"{lazy[0]} is not initialised yet ({type(model.get_submodule(module)).__name__} sizes its weights on "
+            "its first call): run one batch through the model first, e.g. model(inputs[:1]), then compress it"
+        )
     weights = compressible_weights(model)
     for name, group in tied_weights(model).items():
         compressed = {weights[name].key, *weights[name].alias_keys}

@@ -129,9 +129,43 @@ def weights_digest(model: nn.Module) -> str:
     return distributed.state_digest(model).hex()
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's, DataParallel's and DistributedDataParallel's wrappers:
+    the file then holds the model's own keys (no `_orig_mod.` or `module.` in front), so it loads
+    into the plain model, and retraining runs eagerly, as parametrizations need."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+# torch.nn.utils.weight_norm and spectral_norm of old: forward pre-hooks that rebuild `weight` from
+# other parameters before every call, and the code that takes each off keeping the weight. torch's
+# remove_spectral_norm leaves its load_state_dict pre-hook behind (the module then asks any state
+# dict for weight_orig and weight_u), so that fix clears it too.
+_WEIGHT_HOOKS = {
+    "WeightNorm": "torch.nn.utils.remove_weight_norm(model.get_submodule({name!r}))",
+    "SpectralNorm": "torch.nn.utils.remove_spectral_norm(model.get_submodule({name!r})); "
+    "model.get_submodule({name!r})._load_state_dict_pre_hooks.clear()",
+}
+
+
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ModelError(f"run() needs a torch.nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            kind = type(hook).__name__ if type(hook).__module__.startswith("torch.nn") else None
+            if kind in _WEIGHT_HOOKS:
+                function = "weight_norm" if kind == "WeightNorm" else "spectral_norm"
+                raise ModelError(
+                    f"{name or 'the model'} computes its weight with torch.nn.utils.{function} before every call, "
+                    "and deepshrink compresses plain weights: remove it first, keeping the weight's value, with "
+                    f"{_WEIGHT_HOOKS[kind].format(name=name)}, and load the file into the model built without it"
+                )
     if not compressible_weights(model):
         raise ModelError(
             f"{type(model).__name__} has no layer deepshrink compresses ({SUPPORTED_TYPES}); "
@@ -430,7 +464,9 @@ def run(
     and the report (`deepshrink run RECIPE` on the command line).
 
     Args:
-        model: the trained reference; never modified.
+        model: the trained reference; never modified. A model inside torch.compile's,
+            DataParallel's or DistributedDataParallel's wrapper is compressed as the model inside,
+            so the file loads into the plain model.
         recipe: a Recipe, a YAML file, a shipped recipe's name ("lenet-5") or a dict.
         data: a DataSplits (from deepshrink.load_data or load_arrays; inputs without targets
             get targets from the model's own outputs) or your own loaders
@@ -463,6 +499,7 @@ def run(
         DataError: targets that do not fit the task.
     """
     recipe = _as_recipe(recipe)
+    model = _unwrapped(model)
     _check_model(model)
     progress = progress and distributed.is_main_process()
     task = resolve_task(task if task is not None else recipe.task)
