@@ -60,7 +60,7 @@ def _join(module_name: str, tensor: str) -> str:
     return f"{module_name}.{tensor}" if module_name else tensor
 
 
-def _weight_name(module_name: str, module: nn.Module, tensor: str) -> str:
+def _weight_name(module_name: str, tensor: str) -> str:
     """A weight's name: the module, or the module's parameter when the module holds several
     (recurrent and attention modules, whose matrices are never called `weight`)."""
     if tensor == "weight":
@@ -79,7 +79,7 @@ class Holder:
     @property
     def name(self) -> str:
         """Its name as a weight of its own would have."""
-        return _weight_name(self.module_name, self.module, self.tensor)
+        return _weight_name(self.module_name, self.tensor)
 
     @property
     def key(self) -> str:
@@ -107,7 +107,7 @@ class Weight:
     def name(self) -> str:
         """How recipes, stages and reports name it: the module, or the module's parameter when
         the module holds several weights."""
-        return _weight_name(self.module_name, self.module, self.tensor)
+        return _weight_name(self.module_name, self.tensor)
 
     @property
     def alias_keys(self) -> list[str]:
@@ -206,9 +206,7 @@ def as_weight(layer: Weight | nn.Module) -> Weight:
     """
     if isinstance(layer, Weight):
         return layer
-    if isinstance(layer, SINGLE_WEIGHT_MODULES) or (
-        not isinstance(layer, nn.RNNBase | nn.RNNCellBase | nn.MultiheadAttention) and _own_weight(layer)
-    ):
+    if isinstance(layer, SINGLE_WEIGHT_MODULES) or _own_weight(layer):
         return Weight("", layer, "weight")
     raise UnsupportedLayerError(
         f"{type(layer).__name__} is not a layer with one compressible weight; pass a Weight "
@@ -256,7 +254,9 @@ def _own_weight(module: nn.Module) -> bool:
         value = parametrizations.original if parametrizations.is_tensor else None
     else:
         value = module._parameters.get("weight")
-    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.is_floating_point()
+    if not isinstance(value, torch.Tensor) or nn.parameter.is_lazy(value):  # lazy: check_weights names it
+        return False
+    return value.dim() >= 2 and value.is_floating_point()
 
 
 def _weights_of(module_name: str, module: nn.Module) -> list[Weight]:
@@ -342,8 +342,8 @@ def check_weights(model: nn.Module) -> None:
     not a compressible weight, or floating parameters that are not float32.
 
     Tied compressible weights (an Embedding's matrix read by a Linear output layer) are one
-    Weight whose parametrizations sit on every holder. A tie to anything else (a bias, a
-    Bilinear's weight, a custom module's own parameter) would go on computing with the tensor
+    Weight whose parametrizations sit on every holder. A tie to anything else (a bias, a custom
+    module's parameter under another name than `weight`) would go on computing with the tensor
     without its mask or codebook, and the two would part while retraining. And retraining feeds
     float32 data through float32 layers. So both are refused before anything runs, with the fix.
 

@@ -64,8 +64,9 @@ def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
     """Serialise deterministically: sorted JSON keys, fixed padding, buffers in order.
 
     A file records the lowest minor version that reads it: 2.3 (its header is deflated against
-    HEADER_DICTIONARY), 2.4 where a record is int8, or 2.5 where one is "same", so that a 2.3 reader reads every file
-    that does not need the newer records (and refuses one that does, naming the dtype).
+    HEADER_DICTIONARY), 2.4 where a record is int8, or 2.5 where one is "same", so that an older
+    reader reads every file that does not need the newer records (and refuses one that does,
+    naming the dtype or the encoding).
 
     Args:
         header: the header, without its buffer table.

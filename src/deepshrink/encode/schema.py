@@ -293,9 +293,6 @@ def _check_same(record: dict, earlier: dict[str, dict]) -> None:
             f"{name}: shape {record['shape']} and dtype {record['dtype']} differ from {source!r}'s "
             f"({target['shape']}, {target['dtype']}), which it says it is"
         )
-    unknown = set(record) - {"name", "shape", "dtype", "encoding", "as"}
-    if unknown:
-        raise FormatError(f"{name}: a 'same' record has no field {sorted(unknown)[0]!r}")
 
 
 def _check_record(record: dict, buffers: _Buffers, earlier: dict[str, dict]) -> None:
