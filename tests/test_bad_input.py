@@ -392,3 +392,15 @@ def test_a_module_whose_own_load_hooks_refuse_the_file_is_one_line(tmp_path):
     nn.utils.remove_spectral_norm(model[0])
     with pytest.raises(ModelError, match=r"Sequential\.load_state_dict refused the file's tensors.*weight_orig"):
         load_compressed(path, model)
+
+
+def test_a_wrapped_model_saves_and_loads_as_the_model_inside(tmp_path):
+    model = _small_network()
+    plain = save_compressed(model, tmp_path / "plain.dcz", model_name="small")
+    wrapped = save_compressed(torch.compile(model), tmp_path / "compiled.dcz", model_name="small")
+    assert wrapped.read_bytes() == plain.read_bytes()
+    target = nn.DataParallel(_small_network())
+    with torch.no_grad():
+        target.module[0].weight.zero_()
+    loaded, _ = load_compressed(plain, target)
+    assert loaded is target.module and torch.equal(target.module[0].weight, model[0].weight)

@@ -18,6 +18,7 @@ from deepshrink.encode.codec import decode_into, decode_state_dict, encode_model
 from deepshrink.encode.schema import CheckedHeader, check_header
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import FormatError, ModelError
+from deepshrink.layers import unwrapped
 from deepshrink.loading import check_tensors_fit, model_for
 
 
@@ -37,7 +38,8 @@ def save_compressed(
 
     Args:
         model: pruned and/or weight-shared layers (as the prune and quantize stages leave them)
-            are stored as codebooks and entropy-coded indices; every other tensor raw.
+            are stored as codebooks and entropy-coded indices; every other tensor raw. A model
+            in a torch.compile or DataParallel wrapper is stored as the model inside.
         path: the file to write, atomically.
         model_name: the name (or package.module:factory) that rebuilds the architecture.
         metadata: JSON values stored in the header beside the name, library and fp32 size.
@@ -58,6 +60,7 @@ def save_compressed(
             in `protect`.
         OutputError: the file cannot be written.
     """
+    model = unwrapped(model)  # the file holds the model's own keys, and loads into the plain model
     header, buffers = encode_model(
         model,
         index_bits=index_bits,

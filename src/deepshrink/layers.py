@@ -182,6 +182,27 @@ class Weight:
         return [(self.module, self.tensor)] + [(alias.module, alias.tensor) for alias in self.aliases]
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's, DataParallel's and DistributedDataParallel's wrappers
+    (itself when it is not wrapped): what a file holds and loads into, with the model's own
+    keys (no `_orig_mod.` or `module.` in front), and what retraining runs eagerly, as
+    parametrizations need.
+
+    Args:
+        model: a module, wrapped or not.
+
+    Returns:
+        The innermost module.
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def _identity(module: nn.Module, tensor: str) -> int:
     """Which tensor a module's `tensor` is, parametrized or not: tied holders give the same."""
     if parametrize.is_parametrized(module, tensor):

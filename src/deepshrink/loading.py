@@ -21,6 +21,7 @@ import os
 from torch import nn
 
 from deepshrink.errors import ConfigError, ModelError
+from deepshrink.layers import unwrapped
 
 # Metadata entry of a low-rank factored model: which layers became two, at which ranks.
 STRUCTURE_KEY = "lowrank_structure"
@@ -89,7 +90,8 @@ def model_for(
         error: the exception class for a malformed structure.
 
     Returns:
-        (module, name): the module ready for the tensors, and its name.
+        (module, name): the module ready for the tensors (the model inside a torch.compile or
+        DataParallel wrapper), and its name.
 
     Raises:
         ModelError: `model` is neither a module, a name nor None, or a factory named by a file.
@@ -102,6 +104,7 @@ def model_for(
     structure = metadata.get(STRUCTURE_KEY)
 
     if isinstance(model, nn.Module):
+        model = unwrapped(model)  # a compiled or DataParallel model: its tensors are the model inside's
         name = stored_name if isinstance(stored_name, str) else type(model).__name__
         if _already_factored(model, structure):
             return apply_folding(model, metadata.get(FOLDED_KEY), error), name

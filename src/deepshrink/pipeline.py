@@ -43,7 +43,7 @@ from deepshrink.data import DataSplits
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.files import atomic_output
-from deepshrink.layers import SUPPORTED_TYPES, check_weights, compressible_weights
+from deepshrink.layers import SUPPORTED_TYPES, check_weights, compressible_weights, unwrapped
 from deepshrink.loading import STRUCTURE_KEY
 from deepshrink.plan import Plan
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
@@ -127,19 +127,6 @@ def weights_digest(model: nn.Module) -> str:
         The sha256 in hex.
     """
     return distributed.state_digest(model).hex()
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's, DataParallel's and DistributedDataParallel's wrappers:
-    the file then holds the model's own keys (no `_orig_mod.` or `module.` in front), so it loads
-    into the plain model, and retraining runs eagerly, as parametrizations need."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
-        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 # torch.nn.utils.weight_norm and spectral_norm of old: forward pre-hooks that rebuild `weight` from
@@ -499,7 +486,7 @@ def run(
         DataError: targets that do not fit the task.
     """
     recipe = _as_recipe(recipe)
-    model = _unwrapped(model)
+    model = unwrapped(model)
     _check_model(model)
     progress = progress and distributed.is_main_process()
     task = resolve_task(task if task is not None else recipe.task)
