@@ -404,3 +404,35 @@ def test_a_wrapped_model_saves_and_loads_as_the_model_inside(tmp_path):
         target.module[0].weight.zero_()
     loaded, _ = load_compressed(plain, target)
     assert loaded is target.module and torch.equal(target.module[0].weight, model[0].weight)
+
+
+class _Pooled(nn.Module):
+    def __init__(self, embedding: nn.Module) -> None:
+        super().__init__()
+        self.embed = embedding
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"max_norm": 1.0}, r"renormalises the rows it looks up in place"), ({"sparse": True}, r"sparse gradients")],
+)
+def test_an_embedding_a_mask_cannot_sit_under_is_refused_with_an_exact_fix(tmp_path, options, message):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, (300, 8))
+    data = deepshrink.load_arrays({"x": tokens, "y": tokens[:, 0] % 3})
+    torch.manual_seed(0)
+    model = _Pooled(nn.Embedding(50, 16, **options))
+    with torch.no_grad():
+        before = model(data.test.tensors[0])  # max_norm rewrites the rows this looks up
+    with pytest.raises(ModelError, match=message) as caught:
+        deepshrink.run(model, SMALL_RECIPE, data, run_dir=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+    fix = str(caught.value).split("would: " if "max_norm" in options else "ones: ", 1)[1]
+    exec(fix, {"torch": torch, "model": model})  # noqa: S102 - the message's code, not user input
+    with torch.no_grad():  # the fix changes nothing the model computes (max_norm itself moves rows by an ulp)
+        torch.testing.assert_close(model(data.test.tensors[0]), before, rtol=1e-6, atol=1e-6)
+    assert deepshrink.run(model, SMALL_RECIPE, data, run_dir=tmp_path / "fixed", progress=False).path.exists()

@@ -374,8 +374,9 @@ def check_weights(model: nn.Module) -> None:
     Raises:
         UnsupportedLayerError: a compressible weight is also held as a tensor deepshrink does not
             compress.
-        ModelError: a parameter of a lazy module is not initialised yet, or a floating parameter
-            is float16, bfloat16 or float64.
+        ModelError: a parameter of a lazy module is not initialised yet, an embedding that
+            renormalises its rows in place while running (`max_norm`) or has sparse gradients,
+            or a floating parameter that is float16, bfloat16 or float64.
     """
     lazy = [name for name, parameter in model.named_parameters() if nn.parameter.is_lazy(parameter)]
     if lazy:
@@ -384,6 +385,7 @@ def check_weights(model: nn.Module) -> None:
             f"{lazy[0]} is not initialised yet ({type(model.get_submodule(module)).__name__} sizes its weights on "
             "its first call): run one batch through the model first, e.g. model(inputs[:1]), then compress it"
         )
+    _check_embeddings(model)
     weights = compressible_weights(model)
     for name, group in tied_weights(model).items():
         compressed = {weights[name].key, *weights[name].alias_keys}
@@ -410,6 +412,31 @@ def check_weights(model: nn.Module) -> None:
             "deepshrink retrains and compresses float32 models: pass model.float() (exact from float16 and "
             "bfloat16), and load the file into a float32 model"
         )
+
+
+def _check_embeddings(model: nn.Module) -> None:
+    """Embeddings whose forward a mask or codebook cannot sit under: `max_norm` rewrites the
+    looked-up rows in place on every call (it would scale shared values off their codebook, and
+    torch refuses it on a parametrized weight), and sparse gradients do not add to a dense
+    weight decay. Each has an exact fix, given in the message."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Embedding | nn.EmbeddingBag):
+            continue
+        if module.max_norm is not None:
+            # A trained embedding's rows are renormalised once, as its forward would on their
+            # next lookup: from then on max_norm changes nothing (but an ulp, which its own
+            # forward also moves a row by on every call), so it can go.
+            raise ModelError(
+                f"{name} renormalises the rows it looks up in place on every call (max_norm={module.max_norm}), "
+                "which a pruned or shared weight cannot take: renormalise them once and turn it off, "
+                f"as its forward would: layer = model.get_submodule({name!r}); "
+                "layer.weight.data.renorm_(layer.norm_type, 0, layer.max_norm); layer.max_norm = None"
+            )
+        if module.sparse:
+            raise ModelError(
+                f"{name} gives sparse gradients (sparse=True), which retraining's weight decay cannot add to; "
+                f"the weights are the same with dense ones: model.get_submodule({name!r}).sparse = False"
+            )
 
 
 def tied_modules(model: nn.Module) -> set[str]:
