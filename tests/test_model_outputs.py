@@ -132,15 +132,33 @@ def test_several_outputs_are_refused_with_the_line_that_picks_one_and_compress_w
         ("dict", "scores", r"'scores' is not in what the model's forward returned: a dict of 2 \('logits'"),
         ("tuple", "2", r"output: 2 is past the end of a tuple of 2"),
         ("tuple", "logits", r"'logits' is not in what the model's forward returned: a tuple of 2"),
-        ("tensor", "logits", r"output: 'logits' picks from what the model's forward returns, but it returned one"),
     ],
 )
 def test_an_output_that_is_not_there_is_named_before_anything_runs(tmp_path, returns, output, message):
     data = deepshrink.load_arrays(labelled_arrays(tmp_path / "data.npz"))
-    model = nn.Sequential(nn.Linear(12, 2)) if returns == "tensor" else SeveralOutputs(returns)
+    model = SeveralOutputs(returns)
     with pytest.raises(ModelError, match=message):
         deepshrink.run(model, {**RECIPE, "output": output}, data, run_dir=tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+class AuxiliaryWhileTraining(SeveralOutputs):
+    """As Inception and GoogLeNet: logits and an auxiliary head's while training, logits alone
+    in eval mode."""
+
+    def forward(self, inputs):
+        logits, features = super().forward(inputs)
+        return (logits, features) if self.training else logits
+
+
+def test_auxiliary_outputs_only_while_training_are_picked_then_and_passed_through_otherwise(tmp_path):
+    data = deepshrink.load_arrays(labelled_arrays(tmp_path / "data.npz"))
+    model = AuxiliaryWhileTraining("tuple")
+    model.load_state_dict(trained("tuple", data).state_dict())
+    result = deepshrink.run(model, {**RECIPE, "output": "0"}, data, run_dir=tmp_path / "run", progress=False)
+    assert result.reference_metric > 0.9 and result.compressed_metric > 0.75
+    with pytest.raises(ModelError, match=r"a tuple of 2 .*\(`output: 0`"):  # retraining meets the tuple
+        deepshrink.run(model, RECIPE, data, run_dir=tmp_path / "without", progress=False)
 
 
 def test_the_command_line_takes_output_and_predict_reads_it_from_the_file(tmp_path, capsys):

@@ -239,7 +239,7 @@ OUTPUT_KEY = "output"
 class OutputSelector:
     """A forward hook that makes a model return the one tensor `output` names of what its
     forward returns: a key of a dict (Hugging Face's ModelOutput is one), an index of a tuple or
-    list ("0"), or an attribute."""
+    list ("0"), or an attribute. A forward that returns one tensor is left as it is."""
 
     output: str
 
@@ -255,14 +255,12 @@ class OutputSelector:
             The named tensor.
 
         Raises:
-            ModelError: the forward returned one tensor already, or nothing by that name, or
-                something other than a tensor there.
+            ModelError: nothing by that name, or something other than a tensor there.
         """
         if isinstance(outputs, torch.Tensor):
-            raise ModelError(
-                f"output: {self.output!r} picks from what the model's forward returns, but it returned one "
-                f"tensor {list(outputs.shape)}: leave `output` out"
-            )
+            # One tensor is already what a task scores: a model that adds auxiliary outputs only
+            # while training (Inception, GoogLeNet) returns its logits alone in eval mode.
+            return outputs
         if isinstance(outputs, Mapping) and self.output in outputs:
             chosen = outputs[self.output]
         elif isinstance(outputs, (tuple, list)) and self.output.lstrip("-").isdigit():
