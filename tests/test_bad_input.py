@@ -436,3 +436,21 @@ def test_an_embedding_a_mask_cannot_sit_under_is_refused_with_an_exact_fix(tmp_p
     with torch.no_grad():  # the fix changes nothing the model computes (max_norm itself moves rows by an ulp)
         torch.testing.assert_close(model(data.test.tensors[0]), before, rtol=1e-6, atol=1e-6)
     assert deepshrink.run(model, SMALL_RECIPE, data, run_dir=tmp_path / "fixed", progress=False).path.exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: torch.jit.script(_small_network()), r"TorchScript module \(RecursiveScriptModule"),
+        (lambda: torch.jit.trace(_small_network(), torch.zeros(1, 12)), r"TorchScript module \(TopLevelTracedModule"),
+        (lambda: _small_network().requires_grad_(False), r"every parameter of Sequential has requires_grad=False"),
+        (
+            lambda: torch.ao.quantization.quantize_dynamic(_small_network(), {nn.Linear}, dtype=torch.qint8),
+            r"torch\.ao's quantized ones: pass the float model",
+        ),
+    ],
+    ids=["scripted", "traced", "frozen", "quantized"],
+)
+def test_a_model_no_stage_can_retrain_is_named_with_what_to_pass(tmp_path, make, message):
+    with pytest.raises(ModelError, match=message):
+        deepshrink.run(make(), SMALL_RECIPE, _small_labelled_data(tmp_path), run_dir=tmp_path / "r", progress=False)

@@ -274,7 +274,8 @@ def _own_weight(module: nn.Module) -> bool:
         parametrizations = module.parametrizations["weight"]
         value = parametrizations.original if parametrizations.is_tensor else None
     else:
-        value = module._parameters.get("weight")
+        # TorchScript's parameter table (OrderedDictWrapper) has no get.
+        value = module._parameters["weight"] if "weight" in module._parameters else None  # noqa: SIM401
     if not isinstance(value, torch.Tensor) or nn.parameter.is_lazy(value):  # lazy: check_weights names it
         return False
     return value.dim() >= 2 and value.is_floating_point()
@@ -374,10 +375,16 @@ def check_weights(model: nn.Module) -> None:
     Raises:
         UnsupportedLayerError: a compressible weight is also held as a tensor deepshrink does not
             compress.
-        ModelError: a parameter of a lazy module is not initialised yet, an embedding that
+        ModelError: a TorchScript module, a parameter of a lazy module not initialised yet, an embedding that
             renormalises its rows in place while running (`max_norm`) or has sparse gradients,
             or a floating parameter that is float16, bfloat16 or float64.
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(
+            f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script or trace), whose "
+            "layers cannot take a mask or a codebook: pass the Python module it was made from; the file loads "
+            "into that module, which you can script again afterwards"
+        )
     lazy = [name for name, parameter in model.named_parameters() if nn.parameter.is_lazy(parameter)]
     if lazy:
         module = lazy[0].rpartition(".")[0]

@@ -143,6 +143,7 @@ _WEIGHT_HOOKS = {
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ModelError(f"run() needs a torch.nn.Module, got {type(model).__name__}")
+    check_weights(model)  # first: a TorchScript module cannot even be searched for weights
     for name, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
             kind = type(hook).__name__ if type(hook).__module__.startswith("torch.nn") else None
@@ -154,9 +155,11 @@ def _check_model(model: nn.Module) -> None:
                     f"{_WEIGHT_HOOKS[kind].format(name=name)}, and load the file into the model built without it"
                 )
     if not compressible_weights(model):
+        quantized = any(type(module).__module__.startswith("torch.ao.nn.quantized") for module in model.modules())
+        hint = "; its layers are torch.ao's quantized ones: pass the float model they were made from"
         raise ModelError(
             f"{type(model).__name__} has no layer deepshrink compresses ({SUPPORTED_TYPES}); "
-            "there is nothing to compress"
+            f"there is nothing to compress{hint if quantized else ''}"
         )
     foreign = [
         (f"{name}.{tensor}" if name else tensor, type(parametrization).__name__)
@@ -180,7 +183,6 @@ def _check_model(model: nn.Module) -> None:
             f"the model passed to run() is already pruned or shared ({', '.join(parametrized[:3])}); "
             "pass the trained reference, or run single stages with deepshrink.run_stage"
         )
-    check_weights(model)
     _check_one_input(model)
 
 

@@ -328,8 +328,17 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
     Returns:
         The torch optimizer.
+
+    Raises:
+        ModelError: no parameter has requires_grad set.
     """
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if not trainable:
+        raise ModelError(
+            f"every parameter of {type(model).__name__} has requires_grad=False, so retraining has nothing to "
+            "train: pass model.requires_grad_(True) (a pruned or shared layer keeps its mask or codebook "
+            "while it trains), or compress without retraining (retrain_epochs: 0 and finetune_epochs: 0)"
+        )
     if config.optimizer == "adam":
         # Adam scales each parameter's step by its own gradient history, which suits codebooks:
         # a centroid's gradient sums those of all its weights, so its size varies by orders of
