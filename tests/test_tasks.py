@@ -174,7 +174,9 @@ def test_a_metric_that_returns_nan_is_an_error_naming_it():
 TARGET_MISMATCHES = [
     ("regression", torch.zeros(40), 2, r"the targets are \[\d+\] for outputs \[\d+, 2\].*one target per output \(2"),
     ("classification", torch.arange(40) % 5, 2, r"a target is 4, and the model outputs 2 classes \(labels 0\.\.1\)"),
-    ("classification", torch.zeros(40), 2, r"the targets are float32.*use task regression"),
+    ("classification", torch.zeros(40), 2, r"the targets are float32 \[\d+\].*use task regression"),
+    ("classification", torch.ones(40, 2), 2, r"an example's target probabilities sum to 2, not 1.*task multilabel"),
+    ("classification", torch.full((40, 2), 2.0), 2, r"a target is 2, and class probabilities lie in \[0, 1\]"),
     ("classification", torch.zeros(40, 3, dtype=torch.long), 2, r"the targets are \[\d+, 3\].*use task multilabel"),
     ("multilabel", torch.zeros(40, 3), 2, r"the targets are \[\d+, 3\] for outputs \[\d+, 2\].*use task classific"),
     ("classification", torch.arange(40) % 2, 1, r"the model has one output.*task multilabel"),
@@ -240,3 +242,28 @@ def test_a_binary_model_with_one_logit_trains_as_multilabel_on_flat_targets():
     config = deepshrink.TrainConfig(epochs=5, learning_rate=0.1)
     deepshrink.fit(model, loader, config, task="multilabel", progress=False)
     assert deepshrink.evaluate(model, loader, task="multilabel").metric > 0.9
+
+
+def test_class_probabilities_train_and_score_as_their_labels_do(tmp_path):
+    """One-hot targets (as Keras users have them) are the same task as their labels: the same
+    loss to rounding, the same accuracy, the same compressed run; soft labels train too."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(600, 6, generator=generator)
+    labels = (inputs[:, 0] > 0).long() + (inputs[:, 1] > 0).long()
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    task = classification()
+    outputs = torch.randn(600, 3, generator=generator)
+    assert task.loss(outputs, one_hot).item() == pytest.approx(task.loss(outputs, labels).item(), rel=1e-6)
+    assert sums(task, outputs, one_hot) == sums(task, outputs, labels)
+    recipe = {"prune": {"sparsity": {"*": 0.5}, "rounds": 1, "retrain_epochs": 2}, "quantize": {"bits": {"*": 4}}}
+    results = {}
+    for name, targets in {"labels": labels, "one-hot": one_hot, "smoothed": 0.9 * one_hot + 0.1 / 3}.items():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        data = deepshrink.load_arrays({"x": inputs, "y": targets})
+        loader = deepshrink.make_loader(data.train, 32, True)
+        deepshrink.fit(model, loader, deepshrink.TrainConfig(epochs=5), progress=False)
+        results[name] = deepshrink.run(model, recipe, data, run_dir=tmp_path / name, progress=False)
+    assert results["one-hot"].reference_metric == pytest.approx(results["labels"].reference_metric, abs=0.02)
+    assert results["one-hot"].compressed_metric == pytest.approx(results["labels"].compressed_metric, abs=0.02)
+    assert min(result.compressed_metric for result in results.values()) > 0.7

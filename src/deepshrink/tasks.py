@@ -135,8 +135,39 @@ def _shape(tensor: torch.Tensor) -> str:
     return "[" + ", ".join(str(size) for size in tensor.shape) + "]"
 
 
+# How far a probability target's row may sum from 1 (float32 one-hot or smoothed labels, summed).
+PROBABILITY_SUM_TOLERANCE = 1e-3
+
+
+def _probability_mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+    """Float targets are class probabilities (one-hot or soft labels): the outputs' shape, each
+    value in [0, 1], each example's summing to 1 over the classes (axis 1)."""
+    if tuple(targets.shape) != tuple(outputs.shape) or outputs.dim() < 2:
+        return (
+            f"the targets are {str(targets.dtype).removeprefix('torch.')} {_shape(targets)} for outputs "
+            f"{_shape(outputs)}, and classification takes integer class labels 0..C-1 ([N]) or class "
+            "probabilities of the outputs' shape (one-hot or soft labels); for real-valued targets use task "
+            "regression, for several 0/1 labels per example task multilabel"
+        )
+    if targets.numel() and not bool(((targets >= 0) & (targets <= 1)).all()):
+        return (
+            f"a target is {float(targets.min()) if float(targets.min()) < 0 else float(targets.max()):g}, and "
+            "class probabilities lie in [0, 1]; for real-valued targets use task regression"
+        )
+    sums = targets.double().sum(1)
+    if targets.numel() and not bool(((sums - 1).abs() <= PROBABILITY_SUM_TOLERANCE).all()):
+        off = float(sums[(sums - 1).abs() > PROBABILITY_SUM_TOLERANCE][0])
+        return (
+            f"an example's target probabilities sum to {off:g}, not 1: one class per example is one-hot "
+            "(or a label 0..C-1); several 0/1 labels per example are task multilabel"
+        )
+    return None
+
+
 def _classification_mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
-    if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
+    if targets.is_floating_point():
+        return _probability_mismatch(outputs, targets)
+    if targets.dtype == torch.bool or targets.is_complex():
         return (
             f"the targets are {str(targets.dtype).removeprefix('torch.')}, and classification needs integer class "
             "labels 0..C-1; for real-valued targets use task regression, for several 0/1 labels per example "
@@ -180,6 +211,8 @@ def _same_count_mismatch(kind: str, hint: str = "") -> Callable[[torch.Tensor, t
 
 
 def _top1(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if targets.is_floating_point():  # class probabilities: the most probable class is the label
+        targets = targets.argmax(1)
     correct = (outputs.argmax(1) == targets).sum()
     return torch.stack([correct.double(), torch.tensor(float(targets.shape[0]), dtype=torch.float64)])
 
@@ -191,16 +224,23 @@ def _classification_distillation(student: torch.Tensor, teacher: torch.Tensor, t
     return nn.functional.kl_div(student_log, teacher_log, reduction="batchmean", log_target=True) * temperature**2
 
 
+def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Labels of any integer type (int32 from a user's loader, say) become int64, which
+    # cross_entropy takes; float targets are class probabilities, which it takes as they are.
+    return nn.functional.cross_entropy(outputs, targets if targets.is_floating_point() else targets.long())
+
+
 def classification() -> Task:
     """Cross-entropy on logits, top-1 accuracy, Hinton's distillation: the paper's setting.
+    Targets are class labels 0..C-1, or class probabilities of the outputs' shape (one-hot or
+    soft labels), whose most probable class is the label top-1 counts.
 
     Returns:
         The Task.
     """
     return Task(
         "classification",
-        # Labels of any integer type (int32 from a user's loader, say); cross_entropy takes int64.
-        lambda outputs, targets: nn.functional.cross_entropy(outputs, targets.long()),
+        _cross_entropy,
         Metric("top-1 accuracy", True, _top1),
         _classification_distillation,
         lambda outputs: outputs.argmax(1),
