@@ -425,7 +425,7 @@ def _check_embeddings(model: nn.Module) -> None:
     """Embeddings whose forward a mask or codebook cannot sit under: `max_norm` rewrites the
     looked-up rows in place on every call (it would scale shared values off their codebook, and
     torch refuses it on a parametrized weight), and sparse gradients do not add to a dense
-    weight decay. Each has an exact fix, given in the message."""
+    weight decay. Each has a fix that keeps what the model computes, given in the message."""
     for name, module in model.named_modules():
         if not isinstance(module, nn.Embedding | nn.EmbeddingBag):
             continue

@@ -185,20 +185,22 @@ def load_runtime(
     state: dict[str, torch.Tensor] = {}
     compressed: dict[str, CodebookWeight] = {}
     choices: dict[str, LayerChoice] = {}
-    decoded: dict[str, torch.Tensor | SharedParts] = {}
+    # A "same" record (one tensor under two names) reuses the parts of the record it names; only
+    # those are kept past their own record, so a large file's parts are not all held at once.
     by_name = {record["name"]: record for record in checked.records}
+    named = {record["as"] for record in checked.records if record["encoding"] == "same"}
+    kept: dict[str, torch.Tensor | SharedParts] = {}
     for record in checked.records:
         name = record["name"]
-        if record["encoding"] == "same":  # one tensor under two names: the earlier record's parts
-            decoded[name] = decoded[record["as"]]
-            record = by_name[record["as"]]
+        source = by_name[record["as"]] if record["encoding"] == "same" else record
         try:
-            parts = decoded[name] if name in decoded else decode_record_parts(record, loaded.buffers)
-            decoded[name] = parts
+            parts = kept[source["name"]] if source is not record else decode_record_parts(source, loaded.buffers)
+            if name in named:
+                kept[name] = parts
             if not isinstance(parts, SharedParts):
                 state[name] = parts
                 continue
-            weight = _codebook_weight(parts, record["nonzeros"])
+            weight = _codebook_weight(parts, source["nonzeros"])
         except (FormatError, ConfigError) as error:
             raise FormatError(f"{path}: {name}: {error}") from error
         owner = name.removesuffix(".weight")
