@@ -199,6 +199,14 @@ def header_lies() -> list[tuple[str, object]]:
         ("metadata", {"model": MODEL, "lowrank_structure": {"scheme": "zhang", "ranks": {"nothing": 8}}}),
         ("metadata", {"model": MODEL, "fp32_parameter_bytes": -5}),
         ("metadata", {"model": MODEL, "fp32_parameter_bytes": "big"}),
+        # bench and predict allocate example inputs from these
+        ("metadata", {"model": MODEL, "input_shape": [100000, 100000, 100000]}),
+        ("metadata", {"model": MODEL, "input_shape": "784"}),
+        ("metadata", {"model": MODEL, "input_shape": [784.5]}),
+        ("metadata", {"model": MODEL, "input_shape": [0]}),
+        ("metadata", {"model": MODEL, "input_dtype": "complex128"}),
+        ("metadata", {"model": MODEL, "input_names": [5]}),
+        ("metadata", {"model": MODEL, "output": ["logits"]}),
     ]
 
 

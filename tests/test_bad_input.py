@@ -229,7 +229,8 @@ def test_a_forward_that_needs_two_inputs_is_named_before_anything_runs(tmp_path)
         def forward(self, tokens, mask):
             return self.head((self.embed(tokens) * mask.unsqueeze(-1)).mean(1))
 
-    with pytest.raises(ModelError, match=r"TokensAndMask.forward needs 2 arguments \(tokens, mask\).*wrap the model"):
+    message = r"TokensAndMask.forward needs 2 arguments \(tokens, mask\), and the data gives one input tensor"
+    with pytest.raises(ModelError, match=message):
         deepshrink.run(TokensAndMask(), SMALL_RECIPE, _small_labelled_data(tmp_path), run_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
 
@@ -247,12 +248,13 @@ def test_a_forward_that_needs_two_inputs_is_named_before_anything_runs(tmp_path)
         (  # images without their channel axis
             np.zeros((20, 8, 8), dtype=np.float32),
             lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 2)),
-            r"inputs of shape \[2, 8, 8\] \(float32, the first two examples\), raised RuntimeError: .*channels",
+            r"the first two examples \(inputs of shape \[2, 8, 8\], float32\), raised RuntimeError: .*channels",
         ),
         (  # token ids stored as floats
             np.ones((20, 5), dtype=np.float32),
             lambda: nn.Sequential(nn.Embedding(4, 3), nn.Flatten(), nn.Linear(15, 2)),
-            r"inputs of shape \[2, 5\] \(float32, .*raised RuntimeError: .*indices.*integer token ids",
+            r"the first two examples \(inputs of shape \[2, 5\], float32\), raised RuntimeError: .*indices.*integer "
+            "token ids",
         ),
     ],
 )
@@ -274,7 +276,7 @@ def test_evaluate_names_data_its_checkpoint_cannot_run_on(tmp_path, capsys):
     np.savez(tmp_path / "wide.npz", x=np.zeros((20, 5), dtype=np.float32), y=np.arange(20) % 10)
     code, message = run(capsys, "evaluate", str(tmp_path / "lenet.safetensors"), "--data", str(tmp_path / "wide.npz"))
     assert code == ModelError.exit_code
-    assert "the model cannot run on the data: its forward, given inputs of shape [2, 5]" in message
+    assert "its forward, given the first two examples (inputs of shape [2, 5]" in message
     assert "internal error" not in message
 
 
@@ -325,7 +327,9 @@ def test_batches_of_dicts_are_named_with_their_keys(tmp_path):
 
     loader = torch.utils.data.DataLoader(Records(), batch_size=4)
     model = nn.Sequential(nn.Linear(4, 2))
-    with pytest.raises(ConfigError, match=r"a dict with keys 'features', 'label': give the DataLoader a collate_fn"):
+    with pytest.raises(
+        ConfigError, match=r"a dict with keys 'features', 'label' and no 'labels': give the targets under 'labels'"
+    ):
         deepshrink.run(model, SMALL_RECIPE, deepshrink.Loaders.fixed(loader, loader, loader), run_dir=tmp_path / "r")
 
 
@@ -336,7 +340,7 @@ def test_predict_names_data_the_file_cannot_run_on_without_blaming_a_flag(tmp_pa
     np.savez(tmp_path / "wide.npz", x=np.zeros((20, 5), dtype=np.float32), y=np.arange(20) % 10)
     code, message = run(capsys, "predict", str(path), "--data", str(tmp_path / "wide.npz"))
     assert code == ModelError.exit_code
-    expected = "the model cannot run on the data: its forward, given an example of shape [5] (float32, the data's"
+    expected = "its forward, given the data's first example (inputs of shape [1, 5], float32)"
     assert expected in message
     assert "--input-shape" not in message
 

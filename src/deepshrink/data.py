@@ -5,7 +5,10 @@ arrays of any shape.
   the default, MNIST, KMNIST, EMNIST-digits), gzipped or raw, scaled to [0, 1] and standardised.
 - `load_arrays`: an .npz or .safetensors file of arrays `x` and optionally `y`, `x_test`,
   `y_test`, of any shape and dtype, used as they are (nothing is rescaled unless asked). Without
-  `y` the splits hold inputs only, and the pipeline makes targets from the original model.
+  `y` the splits hold inputs only, and the pipeline makes targets from the original model. A
+  model that takes several inputs (token ids and an attention mask) gets one array per argument,
+  `x.input_ids`, `x.attention_mask` (and `x_test.input_ids`, ...), passed as keyword arguments,
+  or `x.0`, `x.1`, passed in that order (`inputs.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch.utils.data import (
 
 from deepshrink import distributed
 from deepshrink.errors import ConfigError, DataError, FormatError
+from deepshrink.inputs import Examples, in_memory, inputs_of, is_several, targets_of, tensors
 
 if TYPE_CHECKING:
     from deepshrink.stages.base import Loaders
@@ -192,7 +196,8 @@ def find_data_files(data_dir: str | os.PathLike | None = None) -> dict[str, Path
 @dataclass(frozen=True)
 class DataSplits:
     """A data set split into train / validation / test TensorDatasets of (inputs, targets), or
-    of inputs alone when the data has no targets (`labelled` is False).
+    of inputs alone when the data has no targets (`labelled` is False); for a model that takes
+    several inputs, `inputs.Examples` whose inputs are a dict or tuple of tensors.
 
     Hyperparameters are chosen on `validation`; `test` is used only to report. Data without a
     test split reports on the validation split, and says so (`test_is_validation`). IDX images
@@ -200,9 +205,9 @@ class DataSplits:
     int64; arrays from `load_arrays` are as given (`mean` 0 and `std` 1 unless scaled).
     """
 
-    train: TensorDataset
-    validation: TensorDataset
-    test: TensorDataset
+    train: TensorDataset | Examples
+    validation: TensorDataset | Examples
+    test: TensorDataset | Examples
     source: Path
     fingerprint: str
     mean: float = 0.0
@@ -213,17 +218,30 @@ class DataSplits:
     @property
     def labelled(self) -> bool:
         """Whether the splits hold targets as well as inputs."""
-        return len(self.train.tensors) > 1
+        return targets_of(self.train) is not None
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        """One example's shape (no batch dimension), as the model sees it."""
-        return tuple(self.train.tensors[0].shape[1:])
+    def several_inputs(self) -> bool:
+        """Whether the model takes several inputs (a dict or tuple of tensors) from this data."""
+        return is_several(inputs_of(self.train))
+
+    @property
+    def input_names(self) -> tuple[str, ...] | None:
+        """The several inputs' names (keywords, or positions "0", "1", ...); None for one input."""
+        inputs = inputs_of(self.train)
+        return tuple(name for name, _ in tensors(inputs)) if is_several(inputs) else None
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """One example's shape (no batch dimension), as the model sees it; None for several inputs."""
+        inputs = inputs_of(self.train)
+        return None if is_several(inputs) else tuple(inputs.shape[1:])
 
     @property
     def input_dtype(self) -> str:
-        """The inputs' dtype name: "float32", or "int64" for integer inputs (token ids)."""
-        return str(self.train.tensors[0].dtype).removeprefix("torch.")
+        """The inputs' dtype name: "float32", or "int64" for integer inputs (token ids); for several
+        inputs, the first one's."""
+        return str(tensors(inputs_of(self.train))[0][1].dtype).removeprefix("torch.")
 
     @property
     def name(self) -> str:
@@ -325,7 +343,7 @@ def load_data(
     )
 
 
-def make_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(dataset: TensorDataset | Examples, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """An ordinary DataLoader that draws whole batches by index.
 
     Indexing an in-memory TensorDataset with a list of indices is one gather instead of
@@ -339,7 +357,7 @@ def make_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, seed: in
     the same on any number of processes.
 
     Args:
-        dataset: an in-memory TensorDataset.
+        dataset: an in-memory TensorDataset (or Examples, for several inputs).
         batch_size: examples per batch over all ranks (the last batch may be smaller).
         shuffle: reshuffle every epoch, from `seed`.
         seed: the seed of the shuffles.
@@ -371,6 +389,31 @@ def make_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, seed: in
 # any data set that fits the machines we run on, and stops a header from asking for terabytes.
 MAX_ARRAY_BYTES = 1 << 36
 ARRAY_NAMES = ("x", "y", "x_test", "y_test")
+# One array per argument of a model that takes several inputs: x.input_ids (a keyword argument)
+# or x.0 (the first positional one), and the same names after x_test for the test split.
+_INPUT_PART = re.compile(r"^(x|x_test)\.([A-Za-z_]\w*|\d+)$")
+
+
+def _is_array_name(name: str) -> bool:
+    """Whether `name` is one of the arrays `load_arrays` reads (others in the file are ignored)."""
+    return name in ARRAY_NAMES or bool(_INPUT_PART.match(name))
+
+
+def _input_parts(arrays: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
+    """{argument: array} of the split's inputs ("x" or "x_test"): {"": x} for one input array."""
+    if split in arrays:
+        return {"": arrays[split]}
+    parts = {}
+    for name, array in arrays.items():
+        found = _INPUT_PART.match(name)
+        if found and found.group(1) == split:
+            parts[found.group(2)] = array
+    return parts
+
+
+def _input_count(arrays: dict[str, np.ndarray], split: str) -> int:
+    """How many examples the split's inputs hold (checked alike by `_checked_arrays`)."""
+    return len(next(iter(_input_parts(arrays, split).values())))
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -386,7 +429,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {}
                 for name in archive.files:
-                    if name in ARRAY_NAMES:
+                    if _is_array_name(name):
                         arrays[name] = archive[name]
         else:
             raise DataError(f"{path}: unknown data file type {path.suffix!r}; use .npz or .safetensors")
@@ -404,16 +447,18 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def _checked_arrays(arrays: dict, path) -> dict[str, np.ndarray]:
-    """The named arrays (x, y, x_test, y_test), each checked: numeric, non-empty, within the
-    size limit, targets one per input, both splits alike. `path` names their source in errors."""
-    arrays = {name: array for name, array in arrays.items() if name in ARRAY_NAMES}
+    """The named arrays (x or x.NAME, y, x_test or x_test.NAME, y_test), each checked: numeric,
+    non-empty, within the size limit, targets one per input, both splits alike. `path` names their
+    source in errors."""
+    arrays = {name: array for name, array in arrays.items() if _is_array_name(name)}
     if not all(isinstance(array, np.ndarray) for array in arrays.values()):
         kinds = {name: type(array).__name__ for name, array in arrays.items()}
         raise DataError(f"{path}: the arrays should be numpy arrays, found {kinds}")
-    if "x" not in arrays:
+    if not _input_parts(arrays, "x"):
         raise DataError(
             f"{path}: holds no array named 'x' (found {sorted(arrays) or 'none'}); save the inputs as x, "
-            "e.g. np.savez(path, x=inputs, y=targets)"
+            "e.g. np.savez(path, x=inputs, y=targets), or one array per argument of a model that takes several "
+            "(x.input_ids, x.attention_mask)"
         )
     for name, array in arrays.items():
         if array.dtype.kind not in "biuf":
@@ -425,22 +470,67 @@ def _checked_arrays(arrays: dict, path) -> dict[str, np.ndarray]:
         if array.nbytes > MAX_ARRAY_BYTES:
             raise DataError(f"{path}: array {name} is {array.nbytes:,} bytes, over the {MAX_ARRAY_BYTES:,}-byte limit")
         _check_finite(array, name, path)
+    for split in ("x", "x_test"):
+        _check_input_parts(_input_parts(arrays, split), arrays, split, path)
     for inputs, targets in (("x", "y"), ("x_test", "y_test")):
-        if targets in arrays and inputs not in arrays:
+        if targets in arrays and not _input_parts(arrays, inputs):
             raise DataError(f"{path}: has {targets} but no {inputs}; save the inputs that go with those targets")
-        if targets in arrays and len(arrays[targets]) != len(arrays[inputs]):
+        if targets in arrays and len(arrays[targets]) != _input_count(arrays, inputs):
             raise DataError(
-                f"{path}: {inputs} holds {len(arrays[inputs])} examples but {targets} holds {len(arrays[targets])}; "
-                "they must have one target per input"
+                f"{path}: {inputs} holds {_input_count(arrays, inputs)} examples but {targets} holds "
+                f"{len(arrays[targets])}; they must have one target per input"
             )
-    if ("y" in arrays) != ("y_test" in arrays) and "x_test" in arrays:
+    has_test = bool(_input_parts(arrays, "x_test"))
+    if ("y" in arrays) != ("y_test" in arrays) and has_test:
         raise DataError(f"{path}: give targets for both splits (y and y_test) or for neither")
-    if "x_test" in arrays and arrays["x_test"].shape[1:] != arrays["x"].shape[1:]:
-        raise DataError(
-            f"{path}: x examples are {arrays['x'].shape[1:]} but x_test examples are {arrays['x_test'].shape[1:]}; "
-            "they must have the same shape"
-        )
+    if has_test:
+        train, test = _input_parts(arrays, "x"), _input_parts(arrays, "x_test")
+        if sorted(train) != sorted(test):
+            raise DataError(
+                f"{path}: the training inputs are {_part_names(train, 'x')} but the test inputs are "
+                f"{_part_names(test, 'x_test')}; give the test split the same inputs"
+            )
+        for name in train:
+            if train[name].shape[1:] != test[name].shape[1:]:
+                label = f"x.{name}" if name else "x"
+                raise DataError(
+                    f"{path}: {label} examples are {train[name].shape[1:]} but "
+                    f"{label.replace('x', 'x_test', 1)} examples are {test[name].shape[1:]}; they must have the same "
+                    "shape"
+                )
     return arrays
+
+
+def _part_names(parts: dict[str, np.ndarray], split: str) -> str:
+    """The arrays of one split's inputs, for messages: "x" or "x.input_ids, x.attention_mask"."""
+    return ", ".join(f"{split}.{name}" if name else split for name in parts)
+
+
+def _check_input_parts(parts: dict[str, np.ndarray], arrays: dict, split: str, path) -> None:
+    """One split's inputs are one array, or several named all by position (0, 1, ...) or all by
+    keyword, holding the same number of examples."""
+    if not parts:
+        return
+    named = [name for name in arrays if (found := _INPUT_PART.match(name)) and found.group(1) == split]
+    if "" in parts and named:
+        raise DataError(
+            f"{path}: holds both {split} and {', '.join(named)}; give the inputs as {split} alone (one input) or as "
+            "one array per argument"
+        )
+    positions = [name for name in parts if name.isdigit()]
+    if positions and len(positions) != len(parts):
+        raise DataError(
+            f"{path}: the inputs {_part_names(parts, split)} mix positions and names; name them all by the "
+            f"argument they fill ({split}.input_ids) or all by position ({split}.0, {split}.1)"
+        )
+    if positions and sorted(int(name) for name in positions) != list(range(len(positions))):
+        raise DataError(
+            f"{path}: the positional inputs {_part_names(parts, split)} should be numbered 0, 1, ... without gaps"
+        )
+    lengths = {name: len(array) for name, array in parts.items()}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{split}.{name} {length}" for name, length in lengths.items())
+        raise DataError(f"{path}: the inputs hold different numbers of examples ({described}); give one row each")
 
 
 def _check_finite(array: np.ndarray, name: str, path) -> None:
@@ -467,6 +557,26 @@ def _as_tensor(array: np.ndarray, name: str) -> torch.Tensor:
     if array.dtype.kind in "iu":
         return torch.from_numpy(array.astype(np.int64))
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _as_part(array: np.ndarray) -> torch.Tensor:
+    """One of several inputs: integers int64 (token ids, an attention mask of 0 and 1), booleans
+    kept boolean (a padding mask, which torch's attention reads as additive when it is a float),
+    the others float32."""
+    if array.dtype.kind == "b":
+        return torch.from_numpy(np.ascontiguousarray(array))
+    return _as_tensor(array, "x")
+
+
+def _inputs_from(parts: dict[str, np.ndarray], index, scale: float | None):
+    """The examples `index` selects of one split's inputs, as the model takes them: one tensor
+    (scaled when asked), a dict of keyword arguments or a tuple of positional ones."""
+    if "" in parts:
+        tensor = _as_tensor(parts[""][index], "x")
+        return tensor * float(scale) if scale is not None else tensor
+    if all(name.isdigit() for name in parts):
+        return tuple(_as_part(parts[str(position)][index]) for position in range(len(parts)))
+    return {name: _as_part(array[index]) for name, array in parts.items()}
 
 
 def load_arrays(
@@ -561,7 +671,7 @@ def splits_from_arrays(
         ConfigError: `validation`, `scale` or `train_subset` is out of range.
         DataError: the arrays are too few to split.
     """
-    count = len(arrays["x"])
+    count = _input_count(arrays, "x")
     if isinstance(validation, bool) or not isinstance(validation, int | float):
         raise ConfigError(f"validation={validation!r} should be a fraction in (0, 1) or a count of examples")
     if isinstance(validation, float) and not 0 < validation < 1:
@@ -575,6 +685,11 @@ def splits_from_arrays(
         )
     if scale is not None and not (isinstance(scale, int | float) and np.isfinite(scale) and scale != 0):
         raise ConfigError(f"scale={scale!r} should be a finite, non-zero number, e.g. 0.00392 (1/255)")
+    if scale is not None and "x" not in arrays:
+        raise ConfigError(
+            f"scale={scale!r} multiplies one input array, and {path} gives several "
+            f"({_part_names(_input_parts(arrays, 'x'), 'x')}); scale them before saving"
+        )
     if train_subset is not None and train_subset < 1:
         raise ConfigError(f"train_subset={train_subset} must be a positive number of examples")
     order = np.random.default_rng(seed).permutation(count)
@@ -583,18 +698,16 @@ def splits_from_arrays(
         train_index = train_index[:train_subset]
     labelled = "y" in arrays
 
-    def split(inputs: np.ndarray, targets: np.ndarray | None) -> TensorDataset:
-        tensors = [_as_tensor(inputs, "x")]
-        if scale is not None:
-            tensors[0] = tensors[0] * float(scale)
-        if targets is not None:
-            tensors.append(_as_tensor(targets, "y"))
-        return TensorDataset(*tensors)
+    def split(inputs: str, index, targets: np.ndarray | None) -> TensorDataset | Examples:
+        return in_memory(
+            _inputs_from(_input_parts(arrays, inputs), index, scale),
+            _as_tensor(targets, "y") if targets is not None else None,
+        )
 
-    train = split(arrays["x"][train_index], arrays["y"][train_index] if labelled else None)
-    held_out = split(arrays["x"][validation_index], arrays["y"][validation_index] if labelled else None)
-    has_test = "x_test" in arrays
-    test = split(arrays["x_test"], arrays.get("y_test")) if has_test else held_out
+    train = split("x", train_index, arrays["y"][train_index] if labelled else None)
+    held_out = split("x", validation_index, arrays["y"][validation_index] if labelled else None)
+    has_test = bool(_input_parts(arrays, "x_test"))
+    test = split("x_test", slice(None), arrays.get("y_test")) if has_test else held_out
     targets = arrays.get("y")
     classes = (
         int(targets.max()) + 1 if targets is not None and targets.dtype.kind in "iu" and targets.ndim == 1 else None

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from deepshrink.errors import ConfigError
+from deepshrink.inputs import call, is_several, tensors
 from deepshrink.tasks import Task, classification
 
 
@@ -57,8 +58,13 @@ class DistillationLoss:
             # fit appends these rows to each batch; without a soft term they would teach nothing.
             self.extra_inputs = self._mixed_inputs
 
-    def _mixed_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _mixed_inputs(self, inputs) -> torch.Tensor:
         """Each example blended with another of the batch, lambda ~ Beta(mixup, mixup) each."""
+        if is_several(inputs):
+            raise ConfigError(
+                f"distill mixup={self.mixup} blends one input tensor, and this model takes several "
+                f"({', '.join(name for name, _ in tensors(inputs))}); set distill's mixup to 0"
+            )
         if not inputs.is_floating_point():
             raise ConfigError(
                 f"distill mixup={self.mixup} blends inputs, but this model's are {inputs.dtype} "
@@ -70,14 +76,15 @@ class DistillationLoss:
         partners = inputs[torch.randperm(len(inputs), device=inputs.device)]
         return weights * inputs + (1 - weights) * partners
 
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs) -> torch.Tensor:
         """The blended loss of one batch.
 
         Args:
             outputs: the student's outputs for `inputs`.
             targets: the batch's targets, one per row of `outputs` or, with mixup, per row of
                 its first part (the mixed rows that follow have none).
-            inputs: the batch's inputs, which the teacher sees (without gradients).
+            inputs: the batch's inputs (one tensor, or a tuple or dict of them), which the
+                teacher sees (without gradients).
 
         Returns:
             `alpha` x the task's distillation loss (over every row) + (1 - `alpha`) x its
@@ -87,9 +94,9 @@ class DistillationLoss:
         hard = self.task.loss(outputs[: len(targets)], targets)
         if self.alpha == 0:
             return hard
-        self.teacher.to(inputs.device)
+        self.teacher.to(outputs.device)
         with torch.no_grad():
-            teacher_outputs = self.teacher(inputs)
+            teacher_outputs = call(self.teacher, inputs)
         soft = self.task.distillation(outputs, teacher_outputs, self.temperature)
         return self.alpha * soft + (1 - self.alpha) * hard
 

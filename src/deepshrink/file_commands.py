@@ -14,7 +14,9 @@ import torch
 
 from deepshrink.data import DataSplits, load_splits, make_loader
 from deepshrink.errors import ConfigError
+from deepshrink.inputs import call, describe, inputs_of, is_several
 from deepshrink.train import (
+    INPUT_NAMES_KEY,
     OUTPUT_KEY,
     Evaluation,
     cannot_run,
@@ -66,7 +68,7 @@ def evaluate_checkpoint(
     built, loaded = load_model(checkpoint, model)
     select_output(built, output)
     rows = _split(load_splits(data, validation), split)
-    check_runs_on(built, rows.tensors[0][:2], resolve_device(device))
+    check_runs_on(built, inputs_of(rows), resolve_device(device))
     return evaluate(built, make_loader(rows, 1000, shuffle=False), device, task), model or loaded.model_name
 
 
@@ -128,28 +130,32 @@ def predict_file(
     _, checked = inspect_header(path, max_decoded_bytes)  # a malformed file fails before the data loads
     splits = load_splits(data, validation)
     rows = _split(splits, split)
-    example = rows[0][0]
-    try:
-        runtime = load_runtime(
-            path,
-            model,
-            mode=mode,
-            max_decoded_bytes=max_decoded_bytes,
-            input_shape=tuple(example.shape),  # so that auto mode times convolutions on this size
-            input_dtype=str(example.dtype).removeprefix("torch."),
-        )
-    except ConfigError as error:  # the shape came from the data, not from an --input-shape to correct
-        if not isinstance(error.__cause__, (RuntimeError, ValueError, IndexError)):
-            raise
-        shape = f"an example of shape {list(example.shape)}"
-        raise cannot_run(shape, example.dtype, "the data's first", error.__cause__) from error
+    inputs = inputs_of(rows)
+    if is_several(inputs):
+        # Convolutions are timed on their input size only for a model of one input tensor.
+        runtime = load_runtime(path, model, mode=mode, max_decoded_bytes=max_decoded_bytes)
+    else:
+        try:
+            runtime = load_runtime(
+                path,
+                model,
+                mode=mode,
+                max_decoded_bytes=max_decoded_bytes,
+                input_shape=tuple(inputs.shape[1:]),  # so that auto mode times convolutions on this size
+                input_dtype=str(inputs.dtype).removeprefix("torch."),
+            )
+        except ConfigError as error:  # the shape came from the data, not from an --input-shape to correct
+            if not isinstance(error.__cause__, (RuntimeError, ValueError, IndexError)):
+                raise
+            raise cannot_run(describe(inputs[:1]), "the data's first example", error.__cause__) from error
     select_output(runtime, output or checked.metadata.get(OUTPUT_KEY))
+    check_runs_on(runtime, inputs, "cpu")
     loader = make_loader(rows, batch_size, shuffle=False)
     started = time.perf_counter()
     if not splits.labelled:  # nothing to score against: time the model on the inputs alone
         with torch.no_grad():
-            for (inputs,) in loader:
-                runtime(inputs)
+            for (batch,) in loader:
+                call(runtime, batch)
         return Prediction(split, len(rows), time.perf_counter() - started, None)
     result = evaluate(runtime, loader, "cpu", task or checked.metadata.get("task"))
     return Prediction(split, len(rows), time.perf_counter() - started, result)
@@ -204,6 +210,12 @@ def bench_file(
 
     dense, metadata = load_compressed(path, model, max_decoded_bytes=max_decoded_bytes)
     dense.eval()
+    names = metadata.get(INPUT_NAMES_KEY)
+    if names:
+        raise ConfigError(
+            f"{path}: the model takes several inputs ({', '.join(names)}), and bench times models on one input "
+            "tensor it makes up; time it on real inputs with `deepshrink predict FILE --data DATA --batch-size N`"
+        )
     recorded = metadata.get("input_shape")
     if input_shape is None and recorded is None:
         raise ConfigError(f"{path} does not record its input shape; pass input_shape (--input-shape), e.g. 1 28 28")

@@ -23,7 +23,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deepshrink import distributed
+from deepshrink import inputs as batch_inputs
 from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from deepshrink.data import DataSplits
 from deepshrink.encode.sizes import parameter_bytes
@@ -49,7 +49,16 @@ from deepshrink.plan import Plan
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
 from deepshrink.stages import Loaders, StageContext, StageResult, registered_stages, run_stage, stage_metadata
 from deepshrink.tasks import Task, resolve_task
-from deepshrink.train import OUTPUT_KEY, check_runs_on, evaluate, one_tensor, resolve_device, select_output
+from deepshrink.train import (
+    INPUT_NAMES_KEY,
+    OUTPUT_KEY,
+    check_runs_on,
+    evaluate,
+    inputs_and_targets,
+    one_tensor,
+    resolve_device,
+    select_output,
+)
 
 
 @dataclass
@@ -183,25 +192,6 @@ def _check_model(model: nn.Module) -> None:
             f"the model passed to run() is already pruned or shared ({', '.join(parametrized[:3])}); "
             "pass the trained reference, or run single stages with deepshrink.run_stage"
         )
-    _check_one_input(model)
-
-
-def _check_one_input(model: nn.Module) -> None:
-    """Every batch reaches the model as one input tensor: a forward that needs more (token ids
-    and an attention mask) is named before anything runs, where it would fail in the first batch."""
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):  # a forward without a signature to read: the first batch will tell
-        return
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    required = [item.name for item in parameters if item.default is item.empty and item.kind in positional]
-    required += [item.name for item in parameters if item.default is item.empty and item.kind is item.KEYWORD_ONLY]
-    if len(required) > 1:
-        raise ModelError(
-            f"{type(model).__name__}.forward needs {len(required)} arguments ({', '.join(required)}), and each "
-            "batch is one input tensor: wrap the model in a module whose forward takes one tensor and calls it "
-            "(e.g. token ids, with the attention mask made from them), and compress the wrapper"
-        )
 
 
 @dataclass
@@ -215,23 +205,28 @@ class _Data:
     targets: str = "given"
     input_shape: tuple[int, ...] | None = None
     input_dtype: str = "float32"
+    input_names: tuple[str, ...] | None = None
 
     def metadata(self) -> dict:
         """What a written file records about the model's inputs, so that bench needs no flags."""
-        return input_metadata(self.input_shape, self.input_dtype)
+        return input_metadata(self.input_shape, self.input_dtype, self.input_names)
 
 
-def input_metadata(shape: tuple[int, ...] | None, dtype: str) -> dict:
+def input_metadata(shape: tuple[int, ...] | None, dtype: str, names: tuple[str, ...] | None = None) -> dict:
     """The input shape, and the dtype where it is not float32 (files of float models keep
-    the bytes they had before the dtype was recorded).
+    the bytes they had before the dtype was recorded); for a model that takes several inputs,
+    their names instead (INPUT_NAMES_KEY).
 
     Args:
         shape: one input example's shape, or None when unknown.
         dtype: the inputs' dtype name, e.g. "float32" or "int64".
+        names: the several inputs' keywords or positions, or None for one input tensor.
 
     Returns:
-        The metadata entries (none without a shape).
+        The metadata entries (none without a shape or names).
     """
+    if names:
+        return {INPUT_NAMES_KEY: list(names)}
     recorded = {"input_shape": list(shape)} if shape else {}
     return recorded | ({"input_dtype": dtype} if shape and dtype != "float32" else {})
 
@@ -251,14 +246,16 @@ def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Modu
     if isinstance(data, Loaders):
         inputs = _inputs_of(next(iter(data.validation)))
         if inputs is not None:  # other batches are named by the first evaluation (`fit`'s batch check)
-            check_runs_on(reference, inputs[:2], device)
-        return _Data(data, ["user loaders"], "your data")
+            check_runs_on(reference, inputs, device)
+        names = tuple(name for name, _ in batch_inputs.tensors(inputs)) if inputs is not None else ()
+        several = inputs is not None and batch_inputs.is_several(inputs)
+        return _Data(data, ["user loaders"], "your data", input_names=names if several else None)
     if not isinstance(data, DataSplits):
         raise ConfigError(
             "data should be a DataSplits (deepshrink.load_data() or load_arrays()) or Loaders, "
             f"got {type(data).__name__}"
         )
-    check_runs_on(reference, data.train.tensors[0][:2], device)
+    check_runs_on(reference, batch_inputs.inputs_of(data.train), device)
     targets = "given"
     if not data.labelled:
         data = with_targets_from(data, reference, task, device)
@@ -271,14 +268,16 @@ def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Modu
         targets,
         data.input_shape,
         data.input_dtype,
+        data.input_names,
     )
 
 
-def _inputs_of(batch) -> torch.Tensor | None:
-    """A batch's inputs, the first of (inputs, targets); None for a batch of another form."""
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    return None
+def _inputs_of(batch) -> batch_inputs.Inputs | None:
+    """A batch's inputs (`train.inputs_and_targets`); None for a batch of another form."""
+    try:
+        return inputs_and_targets(batch)[0]
+    except ConfigError:
+        return None
 
 
 @torch.no_grad()
@@ -297,13 +296,13 @@ def with_targets_from(data: DataSplits, model: nn.Module, task: Task, device="cp
     """
     model = model.to(device).eval()
 
-    def labelled(split: torch.utils.data.TensorDataset) -> torch.utils.data.TensorDataset:
-        inputs = split.tensors[0]
-        outputs = [
-            task.targets_from_outputs(one_tensor(model(inputs[start : start + 1000].to(device)))).cpu()
-            for start in range(0, len(inputs), 1000)
-        ]
-        return torch.utils.data.TensorDataset(inputs, torch.cat(outputs))
+    def labelled(split):
+        inputs = batch_inputs.inputs_of(split)
+        outputs = []
+        for start in range(0, batch_inputs.count(inputs), 1000):
+            part = batch_inputs.to_device(batch_inputs.take(inputs, slice(start, start + 1000)), device)
+            outputs.append(task.targets_from_outputs(one_tensor(batch_inputs.call(model, part))).cpu())
+        return batch_inputs.in_memory(inputs, torch.cat(outputs))
 
     validation = labelled(data.validation)
     test = validation if data.test_is_validation else labelled(data.test)
@@ -421,12 +420,13 @@ def _fold(reference: nn.Module, loaders: Loaders, device) -> list:
     pairs = foldable_pairs(reference)
     if not pairs:
         return []
-    inputs = next(iter(loaders.validation))[0][:64].to(device)
+    inputs, _ = inputs_and_targets(next(iter(loaders.validation)))
+    inputs = batch_inputs.to_device(batch_inputs.take(inputs, slice(0, 64)), device)
     reference.eval()
     with torch.no_grad():
-        before = one_tensor(reference(inputs))
+        before = one_tensor(batch_inputs.call(reference, inputs))
         folded = fold_batchnorm(reference, pairs)
-        after = one_tensor(reference(inputs))
+        after = one_tensor(batch_inputs.call(reference, inputs))
     scale = before.abs().max().clamp_min(1.0)
     if not torch.allclose(after, before, rtol=1e-4, atol=1e-4 * float(scale)):
         # A pair that looked foldable in the graph but is not (say, a Linear on a sequence
@@ -796,7 +796,7 @@ def run_stage_on_checkpoint(
         return StageOnCheckpoint(loaded, result, reference_metric, metric, Path(path), task.metric.name)
     context.output, context.model_name, context.protect = Path(out), name, (checkpoint,)
     context.metadata = {"source": Path(checkpoint).name, **source.metadata, **architecture, "task": task.name}
-    context.metadata |= input_metadata(data.input_shape, data.input_dtype)
+    context.metadata |= input_metadata(data.input_shape, data.input_dtype, data.input_names)
     context.metadata |= {OUTPUT_KEY: output} if output is not None else {}
     result = run_stage(loaded, settings, context)
     metric = None

@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from deepshrink import distributed
+from deepshrink import inputs as batch_inputs
 from deepshrink.errors import ConfigError, DeepshrinkError, ModelError
+from deepshrink.inputs import Inputs
 from deepshrink.progress import progress_bar
 from deepshrink.tasks import Task, check_targets, check_value, resolve_task
 
@@ -154,38 +156,44 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def check_runs_on(model: nn.Module, inputs: torch.Tensor, device: str | torch.device = "cpu") -> None:
+def check_runs_on(model: nn.Module, inputs: Inputs, device: str | torch.device = "cpu") -> None:
     """The model's first forward, on a few of the data's examples: a mismatch between the two (an
-    image without its channel axis, token ids stored as floats) is named with the inputs it got,
-    where it would surface from inside torch in the first evaluation.
+    image without its channel axis, token ids stored as floats, one tensor for a forward that
+    takes several) is named with the inputs it got, where it would surface from inside torch in
+    the first evaluation.
 
     Args:
         model: the model; left in the mode it was in.
-        inputs: the first two examples' inputs.
+        inputs: the data's first inputs (one tensor, or a tuple or dict of them); the first two
+            examples are run.
         device: where to run it.
 
     Raises:
-        ModelError: the forward raised; the inputs' shape and dtype and torch's reason.
+        ModelError: the inputs cannot be the forward's arguments, or the forward raised; the
+            inputs' shapes and dtypes and torch's reason.
+        DataError: the inputs are not tensors, or hold different numbers of examples.
         DeepshrinkError: one of ours from inside the forward, as it was.
     """
+    from deepshrink.layers import unwrapped
+
+    examples = batch_inputs.take(inputs, slice(0, 2))
+    batch_inputs.check_arguments(unwrapped(model), examples)
     was_training = model.training
     try:
-        model.to(device).eval()(inputs.to(device))
+        batch_inputs.call(model.to(device).eval(), batch_inputs.to_device(examples, device))
     except DeepshrinkError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
-        shape = f"inputs of shape {list(inputs.shape)}"
-        raise cannot_run(shape, inputs.dtype, "the first two examples", error) from error
+        raise cannot_run(batch_inputs.describe(examples), "the first two examples", error) from error
     finally:
         model.train(was_training)
 
 
-def cannot_run(what: str, dtype: torch.dtype, which: str, error: Exception) -> ModelError:
+def cannot_run(what: str, which: str, error: Exception) -> ModelError:
     """The error for data a model cannot run on: what it was given, and torch's reason.
 
     Args:
-        what: the inputs, e.g. "inputs of shape [2, 20]".
-        dtype: their dtype.
+        what: the inputs, e.g. "inputs of shape [2, 20], float32" (`inputs.describe`).
         which: which of the data they are, e.g. "the first two examples".
         error: what the forward raised.
 
@@ -194,9 +202,10 @@ def cannot_run(what: str, dtype: torch.dtype, which: str, error: Exception) -> M
     """
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ModelError(
-        f"the model cannot run on the data: its forward, given {what} ({str(dtype).removeprefix('torch.')}, "
-        f"{which}), raised {type(error).__name__}: {reason}. Make the data's inputs what the model takes "
-        "(their shape after the example axis, and integer token ids for an Embedding)"
+        f"the model cannot run on the data: its forward, given {which} ({what}), raised "
+        f"{type(error).__name__}: {reason}. Make the data's inputs what the model takes "
+        "(their shape after the example axis, integer token ids for an Embedding, one array per argument "
+        "named x.ARGUMENT for a forward that takes several)"
     )
 
 
@@ -233,6 +242,8 @@ def _output_example(outputs) -> str:
 
 # The .dcz metadata entry that records which output the file's task scores (`select_output`).
 OUTPUT_KEY = "output"
+# The .dcz metadata entry that names a model's several inputs (keywords, or positions "0", "1").
+INPUT_NAMES_KEY = "input_names"
 
 
 @dataclass(frozen=True)
@@ -420,7 +431,9 @@ def fit(
 
     Args:
         model: the network, moved to `device`.
-        train_loader: batches of (inputs, targets).
+        train_loader: batches of (inputs, targets), the inputs one tensor or, for a forward
+            that takes several, a tuple (positional) or dict (keyword arguments) of tensors; or
+            dicts of keyword arguments with the targets under "labels".
         config: epochs, learning rate and schedule, momentum, weight decay, seed (TrainConfig).
         validation_loader: measured after every epoch when given.
         device: "cpu", "cuda", "cuda:N" or "auto".
@@ -480,16 +493,17 @@ def fit(
         learning_rate = optimizer.param_groups[0]["lr"]
         bar = progress_bar(train_loader, desc=f"{description} {epoch}/{config.epochs}", leave=False, enabled=show)
         for batch in bar:
-            inputs, targets = _inputs_and_targets(batch)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            inputs, targets = inputs_and_targets(batch)
+            inputs = batch_inputs.to_device(inputs, device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             # A criterion may ask for more inputs than the batch (distillation's mixed examples):
             # they go through the same forward, after the batch's own rows, and only the criterion
             # sees their outputs.
             more_inputs = getattr(criterion, "extra_inputs", None)
             if more_inputs is not None:
-                inputs = torch.cat([inputs, more_inputs(inputs)])
-            outputs = one_tensor(training_model(inputs))
+                inputs = batch_inputs.concatenate([inputs, more_inputs(inputs)])
+            outputs = one_tensor(batch_inputs.call(training_model, inputs))
             check_targets(task, outputs[: len(targets)], targets)
             loss = criterion(outputs, targets, inputs)
             outputs = outputs[: len(targets)]
@@ -537,14 +551,29 @@ def fit(
     return history
 
 
-def _inputs_and_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs_and_targets(batch) -> tuple[Inputs, torch.Tensor]:
+    """A batch's (inputs, targets).
+
+    Args:
+        batch: a pair (inputs, targets), whose inputs may be a tuple or dict of tensors, or a dict
+            of keyword arguments with the targets under "labels" (what Hugging Face's collators
+            make).
+
+    Returns:
+        (inputs, targets).
+
+    Raises:
+        ConfigError: a batch of another form, with the form to give.
+    """
     if isinstance(batch, list | tuple) and len(batch) == 2:
         return batch[0], batch[1]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping) and "labels" in batch:
+        return {key: value for key, value in batch.items() if key != "labels"}, batch["labels"]
+    if isinstance(batch, Mapping):
         raise ConfigError(
             f"training and evaluating need batches of (inputs, targets), got a dict with keys "
-            f"{', '.join(map(repr, list(batch)[:6]))}: give the DataLoader a collate_fn that returns the inputs "
-            "tensor and the targets tensor as a pair"
+            f"{', '.join(map(repr, list(batch)[:6]))} and no 'labels': give the targets under 'labels' (the other "
+            "keys are the forward's keyword arguments), or make each batch a pair (inputs, targets)"
         )
     raise ConfigError(
         "training and evaluating need batches of (inputs, targets), got "
@@ -585,8 +614,9 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: str | to
         layer.reset_running_stats()
         layer.momentum = None  # None: a cumulative average over every batch seen
         layer.train()
-    for inputs, _ in loader:
-        model(inputs.to(device))
+    for batch in loader:
+        inputs, _ = inputs_and_targets(batch)
+        batch_inputs.call(model, batch_inputs.to_device(inputs, device))
     # Under a process group each rank saw its own shard, the same number of batches on each:
     # the mean of the ranks' averages is the average over all of them.
     for layer in layers:
@@ -608,7 +638,7 @@ def evaluate(
 
     Args:
         model: the network; its training mode is restored afterwards.
-        loader: batches of (inputs, targets).
+        loader: batches of (inputs, targets), as for `fit`.
         device: "cpu", "cuda", "cuda:N" or "auto".
         task: the Task or its name; default classification (top-1 accuracy, cross-entropy).
 
@@ -626,9 +656,9 @@ def evaluate(
     loss_sum = count = 0.0
     sums = None
     for pair in loader:
-        inputs, targets = _inputs_and_targets(pair)
-        inputs, targets = inputs.to(device), targets.to(device)
-        outputs = one_tensor(model(inputs))
+        inputs, targets = inputs_and_targets(pair)
+        inputs, targets = batch_inputs.to_device(inputs, device), targets.to(device)
+        outputs = one_tensor(batch_inputs.call(model, inputs))
         check_targets(task, outputs, targets)
         batch = outputs.shape[0]
         loss_sum += task.loss(outputs, targets).item() * batch

@@ -49,6 +49,10 @@ HUFFMAN_LANES = 4
 MAX_ELEMENTS = 1 << 40  # per tensor; also bounds each side of a shape
 MAX_DIMENSIONS = 16
 MAX_NAME_LENGTH = 4096
+# What a file may say about one input example (bench and predict allocate inputs from it).
+MAX_INPUT_DIMENSIONS = 8
+MAX_INPUT_ELEMENTS = 1 << 24
+INPUT_DTYPES = ("float32", "float64", "int64", "int32")
 MAX_CODE_WIDTH = 32  # fixed-width streams (the entry counts need up to 32 bits)
 
 # The decoded-size limit of a file: DECODED_PER_FILE_BYTE times its size, at least
@@ -341,6 +345,28 @@ def check_metadata(metadata) -> dict:
     for key in ("model", "library", "output"):
         if metadata.get(key) is not None and not isinstance(metadata[key], str):
             raise FormatError(f"metadata {key} is {_shown(metadata[key])}; expected a string")
+    shape = metadata.get("input_shape")
+    if shape is not None:
+        # bench and predict make example inputs of this shape: a file must not ask for terabytes.
+        if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_INPUT_DIMENSIONS:
+            raise FormatError(
+                f"metadata input_shape is {_shown(shape)}; expected a list of 1 to {MAX_INPUT_DIMENSIONS} sizes"
+            )
+        for size in shape:
+            _integer(size, "metadata input_shape size", 1, MAX_INPUT_ELEMENTS)
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise FormatError(
+                f"metadata input_shape {_shown(shape)} is {math.prod(shape):,} values an example, over the "
+                f"{MAX_INPUT_ELEMENTS:,} a file may ask for"
+            )
+    dtype = metadata.get("input_dtype")
+    if dtype is not None and dtype not in INPUT_DTYPES:
+        raise FormatError(f"metadata input_dtype is {_shown(dtype)}; expected one of {', '.join(INPUT_DTYPES)}")
+    names = metadata.get("input_names")
+    if names is not None and not (
+        isinstance(names, list) and 0 < len(names) <= 64 and all(isinstance(name, str) for name in names)
+    ):
+        raise FormatError(f"metadata input_names is {_shown(names)}; expected a list of up to 64 input names")
     size = metadata.get("fp32_parameter_bytes")
     if size is not None:
         _integer(size, "metadata fp32_parameter_bytes", 0, ITEM_SIZES["float64"] * MAX_ELEMENTS)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from deepshrink.errors import ConfigError, UnsupportedLayerError
+from deepshrink.inputs import Inputs, call, take
 
 SCHEMES = ("zhang", "tai")
 
@@ -165,13 +166,14 @@ def _matrix(layer: nn.Module, scheme: str) -> torch.Tensor:
 
 
 def layer_spectra(
-    model: nn.Module, example_input: torch.Tensor, scheme: str = "zhang", layers: list[str] | None = None
+    model: nn.Module, example_input: Inputs, scheme: str = "zhang", layers: list[str] | None = None
 ) -> dict[str, LayerSpectrum]:
     """SVD of every Linear / Conv2d layer (or those named) with its MAC costs per rank.
 
     Args:
         model: the model.
-        example_input: one batch, to size each layer's outputs.
+        example_input: one batch's inputs (a tensor, or a tuple or dict of them), to size each
+            layer's outputs.
         scheme: how convolutions factor: "zhang" (k x k then 1x1) or "tai" (vertical then horizontal).
         layers: the layers' names (default: all).
 
@@ -201,7 +203,7 @@ def layer_spectra(
     ]
     try:
         with torch.no_grad():
-            model(example_input[:1])
+            call(model, take(example_input, slice(0, 1)))
     finally:
         for handle in handles:
             handle.remove()

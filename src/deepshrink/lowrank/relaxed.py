@@ -36,6 +36,7 @@ from torch import nn
 
 from deepshrink import distributed
 from deepshrink.errors import ConfigError
+from deepshrink.inputs import call_with, to_device
 from deepshrink.lowrank import (
     LayerSpectrum,
     RankChoice,
@@ -50,7 +51,7 @@ from deepshrink.lowrank import (
 )
 from deepshrink.progress import progress_bar
 from deepshrink.tasks import Task, classification
-from deepshrink.train import TrainConfig, evaluate, fit
+from deepshrink.train import TrainConfig, evaluate, fit, inputs_and_targets, one_tensor
 
 # The relaxation's descents: one metric, or both with all their roundings as candidates.
 PROJECTIONS = ("euclidean", "cost", "both")
@@ -196,9 +197,8 @@ class _Relaxation:
             for name, item in spectra.items()
         }
 
-    def loss(self, masks: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from torch.func import functional_call
-
+    def loss(self, masks: torch.Tensor, batch) -> torch.Tensor:
+        inputs, targets = inputs_and_targets(batch)
         weights = {}
         for name, mask in zip(self.names, masks.float().to(self.device).split(self.pieces), strict=True):
             left, singular, right = self.factors[name]
@@ -206,8 +206,8 @@ class _Relaxation:
             weights[f"{name}.weight"] = _unmatricize(
                 (left * (mask * singular)) @ right, spectrum.layer.weight.shape, spectrum.scheme
             )
-        outputs = functional_call(self.model, weights, (images.to(self.device),))
-        return self.task.loss(outputs, labels.to(self.device))
+        outputs = one_tensor(call_with(self.model, weights, to_device(inputs, self.device)))
+        return self.task.loss(outputs, targets.to(self.device))
 
     def loss_on(self, batches: list, ranks: dict[str, int | None], components: dict | None) -> float:
         """The mean loss on `batches` of the network a candidate builds."""
@@ -223,7 +223,7 @@ class _Relaxation:
             parts.append(part)
         masks = torch.cat(parts)
         with torch.no_grad():
-            mean = sum(float(self.loss(masks, *batch)) for batch in batches) / len(batches)
+            mean = sum(float(self.loss(masks, batch)) for batch in batches) / len(batches)
         # Under a process group each rank holds its own batches: every rank scores by the mean of all.
         return distributed.sum_values_over_ranks([mean])[0] / distributed.world_size()
 
@@ -246,11 +246,11 @@ class _Relaxation:
         )
         for step in bar:
             try:
-                images, labels = next(iterator)
+                batch = next(iterator)
             except StopIteration:
                 iterator = iter(loader)
-                images, labels = next(iterator)
-            (gradient,) = torch.autograd.grad(self.loss(masks, images, labels), masks)
+                batch = next(iterator)
+            (gradient,) = torch.autograd.grad(self.loss(masks, batch), masks)
             # Each rank's batch is its shard of the global one: descend on their mean, as DDP would.
             gradient = distributed.sum_over_ranks(gradient) / distributed.world_size()
             with torch.no_grad():

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.utils.data import DataLoader
 
 from deepshrink import distributed
 from deepshrink.errors import ConfigError
+from deepshrink.inputs import apply, call, call_with, count, take, to_device
 from deepshrink.layers import select_weights
-from deepshrink.train import one_tensor
+from deepshrink.train import inputs_and_targets, one_tensor
 
 EXACT_HESSIAN_LIMIT = 4096  # parameters; above this an exact Hessian is too big to be practical
 
@@ -121,23 +122,26 @@ def fisher_diagonal(
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def log_likelihood(selected, example, label):
-        output = functional_call(model, {**fixed, **selected, **buffers}, (example.unsqueeze(0),))
+        one = apply(example, lambda tensor: tensor.unsqueeze(0))
+        output = one_tensor(call_with(model, {**fixed, **selected, **buffers}, one))
         return torch.log_softmax(output, dim=1)[0].gather(0, label.unsqueeze(0)).squeeze(0)
 
     per_example_gradient = vmap(grad(log_likelihood), in_dims=(None, 0, 0))
     sums = {name: torch.zeros_like(parameters[name]) for name in names}
     seen = 0
-    for inputs, _ in loader:
-        inputs = inputs[: max_examples - seen].to(device)
+    for batch in loader:
+        inputs = to_device(take(inputs_and_targets(batch)[0], slice(0, max_examples - seen)), device)
         with torch.no_grad():
-            probabilities = torch.softmax(one_tensor(model(inputs)), dim=1).cpu()
+            probabilities = torch.softmax(one_tensor(call(model, inputs)), dim=1).cpu()
         sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(device)
         selected = {name: parameters[name].detach() for name in names}
-        for chunk in range(0, len(inputs), 256):
-            gradients = per_example_gradient(selected, inputs[chunk : chunk + 256], sampled[chunk : chunk + 256])
+        examples = count(inputs)
+        for chunk in range(0, examples, 256):
+            part = take(inputs, slice(chunk, chunk + 256))
+            gradients = per_example_gradient(selected, part, sampled[chunk : chunk + 256])
             for name in names:
                 sums[name] += (gradients[name] ** 2).sum(0)
-        seen += len(inputs)
+        seen += examples
         if seen >= max_examples:
             break
     # Under a process group each rank read its shard of the loader: the estimate is over them all,

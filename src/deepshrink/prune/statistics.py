@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from deepshrink.inputs import Inputs, call, count, to_device
 from deepshrink.layers import Weight, compressible_weights
 from deepshrink.tables import render_table
 
@@ -56,7 +57,7 @@ def _weight_macs(weight: Weight, inputs: tuple, output) -> int:
     return 0  # a module of a type we do not know: its arithmetic is not counted
 
 
-def _multiply_accumulates(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+def _multiply_accumulates(model: nn.Module, example_input: Inputs) -> dict[str, int]:
     counts: dict[str, int] = {}
     handles = []
     # Each module that holds a weight, with the weights it holds there: a tied weight's
@@ -70,15 +71,16 @@ def _multiply_accumulates(model: nn.Module, example_input: torch.Tensor) -> dict
     def record(module, inputs, output):
         output = output[0] if isinstance(output, tuple) else output
         for name, holder in by_module[id(module)][1]:
-            macs = _weight_macs(holder, inputs, output) // max(example_input.shape[0], 1)
+            macs = _weight_macs(holder, inputs, output) // max(examples, 1)
             counts[name] = counts.get(name, 0) + macs
 
+    examples = count(example_input)
     for module, _ in by_module.values():
         handles.append(module.register_forward_hook(record))
     training = model.training
     try:  # in eval mode: a forward pass in training mode would move BatchNorm's statistics
         with torch.no_grad():
-            model.eval()(example_input)
+            call(model.eval(), example_input)
     finally:
         model.train(training)
         for handle in handles:
@@ -86,19 +88,19 @@ def _multiply_accumulates(model: nn.Module, example_input: torch.Tensor) -> dict
     return counts
 
 
-def layer_statistics(model: nn.Module, example_input: torch.Tensor | None) -> list[LayerStatistics]:
+def layer_statistics(model: nn.Module, example_input: Inputs | None) -> list[LayerStatistics]:
     """Counts for each supported layer; `example_input` is one batch, used to size the outputs
     (None: no multiply-accumulates are counted).
 
     Args:
         model: the model.
-        example_input: one batch, or None.
+        example_input: one batch's inputs (a tensor, or a tuple or dict of them), or None.
 
     Returns:
         One LayerStatistics per compressible weight.
     """
     device = next(model.parameters()).device
-    macs = _multiply_accumulates(model, example_input.to(device)) if example_input is not None else {}
+    macs = _multiply_accumulates(model, to_device(example_input, device)) if example_input is not None else {}
     rows = []
     for name, layer in compressible_weights(model).items():
         weight = layer.value.detach()

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from deepshrink.data import DataSplits, make_loader
 from deepshrink.errors import ConfigError
+from deepshrink.inputs import first
 from deepshrink.layers import check_weights
 from deepshrink.tasks import Task, classification
 
@@ -50,7 +51,7 @@ class Loaders:
         """
         test = data.test
         if test_subset is not None:
-            test = torch.utils.data.TensorDataset(*(tensor[:test_subset] for tensor in data.test.tensors))
+            test = first(data.test, test_subset)
         return cls(
             train=lambda batch_size, seed: make_loader(data.train, batch_size, shuffle=True, seed=seed),
             validation=make_loader(data.validation, 1000, shuffle=False),

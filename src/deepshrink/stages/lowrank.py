@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from deepshrink.errors import ConfigError
+from deepshrink.inputs import take, to_device
 from deepshrink.settings import DistillSettings, between, check_fields, choices
 from deepshrink.stages.base import Stage, StageContext, StageResult, register_stage
 from deepshrink.stages.retraining import criterion, fine_tune, training_config
-from deepshrink.train import evaluate, resolve_device
+from deepshrink.train import evaluate, inputs_and_targets, resolve_device
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def factorize_stage(model: nn.Module, settings: LowrankSettings, context: StageC
     model.to(device)
     loaders, seed = context.loaders, context.seed
     loss = criterion(settings, context, model)
-    example = next(iter(loaders.validation))[0][:1].to(device)
+    example = to_device(take(inputs_and_targets(next(iter(loaders.validation)))[0], slice(0, 1)), device)
     spectra = layer_spectra(model, example, settings.scheme)
     if settings.method == "cptv":
         choice = select_cptv(spectra, settings.budget)

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from deepshrink.errors import ConfigError
+from deepshrink.inputs import take
 from deepshrink.settings import DistillSettings, between, check_fields, choices, layer_globs
 from deepshrink.stages.base import Stage, StageContext, StageResult, register_stage
 from deepshrink.stages.retraining import criterion, fine_tune, training_config
-from deepshrink.train import evaluate
+from deepshrink.train import evaluate, inputs_and_targets
 
 PRUNE_METHODS = ("magnitude", "dns", "variational")
 DEAD_UNITS = ("keep", "clear")
@@ -236,7 +237,7 @@ def prune_stage(model: nn.Module, settings: PruneSettings, context: StageContext
     if settings.method == "variational":  # for `quantize: {bits_from: posterior}`
         log["posterior"] = posterior_resolution(model, result.posterior_std)
     metrics = {"validation_metric": evaluate(model, loaders.validation, context.device, context.task).metric}
-    rows = layer_statistics(model, next(iter(loaders.validation))[0][:2])
+    rows = layer_statistics(model, take(inputs_and_targets(next(iter(loaders.validation)))[0], slice(0, 2)))
     log["layers"] = as_dicts(rows)
     metrics["kept_fraction"] = totals(rows)["kept_fraction"]
     return StageResult("prune", log, metrics)
