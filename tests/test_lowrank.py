@@ -304,3 +304,39 @@ def test_projection_onto_the_budget_matches_scipy(metric):
 def test_relaxed_rejects_an_unknown_projection():
     with pytest.raises(ConfigError, match="projection='l1' should be one of euclidean, cost, both"):
         RelaxedOptions(projection="l1")
+
+
+class _TokenEncoder(nn.Module):
+    """A transformer encoder over token ids: MultiheadAttention reads its out_proj's weight as a
+    tensor, and the encoder layer's fast path (eval mode, no gradients) reads linear1's and
+    linear2's, so none of them may be factored; the head may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.hidden = nn.Linear(16, 24)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.hidden(self.encoder(self.embed(tokens)).mean(1))))
+
+
+def test_layers_whose_weights_attention_reads_as_tensors_are_not_factored(tmp_path):
+    import deepshrink
+
+    torch.manual_seed(0)
+    generator = np.random.default_rng(0)
+    tokens = generator.integers(0, 20, (300, 8))
+    data = deepshrink.load_arrays({"x": tokens, "y": tokens[:, 0] % 3}, validation=60)
+    model = _TokenEncoder()
+    spectra = layer_spectra(model, torch.as_tensor(tokens[:2]))
+    assert sorted(spectra) == ["head", "hidden"]
+    recipe = {"lowrank": {"budget": 0.5, "finetune_epochs": 1}}
+    result = deepshrink.run(model, recipe, data, run_dir=tmp_path / "run", progress=False)
+    structure = result.stages[0].result.structure
+    assert set(structure["ranks"]) <= {"head", "hidden"} and structure["ranks"]
+    decoded, _ = deepshrink.load_compressed(result.path, _TokenEncoder())
+    with torch.no_grad():  # eval mode without gradients: the encoder layer's fast path
+        assert decoded.eval()(torch.as_tensor(tokens[:4])).shape == (4, 3)

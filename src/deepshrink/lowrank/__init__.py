@@ -179,12 +179,15 @@ def layer_spectra(
 
     Returns:
         {layer name: LayerSpectrum}. A layer holding a tied weight is left out: factoring it
-        would give it a matrix of its own, and the tie would be gone.
+        would give it a matrix of its own, and the tie would be gone. So is a layer whose weight
+        the module around it reads as a tensor (a MultiheadAttention's out_proj, a Transformer
+        layer's linear1 on its fast path: two factors in its place would never be called), and
+        one the example never reaches.
 
     Raises:
         ConfigError: an unknown scheme.
     """
-    from deepshrink.layers import tied_modules
+    from deepshrink.layers import called_by_its_parents, tied_modules
 
     if scheme not in SCHEMES:
         raise ConfigError(f"scheme={scheme!r} should be one of {', '.join(SCHEMES)}")
@@ -192,7 +195,10 @@ def layer_spectra(
     chosen = {
         name: layer
         for name, layer in model.named_modules()
-        if isinstance(layer, nn.Linear | nn.Conv2d) and (layers is None or name in layers) and name not in tied
+        if isinstance(layer, nn.Linear | nn.Conv2d)
+        and (layers is None or name in layers)
+        and name not in tied
+        and called_by_its_parents(model, name)
     }
     shapes: dict[str, tuple] = {}
     handles = [
@@ -209,6 +215,8 @@ def layer_spectra(
             handle.remove()
     spectra = {}
     for name, layer in chosen.items():
+        if name not in shapes:  # the example never reached it: nothing to size its arithmetic by
+            continue
         matrix = _matrix(layer, scheme)
         left, singular, right = torch.linalg.svd(matrix, full_matrices=False)
         input_shape, output_shape = shapes[name]
