@@ -13,6 +13,7 @@ from pathlib import Path
 
 from deepshrink import __version__
 from deepshrink.errors import ConfigError, DeepshrinkError, InternalError, OutputError
+from deepshrink.tasks import BUILT_IN, DEFAULT_TASK
 
 EPILOG = (
     "Exit codes: 0 ok, 2 usage, 3 bad option or config, 4 data not found or unreadable, "
@@ -110,8 +111,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task",
-        help="what the model does: classification (default), multilabel, multilabel-probabilities, multilabel-f1, "
-        "regression, regression-l1, embedding, embedding-mse, or package.module:function returning a deepshrink.Task",
+        help=f"what the model does: {', '.join(BUILT_IN)} (default {DEFAULT_TASK}), or package.module:function "
+        "returning a deepshrink.Task",
     )
     parser.add_argument("--device", default="auto", type=_device_name, help="auto, cpu, cuda or cuda:N (default: auto)")
 

@@ -174,6 +174,12 @@ def _classification_mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> st
             "task multilabel"
         )
     expected = (outputs.shape[0], *outputs.shape[2:])
+    if outputs.dim() > 2 and tuple(targets.shape) == tuple(outputs.shape[:-1]) != expected:
+        return (
+            f"the targets are {_shape(targets)} for outputs {_shape(outputs)}: one label per position with the "
+            "classes on the last axis (a tagger's or a language model's outputs) is task token-classification; "
+            "classification takes the classes on axis 1"
+        )
     if outputs.dim() < 2 or tuple(targets.shape) != expected:
         return (
             f"the targets are {_shape(targets)} for outputs {_shape(outputs)}, and classification needs one class "
@@ -245,6 +251,77 @@ def classification() -> Task:
         _classification_distillation,
         lambda outputs: outputs.argmax(1),
         _classification_mismatch,
+    )
+
+
+# Hugging Face's label for a position that is not scored (padding, a word's later sub-word
+# pieces, the tokens a masked language model does not predict); cross_entropy's default too.
+IGNORED_LABEL = -100
+
+
+def _token_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy over the labelled positions; zero (with a gradient of zeros) for a
+    batch that has none, where torch's mean over no positions is NaN."""
+    targets = targets.reshape(-1).long()
+    flat = outputs.reshape(-1, outputs.shape[-1])
+    if not bool((targets != IGNORED_LABEL).any()):
+        return flat.sum() * 0.0
+    return nn.functional.cross_entropy(flat, targets, ignore_index=IGNORED_LABEL)
+
+
+def _token_top1(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    labelled = targets != IGNORED_LABEL
+    correct = ((outputs.argmax(-1) == targets) & labelled).sum()
+    return torch.stack([correct.double(), labelled.sum().double()])
+
+
+def _token_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's loss at every position (the teacher has a distribution at padding too), averaged."""
+    classes = student.shape[-1]
+    return _classification_distillation(student.reshape(-1, classes), teacher.reshape(-1, classes), temperature)
+
+
+def _token_mismatch(outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+    if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
+        return (
+            f"the targets are {str(targets.dtype).removeprefix('torch.')}, and token-classification needs an "
+            f"integer class label per position (0..C-1, or {IGNORED_LABEL} for a position not scored)"
+        )
+    if outputs.dim() < 2 or tuple(targets.shape) != tuple(outputs.shape[:-1]):
+        return (
+            f"the targets are {_shape(targets)} for outputs {_shape(outputs)}, and token-classification needs one "
+            "label per position, the outputs' shape without its last (class) axis: outputs [N, L, C], targets "
+            "[N, L]; for one label per example with classes on axis 1 use task classification"
+        )
+    classes = outputs.shape[-1]
+    wrong = (targets != IGNORED_LABEL) & ((targets < 0) | (targets >= classes))
+    if bool(wrong.any()):
+        value = int(targets[wrong][0])
+        return (
+            f"a target is {value}, and the model outputs {classes} classes (labels 0..{classes - 1}, and "
+            f"{IGNORED_LABEL} for a position not scored)"
+        )
+    return None
+
+
+def token_classification() -> Task:
+    """One class label per position of a sequence, with the classes on the outputs' last axis,
+    as Hugging Face's token-classification and language-model heads give them (outputs [N, L, C],
+    targets [N, L]): tagging, and language modelling with the next token as each position's
+    label. Positions labelled -100 are not scored (Hugging Face's convention: padding, sub-word
+    pieces, tokens a masked language model does not predict). Cross-entropy over the labelled
+    positions, their top-1 accuracy, and Hinton's distillation at every position.
+
+    Returns:
+        The Task.
+    """
+    return Task(
+        "token-classification",
+        _token_cross_entropy,
+        Metric("token accuracy", True, _token_top1),
+        _token_distillation,
+        lambda outputs: outputs.argmax(-1),
+        _token_mismatch,
     )
 
 
@@ -401,6 +478,7 @@ BUILT_IN = {
     "regression-l1": lambda: regression("l1"),
     "embedding": embedding,
     "embedding-mse": lambda: embedding("mse"),
+    "token-classification": token_classification,
 }
 DEFAULT_TASK = "classification"
 
