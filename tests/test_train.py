@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from deepshrink.data import load_data, make_loader
 from deepshrink.errors import ConfigError
@@ -106,3 +107,39 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_each_stage_retrains_with_the_optimizer_its_settings_name(tmp_path, monkeypatch):
+    import numpy as np
+
+    import deepshrink
+    from deepshrink import train
+
+    used = []
+    original = train.make_optimizer
+
+    def recording(model, config):
+        optimizer = original(model, config)
+        used.append((config.optimizer, type(optimizer).__name__, optimizer.defaults["weight_decay"]))
+        return optimizer
+
+    monkeypatch.setattr(train, "make_optimizer", recording)
+    generator = np.random.default_rng(0)
+    inputs = generator.normal(size=(200, 12)).astype(np.float32)
+    data = deepshrink.load_arrays({"x": inputs, "y": (inputs[:, 0] > 0).astype(np.int64)})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
+    recipe = {
+        "lowrank": {"budget": 0.8, "method": "cptv", "finetune_epochs": 1, "optimizer": "adam"},
+        "prune": {"sparsity": {"*": 0.5}, "rounds": 2, "retrain_epochs": 1, "optimizer": "adamw", "weight_decay": 0.01},
+        "quantize": {"bits": {"*": 4}, "finetune_epochs": 1},
+    }
+    deepshrink.run(model, recipe, data, run_dir=tmp_path / "run", progress=False)
+    assert used == [
+        ("adam", "Adam", 5e-4),  # lowrank's fine-tuning
+        ("adamw", "AdamW", 0.01),  # each pruning round
+        ("adamw", "AdamW", 0.01),
+        ("adam", "Adam", 0.0),  # the quantize stage's own default
+    ]
+    # Left out, it is not written into the recipe's record, so older runs' cached stages still count.
+    assert "optimizer" not in deepshrink.recipe.recipe_from_dict({"prune": {"sparsity": {"*": 0.5}}}).to_dict()["prune"]

@@ -26,7 +26,7 @@ from deepshrink.progress import progress_bar
 from deepshrink.tasks import Task, check_targets, check_value, resolve_task
 
 SCHEDULES = ("cosine", "step", "constant")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 # What BatchNorm layers do while a model trains: "train" updates their statistics from each batch
 # (ordinary training); "freeze" keeps them in eval mode, their stored statistics used and kept,
 # which is what retraining a compressed model needs; "recalibrate" also freezes them, then
@@ -335,7 +335,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
     Args:
         model: the model to train.
-        config: the optimizer ("adam" or "sgd"), learning rate, momentum and weight decay.
+        config: the optimizer ("sgd", "adam" or "adamw"), learning rate, momentum and weight decay.
 
     Returns:
         The torch optimizer.
@@ -350,6 +350,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
             "train: pass model.requires_grad_(True) (a pruned or shared layer keeps its mask or codebook "
             "while it trains), or compress without retraining (retrain_epochs: 0 and finetune_epochs: 0)"
         )
+    if config.optimizer == "adamw":
+        # Weight decay apart from the gradient's scaling (Loshchilov & Hutter 2019): how
+        # transformers are trained.
+        return torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
         # Adam scales each parameter's step by its own gradient history, which suits codebooks:
         # a centroid's gradient sums those of all its weights, so its size varies by orders of

@@ -13,7 +13,7 @@ from deepshrink.inputs import take
 from deepshrink.settings import DistillSettings, between, check_fields, choices, layer_globs
 from deepshrink.stages.base import Stage, StageContext, StageResult, register_stage
 from deepshrink.stages.retraining import criterion, fine_tune, training_config
-from deepshrink.train import evaluate, inputs_and_targets
+from deepshrink.train import OPTIMIZERS, evaluate, inputs_and_targets
 
 PRUNE_METHODS = ("magnitude", "dns", "variational")
 DEAD_UNITS = ("keep", "clear")
@@ -74,6 +74,16 @@ class PruneSettings:
         default=0, metadata=between(0, help="then retrain this many epochs with the masks fixed, at half the rate")
     )
     distill: DistillSettings | None = None
+    # Written into a recipe's record only when set, so that the keys of recipes without it stay.
+    optimizer: str = field(
+        default="sgd",
+        metadata=choices(
+            *OPTIMIZERS,
+            help="retraining optimizer: sgd (with momentum, the paper's), adam, or adamw (what transformers are "
+            "trained with; SGD at a CNN's learning rate can wreck one)",
+        )
+        | {"recorded_when_set": True},
+    )
     dead_units: str = field(
         default="keep",
         metadata=choices(

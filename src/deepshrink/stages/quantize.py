@@ -169,7 +169,6 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
         description="fine-tune centroids",
         loss=loss,
         validate=True,
-        optimizer=settings.optimizer,
     )
     metrics["validation_metric"] = evaluate(model, context.loaders.validation, context.device, context.task).metric
     if epochs:

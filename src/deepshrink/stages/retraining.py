@@ -36,19 +36,20 @@ def criterion(settings, context: StageContext, model: nn.Module):
 def training_config(
     settings, context: StageContext, epochs: int, learning_rate: float | None = None, **extra
 ) -> TrainConfig:
-    """A stage's retraining config from its settings (learning rate, decay, batch size) and the
-    context's seed and BatchNorm handling.
+    """A stage's retraining config from its settings (learning rate, decay, batch size, and the
+    optimizer where the stage has one) and the context's seed and BatchNorm handling.
 
     Args:
         settings: the stage's settings.
         context: the run's context.
         epochs: how many epochs.
         learning_rate: overrides the settings' learning rate.
-        **extra: more TrainConfig fields.
+        **extra: more TrainConfig fields (an `optimizer` here wins over the settings').
 
     Returns:
         The TrainConfig.
     """
+    extra.setdefault("optimizer", getattr(settings, "optimizer", "sgd"))
     return TrainConfig(
         epochs=epochs,
         learning_rate=settings.learning_rate if learning_rate is None else learning_rate,
