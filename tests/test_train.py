@@ -143,3 +143,5 @@ def test_each_stage_retrains_with_the_optimizer_its_settings_name(tmp_path, monk
     ]
     # Left out, it is not written into the recipe's record, so older runs' cached stages still count.
     assert "optimizer" not in deepshrink.recipe.recipe_from_dict({"prune": {"sparsity": {"*": 0.5}}}).to_dict()["prune"]
+    with pytest.raises(ConfigError, match="method variational trains with Adam"):
+        deepshrink.recipe.recipe_from_dict({"prune": {"method": "variational", "optimizer": "adamw"}})

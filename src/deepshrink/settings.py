@@ -106,6 +106,29 @@ def check_value(value, metadata, what: str) -> None:
         raise ConfigError(f"{what} should be {'below' if metadata.get('open_high') else 'at most'} {high}")
 
 
+def optimizer_field(what: str) -> dataclasses.Field:
+    """A stage's `optimizer` setting: SGD with momentum by default (the paper's), recorded in a
+    recipe's record only when set, so that the keys of recipes without it stay as they were.
+
+    Args:
+        what: what it trains, for the help ("retraining", "fine-tuning").
+
+    Returns:
+        The dataclass field.
+    """
+    from deepshrink.train import OPTIMIZERS
+
+    return field(
+        default="sgd",
+        metadata=choices(
+            *OPTIMIZERS,
+            help=f"{what} optimizer: sgd (with momentum, the paper's), adam, or adamw (what transformers are "
+            "trained with; SGD at a CNN's learning rate can wreck one)",
+        )
+        | {"recorded_when_set": True},
+    )
+
+
 @dataclass(frozen=True)
 class DistillSettings:
     """Retrain against the reference's soft targets as well as the labels (Hinton et al. 2015)."""

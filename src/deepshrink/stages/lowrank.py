@@ -9,10 +9,10 @@ from torch import nn
 
 from deepshrink.errors import ConfigError
 from deepshrink.inputs import take, to_device
-from deepshrink.settings import DistillSettings, between, check_fields, choices
+from deepshrink.settings import DistillSettings, between, check_fields, choices, optimizer_field
 from deepshrink.stages.base import Stage, StageContext, StageResult, register_stage
 from deepshrink.stages.retraining import criterion, fine_tune, training_config
-from deepshrink.train import OPTIMIZERS, evaluate, inputs_and_targets, resolve_device
+from deepshrink.train import evaluate, inputs_and_targets, resolve_device
 
 
 @dataclass(frozen=True)
@@ -62,16 +62,7 @@ class LowrankSettings:
         ),
     )
     learning_rate: float = field(default=0.01, metadata=between(1e-12, help="fine-tuning learning rate"))
-    # Written into a recipe's record only when set, so that the keys of recipes without it stay.
-    optimizer: str = field(
-        default="sgd",
-        metadata=choices(
-            *OPTIMIZERS,
-            help="fine-tuning optimizer: sgd (with momentum, the paper's), adam, or adamw (what transformers are "
-            "trained with; SGD at a CNN's learning rate can wreck one)",
-        )
-        | {"recorded_when_set": True},
-    )
+    optimizer: str = optimizer_field("fine-tuning")
     weight_decay: float = field(default=5e-4, metadata=between(0.0, help="fine-tuning weight decay"))
     batch_size: int = field(default=128, metadata=between(1, help="fine-tuning batch size"))
     distill: DistillSettings | None = None

@@ -10,10 +10,10 @@ from torch import nn
 
 from deepshrink.errors import ConfigError
 from deepshrink.inputs import take
-from deepshrink.settings import DistillSettings, between, check_fields, choices, layer_globs
+from deepshrink.settings import DistillSettings, between, check_fields, choices, layer_globs, optimizer_field
 from deepshrink.stages.base import Stage, StageContext, StageResult, register_stage
 from deepshrink.stages.retraining import criterion, fine_tune, training_config
-from deepshrink.train import OPTIMIZERS, evaluate, inputs_and_targets
+from deepshrink.train import evaluate, inputs_and_targets
 
 PRUNE_METHODS = ("magnitude", "dns", "variational")
 DEAD_UNITS = ("keep", "clear")
@@ -74,16 +74,7 @@ class PruneSettings:
         default=0, metadata=between(0, help="then retrain this many epochs with the masks fixed, at half the rate")
     )
     distill: DistillSettings | None = None
-    # Written into a recipe's record only when set, so that the keys of recipes without it stay.
-    optimizer: str = field(
-        default="sgd",
-        metadata=choices(
-            *OPTIMIZERS,
-            help="retraining optimizer: sgd (with momentum, the paper's), adam, or adamw (what transformers are "
-            "trained with; SGD at a CNN's learning rate can wreck one)",
-        )
-        | {"recorded_when_set": True},
-    )
+    optimizer: str = optimizer_field("retraining")
     dead_units: str = field(
         default="keep",
         metadata=choices(
@@ -132,6 +123,11 @@ class PruneSettings:
         # (plan.py); run on its own, the stage asks for one (`missing_target`).
         if len(given) > 1:
             raise ConfigError(f"needs exactly one of {', '.join(sorted(targets))}; got {', '.join(given)}")
+        if self.method == "variational" and self.optimizer != "sgd":
+            raise ConfigError(
+                f"optimizer: {self.optimizer} is for methods magnitude and dns; method variational trains with Adam "
+                "(set its learning rate with variational_learning_rate)"
+            )
         if self.layers is not None and self.global_sparsity is None and self.method != "variational":
             raise ConfigError("layers goes with global_sparsity; per-layer targets take sparsity: {LAYER_GLOB: S}")
 
