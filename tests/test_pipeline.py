@@ -301,3 +301,15 @@ def test_relaxed_lowrank_stage_scores_candidates_with_the_final_loss(monkeypatch
     criterion = seen["criterion"]
     assert isinstance(criterion, DistillationLoss)
     assert (criterion.temperature, criterion.alpha) == (3.0, 0.25)
+
+
+def test_readme_example_of_a_model_with_two_inputs_runs(tmp_path, monkeypatch):
+    """The README's transformer encoder with an attention mask, exactly as printed there."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```python\n(# A model that takes token ids and an attention mask.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    result = namespace["result"]
+    assert result.reference_metric > 0.9 and result.ratio > 4
+    assert result.compressed_metric >= result.reference_metric - 0.03
