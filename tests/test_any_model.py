@@ -196,7 +196,7 @@ def test_array_data_with_odd_shapes_and_no_targets_runs_end_to_end(cli, tmp_path
     finally:
         sys.modules.pop("mynets", None)
     assert bench.returncode == 0, bench.stderr
-    assert "input (3, 5, 2)" in bench.stdout
+    assert "on made-up inputs of shape (3, 5, 2)" in bench.stdout
     assert predicted.returncode == 0, predicted.stderr
     assert "the data has no targets, so no metric; ran 50 validation examples" in predicted.stdout
 

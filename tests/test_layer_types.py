@@ -387,3 +387,29 @@ def test_custom_layers_compress_through_the_pipeline(tmp_path):
     rows = {row["name"]: row for row in result.report["layers"]}
     assert rows["project.weight"]["weight_bits"] == 4 and rows["pair.weight"]["weight_bits"] == 4
     assert result.compressed_metric >= result.reference_metric - 0.1
+
+
+def test_bench_tells_where_each_weight_of_a_recurrent_model_lives(tmp_path):
+    """The residency table names weights that are a module's parameter (an LSTM's
+    weight_hh_l0) by the module that holds them, where it looked them up as modules."""
+    from deepshrink.file_commands import bench_file
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(30, 8)
+            self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, tokens):
+            return self.out(self.lstm(self.embed(tokens))[0][:, -1])
+
+    generator = np.random.default_rng(0)
+    data = deepshrink.load_arrays({"x": generator.integers(0, 30, (120, 6)), "y": generator.integers(0, 3, 120)})
+    torch.manual_seed(0)
+    model = Tagger()
+    recipe = {"prune": {"sparsity": {"*": 0.5}, "rounds": 1, "retrain_epochs": 0}, "quantize": {"bits": {"*": 4}}}
+    result = deepshrink.run(model, recipe, data, run_dir=tmp_path / "run", progress=False)
+    done = bench_file(result.path, model, batches=(1,), repeats=2)
+    rows = {line.split()[0]: line.split()[1] for line in done.residency.splitlines()[1:]}
+    assert rows["lstm.weight_hh_l0"] == "LSTM" and rows["embed"] == "Embedding"

@@ -195,8 +195,13 @@ def test_a_transformer_with_an_attention_mask_compresses_end_to_end(trained, tmp
     # The compressed form runs from the file on the same inputs, with the same metric.
     predicted = predict_file(result.path, data=data_file, batch_size=100, **_model_of(directory))
     assert predicted.evaluation.metric == pytest.approx(result.report["compressed_metric"])
-    with pytest.raises(ConfigError, match=r"several inputs \(input_ids, attention_mask\).*deepshrink predict"):
+    with pytest.raises(ConfigError, match=r"several inputs \(input_ids, attention_mask\).*with --data DATA"):
         bench_file(result.path, **_model_of(directory))
+    # On real inputs it times both forms, interleaved, per batch size.
+    timed = bench_file(result.path, data=data_file, batches=(1, 3), repeats=5, layers=True, **_model_of(directory))
+    assert [row["batch"] for row in timed.rows] == [1, 3]
+    assert all(row["dense_ms"] > 0 and row["compressed_ms"] > 0 for row in timed.rows)
+    assert "input_ids [3, 16] int64, attention_mask [3, 16] int64" in timed.inputs and timed.input_shape is None
 
 
 def _model_of(directory) -> dict:
@@ -350,6 +355,8 @@ def test_the_command_line_runs_and_predicts_a_model_of_several_inputs(trained, t
     assert predicted.returncode == 0, predicted.stderr
     assert "top-1 accuracy" in predicted.stdout
     benched = run_cli("bench", str(files[0]), "--model", "several_net:padded")
-    assert (
-        benched.returncode == ConfigError.exit_code and "several inputs (input_ids, attention_mask)" in benched.stderr
-    )
+    assert benched.returncode == ConfigError.exit_code
+    assert "several inputs (input_ids, attention_mask)" in benched.stderr
+    benched = run_cli("bench", str(files[0]), *model, "--batch", "1", "--repeats", "5")
+    assert benched.returncode == 0, benched.stderr
+    assert "on the data's inputs input_ids [1, 16] int64, attention_mask [1, 16] int64" in benched.stdout

@@ -98,7 +98,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "--data",
         "--data-dir",
         dest="data",
-        help="an .npz or .safetensors file of arrays x (and y, x_test, y_test), package.module:function returning "
+        help="an .npz or .safetensors file of arrays x (and y, x_test, y_test; x.NAME, x_test.NAME for a model that "
+        "takes several inputs), package.module:function returning "
         "such arrays as a dict (or a deepshrink.DataSplits), or a directory of MNIST-format IDX files (default: "
         "$DEEPSHRINK_DATA, then /usr/share/datasets/fashion-mnist); `run` also takes `none`: prune and share "
         "without retraining, measuring nothing",
@@ -451,8 +452,9 @@ def _command_bench(args: argparse.Namespace) -> int:
         input_shape=tuple(args.input_shape) if args.input_shape else None,
         layers=args.layers,
         max_decoded_bytes=args.max_decoded_bytes,
+        data=args.data,
     )
-    print(f"{args.file}: {done.model_name}, input {done.input_shape}, median of {args.repeats} runs per batch size")
+    print(f"{args.file}: {done.model_name}, on {done.inputs}, median of {args.repeats} runs per batch size")
     print(bench.format_latency(done.rows))
     print(done.residency)
     if done.layer_rows is not None:
@@ -671,6 +673,11 @@ def _add_runtime_commands(commands) -> None:
     bench.add_argument("--repeats", type=POSITIVE, default=100, help="timed calls per batch size (default 100)")
     bench.add_argument(
         "--input-shape", type=POSITIVE, nargs="+", help="one example's shape (default: the one the file records)"
+    )
+    bench.add_argument(
+        "--data",
+        help="time on the first test examples of this data (as --data elsewhere) instead of made-up inputs: what a "
+        "model that takes several inputs (token ids and an attention mask) needs",
     )
     _add_decoded_limit(bench)
     bench.add_argument(

@@ -14,7 +14,7 @@ import torch
 
 from deepshrink.data import DataSplits, load_splits, make_loader
 from deepshrink.errors import ConfigError
-from deepshrink.inputs import call, describe, inputs_of, is_several
+from deepshrink.inputs import call, describe, inputs_of, is_several, take
 from deepshrink.train import (
     INPUT_NAMES_KEY,
     OUTPUT_KEY,
@@ -167,10 +167,11 @@ class Bench:
     memory each keeps, and optionally each compressed layer alone."""
 
     model_name: str | None
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
     rows: list[dict]
     residency: str
     layer_rows: list[dict] | None
+    inputs: str = ""  # what it was timed on, for the printout
 
 
 def bench_file(
@@ -183,6 +184,8 @@ def bench_file(
     input_shape: tuple[int, ...] | None = None,
     layers: bool = False,
     max_decoded_bytes: int | None = None,
+    data: str | os.PathLike | None = None,
+    validation: float | int | None = None,
 ) -> Bench:
     """Latency of a .dcz file's model from its compressed form against the dense decoded model,
     interleaved, per batch size (runtime/bench.py).
@@ -196,13 +199,18 @@ def bench_file(
         input_shape: one example's shape (default: the one the file records).
         layers: also time each layer alone, every weight layer compressed, at the first batch size.
         max_decoded_bytes: see `load_compressed`.
+        data: time on this data's first test examples (what `load_any` takes) instead of inputs
+            made up from the shape: needed for a model that takes several inputs.
+        validation: the data's validation split, a fraction or a count.
 
     Returns:
         A Bench.
 
     Raises:
-        ConfigError: no input shape given or recorded, or one the model does not take;
+        ConfigError: no input shape given or recorded (and no data), a model of several inputs
+            without data, or inputs the model does not take;
         FormatError: a malformed file.
+        DataError: data that cannot be read.
     """
     from deepshrink.compressed import load_compressed
     from deepshrink.runtime import bench
@@ -210,11 +218,23 @@ def bench_file(
 
     dense, metadata = load_compressed(path, model, max_decoded_bytes=max_decoded_bytes)
     dense.eval()
+    if data is not None:
+        examples = take(inputs_of(load_splits(data, validation).test), slice(0, max(batches)))
+        check_runs_on(dense, examples, "cpu")
+        shape = None if is_several(examples) else tuple(examples.shape[1:])
+        compressed = load_runtime(path, model, mode=mode, max_decoded_bytes=max_decoded_bytes, input_shape=shape)
+        rows = bench.latency_table(dense, compressed, None, batches, repeats=repeats, examples=examples)
+        layer_rows = None
+        if layers:
+            every = load_runtime(path, model, mode="sparse", max_decoded_bytes=max_decoded_bytes)
+            layer_rows = bench.layer_latency_table(dense, every, None, batches[0], repeats, examples=examples)
+        residency = bench.format_residency(dense, compressed)
+        return Bench(metadata.get("model"), shape, rows, residency, layer_rows, f"the data's {describe(examples)}")
     names = metadata.get(INPUT_NAMES_KEY)
     if names:
         raise ConfigError(
-            f"{path}: the model takes several inputs ({', '.join(names)}), and bench times models on one input "
-            "tensor it makes up; time it on real inputs with `deepshrink predict FILE --data DATA --batch-size N`"
+            f"{path}: the model takes several inputs ({', '.join(names)}), and bench can make up only one input "
+            "tensor: time it on real inputs, with --data DATA (data=...)"
         )
     recorded = metadata.get("input_shape")
     if input_shape is None and recorded is None:
@@ -227,7 +247,8 @@ def bench_file(
     if layers:
         every = load_runtime(path, model, mode="sparse", max_decoded_bytes=max_decoded_bytes)
         layer_rows = bench.layer_latency_table(dense, every, shape, batches[0], repeats, input_dtype=dtype)
-    return Bench(metadata.get("model"), shape, rows, bench.format_residency(dense, compressed), layer_rows)
+    residency = bench.format_residency(dense, compressed)
+    return Bench(metadata.get("model"), shape, rows, residency, layer_rows, f"made-up inputs of shape {shape}")
 
 
 @dataclass(frozen=True)

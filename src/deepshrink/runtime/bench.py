@@ -10,6 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from deepshrink.inputs import Inputs, call, count, take
+
 
 def median_seconds(function: Callable[[], object], repeats: int = 50, warmup: int = 5) -> float:
     """The median wall time of `function` over `repeats` calls, after `warmup` calls.
@@ -50,23 +52,39 @@ def example_inputs(batch: int, shape: tuple[int, ...], dtype: str = "float32", g
     return torch.randn(batch, *shape, generator=generator, dtype=getattr(torch, dtype))
 
 
+def batch_of(examples: Inputs, batch: int) -> Inputs:
+    """`batch` examples from real ones (a data set's first), repeating them where there are fewer.
+
+    Args:
+        examples: inputs of one or more examples (a tensor, or a tuple or dict of them).
+        batch: how many to give.
+
+    Returns:
+        The batch, in the inputs' form.
+    """
+    return take(examples, torch.arange(batch) % count(examples))
+
+
 def latency_table(
     dense: nn.Module,
     compressed: nn.Module,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None,
     batches=(1, 8, 64),
     repeats: int = 50,
     input_dtype: str = "float32",
+    examples: Inputs | None = None,
 ) -> list[dict]:
     """Per batch size: median milliseconds dense and compressed, alternating so both see the same machine.
 
     Args:
         dense: the dense model.
         compressed: the runtime model.
-        input_shape: one example's shape.
+        input_shape: one example's shape (unused with `examples`).
         batches: the batch sizes.
         repeats: timed calls per batch size.
         input_dtype: the inputs' dtype name.
+        examples: real inputs to time on (`batch_of`), in place of made-up ones: what a model of
+            several inputs needs.
 
     Returns:
         Rows {"batch", "dense_ms", "compressed_ms", "speedup"}.
@@ -75,11 +93,14 @@ def latency_table(
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for batch in batches:
-            inputs = example_inputs(batch, input_shape, input_dtype, generator)
+            if examples is not None:
+                inputs = batch_of(examples, batch)
+            else:
+                inputs = example_inputs(batch, input_shape, input_dtype, generator)
             dense_times, compressed_times = [], []
             for _ in range(5):  # interleave rounds: a noisy neighbour hurts both, not one
                 for model, times in ((dense, dense_times), (compressed, compressed_times)):
-                    times.append(median_seconds(functools.partial(model, inputs), max(repeats // 5, 1), warmup=2))
+                    times.append(median_seconds(functools.partial(call, model, inputs), max(repeats // 5, 1), warmup=2))
             dense_ms = 1000 * statistics.median(dense_times)
             compressed_ms = 1000 * statistics.median(compressed_times)
             rows.append(
@@ -96,10 +117,11 @@ def latency_table(
 def layer_latency_table(
     dense: nn.Module,
     compressed: nn.Module,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None,
     batch: int = 1,
     repeats: int = 200,
     input_dtype: str = "float32",
+    examples: Inputs | None = None,
 ) -> list[dict]:
     """Per layer that `compressed` runs from the compressed form: median microseconds of that
     layer alone, dense and compressed, on the input it sees in a forward pass of `dense`.
@@ -107,10 +129,11 @@ def layer_latency_table(
     Args:
         dense: the dense model.
         compressed: the runtime model.
-        input_shape: one example's shape.
+        input_shape: one example's shape (unused with `examples`).
         batch: the batch size.
         repeats: timed calls per layer.
         input_dtype: the inputs' dtype name.
+        examples: real inputs (see `latency_table`).
 
     Returns:
         Rows {"layer", "form", "dense_us", "compressed_us", "speedup"}.
@@ -132,7 +155,10 @@ def layer_latency_table(
     ]
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        dense(example_inputs(batch, input_shape, input_dtype, generator))
+        if examples is not None:
+            call(dense, batch_of(examples, batch))
+        else:
+            dense(example_inputs(batch, input_shape, input_dtype, generator))
     for handle in handles:
         handle.remove()
     rows = []
@@ -187,11 +213,15 @@ def format_residency(dense: nn.Module, compressed: nn.Module) -> str:
     Returns:
         The table.
     """
+    from deepshrink.layers import compressible_weights
     from deepshrink.runtime.load import resident_weight_bytes
     from deepshrink.tables import render_table
 
     dense_bytes, compressed_bytes = resident_weight_bytes(dense), resident_weight_bytes(compressed)
     layers = dict(compressed.named_modules())
+    # A weight named module.parameter (an LSTM's weight_hh_l0, attention's in_proj_weight) is
+    # held by its module, which runs it dense.
+    layers |= {name: weight.module for name, weight in compressible_weights(compressed).items() if name not in layers}
     return render_table(
         ["layer", "runs as", "dense weight bytes", "resident bytes", "form"],
         [
