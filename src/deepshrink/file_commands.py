@@ -222,33 +222,29 @@ def bench_file(
         examples = take(inputs_of(load_splits(data, validation).test), slice(0, max(batches)))
         check_runs_on(dense, examples, "cpu")
         shape = None if is_several(examples) else tuple(examples.shape[1:])
-        compressed = load_runtime(path, model, mode=mode, max_decoded_bytes=max_decoded_bytes, input_shape=shape)
-        rows = bench.latency_table(dense, compressed, None, batches, repeats=repeats, examples=examples)
-        layer_rows = None
-        if layers:
-            every = load_runtime(path, model, mode="sparse", max_decoded_bytes=max_decoded_bytes)
-            layer_rows = bench.layer_latency_table(dense, every, None, batches[0], repeats, examples=examples)
-        residency = bench.format_residency(dense, compressed)
-        return Bench(metadata.get("model"), shape, rows, residency, layer_rows, f"the data's {describe(examples)}")
-    names = metadata.get(INPUT_NAMES_KEY)
-    if names:
-        raise ConfigError(
-            f"{path}: the model takes several inputs ({', '.join(names)}), and bench can make up only one input "
-            "tensor: time it on real inputs, with --data DATA (data=...)"
-        )
-    recorded = metadata.get("input_shape")
-    if input_shape is None and recorded is None:
-        raise ConfigError(f"{path} does not record its input shape; pass input_shape (--input-shape), e.g. 1 28 28")
-    shape = tuple(input_shape or recorded)  # load_runtime checks that the model takes it
-    dtype = metadata.get("input_dtype", "float32")
+        timed_on = f"the data's {describe(examples)}"
+    else:
+        names = metadata.get(INPUT_NAMES_KEY)
+        if names:
+            raise ConfigError(
+                f"{path}: the model takes several inputs ({', '.join(names)}), and bench can make up only one input "
+                "tensor: time it on real inputs, with --data DATA (data=...)"
+            )
+        recorded = metadata.get("input_shape")
+        if input_shape is None and recorded is None:
+            raise ConfigError(f"{path} does not record its input shape; pass input_shape (--input-shape), e.g. 1 28 28")
+        shape = tuple(input_shape or recorded)  # load_runtime checks that the model takes it
+        generator = torch.Generator().manual_seed(0)
+        examples = bench.example_inputs(max(batches), shape, metadata.get("input_dtype", "float32"), generator)
+        timed_on = f"made-up inputs of shape {shape}"
     compressed = load_runtime(path, model, mode=mode, max_decoded_bytes=max_decoded_bytes, input_shape=shape)
-    rows = bench.latency_table(dense, compressed, shape, batches, repeats=repeats, input_dtype=dtype)
+    rows = bench.latency_table(dense, compressed, shape, batches, repeats=repeats, examples=examples)
     layer_rows = None
     if layers:
         every = load_runtime(path, model, mode="sparse", max_decoded_bytes=max_decoded_bytes)
-        layer_rows = bench.layer_latency_table(dense, every, shape, batches[0], repeats, input_dtype=dtype)
+        layer_rows = bench.layer_latency_table(dense, every, shape, batches[0], repeats, examples=examples)
     residency = bench.format_residency(dense, compressed)
-    return Bench(metadata.get("model"), shape, rows, residency, layer_rows, f"made-up inputs of shape {shape}")
+    return Bench(metadata.get("model"), shape, rows, residency, layer_rows, timed_on)
 
 
 @dataclass(frozen=True)
