@@ -159,6 +159,8 @@ def test_one_array_per_argument_splits_every_input_with_its_targets():
             r"x\.ids examples are \(2,\) but x_test\.ids examples are \(5,\)",
         ),
         ({"x.ids": np.zeros((9, 2)), "y": np.zeros(8)}, DataError, r"x holds 9 examples but y holds 8"),
+        ({"x.0": np.zeros((9, 2)), "x.01": np.ones((9, 2))}, DataError, r"'x\.01' is not an input's name"),
+        ({"x.ids": np.zeros((9, 2)), "x.my-mask": np.ones((9, 2))}, DataError, r"'x\.my-mask' is not an input's"),
     ],
 )
 def test_several_input_arrays_that_do_not_fit_together_are_named(tmp_path, arrays, error, message):

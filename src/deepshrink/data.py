@@ -221,11 +221,6 @@ class DataSplits:
         return targets_of(self.train) is not None
 
     @property
-    def several_inputs(self) -> bool:
-        """Whether the model takes several inputs (a dict or tuple of tensors) from this data."""
-        return is_several(inputs_of(self.train))
-
-    @property
     def input_names(self) -> tuple[str, ...] | None:
         """The several inputs' names (keywords, or positions "0", "1", ...); None for one input."""
         inputs = inputs_of(self.train)
@@ -391,12 +386,12 @@ MAX_ARRAY_BYTES = 1 << 36
 ARRAY_NAMES = ("x", "y", "x_test", "y_test")
 # One array per argument of a model that takes several inputs: x.input_ids (a keyword argument)
 # or x.0 (the first positional one), and the same names after x_test for the test split.
-_INPUT_PART = re.compile(r"^(x|x_test)\.([A-Za-z_]\w*|\d+)$")
+_INPUT_PART = re.compile(r"^(x|x_test)\.([A-Za-z_]\w*|0|[1-9]\d{0,5})$")
 
 
 def _is_array_name(name: str) -> bool:
     """Whether `name` is one of the arrays `load_arrays` reads (others in the file are ignored)."""
-    return name in ARRAY_NAMES or bool(_INPUT_PART.match(name))
+    return name in ARRAY_NAMES or name.startswith(("x.", "x_test."))
 
 
 def _input_parts(arrays: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
@@ -451,6 +446,12 @@ def _checked_arrays(arrays: dict, path) -> dict[str, np.ndarray]:
     non-empty, within the size limit, targets one per input, both splits alike. `path` names their
     source in errors."""
     arrays = {name: array for name, array in arrays.items() if _is_array_name(name)}
+    misnamed = [name for name in arrays if name not in ARRAY_NAMES and not _INPUT_PART.match(name)]
+    if misnamed:
+        raise DataError(
+            f"{path}: {misnamed[0]!r} is not an input's name: name each input array x.ARGUMENT after the argument it "
+            "fills (a Python identifier, e.g. x.input_ids), or x.0, x.1, ... by position"
+        )
     if not all(isinstance(array, np.ndarray) for array in arrays.values()):
         kinds = {name: type(array).__name__ for name, array in arrays.items()}
         raise DataError(f"{path}: the arrays should be numpy arrays, found {kinds}")
