@@ -413,3 +413,28 @@ def test_bench_tells_where_each_weight_of_a_recurrent_model_lives(tmp_path):
     done = bench_file(result.path, model, batches=(1,), repeats=2)
     rows = {line.split()[0]: line.split()[1] for line in done.residency.splitlines()[1:]}
     assert rows["lstm.weight_hh_l0"] == "LSTM" and rows["embed"] == "Embedding"
+
+
+def test_statistics_count_layers_of_unknown_types_as_dense_maps():
+    """GPT-2's Conv1D against torch's own FLOP counter (two FLOPs a multiply-accumulate); a
+    Bilinear, every weight once per example; the LSTMCell once per step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = CustomLayers()
+    inputs = example(model, batch=2)
+    rows = {row.name: row for row in layer_statistics(model, inputs)}
+    with FlopCounterMode(display=False) as counter:
+        model.project(inputs)
+    assert rows["project"].multiply_accumulates == counter.get_total_flops() // 2 // 2 == 6 * 12
+    assert rows["pair"].multiply_accumulates == 8 * 12 * 6
+    assert rows["cell.weight_ih"].multiply_accumulates == 40 * 8 * 3
+
+    class Odd(nn.Module):  # an output whose last axis is neither side of the weight: not guessed
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4, 5))
+
+        def forward(self, values):
+            return (values @ self.weight).sum(-1, keepdim=True)
+
+    assert layer_statistics(Odd(), torch.ones(2, 4))[0].multiply_accumulates == 0

@@ -54,7 +54,14 @@ def _weight_macs(weight: Weight, inputs: tuple, output) -> int:
         return value.numel() * _vectors(inputs[0], module.input_size)
     if isinstance(module, nn.MultiheadAttention):  # the projections apply once per query / key position
         return value.numel() * _vectors(inputs[0], module.embed_dim)
-    return 0  # a module of a type we do not know: its arithmetic is not counted
+    # A module of a type we do not know (GPT-2's Conv1D, a Bilinear, a user's layer): counted as a
+    # dense map, every weight once per output vector, where the output's last axis is one of the
+    # weight's sides; otherwise its arithmetic is not counted, rather than guessed.
+    if isinstance(output, torch.Tensor) and output.dim() >= 1 and value.dim() >= 2:
+        width = output.shape[-1]
+        if width in (value.shape[0], value.shape[-1]):
+            return value.numel() * _vectors(output, width)
+    return 0
 
 
 def _multiply_accumulates(model: nn.Module, example_input: Inputs) -> dict[str, int]:
