@@ -876,3 +876,43 @@ def test_add_weighted_rows_matches_numpy():
         span = slice(11, 261)
         expected = (codebook[codes[span]][:, None] * inputs[columns[span].astype(np.int64)]).sum(axis=0)
         np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_layers_alike_are_measured_once_and_run_as_measured(tmp_path, monkeypatch):
+    """Auto mode times one of each kind of layer (shape, form, density to 1%): the second of two
+    alike layers gets the first's plans, with its own torch forms, and computes its own product."""
+    from deepshrink.runtime import load as runtime_load
+
+    torch.manual_seed(0)
+
+    def network():
+        return nn.Sequential(
+            nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+            nn.Linear(512, 10),
+        )  # fmt: skip
+
+    timed = []
+    original = runtime_load.measure_linear
+
+    def counting(weight, *arguments, **keywords):
+        timed.append(weight.density)
+        return original(weight, *arguments, **keywords)
+
+    monkeypatch.setattr(runtime_load, "measure_linear", counting)
+    path = compressed_file(tmp_path, network(), {"0": 0.9, "2": 0.9, "4": 0.7, "6": 0.5}, {"*": 5})
+    running = load_runtime(path, network())
+    assert len(timed) == 2  # 0 and 2 alike (10% kept), 4 (30%); 6 (10 x 512) is too small to run compressed
+    first, second = running[0], running[2]
+    assert type(first) is type(second)  # a plain Linear both where dense won every range
+    if isinstance(first, CompressedLinear):
+        assert second.choice.plans == first.choice.plans and not second.choice.seconds
+        for layer in (first, second):
+            assert (layer.choice.dense is not None) == ("dense" in layer.choice.plans)
+            assert (layer.choice.csr is not None) == ("csr" in layer.choice.plans)
+    decoded = load_compressed_state(path)
+    inputs = torch.randn(8, 512)
+    with torch.no_grad():
+        for position in (0, 2, 4):
+            expected = functional.linear(inputs, decoded[f"{position}.weight"], decoded[f"{position}.bias"])
+            for batch in (inputs[:1], inputs):
+                assert relative_error(running[position](batch), expected[: len(batch)]) < 1e-5

@@ -175,6 +175,47 @@ def measure_conv(weight: CodebookWeight, like: nn.Conv2d, input_size: tuple[int,
     return choice
 
 
+# Layers whose densities differ by less than this share a measurement (`measurement_key`).
+DENSITY_STEP = 0.01
+
+
+def measurement_key(weight: CodebookWeight, *context) -> tuple:
+    """What a measured choice depends on, to within the timing's noise: the matrix's shape, its
+    form and its density to DENSITY_STEP, and `context` (a convolution's input size and
+    geometry). Layers alike (a transformer's twelve query projections) are measured once: the
+    measurement was 93% of `load_runtime`'s 17.6 s on a BERT-base file (BENCHMARKS.md).
+
+    Args:
+        weight: the compressed weight.
+        *context: anything else the timing depends on.
+
+    Returns:
+        A hashable key.
+    """
+    return (weight.shape, weight.form, round(weight.density / DENSITY_STEP), *context)
+
+
+def choice_like(measured: LayerChoice, weight: CodebookWeight, shape: tuple[int, ...] | None = None) -> LayerChoice:
+    """The plans measured on another layer alike (`measurement_key`), for `weight`: its own torch
+    forms for the kinds the plans use, no seconds (this layer was not timed).
+
+    Args:
+        measured: the alike layer's choice.
+        weight: this layer's compressed weight.
+        shape: a convolution's weight shape.
+
+    Returns:
+        The LayerChoice.
+    """
+    plans = measured.plans
+    if not ({"dense", "csr"} & set(plans)):
+        return LayerChoice(plans)
+    dense, csr = _torch_forms(weight)
+    if shape is not None:
+        dense = dense.reshape(shape)
+    return LayerChoice(plans, dense=dense if "dense" in plans else None, csr=csr if "csr" in plans else None)
+
+
 def fixed_choice(kind: str, weight: CodebookWeight, shape: tuple[int, ...] | None = None) -> LayerChoice:
     """Every range running `kind` (no measurement); `shape` is a convolution's weight shape.
 

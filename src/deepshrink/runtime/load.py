@@ -29,7 +29,7 @@ from deepshrink.errors import ConfigError, FormatError
 from deepshrink.layers import called_by_its_parents, matching
 from deepshrink.loading import check_tensors_fit, model_for
 from deepshrink.runtime.bench import example_inputs
-from deepshrink.runtime.choice import LayerChoice, measure_conv, measure_linear
+from deepshrink.runtime.choice import LayerChoice, choice_like, measure_conv, measure_linear, measurement_key
 from deepshrink.runtime.forms import CodebookWeight
 from deepshrink.runtime.kernels import csr_from_layout
 from deepshrink.runtime.modules import SPARSE_DENSITY_LIMIT, CompressedConv2d, CompressedLinear
@@ -185,6 +185,7 @@ def load_runtime(
     state: dict[str, torch.Tensor] = {}
     compressed: dict[str, CodebookWeight] = {}
     choices: dict[str, LayerChoice] = {}
+    measured: dict[tuple, LayerChoice] = {}  # by measurement_key: layers alike are timed once
     # A "same" record (one tensor under two names) reuses the parts of the record it names; only
     # those are kept past their own record, so a large file's parts are not all held at once.
     by_name = {record["name"]: record for record in checked.records}
@@ -213,11 +214,17 @@ def load_runtime(
         if runs_sparse and isinstance(layer, nn.Conv2d) and layer.groups != 1:
             runs_sparse = False  # grouped convolutions run dense
         if runs_sparse and layer_mode == "auto":  # which product each batch range runs
-            choices[owner] = (
-                measure_conv(weight, layer, input_sizes[layer])
-                if isinstance(layer, nn.Conv2d)
-                else measure_linear(weight)
-            )
+            convolution = isinstance(layer, nn.Conv2d)
+            geometry = (input_sizes[layer], layer.stride, layer.padding, layer.dilation) if convolution else ()
+            key = measurement_key(weight, *geometry)
+            if key in measured:
+                choices[owner] = choice_like(measured[key], weight, layer.weight.shape if convolution else None)
+            else:
+                if convolution:
+                    choices[owner] = measure_conv(weight, layer, input_sizes[layer])
+                else:
+                    choices[owner] = measure_linear(weight)
+                measured[key] = choices[owner]
             runs_sparse = not choices[owner].all_dense
         if runs_sparse:
             compressed[owner] = weight
