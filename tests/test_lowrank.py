@@ -340,3 +340,21 @@ def test_layers_whose_weights_attention_reads_as_tensors_are_not_factored(tmp_pa
     decoded, _ = deepshrink.load_compressed(result.path, _TokenEncoder())
     with torch.no_grad():  # eval mode without gradients: the encoder layer's fast path
         assert decoded.eval()(torch.as_tensor(tokens[:4])).shape == (4, 3)
+
+
+def test_the_figure_6_sweep_skips_an_svd_budget_the_factorable_layers_cannot_meet():
+    """Most of a transformer's arithmetic is in attention, which is not factored: a 5% budget
+    is out of reach. It is listed as skipped, and the sweep's other points are drawn."""
+    import deepshrink
+    from deepshrink.recipe import EncodeSettings, TradeoffSettings
+    from deepshrink.stages import Loaders
+    from deepshrink.tradeoff import tradeoff_curves
+
+    torch.manual_seed(0)
+    tokens = np.random.default_rng(0).integers(0, 20, (200, 8))
+    data = deepshrink.load_arrays({"x": tokens, "y": tokens[:, 0] % 3}, validation=40)
+    settings = TradeoffSettings(sparsities=[0.5], bits=[4], svd_budgets=[0.05, 0.9], retrain_epochs=0)
+    curves = tradeoff_curves(_TokenEncoder(), settings, EncodeSettings(), Loaders.from_splits(data), progress=False)
+    assert [(point["method"], point["setting"]) for point in curves["skipped"]] == [("SVD", "5% of the MACs")]
+    assert "cannot be met" in curves["skipped"][0]["reason"]
+    assert {point["method"] for point in curves["points"]} >= {"pruning only", "quantization only", "SVD"}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from deepshrink.encode.sizes import encoded_bytes, parameter_bytes, sparse_fp32_bytes
+from deepshrink.errors import ConfigError
 from deepshrink.progress import progress_bar
 from deepshrink.recipe import EncodeSettings, TradeoffSettings
 from deepshrink.stages import LowrankSettings, PruneSettings, QuantizeSettings, StageContext, run_stage
@@ -57,12 +58,15 @@ def tradeoff_curves(
         progress: show a progress bar.
 
     Returns:
-        {"metric_name", "reference_metric", "parameter_bytes", "points"}, the points as above.
+        {"metric_name", "reference_metric", "parameter_bytes", "points", "skipped"}, the points
+        as above; "skipped" lists {method, setting, reason} for the SVD budgets the model's
+        factorable layers cannot meet (a transformer's arithmetic is mostly in attention, which
+        low-rank leaves alone), where one such budget stopped the whole sweep.
     """
     task = resolve_task(task)
     original = parameter_bytes(reference)
     reference_metric = evaluate(reference, loaders.test, device, task).metric
-    points = []
+    points, skipped = [], []
     context = StageContext(loaders, seed=seed, device=device, progress=False, task=task, batchnorm=batchnorm)
 
     def add(method: str, setting: str, model: nn.Module, size: int) -> None:
@@ -112,13 +116,17 @@ def tradeoff_curves(
             run_stage(model, soft, context)
             add("soft weight-sharing", f"tau {value:g}", model, encoded_bytes(model, encode))
         else:
-            run_stage(
-                model, LowrankSettings(budget=value, method="pos", finetune_epochs=epochs, learning_rate=rate), context
-            )
+            lowrank = LowrankSettings(budget=value, method="pos", finetune_epochs=epochs, learning_rate=rate)
+            try:
+                run_stage(model, lowrank, context)
+            except ConfigError as error:  # this budget is out of reach; the others still count
+                skipped.append({"method": "SVD", "setting": f"{100 * value:g}% of the MACs", "reason": str(error)})
+                continue
             add("SVD", f"{100 * value:g}% of the MACs", model, parameter_bytes(model))
     return {
         "metric_name": task.metric.name,
         "reference_metric": reference_metric,
         "parameter_bytes": original,
         "points": points,
+        "skipped": skipped,
     }

@@ -368,6 +368,8 @@ def _figure_lines(result, figures: dict[str, str], tradeoff: dict | None) -> lis
             for point in tradeoff["points"]
         ]
         lines += ["Figure 6 data:", "", render_table(header, body, markdown=True), ""]
+        for point in tradeoff.get("skipped", []):
+            lines += [f"Not drawn: {point['method']} at {point['setting']} ({point['reason']}).", ""]
     return lines
 
 
