@@ -361,7 +361,12 @@ def select_pos(spectra: dict[str, LayerSpectrum], budget: float, resolution: int
         best = updated
         choices.append((options, picked))
     if not np.isfinite(best[resolution]):
-        raise ConfigError(f"a budget of {budget} of the MACs cannot be met even at rank 1 everywhere")
+        # The least each layer can cost: rank 1, or dense where rank 1 costs more (a thin layer).
+        least = sum(min(spectrum.dense_macs, spectrum.factored_macs(1)) for spectrum in spectra.values()) / dense
+        raise ConfigError(
+            f"a budget of {budget} of the MACs cannot be met even at rank 1 everywhere: the layers low-rank can "
+            f"factor ({len(spectra)}) cost at least {least:.3g} of their MACs; give a budget above that"
+        )
     ranks: dict[str, int | None] = {}
     remaining = resolution
     for name, (options, picked) in zip(reversed(names), reversed(choices), strict=True):
