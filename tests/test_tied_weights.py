@@ -296,3 +296,36 @@ def test_a_tied_model_saves_as_a_checkpoint_and_loads_back_tied(tmp_path):
     loaded = load_state_into(TiedLanguageModel(), load_checkpoint(tmp_path / "tied.safetensors"), "tied")
     assert loaded.out.weight is loaded.embed.weight
     assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in loaded.state_dict().items())
+
+
+def test_the_runtime_keeps_a_tie_to_an_embedding_as_one_dense_tensor(tmp_path, monkeypatch):
+    """In auto mode an output layer tied to an embedding runs on the embedding's dense tensor
+    (the embedding needs it dense), not on a compressed copy beside it: it is not even timed."""
+    from deepshrink.prune.masks import sparsity_mask
+    from deepshrink.prune.module import apply_masks
+    from deepshrink.quantize.shared import share_weights
+    from deepshrink.runtime import load as runtime_load
+
+    def wide():
+        model = TiedLanguageModel(width=256)
+        model.embed, model.out = nn.Embedding(2000, 256), nn.Linear(256, 2000, bias=False)
+        model.out.weight = model.embed.weight
+        return model
+
+    torch.manual_seed(0)
+    model = wide()
+    apply_masks(model, {"embed": sparsity_mask(model.embed.weight, 0.9), "mix": sparsity_mask(model.mix.weight, 0.9)})
+    share_weights(model, {"*": 4})
+    path = deepshrink.save_compressed(model, tmp_path / "tied.dcz", model_name="tied")
+    timed = []
+    original = runtime_load.measure_linear
+    monkeypatch.setattr(runtime_load, "measure_linear", lambda weight: timed.append(weight.shape) or original(weight))
+    running = deepshrink.load_runtime(path, wide())
+    assert (2000, 256) not in timed  # the tied output layer was not considered for its compressed form
+    assert type(running.out) is nn.Linear and running.out.weight is running.embed.weight
+    decoded, _ = deepshrink.load_compressed(path, wide())
+    inputs = torch.randint(0, 2000, (4, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(running(inputs), decoded.eval()(inputs), rtol=1e-5, atol=1e-5)
+    forced = deepshrink.load_runtime(path, wide(), mode="sparse")  # asked for: compressed, for the memory
+    assert type(forced.out).__name__ == "CompressedLinear"

@@ -190,6 +190,19 @@ def load_runtime(
     # those are kept past their own record, so a large file's parts are not all held at once.
     by_name = {record["name"]: record for record in checked.records}
     named = {record["as"] for record in checked.records if record["encoding"] == "same"}
+    # One tensor under several names (tied weights): where one holder must hold it dense (an
+    # Embedding reads its rows), every holder runs dense on that one tensor, rather than a
+    # Linear keeping a compressed copy beside it.
+    holders: dict[str, list[str]] = {}
+    for record in checked.records:
+        if record["encoding"] == "same":
+            holders.setdefault(record["as"], [record["as"]]).append(record["name"])
+    dense_ties = {
+        name
+        for group in holders.values()
+        if not all(member.endswith(".weight") and member.removesuffix(".weight") in replaceable for member in group)
+        for name in group
+    }
     kept: dict[str, torch.Tensor | SharedParts] = {}
     for record in checked.records:
         name = record["name"]
@@ -209,7 +222,11 @@ def load_runtime(
         layer_mode = _mode_for(owner, modes)
         runs_sparse = layer is not None and (
             layer_mode == "sparse"
-            or (layer_mode == "auto" and _may_run_compressed(weight, layer, density_limit, input_sizes))
+            or (
+                layer_mode == "auto"
+                and name not in dense_ties
+                and _may_run_compressed(weight, layer, density_limit, input_sizes)
+            )
         )
         if runs_sparse and isinstance(layer, nn.Conv2d) and layer.groups != 1:
             runs_sparse = False  # grouped convolutions run dense
