@@ -438,3 +438,20 @@ def test_statistics_count_layers_of_unknown_types_as_dense_maps():
             return (values @ self.weight).sum(-1, keepdim=True)
 
     assert layer_statistics(Odd(), torch.ones(2, 4))[0].multiply_accumulates == 0
+
+
+def test_statistics_count_the_weights_attention_reads_as_tensors():
+    """MultiheadAttention's out_proj never runs its own forward, and in eval mode without
+    gradients a Transformer layer's fast path runs none of its children: each weight is counted
+    once per position all the same (batch 2, 9 positions of width 16)."""
+    model = Attention()
+    rows = {row.name: row.multiply_accumulates for row in layer_statistics(model, example(model, batch=2))}
+    positions = 9
+    for block in ("encoder.layers.0", "encoder.layers.1"):
+        assert rows[f"{block}.self_attn.in_proj_weight"] == 3 * 16 * 16 * positions
+        assert rows[f"{block}.self_attn.out_proj"] == 16 * 16 * positions
+        assert rows[f"{block}.linear1"] == 16 * 32 * positions
+        assert rows[f"{block}.linear2"] == 32 * 16 * positions
+    assert rows["cross.out_proj"] == 16 * 16 * positions
+    assert rows["cross.q_proj_weight"] == 16 * 16 * positions
+    assert rows["head"] == 16 * 3

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from deepshrink.inputs import Inputs, call, count, to_device
-from deepshrink.layers import Weight, compressible_weights
+from deepshrink.layers import READS_CHILD_WEIGHTS, Weight, compressible_weights
 from deepshrink.tables import render_table
 
 
@@ -75,15 +75,33 @@ def _multiply_accumulates(model: nn.Module, example_input: Inputs) -> dict[str, 
         for holder in holders:
             by_module.setdefault(id(holder.module), (holder.module, []))[1].append((weight.name, holder))
 
+    fired: set[int] = set()
+
     def record(module, inputs, output):
+        fired.add(id(module))
         output = output[0] if isinstance(output, tuple) else output
         for name, holder in by_module[id(module)][1]:
             macs = _weight_macs(holder, inputs, output) // max(examples, 1)
             counts[name] = counts.get(name, 0) + macs
 
+    # Attention and Transformer layers read their children's weights as tensors (and, on their
+    # fast path, their own): a holder whose forward never ran is counted at the innermost such
+    # module around it, each weight once per vector of that module's first input.
+    positions: dict[str, int] = {}
+    readers = {name: module for name, module in model.named_modules() if isinstance(module, READS_CHILD_WEIGHTS)}
+
+    def record_positions(name):
+        def hook(module, inputs, output):
+            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 1:
+                positions[name] = positions.get(name, 0) + _vectors(inputs[0], inputs[0].shape[-1])
+
+        return hook
+
     examples = count(example_input)
     for module, _ in by_module.values():
         handles.append(module.register_forward_hook(record))
+    for name, module in readers.items():
+        handles.append(module.register_forward_hook(record_positions(name)))
     training = model.training
     try:  # in eval mode: a forward pass in training mode would move BatchNorm's statistics
         with torch.no_grad():
@@ -92,6 +110,14 @@ def _multiply_accumulates(model: nn.Module, example_input: Inputs) -> dict[str, 
         model.train(training)
         for handle in handles:
             handle.remove()
+    for module, holders in by_module.values():
+        if id(module) in fired:
+            continue
+        for name, holder in holders:
+            around = [reader for reader in positions if reader == "" or holder.module_name.startswith(f"{reader}.")]
+            if around and isinstance(module, nn.Linear | nn.MultiheadAttention):
+                innermost = max(around, key=len)
+                counts[name] = counts.get(name, 0) + holder.value.numel() * positions[innermost] // max(examples, 1)
     return counts
 
 
