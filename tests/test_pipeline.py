@@ -174,14 +174,20 @@ def test_compress_refuses_what_it_cannot_use(trained, small_data, tmp_path):
         run(trained, {"model": "lenet-300-100"}, [1, 2], run_dir=tmp_path)
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch):
-    """The README's bring-your-own-model example, exactly as printed there."""
+def run_readme_example(first_line: str, tmp_path, monkeypatch):
+    """The README's Python block that starts with `first_line`, run as printed there in
+    `tmp_path`; its `result`."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = re.search(r"```python\n(# Bring your own model.*?)```", readme, re.S).group(1)
+    block = re.search(rf"```python\n({re.escape(first_line)}.*?)```", readme, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    result = namespace["result"]
+    return namespace["result"]
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's bring-your-own-model example, exactly as printed there."""
+    result = run_readme_example("# Bring your own model", tmp_path, monkeypatch)
     assert result.path.is_file() and result.ratio > 10
     assert result.compressed_metric > 0.6
 
@@ -189,12 +195,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
 def test_readme_example_that_is_not_an_image_classifier_runs(tmp_path, monkeypatch):
     """The README's multi-label signal example with BatchNorm, exactly as printed there: 5x
     smaller at 80% pruned and 5 bits (a small model: its biases are a large share), within 1%."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = re.search(r"```python\n(# A model that is not an image classifier.*?)```", readme, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    result = namespace["result"]
+    result = run_readme_example("# A model that is not an image classifier", tmp_path, monkeypatch)
     assert result.task == "multilabel" and result.metric_name == "label accuracy"
     assert result.ratio > 5 and result.reference_metric > 0.95
     assert result.compressed_metric >= 0.99 * result.reference_metric
@@ -305,11 +306,6 @@ def test_relaxed_lowrank_stage_scores_candidates_with_the_final_loss(monkeypatch
 
 def test_readme_example_of_a_model_with_two_inputs_runs(tmp_path, monkeypatch):
     """The README's transformer encoder with an attention mask, exactly as printed there."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = re.search(r"```python\n(# A model that takes token ids and an attention mask.*?)```", readme, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    result = namespace["result"]
+    result = run_readme_example("# A model that takes token ids and an attention mask", tmp_path, monkeypatch)
     assert result.reference_metric > 0.9 and result.ratio > 4
     assert result.compressed_metric >= result.reference_metric - 0.03

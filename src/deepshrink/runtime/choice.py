@@ -196,11 +196,11 @@ def measurement_key(weight: CodebookWeight, *context) -> tuple:
 
 
 def choice_like(measured: LayerChoice, weight: CodebookWeight, shape: tuple[int, ...] | None = None) -> LayerChoice:
-    """The plans measured on another layer alike (`measurement_key`), for `weight`: its own torch
-    forms for the kinds the plans use, no seconds (this layer was not timed).
+    """The plans measured on another layer alike (`measurement_key`), or fixed ones, for
+    `weight`: its own torch forms for the kinds the plans use, no seconds (this layer was not timed).
 
     Args:
-        measured: the alike layer's choice.
+        measured: the alike layer's choice (its plans are what count).
         weight: this layer's compressed weight.
         shape: a convolution's weight shape.
 
@@ -227,14 +227,7 @@ def fixed_choice(kind: str, weight: CodebookWeight, shape: tuple[int, ...] | Non
     Returns:
         The LayerChoice, with the torch form it needs.
     """
-    if kind == "compressed":
-        return LayerChoice(("compressed",) * len(BATCH_RANGES))
-    dense, csr = _torch_forms(weight)
-    if shape is not None:
-        dense = dense.reshape(shape)
-    return LayerChoice(
-        (kind,) * len(BATCH_RANGES), dense=dense if kind == "dense" else None, csr=csr if kind == "csr" else None
-    )
+    return choice_like(LayerChoice((kind,) * len(BATCH_RANGES)), weight, shape)
 
 
 def resident_bytes(choice: LayerChoice) -> int:
