@@ -249,6 +249,26 @@ def test_arrays_in_memory_split_as_their_file_does(tmp_path):
         deepshrink.load_arrays(arrays["x"])
 
 
+def test_run_takes_the_arrays_themselves_and_splits_them_as_load_arrays_does(tmp_path):
+    """`deepshrink.run(model, recipe, {"x": ..., "y": ...})`: the same file, bytes and all, as
+    from `load_arrays` of the same dict with the split `deepshrink run --data FILE` uses."""
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(300, 12)).astype(np.float32), "y": rng.integers(0, 3, 300)}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3))
+    recipe = {
+        "seed": 0,
+        "prune": {"sparsity": {"*": 0.5}, "rounds": 1, "retrain_epochs": 1},
+        "quantize": {"bits": {"*": 4}},
+    }
+    given = deepshrink.run(model, recipe, arrays, run_dir=tmp_path / "given", progress=False)
+    loaded = deepshrink.run(model, recipe, deepshrink.load_arrays(arrays), run_dir=tmp_path / "loaded", progress=False)
+    assert given.path.read_bytes() == loaded.path.read_bytes()
+    assert given.compressed_metric == loaded.compressed_metric
+    with pytest.raises(ConfigError, match="or a dict of arrays, got list"):
+        deepshrink.run(model, recipe, [arrays["x"], arrays["y"]], run_dir=tmp_path / "list", progress=False)
+
+
 def test_pickled_arrays_are_refused(tmp_path):
     path = tmp_path / "data.npz"
     np.savez(path, x=np.array([{"a": 1}, {"b": 2}], dtype=object))

@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from deepshrink import distributed
 from deepshrink import inputs as batch_inputs
 from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpoint
-from deepshrink.data import DataSplits
+from deepshrink.data import DataSplits, load_arrays
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.files import atomic_output
@@ -231,7 +231,9 @@ def input_metadata(shape: tuple[int, ...] | None, dtype: str, names: tuple[str, 
     return recorded | ({"input_dtype": dtype} if shape and dtype != "float32" else {})
 
 
-def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Module, task: Task, device) -> _Data:
+def _prepare_data(
+    data: DataSplits | Loaders | Mapping | None, recipe: Recipe, reference: nn.Module, task: Task, device
+) -> _Data:
     """Loaders over the user's data; inputs without targets get the reference model's outputs
     made into targets by the task (the label-free path: retraining reproduces the original).
     No data at all (None): no loaders, and the stages work without retraining."""
@@ -250,10 +252,12 @@ def _prepare_data(data: DataSplits | Loaders, recipe: Recipe, reference: nn.Modu
         names = tuple(name for name, _ in batch_inputs.tensors(inputs)) if inputs is not None else ()
         several = inputs is not None and batch_inputs.is_several(inputs)
         return _Data(data, ["user loaders"], "your data", input_names=names if several else None)
+    if isinstance(data, Mapping):  # the arrays themselves, split as `deepshrink run --data FILE` splits a file
+        data = load_arrays(data, 0.1, seed=0, train_subset=recipe.data.train_subset)
     if not isinstance(data, DataSplits):
         raise ConfigError(
-            "data should be a DataSplits (deepshrink.load_data() or load_arrays()) or Loaders, "
-            f"got {type(data).__name__}"
+            "data should be a DataSplits (deepshrink.load_data() or load_arrays()), Loaders or a dict of "
+            f"arrays, got {type(data).__name__}"
         )
     check_runs_on(reference, batch_inputs.inputs_of(data.train), device)
     targets = "given"
@@ -441,7 +445,7 @@ def _fold(reference: nn.Module, loaders: Loaders, device) -> list:
 def run(
     model: nn.Module,
     recipe: Recipe | str | os.PathLike | dict,
-    data: DataSplits | Loaders | None,
+    data: DataSplits | Loaders | Mapping | None,
     *,
     run_dir: str | os.PathLike | None = None,
     model_name: str | None = None,
@@ -458,7 +462,8 @@ def run(
             so the file loads into the plain model.
         recipe: a Recipe, a YAML file, a shipped recipe's name ("lenet-5") or a dict.
         data: a DataSplits (from deepshrink.load_data or load_arrays; inputs without targets
-            get targets from the model's own outputs) or your own loaders
+            get targets from the model's own outputs), the arrays themselves ({"x": ..., "y": ...},
+            as `load_arrays` takes them: 10% of `x` held out for validation, seed 0) or your own loaders
             (`deepshrink.Loaders.fixed(train, validation, test)`; cached stages then assume the
             same data on a rerun), or None: no data, so pruning and sharing run without
             retraining, nothing is measured, and the report says so.

@@ -622,17 +622,27 @@ def _calibrated_to_size(
 
     The size model is an estimate: choose under a budget, encode, and scale the budget by how
     far the estimate was, until the file lands between 1 - 2 margins and 1 - 1 margin of the
-    goal (retraining moves it a little) or the choice stops changing.
+    goal (retraining moves it a little) or the choice stops changing. Of the choices measured,
+    the largest file within 1 - 1 margin of the goal is kept, else the largest within the goal,
+    else the smallest: on a small model the choices are coarse and the estimate's error is not
+    monotone in the budget, so the last choice tried can be the only one over the goal.
     """
-    budget, chosen, measured = goal - fixed, None, None
+    budget, chosen, tried = goal - fixed, None, []
     for _ in range(6):  # the budget stays positive: each step scales it by a positive factor
         previous, chosen = chosen, choose(options, size_budget=budget)
         if chosen == previous:
             break  # the budget moved too little to change anything
         measured = measure(chosen)
+        tried.append((measured, chosen))
         if (1 - 2 * RETRAINING_MARGIN) * goal <= measured <= (1 - RETRAINING_MARGIN) * goal:
             break
         budget *= (1 - 1.5 * RETRAINING_MARGIN) * goal / measured
+    for limit in ((1 - RETRAINING_MARGIN) * goal, goal):
+        within = [entry for entry in tried if entry[0] <= limit]
+        if within:
+            measured, chosen = max(within, key=lambda entry: entry[0])
+            return chosen, measured
+    measured, chosen = min(tried, key=lambda entry: entry[0])
     return chosen, measured
 
 
