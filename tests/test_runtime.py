@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 import tracemalloc
 
 import numpy as np
@@ -483,7 +484,8 @@ def assert_fastest_measured(layer: nn.Module) -> bool:
     assert choice.seconds, "auto mode measures"
     kinds = KINDS if isinstance(layer, CompressedLinear) else ("compressed", "dense")
     assert {kind for kind, _ in choice.seconds} == set(kinds)
-    for plan, (_, batch) in zip(choice.plans, BATCH_RANGES, strict=True):
+    batches = sorted({batch for _, batch in choice.seconds})  # one per range, as timed (representative_batch)
+    for plan, batch in zip(choice.plans, batches, strict=True):
         assert choice.seconds[(plan, batch)] == min(choice.seconds[(kind, batch)] for kind in kinds)
     assert not choice.all_dense
     assert (choice.dense is not None) == ("dense" in choice.plans)
@@ -810,6 +812,44 @@ def test_the_two_fastest_kinds_are_timed_again_when_close(monkeypatch):
     timed.clear()
     assert choice._measure(layers, (4,)).plans == ("csr",) * ranges
     assert set(timed.values()) == {ranges * choice.ROUNDS}
+
+
+def test_a_kind_far_behind_on_long_calls_is_out_after_its_sizing_call():
+    """Where a call takes LONG_CALL_SECONDS or more, a kind over DECISIVE times the fastest on
+    its sizing call is not timed in rounds: one warm-up call and one sizing call a range (a
+    ResNet-18's compressed convolutions through im2col were timed 19 times a range before).
+    The kinds within DECISIVE are timed in rounds as before."""
+    from collections import Counter
+
+    from deepshrink.runtime import choice
+
+    pause = {"compressed": 12 * choice.LONG_CALL_SECONDS, "csr": 1.1 * choice.LONG_CALL_SECONDS}
+    pause["dense"] = choice.LONG_CALL_SECONDS
+    called = Counter()
+
+    def layer(kind):
+        def call(inputs):
+            called[kind] += 1
+            time.sleep(pause[kind])
+
+        return call
+
+    measured = choice._measure({kind: layer(kind) for kind in pause}, (4,))
+    ranges = len(BATCH_RANGES)
+    assert called["compressed"] == 2 * ranges
+    assert called["dense"] > 2 * ranges + choice.ROUNDS and called["csr"] > 2 * ranges + choice.ROUNDS
+    assert set(measured.plans) <= {"csr", "dense"}
+    for _, batch in BATCH_RANGES:
+        assert measured.seconds[("compressed", batch)] >= 12 * choice.LONG_CALL_SECONDS
+
+
+def test_the_large_batch_range_is_timed_on_fewer_examples_of_a_large_input():
+    from deepshrink.runtime.choice import LARGE_BATCH_ELEMENTS, representative_batch
+
+    assert [representative_batch(nominal, (784,)) for _, nominal in BATCH_RANGES] == [1, 8, 64]
+    assert representative_batch(64, (64, 56, 56)) == LARGE_BATCH_ELEMENTS // (64 * 56 * 56) == 20
+    assert representative_batch(64, (3, 512, 512)) == 17  # never below the large range's least
+    assert representative_batch(8, (3, 512, 512)) == 8
 
 
 @pytest.mark.parametrize("index_type", [np.uint16, np.int32])

@@ -20,6 +20,7 @@ for the ranges it wins, and its memory is counted in the layer's resident bytes.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -50,6 +51,14 @@ MORE_ROUNDS = 10
 # compiled code and fault in its pages: sized by the first call, the compressed form got one
 # call per round and lost batch 1 to dense in LeNet-300-100's fc1 at 2-4x its real time.
 WARMUP_CALLS = 3
+# A call at least this long is past what warming up is for (a kernel's first calls), and its
+# single timing is far above the timer's and the scheduler's noise: the warm-up stops after one
+# such call, and a kind whose one timed call took more than DECISIVE times the fastest kind's
+# is out without rounds. A ResNet-18 at 224x224 spent 95 of its 96 s of load timing its
+# convolutions through im2col (0.1 s a call at batch 64, 3-8x dense's) over and over.
+LONG_CALL_SECONDS = 0.005
+DECISIVE = 3.0
+LARGE_BATCH_ELEMENTS = 1 << 22  # values in the large-batch range's timed inputs, at most (representative_batch)
 
 
 def range_of(batch: int) -> int:
@@ -66,7 +75,8 @@ def range_of(batch: int) -> int:
 
 @dataclass
 class LayerChoice:
-    """The kind each batch range runs (`plans`), the seconds measured per (kind, batch size),
+    """The kind each batch range runs (`plans`), the seconds measured per (kind, batch size
+    timed: `representative_batch`),
     and the torch forms the plans need (the others are not kept)."""
 
     plans: tuple[str, ...]
@@ -95,27 +105,59 @@ def _time_rounds(layers: dict, inputs: torch.Tensor, calls: dict, rounds: dict, 
             rounds[kind].append(median_seconds(lambda layer=layer: layer(inputs), calls[kind], warmup=0))
 
 
+def representative_batch(nominal: int, input_size: tuple[int, ...]) -> int:
+    """The batch size timed for a range whose representative is `nominal`: that, or for the
+    large-batch range fewer examples where `nominal` of them would hold more than
+    LARGE_BATCH_ELEMENTS values (never fewer than the range's least, 17). By then a layer's time
+    is linear in the batch for every kind, so the ranking holds, at a third of the time and
+    memory for a ResNet's first convolutions at 224 x 224 (200,704 values an example).
+
+    Args:
+        nominal: the range's representative batch size (BATCH_RANGES).
+        input_size: one example's input shape.
+
+    Returns:
+        The batch size to time.
+    """
+    if nominal <= BATCH_RANGES[1][0]:
+        return nominal
+    elements = max(math.prod(input_size), 1)
+    return max(BATCH_RANGES[1][0] + 1, min(nominal, LARGE_BATCH_ELEMENTS // elements))
+
+
+def _seconds_of_one_call(layer, inputs: torch.Tensor) -> float:
+    started = time.perf_counter()
+    layer(inputs)
+    return time.perf_counter() - started
+
+
 def _measure(layers: dict, input_size: tuple[int, ...]) -> LayerChoice:
     """Time each kind's layer (the same layer with that kind in every range) at each range's
-    representative batch size; the fastest per range wins, ties to the earlier kind."""
+    representative batch size; the fastest per range wins, ties to the earlier kind. Where
+    one call takes LONG_CALL_SECONDS or more, a kind more than DECISIVE times slower than the
+    fastest on its one sizing call keeps that call's time and is not timed in rounds."""
     kinds = tuple(layers)
     generator = torch.Generator().manual_seed(0)
     seconds: dict[tuple[str, int], float] = {}
     plans = []
     with torch.no_grad():
-        for _, batch in BATCH_RANGES:
+        for _, nominal in BATCH_RANGES:
+            batch = representative_batch(nominal, input_size)
             inputs = torch.randn(batch, *input_size, generator=generator)
-            calls = {}
+            calls, once = {}, {}
             for kind, layer in layers.items():  # warm up, then size the rounds by one more call
                 for _ in range(WARMUP_CALLS):
-                    layer(inputs)
-                started = time.perf_counter()
-                layer(inputs)
-                once = max(time.perf_counter() - started, 1e-7)
-                calls[kind] = int(min(max(MEASURE_SECONDS / once, 1), MAXIMUM_CALLS))
-            rounds: dict[str, list[float]] = {kind: [] for kind in kinds}
-            _time_rounds({kind: layers[kind] for kind in kinds}, inputs, calls, rounds, ROUNDS)
-            ranked = sorted(kinds, key=lambda kind: statistics.median(rounds[kind]))
+                    if _seconds_of_one_call(layer, inputs) >= LONG_CALL_SECONDS:
+                        break
+                once[kind] = max(_seconds_of_one_call(layer, inputs), 1e-7)
+                calls[kind] = int(min(max(MEASURE_SECONDS / once[kind], 1), MAXIMUM_CALLS))
+            fastest = min(once.values())
+            decided = fastest >= LONG_CALL_SECONDS
+            contenders = [kind for kind in kinds if not decided or once[kind] <= DECISIVE * fastest]
+            rounds: dict[str, list[float]] = {kind: [once[kind]] for kind in kinds if kind not in contenders}
+            rounds |= {kind: [] for kind in contenders}
+            _time_rounds({kind: layers[kind] for kind in contenders}, inputs, calls, rounds, ROUNDS)
+            ranked = sorted(contenders, key=lambda kind: statistics.median(rounds[kind]))
             if len(ranked) > 1 and statistics.median(rounds[ranked[1]]) < CLOSE * statistics.median(rounds[ranked[0]]):
                 _time_rounds({kind: layers[kind] for kind in ranked[:2]}, inputs, calls, rounds, MORE_ROUNDS)
             for kind in kinds:
