@@ -173,6 +173,7 @@ def test_a_ratio_target_is_met_and_the_report_says_what_was_chosen(reference, sm
         "sparsities": defaults.sparsities,
         "bits": defaults.bits,
         "convolution_min_bits": 4,
+        "examples": 10_000,
     }
     assert written["recipe"]["prune"]["sparsity"] == result.plan.sparsity
     report = (tmp_path / "report.md").read_text()
@@ -203,6 +204,37 @@ def test_the_report_says_when_retraining_left_the_file_short_of_its_ratio():
     }
     assert "short of the target's 8x" in lines[7.89]
     assert "short of" not in lines[8.5]
+
+
+def test_the_plan_measures_on_at_most_its_examples_and_the_report_says_so(reference, small_data, tmp_path, monkeypatch):
+    """Each of the plan's measurements (hundreds on a large model) runs on the validation split's
+    first `examples` examples, not the whole split; the run's own metrics stay on the whole."""
+    from deepshrink import plan as plan_module
+    from deepshrink.train import FirstExamples, evaluate
+
+    seen = []
+
+    def counting(model, loader, device, task):
+        seen.append(sum(len(targets) for _, targets in loader))
+        return evaluate(model, loader, device, task).metric
+
+    monkeypatch.setattr(plan_module, "_evaluate", counting)
+    recipe = {
+        "seed": 0,
+        "prune": {"rounds": 1, "retrain_epochs": 1},
+        "quantize": {},
+        "target": {"ratio": 20, "examples": 700},
+    }
+    result = deepshrink.run(reference, recipe, small_data, run_dir=tmp_path, progress=False)
+    assert len(seen) > 20 and set(seen) == {700}
+    assert len(small_data.validation) == 5000
+    assert "the validation split (its first 700 examples at most)" in (tmp_path / "report.md").read_text()
+    assert result.ratio >= 20
+    loader = deepshrink.make_loader(small_data.validation, 256, shuffle=False)
+    assert [len(targets) for _, targets in FirstExamples(loader, 600)] == [256, 256, 88]
+    assert sum(len(targets) for _, targets in FirstExamples(loader, 10**6)) == 5000
+    dicts = [{"x": inputs, "labels": targets} for inputs, targets in loader]
+    assert [tuple(inputs["x"].shape) for inputs, _ in FirstExamples(dicts, 300)] == [(256, 1, 28, 28), (44, 1, 28, 28)]
 
 
 def test_a_metric_budget_is_met(reference, small_data, tmp_path):

@@ -52,6 +52,7 @@ from deepshrink.tasks import Task, resolve_task
 from deepshrink.train import (
     INPUT_NAMES_KEY,
     OUTPUT_KEY,
+    FirstExamples,
     check_runs_on,
     evaluate,
     inputs_and_targets,
@@ -393,9 +394,11 @@ def _planned(
             return model
 
         after_pruning = reference is not None
+        # Each rank's loader holds every N-th example: together they make the first `examples`.
+        validation = FirstExamples(loaders.validation, -(-recipe.target.examples // distributed.world_size()))
         plan = plan_settings(
             model,
-            loaders.validation,
+            validation,
             task,
             recipe.target,
             prune=recipe.prune is not None and not after_pruning,
@@ -406,7 +409,7 @@ def _planned(
             progress=progress,
             # After pruning the quantize stage's model is already folded.
             before_sharing=folded if recipe.batchnorm == "fold" and not after_pruning else None,
-            reference_metric=evaluate(reference, loaders.validation, device, task).metric if after_pruning else None,
+            reference_metric=evaluate(reference, validation, device, task).metric if after_pruning else None,
             file_metadata=metadata,
         )
         if distributed.is_main_process():

@@ -67,6 +67,14 @@ class TargetSettings:
     # back less than retraining wins back after pruning (a 1-D CNN at 10x: -2.5% with 2-3-bit
     # convolutions, +0.3% with 4 bits and pruning).
     convolution_min_bits: int = field(default=4, metadata=between(1, 16, help="the fewest bits a convolution takes"))
+    # The plan evaluates the validation split a few hundred times (each layer at each candidate,
+    # then the calibration): a split of 100,000 images would take hours, so it measures on the
+    # first ones. The paper's LeNets validate on 5,000, all of them used.
+    examples: int = field(
+        default=10_000,
+        metadata=between(1, help="at most this many validation examples in each of the plan's measurements")
+        | {"recorded_when_set": True},
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -461,7 +469,7 @@ def plan_settings(
 
     Args:
         model: the trained model; not changed.
-        loader: the validation loader.
+        loader: the validation loader (the pipeline gives its first `target.examples` examples).
         task: the task whose metric the target's drop is measured in.
         target: the ratio or the largest metric drop.
         prune: whether the recipe prunes; without it, sparsity stays 0.

@@ -586,6 +586,31 @@ def inputs_and_targets(batch) -> tuple[Inputs, torch.Tensor]:
     )
 
 
+class FirstExamples:
+    """The first `count` examples of a loader's batches, as batches (the last one cut short):
+    what a measurement repeated hundreds of times runs on, where the whole split would take hours.
+
+    Args:
+        loader: batches as `inputs_and_targets` reads them.
+        count: the examples to give, at least 1.
+    """
+
+    def __init__(self, loader, count: int) -> None:
+        self.loader = loader
+        self.count = count
+
+    def __iter__(self):
+        left = self.count
+        for batch in self.loader:
+            inputs, targets = inputs_and_targets(batch)
+            size = batch_inputs.count(inputs)
+            if size >= left:
+                yield batch_inputs.take(inputs, slice(0, left)), targets[:left]
+                return
+            yield inputs, targets
+            left -= size
+
+
 def freeze_batchnorm(model: nn.Module) -> None:
     """Put every BatchNorm layer of `model` in eval mode: its stored statistics normalise and stay
     as they are, while its scale and shift still train.

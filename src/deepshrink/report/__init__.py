@@ -177,17 +177,19 @@ def plan_lines(result) -> list[str]:
             f"{-plan.measured_drop:+.4f}; after retraining, the test {result.metric_name} changed by "
             f"{change(result)} ({result.ratio:.1f}x)."
         )
+    examples = plan.target.get("examples")
+    split = "the validation split" + (f" (its first {examples:,} examples at most)" if examples else "")
     if plan.after_pruning:
         how = (
             "Pruning learned each layer's sparsity; after it, each layer was shared alone at each candidate "
-            f"width, and the {result.metric_name} measured on the validation split without retraining (the "
+            f"width, and the {result.metric_name} measured on {split} without retraining (the "
             "drops below, from the pruned model); the widths minimise the summed drop for the size (or the "
             "size for the drop). Estimated drop of the whole from the reference, pruning's included, before "
         )
     else:
         how = (
             "Each layer was pruned alone to each candidate sparsity and shared alone at each candidate width, "
-            f"and the {result.metric_name} measured on the validation split without retraining (the drops "
+            f"and the {result.metric_name} measured on {split} without retraining (the drops "
             "below); the settings minimise the summed drop for the size (or the size for the drop). "
             "Estimated drop of the whole, before "
         )

@@ -76,8 +76,7 @@ def range_of(batch: int) -> int:
 @dataclass
 class LayerChoice:
     """The kind each batch range runs (`plans`), the seconds measured per (kind, batch size
-    timed: `representative_batch`),
-    and the torch forms the plans need (the others are not kept)."""
+    timed: `representative_batch`), and the torch forms the plans need (the others are not kept)."""
 
     plans: tuple[str, ...]
     seconds: dict[tuple[str, int], float] = field(default_factory=dict)
