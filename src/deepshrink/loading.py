@@ -3,9 +3,9 @@ module the caller gives.
 
 A file may record its model's name, but a user factory (package.module:factory) named only by
 the file is never imported: importing runs code, so the caller must name it. The architecture a
-file's model had when it was written is rebuilt before any tensor loads: BatchNorm folded into
-the layers before it (`batchnorm_folded` metadata), then low-rank factored layers
-(`lowrank_structure`).
+file's model had when it was written is rebuilt before any tensor loads: low-rank factored layers
+(`lowrank_structure`) and BatchNorm folded into the layers before it (`batchnorm_folded`
+metadata), each pair once its layer exists.
 
 The parameters of a model built here are left as allocated, not initialised: every caller loads
 all of them from the file next (a file that lacks one is refused), and initialising VGG-16's
@@ -134,12 +134,31 @@ def model_for(
                 f"{source}: the file was made from model {name!r}, which is not registered here; pass the "
                 "nn.Module it was made from (model=...), a registered name or package.module:factory"
             ) from problem
-    apply_folding(model, metadata.get(FOLDED_KEY), error)
+    # A pair may name a layer the structure makes (the pipeline factors before it folds: a
+    # ResNet's `conv1.1` folds its `bn1`), or one it factors (folded first, by the per-stage
+    # commands): each pair is folded once its layer exists.
+    pairs = metadata.get(FOLDED_KEY)
+    before, after = _pairs_before_and_after_structure(model, pairs)
+    apply_folding(model, before, error)
     try:
         apply_structure(model, structure)
     except ConfigError as problem:
         raise error(f"{source}: {problem}") from problem
+    apply_folding(model, after, error)
     return model, name
+
+
+def _pairs_before_and_after_structure(model: nn.Module, pairs: object) -> tuple[object, object]:
+    """The folded pairs whose layer `model` has before its low-rank structure is rebuilt, and
+    the rest (anything malformed among them: `apply_folding` names it)."""
+    if not isinstance(pairs, list):
+        return pairs, None
+    modules = dict(model.named_modules())
+
+    def exists(pair) -> bool:
+        return isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and pair[0] in modules
+
+    return [pair for pair in pairs if exists(pair)], [pair for pair in pairs if not exists(pair)]
 
 
 def _already_factored(model: nn.Module, structure: dict | None) -> bool:

@@ -181,8 +181,8 @@ def layer_spectra(
         {layer name: LayerSpectrum}. A layer holding a tied weight is left out: factoring it
         would give it a matrix of its own, and the tie would be gone. So is a layer whose weight
         the module around it reads as a tensor (a MultiheadAttention's out_proj, a Transformer
-        layer's linear1 on its fast path: two factors in its place would never be called), and
-        one the example never reaches.
+        layer's linear1 on its fast path: two factors in its place would never be called), one
+        the example never reaches, and, unless named, a grouped convolution.
 
     Raises:
         ConfigError: an unknown scheme.
@@ -199,6 +199,9 @@ def layer_spectra(
         and (layers is None or name in layers)
         and name not in tied
         and called_by_its_parents(model, name)
+        # A grouped convolution (MobileNet's depthwise ones) has no one matrix to factor; one
+        # named in `layers` stays, and its factorization says so.
+        and (layers is not None or not (isinstance(layer, nn.Conv2d) and layer.groups != 1))
     }
     shapes: dict[str, tuple] = {}
     handles = [
