@@ -269,6 +269,66 @@ def test_encode_inspect_decode_round_trip(cli, tiny_checkpoint, tmp_path):
     assert (tmp_path / "distributions.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_stage_commands_run_without_data(cli, tiny_checkpoint, tmp_path):
+    """`--data none`: prune and share without retraining, and encode a checkpoint as it is, the
+    same tensors as with data (LeNet has no BatchNorm to fold; the data adds its input shape
+    to the header), measuring nothing; lowrank, which measures and fine-tunes, says it needs data."""
+    import torch
+
+    from deepshrink.compressed import read_state_dict
+
+    pruned, shared = tmp_path / "pruned.safetensors", tmp_path / "shared.safetensors"
+    none = ("--data", "none")
+    done = cli("prune", str(tiny_checkpoint), "--sparsity", "fc*=0.9", "--out", str(pruned), *none)
+    assert done.returncode == 0 and "nothing was measured: no data (--data none)" in done.stdout, done.stderr
+    assert cli("quantize", str(pruned), "--bits", "*=4", "--out", str(shared), *none).returncode == 0
+    alone = cli("encode", str(shared), "--out", str(tmp_path / "alone.dcz"), "--report-dir", str(tmp_path), *none)
+    assert alone.returncode == 0 and "nothing was measured" in alone.stdout, alone.stderr
+    assert cli("encode", str(shared), "--out", str(tmp_path / "measured.dcz")).returncode == 0
+    (alone_state, alone_metadata), (measured_state, measured_metadata) = (
+        read_state_dict(tmp_path / name) for name in ("alone.dcz", "measured.dcz")
+    )
+    assert alone_state.keys() == measured_state.keys()
+    assert all(torch.equal(alone_state[key], measured_state[key]) for key in alone_state)
+    assert "input_shape" not in alone_metadata and measured_metadata["input_shape"] == [1, 28, 28]
+    refused = cli("lowrank", str(tiny_checkpoint), "--out", str(tmp_path / "factored.safetensors"), *none)
+    assert refused.returncode == 3 and "it needs data" in refused.stderr
+
+
+COLOUR_NETWORK = """
+from torch import nn
+
+def colour():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+"""
+
+
+def test_a_stage_command_names_data_the_model_cannot_run_on(cli, tmp_path, monkeypatch):
+    """A user's model of colour images, given the default grey images (no --data): the stage
+    commands and sensitivity say the model cannot run on the data, where they crashed inside
+    their first evaluation as an internal error."""
+    import torch
+
+    import deepshrink
+
+    (tmp_path / "colours.py").write_text(COLOUR_NETWORK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from colours import colour  # noqa: PLC0415 - written by this test
+
+    model = colour()
+    model(torch.zeros(1, 3, 28, 28))  # sizes the lazy layer
+    checkpoint = deepshrink.save_checkpoint(tmp_path / "colour.safetensors", model, model_name="colours:colour")
+    arguments = ("--model", "colours:colour", "--out")
+    for command in (
+        ("prune", str(checkpoint), "--sparsity", "*=0.5", *arguments, str(tmp_path / "p.safetensors")),
+        ("encode", str(checkpoint), *arguments, str(tmp_path / "c.dcz")),
+        ("sensitivity", str(checkpoint), "--model", "colours:colour", "--out-dir", str(tmp_path / "s")),
+    ):
+        result = cli(*command)
+        assert result.returncode == 7, (command[0], result.stderr)  # a ModelError
+        assert "the model cannot run on the data" in result.stderr and "internal error" not in result.stderr
+
+
 def test_inspecting_a_file_that_is_not_dcz_is_a_clean_error(cli, tiny_checkpoint):
     result = cli("inspect", str(tiny_checkpoint))
     assert result.returncode == 5 and "not a .dcz file" in result.stderr and "Traceback" not in result.stderr

@@ -101,8 +101,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         help="an .npz or .safetensors file of arrays x (and y, x_test, y_test; x.NAME, x_test.NAME for a model that "
         "takes several inputs), package.module:function returning "
         "such arrays as a dict (or a deepshrink.DataSplits), or a directory of MNIST-format IDX files (default: "
-        "$DEEPSHRINK_DATA, then /usr/share/datasets/fashion-mnist); `run` also takes `none`: prune and share "
-        "without retraining, measuring nothing",
+        "$DEEPSHRINK_DATA, then /usr/share/datasets/fashion-mnist); `run`, `prune`, `quantize` and `encode` also "
+        "take `none`: prune and share without retraining, encode as it is, measuring nothing",
     )
     parser.add_argument(
         "--validation",
@@ -289,7 +289,8 @@ def _command_stage(args: argparse.Namespace) -> int:
 
     stage = stage_named(args.stage)
     settings = _stage_settings(args, stage.settings)
-    data = _load_data(args, getattr(args, "train_subset", None))
+    no_data = args.data is not None and str(args.data).lower() == "none"
+    data = None if no_data else _load_data(args, getattr(args, "train_subset", None))
     done = run_stage_on_checkpoint(
         args.checkpoint,
         settings,
@@ -307,7 +308,9 @@ def _command_stage(args: argparse.Namespace) -> int:
     summary = stage.summarize(done.model, done.result) if stage.summarize else ""
     print(summary)
     name = done.metric_name
-    if done.metric is None:
+    if done.reference_metric is None:
+        print("nothing was measured: no data (--data none)")
+    elif done.metric is None:
         print(f"test {name} of the input: {done.reference_metric:.4f}")
     elif stage.changes_model:
         print(

@@ -299,6 +299,7 @@ def sensitivity_of_checkpoint(
     built, loaded = load_model(checkpoint, model)
     select_output(built, output)
     splits = load_splits(data, validation)
+    check_runs_on(built, inputs_of(splits.validation), resolve_device(device))
     result = sensitivity_analysis(
         built,
         make_loader(splits.validation, 1000, shuffle=False),

@@ -654,7 +654,7 @@ class StageOnCheckpoint:
 
     model: nn.Module
     result: StageResult
-    reference_metric: float
+    reference_metric: float | None  # None without data
     metric: float | None
     path: Path
     metric_name: str = "top-1 accuracy"
@@ -728,7 +728,7 @@ def run_recipe(
 def run_stage_on_checkpoint(
     checkpoint: str | os.PathLike,
     settings,
-    data: DataSplits,
+    data: DataSplits | None,
     out: str | os.PathLike,
     *,
     model: nn.Module | str | None = None,
@@ -749,7 +749,9 @@ def run_stage_on_checkpoint(
     Args:
         checkpoint: the .safetensors checkpoint to start from.
         settings: the stage's settings (e.g. a PruneSettings); they choose the stage.
-        data: the data splits.
+        data: the data splits, or None (`--data none`): as in a run without data, pruning and
+            sharing work without retraining, BatchNorm is not folded and nothing is measured;
+            encoding needs none.
         out: the file to write.
         model: overrides the model the checkpoint names (a module, registered name or factory).
         task: as in a recipe (default: the checkpoint's, else classification).
@@ -786,29 +788,33 @@ def run_stage_on_checkpoint(
     if stage.changes_architecture and architecture.get(STRUCTURE_KEY):
         raise ConfigError(f"{checkpoint} is already factored; start from the unfactored model")
     loaded.to(device).eval()
-    if not data.labelled:
-        data = with_targets_from(data, loaded, task, device)
-    loaders = Loaders.from_splits(data)
-    reference_metric = evaluate(loaded, loaders.test, device, task).metric
+    loaders, reference_metric = None, None
+    if data is not None:
+        check_runs_on(loaded, batch_inputs.inputs_of(data.train), device)  # named before anything runs on it
+        if not data.labelled:
+            data = with_targets_from(data, loaded, task, device)
+        loaders = Loaders.from_splits(data)
+        reference_metric = evaluate(loaded, loaders.test, device, task).metric
     retraining = _retraining_mode(batchnorm)
     context = StageContext(loaders, seed=seed, device=device, progress=progress, task=task, batchnorm=retraining)
-    if stage.after_folding and batchnorm == "fold":
+    if stage.after_folding and batchnorm == "fold" and loaders is not None:  # folding checks outputs on data
         folded = _fold(loaded, loaders, device)
         architecture |= {FOLDED_KEY: architecture.get(FOLDED_KEY, []) + folded} if folded else {}
     if stage.changes_model:
         result = run_stage(loaded, settings, context)
-        metric = evaluate(loaded, loaders.test, device, task).metric
+        metric = evaluate(loaded, loaders.test, device, task).metric if loaders is not None else None
         metadata = stage_metadata(result, settings, architecture=architecture)
         metadata |= {"task": task.name, "reference_test_metric": reference_metric, "test_metric": metric}
         path = save_checkpoint(out, loaded.cpu(), model_name=name, metadata=metadata, protect=(checkpoint,))
         return StageOnCheckpoint(loaded, result, reference_metric, metric, Path(path), task.metric.name)
     context.output, context.model_name, context.protect = Path(out), name, (checkpoint,)
     context.metadata = {"source": Path(checkpoint).name, **source.metadata, **architecture, "task": task.name}
-    context.metadata |= input_metadata(data.input_shape, data.input_dtype, data.input_names)
+    if data is not None:
+        context.metadata |= input_metadata(data.input_shape, data.input_dtype, data.input_names)
     context.metadata |= {OUTPUT_KEY: output} if output is not None else {}
     result = run_stage(loaded, settings, context)
     metric = None
-    if evaluate_output:  # the metric that counts: of the model decoded from the written file
+    if evaluate_output and loaders is not None:  # the metric that counts: of the model decoded from the written file
         from deepshrink.compressed import load_compressed
 
         # A module the caller passed is copied: the decoded weights must not land in the model itself.
