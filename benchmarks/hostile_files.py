@@ -8,17 +8,21 @@ Cases (tests/hostile.py makes them, checksums recomputed after each lie):
   inspect, decode, predict --mode sparse and bench, each file in its own process limited to
   2 GiB of address space, whose peak resident memory is recorded;
 - the hypothesis fuzz target of the test suite (any JSON value in any field of any record)
-  for --fuzz-seconds.
+  for --fuzz-seconds;
+- random lies in 54 files of every coder, layout and form of the other
+  tensors, for --variants-seconds.
 
 Every outcome must be a clean error or a load whose outputs equal the decoded dense model.
 
-    .venv/bin/python benchmarks/hostile_files.py [--body-flips 3000] [--fuzz-seconds 600]
+    .venv/bin/python benchmarks/hostile_files.py [--body-flips 3000] [--fuzz-seconds 600] [--variants-seconds 300]
+    .venv/bin/python benchmarks/hostile_files.py --only-variants      # the last kind alone
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import subprocess
@@ -104,15 +108,114 @@ def fuzz(valid: bytes, seconds: float, directory: Path) -> dict:
     return {"executions": sum(outcomes.values()), "seconds": time.perf_counter() - started, "outcomes": outcomes}
 
 
+VALUES = [None, True, False, 0, 1, -1, 2, 7, 8, 15, 16, 17, 31, 32, 33, 255, 256, 2**31, 2**32, 2**63, 2**64, -(2**63)]
+VALUES += [0.5, 1e308, -0.0, "", "x", "ans", "huffman", "fixed", "csr", "csc", "dense", "none", "previous", "int8"]
+VALUES += ["float16", "float32", "bool", "int64", "bfloat16", "shared", "raw", "zstd", "same", [], {}, [0], [1, 1]]
+
+
+def _paths(value, prefix: str = ""):
+    """Every path into a JSON value ("tensors.3.streams.codes.bits")."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _paths(inner, f"{prefix}.{key}" if prefix else key)
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            yield from _paths(inner, f"{prefix}.{index}")
+    if prefix:
+        yield prefix
+
+
+def _set_path(value, path: str, new) -> None:
+    *outer, last = path.split(".")
+    for key in outer:
+        value = value[int(key)] if isinstance(value, list) else value[key]
+    if isinstance(value, list):
+        value[int(last)] = new
+    else:
+        value[last] = new
+
+
+def variants(seconds: float, directory: Path, seed: int = 0) -> dict:
+    """Random lies in files of every coder (huffman, ans, fixed), layout (csr, csc, dense) and
+    form of the other tensors (lossless, float16, int8), of LeNet-300-100 and LeNet-5 (90%
+    pruned, 4 bits): one or two header fields anywhere set to a value from VALUES or a random
+    integer, one to eight bits of a buffer flipped, two buffers swapped, or a buffer cut short,
+    checksums recomputed; each loaded (`hostile.load_or_refuse`) until `seconds` have passed."""
+    import copy
+    import random
+
+    files = {}
+    for model_name in ("lenet-300-100", "lenet-5"):
+        model = hostile.small_model(model_name, sparsity=0.9, bits=4)
+        for coder in ("huffman", "ans", "fixed"):
+            for layout in ("csr", "csc", "dense"):
+                for unshared in ("lossless", "float16", "int8"):
+                    path = directory / f"{model_name}-{coder}-{layout}-{unshared}.dcz"
+                    options = {"coder": coder, "layout": layout, "unshared": unshared}
+                    save_compressed(
+                        model, path, model_name=model_name, metadata={"input_shape": [1, 28, 28]}, **options
+                    )
+                    files[path.stem] = (model_name, path.read_bytes())
+    generator = random.Random(seed)
+    outcomes, bad = collections.Counter(), {}
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        name = generator.choice(sorted(files))
+        model_name, data = files[name]
+        header, buffers = hostile.split(data)
+        kind = generator.choice(["field", "field", "two fields", "bits", "swap", "cut"])
+        changed = list(buffers)
+        if kind in ("field", "two fields"):
+            header = copy.deepcopy(header)
+            for _ in range(1 if kind == "field" else 2):
+                new = generator.choice(VALUES) if generator.random() < 0.7 else generator.randint(-3, 5000)
+                with contextlib.suppress(KeyError, IndexError, ValueError, TypeError):
+                    _set_path(header, generator.choice(list(_paths(header))), copy.deepcopy(new))
+        elif kind == "bits":
+            index = generator.randrange(len(buffers))
+            flipped = bytearray(buffers[index])
+            for _ in range(generator.choice([1, 1, 2, 8]) if flipped else 0):
+                flipped[generator.randrange(len(flipped))] ^= 1 << generator.randrange(8)
+            changed[index] = bytes(flipped)
+        elif kind == "swap":
+            first, second = generator.randrange(len(buffers)), generator.randrange(len(buffers))
+            changed[first], changed[second] = changed[second], changed[first]
+        else:
+            index = generator.randrange(len(buffers))
+            changed[index] = changed[index][: generator.randrange(len(changed[index]) + 1)]
+        try:
+            outcome = hostile.load_or_refuse(hostile.frame(header, changed), directory, model_name)
+        except Exception as error:  # noqa: BLE001 - what the benchmark is looking for
+            outcome = f"BAD: {type(error).__name__}: {str(error)[:160]}"
+            bad.setdefault(outcome[:100], (name, kind))
+        outcomes[outcome.split(":")[0]] += 1
+    return {
+        "files": len(files),
+        "cases": sum(outcomes.values()),
+        "seconds": time.perf_counter() - started,
+        "outcomes": outcomes,
+        "bad": bad,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--body-flips", type=int, default=3000)
     parser.add_argument("--fuzz-seconds", type=float, default=600)
+    parser.add_argument("--variants-seconds", type=float, default=300)
+    parser.add_argument("--only-variants", action="store_true", help="only the lies in files of every coder and form")
     parser.add_argument("--out", default="benchmarks/results/hostile_files.json")
     args = parser.parse_args()
     results = {"cpu": machine_description(), "command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
+        results["variants"] = variants(args.variants_seconds, directory)
+        print("variants", results["variants"], flush=True)
+        if args.only_variants:
+            args.out = args.out.replace(".json", "_variants.json")
+            Path(args.out).write_text(json.dumps(results, indent=2, default=dict) + "\n")
+            print(f"wrote {args.out}")
+            return
         valid = save_compressed(hostile.small_model(), directory / "valid.dcz", model_name=hostile.MODEL).read_bytes()
         results["file_bytes"] = len(valid)
         kinds = {

@@ -313,9 +313,10 @@ def decode_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return decode_state_dict(parsed.header, parsed.buffers, check(parsed.header, parsed.buffers))
 
 
-def load_or_refuse(data: bytes, directory: Path) -> str:
-    """Write `data` and load it as the runtime does: "refused" (one of our errors) or "loaded"
-    (its sparse runtime outputs equal the decoded dense model's). Anything else raises."""
+def load_or_refuse(data: bytes, directory: Path, model: str = MODEL) -> str:
+    """Write `data` and load it as the runtime does into registered `model`: "refused" (one of
+    our errors) or "loaded" (its sparse runtime outputs equal the decoded dense model's).
+    Anything else raises."""
     from deepshrink.compressed import load_compressed
     from deepshrink.errors import DeepshrinkError
     from deepshrink.runtime.load import load_runtime
@@ -323,13 +324,22 @@ def load_or_refuse(data: bytes, directory: Path) -> str:
     path = directory / "case.dcz"
     path.write_bytes(data)
     try:
-        runtime = load_runtime(path, MODEL, mode="sparse")
-        dense, _ = load_compressed(path, MODEL)
+        runtime = load_runtime(path, model, mode="sparse")
+        dense, _ = load_compressed(path, model)
     except DeepshrinkError:
         return "refused"
     inputs = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(runtime(inputs), dense.eval()(inputs), rtol=1e-4, atol=1e-4)
+        expected = dense.eval()(inputs)
+        if not torch.isfinite(expected).all():
+            # A flipped bit made a raw tensor (a float16 bias) infinite: the file says so, and
+            # the sparse product, which skips the zeros that dense multiplies by infinity, need
+            # not agree where the values are not numbers.
+            return "loaded"
+        # A flipped exponent bit can make a codebook value 1e37: the two products sum such terms
+        # in different orders, so their rounding is relative to the largest output, not to each.
+        scale = max(1.0, float(expected.abs().max()))
+        torch.testing.assert_close(runtime(inputs), expected, rtol=1e-4, atol=1e-4 * scale)
     return "loaded"
 
 

@@ -117,6 +117,33 @@ def test_crafted_files_through_every_reader_in_a_memory_limited_process(valid, t
             assert outcome.startswith("error-"), (file, reader, outcome)
 
 
+# Each coder, layout and form of the other tensors, on the paper's two networks: the fixture's
+# file above is one of them (Huffman, CSR, float32).
+VARIANTS = [
+    ("lenet-300-100", "ans", "csr", "int8"),
+    ("lenet-300-100", "fixed", "csc", "float16"),
+    ("lenet-5", "ans", "dense", "lossless"),
+    ("lenet-5", "huffman", "csc", "int8"),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids="-".join)
+def test_truncations_and_bit_flips_of_every_coder_and_form_are_refused_or_load_right(variant, tmp_path):
+    model_name, coder, layout, unshared = variant
+    model = hostile.small_model(model_name, sparsity=0.9, bits=4)
+    options = {"coder": coder, "layout": layout, "unshared": unshared}
+    data = save_compressed(model, tmp_path / "valid.dcz", model_name=model_name, **options).read_bytes()
+    for end in range(0, len(data), max(1, len(data) // 400)):
+        with pytest.raises(FormatError):
+            hostile.decode_bytes(data[:end])
+    outcomes = [
+        hostile.load_or_refuse(case, tmp_path, model_name) for case in hostile.body_bit_flips(data, 60).values()
+    ]
+    assert set(outcomes) <= {"refused", "loaded"} and "loaded" in outcomes
+    header_flips = hostile.header_bit_flips(data, limit=150).values()
+    assert {hostile.load_or_refuse(case, tmp_path, model_name) for case in header_flips} <= {"refused", "loaded"}
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=hostile.fuzz_strategy())
 def test_fuzzed_fields_are_refused_or_loaded_right(valid, tmp_path, case):
