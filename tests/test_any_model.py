@@ -18,6 +18,7 @@ from torch import nn
 
 import deepshrink
 from deepshrink.batchnorm import FOLDED_KEY, fold_batchnorm, foldable_pairs
+from deepshrink.compressed import read_state_dict
 from deepshrink.errors import ConfigError, DataError, FormatError
 from deepshrink.prune.module import apply_masks
 
@@ -249,9 +250,10 @@ def test_arrays_in_memory_split_as_their_file_does(tmp_path):
         deepshrink.load_arrays(arrays["x"])
 
 
-def test_run_takes_the_arrays_themselves_and_splits_them_as_load_arrays_does(tmp_path):
-    """`deepshrink.run(model, recipe, {"x": ..., "y": ...})`: the same file, bytes and all, as
-    from `load_arrays` of the same dict with the split `deepshrink run --data FILE` uses."""
+def test_run_takes_the_arrays_or_their_file_and_splits_them_as_load_arrays_does(tmp_path):
+    """`deepshrink.run(model, recipe, {"x": ..., "y": ...})` or the path of those arrays: the
+    same file, bytes and all, as from `load_arrays` of the same dict with the split `deepshrink
+    run --data FILE` uses."""
     rng = np.random.default_rng(0)
     arrays = {"x": rng.normal(size=(300, 12)).astype(np.float32), "y": rng.integers(0, 3, 300)}
     torch.manual_seed(0)
@@ -265,7 +267,14 @@ def test_run_takes_the_arrays_themselves_and_splits_them_as_load_arrays_does(tmp
     loaded = deepshrink.run(model, recipe, deepshrink.load_arrays(arrays), run_dir=tmp_path / "loaded", progress=False)
     assert given.path.read_bytes() == loaded.path.read_bytes()
     assert given.compressed_metric == loaded.compressed_metric
-    with pytest.raises(ConfigError, match="or a dict of arrays, got list"):
+    np.savez(tmp_path / "arrays.npz", **arrays)
+    from_path = deepshrink.run(model, recipe, tmp_path / "arrays.npz", run_dir=tmp_path / "path", progress=False)
+    assert from_path.compressed_metric == given.compressed_metric
+    (from_file, file_metadata), (from_dict, dict_metadata) = (read_state_dict(run.path) for run in (from_path, given))
+    assert all(torch.equal(from_file[key], from_dict[key]) for key in from_dict)
+    # A file's fingerprint hashes its bytes, a dict's its arrays: the cache keys differ, not the tensors.
+    assert {key for key in file_metadata if file_metadata[key] != dict_metadata.get(key)} == {"stage_key"}
+    with pytest.raises(ConfigError, match="a dict of arrays or a path, got list"):
         deepshrink.run(model, recipe, [arrays["x"], arrays["y"]], run_dir=tmp_path / "list", progress=False)
 
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from deepshrink import distributed
 from deepshrink import inputs as batch_inputs
 from deepshrink.checkpoint import load_checkpoint, load_state_into, save_checkpoint
-from deepshrink.data import DataSplits, load_arrays
+from deepshrink.data import DataSplits, load_any, load_arrays
 from deepshrink.encode.sizes import parameter_bytes
 from deepshrink.errors import ConfigError, ModelError
 from deepshrink.files import atomic_output
@@ -233,7 +233,11 @@ def input_metadata(shape: tuple[int, ...] | None, dtype: str, names: tuple[str, 
 
 
 def _prepare_data(
-    data: DataSplits | Loaders | Mapping | None, recipe: Recipe, reference: nn.Module, task: Task, device
+    data: DataSplits | Loaders | Mapping | str | os.PathLike | None,
+    recipe: Recipe,
+    reference: nn.Module,
+    task: Task,
+    device,
 ) -> _Data:
     """Loaders over the user's data; inputs without targets get the reference model's outputs
     made into targets by the task (the label-free path: retraining reproduces the original).
@@ -255,10 +259,14 @@ def _prepare_data(
         return _Data(data, ["user loaders"], "your data", input_names=names if several else None)
     if isinstance(data, Mapping):  # the arrays themselves, split as `deepshrink run --data FILE` splits a file
         data = load_arrays(data, 0.1, seed=0, train_subset=recipe.data.train_subset)
+    elif isinstance(data, str | os.PathLike):  # what `deepshrink run --data` takes
+        data = load_any(data, seed=0, train_subset=recipe.data.train_subset)
+        if isinstance(data, Loaders):
+            return _prepare_data(data, recipe, reference, task, device)
     if not isinstance(data, DataSplits):
         raise ConfigError(
-            "data should be a DataSplits (deepshrink.load_data() or load_arrays()), Loaders or a dict of "
-            f"arrays, got {type(data).__name__}"
+            "data should be a DataSplits (deepshrink.load_data() or load_arrays()), Loaders, a dict of "
+            f"arrays or a path, got {type(data).__name__}"
         )
     check_runs_on(reference, batch_inputs.inputs_of(data.train), device)
     targets = "given"
@@ -448,7 +456,7 @@ def _fold(reference: nn.Module, loaders: Loaders, device) -> list:
 def run(
     model: nn.Module,
     recipe: Recipe | str | os.PathLike | dict,
-    data: DataSplits | Loaders | Mapping | None,
+    data: DataSplits | Loaders | Mapping | str | os.PathLike | None,
     *,
     run_dir: str | os.PathLike | None = None,
     model_name: str | None = None,
@@ -466,7 +474,9 @@ def run(
         recipe: a Recipe, a YAML file, a shipped recipe's name ("lenet-5") or a dict.
         data: a DataSplits (from deepshrink.load_data or load_arrays; inputs without targets
             get targets from the model's own outputs), the arrays themselves ({"x": ..., "y": ...},
-            as `load_arrays` takes them: 10% of `x` held out for validation, seed 0) or your own loaders
+            as `load_arrays` takes them: 10% of `x` held out for validation, seed 0), a path as
+            `deepshrink run --data` takes it (an array file, a directory of IDX files,
+            package.module:function) or your own loaders
             (`deepshrink.Loaders.fixed(train, validation, test)`; cached stages then assume the
             same data on a rerun), or None: no data, so pruning and sharing run without
             retraining, nothing is measured, and the report says so.
@@ -700,7 +710,6 @@ def run_recipe(
         and what `load_recipe`, `load_data`, `load_model`, `reference_model` and `run` raise.
     """
     from deepshrink.checkpoint import load_model
-    from deepshrink.data import load_any
     from deepshrink.models import is_factory_path
     from deepshrink.recipe import load_recipe
     from deepshrink.references import reference_model
