@@ -295,6 +295,28 @@ def test_the_stage_commands_run_without_data(cli, tiny_checkpoint, tmp_path):
     assert refused.returncode == 3 and "it needs data" in refused.stderr
 
 
+def test_sensitivity_of_data_without_targets_measures_agreement_and_evaluate_names_what_is_missing(
+    cli, tiny_checkpoint, tmp_path
+):
+    """Inputs alone: sensitivity measures each pruned layer against the original's own outputs
+    (the baseline agrees fully), as run and prune do, where both commands failed with advice
+    for the Python API; evaluate, which has nothing to score against, says so and what runs."""
+    import json
+
+    import numpy as np
+
+    images = np.random.default_rng(0).normal(size=(400, 1, 28, 28)).astype(np.float32)
+    np.savez(tmp_path / "unlabelled.npz", x=images)
+    data = ("--data", str(tmp_path / "unlabelled.npz"))
+    measured = cli("sensitivity", str(tiny_checkpoint), *data, "--out-dir", str(tmp_path / "s"))
+    assert measured.returncode == 0, measured.stderr
+    assert "measured against the original model's own outputs" in measured.stdout
+    curves = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    assert curves["baseline"] == 1.0
+    refused = cli("evaluate", str(tiny_checkpoint), *data)
+    assert refused.returncode == 4 and "unlabelled has no targets (no y)" in refused.stderr
+
+
 COLOUR_NETWORK = """
 from torch import nn
 

@@ -484,6 +484,8 @@ def _command_sensitivity(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     result = done.result
+    if done.targets_from_the_model:
+        print(f"the data has no targets: {result.metric_name} is measured against the original model's own outputs")
     print(format_sensitivity(result))
     suggestion = result.suggest(args.max_drop)
     print(f"largest sparsity per layer within a {args.max_drop:g} drop of {result.metric_name} (each layer alone):")

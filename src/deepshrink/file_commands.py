@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from deepshrink.data import DataSplits, load_splits, make_loader
-from deepshrink.errors import ConfigError
+from deepshrink.errors import ConfigError, DataError
 from deepshrink.inputs import call, describe, inputs_of, is_several, take
 from deepshrink.train import (
     INPUT_NAMES_KEY,
@@ -67,7 +67,13 @@ def evaluate_checkpoint(
 
     built, loaded = load_model(checkpoint, model)
     select_output(built, output)
-    rows = _split(load_splits(data, validation), split)
+    splits = load_splits(data, validation)
+    if not splits.labelled:
+        raise DataError(
+            f"{splits.name} has no targets (no y): evaluate scores outputs against them. `deepshrink predict` runs "
+            "a file on inputs alone; run, prune, quantize and sensitivity make targets from the model's own outputs"
+        )
+    rows = _split(splits, split)
     check_runs_on(built, inputs_of(rows), resolve_device(device))
     return evaluate(built, make_loader(rows, 1000, shuffle=False), device, task), model or loaded.model_name
 
@@ -255,6 +261,7 @@ class SensitivityRun:
     plot: Path
     table: Path
     model_name: str
+    targets_from_the_model: bool = False  # the data had none: measured against the model's own outputs
 
 
 def sensitivity_of_checkpoint(
@@ -300,6 +307,12 @@ def sensitivity_of_checkpoint(
     select_output(built, output)
     splits = load_splits(data, validation)
     check_runs_on(built, inputs_of(splits.validation), resolve_device(device))
+    labelled = splits.labelled
+    if not labelled:  # each layer's pruning then measured as agreement with the original
+        from deepshrink.pipeline import with_targets_from
+        from deepshrink.tasks import resolve_task
+
+        splits = with_targets_from(splits, built, resolve_task(task), resolve_device(device))
     result = sensitivity_analysis(
         built,
         make_loader(splits.validation, 1000, shuffle=False),
@@ -313,4 +326,5 @@ def sensitivity_of_checkpoint(
     plot = plot_sensitivity(
         result, out_dir / "sensitivity.png", title=f"{name}: {result.metric_name} against sparsity per layer"
     )
-    return SensitivityRun(result, Path(plot), write_sensitivity_json(result, out_dir / "sensitivity.json"), name)
+    table = write_sensitivity_json(result, out_dir / "sensitivity.json")
+    return SensitivityRun(result, Path(plot), table, name, targets_from_the_model=not labelled)
