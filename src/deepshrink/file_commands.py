@@ -61,7 +61,8 @@ def evaluate_checkpoint(
         (the Evaluation, the model's name).
 
     Raises:
-        ConfigError, DataError, CheckpointError, ModelError: from the pieces above.
+        DataError: the data has no targets to score against.
+        ConfigError, CheckpointError, ModelError: from the pieces above.
     """
     from deepshrink.checkpoint import load_model
 
