@@ -183,7 +183,7 @@ def test_a_ratio_target_is_met_and_the_report_says_what_was_chosen(reference, sm
     assert rerun.plan == result.plan and rerun.path.read_bytes() == result.path.read_bytes()
 
 
-def test_the_report_says_when_retraining_left_the_file_short_of_its_ratio():
+def test_the_report_says_when_a_file_is_short_of_its_ratio_or_no_candidate_measured_a_drop():
     """The plan aims below the goal, but retraining moves the coded size: a file that ends over
     it is named as short of the target, not left for the reader to compare."""
     plan = Plan(
@@ -208,6 +208,13 @@ def test_the_report_says_when_retraining_left_the_file_short_of_its_ratio():
     plan = dataclasses.replace(plan, measured_bytes=22_000)  # over the goal before any retraining
     result = SimpleNamespace(plan=plan, file_bytes=21_912, ratio=7.89, metric_name="top-1")
     assert "no choice the plan measured came under it" in " ".join(plan_lines(result))
+    # A validation split too small to tell the candidates apart (60 examples of a ResNet):
+    blind = {"conv": {"sparsity": {"0.0": 0.0, "0.5": 0.0}, "bits": {"32": 0.0, "4": 0.0}}}
+    lines = plan_lines(SimpleNamespace(**vars(result) | {"plan": dataclasses.replace(plan, sensitivity=blind)}))
+    assert "Every drop measured was 0" in " ".join(lines)
+    seeing = {"conv": {"sparsity": {"0.0": 0.0, "0.5": 0.02}, "bits": {"32": 0.0, "4": 0.0}}}
+    lines = plan_lines(SimpleNamespace(**vars(result) | {"plan": dataclasses.replace(plan, sensitivity=seeing)}))
+    assert "Every drop" not in " ".join(lines)
 
 
 def test_the_plan_measures_on_at_most_its_examples_and_the_report_says_so(reference, small_data, tmp_path, monkeypatch):

@@ -196,6 +196,12 @@ def plan_lines(result) -> list[str]:
             "below); the settings minimise the summed drop for the size (or the size for the drop). "
             "Estimated drop of the whole, before "
         )
+    drops = [drop for kinds in plan.sensitivity.values() for values in kinds.values() for drop in values.values()]
+    if drops and not any(drops):
+        measured += (
+            f" **Every drop measured was 0**: on {split} the candidates could not be told apart, so they were "
+            "chosen by size alone; a larger validation split (or `target: {examples}`) measures them."
+        )
     return [
         "## Automatic settings",
         "",
