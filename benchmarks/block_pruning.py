@@ -1,4 +1,5 @@
-"""Issue 22 exploration: LeNet-300-100's fc1 pruned in 1 x B blocks of adjacent inputs, so that
+"""Issue 22 exploration: LeNet-300-100's fc1 pruned in 1 x B blocks of adjacent inputs (or, with
+`--along outputs`, B x 1 blocks of adjacent units reading one input, coded in CSC), so that
 more weights fit in the same bytes (the gaps inside a block are 0, which the adaptive ANS coder
 codes in a fraction of a bit), against unstructured magnitude pruning at fewer weights.
 
@@ -11,7 +12,7 @@ fc1 is shared at 4 bits (linear initialisation, no fine-tuning) and encoded as t
 encodes it (CSR, 8-bit gaps, ANS): its bytes, and the validation and test accuracy before
 sharing.
 
-    .venv/bin/python benchmarks/block_pruning.py BLOCK FC1_WEIGHTS SEED [--rounds 8] [--epochs 8]
+    .venv/bin/python benchmarks/block_pruning.py BLOCK FC1_WEIGHTS SEED [--rounds 8] [--epochs 8] [--along outputs]
 
 Prints one line a round and a RESULT line (JSON).
 """
@@ -48,22 +49,26 @@ def accuracy(model: nn.Module, loader) -> float:
     return right / total
 
 
-def block_mask(weight: torch.Tensor, mask: torch.Tensor, keep: int, block: int) -> torch.Tensor:
-    """The `keep` // `block` blocks of `block` adjacent columns with the largest L2 norm."""
+def block_mask(weight: torch.Tensor, mask: torch.Tensor, keep: int, block: int, along: str = "inputs") -> torch.Tensor:
+    """The `keep` // `block` blocks of `block` adjacent columns (inputs) or rows (outputs) with
+    the largest L2 norm."""
+    if along == "outputs":
+        return block_mask(weight.T, mask.T, keep, block).T
     scores = (weight * mask).reshape(weight.shape[0], -1, block).pow(2).sum(-1)
     chosen = torch.zeros(scores.numel(), dtype=torch.bool)
     chosen[torch.topk(scores.flatten(), keep // block).indices] = True
     return chosen.reshape(scores.shape).repeat_interleave(block, dim=1)
 
 
-def fc1_bytes(weight: torch.Tensor) -> int:
-    """fc1's streams and codebook, shared at 4 bits and encoded as the 80x recipe encodes it."""
+def fc1_bytes(weight: torch.Tensor, layout: str = "csr") -> int:
+    """fc1's streams and codebook, shared at 4 bits and encoded as the 80x recipe encodes it
+    (blocks along the outputs in CSC, where their inner gaps are 0)."""
     layer = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
     with torch.no_grad():
         layer[0].weight.copy_(weight)
     apply_masks(layer, {"0": weight != 0})
     share_weights(layer, {"0": 4})
-    header, buffers = encode_model(layer, index_bits={"0": 8}, coder="ans", layout="csr")
+    header, buffers = encode_model(layer, index_bits={"0": 8}, coder="ans", layout=layout)
     record = header["tensors"][0]
     return sum(len(buffers[stream["buffer"]]) for stream in record["streams"].values()) + len(
         buffers[record["codebook"]]
@@ -77,6 +82,7 @@ def main() -> None:
     parser.add_argument("seed", type=int)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--along", choices=("inputs", "outputs"), default="inputs", help="what a block's weights share")
     arguments = parser.parse_args()
     torch.manual_seed(arguments.seed)
     data = load_data()
@@ -96,7 +102,8 @@ def main() -> None:
                 total = layer.weight.numel()
                 keep = round(total * (targets[name] / total) ** (round_number / arguments.rounds))
                 block = arguments.block if name == "fc1" else 1
-                masks[name] = block_mask(layer.weight, masks[name], keep, block)
+                along = arguments.along if name == "fc1" else "inputs"
+                masks[name] = block_mask(layer.weight, masks[name], keep, block, along)
                 layer.weight.mul_(masks[name])
         optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9, weight_decay=5e-4)
         steps = arguments.epochs * len(train)
@@ -124,7 +131,8 @@ def main() -> None:
         "block": arguments.block,
         "fc1_weights": arguments.fc1_weights,
         "seed": arguments.seed,
-        "fc1_bytes": fc1_bytes(model.fc1.weight.detach()),
+        "along": arguments.along,
+        "fc1_bytes": fc1_bytes(model.fc1.weight.detach(), "csc" if arguments.along == "outputs" else "csr"),
         "fc1_units_unread": int((~masks["fc1"].any(1)).sum()),
         "validation": accuracy(model, validation),
         "test": accuracy(model, test),
