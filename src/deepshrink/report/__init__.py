@@ -200,7 +200,8 @@ def plan_lines(result) -> list[str]:
     if drops and not any(drops):
         measured += (
             f" **Every drop measured was 0**: on {split} the candidates could not be told apart, so they were "
-            "chosen by size alone; a larger validation split (and `examples` in the target, if it caps it) measures them."
+            "chosen by size alone; a larger validation split (and the target's `examples`, if it caps it) "
+            "measures them."
         )
     return [
         "## Automatic settings",
