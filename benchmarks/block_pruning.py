@@ -26,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from masked_finetune import accuracy  # benchmarks/: the validation and test accuracy the explorations share
 from torch import nn
 
 from deepshrink import load_data, make_loader
@@ -36,17 +37,6 @@ from deepshrink.quantize.shared import share_weights
 from deepshrink.references import reference_model
 
 TEMPERATURE, ALPHA, LEARNING_RATE = 4.0, 0.5, 0.05
-
-
-def accuracy(model: nn.Module, loader) -> float:
-    model.eval()
-    right = total = 0
-    with torch.no_grad():
-        for inputs, labels in loader:
-            right += (model(inputs).argmax(1) == labels).sum().item()
-            total += len(labels)
-    model.train()
-    return right / total
 
 
 def block_mask(weight: torch.Tensor, mask: torch.Tensor, keep: int, block: int, along: str = "inputs") -> torch.Tensor:
