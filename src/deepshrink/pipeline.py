@@ -107,6 +107,9 @@ class RunResult:
     targets: str = "given"
     plan: Plan | None = None  # the per-layer settings a recipe's target chose
     processes: int = 1  # how many processes retrained (torchrun), each on its shard of the data
+    # The teacher distillation retrained against, where it was not the reference: {"members": how
+    # many models it averages (None: run()'s own teacher), "metric": its test metric}.
+    teacher: dict | None = None
 
     @property
     def ratio(self) -> float:
@@ -207,6 +210,7 @@ class _Data:
     input_shape: tuple[int, ...] | None = None
     input_dtype: str = "float32"
     input_names: tuple[str, ...] | None = None
+    splits: DataSplits | None = None  # the splits behind the loaders, where they came as a DataSplits
 
     def metadata(self) -> dict:
         """What a written file records about the model's inputs, so that bench needs no flags."""
@@ -282,6 +286,7 @@ def _prepare_data(
         data.input_shape,
         data.input_dtype,
         data.input_names,
+        data,
     )
 
 
@@ -463,6 +468,7 @@ def run(
     task: Task | str | None = None,
     device: str = "auto",
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> RunResult:
     """Run `recipe` on a trained `model`: every stage it names, in order, then RUN_DIR/MODEL.dcz
     and the report (`deepshrink run RECIPE` on the command line).
@@ -486,6 +492,10 @@ def run(
             `task`, else classification.
         device: "auto", "cpu", "cuda" or "cuda:N".
         progress: progress bars and one line per stage.
+        teacher: the model that the stages' distillation retrains against, in place of `model`
+            (e.g. a `deepshrink.teachers.Ensemble` of several trained copies); it takes the same
+            inputs and gives outputs of the same shape. Default: the recipe's `teacher`
+            section, else `model`.
 
     Under an initialised process group (torchrun, or `torch.distributed.init_process_group`)
     call `run` on every rank with the same arguments: each retrains on its shard of the data
@@ -497,7 +507,8 @@ def run(
         reference and of the model decoded from the file.
 
     Raises:
-        ConfigError: a bad recipe, task or data argument, or a run directory that is a file.
+        ConfigError: a bad recipe, task or data argument, a run directory that is a file, or a
+            `teacher` given both here and in the recipe.
         ModelError: a model with nothing to compress, or one no stage can work on (a foreign
             parametrization, weights that are not float32, a forward that needs several inputs
             or returns several outputs, data it cannot run on).
@@ -521,7 +532,10 @@ def run(
     loaders = prepared.loaders
     reference_metric = evaluate(reference, loaders.test, device, task).metric if loaders is not None else None
     _check_recipe_layers(recipe, reference)
+    teacher = _teacher(teacher, recipe, reference, name, prepared, device, progress)
     input_key = _digest(weights_digest(reference), prepared.key, recipe.seed, task.name, recipe.batchnorm)
+    if teacher is not None:  # a rerun with another teacher retrains; runs without one keep their keys
+        input_key = _digest(input_key, "teacher", weights_digest(teacher))
     retraining = _retraining_mode(recipe.batchnorm)
     # The header the file will have, with a key of the real one's length: hundreds of bytes that
     # a ratio target on a small model must count.
@@ -534,7 +548,13 @@ def run(
         return _planned(recipe, pruned, loaders, task, device, key, run_dir, progress, metadata, reference=reference)
 
     context = StageContext(
-        loaders, seed=recipe.seed, device=device, progress=progress, task=task, batchnorm=retraining, teacher=reference
+        loaders,
+        seed=recipe.seed,
+        device=device,
+        progress=progress,
+        task=task,
+        batchnorm=retraining,
+        teacher=teacher if teacher is not None else reference,
     )
     with _file_directory(run_dir) as directory:
         stages_run, current, out, recipe, late_plan = _run_stages(
@@ -572,10 +592,48 @@ def run(
         targets=prepared.targets,
         plan=plan,
         processes=distributed.world_size(),
+        teacher=_teacher_record(teacher, recipe, loaders, device, task),
     )
     if distributed.is_main_process():
         result.report = write_report(result, recipe, current.cpu(), tradeoff)
     return result
+
+
+def _teacher(
+    given: nn.Module | None, recipe: Recipe, reference: nn.Module, name: str, prepared: _Data, device, progress: bool
+) -> nn.Module | None:
+    """The teacher distillation retrains against when it is not the reference: `run`'s argument
+    or the recipe's section (teachers.py); None for the reference."""
+    if given is not None and recipe.teacher is not None:
+        raise ConfigError("a teacher was given to run() and in the recipe's teacher section: keep one")
+    if given is not None:
+        return select_output(copy.deepcopy(unwrapped(given)).to(device).eval(), recipe.output)
+    if recipe.teacher is None:
+        return None
+    from deepshrink.teachers import build_teacher
+
+    _say(progress, f"teacher: the mean of {recipe.teacher.members} models (the reference and more trained copies)")
+    ensemble = build_teacher(
+        recipe.teacher,
+        reference,
+        name,
+        prepared.splits,
+        prepare=lambda member: select_output(member, recipe.output),
+        device=device,
+        progress=progress,
+    )
+    return ensemble.to(device)
+
+
+def _teacher_record(
+    teacher: nn.Module | None, recipe: Recipe, loaders: Loaders | None, device, task: Task
+) -> dict | None:
+    """What the report says about a teacher other than the reference: what it is and its test metric."""
+    if teacher is None:
+        return None
+    members = recipe.teacher.members if recipe.teacher is not None else None
+    metric = evaluate(teacher, loaders.test, device, task).metric if loaders is not None else None
+    return {"members": members, "metric": metric}
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from deepshrink.errors import ConfigError
 from deepshrink.plan import TargetSettings
 from deepshrink.settings import DistillSettings, between, check_fields, check_value, choices
 from deepshrink.stages import EncodeSettings, LowrankSettings, PruneSettings, QuantizeSettings
+from deepshrink.teachers import TeacherSettings
 
 __all__ = [
     "DataSettings",
@@ -33,6 +34,7 @@ __all__ = [
     "PruneSettings",
     "QuantizeSettings",
     "Recipe",
+    "TeacherSettings",
     "TradeoffSettings",
     "load_recipe",
     "parse_recipe",
@@ -123,6 +125,9 @@ class Recipe:
     tradeoff: TradeoffSettings | None = None
     # A size or metric target in place of per-layer sparsities and bits (plan.py chooses them).
     target: TargetSettings | None = None
+    # What distillation retrains against, where a stage distills: the reference (None), or an
+    # ensemble of it and more trained copies (teachers.py).
+    teacher: TeacherSettings | None = None
     # Where each entry came from ("prune.sparsity.fc1" -> "recipe.yaml:12"), for error messages.
     locations: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     source: str = field(default="<recipe>", compare=False, repr=False)
@@ -180,6 +185,14 @@ class Recipe:
                 raise ConfigError(f"{self.where('target')}: target needs a prune or quantize section to choose for")
             if self.stages.get("lowrank") is not None:
                 raise ConfigError(f"{self.where('target')}: target does not combine with lowrank; leave one out")
+        if self.teacher is not None and not any(
+            getattr(settings, "distill", None) for settings in self.stages.values()
+        ):
+            raise ConfigError(
+                f"{self.where('teacher')}: teacher: no stage distills, so no stage would use it; add "
+                "`distill: {temperature: 4.0, alpha: 0.5}` to the prune (or quantize, lowrank) section, or drop "
+                "the teacher"
+            )
         stages = dict(self.stages)
         for stage in registered_stages():
             if stage.always and stages.get(stage.name) is None:
@@ -232,6 +245,8 @@ class Recipe:
             result[stage.name] = self.section(stage.name)
         result["tradeoff"] = self.section("tradeoff")
         result |= {"target": dataclasses.asdict(self.target)} if self.target is not None else {}
+        if self.teacher is not None:  # an empty list reads back as an error, so it is left out
+            result["teacher"] = {key: value for key, value in dataclasses.asdict(self.teacher).items() if value != []}
         return result
 
     @property
@@ -304,7 +319,7 @@ class Recipe:
                         )
 
 
-_RECIPE_FIELDS = ("model", "seed", "task", "output", "batchnorm", "data", "tradeoff", "target")
+_RECIPE_FIELDS = ("model", "seed", "task", "output", "batchnorm", "data", "tradeoff", "target", "teacher")
 SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
 
 

@@ -7,6 +7,7 @@ files, so a change of any of them trains a new reference instead of reusing a st
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -101,7 +102,9 @@ def train_model(
     return model, time.perf_counter() - started
 
 
-def reference_path(name: str, data: DataSplits, cache_dir: str | os.PathLike | None = None) -> Path:
+def reference_path(
+    name: str, data: DataSplits, cache_dir: str | os.PathLike | None = None, *, seed: int | None = None
+) -> Path:
     """Where the reference model `name` trained on `data` is cached.
 
     The file name carries a hash of the model, its reference training settings, the data's
@@ -111,6 +114,7 @@ def reference_path(name: str, data: DataSplits, cache_dir: str | os.PathLike | N
         name: a registered model name.
         data: the data splits (their fingerprint).
         cache_dir: the cache directory (default `cache_directory()`).
+        seed: the training seed, in place of the reference settings' own (None: theirs).
 
     Returns:
         The checkpoint's path (it may not exist yet).
@@ -119,11 +123,17 @@ def reference_path(name: str, data: DataSplits, cache_dir: str | os.PathLike | N
         ModelError: `name` is not registered.
     """
     spec = get_model_spec(name)
-    identity = [name, spec.reference_training.to_dict(), data.fingerprint]
+    identity = [name, _training(name, seed).to_dict(), data.fingerprint]
     if spec.revision:
         identity.append(spec.revision)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return cache_directory(cache_dir) / "references" / f"{name}-{key[:12]}.safetensors"
+
+
+def _training(name: str, seed: int | None) -> TrainConfig:
+    """The registered reference settings of `name`, at `seed` where one is given."""
+    settings = get_model_spec(name).reference_training
+    return settings if seed is None else dataclasses.replace(settings, seed=seed)
 
 
 def reference_model(
@@ -133,11 +143,13 @@ def reference_model(
     cache_dir: str | os.PathLike | None = None,
     device: str = "auto",
     progress: bool = True,
+    seed: int | None = None,
 ) -> TrainedModel:
     """The cached reference model for `name` on `data`, trained and cached when missing.
 
     The cache key is the model's name, its reference training settings and the data's
-    fingerprint, so a change of any of them trains a new reference.
+    fingerprint, so a change of any of them trains a new reference. Another seed gives another
+    reference, trained the same way (a member of an ensemble teacher, `deepshrink.teachers`).
 
     Args:
         name: a registered model name.
@@ -145,6 +157,7 @@ def reference_model(
         cache_dir: default $DEEPSHRINK_CACHE, then ~/.cache/deepshrink.
         device: where to train and evaluate.
         progress: progress bars while training.
+        seed: the training seed in place of the registered settings' own (None: theirs).
 
     Returns:
         TrainedModel(model, path, test and validation top-1 accuracy, training seconds, from_cache).
@@ -153,7 +166,7 @@ def reference_model(
         ModelError: the name is not registered.
         CheckpointError: a cached file cannot be read.
     """
-    path = reference_path(name, data, cache_dir)
+    path = reference_path(name, data, cache_dir, seed=seed)
     test_loader = make_loader(data.test, 1000, shuffle=False)
     if distributed.all_ranks(path.exists()):  # under torchrun every rank trains, or none
         checkpoint = load_checkpoint(path)
@@ -167,7 +180,7 @@ def reference_model(
             checkpoint.metadata.get("train_seconds", 0.0),
             from_cache=True,
         )
-    return train_and_save(name, data, get_model_spec(name).reference_training, path, device=device, progress=progress)
+    return train_and_save(name, data, _training(name, seed), path, device=device, progress=progress)
 
 
 def train_and_save(

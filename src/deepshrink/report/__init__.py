@@ -280,6 +280,7 @@ def write_report(result, recipe, model: nn.Module, tradeoff: dict | None) -> dic
         "figures": figures,
         "tradeoff": tradeoff,
         "plan": result.plan.to_dict() if result.plan is not None else None,
+        "teacher": result.teacher,
     }
     with atomic_output(run_dir / "report.md") as temporary:
         temporary.write_text("\n".join(lines))
@@ -327,8 +328,27 @@ def _setting_sentence(result) -> str:
             if result.processes > 1
             else ""
         )
+        + _teacher_clause(result)
         + "."
     )
+
+
+def _teacher_clause(result) -> str:
+    """What distillation retrained against, where it was not the reference."""
+    teacher = getattr(result, "teacher", None)
+    if teacher is None:
+        return ""
+    what = (
+        f"the mean of {teacher['members']} trained copies of the model, the reference among them"
+        if teacher["members"] is not None
+        else "the teacher given to run()"
+    )
+    measured = (
+        f" ({result.evaluated_on} {result.metric_name} {shown(teacher['metric'], result.metric_name)})"
+        if teacher["metric"] is not None
+        else ""
+    )
+    return f"; distillation retrained against {what}{measured}, not the reference alone"
 
 
 def _markdown_lines(result, rows, totals: dict, figures: dict[str, str], tradeoff: dict | None) -> list[str]:
