@@ -110,6 +110,9 @@ def test_a_constant_teacher_given_to_run_is_what_retraining_learns(tmp_path, sma
     assert constant.compressed_metric < 0.2  # about the share of class 3 in the test split
     assert own.teacher is None and constant.teacher["members"] is None
     assert "distillation retrained against the teacher given to run()" in (tmp_path / "run" / "report.md").read_text()
+    without_distill = DISTILLED | {"prune": {"sparsity": {"fc*": 0.5}, "rounds": 1, "retrain_epochs": 1}}
+    with pytest.raises(ConfigError, match="no stage of the recipe distills"):
+        run(trained, without_distill, small_data, run_dir=tmp_path / "x", teacher=Constant())
     with pytest.raises(ConfigError, match="keep one"):
         run(trained, DISTILLED | {"teacher": {"references": 2}}, small_data, run_dir=tmp_path / "x", teacher=Constant())
 

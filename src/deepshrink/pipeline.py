@@ -508,7 +508,7 @@ def run(
 
     Raises:
         ConfigError: a bad recipe, task or data argument, a run directory that is a file, or a
-            `teacher` given both here and in the recipe.
+            `teacher` given both here and in the recipe, or to a recipe in which no stage distills.
         ModelError: a model with nothing to compress, or one no stage can work on (a foreign
             parametrization, weights that are not float32, a forward that needs several inputs
             or returns several outputs, data it cannot run on).
@@ -606,6 +606,11 @@ def _teacher(
     or the recipe's section (teachers.py); None for the reference."""
     if given is not None and recipe.teacher is not None:
         raise ConfigError("a teacher was given to run() and in the recipe's teacher section: keep one")
+    if given is not None and not recipe.distills:
+        raise ConfigError(
+            "a teacher was given to run(), but no stage of the recipe distills, so none would use it: add "
+            "`distill: {temperature: 4.0, alpha: 0.5}` to the prune (or quantize, lowrank) section"
+        )
     if given is not None:
         return select_output(copy.deepcopy(unwrapped(given)).to(device).eval(), recipe.output)
     if recipe.teacher is None:

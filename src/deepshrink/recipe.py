@@ -185,9 +185,7 @@ class Recipe:
                 raise ConfigError(f"{self.where('target')}: target needs a prune or quantize section to choose for")
             if self.stages.get("lowrank") is not None:
                 raise ConfigError(f"{self.where('target')}: target does not combine with lowrank; leave one out")
-        if self.teacher is not None and not any(
-            getattr(settings, "distill", None) for settings in self.stages.values()
-        ):
+        if self.teacher is not None and not self.distills:
             raise ConfigError(
                 f"{self.where('teacher')}: teacher: no stage distills, so no stage would use it; add "
                 "`distill: {temperature: 4.0, alpha: 0.5}` to the prune (or quantize, lowrank) section, or drop "
@@ -248,6 +246,11 @@ class Recipe:
         if self.teacher is not None:  # an empty list reads back as an error, so it is left out
             result["teacher"] = {key: value for key, value in dataclasses.asdict(self.teacher).items() if value != []}
         return result
+
+    @property
+    def distills(self) -> bool:
+        """Whether any stage retrains against a teacher (its settings have `distill`)."""
+        return any(getattr(settings, "distill", None) is not None for settings in self.stages.values())
 
     @property
     def plans_after_pruning(self) -> bool:
