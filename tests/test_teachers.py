@@ -12,7 +12,7 @@ from torch import nn
 import deepshrink.references as references
 from deepshrink.checkpoint import save_checkpoint
 from deepshrink.data import make_loader
-from deepshrink.errors import ConfigError, ModelError
+from deepshrink.errors import CheckpointError, ConfigError, ModelError
 from deepshrink.models import build_model, get_model_spec
 from deepshrink.pipeline import run
 from deepshrink.recipe import parse_recipe, recipe_from_dict
@@ -87,6 +87,16 @@ def test_another_seed_is_another_cached_reference(small_data, tmp_path):
     assert references.reference_path("lenet-300-100", small_data, tmp_path, seed=own_seed + 1) != default
 
 
+def test_a_missing_checkpoint_is_named_before_any_member_trains(trained, small_data, tmp_path, monkeypatch):
+    def no_training(*arguments, **keywords):
+        raise AssertionError("a member trained before the checkpoints were read")
+
+    monkeypatch.setattr(references, "reference_model", no_training)
+    settings = TeacherSettings(references=3, checkpoints=[str(tmp_path / "missing.safetensors")])
+    with pytest.raises(CheckpointError, match=r"teacher: checkpoints: .*missing.safetensors: no such checkpoint file"):
+        build_teacher(settings, trained, "lenet-300-100", small_data)
+
+
 def test_trained_members_need_a_registered_model(trained, small_data):
     with pytest.raises(ConfigError, match="'my-mlp' is not one; list your other trained copies"):
         build_teacher(TeacherSettings(references=2), trained, "my-mlp", small_data)
@@ -135,7 +145,7 @@ def test_checkpoints_and_trained_references_make_the_recipe_teacher(tmp_path, sm
     seed_one = references.reference_model("lenet-300-100", small_data, seed=1, progress=False)
     assert seed_one.from_cache  # trained by the run, at seed 1, and cached
     test = Loaders.from_splits(small_data, 2000).test
-    ensemble_metric = evaluate(Ensemble([trained, seed_one.model, other]), test).metric
+    ensemble_metric = evaluate(Ensemble([trained, other, seed_one.model]), test).metric
     members_metrics = [evaluate(member, test).metric for member in (trained, seed_one.model, other)]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["teacher"] == {"members": 3, "metric": ensemble_metric} == result.teacher

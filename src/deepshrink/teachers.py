@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from deepshrink.errors import ConfigError, ModelError
+from deepshrink.errors import CheckpointError, ConfigError, ModelError
 from deepshrink.settings import between, check_fields
 
 __all__ = ["Ensemble", "TeacherSettings", "build_teacher"]
@@ -55,7 +55,7 @@ class TeacherSettings:
         check_fields(self)
         if self.references == 1 and not self.checkpoints:
             raise ConfigError(
-                "teacher: with references: 1 and no checkpoints the teacher is the reference alone, the default; "
+                "with references: 1 and no checkpoints the teacher is the reference alone, the default; "
                 "set references: N (N > 1) or list checkpoints, or leave the section out"
             )
 
@@ -146,6 +146,13 @@ def build_teacher(
     from deepshrink.references import reference_model
 
     members = [reference]
+    # The checkpoints first: a wrong path is found before any member trains.
+    for path in settings.checkpoints:
+        try:
+            member = load_state_into(copy.deepcopy(reference).cpu(), load_checkpoint(path), path)
+        except CheckpointError as error:
+            raise CheckpointError(f"teacher: checkpoints: {error}") from error
+        members.append(prepare(member))
     if settings.references > 1:
         try:
             get_model_spec(model_name)
@@ -162,7 +169,4 @@ def build_teacher(
         for seed in range(1, settings.references):
             trained = reference_model(model_name, splits, seed=seed, device=device, progress=progress)
             members.append(prepare(trained.model))
-    for path in settings.checkpoints:
-        member = load_state_into(copy.deepcopy(reference).cpu(), load_checkpoint(path), path)
-        members.append(prepare(member))
     return Ensemble([copy.deepcopy(member).cpu() for member in members])
