@@ -43,13 +43,12 @@ def main() -> None:
     def scores(model) -> dict[str, float]:
         return {name: evaluate(model, loader, "cpu").metric for name, loader in splits.items()}
 
-    members = []
+    members, each = [], []
     for seed in range(arguments.references):
         # Seed 0 is the reference settings' own seed: the cached reference itself.
         members.append(reference_model(arguments.model, data, seed=seed or None, device="cpu", progress=False).model)
-        measured = scores(members[-1])
-        print(f"reference seed {seed}: validation {measured['validation']:.2%} test {measured['test']:.2%}", flush=True)
-    each = [scores(member) for member in members]
+        each.append(scores(members[-1]))
+        print(f"reference seed {seed}: validation {each[-1]['validation']:.2%} test {each[-1]['test']:.2%}", flush=True)
     for name in splits:
         values = [measured[name] for measured in each]
         print(f"{name}: mean {statistics.mean(values):.2%}, standard deviation {100 * statistics.stdev(values):.2f}")
