@@ -1,4 +1,5 @@
-"""1-D k-means against trusted references: scikit-learn's Lloyd and the exact optimum."""
+"""1-D k-means against trusted references: scikit-learn's Lloyd (with sample weights for the
+importance-weighted form) and the exact optimum."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from sklearn.cluster import KMeans
 
 from deepshrink.errors import ConfigError
-from deepshrink.quantize.kmeans import initial_centroids, kmeans_1d
+from deepshrink.quantize.kmeans import initial_centroids, kmeans_1d, weighted_kmeans_1d
 
 
 def laplace(size: int, seed: int = 0) -> np.ndarray:
@@ -170,3 +171,57 @@ def test_the_radix_sort_gives_numpys_order():
     values[1004:1006] = [np.finfo(np.float32).tiny, -np.finfo(np.float32).smallest_subnormal]
     for result in (_radix_sort(values), sort_values(values)):
         assert result.dtype == np.float32 and np.array_equal(result, np.sort(values))
+
+
+@pytest.mark.parametrize("clusters", [3, 15, 63])
+@pytest.mark.parametrize("tails", ["laplace", "student-t"])
+def test_weighted_kmeans_is_sklearns_lloyd_with_sample_weights(clusters, tails):
+    """The same centroids, labels and weighted inertia as scikit-learn from the same start, run to
+    convergence; Student-t's outliers leave linear initialisation's clusters empty, so this also
+    checks that empty clusters are relocated as scikit-learn relocates them under weights."""
+    rng = np.random.default_rng(clusters)
+    values = laplace(4000, seed=clusters) if tails == "laplace" else rng.standard_t(3, size=4000).astype(np.float32)
+    importance = rng.gamma(0.5, size=values.size)
+    ours = weighted_kmeans_1d(values, importance, clusters)
+    start = initial_centroids(np.sort(values).astype(np.float64), clusters, "linear")
+    reference = KMeans(clusters, init=start.reshape(-1, 1), n_init=1, tol=0, max_iter=100_000, algorithm="lloyd")
+    reference.fit(values.reshape(-1, 1).astype(np.float64), sample_weight=importance)
+    order = np.argsort(reference.cluster_centers_.ravel())
+    np.testing.assert_allclose(ours.centroids, reference.cluster_centers_.ravel()[order], rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(ours.labels, np.argsort(order)[reference.labels_])
+    assert ours.inertia == pytest.approx(reference.inertia_, rel=1e-9)
+
+
+def test_weighted_kmeans_under_equal_importance_is_kmeans():
+    values = np.random.default_rng(5).standard_t(3, size=6000).astype(np.float32)
+    weighted = weighted_kmeans_1d(values, np.full(values.size, 0.25), 31)
+    plain = kmeans_1d(values, 31)
+    np.testing.assert_array_equal(weighted.centroids, plain.centroids)
+    np.testing.assert_array_equal(weighted.labels, plain.labels)
+
+
+def test_an_important_value_gets_a_centroid_of_its_own():
+    """Han's k-means spends its codebook where the weights crowd; weighted, a value the loss is
+    sensitive to pulls a centroid onto itself even inside a crowd."""
+    values = laplace(3000, seed=1)
+    importance = np.ones(values.size)
+    target = int(np.argsort(values)[1700])  # inside the dense middle
+    importance[target] = 1e9
+    plain = kmeans_1d(values, 7)
+    weighted = weighted_kmeans_1d(values, importance, 7)
+    assert abs(weighted.centroids[weighted.labels[target]] - values[target]) < 1e-6
+    assert abs(plain.centroids[plain.labels[target]] - values[target]) > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("importance", "message"),
+    [
+        (np.ones(4), "4 entries for 5 values"),
+        (np.array([1.0, -1.0, 1.0, 1.0, 1.0]), "non-negative"),
+        (np.array([1.0, np.nan, 1.0, 1.0, 1.0]), "finite"),
+        (np.zeros(5), "positive sum"),
+    ],
+)
+def test_bad_importance_is_named(importance, message):
+    with pytest.raises(ConfigError, match=message):
+        weighted_kmeans_1d(np.arange(5, dtype=np.float32), importance, 2)

@@ -363,14 +363,27 @@ def _relocate_empty(sorted_values, sums, previous, centroids, bounds):
     """Move the empty clusters' centroids onto the values farthest from their own centroids.
 
     As scikit-learn does: the empty clusters take the n_empty farthest points overall, and each
-    donor cluster's centroid becomes the mean of the points it keeps. In 1-D a cluster's
-    farthest points lie at its ends, so each cluster has a pointer at either end that walks
-    inward as points are taken.
+    donor cluster's centroid becomes the mean of the points it keeps.
     """
-    count = len(centroids)
     left = bounds[:-1].copy()
     right = bounds[1:] - 1
-    original = previous  # distances are to the centroids the points were assigned by
+    _give_farthest_to_empty(sorted_values, previous, centroids, bounds, left, right)
+    for cluster in range(len(centroids)):
+        if left[cluster] <= right[cluster] and (
+            left[cluster] != bounds[cluster] or right[cluster] != bounds[cluster + 1] - 1
+        ):
+            kept = right[cluster] - left[cluster] + 1
+            high = _prefix(sorted_values, sums, right[cluster] + 1)
+            centroids[cluster] = (high - _prefix(sorted_values, sums, left[cluster])) / kept
+
+
+@numba.njit(cache=True, nogil=True)
+def _give_farthest_to_empty(sorted_values, previous, centroids, bounds, left, right):
+    """Set each empty cluster's centroid to the value farthest from the centroid it was assigned
+    by (`previous`), each value given once. In 1-D a cluster's farthest values lie at its ends, so
+    each cluster has a pointer at either end (`left`, `right`, moved in place) that walks inward
+    as values are taken; the donors' new means are the caller's (weighted or not)."""
+    count = len(centroids)
     for empty in range(count):
         if bounds[empty + 1] > bounds[empty]:
             continue
@@ -378,8 +391,8 @@ def _relocate_empty(sorted_values, sums, previous, centroids, bounds):
         for cluster in range(count):
             if left[cluster] > right[cluster]:
                 continue
-            low_distance = original[cluster] - sorted_values[left[cluster]]
-            high_distance = sorted_values[right[cluster]] - original[cluster]
+            low_distance = previous[cluster] - sorted_values[left[cluster]]
+            high_distance = sorted_values[right[cluster]] - previous[cluster]
             if low_distance > best_distance:
                 best_distance, best_cluster, best_side = low_distance, cluster, 0
             if high_distance > best_distance:
@@ -392,13 +405,6 @@ def _relocate_empty(sorted_values, sums, previous, centroids, bounds):
         else:
             centroids[empty] = sorted_values[right[best_cluster]]
             right[best_cluster] -= 1
-    for cluster in range(count):
-        if left[cluster] <= right[cluster] and (
-            left[cluster] != bounds[cluster] or right[cluster] != bounds[cluster + 1] - 1
-        ):
-            kept = right[cluster] - left[cluster] + 1
-            high = _prefix(sorted_values, sums, right[cluster] + 1)
-            centroids[cluster] = (high - _prefix(sorted_values, sums, left[cluster])) / kept
 
 
 BLOCK = 64  # values per stored prefix sum
@@ -490,6 +496,26 @@ def _assign_by_table(keys_of, values, first, padded, centroids, labels):
     return error
 
 
+def _check_arguments(values: np.ndarray, clusters) -> None:
+    """The checks both k-means forms make of their values and k."""
+    if not isinstance(clusters, int | np.integer) or not 1 <= clusters <= MAX_CLUSTERS:
+        raise ConfigError(f"clusters={clusters!r} should be an integer from 1 to {MAX_CLUSTERS}")
+    if values.size == 0:
+        raise ConfigError("k-means needs at least one value; the layer has no weights to share")
+    if not np.all(np.isfinite(values)):
+        raise ConfigError("k-means input holds NaN or infinite weights; the model is broken, retrain or reload it")
+
+
+def _starting_centroids(sorted_values: np.ndarray, clusters: int, init: str | np.ndarray, seed: int) -> np.ndarray:
+    """`init`'s centroids: a method's (`initial_centroids`) or the given ones, ascending."""
+    if isinstance(init, str):
+        return initial_centroids(sorted_values, clusters, init, seed)
+    centroids = np.sort(np.asarray(init, dtype=np.float64).reshape(-1))
+    if len(centroids) != clusters:
+        raise ConfigError(f"init has {len(centroids)} centroids but clusters={clusters}")
+    return centroids
+
+
 def kmeans_1d(
     values: np.ndarray,
     clusters: int,
@@ -521,24 +547,14 @@ def kmeans_1d(
         values = values.reshape(-1)
     if values.dtype not in (np.float32, np.float64):
         values = values.astype(np.float32)
-    if not isinstance(clusters, int | np.integer) or not 1 <= clusters <= MAX_CLUSTERS:
-        raise ConfigError(f"clusters={clusters!r} should be an integer from 1 to {MAX_CLUSTERS}")
-    if values.size == 0:
-        raise ConfigError("k-means needs at least one value; the layer has no weights to share")
-    if not np.all(np.isfinite(values)):
-        raise ConfigError("k-means input holds NaN or infinite weights; the model is broken, retrain or reload it")
+    _check_arguments(values, clusters)
     sorted_values = sort_values(values)
     distinct = np.unique(sorted_values) if values.size <= 4 * clusters else None
     if distinct is not None and len(distinct) <= clusters:
         # Every distinct value can be its own centroid: the exact optimum, with zero error.
         labels = np.searchsorted(distinct, values).astype(np.uint8 if clusters <= 256 else np.uint16)
         return KMeansResult(distinct.astype(np.float64), labels, 0.0, 0, distinct.astype(np.float64))
-    if isinstance(init, str):
-        centroids = initial_centroids(sorted_values, clusters, init, seed)
-    else:
-        centroids = np.sort(np.asarray(init, dtype=np.float64).reshape(-1))
-        if len(centroids) != clusters:
-            raise ConfigError(f"init has {len(centroids)} centroids but clusters={clusters}")
+    centroids = _starting_centroids(sorted_values, clusters, init, seed)
     centroids = np.ascontiguousarray(centroids, dtype=np.float64)
     initial = centroids.copy()
     sums = np.empty(len(sorted_values) // BLOCK + 1, dtype=np.float64)
@@ -548,3 +564,100 @@ def kmeans_1d(
     labels = np.empty(values.shape, dtype=np.uint8 if len(centroids) <= 256 else np.uint16)
     inertia = (_assign_float32 if values.dtype == np.float32 else _assign)(values, centroids, labels)
     return KMeansResult(centroids, labels, float(inertia), int(iterations), initial)
+
+
+def weighted_kmeans_1d(
+    values: np.ndarray,
+    importance: np.ndarray,
+    clusters: int,
+    init: str | np.ndarray = "linear",
+    *,
+    seed: int = 0,
+    max_iterations: int = 1_000_000,
+) -> KMeansResult:
+    """Cluster 1-D `values` minimising sum_i importance_i * (value_i - centroid_i)^2.
+
+    Each value's importance scales all of its distances alike, so the nearest centroid is still
+    each value's best one and the clusters are still contiguous runs of the sorted values; only the
+    centroids move, to the importance-weighted means of their runs. With importance the loss's
+    second derivative for each weight, this is Choi, El-Khamy & Lee's Hessian-weighted k-means
+    ("Towards the limit of network quantization", ICLR 2017): the codebook is spent where an error
+    costs the most loss. A cluster whose values all have zero importance keeps its centroid.
+
+    Args:
+        values: the values (flattened).
+        importance: one non-negative finite weight per value, summing to more than zero.
+        clusters: k, 1 to MAX_CLUSTERS.
+        init: the initialisation (see `initial_centroids`; it reads the values, not the importance),
+            or starting centroids. Lloyd's steps never raise the weighted error, so starting from
+            the unweighted clustering's centroids ends no worse than it on the weighted error.
+        seed: the seed of random initialisation.
+        max_iterations: a bound on Lloyd's iterations.
+
+    Returns:
+        The KMeansResult; its inertia is the weighted sum of squared errors.
+
+    Raises:
+        ConfigError: `clusters` out of range, no values, non-finite values, or an importance of
+            another length, negative, non-finite or all zero.
+    """
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    importance = np.asarray(importance, dtype=np.float64).reshape(-1)
+    if importance.shape != values.shape:
+        raise ConfigError(f"importance has {importance.size} entries for {values.size} values; give one per value")
+    if not np.all(np.isfinite(importance)) or np.any(importance < 0) or not importance.sum() > 0:
+        raise ConfigError("importance should be finite and non-negative with a positive sum, one weight per value")
+    _check_arguments(values, clusters)
+    label_type = np.uint8 if clusters <= 256 else np.uint16
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    distinct = np.unique(sorted_values)
+    if len(distinct) <= clusters:
+        labels = np.searchsorted(distinct, values).astype(label_type)
+        return KMeansResult(distinct, labels, 0.0, 0, distinct.copy())
+    sorted_importance = importance[order]
+    # Prefix sums of w and w*x: a run's weighted mean is then two differences.
+    mass = np.concatenate(([0.0], np.cumsum(sorted_importance)))
+    moment = np.concatenate(([0.0], np.cumsum(sorted_importance * sorted_values)))
+    centroids = np.sort(_starting_centroids(sorted_values, clusters, init, seed))
+    initial = centroids.copy()
+    edges = None
+    iterations = 0
+    while iterations < max_iterations:
+        # A value on a midpoint goes to the upper centroid, as `_assign` labels it.
+        bounds = np.concatenate(
+            ([0], np.searchsorted(sorted_values, (centroids[:-1] + centroids[1:]) / 2), [values.size])
+        )
+        if edges is not None and np.array_equal(bounds, edges):
+            break
+        edges = bounds
+        weights = mass[edges[1:]] - mass[edges[:-1]]
+        sums = moment[edges[1:]] - moment[edges[:-1]]
+        filled = weights > 0
+        previous = centroids
+        centroids = np.where(filled, sums / np.where(filled, weights, 1.0), centroids)
+        if np.any(edges[1:] == edges[:-1]):
+            centroids = _relocate_empty_weighted(sorted_values, mass, moment, previous, centroids, edges)
+        # Relocated centroids land anywhere, and two can meet when a run's values all weigh nothing.
+        centroids = np.sort(centroids)
+        iterations += 1
+    labels = np.empty(values.shape, dtype=label_type)
+    _assign(values, centroids, labels)
+    inertia = float(np.sum(importance * (values - centroids[labels]) ** 2))
+    return KMeansResult(centroids, labels, inertia, iterations, initial)
+
+
+def _relocate_empty_weighted(sorted_values, mass, moment, previous, centroids, edges) -> np.ndarray:
+    """`_relocate_empty` with importance: the empty clusters take the farthest values, and each
+    donor's centroid becomes the weighted mean of the values it keeps (as scikit-learn relocates
+    with sample weights)."""
+    centroids = centroids.copy()
+    left = edges[:-1].copy()
+    right = edges[1:] - 1
+    _give_farthest_to_empty(sorted_values, previous, centroids, edges, left, right)
+    for cluster in range(len(centroids)):
+        taken = left[cluster] != edges[cluster] or right[cluster] != edges[cluster + 1] - 1
+        weight = mass[right[cluster] + 1] - mass[left[cluster]]
+        if left[cluster] <= right[cluster] and taken and weight > 0:
+            centroids[cluster] = (moment[right[cluster] + 1] - moment[left[cluster]]) / weight
+    return centroids

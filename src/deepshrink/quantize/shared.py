@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from deepshrink.layers import (
     weights_by_key,
 )
 from deepshrink.prune.module import pruning_mask_of
-from deepshrink.quantize.kmeans import kmeans_1d
+from deepshrink.quantize.kmeans import kmeans_1d, weighted_kmeans_1d
 
 MAX_BITS = 16
 SAMPLE_SIZE = 200_000
@@ -127,7 +127,13 @@ class SharingRecord:
 
 
 def share_layer_weights(
-    layer: Weight | nn.Module, bits: int, init: str = "linear", *, seed: int = 0, zero_code: bool | None = None
+    layer: Weight | nn.Module,
+    bits: int,
+    init: str = "linear",
+    *,
+    seed: int = 0,
+    zero_code: bool | None = None,
+    importance: torch.Tensor | None = None,
 ) -> SharingRecord:
     """Replace the weight `layer` (a Weight, or a Linear / convolution / Embedding module) by a
     codebook of at most 2^bits values plus indices.
@@ -142,12 +148,16 @@ def share_layer_weights(
         init: the k-means initialisation.
         seed: the seed of k-means.
         zero_code: reserve code 0 for zero (default: when there are zeros).
+        importance: a non-negative weight per entry, the weight's shape (e.g. the loss's Fisher
+            diagonal): k-means then minimises the importance-weighted squared error
+            (`weighted_kmeans_1d`). None: every weight counts alike, as in the paper.
 
     Returns:
         The SharingRecord.
 
     Raises:
-        ConfigError: `bits` out of range, or a parametrization other than a pruning mask.
+        ConfigError: `bits` out of range, a parametrization other than a pruning mask, or an
+            importance of another shape.
     """
     _check_bits(bits)
     layer = as_weight(layer)
@@ -158,6 +168,10 @@ def share_layer_weights(
             )
         layer.remove_parametrizations()
     weight = layer.value.detach()
+    if importance is not None and tuple(importance.shape) != tuple(weight.shape):
+        raise ConfigError(
+            f"importance for {layer.name!r} has shape {tuple(importance.shape)}, and the weight {tuple(weight.shape)}"
+        )
     values = weight.flatten().cpu().numpy()
     nonzero = values != 0
     if zero_code is None:
@@ -172,8 +186,21 @@ def share_layer_weights(
         centroids = np.zeros(0 if zero_code else 1)
         initial = centroids
         inertia = 0.0
+    elif importance is not None:
+        weights = importance.detach().flatten().double().cpu().numpy()
+        weights = weights[nonzero] if zero_code else weights
+        # A floor of a millionth of the mean keeps every weight in its cluster's mean: a weight the
+        # estimate saw no gradient for (a unit no example reached) still lands on a centroid near it.
+        floor = 1e-6 * max(float(weights.mean()), 1e-30)
+        # From the paper's clustering, not from `init` itself: weighted Lloyd from a linear start
+        # can stop at a worse optimum of its own objective than the unweighted one reaches, and
+        # from the unweighted centroids it can only improve on them.
+        unweighted = kmeans_1d(shared, clusters, init, seed=seed)
+        result = weighted_kmeans_1d(shared, weights + floor, clusters, unweighted.centroids, seed=seed)
+        result = replace(result, initial=unweighted.initial)
     else:
         result = kmeans_1d(shared, clusters, init, seed=seed)
+    if clusters and shared.size:
         initial = result.initial
         centroids = result.centroids
         inertia = result.inertia
@@ -248,6 +275,7 @@ def share_weights(
     init: str = "linear",
     *,
     seed: int = 0,
+    importance: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, SharingRecord]:
     """Share the weights of the layers matched by `bits` ({glob: bits}); all layers at the paper's
     defaults when `bits` is None. Returns what was done to each layer.
@@ -257,6 +285,8 @@ def share_weights(
         bits: {layer glob: bits}, or None.
         init: the k-means initialisation.
         seed: the seed of k-means.
+        importance: {weight name: per-entry importance} for importance-weighted k-means (see
+            `share_layer_weights`); a layer it does not name is clustered unweighted.
 
     Returns:
         {weight name: SharingRecord}.
@@ -270,7 +300,11 @@ def share_weights(
     else:
         layers = select_weights(model, list(bits))
         resolved = match_per_layer(layers, dict(bits), "bits")
-    return {name: share_layer_weights(layer, int(resolved[name]), init, seed=seed) for name, layer in layers.items()}
+    importance = importance or {}
+    return {
+        name: share_layer_weights(layer, int(resolved[name]), init, seed=seed, importance=importance.get(name))
+        for name, layer in layers.items()
+    }
 
 
 def sharing_of(weight: Weight | nn.Module) -> SharedWeights | None:

@@ -21,6 +21,7 @@ from deepshrink.train import evaluate
 METHODS = ("kmeans", "soft")
 BITS_FROM = ("settings", "posterior")
 INITS = ("linear", "density", "forgy", "optimal", "grouped")
+WEIGHTINGS = ("none", "fisher")
 OPTIMIZERS = ("sgd", "adam")
 RECORD_ARRAYS = ("initial_centroids", "centroids", "sample")
 
@@ -60,6 +61,21 @@ class QuantizeSettings:
     )
     init: str = field(
         default="linear", metadata=choices(*INITS, help="centroid initialisation (linear: the paper's best)")
+    )
+    weighting: str = field(
+        default="none",
+        metadata=choices(
+            *WEIGHTINGS,
+            help="none: every weight counts alike in k-means (the paper's); fisher: each weight's squared "
+            "error weighted by the loss's Fisher diagonal, estimated over `fisher_examples` training "
+            "examples (Choi et al. 2017's Hessian-weighted k-means; classification only)",
+        )
+        | {"recorded_when_set": True},
+    )
+    fisher_examples: int = field(
+        default=5000,
+        metadata=between(1, help="weighting fisher: training examples the Fisher diagonal is averaged over")
+        | {"recorded_when_set": True},
     )
     finetune_epochs: int = field(default=1, metadata=between(0, help="centroid fine-tuning epochs"))
     optimizer: str = field(default="adam", metadata=choices(*OPTIMIZERS, help="fine-tuning optimizer"))
@@ -111,6 +127,8 @@ class QuantizeSettings:
                 "bits_from: posterior chooses every layer's bits for k-means sharing: leave out `bits` "
                 "(and use method kmeans), or drop bits_from"
             )
+        if self.weighting != "none" and self.method != "kmeans":
+            raise ConfigError("weighting weighs k-means' errors: use it with method kmeans, or drop it")
         if self.method == "kmeans" and self.layers is not None:
             raise ConfigError("layers goes with method soft; k-means sharing takes bits: {LAYER_GLOB: BITS}")
 
@@ -137,9 +155,11 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
         records = _soft_sharing(model, settings, context, log)
     else:
         bits = _posterior_bits(model, context, log) if settings.bits_from == "posterior" else settings.bits
-        records = share_weights(model, bits, settings.init, seed=context.seed)
+        importance = _fisher_importance(model, bits, settings, context) if settings.weighting == "fisher" else None
+        records = share_weights(model, bits, settings.init, seed=context.seed, importance=importance)
     log |= {
         "init": settings.init if settings.method == "kmeans" else "mixture",
+        "weighting": settings.weighting,
         "bits": {name: record.bits for name, record in records.items()},
         "records": {
             name: {"bits": record.bits, "zero_code": record.zero_code, "inertia": float(record.inertia)}
@@ -174,6 +194,30 @@ def quantize_stage(model: nn.Module, settings: QuantizeSettings, context: StageC
     if epochs:
         log["epochs"] = [vars(record) for record in epochs]
     return StageResult("quantize", log, metrics, tensors=tensors)
+
+
+def _fisher_importance(model: nn.Module, bits, settings: QuantizeSettings, context: StageContext) -> dict:
+    """The Fisher diagonal of each weight about to be shared, over `fisher_examples` training
+    examples, for `weighting: fisher`."""
+    from deepshrink.layers import plain_copy
+    from deepshrink.prune.saliency import fisher_diagonal
+
+    if context.loaders is None:
+        raise ConfigError("quantize weighting fisher estimates the loss's curvature: it needs data, or drop weighting")
+    if context.task.name != "classification":
+        raise ConfigError(
+            f"quantize weighting fisher is for classification (its Fisher is the softmax's), and this task is "
+            f"{context.task.name}: drop weighting"
+        )
+    # fisher_diagonal differentiates plain parameters: a copy with the pruning masks folded in.
+    return fisher_diagonal(
+        plain_copy(model),
+        context.loaders.train(settings.batch_size, context.seed),
+        None if bits is None else list(bits),
+        max_examples=settings.fisher_examples,
+        seed=context.seed,
+        device=context.device,
+    )
 
 
 def _posterior_bits(model: nn.Module, context: StageContext, log: dict) -> dict[str, int]:
