@@ -104,3 +104,21 @@ def test_fisher_diagonal_estimates_the_gauss_newton_diagonal():
     probabilities = torch.softmax(model(inputs), dim=1).detach()
     exact = softmax_layer_hessian(inputs, probabilities, damping=0.0).diagonal().view(3, 5).float()
     assert torch.allclose(estimate, exact, rtol=0.15, atol=1e-3)
+
+
+def test_fisher_diagonal_is_the_same_whatever_the_chunk_of_examples(monkeypatch):
+    """A large model's per-example gradients go a few examples at a time (PER_EXAMPLE_BYTES): the
+    same estimate as 256 at once, to float rounding."""
+    from deepshrink.prune import saliency
+
+    torch.manual_seed(1)
+    inputs = torch.randn(600, 6)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    loader = make_loader(TensorDataset(inputs, torch.zeros(600, dtype=torch.long)), 300, shuffle=False)
+    whole = fisher_diagonal(model, loader, max_examples=600, seed=0)
+    weight_bytes = sum(parameter.numel() * 4 for name, parameter in model.named_parameters() if "weight" in name)
+    monkeypatch.setattr(saliency, "PER_EXAMPLE_BYTES", 7 * weight_bytes)  # chunks of 7 examples
+    chunked = fisher_diagonal(model, loader, max_examples=600, seed=0)
+    assert whole.keys() == chunked.keys() and len(whole) == 2
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-9)

@@ -239,6 +239,8 @@ def test_fisher_weighting_is_refused_where_it_has_no_meaning(small_data, small_l
 
     with pytest.raises(ConfigError, match="use it with method kmeans"):
         QuantizeSettings(method="soft", weighting="fisher")
+    with pytest.raises(ConfigError, match="fisher_examples goes with"):
+        QuantizeSettings(bits={"*": 4}, fisher_examples=100)
     model, context = _pruned_lenet(small_lenet_state, small_data)
     settings = QuantizeSettings(bits={"*": 3}, weighting="fisher", finetune_epochs=0)
     with pytest.raises(ConfigError, match="it needs data"):

@@ -37,6 +37,7 @@ from deepshrink.layers import select_weights
 from deepshrink.train import inputs_and_targets, one_tensor
 
 EXACT_HESSIAN_LIMIT = 4096  # parameters; above this an exact Hessian is too big to be practical
+PER_EXAMPLE_BYTES = 1 << 28  # fisher_diagonal: at most this many bytes of per-example gradients at once
 
 
 def obd_saliency(weight: torch.Tensor, hessian_diagonal: torch.Tensor) -> torch.Tensor:
@@ -120,6 +121,11 @@ def fisher_diagonal(
     fixed = {name: value.detach() for name, value in parameters.items() if name not in names}
     buffers = dict(model.named_buffers())
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    # Each example in a chunk holds a gradient of every chosen weight: 256 at once for a LeNet, one
+    # at a time for a VGG-16 (138M weights, 0.55 GB a gradient), so that a large model's chunk
+    # stays within PER_EXAMPLE_BYTES (or one example's gradient) instead of 256 x its size.
+    weight_bytes = sum(parameters[name].numel() * parameters[name].element_size() for name in set(names))
+    chunk_size = max(1, min(256, PER_EXAMPLE_BYTES // max(weight_bytes, 1)))
 
     def log_likelihood(selected, example, label):
         one = apply(example, lambda tensor: tensor.unsqueeze(0))
@@ -136,9 +142,9 @@ def fisher_diagonal(
         sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(device)
         selected = {name: parameters[name].detach() for name in names}
         examples = count(inputs)
-        for chunk in range(0, examples, 256):
-            part = take(inputs, slice(chunk, chunk + 256))
-            gradients = per_example_gradient(selected, part, sampled[chunk : chunk + 256])
+        for chunk in range(0, examples, chunk_size):
+            part = take(inputs, slice(chunk, chunk + chunk_size))
+            gradients = per_example_gradient(selected, part, sampled[chunk : chunk + chunk_size])
             for name in names:
                 sums[name] += (gradients[name] ** 2).sum(0)
         seen += examples

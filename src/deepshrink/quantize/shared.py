@@ -189,8 +189,8 @@ def share_layer_weights(
     elif importance is not None:
         weights = importance.detach().flatten().double().cpu().numpy()
         weights = weights[nonzero] if zero_code else weights
-        # A floor of a millionth of the mean keeps every weight in its cluster's mean: a weight the
-        # estimate saw no gradient for (a unit no example reached) still lands on a centroid near it.
+        # A floor of a millionth of the mean: a run of weights the estimate gave no gradient (units
+        # no example reached) still pulls its centroid, and a layer with none is clustered unweighted.
         floor = 1e-6 * max(float(weights.mean()), 1e-30)
         # From the paper's clustering, not from `init` itself: weighted Lloyd from a linear start
         # can stop at a worse optimum of its own objective than the unweighted one reaches, and

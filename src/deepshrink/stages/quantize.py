@@ -129,6 +129,11 @@ class QuantizeSettings:
             )
         if self.weighting != "none" and self.method != "kmeans":
             raise ConfigError("weighting weighs k-means' errors: use it with method kmeans, or drop it")
+        if (
+            self.fisher_examples != type(self).__dataclass_fields__["fisher_examples"].default
+            and self.weighting != "fisher"
+        ):
+            raise ConfigError("fisher_examples goes with `weighting: fisher`: add that, or drop fisher_examples")
         if self.method == "kmeans" and self.layers is not None:
             raise ConfigError("layers goes with method soft; k-means sharing takes bits: {LAYER_GLOB: BITS}")
 
