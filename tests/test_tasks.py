@@ -267,3 +267,20 @@ def test_class_probabilities_train_and_score_as_their_labels_do(tmp_path):
     assert results["one-hot"].reference_metric == pytest.approx(results["labels"].reference_metric, abs=0.02)
     assert results["one-hot"].compressed_metric == pytest.approx(results["labels"].compressed_metric, abs=0.02)
     assert min(result.compressed_metric for result in results.values()) > 0.7
+
+
+@pytest.mark.parametrize(
+    ("task", "outputs", "targets"),
+    [
+        (classification(), torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])),
+        (classification(), torch.randn(6, 4), torch.softmax(torch.randn(6, 4), 1)),
+        (regression(), torch.randn(6, 2), torch.randn(6, 2)),
+        (regression(tolerance=0.5), torch.randn(6, 2), torch.randn(6, 2)),
+        (embedding(), torch.randn(6, 8), torch.randn(6, 8)),
+    ],
+)
+def test_metric_statistics_stay_on_the_outputs_device(task, outputs, targets):
+    """On a GPU the statistics of a batch are summed where the outputs are: a count made on the CPU
+    and stacked with them failed there (found on an H200). The meta device stands in for CUDA."""
+    statistics = task.metric.statistics(outputs.to("meta"), targets.to("meta"))
+    assert statistics.device.type == "meta" and statistics.shape == (2,)

@@ -220,7 +220,8 @@ def _top1(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if targets.is_floating_point():  # class probabilities: the most probable class is the label
         targets = targets.argmax(1)
     correct = (outputs.argmax(1) == targets).sum()
-    return torch.stack([correct.double(), torch.tensor(float(targets.shape[0]), dtype=torch.float64)])
+    count = torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=correct.device)
+    return torch.stack([correct.double(), count])
 
 
 def _classification_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -411,7 +412,7 @@ def regression(loss: str = "mse", tolerance: float | None = None) -> Task:
     def statistics(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         error = (outputs - targets.to(outputs.dtype).reshape(outputs.shape)).abs().double()
         value = (error <= tolerance).sum().double() if tolerance is not None else error.sum()
-        return torch.stack([value, torch.tensor(float(error.numel()), dtype=torch.float64)])
+        return torch.stack([value, torch.tensor(float(error.numel()), dtype=torch.float64, device=value.device)])
 
     metric = (
         Metric("mean absolute error", False, statistics)
@@ -457,7 +458,8 @@ def embedding(loss: str = "cosine") -> Task:
 
     def statistics(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         similarity = _cosine(outputs, targets).double()
-        return torch.stack([similarity.sum(), torch.tensor(float(similarity.numel()), dtype=torch.float64)])
+        count = torch.tensor(float(similarity.numel()), dtype=torch.float64, device=similarity.device)
+        return torch.stack([similarity.sum(), count])
 
     return Task(
         "embedding" if loss == "cosine" else "embedding-mse",
