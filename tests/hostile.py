@@ -33,12 +33,16 @@ MEMORY_LIMIT = 2 << 30  # address space of the runner: a crafted file must not n
 CLEAN_EXIT_CODES = {3, 4, 5, 6, 7, 8, 9}  # our error kinds (cli.EPILOG); 70 is an internal error
 
 
-def small_model(name: str = MODEL, sparsity: float = 0.97, bits: int = 4, seed: int = 0):
+def small_model(name: str = MODEL, sparsity: float = 0.97, bits: int = 4, seed: int = 0, dead_rows: float = 0.0):
     """A registered model (LeNet-300-100) pruned and weight-shared (random weights: the format
-    does not care)."""
+    does not care); `dead_rows` of the largest layer's rows emptied, as dead units are (their
+    row counts mostly zero: rANS-coded under the ans coder, format 2.6)."""
     torch.manual_seed(seed)
     model = build_model(name)
     masks = {name: sparsity_mask(layer.value, sparsity) for name, layer in select_weights(model).items()}
+    largest = max(masks, key=lambda layer: masks[layer].numel())
+    rows = masks[largest].shape[0]
+    masks[largest][torch.randperm(rows)[: int(dead_rows * rows)]] = 0
     apply_masks(model, masks)
     share_weights(model, {"*": bits})
     return model

@@ -191,13 +191,17 @@ def test_stream_lengths_an_encoder_cannot_make_are_refused_before_decoding():
             decode_state_dict(header, longer)
 
 
-def test_a_file_with_ans_streams_loads_bit_exactly_and_says_it_needs_format_2_3(tmp_path):
+def test_a_file_with_ans_streams_loads_bit_exactly_and_says_which_format_it_needs(tmp_path):
     """ANS records need 2.2; every header since 2.3 is deflated against the preset dictionary, so
-    both files say 2.3."""
+    the Huffman file says 2.3; the ANS one codes fc1's row counts (500 of them, about 64 each, in 7
+    bits at fixed width) by rANS too, which needs 2.6."""
     model = compressed_model("lenet-5")
     path = deepshrink.save_compressed(model, tmp_path / "ans.dcz", model_name="lenet-5", coder="ans")
     huffman = deepshrink.save_compressed(model, tmp_path / "huffman.dcz", model_name="lenet-5")
-    assert path.read_bytes()[8:12] == huffman.read_bytes()[8:12] == b"\x02\x00\x03\x00"
+    assert huffman.read_bytes()[8:12] == b"\x02\x00\x03\x00"
+    assert path.read_bytes()[8:12] == b"\x02\x00\x06\x00"
+    fc1 = next(record for record in container.read(path).header["tensors"] if record["name"] == "fc1.weight")
+    assert "context" in fc1["streams"]["counts"]
     assert all(record.get("coder", "ans") == "ans" for record in container.read(path).header["tensors"])
     loaded, _ = deepshrink.load_compressed(path)
     for key, tensor in plain_state_dict(model).items():

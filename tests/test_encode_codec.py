@@ -196,3 +196,64 @@ def test_the_size_table_accounts_for_every_byte_of_a_file_of_either_header_forma
         assert sum(row.bytes for row in rows) + totals["header_bytes"] == written.stat().st_size
         header_row = next(line for line in format_size_table(rows, totals).splitlines() if line.startswith("header"))
         assert header_row.split()[-1] == f"{totals['header_bytes']:,}"
+
+
+def model_with_dead_units(dead_fraction: float = 0.75):
+    """LeNet-300-100 pruned to 8% within the rows of fc1 it keeps, the others (dead units) empty."""
+    torch.manual_seed(1)
+    model = build_model("lenet-300-100")
+    masks = {layer: sparsity_mask(module.value, 0.92) for layer, module in select_weights(model).items()}
+    rows = masks["fc1"].shape[0]
+    masks["fc1"][torch.randperm(rows)[: int(dead_fraction * rows)]] = 0
+    apply_masks(model, masks)
+    share_weights(model, {"*": 4})
+    return model
+
+
+def test_mostly_empty_rows_have_their_counts_coded_by_ans():
+    """Format 2.6: an ans record's row counts are rANS-coded where that is smaller than fixed width
+    (fc1's, three quarters zero), stay fixed-width where it is not, and decode bit-exactly."""
+    from deepshrink.encode import container
+
+    model = model_with_dead_units()
+    header, buffers = encode_model(model, coder="ans")
+    streams = {record["name"]: record["streams"] for record in header["tensors"] if "streams" in record}
+    counts = streams["fc1.weight"]["counts"]
+    assert "context" in counts
+    assert len(buffers[counts["buffer"]]) < (counts["symbols"] * counts["width"] + 7) // 8
+    assert "context" not in streams["fc3.weight"]["counts"]  # 10 rows: the fixed width is smaller
+    data = to_bytes(header, buffers)
+    assert container.PREAMBLE.unpack_from(data)[2] == container.CODED_COUNTS_MINOR_VERSION == 6
+    decoded = decode_state_dict(from_bytes(data).header, from_bytes(data).buffers)
+    for key, tensor in plain_state_dict(model).items():
+        assert torch.equal(decoded[key], tensor), key
+    # Under Huffman the counts stay fixed-width, and the file stays readable by a 2.5 reader.
+    header, buffers = encode_model(model, coder="huffman")
+    assert not any("context" in record["streams"]["counts"] for record in header["tensors"] if "streams" in record)
+    assert container.minor_version(header) < container.CODED_COUNTS_MINOR_VERSION
+
+
+@pytest.mark.parametrize(
+    ("coder", "changes", "message"),
+    [
+        ("huffman", {"streams.counts.context": "none"}, "counts stream is ans-coded .* in a huffman record"),
+        ("ans", {"streams.counts.width": 17}, "counts width is 17; expected an integer from 1 to 16"),
+        ("ans", {"streams.counts.context": "next"}, "counts stream: unknown context"),
+        ("ans", {"streams.counts.symbols": 299}, "counts stream declares 299 symbols"),
+    ],
+)
+def test_coded_counts_that_lie_are_format_errors(coder, changes, message):
+    header, buffers = encode_model(model_with_dead_units(), coder=coder)
+    with pytest.raises(FormatError, match=message):
+        decode_state_dict(mutate(header, "fc1.weight", **changes), buffers)
+
+
+def test_corrupt_coded_counts_are_format_errors():
+    header, buffers = encode_model(model_with_dead_units(), coder="ans")
+    record = next(record for record in header["tensors"] if record["name"] == "fc1.weight")
+    counts = record["streams"]["counts"]["buffer"]
+    for broken_bytes in (bytes(255 - byte for byte in buffers[counts]), buffers[counts][:-4]):
+        broken = list(buffers)
+        broken[counts] = broken_bytes
+        with pytest.raises(FormatError, match="counts|fc1"):
+            decode_state_dict(header, broken)

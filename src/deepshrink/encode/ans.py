@@ -38,6 +38,7 @@ INCREMENT = 32
 REBUILD_EVERY = 2048
 MIN_SCALE_BITS = 12
 MAX_SCALE_BITS = 18  # 2^16 symbols keep 4 slots each on average
+MAX_ALPHABET_BITS = 16  # the widest stream coded: codes and gaps of up to 16 bits, row counts up to 2^16
 STATE_LOW = 1 << 31  # the state's lower bound (and the encoder's starting state)
 HEADER_BYTES = 8  # the final state, little-endian, before the words
 

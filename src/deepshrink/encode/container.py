@@ -22,9 +22,10 @@ MAGIC = b"\x89DCZ\r\n\x1a\n"
 MAJOR_VERSION = 2
 # 2.1: tensors as zstd byte planes (encoding "zstd"); 2.2: the "ans" coder; 2.3: the header
 # deflated against HEADER_DICTIONARY; 2.4: int8 records (with a scale: float32 in 8 bits); 2.5: "same" records
-MINOR_VERSION = 5
+MINOR_VERSION = 6
 INT8_MINOR_VERSION = 4  # the first that reads int8 records; a writer writes it only where a record is int8
 SAME_MINOR_VERSION = 5  # the first that reads "same" records (one tensor under two names)
+CODED_COUNTS_MINOR_VERSION = 6  # the first that reads an ans record's rANS-coded row counts
 READABLE_MAJOR_VERSIONS = (1, 2)  # 1.x: plain JSON header; 2.x: zlib-compressed JSON header
 PREAMBLE = struct.Struct("<8sHHIQ")  # magic, major, minor, header CRC-32, header length
 VERSIONS = struct.Struct("<HH")  # covered by the header checksum, so a flipped minor version is caught
@@ -64,9 +65,9 @@ def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
     """Serialise deterministically: sorted JSON keys, fixed padding, buffers in order.
 
     A file records the lowest minor version that reads it: 2.3 (its header is deflated against
-    HEADER_DICTIONARY), 2.4 where a record is int8, or 2.5 where one is "same", so that an older
-    reader reads every file that does not need the newer records (and refuses one that does,
-    naming the dtype or the encoding).
+    HEADER_DICTIONARY), 2.4 where a record is int8, 2.5 where one is "same", or 2.6 where a
+    counts stream is rANS-coded, so that an older reader reads every file that does not need the
+    newer records (and refuses one that does, naming the dtype, the encoding or the stream).
 
     Args:
         header: the header, without its buffer table.
@@ -101,15 +102,24 @@ def minor_version(header: dict) -> int:
 
     Returns:
         HEADER_DICTIONARY_MINOR_VERSION (every header is deflated against the dictionary),
-        INT8_MINOR_VERSION where a record is int8, SAME_MINOR_VERSION where one is "same".
+        INT8_MINOR_VERSION where a record is int8, SAME_MINOR_VERSION where one is "same",
+        CODED_COUNTS_MINOR_VERSION where a counts stream has a context (is rANS-coded).
     """
     records = header.get("tensors")
     records = [record for record in records if isinstance(record, dict)] if isinstance(records, list) else []
+    if any(_has_coded_counts(record) for record in records):
+        return CODED_COUNTS_MINOR_VERSION
     if any(record.get("encoding") == "same" for record in records):
         return SAME_MINOR_VERSION
     if any(record.get("dtype") == "int8" for record in records):
         return INT8_MINOR_VERSION
     return HEADER_DICTIONARY_MINOR_VERSION
+
+
+def _has_coded_counts(record: dict) -> bool:
+    streams = record.get("streams")
+    counts = streams.get("counts") if isinstance(streams, dict) else None
+    return isinstance(counts, dict) and "context" in counts
 
 
 def encode_header(header: dict) -> bytes:

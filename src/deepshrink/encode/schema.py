@@ -221,8 +221,14 @@ def _check_shared(record: dict, name: str, shape: list[int], elements: int, buff
     _check_stream(streams["gaps"], buffers, coder, 1 << index_bits, entries, f"{name} gaps", index_bits)
     counts = streams["counts"]
     count_width = counts.get("width") if isinstance(counts, dict) else None
-    _integer(count_width, f"{name} counts width", 1, MAX_CODE_WIDTH)
-    _check_stream(counts, buffers, "fixed", 1 << count_width, stored_rows, f"{name} counts")
+    # Fixed-width, or (since 2.6, in an ans record) rANS-coded over 2^width symbols: a stream with a
+    # context is the latter.
+    counts_coder = "ans" if isinstance(counts, dict) and "context" in counts else "fixed"
+    if counts_coder == "ans" and coder != "ans":
+        raise FormatError(f"{name}: its counts stream is ans-coded (it has a context) in a {coder} record")
+    widest = ans.MAX_ALPHABET_BITS if counts_coder == "ans" else MAX_CODE_WIDTH
+    _integer(count_width, f"{name} counts width", 1, widest)
+    _check_stream(counts, buffers, counts_coder, 1 << count_width, stored_rows, f"{name} counts")
 
 
 def _declared_size(record) -> int:

@@ -159,7 +159,9 @@ def size_report(header: dict, file_bytes: int | None = None) -> tuple[list[Layer
         codebook_bits = 32 * (table[record["codebook"]]["length"] // 4)
         sparse = record["layout"] != "dense"
         index_bits = record["index_bits"] if sparse else 0
-        fixed = entries * (record["bits"] + index_bits) + codebook_bits + (streams["counts"]["bits"] if sparse else 0)
+        # The counts at their fixed width even where rANS coded them (2.6): P+Q has no entropy coding.
+        counts_fixed_bits = streams["counts"]["symbols"] * streams["counts"]["width"] if sparse else 0
+        fixed = entries * (record["bits"] + index_bits) + codebook_bits + (counts_fixed_bits if sparse else 0)
         rows.append(
             LayerSize(
                 record["name"],
