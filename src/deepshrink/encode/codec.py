@@ -394,6 +394,7 @@ def decode_shared_parts(record: dict, buffers: list[bytes]) -> SharedParts:
     counts_stream = streams["counts"]
     counts_coder = "ans" if "context" in counts_stream else "fixed"  # since 2.6 an ans record's may be either
     counts = _decode_stream(counts_stream, buffers, counts_coder, 1 << counts_stream["width"], f"{name} counts")
+    counts = counts.astype(np.int64, copy=False)  # rANS decodes into uint8 or uint16; offsets are summed from these
     if int(counts.sum()) != len(codes):
         raise FormatError(f"{name}: the row counts add up to {int(counts.sum())}, not {len(codes)} entries")
     layout = SparseLayout(
