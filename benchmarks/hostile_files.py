@@ -138,16 +138,18 @@ def _set_path(value, path: str, new) -> None:
 def variants(seconds: float, directory: Path, seed: int = 0) -> dict:
     """Random lies in files of every coder (huffman, ans, fixed), layout (csr, csc, dense) and
     form of the other tensors (lossless, float16, int8), of LeNet-300-100 and LeNet-5 (90%
-    pruned, 4 bits): one or two header fields anywhere set to a value from VALUES or a random
-    integer, one to eight bits of a buffer flipped, two buffers swapped, or a buffer cut short,
-    checksums recomputed; each loaded (`hostile.load_or_refuse`) until `seconds` have passed."""
+    pruned, 4 bits; under ans, with three quarters of the largest layer's rows empty): one or
+    two header fields anywhere set to a value from VALUES or a random integer, one to eight bits
+    of a buffer flipped, two buffers swapped, or a buffer cut short, checksums recomputed; each
+    loaded (`hostile.load_or_refuse`) until `seconds` have passed."""
     import copy
     import random
 
     files = {}
     for model_name in ("lenet-300-100", "lenet-5"):
-        model = hostile.small_model(model_name, sparsity=0.9, bits=4)
         for coder in ("huffman", "ans", "fixed"):
+            # Under ans, three quarters of the largest layer's rows empty: rANS-coded row counts (2.6).
+            model = hostile.small_model(model_name, sparsity=0.9, bits=4, dead_rows=0.75 if coder == "ans" else 0.0)
             for layout in ("csr", "csc", "dense"):
                 for unshared in ("lossless", "float16", "int8"):
                     path = directory / f"{model_name}-{coder}-{layout}-{unshared}.dcz"

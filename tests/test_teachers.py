@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import deepshrink.references as references
-from deepshrink.checkpoint import save_checkpoint
+from deepshrink.checkpoint import load_checkpoint, save_checkpoint
 from deepshrink.data import make_loader
 from deepshrink.errors import CheckpointError, ConfigError, ModelError
 from deepshrink.models import build_model, get_model_spec
@@ -151,3 +151,48 @@ def test_checkpoints_and_trained_references_make_the_recipe_teacher(tmp_path, sm
     assert report["teacher"] == {"members": 3, "metric": ensemble_metric} == result.teacher
     assert ensemble_metric > min(members_metrics)
     assert "the mean of 3 trained copies of the model" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_single_stage_distils_from_the_teacher_it_is_given(tmp_path, small_data, trained):
+    """`deepshrink prune --distill --teacher-checkpoints FILE` (run_stage_on_checkpoint's teacher):
+    the stage retrains against the mean of the checkpoint and FILE. FILE here answers class 3 by
+    a margin of 100 whatever the input, so the mean does too, and a stage retrained only against
+    it (alpha 1) forgets the task, where the checkpoint alone as the teacher keeps it."""
+    from deepshrink.pipeline import run_stage_on_checkpoint
+    from deepshrink.settings import DistillSettings
+    from deepshrink.stages.prune import PruneSettings
+
+    checkpoint = save_checkpoint(tmp_path / "trained.safetensors", trained, model_name="lenet-300-100")
+    constant = build_model("lenet-300-100")
+    with torch.no_grad():
+        constant.fc3.weight.zero_()
+        constant.fc3.bias.copy_(100.0 * (torch.arange(10) == 3))
+    save_checkpoint(tmp_path / "constant.safetensors", constant, model_name="lenet-300-100")
+    settings = PruneSettings(sparsity={"fc*": 0.5}, rounds=1, retrain_epochs=1, distill=DistillSettings(alpha=1.0))
+
+    def stage(teacher, name):
+        return run_stage_on_checkpoint(
+            checkpoint, settings, small_data, tmp_path / name, teacher=teacher, progress=False, device="cpu"
+        )
+
+    alone = stage(None, "alone.safetensors")
+    misled = stage(TeacherSettings(checkpoints=[str(tmp_path / "constant.safetensors")]), "misled.safetensors")
+    assert alone.metric > 0.6 and misled.metric < 0.2, (alone.metric, misled.metric)
+    test = Loaders.from_splits(small_data).test
+    metadata = load_checkpoint(misled.path).metadata
+    assert metadata["teacher"] == {"members": 2, "metric": evaluate(Ensemble([trained, constant]), test).metric}
+    assert "teacher" not in load_checkpoint(alone.path).metadata
+
+
+def test_a_single_stage_teacher_needs_a_stage_that_distills_and_data(tmp_path, trained):
+    from deepshrink.pipeline import run_stage_on_checkpoint
+    from deepshrink.settings import DistillSettings
+    from deepshrink.stages.prune import PruneSettings
+
+    checkpoint = save_checkpoint(tmp_path / "trained.safetensors", trained, model_name="lenet-300-100")
+    teacher = TeacherSettings(references=3)
+    with pytest.raises(ConfigError, match="does not distill, so none would use it: add --distill"):
+        run_stage_on_checkpoint(checkpoint, PruneSettings(), None, tmp_path / "a.safetensors", teacher=teacher)
+    with pytest.raises(ConfigError, match="without data nothing retrains"):
+        settings = PruneSettings(distill=DistillSettings())
+        run_stage_on_checkpoint(checkpoint, settings, None, tmp_path / "b.safetensors", teacher=teacher)

@@ -7,6 +7,7 @@ code per kind (see deepshrink.errors); argparse's own usage errors exit with 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -304,6 +305,7 @@ def _command_stage(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         evaluate_output=not getattr(args, "no_evaluate", False),
+        teacher=_teacher_settings(args),
     )
     summary = stage.summarize(done.model, done.result) if stage.summarize else ""
     print(summary)
@@ -593,6 +595,8 @@ def _add_stage_commands(commands) -> None:
         what = "checkpoint" if stage.changes_model else f"{stage.output_suffix} file"
         command.add_argument("--out", required=True, help=f"{what} to write (never the input)")
         _stage_options(command, stage.settings)
+        if "distill" in {item.name for item in dataclasses.fields(stage.settings)}:
+            _add_teacher_options(command)
         command.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of sampling and shuffling (default 0)")
         if stage.changes_model:
             command.add_argument("--train-subset", type=POSITIVE, help="retrain on the first N training examples only")
@@ -608,6 +612,34 @@ def _add_stage_commands(commands) -> None:
         _add_data_options(command)
         _add_output_option(command)
         command.set_defaults(handler=_command_stage, stage=stage.name)
+
+
+def _add_teacher_options(command: argparse.ArgumentParser) -> None:
+    """A recipe's `teacher` section, for a stage that distills: the options with --distill."""
+    group = command.add_argument_group("teacher (with --distill; default: the input checkpoint alone)")
+    group.add_argument(
+        "--teacher-references",
+        type=POSITIVE,
+        metavar="N",
+        help="distil from the mean of the checkpoint and N-1 copies trained by a registered model's reference "
+        "settings at seeds 1 to N-1 (cached)",
+    )
+    group.add_argument(
+        "--teacher-checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="other trained copies of the model (.safetensors, or a .pt/.pth state_dict), averaged with the checkpoint",
+    )
+
+
+def _teacher_settings(args: argparse.Namespace):
+    """The TeacherSettings the teacher options give, or None (the input checkpoint alone)."""
+    from deepshrink.teachers import TeacherSettings
+
+    references, checkpoints = getattr(args, "teacher_references", None), getattr(args, "teacher_checkpoints", None)
+    if references is None and not checkpoints:
+        return None
+    return TeacherSettings(references=references or 1, checkpoints=list(checkpoints or []))
 
 
 def _add_file_commands(commands) -> None:

@@ -49,6 +49,7 @@ from deepshrink.plan import Plan
 from deepshrink.recipe import Recipe, load_recipe, recipe_from_dict
 from deepshrink.stages import Loaders, StageContext, StageResult, registered_stages, run_stage, stage_metadata
 from deepshrink.tasks import Task, resolve_task
+from deepshrink.teachers import TeacherSettings
 from deepshrink.train import (
     INPUT_NAMES_KEY,
     OUTPUT_KEY,
@@ -811,6 +812,7 @@ def run_stage_on_checkpoint(
     device: str = "auto",
     progress: bool = True,
     evaluate_output: bool = True,
+    teacher: TeacherSettings | None = None,
 ) -> StageOnCheckpoint:
     """One stage on a checkpoint, the same stage a recipe section runs.
 
@@ -835,13 +837,16 @@ def run_stage_on_checkpoint(
         device: "auto", "cpu", "cuda" or "cuda:N".
         progress: progress bars.
         evaluate_output: measure the metric after the stage.
+        teacher: as a recipe's `teacher` section: distillation retrains against the mean of the
+            checkpoint and more trained copies (None: against the checkpoint alone). Needs a
+            stage that distills.
 
     Returns:
         A StageOnCheckpoint.
 
     Raises:
-        ConfigError: the stage cannot run again on what it already changed; and the loaders'
-            and the stage's own errors.
+        ConfigError: the stage cannot run again on what it already changed, or a teacher for a
+            stage that does not distill; and the loaders', the teacher's and the stage's own errors.
     """
     from deepshrink.batchnorm import FOLDED_KEY
     from deepshrink.checkpoint import load_model
@@ -851,6 +856,13 @@ def run_stage_on_checkpoint(
     if batchnorm not in BATCHNORM_POLICIES:
         raise ConfigError(f"batchnorm={batchnorm!r} should be one of {', '.join(BATCHNORM_POLICIES)}")
     stage = stage_for(settings)
+    if teacher is not None and getattr(settings, "distill", None) is None:
+        raise ConfigError(
+            f"a teacher was given, but this {stage.name} stage does not distill, so none would use it: add "
+            "--distill (distill: {temperature: 4.0, alpha: 0.5} in its settings)"
+        )
+    if teacher is not None and data is None:
+        raise ConfigError("a teacher is what retraining distils from, and without data nothing retrains: drop it")
     task = resolve_task(task)
     device = resolve_device(device)
     loaded, source = load_model(checkpoint, model)
@@ -869,6 +881,22 @@ def run_stage_on_checkpoint(
         reference_metric = evaluate(loaded, loaders.test, device, task).metric
     retraining = _retraining_mode(batchnorm)
     context = StageContext(loaders, seed=seed, device=device, progress=progress, task=task, batchnorm=retraining)
+    teacher_record = None
+    if teacher is not None:  # from the checkpoint as it is, before folding or the stage change it
+        from deepshrink.teachers import build_teacher
+
+        _say(progress, f"teacher: the mean of {teacher.members} models (the checkpoint and more trained copies)")
+        context.teacher = build_teacher(
+            teacher,
+            loaded,
+            name,
+            data,
+            prepare=lambda member: select_output(member, output),
+            device=device,
+            progress=progress,
+        ).to(device)
+        metric = evaluate(context.teacher, loaders.test, device, task).metric if loaders is not None else None
+        teacher_record = {"members": teacher.members, "metric": metric}
     if stage.after_folding and batchnorm == "fold" and loaders is not None:  # folding checks outputs on data
         folded = _fold(loaded, loaders, device)
         architecture |= {FOLDED_KEY: architecture.get(FOLDED_KEY, []) + folded} if folded else {}
@@ -877,6 +905,7 @@ def run_stage_on_checkpoint(
         metric = evaluate(loaded, loaders.test, device, task).metric if loaders is not None else None
         metadata = stage_metadata(result, settings, architecture=architecture)
         metadata |= {"task": task.name, "reference_test_metric": reference_metric, "test_metric": metric}
+        metadata |= {"teacher": teacher_record} if teacher_record is not None else {}
         path = save_checkpoint(out, loaded.cpu(), model_name=name, metadata=metadata, protect=(checkpoint,))
         return StageOnCheckpoint(loaded, result, reference_metric, metric, Path(path), task.metric.name)
     context.output, context.model_name, context.protect = Path(out), name, (checkpoint,)
@@ -884,6 +913,7 @@ def run_stage_on_checkpoint(
     if data is not None:
         context.metadata |= input_metadata(data.input_shape, data.input_dtype, data.input_names)
     context.metadata |= {OUTPUT_KEY: output} if output is not None else {}
+    context.metadata |= {"teacher": teacher_record} if teacher_record is not None else {}
     result = run_stage(loaded, settings, context)
     metric = None
     if evaluate_output and loaders is not None:  # the metric that counts: of the model decoded from the written file
