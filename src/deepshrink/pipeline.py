@@ -895,8 +895,8 @@ def run_stage_on_checkpoint(
             device=device,
             progress=progress,
         ).to(device)
-        metric = evaluate(context.teacher, loaders.test, device, task).metric if loaders is not None else None
-        teacher_record = {"members": teacher.members, "metric": metric}
+        teacher_metric = evaluate(context.teacher, loaders.test, device, task).metric if loaders is not None else None
+        teacher_record = {"members": teacher.members, "metric": teacher_metric}
     if stage.after_folding and batchnorm == "fold" and loaders is not None:  # folding checks outputs on data
         folded = _fold(loaded, loaders, device)
         architecture |= {FOLDED_KEY: architecture.get(FOLDED_KEY, []) + folded} if folded else {}
@@ -913,7 +913,6 @@ def run_stage_on_checkpoint(
     if data is not None:
         context.metadata |= input_metadata(data.input_shape, data.input_dtype, data.input_names)
     context.metadata |= {OUTPUT_KEY: output} if output is not None else {}
-    context.metadata |= {"teacher": teacher_record} if teacher_record is not None else {}
     result = run_stage(loaded, settings, context)
     metric = None
     if evaluate_output and loaders is not None:  # the metric that counts: of the model decoded from the written file
