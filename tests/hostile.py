@@ -36,13 +36,18 @@ CLEAN_EXIT_CODES = {3, 4, 5, 6, 7, 8, 9}  # our error kinds (cli.EPILOG); 70 is 
 def small_model(name: str = MODEL, sparsity: float = 0.97, bits: int = 4, seed: int = 0, dead_rows: float = 0.0):
     """A registered model (LeNet-300-100) pruned and weight-shared (random weights: the format
     does not care); `dead_rows` of the largest layer's rows emptied, as dead units are (their
-    row counts mostly zero: rANS-coded under the ans coder, format 2.6)."""
+    row counts mostly zero: rANS-coded under the ans coder, format 2.6), and the columns that
+    read them in a layer of as many inputs (unread: under ans, a used stream, format 2.7)."""
     torch.manual_seed(seed)
     model = build_model(name)
     masks = {name: sparsity_mask(layer.value, sparsity) for name, layer in select_weights(model).items()}
     largest = max(masks, key=lambda layer: masks[layer].numel())
     rows = masks[largest].shape[0]
-    masks[largest][torch.randperm(rows)[: int(dead_rows * rows)]] = 0
+    dead = torch.randperm(rows)[: int(dead_rows * rows)]
+    masks[largest][dead] = 0
+    for mask in masks.values():
+        if mask.dim() == 2 and mask.shape[1] == rows:
+            mask[:, dead] = 0
     apply_masks(model, masks)
     share_weights(model, {"*": bits})
     return model
@@ -54,8 +59,10 @@ def split(data: bytes) -> tuple[dict, list[bytes]]:
     return parsed.header, parsed.buffers
 
 
-def frame_json(text: bytes, body: bytes = b"", major: int = 2, minor: int = 0) -> bytes:
-    """Bytes of a file whose header is `text` (deflated for 2.x), checksum recomputed."""
+def frame_json(text: bytes, body: bytes = b"", major: int = 2, minor: int = container.MINOR_VERSION) -> bytes:
+    """Bytes of a file whose header is `text` (deflated for 2.x), checksum recomputed. The minor
+    version decides the buffer table a reader expects: lengths and one checksum since 2.7,
+    objects of offset, length and crc32 before (see legacy_table)."""
     encoded = zlib.compress(text, 9) if major == 2 else text
     encoded += b"\0" * (-len(encoded) % container.ALIGNMENT)
     checksum = zlib.crc32(encoded, zlib.crc32(container.VERSIONS.pack(major, minor)))
@@ -67,10 +74,29 @@ def frame(header: dict, buffers: list[bytes]) -> bytes:
     return container.to_bytes(header, buffers)
 
 
-def frame_table(header: dict, table: list, body: bytes) -> bytes:
-    """A file with an explicit buffer table and body (for lies about the table itself)."""
-    text = json.dumps({**header, "buffers": table}, sort_keys=True, separators=(",", ":")).encode()
-    return frame_json(text, body)
+def frame_table(header: dict, table: list, body: bytes, checksum=None, minor: int = container.MINOR_VERSION) -> bytes:
+    """A file with an explicit buffer table and body (for lies about the table itself); the
+    body's checksum (2.7) is recomputed unless given, and left out for an object table."""
+    fields = {"buffers": table}
+    if table and not isinstance(table[0], dict) or not table:
+        fields["buffers_crc32"] = zlib.crc32(body) if checksum is None else checksum
+    text = json.dumps({**header, **fields}, sort_keys=True, separators=(",", ":")).encode()
+    return frame_json(text, body, minor=minor)
+
+
+def legacy_table(lengths: list[int], body: bytes) -> list[dict]:
+    """The buffer table as formats before 2.7 wrote it, for a body of buffers of `lengths`."""
+    table, offset = [], 0
+    for length in lengths:
+        table.append({"offset": offset, "length": length, "crc32": zlib.crc32(body[offset : offset + length])})
+        offset += length + (-length % container.ALIGNMENT)
+    return table
+
+
+def legacy_header(header: dict, body: bytes) -> dict:
+    """A header parsed from a 2.7 file, with the table a 2.6 writer would have written for `body`."""
+    legacy = {key: value for key, value in header.items() if key != "buffers_crc32"}
+    return {**legacy, "buffers": legacy_table(header["buffers"], body)}
 
 
 def _record(header: dict, name: str) -> dict:
@@ -251,20 +277,26 @@ def crafted_files(data: bytes) -> dict[str, bytes]:
     files["buffer-codebook-not-float32"] = frame(header, odd)
     files["buffer-unclaimed"] = frame(header, [*buffers, b"hidden data"])
     parsed, body_start = container.parse_header(data)
-    table = parsed["buffers"]
+    lengths, checksum = parsed["buffers"], parsed["buffers_crc32"]
     body = data[body_start:]
-    longer = copy.deepcopy(table)
-    longer[-1]["length"] += 1
-    files["table-last-length+1"] = frame_table(header, longer, body)
-    shifted = copy.deepcopy(table)
-    shifted[1]["offset"] += 8
-    files["table-offset-shifted"] = frame_table(header, shifted, body)
+    files["table-last-length+1"] = frame_table(header, [*lengths[:-1], lengths[-1] + 1], body)
+    files["table-first-length+8"] = frame_table(header, [lengths[0] + 8, *lengths[1:]], body)
+    files["table-one-buffer-fewer"] = frame_table(header, lengths[:-1], body)
+    files["table-checksum-wrong"] = frame_table(header, lengths, body, checksum ^ 1)
+    files["table-checksum-missing"] = frame_json(
+        json.dumps({**header, "buffers": lengths}, sort_keys=True, separators=(",", ":")).encode(), body
+    )
+    table = legacy_table(lengths, body)
     padded = next(index for index, entry in enumerate(table) if entry["length"] % 8)
     end = table[padded]["offset"] + table[padded]["length"]
-    files["table-nonzero-padding"] = frame_table(header, table, body[:end] + b"\x01" + body[end + 1 :])
-    files["version-minor-9"] = frame_json(
-        json.dumps({**header, "buffers": table}, sort_keys=True, separators=(",", ":")).encode(), body, minor=9
-    )
+    files["table-nonzero-padding"] = frame_table(header, lengths, body[:end] + b"\x01" + body[end + 1 :])
+    files["table-objects-in-2.7"] = frame_table(header, table, body)
+    files["table-lengths-in-2.6"] = frame_table(header, lengths, body, minor=6)
+    shifted = copy.deepcopy(table)
+    shifted[1]["offset"] += 8
+    files["table-2.6-offset-shifted"] = frame_table(header, shifted, body, minor=6)
+    files["table-2.6-nonzero-padding"] = frame_table(header, table, body[:end] + b"\x01" + body[end + 1 :], minor=6)
+    files["version-minor-9"] = frame_table(header, lengths, body, minor=9)
     return files
 
 

@@ -192,14 +192,13 @@ def test_stream_lengths_an_encoder_cannot_make_are_refused_before_decoding():
 
 
 def test_a_file_with_ans_streams_loads_bit_exactly_and_says_which_format_it_needs(tmp_path):
-    """ANS records need 2.2; every header since 2.3 is deflated against the preset dictionary, so
-    the Huffman file says 2.3; the ANS one codes fc1's row counts (500 of them, about 64 each, in 7
-    bits at fixed width) by rANS too, which needs 2.6."""
+    """Every file since 2.7 says 2.7 (its buffer table is lengths and one checksum), Huffman or
+    ANS; the ANS one codes fc1's row counts (500 of them, about 64 each, in 7 bits at fixed
+    width) by rANS too (since 2.6)."""
     model = compressed_model("lenet-5")
     path = deepshrink.save_compressed(model, tmp_path / "ans.dcz", model_name="lenet-5", coder="ans")
     huffman = deepshrink.save_compressed(model, tmp_path / "huffman.dcz", model_name="lenet-5")
-    assert huffman.read_bytes()[8:12] == b"\x02\x00\x03\x00"
-    assert path.read_bytes()[8:12] == b"\x02\x00\x06\x00"
+    assert huffman.read_bytes()[8:12] == path.read_bytes()[8:12] == b"\x02\x00\x07\x00"
     fc1 = next(record for record in container.read(path).header["tensors"] if record["name"] == "fc1.weight")
     assert "context" in fc1["streams"]["counts"]
     assert all(record.get("coder", "ans") == "ans" for record in container.read(path).header["tensors"])

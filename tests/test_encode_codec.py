@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,7 +187,7 @@ def test_the_size_table_accounts_for_every_byte_of_a_file_of_either_header_forma
     path = save_compressed(model, tmp_path / "m.dcz", model_name="lenet-300-100")
     data = path.read_bytes()
     header, data_start = container.parse_header(data)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text = json.dumps(hostile.legacy_header(header, data[data_start:]), sort_keys=True, separators=(",", ":")).encode()
     older = tmp_path / "older.dcz"
     older.write_bytes(hostile.frame_json(text, data[data_start:], major=2, minor=1))
     assert older.stat().st_size > path.stat().st_size
@@ -213,7 +214,6 @@ def model_with_dead_units(dead_fraction: float = 0.75):
 def test_mostly_empty_rows_have_their_counts_coded_by_ans():
     """Format 2.6: an ans record's row counts are rANS-coded where that is smaller than fixed width
     (fc1's, three quarters zero), stay fixed-width where it is not, and decode bit-exactly."""
-    from deepshrink.encode import container
 
     model = model_with_dead_units()
     header, buffers = encode_model(model, coder="ans")
@@ -223,14 +223,12 @@ def test_mostly_empty_rows_have_their_counts_coded_by_ans():
     assert len(buffers[counts["buffer"]]) < (counts["symbols"] * counts["width"] + 7) // 8
     assert "context" not in streams["fc3.weight"]["counts"]  # 10 rows: the fixed width is smaller
     data = to_bytes(header, buffers)
-    assert container.PREAMBLE.unpack_from(data)[2] == container.CODED_COUNTS_MINOR_VERSION == 6
     decoded = decode_state_dict(from_bytes(data).header, from_bytes(data).buffers)
     for key, tensor in plain_state_dict(model).items():
         assert torch.equal(decoded[key], tensor), key
-    # Under Huffman the counts stay fixed-width, and the file stays readable by a 2.5 reader.
+    # Under Huffman the counts stay fixed-width.
     header, buffers = encode_model(model, coder="huffman")
     assert not any("context" in record["streams"]["counts"] for record in header["tensors"] if "streams" in record)
-    assert container.minor_version(header) < container.CODED_COUNTS_MINOR_VERSION
 
 
 @pytest.mark.parametrize(
@@ -257,3 +255,128 @@ def test_corrupt_coded_counts_are_format_errors():
         broken[counts] = broken_bytes
         with pytest.raises(FormatError, match="counts|fc1"):
             decode_state_dict(header, broken)
+
+
+def model_with_unread_inputs(dead_fraction: float = 0.7):
+    """model_with_dead_units, with fc2's weights on the dead units pruned too: inputs it never reads."""
+    model = model_with_dead_units(dead_fraction)
+    dead = plain_state_dict(model)["fc1.weight"].abs().sum(dim=1) == 0
+    masks = {name: (module.value != 0).float() for name, module in select_weights(model).items()}
+    masks["fc2"][:, dead] = 0
+    apply_masks(model, masks)
+    share_weights(model, {"*": 4})
+    return model
+
+
+@pytest.mark.parametrize("layout", ["csr", "csc"])
+def test_gaps_over_used_columns_are_smaller_and_decode_bit_exactly(layout, tmp_path):
+    """Format 2.7: under ans, fc2 (csr: 70% of its inputs unread) or fc1 (csc: its dead units are
+    the stored columns) gets a used stream, its streams shrink, and every reader gives back the
+    same weights: decode_state_dict, and the runtime's CSR arrays through its products."""
+    from deepshrink.encode.codec import _encode_sparse, _padded_size
+    from deepshrink.encode.sparse import to_sparse
+    from deepshrink.quantize.shared import sharing_of
+    from deepshrink.runtime.load import load_runtime
+
+    model = model_with_unread_inputs()
+    narrowed_name = "fc2.weight" if layout == "csr" else "fc1.weight"
+    header, buffers = encode_model(model, coder="ans", layout=layout)
+    records = {record["name"]: record for record in header["tensors"]}
+    assert "used" in records[narrowed_name]["streams"]
+    data = to_bytes(header, buffers)
+    read = from_bytes(data)
+    decoded = decode_state_dict(read.header, read.buffers)
+    for key, tensor in plain_state_dict(model).items():
+        assert torch.equal(decoded[key], tensor), key
+    inputs = torch.randn(5, 1, 28, 28)
+    (tmp_path / "model.dcz").write_bytes(data)
+    runtime = load_runtime(tmp_path / "model.dcz", build_model("lenet-300-100"), mode="sparse")
+    with torch.no_grad():
+        torch.testing.assert_close(runtime(inputs), model(inputs), rtol=1e-5, atol=1e-5)
+    # The same layer over every column: more bytes, which is why the writer chose the used stream.
+    codes = sharing_of(model.get_submodule(narrowed_name.split(".")[0])).indices.numpy().astype("uint8")
+    record = records[narrowed_name]
+    everything = _padded_size(_encode_sparse(to_sparse(codes, record["index_bits"], layout), 4, "ans")[1])
+    used = _padded_size([buffers[stream["buffer"]] for stream in record["streams"].values()])
+    assert used + 16 <= everything
+    # Under Huffman, the paper's coder, the gaps count every column.
+    header, _ = encode_model(model, coder="huffman", layout=layout)
+    assert not any("used" in record.get("streams", {}) for record in header["tensors"])
+
+
+@pytest.mark.parametrize(
+    ("coder", "changes", "message"),
+    [
+        ("huffman", {"streams.used": {"buffer": 0, "symbols": 300, "bits": 64, "context": "none"}}, "only defined"),
+        ("ans", {"streams.used.symbols": 301}, "used stream declares 301 symbols"),
+        ("ans", {"streams.used.context": "next"}, "used stream: unknown context"),
+        ("ans", {"streams.extra": {}}, "optionally used; found"),
+    ],
+)
+def test_used_streams_that_lie_are_format_errors(coder, changes, message):
+    header, buffers = encode_model(model_with_unread_inputs(), coder=coder)
+    if "streams.used" in changes:  # a whole stream added to a record that has none
+        record = next(record for record in header["tensors"] if record["name"] == "fc2.weight")
+        record["streams"]["used"] = changes.pop("streams.used")
+    if "streams.extra" in changes:
+        record = next(record for record in header["tensors"] if record["name"] == "fc2.weight")
+        record["streams"]["extra"] = changes.pop("streams.extra")
+    with pytest.raises(FormatError, match=message):
+        decode_state_dict(mutate(header, "fc2.weight", **changes), buffers)
+
+
+def test_used_columns_too_few_or_corrupt_are_format_errors():
+    """A used stream that marks fewer columns than the gaps walk, or whose bytes are damaged or
+    cut short, is refused; no read lands outside the matrix."""
+    from deepshrink.encode import ans
+
+    header, buffers = encode_model(model_with_unread_inputs(), coder="ans")
+    record = next(record for record in header["tensors"] if record["name"] == "fc2.weight")
+    used = record["streams"]["used"]["buffer"]
+    too_few = list(buffers)
+    marks = np.r_[np.ones(5, np.uint8), np.zeros(295, np.uint8)]
+    too_few[used] = ans.encode(marks, 2, record["streams"]["used"]["context"])
+    for broken_bytes, message in (
+        (too_few[used], "run past"),
+        (bytes(255 - byte for byte in buffers[used]), "fc2"),
+        (buffers[used][:-4], "fc2"),
+    ):
+        broken = list(buffers)
+        broken[used] = broken_bytes
+        fixed = copy.deepcopy(header)
+        target = next(record for record in fixed["tensors"] if record["name"] == "fc2.weight")
+        target["streams"]["used"]["bits"] = 8 * len(broken_bytes)
+        with pytest.raises(FormatError, match=message):
+            decode_state_dict(fixed, broken)
+
+
+def test_an_empty_tensor_with_a_long_side_counts_its_index_arrays_against_the_limit():
+    """A [2^20, 0] weight holds nothing, but its one count per row is 2^20 symbols (8 MiB as
+    int64), which rANS codes in a few hundred bytes: the size limit counts them, so a reader held
+    to 1 MiB refuses the file instead of allocating them."""
+    from deepshrink.encode import ans
+    from deepshrink.encode.codec import check
+
+    header, buffers = encode_model(model_with_unread_inputs(), coder="ans")
+    record = next(record for record in header["tensors"] if record["name"] == "fc2.weight")
+    streams = record["streams"]
+    buffers = list(buffers)
+    empty = ans.encode(np.zeros(0, np.uint8), 16)
+    for key, data in (("codes", empty), ("gaps", empty), ("used", empty)):
+        buffers[streams[key]["buffer"]] = data
+        streams[key].update(symbols=0, bits=8 * len(data), context="none")
+    counts = ans.encode(np.zeros(1 << 20, np.uint8), 2)
+    buffers[streams["counts"]["buffer"]] = counts
+    streams["counts"] = {
+        "buffer": streams["counts"]["buffer"],
+        "symbols": 1 << 20,
+        "bits": 8 * len(counts),
+        "width": 1,
+        "context": "none",
+    }
+    streams["used"]["symbols"] = 0
+    record.update(shape=[1 << 20, 0], matrix=[1 << 20, 0], entries=0, nonzeros=0)
+    assert len(counts) < 2000
+    assert decode_state_dict(header, buffers)["fc2.weight"].shape == (1 << 20, 0)  # valid under the default limit
+    with pytest.raises(FormatError, match="decode to more than"):
+        check(header, buffers, max_decoded_bytes=1 << 20)

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepshrink.encode.container import (
+    COMPACT_TABLE_MINOR_VERSION,
     HEADER_DICTIONARY,
-    HEADER_DICTIONARY_MINOR_VERSION,
     MAGIC,
     MAX_JSON_DEPTH,
     PREAMBLE,
@@ -39,8 +39,17 @@ def test_same_input_same_bytes_and_aligned_buffers():
     header_length = struct.unpack_from("<Q", data, 16)[0]
     # A plain zlib inflater given the preset dictionary reads the header, as in any language.
     inflater = zlib.decompressobj(zdict=HEADER_DICTIONARY)
-    table = json.loads(inflater.decompress(data[PREAMBLE.size : PREAMBLE.size + header_length]))["buffers"]
-    assert all((PREAMBLE.size + header_length + entry["offset"]) % 8 == 0 for entry in table)
+    stored = json.loads(inflater.decompress(data[PREAMBLE.size : PREAMBLE.size + header_length]))
+    # Since 2.7 the table is the lengths, each buffer at the previous one's end rounded up to 8,
+    # and one CRC-32 of everything after the header.
+    assert struct.unpack_from("<H", data, 10)[0] == COMPACT_TABLE_MINOR_VERSION == 7
+    assert stored["buffers"] == [len(buffer) for buffer in BUFFERS]
+    start = PREAMBLE.size + header_length
+    assert stored["buffers_crc32"] == zlib.crc32(data[start:])
+    for buffer in BUFFERS:
+        assert start % 8 == 0 and data[start : start + len(buffer)] == buffer
+        start += len(buffer) + (-len(buffer) % 8)
+    assert start == len(data)
 
 
 def test_write_is_atomic_and_reads_back(tmp_path):
@@ -73,21 +82,22 @@ def test_random_bytes_never_crash(data):
         from_bytes(MAGIC + data)
 
 
-def lying(header: dict, buffers=(b"abcdefgh",), major: int = 2) -> bytes:
+def lying(header: dict, buffers=(b"abcdefgh",), major: int = 2, minor: int = 0) -> bytes:
     """A file whose header says what we choose, with a correct checksum over the lie.
 
     Major version 2 stores the header zlib-compressed, version 1 as plain JSON; both are read.
+    Minor version 0 has a buffer table of objects, 7 and later one of lengths.
     """
     encoded = json.dumps(header).encode()
     if major == 2:
         encoded = zlib.compress(encoded)
     encoded += (b"\0" if major == 2 else b" ") * (-len(encoded) % 8)
-    return framed(encoded, major) + b"".join(buffers)
+    return framed(encoded, major, minor) + b"".join(buffers)
 
 
-def framed(encoded: bytes, major: int = 2) -> bytes:
-    checksum = zlib.crc32(encoded, zlib.crc32(struct.pack("<HH", major, 0)))
-    return PREAMBLE.pack(MAGIC, major, 0, checksum, len(encoded)) + encoded
+def framed(encoded: bytes, major: int = 2, minor: int = 0) -> bytes:
+    checksum = zlib.crc32(encoded, zlib.crc32(struct.pack("<HH", major, minor)))
+    return PREAMBLE.pack(MAGIC, major, minor, checksum, len(encoded)) + encoded
 
 
 # The preset dictionary is part of format 2.3: files written with it read only with these bytes.
@@ -125,7 +135,7 @@ def test_the_dictionary_shortens_a_real_header_and_is_named_in_the_stream(tmp_pa
     text = zlib.decompressobj(zdict=HEADER_DICTIONARY).decompress(stored)
     assert stored[1] & 0x20 and int.from_bytes(stored[2:6], "big") == zlib.adler32(HEADER_DICTIONARY)
     assert len(stored) < 0.7 * len(zlib.compress(text, 9)), (len(stored), len(zlib.compress(text, 9)))
-    assert struct.unpack_from("<H", data, 10)[0] == HEADER_DICTIONARY_MINOR_VERSION == 3  # no int8 record: 2.3 reads it
+    assert struct.unpack_from("<H", data, 10)[0] == COMPACT_TABLE_MINOR_VERSION  # every file written is 2.7
 
 
 def test_a_header_deflated_against_another_dictionary_is_refused():
@@ -198,6 +208,38 @@ def test_a_header_that_lies_is_refused(header, message):
         from_bytes(lying(header))
 
 
+EIGHT = zlib.crc32(b"abcdefgh")
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ({"buffers": [8]}, "buffers_crc32 is None"),
+        ({"buffers": [8], "buffers_crc32": 1 << 32}, "buffers_crc32 is 4294967296"),
+        ({"buffers": [8], "buffers_crc32": -1}, "buffers_crc32 is -1"),
+        ({"buffers": [8], "buffers_crc32": EIGHT ^ 1}, "checksum does not match"),
+        ({"buffers": [{"offset": 0, "length": 8, "crc32": EIGHT}], "buffers_crc32": EIGHT}, "lists each buffer's"),
+        ({"buffers": [True], "buffers_crc32": EIGHT}, "lists each buffer's length"),
+        ({"buffers": [-8], "buffers_crc32": EIGHT}, "lists each buffer's length"),
+        ({"buffers": [10**12], "buffers_crc32": EIGHT}, "truncated"),
+        ({"buffers": [4], "buffers_crc32": EIGHT}, "padding after buffer 0"),
+        ({"buffers": [3, 1], "buffers_crc32": EIGHT}, "truncated"),
+        ({"buffers": [], "buffers_crc32": EIGHT}, "unexpected bytes"),
+    ],
+)
+def test_a_compact_table_that_lies_is_refused(header, message):
+    """Since 2.7 (by the preamble's minor version) the table is lengths and one checksum."""
+    assert from_bytes(lying({"buffers": [8], "buffers_crc32": EIGHT}, minor=7)).buffers == [b"abcdefgh"]
+    with pytest.raises(FormatError, match=message):
+        from_bytes(lying(header, minor=7))
+
+
+def test_padding_under_the_compact_checksum_must_still_be_zero():
+    data = lying({"buffers": [3], "buffers_crc32": zlib.crc32(b"abc\0\0\0\0x")}, buffers=(b"abc\0\0\0\0x",), minor=7)
+    with pytest.raises(FormatError, match="padding after buffer 0"):
+        from_bytes(data)
+
+
 def test_huge_header_length_is_refused_before_reading():
     data = PREAMBLE.pack(MAGIC, 1, 0, 0, 1 << 40)
     with pytest.raises(FormatError, match="header length"):
@@ -207,7 +249,7 @@ def test_huge_header_length_is_refused_before_reading():
 def test_other_major_version_is_refused():
     data = bytearray(to_bytes(HEADER, BUFFERS))
     struct.pack_into("<H", data, 8, 3)
-    with pytest.raises(FormatError, match=rf"version 3\.{HEADER_DICTIONARY_MINOR_VERSION} is not readable"):
+    with pytest.raises(FormatError, match=rf"version 3\.{COMPACT_TABLE_MINOR_VERSION} is not readable"):
         from_bytes(bytes(data))
 
 

@@ -83,7 +83,7 @@ def plain_deflated_header(header: dict) -> bytes:
     return encoded + b"\0" * (-len(encoded) % container.ALIGNMENT)
 
 
-def test_version_2_0_files_still_read(tmp_path, monkeypatch):
+def test_version_2_0_files_still_read(tmp_path):
     model = nn.Sequential(nn.Linear(8, 4))
     loaded = container.read(deepshrink.save_compressed(model, tmp_path / "m.dcz", model_name="x"))
     header = {key: value for key, value in loaded.header.items() if key != "buffers"}
@@ -91,12 +91,12 @@ def test_version_2_0_files_still_read(tmp_path, monkeypatch):
     for record in header["tensors"]:  # what a 2.0 writer wrote: every tensor raw
         record["encoding"] = "raw"
         buffers[record["data"]] = model.state_dict()[record["name"]].detach().numpy().tobytes()
-    monkeypatch.setattr(container, "HEADER_DICTIONARY_MINOR_VERSION", 0)
-    # and its header deflated without the preset dictionary (which 2.3 added)
-    monkeypatch.setattr(container, "encode_header", plain_deflated_header)
+    # and its header deflated without the preset dictionary (which 2.3 added), its buffer table
+    # of offsets and checksums (which 2.7 replaced)
+    body = b"".join(buffer + b"\0" * (-len(buffer) % container.ALIGNMENT) for buffer in buffers)
+    table = hostile.legacy_table([len(buffer) for buffer in buffers], body)
     old = tmp_path / "old.dcz"
-    old.write_bytes(container.to_bytes(header, buffers))
-    monkeypatch.undo()
+    old.write_bytes(hostile.frame_json(json.dumps({**header, "buffers": table}).encode(), body, minor=0))
     assert old.read_bytes()[10:12] == b"\0\0" and not old.read_bytes()[container.PREAMBLE.size + 1] & 0x20
     decoded, _ = deepshrink.load_compressed(old, nn.Sequential(nn.Linear(8, 4)))
     assert torch.equal(decoded[0].weight, model[0].weight) and torch.equal(decoded[0].bias, model[0].bias)
@@ -152,7 +152,7 @@ def test_unshared_parameters_as_int8_within_half_a_level_and_zeros_exact(tmp_pat
     half = deepshrink.save_compressed(model, tmp_path / "half.dcz", model_name="tones", unshared="float16")
     eight = deepshrink.save_compressed(model, tmp_path / "int8.dcz", model_name="tones", unshared="int8")
     assert eight.stat().st_size < half.stat().st_size
-    assert half.read_bytes()[10:12] == b"\x03\x00" and eight.read_bytes()[10:12] == b"\x04\x00"
+    assert half.read_bytes()[10:12] == eight.read_bytes()[10:12] == b"\x07\x00"  # every file since 2.7
     loaded, _ = deepshrink.load_compressed(eight, tone_network())
     parameters = {name for name, _ in model.named_parameters()} | {"11.weight"}
     for key, value in loaded.state_dict().items():
@@ -239,7 +239,7 @@ def test_int8_scales_that_are_not_numbers_in_json_are_refused(tmp_path, value):
         record["scale"] = 0.125
     text = json.dumps(parsed, sort_keys=True).replace('"scale": 0.125', f'"scale": {value}', 1)
     lie = tmp_path / "lie.dcz"
-    lie.write_bytes(hostile.frame_json(text.encode(), data[body_start:], minor=4))
+    lie.write_bytes(hostile.frame_json(text.encode(), data[body_start:]))
     with pytest.raises(FormatError, match="expected a positive number"):
         read_state_dict(lie)
 

@@ -31,15 +31,35 @@ def test_the_papers_figure_2_example():
     st.integers(1, 8),
     st.sampled_from(["csr", "csc"]),
     st.integers(0, 2**32 - 1),
+    st.booleans(),
 )
-def test_round_trip_is_exact(rows, columns, density, index_bits, layout, seed):
+def test_round_trip_is_exact(rows, columns, density, index_bits, layout, seed, used_only):
     generator = np.random.default_rng(seed)
     codes = (generator.random((rows, columns)) < density) * generator.integers(1, 256, (rows, columns))
     codes = codes.astype(np.uint8)
-    sparse = to_sparse(codes, index_bits, layout)
+    if used_only:  # some columns (rows, under csc) wholly empty, as a dead input leaves them
+        codes[:, generator.random(columns) < 0.5] = 0
+        codes[generator.random(rows) < 0.5] = 0
+    sparse = to_sparse(codes, index_bits, layout, used_only=used_only)
     assert int(np.count_nonzero(sparse.codes)) == int(np.count_nonzero(codes))
     assert sparse.gaps.max(initial=0) <= 2**index_bits - 1
     assert np.array_equal(from_sparse(sparse, codes.shape), codes)
+    if used_only:
+        stored = codes.T if layout == "csc" else codes
+        assert sparse.used.tolist() == np.flatnonzero(stored.any(axis=0)).tolist()
+
+
+def test_gaps_over_the_used_columns_skip_the_empty_ones():
+    """Columns 1-3 hold nothing: counted over the used columns (0, 4, 5), no gap skips them."""
+    codes = np.array([[1, 0, 0, 0, 2, 0], [0, 0, 0, 0, 0, 3]], dtype=np.uint8)
+    assert to_sparse(codes, 4).gaps.tolist() == [0, 3, 5]
+    narrowed = to_sparse(codes, 4, used_only=True)
+    assert narrowed.used.tolist() == [0, 4, 5] and narrowed.gaps.tolist() == [0, 0, 2]
+    assert np.array_equal(from_sparse(narrowed, codes.shape), codes)
+    # Used columns that do not leave room for a row's gaps are a corrupt layout, not a wrong read.
+    short = SparseLayout(narrowed.gaps, narrowed.codes, narrowed.counts, (2, 6), "csr", 4, np.array([0, 4]))
+    with pytest.raises(FormatError, match="run past"):
+        from_sparse(short)
 
 
 def test_convolution_weights_are_viewed_as_out_by_in_kh_kw():
@@ -85,6 +105,12 @@ def test_weights_written_from_the_entries_equal_the_codebook_of_the_dense_codes(
     codes = generator.integers(1, 16, (40, 300)).astype(np.uint8)
     codes[generator.random(codes.shape) < 0.93] = 0
     codebook = np.concatenate(([0.0], generator.normal(size=15))).astype(np.float32)
+    codes[:, 100:160] = 0  # inputs no weight reads (and, for csc, outputs none writes): counted over
+    codes[10:15] = 0  # the used columns or over all, the same weights
+    for sparse in (to_sparse(codes, 4, layout), to_sparse(codes, 4, layout, used_only=True)):
+        out = np.full(codes.size, np.nan, dtype=np.float32)
+        assert values_from_sparse(sparse, codebook, out) == int(np.count_nonzero(codes))
+        assert np.array_equal(out.reshape(codes.shape), codebook[codes.astype(np.int64)])
     sparse = to_sparse(codes, 4, layout)
     out = np.full(codes.size, np.nan, dtype=np.float32)
     assert values_from_sparse(sparse, codebook, out) == int(np.count_nonzero(codes))

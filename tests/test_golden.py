@@ -35,7 +35,8 @@ from deepshrink.models import build_model
 # every buffer identical); format 2.1 stores biases as zstd byte planes where that is smaller
 # (every weight-shared buffer identical; fc1/fc2 biases of LeNet-300-100 and fc1's of LeNet-5 zstd).
 # Format 2.3 deflates the header against a preset dictionary, which changes only the framing: these
-# hashes are of the file framed as 2.2 wrote it (`as_format_2_2`), every byte of content the same.
+# hashes are of the file framed as 2.2 wrote it (`as_format_2_2`), every byte of content the same;
+# so does format 2.7's buffer table of lengths, which `as_format_2_2` turns back into 2.2's.
 GOLDEN = {
     ("AMD EPYC", True, "2.13.0+cpu"): {
         "lenet-300-100": "00e460d51d26cdffc2f31905ced164e684e60099ab886562d6d49590de532153",
@@ -52,9 +53,11 @@ def cpu_kind() -> tuple[str, bool, str]:
 
 def as_format_2_2(data: bytes) -> bytes:
     """The same file framed as format 2.2 wrote it: the header deflated without the preset
-    dictionary, minor version 1 (no record here uses 2.2's `ans` coder), the buffers as they are."""
+    dictionary, its buffer table of offsets and checksums (2.7 made it lengths and one checksum),
+    minor version 1 (no record here uses 2.2's `ans` coder), the buffers as they are."""
     header, data_start = container.parse_header(data)
     assert all(record.get("coder") != "ans" for record in header["tensors"])
+    header = hostile.legacy_header(header, data[data_start:])
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
     return hostile.frame_json(text, data[data_start:], major=2, minor=1)
 

@@ -130,13 +130,15 @@ VARIANTS = [
 @pytest.mark.parametrize("variant", VARIANTS, ids="-".join)
 def test_truncations_and_bit_flips_of_every_coder_and_form_are_refused_or_load_right(variant, tmp_path):
     model_name, coder, layout, unshared = variant
-    # Under ans, three quarters of the largest layer's rows empty: its row counts are rANS-coded.
+    # Under ans, three quarters of the largest layer's rows empty: its row counts are rANS-coded,
+    # and the next layer's gaps count the used columns.
     model = hostile.small_model(model_name, sparsity=0.9, bits=4, dead_rows=0.75 if coder == "ans" else 0.0)
     options = {"coder": coder, "layout": layout, "unshared": unshared}
     data = save_compressed(model, tmp_path / "valid.dcz", model_name=model_name, **options).read_bytes()
     if coder == "ans" and layout != "dense":
         records = hostile.split(data)[0]["tensors"]
         assert any("context" in record.get("streams", {}).get("counts", {}) for record in records)
+        assert any("used" in record.get("streams", {}) for record in records)
     for end in range(0, len(data), max(1, len(data) // 400)):
         with pytest.raises(FormatError):
             hostile.decode_bytes(data[:end])

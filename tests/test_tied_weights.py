@@ -109,7 +109,7 @@ def test_tied_weights_compress_as_one_tensor_stored_once_and_load_back_tied(trai
         "as": "embed.weight",
     }
     assert records["embed.weight"]["encoding"] == "shared"
-    assert container.PREAMBLE.unpack_from(result.path.read_bytes())[2] == container.SAME_MINOR_VERSION
+    assert container.PREAMBLE.unpack_from(result.path.read_bytes())[2] == container.MINOR_VERSION
 
     # Loaded into the model it was made from, the two are one Parameter again: pruned 60%
     # exactly, at most 2^4 values (code 0 the exact zero), and as good as the reference to a bound.

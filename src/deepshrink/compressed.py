@@ -125,7 +125,7 @@ def inspect_header(
         FormatError: a malformed header, or (without `header_only`) malformed buffers.
     """
     header = container.read_header(path)
-    lengths = [entry["length"] for entry in header["buffers"]]
+    lengths = container.buffer_lengths(header)
     try:
         checked = check_header(header, lengths, Path(path).stat().st_size, max_decoded_bytes)
     except FormatError as error:

@@ -135,6 +135,48 @@ def _encode_counts(counts: np.ndarray, width: int, coder: str, buffers: list[byt
     return {**fixed, "bits": 8 * len(data), "context": context}
 
 
+# The used-columns stream (2.7) is added only where the record's streams then take at least this
+# many bytes less: like the coded counts, it costs the deflated header a few, and padding up to 8.
+USED_COLUMNS_MIN_SAVING = 16
+
+
+def _encode_sparse(sparse: SparseLayout, bits: int, coder: str) -> tuple[dict, list[bytes]]:
+    """The streams of one sparse layout, their buffers numbered from 0."""
+    buffers: list[bytes] = []
+    count_width = max(1, int(sparse.counts.max(initial=0)).bit_length())
+    streams = {
+        "codes": _encode_stream(sparse.codes, 1 << bits, coder, bits, buffers),
+        "gaps": _encode_stream(sparse.gaps, 1 << sparse.index_bits, coder, sparse.index_bits, buffers),
+        "counts": _encode_counts(sparse.counts, count_width, coder, buffers),
+    }
+    if sparse.used is not None:
+        marks = np.zeros(sparse.stored_shape[1], dtype=np.uint8)
+        marks[sparse.used] = 1
+        streams["used"] = _encode_stream(marks, 2, "ans", 1, buffers)
+    return streams, buffers
+
+
+def _padded_size(buffers: list[bytes]) -> int:
+    return sum(len(buffer) + (-len(buffer) % 8) for buffer in buffers)
+
+
+def _sparse_streams(codes: np.ndarray, bits: int, index_bits: int, layout: str, coder: str):
+    """(layout, streams, buffers) of a pruned layer: the gaps over every column, or under the ans
+    coder over the used columns only where that is at least USED_COLUMNS_MIN_SAVING bytes smaller
+    (format 2.7): pruning leaves inputs that no weight of the layer reads."""
+    sparse = to_sparse(codes, index_bits, layout)
+    streams, buffers = _encode_sparse(sparse, bits, coder)
+    if coder != "ans":
+        return sparse, streams, buffers
+    narrowed = to_sparse(codes, index_bits, layout, used_only=True)
+    if narrowed.counted_columns == sparse.counted_columns:
+        return sparse, streams, buffers
+    narrowed_streams, narrowed_buffers = _encode_sparse(narrowed, bits, coder)
+    if _padded_size(narrowed_buffers) + USED_COLUMNS_MIN_SAVING > _padded_size(buffers):
+        return sparse, streams, buffers
+    return narrowed, narrowed_streams, narrowed_buffers
+
+
 def _shared_record(name: str, layer: Weight, index_bits: int, layout: str, coder: str, buffers: list[bytes]):
     sharing = sharing_of(layer)
     bits = int(np.ceil(np.log2(max(len(sharing.full_codebook()), 2))))
@@ -156,16 +198,16 @@ def _shared_record(name: str, layer: Weight, index_bits: int, layout: str, coder
         "matrix": list(as_matrix(tuple(shape))),
     }
     if zero_code and layout != "dense":
-        sparse = to_sparse(codes, index_bits, layout)
-        count_width = max(1, int(sparse.counts.max(initial=0)).bit_length())
+        sparse, streams, stream_buffers = _sparse_streams(codes, bits, index_bits, layout, coder)
         record.update(
             layout=layout, index_bits=index_bits, entries=len(sparse.gaps), nonzeros=int(np.count_nonzero(codes))
         )
-        record["streams"] = {
-            "codes": _encode_stream(sparse.codes, 1 << bits, coder, bits, buffers),
-            "gaps": _encode_stream(sparse.gaps, 1 << index_bits, coder, index_bits, buffers),
-            "counts": _encode_counts(sparse.counts, count_width, coder, buffers),
-        }
+        for stream in streams.values():  # numbered from 0 in the layer's own list
+            for key in ("buffer", "lengths"):
+                if key in stream:
+                    stream[key] += len(buffers)
+        buffers += stream_buffers
+        record["streams"] = streams
     else:
         full = sharing.full_codebook().detach().cpu().numpy()
         nonzeros = int(np.bincount(codes.reshape(-1), minlength=len(full))[: len(full)][full != 0].sum())
@@ -397,6 +439,9 @@ def decode_shared_parts(record: dict, buffers: list[bytes]) -> SharedParts:
     counts = counts.astype(np.int64, copy=False)  # rANS decodes into uint8 or uint16; offsets are summed from these
     if int(counts.sum()) != len(codes):
         raise FormatError(f"{name}: the row counts add up to {int(counts.sum())}, not {len(codes)} entries")
+    used = None
+    if "used" in streams:  # since 2.7: the gaps count the marked columns only
+        used = np.flatnonzero(_decode_stream(streams["used"], buffers, "ans", 2, f"{name} used")).astype(np.int64)
     layout = SparseLayout(
         gaps.astype(np.uint16, copy=False),
         codes.astype(np.uint16, copy=False),
@@ -404,6 +449,7 @@ def decode_shared_parts(record: dict, buffers: list[bytes]) -> SharedParts:
         as_matrix(shape),
         record["layout"],
         index_bits,
+        used,
     )
     return SharedParts(full, None, layout, shape)
 

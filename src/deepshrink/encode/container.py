@@ -22,10 +22,11 @@ MAGIC = b"\x89DCZ\r\n\x1a\n"
 MAJOR_VERSION = 2
 # 2.1: tensors as zstd byte planes (encoding "zstd"); 2.2: the "ans" coder; 2.3: the header
 # deflated against HEADER_DICTIONARY; 2.4: int8 records (with a scale: float32 in 8 bits); 2.5: "same" records
-MINOR_VERSION = 6
-INT8_MINOR_VERSION = 4  # the first that reads int8 records; a writer writes it only where a record is int8
-SAME_MINOR_VERSION = 5  # the first that reads "same" records (one tensor under two names)
-CODED_COUNTS_MINOR_VERSION = 6  # the first that reads an ans record's rANS-coded row counts
+MINOR_VERSION = 7
+# The first whose buffer table is the lengths and one checksum of the body (and that reads a
+# sparse record's `used` stream): every file written since is 2.7.
+COMPACT_TABLE_MINOR_VERSION = 7
+MAX_CRC32 = (1 << 32) - 1
 READABLE_MAJOR_VERSIONS = (1, 2)  # 1.x: plain JSON header; 2.x: zlib-compressed JSON header
 PREAMBLE = struct.Struct("<8sHHIQ")  # magic, major, minor, header CRC-32, header length
 VERSIONS = struct.Struct("<HH")  # covered by the header checksum, so a flipped minor version is caught
@@ -57,17 +58,15 @@ def _padding(length: int) -> int:
 
 @dataclass(frozen=True)
 class Container:
-    header: dict  # the JSON header without its "buffers" list
+    header: dict  # the JSON header without its buffer table ("buffers", and "buffers_crc32" since 2.7)
     buffers: list[bytes]
 
 
 def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
     """Serialise deterministically: sorted JSON keys, fixed padding, buffers in order.
 
-    A file records the lowest minor version that reads it: 2.3 (its header is deflated against
-    HEADER_DICTIONARY), 2.4 where a record is int8, 2.5 where one is "same", or 2.6 where a
-    counts stream is rANS-coded, so that an older reader reads every file that does not need the
-    newer records (and refuses one that does, naming the dtype, the encoding or the stream).
+    Every file is written as 2.7: its buffer table is the buffers' lengths and one CRC-32 of
+    everything after the header (docs/FORMAT.md, "Header"), which a 2.6 reader refuses.
 
     Args:
         header: the header, without its buffer table.
@@ -79,47 +78,26 @@ def to_bytes(header: dict, buffers: list[bytes]) -> bytes:
     Raises:
         ValueError: the header already holds a buffer table.
     """
-    if "buffers" in header:
-        raise ValueError("the header's 'buffers' list is written by the container itself")
-    table, offset = [], 0
-    for buffer in buffers:
-        table.append({"offset": offset, "length": len(buffer), "crc32": zlib.crc32(buffer)})
-        offset += len(buffer) + _padding(len(buffer))
-    encoded = encode_header({**header, "buffers": table})
-    minor = minor_version(header)
-    checksum = zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(MAJOR_VERSION, minor)))
-    parts = [PREAMBLE.pack(MAGIC, MAJOR_VERSION, minor, checksum, len(encoded)), encoded]
-    for buffer in buffers:
-        parts += [bytes(buffer), b"\0" * _padding(len(buffer))]
-    return b"".join(parts)
+    if "buffers" in header or "buffers_crc32" in header:
+        raise ValueError("the header's 'buffers' and 'buffers_crc32' are written by the container itself")
+    body = b"".join(bytes(buffer) + b"\0" * _padding(len(buffer)) for buffer in buffers)
+    table = {"buffers": [len(buffer) for buffer in buffers], "buffers_crc32": zlib.crc32(body)}
+    encoded = encode_header({**header, **table})
+    checksum = zlib.crc32(encoded, zlib.crc32(VERSIONS.pack(MAJOR_VERSION, MINOR_VERSION)))
+    return PREAMBLE.pack(MAGIC, MAJOR_VERSION, MINOR_VERSION, checksum, len(encoded)) + encoded + body
 
 
-def minor_version(header: dict) -> int:
-    """The lowest minor version that reads a file of this header (see `to_bytes`).
+def buffer_lengths(header: dict) -> list[int]:
+    """The buffers' lengths from a header's checked table, of either form (2.7's lengths, or the
+    objects of earlier files).
 
     Args:
-        header: the header.
+        header: a header with its buffer table, as read_header returns it.
 
     Returns:
-        HEADER_DICTIONARY_MINOR_VERSION (every header is deflated against the dictionary),
-        INT8_MINOR_VERSION where a record is int8, SAME_MINOR_VERSION where one is "same",
-        CODED_COUNTS_MINOR_VERSION where a counts stream has a context (is rANS-coded).
+        The lengths in bytes, in file order.
     """
-    records = header.get("tensors")
-    records = [record for record in records if isinstance(record, dict)] if isinstance(records, list) else []
-    if any(_has_coded_counts(record) for record in records):
-        return CODED_COUNTS_MINOR_VERSION
-    if any(record.get("encoding") == "same" for record in records):
-        return SAME_MINOR_VERSION
-    if any(record.get("dtype") == "int8" for record in records):
-        return INT8_MINOR_VERSION
-    return HEADER_DICTIONARY_MINOR_VERSION
-
-
-def _has_coded_counts(record: dict) -> bool:
-    streams = record.get("streams")
-    counts = streams.get("counts") if isinstance(streams, dict) else None
-    return isinstance(counts, dict) and "context" in counts
+    return [entry["length"] if isinstance(entry, dict) else entry for entry in header["buffers"]]
 
 
 def encode_header(header: dict) -> bytes:
@@ -272,21 +250,44 @@ def json_depth(value) -> int:
     return deepest
 
 
-def _check_table(table: list, data_start: int, file_size: int, source: str) -> list[tuple[int, int, int]]:
-    """Validate the buffer table against the file size; returns (start, end, crc32) per buffer."""
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _has_compact_table(data: bytes) -> bool:
+    """Whether a file's preamble (checked by parse_header) says 2.7 or later: lengths and one checksum."""
+    _, major, minor, _, _ = PREAMBLE.unpack_from(data)
+    return major == 2 and minor >= COMPACT_TABLE_MINOR_VERSION
+
+
+def _check_table(header: dict, compact: bool, data_start: int, file_size: int, source: str) -> list[tuple]:
+    """Validate the buffer table against the file size; returns (start, end, crc32) per buffer,
+    the checksum None in a compact (2.7) table, whose one checksum covers every byte after the header."""
+    table = header["buffers"]
+    if compact and not (_is_count(header.get("buffers_crc32")) and header["buffers_crc32"] <= MAX_CRC32):
+        raise FormatError(
+            f"{source}: buffers_crc32 is {str(header.get('buffers_crc32'))[:40]}; a 2.7 file needs the "
+            "CRC-32 of its buffers, an integer from 0 to 2^32 - 1"
+        )
     spans, expected_offset = [], 0
     for index, entry in enumerate(table):
-        if not isinstance(entry, dict) or set(entry) != {"offset", "length", "crc32"}:
-            raise FormatError(f"{source}: buffer {index} must have exactly offset, length and crc32")
-        offset, length, crc = entry["offset"], entry["length"], entry["crc32"]
-        if not all(
-            isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in (offset, length, crc)
-        ):
-            raise FormatError(f"{source}: buffer {index} has a non-integer or negative field")
-        if offset != expected_offset:
-            raise FormatError(
-                f"{source}: buffer {index} starts at {offset}, expected {expected_offset} (buffers are contiguous)"
-            )
+        if compact:
+            if not _is_count(entry):
+                raise FormatError(
+                    f"{source}: buffer {index} is {str(entry)[:40]}; a 2.7 file lists each buffer's length, "
+                    "a non-negative integer"
+                )
+            offset, length, crc = expected_offset, entry, None
+        else:
+            if not isinstance(entry, dict) or set(entry) != {"offset", "length", "crc32"}:
+                raise FormatError(f"{source}: buffer {index} must have exactly offset, length and crc32")
+            offset, length, crc = entry["offset"], entry["length"], entry["crc32"]
+            if not all(_is_count(value) for value in (offset, length, crc)):
+                raise FormatError(f"{source}: buffer {index} has a non-integer or negative field")
+            if offset != expected_offset:
+                raise FormatError(
+                    f"{source}: buffer {index} starts at {offset}, expected {expected_offset} (buffers are contiguous)"
+                )
         end = data_start + offset + length
         if end > file_size:
             raise FormatError(f"{source}: truncated: buffer {index} ends at byte {end}, the file has {file_size}")
@@ -313,11 +314,15 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Container:
         FormatError: anything malformed or corrupt.
     """
     header, data_start = parse_header(data, source)
-    spans = _check_table(header.pop("buffers"), data_start, len(data), source)
+    compact = _has_compact_table(data)
+    spans = _check_table(header, compact, data_start, len(data), source)
+    header.pop("buffers")
+    if compact and zlib.crc32(data[data_start:]) != header.pop("buffers_crc32"):
+        raise FormatError(f"{source}: the buffers' checksum does not match: the file is corrupt")
     buffers = []
     for index, (start, end, crc) in enumerate(spans):
         buffer = data[start:end]
-        if zlib.crc32(buffer) != crc:
+        if crc is not None and zlib.crc32(buffer) != crc:
             raise FormatError(f"{source}: buffer {index} checksum mismatch: the file is corrupt")
         padding_end = spans[index + 1][0] if index + 1 < len(spans) else len(data)
         if data[end:padding_end].strip(b"\0"):
@@ -350,7 +355,7 @@ def read_header(path: str | os.PathLike) -> dict:
     except OSError as error:
         raise FormatError(f"{path}: cannot read: {error.strerror}") from error
     header, data_start = parse_header(start, str(path))
-    _check_table(header["buffers"], data_start, size, str(path))
+    _check_table(header, _has_compact_table(start), data_start, size, str(path))
     return header
 
 

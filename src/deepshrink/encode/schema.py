@@ -209,8 +209,11 @@ def _check_shared(record: dict, name: str, shape: list[int], elements: int, buff
         raise FormatError(f"{name}: unknown layout {_shown(layout)} (expected {', '.join(LAYOUTS)})")
     if not zero_code:
         raise FormatError(f"{name}: a sparse layout needs zero_code for its filler entries")
-    if set(streams) != {"codes", "gaps", "counts"}:
-        raise FormatError(f"{name}: a sparse layout has streams codes, gaps and counts; found {sorted(streams)[:5]}")
+    if set(streams) - {"used"} != {"codes", "gaps", "counts"}:
+        raise FormatError(
+            f"{name}: a sparse layout has streams codes, gaps and counts, and optionally used; "
+            f"found {sorted(streams)[:5]}"
+        )
     index_bits = _integer(record.get("index_bits"), f"{name}: index_bits", 1, 16)
     rows, columns = as_matrix(shape)
     stored_rows = columns if layout == "csc" else rows
@@ -229,6 +232,20 @@ def _check_shared(record: dict, name: str, shape: list[int], elements: int, buff
     widest = ans.MAX_ALPHABET_BITS if counts_coder == "ans" else MAX_CODE_WIDTH
     _integer(count_width, f"{name} counts width", 1, widest)
     _check_stream(counts, buffers, counts_coder, 1 << count_width, stored_rows, f"{name} counts")
+    if "used" in streams:  # since 2.7: one symbol (used or not) per stored column, the gaps counting used ones
+        if coder != "ans":
+            raise FormatError(f"{name}: a used-columns stream is only defined for the ans coder, not {coder}")
+        _check_stream(streams["used"], buffers, "ans", 2, rows if layout == "csc" else columns, f"{name} used")
+
+
+def _index_bytes(record: dict) -> int:
+    """What a sparse record's per-row and per-column arrays take once decoded (8 bytes each, at
+    most): the row counts, and since 2.7 the used columns. An empty tensor's 2-D view can have
+    2^40 rows while it holds no element, and rANS codes a run of zeros in a few bytes per
+    million, so these count against the decoded-size limit beside the elements."""
+    if record.get("encoding") != "shared" or record.get("layout") not in LAYOUTS:
+        return 0
+    return 8 * sum(as_matrix(record["shape"]))
 
 
 def _declared_size(record) -> int:
@@ -423,16 +440,17 @@ def check_header(
     # First every record's declared size against the limit, before any other field is looked at.
     limit = decoded_limit(file_size, max_decoded_bytes)
     sizes: dict[str, int] = {}
-    decoded = 0
+    decoded = allocated = 0
     for record in records:
         size = _declared_size(record)
         if record.get("encoding") == "same" and record.get("as") in sizes:
             size = sizes[record["as"]]  # what it decodes to (an int8 record's float32 values, say)
         decoded += size
+        allocated += size + _index_bytes(record)
         if record["name"] in sizes:
             raise FormatError(f"tensor {record['name']!r} appears twice")
         sizes[record["name"]] = size
-        if decoded > limit:
+        if allocated > limit:
             raise FormatError(
                 f"the tensors decode to more than {limit:,} bytes, the limit for a {file_size:,}-byte file "
                 f"(at {record['name']!r}); if the file is trusted, raise max_decoded_bytes (--max-decoded-bytes)"

@@ -137,7 +137,7 @@ def size_report(header: dict, file_bytes: int | None = None) -> tuple[list[Layer
         header and padding: what no tensor owns), "fp32_parameter_bytes", "compression",
         "weights", "kept", "all_weights", "all_kept"}.
     """
-    table = header["buffers"]
+    lengths = container.buffer_lengths(header)
     rows = []
     for record in header["tensors"]:
         shape = record["shape"]
@@ -148,20 +148,23 @@ def size_report(header: dict, file_bytes: int | None = None) -> tuple[list[Layer
             rows.append(LayerSize(record["name"], weights, weights, 0, same_as=record["as"]))
             continue
         if record["encoding"] in ("raw", "zstd"):
-            rows.append(LayerSize(record["name"], weights, weights, table[record["data"]]["length"]))
+            rows.append(LayerSize(record["name"], weights, weights, lengths[record["data"]]))
             continue
         streams = record["streams"]
         owned = [record["codebook"]] + [
             stream[key] for stream in streams.values() for key in ("buffer", "lengths") if key in stream
         ]
-        size = sum(table[index]["length"] for index in owned)
+        size = sum(lengths[index] for index in owned)
         entries = max(record["entries"], 1)
-        codebook_bits = 32 * (table[record["codebook"]]["length"] // 4)
+        codebook_bits = 32 * (lengths[record["codebook"]] // 4)
         sparse = record["layout"] != "dense"
         index_bits = record["index_bits"] if sparse else 0
         # The counts at their fixed width even where rANS coded them (2.6): P+Q has no entropy coding.
         counts_fixed_bits = streams["counts"]["symbols"] * streams["counts"]["width"] if sparse else 0
-        fixed = entries * (record["bits"] + index_bits) + codebook_bits + (counts_fixed_bits if sparse else 0)
+        # The used columns (2.7) are part of the index: one bit per column at fixed width, coded bits after.
+        used_fixed_bits = streams["used"]["symbols"] if "used" in streams else 0
+        used_bits = streams["used"]["bits"] if "used" in streams else 0
+        fixed = entries * (record["bits"] + index_bits) + codebook_bits + counts_fixed_bits + used_fixed_bits
         rows.append(
             LayerSize(
                 record["name"],
@@ -171,7 +174,7 @@ def size_report(header: dict, file_bytes: int | None = None) -> tuple[list[Layer
                 weight_bits=record["bits"],
                 weight_bits_coded=streams["codes"]["bits"] / entries,
                 index_bits=index_bits if sparse else None,
-                index_bits_coded=streams["gaps"]["bits"] / entries if sparse else None,
+                index_bits_coded=(streams["gaps"]["bits"] + used_bits) / entries if sparse else None,
                 fixed_bits=fixed,
             )
         )
@@ -180,7 +183,7 @@ def size_report(header: dict, file_bytes: int | None = None) -> tuple[list[Layer
         file_bytes = (
             container.PREAMBLE.size
             + _header_bytes(header)
-            + sum(entry["length"] + (-entry["length"] % container.ALIGNMENT) for entry in table)
+            + sum(length + (-length % container.ALIGNMENT) for length in lengths)
         )
     stored = [row for row in rows if row.same_as is None]  # a tensor under two names counts once
     parameter_bytes = metadata.get("fp32_parameter_bytes") or 4 * sum(row.weights for row in stored)

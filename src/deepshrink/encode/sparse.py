@@ -9,6 +9,10 @@ is the exact zero reserved by the quantization stage.
 
 Each row's (or column's) number of entries is kept in `counts`, the compact form of the row
 pointers; the encoder stores them with the same entropy coder as everything else.
+
+Optionally (format 2.7) the gaps count only the used columns, those holding a non-zero: `used`
+lists them, and a row's positions are indices into it. Pruning leaves inputs no weight reads
+(the outputs of a previous layer's dead units), and skipping them in every row costs bits.
 """
 
 from __future__ import annotations
@@ -32,6 +36,26 @@ class SparseLayout:
     shape: tuple[int, int]
     layout: str
     index_bits: int
+    used: np.ndarray | None = None  # int64, ascending: the stored columns the gaps count, or None for all
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        """(rows, columns) as the entries walk them: the matrix's, transposed under CSC."""
+        rows, columns = self.shape
+        return (columns, rows) if self.layout == "csc" else (rows, columns)
+
+    @property
+    def counted_columns(self) -> int:
+        """The columns a row's gaps walk: the used ones, or every stored column."""
+        return len(self.used) if self.used is not None else self.stored_shape[1]
+
+    def column_map(self) -> np.ndarray:
+        """Position among the counted columns -> stored column.
+
+        Returns:
+            `used`, or every stored column's index (int64).
+        """
+        return self.used if self.used is not None else np.arange(self.stored_shape[1], dtype=np.int64)
 
     @property
     def fillers(self) -> int:
@@ -90,13 +114,15 @@ def _fill_entries(matrix, max_gap, gaps, codes):
                 previous = column
 
 
-def to_sparse(codes: np.ndarray, index_bits: int, layout: str = "csr") -> SparseLayout:
+def to_sparse(codes: np.ndarray, index_bits: int, layout: str = "csr", used_only: bool = False) -> SparseLayout:
     """Encode a tensor of codes (0 = zero) into (gap, code) entries with filler zeros.
 
     Args:
         codes: the code tensor.
         index_bits: the gap width, 1 to 16.
         layout: "csr" (gaps along rows) or "csc" (along columns).
+        used_only: count the gaps over the used columns only (those with a non-zero code), and
+            list them in the layout's `used`.
 
     Returns:
         The SparseLayout.
@@ -112,19 +138,24 @@ def to_sparse(codes: np.ndarray, index_bits: int, layout: str = "csr") -> Sparse
     matrix = np.ascontiguousarray(codes.reshape(shape))
     if layout == "csc":
         matrix = np.ascontiguousarray(matrix.T)
+    used = None
+    if used_only:
+        used = np.flatnonzero(matrix.any(axis=0)).astype(np.int64)
+        matrix = np.ascontiguousarray(matrix[:, used])
     max_gap = (1 << index_bits) - 1
     counts = _count_entries(matrix, max_gap)
     total = int(counts.sum())
     gaps = np.empty(total, dtype=np.uint8 if index_bits <= 8 else np.uint16)
     entry_codes = np.empty(total, dtype=matrix.dtype)
     _fill_entries(matrix, max_gap, gaps, entry_codes)
-    return SparseLayout(gaps, entry_codes, counts, shape, layout, index_bits)
+    return SparseLayout(gaps, entry_codes, counts, shape, layout, index_bits, used)
 
 
 @numba.njit(cache=True, nogil=True)
-def _scatter(gaps, codes, counts, matrix):
+def _scatter(gaps, codes, counts, column_map, matrix):
     """Place the entries; returns -1 if a row's entries run past its end."""
-    rows, columns = matrix.shape
+    rows = matrix.shape[0]
+    columns = len(column_map)
     position = 0
     for row in range(rows):
         column = -1
@@ -132,23 +163,25 @@ def _scatter(gaps, codes, counts, matrix):
             column += gaps[position] + 1
             if column >= columns:
                 return -1
-            matrix[row, column] = codes[position]
+            matrix[row, column_map[column]] = codes[position]
             position += 1
     return 0
 
 
 @numba.njit(cache=True, nogil=True)
-def _scatter_values(gaps, codes, counts, codebook, out, stored_columns, output_columns, transposed):
+def _scatter_values(gaps, codes, counts, codebook, out, column_map, output_columns, transposed):
     """Write codebook[code] of every entry into the zeroed, flat, row-major `out`; returns how
     many are non-zero, or -1 if a row's entries run past its end."""
     position = 0
     nonzeros = 0
+    counted_columns = len(column_map)
     for row in range(len(counts)):
-        column = -1
+        counted = -1
         for _ in range(counts[row]):
-            column += gaps[position] + 1
-            if column >= stored_columns:
+            counted += gaps[position] + 1
+            if counted >= counted_columns:
                 return -1
+            column = column_map[counted]
             value = codebook[codes[position]]
             if transposed:  # csc: the stored row is the matrix's column
                 out[column * output_columns + row] = value
@@ -177,14 +210,14 @@ def values_from_sparse(sparse: SparseLayout, codebook: np.ndarray, out: np.ndarr
         FormatError: the entries do not fit the matrix.
     """
     rows, columns = sparse.shape
-    stored_rows, stored_columns = (columns, rows) if sparse.layout == "csc" else (rows, columns)
+    stored_rows = sparse.stored_shape[0]
     if len(sparse.counts) != stored_rows or int(sparse.counts.sum()) != len(sparse.gaps):
         raise FormatError("entry counts do not add up to the number of stored entries")
     if len(sparse.codes) != len(sparse.gaps) or out.size != rows * columns:
         raise FormatError("the entries do not match the tensor's size")
     out[:] = 0
     nonzeros = _scatter_values(
-        sparse.gaps, sparse.codes, sparse.counts, codebook, out, stored_columns, columns, sparse.layout == "csc"
+        sparse.gaps, sparse.codes, sparse.counts, codebook, out, sparse.column_map(), columns, sparse.layout == "csc"
     )
     if nonzeros < 0:
         raise FormatError("the gaps of a row run past its end: the sparse layout is corrupt")
@@ -214,11 +247,10 @@ def check_entries(sparse: SparseLayout) -> None:
     Raises:
         FormatError: the entries do not fit the matrix.
     """
-    rows, columns = sparse.shape
-    stored_rows, stored_columns = (columns, rows) if sparse.layout == "csc" else (rows, columns)
+    stored_rows = sparse.stored_shape[0]
     if len(sparse.counts) != stored_rows or int(sparse.counts.sum()) != len(sparse.gaps):
         raise FormatError("entry counts do not add up to the number of stored entries")
-    if _rows_overrun(sparse.gaps, sparse.counts, stored_columns):
+    if _rows_overrun(sparse.gaps, sparse.counts, sparse.counted_columns):
         raise FormatError("the gaps of a row run past its end: the sparse layout is corrupt")
 
 
@@ -235,8 +267,7 @@ def from_sparse(sparse: SparseLayout, shape: tuple[int, ...] | None = None) -> n
     Raises:
         FormatError: the entries do not fit the matrix.
     """
-    rows, columns = sparse.shape
-    stored_rows, stored_columns = (columns, rows) if sparse.layout == "csc" else (rows, columns)
+    stored_rows, stored_columns = sparse.stored_shape
     if len(sparse.counts) != stored_rows:
         raise FormatError(
             f"{len(sparse.counts)} entry counts for {stored_rows} {'columns' if sparse.layout == 'csc' else 'rows'}"
@@ -250,7 +281,7 @@ def from_sparse(sparse: SparseLayout, shape: tuple[int, ...] | None = None) -> n
     if len(sparse.gaps) and int(sparse.gaps.max()) > (1 << sparse.index_bits) - 1:
         raise FormatError(f"a gap exceeds the {sparse.index_bits}-bit index range")
     matrix = np.zeros((stored_rows, stored_columns), dtype=sparse.codes.dtype)
-    if _scatter(sparse.gaps, sparse.codes, sparse.counts, matrix) < 0:
+    if _scatter(sparse.gaps, sparse.codes, sparse.counts, sparse.column_map(), matrix) < 0:
         raise FormatError("the gaps of a row run past its end: the sparse layout is corrupt")
     if sparse.layout == "csc":
         matrix = np.ascontiguousarray(matrix.T)

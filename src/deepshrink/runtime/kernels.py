@@ -42,14 +42,16 @@ from deepshrink.runtime.intrinsics import (
 
 
 @numba.njit(cache=True, nogil=True)
-def _relative_to_csr(gaps, codes, counts, columns_total, out_indptr, out_columns, out_codes):
-    """Walk the relative-index entries row by row, dropping fillers (code 0).
+def _relative_to_csr(gaps, codes, counts, column_map, out_indptr, out_columns, out_codes):
+    """Walk the relative-index entries row by row, dropping fillers (code 0); `column_map` takes
+    a position among the counted columns to its column.
 
     Returns the number of non-zeros, -1 when there are more than the outputs hold (a file that
     lies about its count), or -2 when a row's gaps run past its end.
     """
     entry = 0
     kept = 0
+    columns_total = len(column_map)
     for row in range(len(counts)):
         position = -1
         for _ in range(counts[row]):
@@ -61,7 +63,7 @@ def _relative_to_csr(gaps, codes, counts, columns_total, out_indptr, out_columns
             if code != 0:
                 if kept >= len(out_columns):
                     return -1
-                out_columns[kept] = position
+                out_columns[kept] = column_map[position]
                 out_codes[kept] = code
                 kept += 1
         out_indptr[row + 1] = kept
@@ -103,7 +105,7 @@ def csr_from_layout(sparse: SparseLayout, nonzeros: int) -> tuple[np.ndarray, np
     indptr = np.zeros(major + 1, dtype=np.int64)
     columns = np.empty(nonzeros, dtype=index_type)
     codes = np.empty(nonzeros, dtype=code_type)
-    kept = _relative_to_csr(sparse.gaps, sparse.codes, sparse.counts, minor, indptr, columns, codes)
+    kept = _relative_to_csr(sparse.gaps, sparse.codes, sparse.counts, sparse.column_map(), indptr, columns, codes)
     if kept == -2:
         raise FormatError("the gaps of a row run past its end")
     if kept != nonzeros:
