@@ -21,7 +21,8 @@ from deepshrink.files import atomic_output
 MAGIC = b"\x89DCZ\r\n\x1a\n"
 MAJOR_VERSION = 2
 # 2.1: tensors as zstd byte planes (encoding "zstd"); 2.2: the "ans" coder; 2.3: the header
-# deflated against HEADER_DICTIONARY; 2.4: int8 records (with a scale: float32 in 8 bits); 2.5: "same" records
+# deflated against HEADER_DICTIONARY; 2.4: int8 records (with a scale: float32 in 8 bits); 2.5: "same" records;
+# 2.6: an ans record's row counts rANS-coded; 2.7: the used-columns stream and the compact buffer table
 MINOR_VERSION = 7
 # The first whose buffer table is the lengths and one checksum of the body (and that reads a
 # sparse record's `used` stream): every file written since is 2.7.
@@ -48,7 +49,6 @@ MAX_JSON_DEPTH = 32
 # dictionary would be another minor version, and a reader knows each by its Adler-32.
 HEADER_DICTIONARY = resources.files("deepshrink.encode").joinpath("header-dictionary-1.txt").read_bytes()
 HEADER_DICTIONARY_ID = zlib.adler32(HEADER_DICTIONARY)
-HEADER_DICTIONARY_MINOR_VERSION = 3  # the first that reads a header deflated against it
 ZLIB_PRESET_DICTIONARY_FLAG = 0x20  # bit 5 of a zlib stream's second byte (RFC 1950, section 2.2)
 
 
