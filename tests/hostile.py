@@ -78,7 +78,7 @@ def frame_table(header: dict, table: list, body: bytes, checksum=None, minor: in
     """A file with an explicit buffer table and body (for lies about the table itself); the
     body's checksum (2.7) is recomputed unless given, and left out for an object table."""
     fields = {"buffers": table}
-    if table and not isinstance(table[0], dict) or not table:
+    if not (table and isinstance(table[0], dict)):
         fields["buffers_crc32"] = zlib.crc32(body) if checksum is None else checksum
     text = json.dumps({**header, **fields}, sort_keys=True, separators=(",", ":")).encode()
     return frame_json(text, body, minor=minor)

@@ -304,23 +304,22 @@ def test_gaps_over_used_columns_are_smaller_and_decode_bit_exactly(layout, tmp_p
     assert not any("used" in record.get("streams", {}) for record in header["tensors"])
 
 
+USED_STREAM = {"buffer": 0, "symbols": 300, "bits": 64, "context": "none"}
+
+
 @pytest.mark.parametrize(
-    ("coder", "changes", "message"),
+    ("coder", "added", "changes", "message"),
     [
-        ("huffman", {"streams.used": {"buffer": 0, "symbols": 300, "bits": 64, "context": "none"}}, "only defined"),
-        ("ans", {"streams.used.symbols": 301}, "used stream declares 301 symbols"),
-        ("ans", {"streams.used.context": "next"}, "used stream: unknown context"),
-        ("ans", {"streams.extra": {}}, "optionally used; found"),
+        ("huffman", {"used": USED_STREAM}, {}, "only defined"),
+        ("ans", {}, {"streams.used.symbols": 301}, "used stream declares 301 symbols"),
+        ("ans", {}, {"streams.used.context": "next"}, "used stream: unknown context"),
+        ("ans", {"extra": {}}, {}, "optionally used; found"),
     ],
 )
-def test_used_streams_that_lie_are_format_errors(coder, changes, message):
+def test_used_streams_that_lie_are_format_errors(coder, added, changes, message):
+    """`added`: whole streams put into fc2's record; `changes`: fields of its streams set."""
     header, buffers = encode_model(model_with_unread_inputs(), coder=coder)
-    if "streams.used" in changes:  # a whole stream added to a record that has none
-        record = next(record for record in header["tensors"] if record["name"] == "fc2.weight")
-        record["streams"]["used"] = changes.pop("streams.used")
-    if "streams.extra" in changes:
-        record = next(record for record in header["tensors"] if record["name"] == "fc2.weight")
-        record["streams"]["extra"] = changes.pop("streams.extra")
+    next(record for record in header["tensors"] if record["name"] == "fc2.weight")["streams"].update(added)
     with pytest.raises(FormatError, match=message):
         decode_state_dict(mutate(header, "fc2.weight", **changes), buffers)
 
